@@ -1,0 +1,113 @@
+"""The lowered form of a projected update, shared by the rewrite pass and the backends.
+
+The rewrite pass (``coap_compile.passes``) turns a base optimizer's per-parameter update into
+
+    X̃ = X P                                  (projection; X is the canonical M×N gradient view)
+    s_i' = f_i(X̃, s, c)                       (low-rank states, elementwise, M×r)
+    D    = h(X̃, s, s', c)                     (normalized low-rank update, M×r)
+    W   ← decay · W + scale · D Pᵀ             (reprojection, full space)
+
+where ``c = (c_0, …, c_{k-1})`` are *hoisted scalars*: 0-d quantities that depend only on the step
+counter, the learning rate and the (constant) hyperparameters, computed once per step on the host side
+as a float32 vector and passed to kernels by pointer (so a new step or lr never recompiles anything).
+
+:class:`Epilogue` is that elementwise middle part as straight-line sympy code. Symbol names are fixed:
+
+* ``g``            the projected-gradient element (``acc`` of the ``X @ P`` matmul);
+* state names      (e.g. ``exp_avg``) the old value of each low-rank state;
+* ``c0, c1, …``    hoisted scalars, ``step`` and ``lr`` appear only inside :attr:`Epilogue.scalars`.
+
+Only updates without cross-element reductions have an :class:`Epilogue` (AdamW, Adam, RMSprop, SGD);
+updates with reductions (Adafactor) run their low-rank middle part eagerly between the two matmuls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sympy
+import torch
+from torch import Tensor
+
+__all__ = ["Epilogue", "evaluate_epilogue", "evaluate_scalars"]
+
+G = sympy.Symbol("g")
+STEP = sympy.Symbol("step")
+LR = sympy.Symbol("lr")
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """Straight-line elementwise code for the low-rank update of one base optimizer.
+
+    Attributes:
+        state_names: the low-rank states, in kernel-argument order.
+        scalars: ``(c_i, expr)`` pairs; ``expr`` uses only ``step`` (the 1-based step number of the
+            update being applied), ``lr`` and numbers. Evaluated on the host, see :func:`evaluate_scalars`.
+        body: ordered ``(target, expr)`` assignments; an ``expr`` uses ``g``, state symbols, scalar
+            symbols and earlier targets. Operations are ``+ * /``, powers with exponent ``2, -1, 1/2,
+            -1/2``, ``Abs``, ``Max``/``Min`` and ``sign`` only.
+        new_states: for each state (same order as ``state_names``), the target holding its new value.
+        update: the target holding ``D``.
+        decay: the scalar symbol (or the number 1) multiplying ``W`` before the update is added.
+        scale: the constant multiplying ``D Pᵀ`` (COAP's ``scale`` times the sign the base applies).
+    """
+
+    state_names: tuple[str, ...]
+    scalars: tuple[tuple[sympy.Symbol, sympy.Expr], ...]
+    body: tuple[tuple[sympy.Symbol, sympy.Expr], ...]
+    new_states: tuple[sympy.Symbol, ...]
+    update: sympy.Symbol
+    decay: sympy.Expr
+    scale: float
+
+    @property
+    def scalar_symbols(self) -> tuple[sympy.Symbol, ...]:
+        return tuple(s for s, _ in self.scalars)
+
+    def key(self) -> str:
+        """A stable text form (used to hash generated kernels)."""
+        parts = [",".join(self.state_names)]
+        parts += [f"{s}={sympy.srepr(e)}" for s, e in self.scalars]
+        parts += [f"{s}={sympy.srepr(e)}" for s, e in self.body]
+        parts += [",".join(map(str, self.new_states)), str(self.update), sympy.srepr(self.decay), repr(self.scale)]
+        return ";".join(parts)
+
+
+_TORCH_FUNCS = {
+    "sqrt": torch.sqrt,
+    "Abs": torch.abs,
+    "sign": torch.sign,
+    "Max": torch.maximum,
+    "Min": torch.minimum,
+    "exp": torch.exp,
+    "log": torch.log,
+}
+
+
+def _lambdify(args: Sequence[sympy.Symbol], expr: sympy.Expr):
+    return sympy.lambdify(args, expr, modules=[_TORCH_FUNCS, "math"])
+
+
+def evaluate_scalars(ep: Epilogue, step: Tensor, lr: Tensor) -> Tensor:
+    """The hoisted scalars ``c`` as a float32 vector, computed from 0-d float64 ``step`` and ``lr``."""
+    vals = []
+    for _, expr in ep.scalars:
+        v = _lambdify((STEP, LR), expr)(step.double(), lr.double())
+        vals.append(torch.as_tensor(v, dtype=torch.float64, device=step.device))
+    if not vals:
+        return torch.zeros(0, dtype=torch.float32, device=step.device)
+    return torch.stack(vals).float()
+
+
+def evaluate_epilogue(ep: Epilogue, g: Tensor, states: Sequence[Tensor], c: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Run the epilogue with torch ops (the oracle for generated kernels). Returns (new states, D)."""
+    env: dict[str, object] = {"g": g}
+    env.update(zip(ep.state_names, states))
+    env.update({str(s): c[i] for i, s in enumerate(ep.scalar_symbols)})
+    for target, expr in ep.body:
+        syms = sorted(expr.free_symbols, key=str)
+        val = _lambdify(syms, expr)(*[env[str(s)] for s in syms])
+        env[str(target)] = val if isinstance(val, Tensor) else torch.full_like(g, float(val))
+    return [env[str(s)] for s in ep.new_states], env[str(ep.update)]
