@@ -75,12 +75,22 @@ class Epilogue:
         return ";".join(parts)
 
 
+def _fold(op):
+    def f(*args):
+        out = torch.as_tensor(args[0], dtype=torch.float64) if not isinstance(args[0], Tensor) else args[0]
+        for a in args[1:]:
+            out = op(out, torch.as_tensor(a, dtype=out.dtype, device=out.device))
+        return out
+
+    return f
+
+
 _TORCH_FUNCS = {
     "sqrt": torch.sqrt,
     "Abs": torch.abs,
     "sign": torch.sign,
-    "Max": torch.maximum,
-    "Min": torch.minimum,
+    "Max": _fold(torch.maximum),
+    "Min": _fold(torch.minimum),
     "exp": torch.exp,
     "log": torch.log,
 }

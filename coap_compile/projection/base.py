@@ -84,9 +84,15 @@ class ProjectionPolicy(abc.ABC):
     ) -> bool: ...
 
     def project(self, state: dict[str, Tensor], x: Tensor) -> Tensor:
-        """``X̃ = X P`` in float32."""
-        return x.float() @ state["proj"]
+        """``X̃ = X P`` in ``P``'s dtype (float32, or float64 for float64 parameters)."""
+        proj = state["proj"]
+        return x.to(proj.dtype) @ proj
 
     def project_back(self, state: dict[str, Tensor], d: Tensor) -> Tensor:
-        """``D Pᵀ`` in float32 (no ``scale``)."""
-        return d.float() @ state["proj"].t()
+        """``D Pᵀ`` in ``P``'s dtype (no ``scale``)."""
+        proj = state["proj"]
+        return d.to(proj.dtype) @ proj.t()
+
+    def state_layout(self, n: int, rank: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shapes and dtypes of the state :meth:`init_state` creates (for memory plans, no allocation)."""
+        return {"proj": ((n, rank), dtype)}

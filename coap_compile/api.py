@@ -1,0 +1,79 @@
+"""Public entry points: :func:`optimize` and :func:`explain`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .projection import ProjectionPolicy
+from .runtime.optimizer import CoapOptimizer
+from .runtime.selection import TargetModules, groups_from_model
+
+__all__ = ["explain", "optimize"]
+
+
+def optimize(
+    model_or_params: nn.Module | Iterable,
+    base_optim: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    rank: int | None = 256,
+    *,
+    rank_ratio: float | None = None,
+    projection: str | ProjectionPolicy = "coap",
+    update_interval: int = 32,
+    reproject_factor: int = 5,
+    scale: float = 1.0,
+    target_modules: TargetModules = None,
+    restore_state: bool = False,
+    backend: str = "auto",
+    check_finite: bool = True,
+    **base_kwargs: Any,
+) -> CoapOptimizer:
+    """Compile ``base_optim`` into its COAP form for ``model_or_params``.
+
+    The base optimizer's per-parameter update is captured as an FX graph, analysed and rewritten so
+    that, for each projected weight ``W`` (``m×n``), its states live in a rank-``r`` space:
+    ``X̃ = X P`` (``X = G`` or ``Gᵀ`` so that ``X`` is tall, ``P``: ``N×r``), the base update runs on
+    ``X̃``, and ``W ← decay·W + scale·D Pᵀ``. Other parameters run the unmodified base optimizer.
+
+    Args:
+        model_or_params: an ``nn.Module`` (its ``nn.Linear`` weights with ``min(m, n) > rank`` are
+            projected; tied embedding weights are not), or parameters / parameter groups.
+        base_optim: ``torch.optim.AdamW``, ``Adam``, ``Adafactor``, ``RMSprop``, ``SGD`` (momentum), or
+            any optimizer whose update the compiler can rewrite (else ``UnsupportedOptimizerError``).
+        rank, rank_ratio: see :class:`~coap_compile.runtime.optimizer.CoapOptimizer`.
+        target_modules: regular expressions (searched in module names) or ``callable(name, module)``
+            selecting the modules whose 2-D weights are projected (model input only).
+        **base_kwargs: the base optimizer's own arguments (``lr``, ``betas``, ``weight_decay`` …).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> opt = optimize(model, torch.optim.AdamW, rank=16, lr=1e-3)
+        >>> len(opt.projected_parameters())
+        1
+    """
+    names: dict[int, str] = {}
+    if isinstance(model_or_params, nn.Module):
+        groups, names = groups_from_model(model_or_params, target_modules)
+        if not groups:
+            raise ValueError("the model has no trainable parameters")
+    else:
+        if target_modules is not None:
+            raise TypeError("target_modules selects modules of a model; pass an nn.Module, or use param groups "
+                            "with 'project': True/False")
+        groups = model_or_params
+    return CoapOptimizer(groups, base_optim, rank=rank, rank_ratio=rank_ratio, projection=projection,
+                         update_interval=update_interval, reproject_factor=reproject_factor, scale=scale,
+                         restore_state=restore_state, backend=backend, check_finite=check_finite,
+                         param_names=names, **base_kwargs)
+
+
+def explain(optimizer: CoapOptimizer, *, file=None) -> str:
+    """Print (to ``file``, default stdout) and return the report of :meth:`CoapOptimizer.explain`."""
+    if not isinstance(optimizer, CoapOptimizer):
+        raise TypeError(f"explain expects an optimizer built by coap_compile.optimize, got {type(optimizer).__name__}")
+    text = optimizer.explain()
+    print(text, file=file)
+    return text

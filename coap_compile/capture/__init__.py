@@ -1,0 +1,30 @@
+"""Capture stage: a base optimizer's per-parameter update as a functional, shape-generic aten FX graph.
+
+See :mod:`coap_compile.capture.trace` for the graph contract.
+"""
+
+from coap_compile.capture.adapters import check_signatures
+from coap_compile.capture.trace import (
+    CapturedUpdate,
+    alternate_shape,
+    canonical_shape,
+    capture,
+    capture_count,
+    clear_capture_cache,
+    init_states,
+    run_captured,
+    scalar_dtype,
+)
+
+__all__ = [
+    "CapturedUpdate",
+    "alternate_shape",
+    "canonical_shape",
+    "capture",
+    "capture_count",
+    "check_signatures",
+    "clear_capture_cache",
+    "init_states",
+    "run_captured",
+    "scalar_dtype",
+]

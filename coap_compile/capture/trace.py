@@ -1,0 +1,268 @@
+"""Capture one parameter's update of a base optimizer as a functional, shape-generic aten FX graph.
+
+The update function of an :class:`~coap_compile.capture.adapters.UpdatePlan` (which may mutate its
+inputs) is traced with ``make_fx(functionalize(f, remove="mutations_and_views"), tracing_mode="fake")``
+at a small canonical shape with distinct dims (5×3 for 2-D), then cleaned:
+
+1. profiler ``record_function`` nodes are dropped;
+2. the ``copy_(input, new)`` write-back tail is dropped (the wrapper *returns* the new values);
+3. host scalars ``s = _local_scalar_dense(t)`` (``.item()`` on a 0-d tensor, e.g. ``value=-lr``) used as
+   ``alpha``/``value`` or as a scalar operand are replaced by tensor arithmetic on ``t``;
+4. anything still mutable or not an aten op raises :class:`UnsupportedOptimizerError`;
+5. the graph is re-traced (fresh ``meta["val"]``) and its placeholders are renamed and tagged.
+
+Graph contract: placeholders ``(param, grad, *states, step, lr)`` with ``meta["role"]`` in
+``{"param", "grad", "state", "step", "lr"}`` (plus ``meta["state_name"]``); ``step`` is the number of
+completed steps (0 on the first update) and ``lr`` a 0-d tensor, both of :func:`scalar_dtype`; the
+output is the tuple ``(new_param, *new_states, step + 1)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import traceback
+import unittest.mock
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import functionalize
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from coap_compile.capture.adapter_base import Adapter, UpdatePlan, alternate_shape, canonical_shape
+from coap_compile.capture.adapters import ADAPTERS
+from coap_compile.capture.generic import GenericAdapter
+from coap_compile.capture.graph_clean import clean_functional_graph
+from coap_compile.errors import UnsupportedOptimizerError
+
+__all__ = [
+    "CapturedUpdate",
+    "adapter_for",
+    "alternate_shape",
+    "canonical_shape",
+    "capture",
+    "capture_count",
+    "clear_capture_cache",
+    "init_states",
+    "run_captured",
+    "scalar_dtype",
+]
+
+
+@dataclass(frozen=True)
+class CapturedUpdate:
+    """One base optimizer's per-parameter update as a functional aten graph (see module docstring)."""
+
+    optimizer: str
+    graph_module: torch.fx.GraphModule
+    state_names: tuple[str, ...]
+    hyperparams: tuple[tuple[str, object], ...]
+    dtype: torch.dtype
+    ndim: int
+
+
+def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the ``step``/``lr`` inputs: float64 for float64 params, else float32 (as torch's ``step``)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def adapter_for(cls: type[torch.optim.Optimizer]) -> Adapter:
+    """The known adapter for exactly ``cls``, else the generic ``step()`` tracer."""
+    return ADAPTERS.get(cls) or GenericAdapter(cls)
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+
+
+def _example_inputs(plan: UpdatePlan, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, ...]:
+    like = torch.zeros(shape, dtype=dtype)
+    states = plan.init(like)
+    sdt = scalar_dtype(dtype)
+    return (
+        like,
+        torch.zeros_like(like),
+        *(states[n] for n in plan.state_names),
+        torch.zeros((), dtype=sdt),
+        torch.full((), 1e-3, dtype=sdt),
+    )
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """``Type: first line`` plus the innermost frame outside torch internals (torch.optim counts as user)."""
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(__file__)
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(here)
+        and (not f.filename.startswith(torch_dir) or f"{os.sep}optim{os.sep}" in f.filename)
+    ]
+    text = str(exc).strip().splitlines()
+    reason = f"tracing failed: {type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    if "data-dependent" in str(exc) or "_local_scalar_dense" in str(exc):
+        reason += " (Python control flow or a Python scalar computed from a tensor value, e.g. `.item()`)"
+    if frames:
+        f = frames[-1]
+        reason += f"; at {os.path.basename(f.filename)}:{f.lineno} `{(f.line or '').strip()}`"
+    return reason
+
+
+def _trace(plan: UpdatePlan, shape: tuple[int, ...], dtype: torch.dtype, name: str) -> torch.fx.GraphModule:
+    """Trace, clean and re-trace ``plan.update`` at ``shape``; returns the contract graph."""
+    example = _example_inputs(plan, shape, dtype)
+    fn = functionalize(lambda *a: plan.update(*a), remove="mutations_and_views")
+    patch = (
+        unittest.mock.patch("torch.compiler.is_compiling", return_value=True)
+        if plan.patch_compiling
+        else contextlib.nullcontext()
+    )
+    try:
+        with patch:
+            raw = make_fx(fn, tracing_mode="fake")(*example)
+    except UnsupportedOptimizerError:
+        raise
+    except Exception as exc:
+        raise UnsupportedOptimizerError(name, _failure_reason(exc)) from exc
+    roles = ["param", "grad"] + ["state"] * len(plan.state_names) + ["step", "lr"]
+    clean_functional_graph(raw, roles, name)
+    fresh = make_fx(raw, tracing_mode="fake")(*example)
+    return _tag(fresh, plan.state_names, example, name)
+
+
+def _tag(
+    gm: torch.fx.GraphModule, state_names: tuple[str, ...], example: tuple[Tensor, ...], name: str
+) -> torch.fx.GraphModule:
+    """Copy ``gm`` with named placeholders carrying ``meta["role"]``; check the output signature."""
+    names = ["param", "grad", *state_names, "step", "lr"]
+    roles = ["param", "grad"] + ["state"] * len(state_names) + ["step", "lr"]
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        new = graph.placeholder(names[i])
+        new.meta = dict(node.meta, role=roles[i])
+        if roles[i] == "state":
+            new.meta["state_name"] = names[i]
+        env[node] = new
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    out = graph.find_nodes(op="output")[0]
+    flat = out.args[0]
+    expect = [0, *range(2, 2 + len(state_names)), len(names) - 2]  # param, states, step
+    if not isinstance(flat, list | tuple) or len(flat) != len(expect):
+        raise UnsupportedOptimizerError(name, f"update returned {flat!r}, expected {len(expect)} tensors")
+    for node, i in zip(flat, expect):
+        val, ref = node.meta.get("val"), example[i]
+        if val is None or tuple(val.shape) != tuple(ref.shape) or val.dtype != ref.dtype:
+            raise UnsupportedOptimizerError(
+                name, f"new {names[i]} is {getattr(val, 'shape', None)}/{getattr(val, 'dtype', None)}, "
+                f"expected {tuple(ref.shape)}/{ref.dtype}", node=node.name,
+            )  # fmt: skip
+    graph.lint()
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _first_difference(a: str, b: str) -> str:
+    for la, lb in zip(a.splitlines(), b.splitlines()):
+        if la != lb:
+            return f"{la.strip()!r} vs {lb.strip()!r}"
+    return "graphs differ in length"
+
+
+def _build(adapter: Adapter, hp: dict[str, Any], dtype: torch.dtype, ndim: int) -> CapturedUpdate:
+    name = adapter.optimizer
+    plan = adapter.plan(hp, dtype, ndim)
+    gm = _trace(plan, canonical_shape(ndim), dtype, name)
+    if plan.verify_shape_generic and ndim > 0:
+        alt = _trace(plan, alternate_shape(ndim), dtype, name)
+        if alt.code != gm.code:
+            raise UnsupportedOptimizerError(
+                name,
+                f"the traced update depends on the parameter's shape (graphs traced at "
+                f"{canonical_shape(ndim)} and {alternate_shape(ndim)} differ: "
+                f"{_first_difference(gm.code, alt.code)})",
+            )
+    gm.meta["coap_init_states"] = plan.init
+    return CapturedUpdate(name, gm, plan.state_names, tuple(sorted(hp.items())), dtype, ndim)
+
+
+# ------------------------------------------------------------------------------------------- public API
+
+_LOCK = threading.RLock()
+_CACHE: dict[tuple[Any, ...], CapturedUpdate] = {}
+_COUNT = 0
+
+
+def capture(
+    base: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+    hyperparams: Mapping[str, Any],
+    *,
+    dtype: torch.dtype = torch.float32,
+    ndim: int = 2,
+) -> CapturedUpdate:
+    """Capture ``base``'s update for one parameter of ``dtype`` and ``ndim`` (cached).
+
+    ``hyperparams`` is a param-group-like mapping: ``lr`` and non-math flags (foreach, fused,
+    capturable, differentiable, …) are ignored, keys the class does not define are ignored, and
+    missing keys take the class's ``defaults``. One trace per (class, normalized hyperparameters,
+    dtype, ndim); ``step`` and ``lr`` are graph inputs, so changing them never re-captures.
+    """
+    global _COUNT
+    cls = base if isinstance(base, type) else type(base)
+    if not issubclass(cls, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer class or instance, got {base!r}")
+    canonical_shape(ndim)  # validates ndim
+    adapter = adapter_for(cls)
+    hp = adapter.normalize(hyperparams)
+    key = (cls, tuple(sorted(hp.items())), dtype, ndim)
+    with _LOCK:
+        hit = _CACHE.get(key)
+        if hit is None:
+            hit = _build(adapter, hp, dtype, ndim)
+            _CACHE[key] = hit
+            _COUNT += 1
+        return hit
+
+
+def capture_count() -> int:
+    """How many traces :func:`capture` has performed in this process (monotone; cache hits excluded)."""
+    return _COUNT
+
+
+def clear_capture_cache() -> None:
+    """Forget every cached capture (the next :func:`capture` of a signature traces again)."""
+    with _LOCK:
+        _CACHE.clear()
+
+
+def init_states(captured: CapturedUpdate, like: Tensor) -> dict[str, Tensor]:
+    """The base optimizer's fresh state for a parameter shaped/typed like ``like`` (no ``step``).
+
+    Works on any device, including ``meta``.
+    """
+    if like.dim() != captured.ndim:
+        raise ValueError(
+            f"{captured.optimizer} was captured for ndim={captured.ndim}, got shape {tuple(like.shape)}"
+        )
+    states = captured.graph_module.meta["coap_init_states"](like)
+    return {n: states[n] for n in captured.state_names}
+
+
+def run_captured(
+    captured: CapturedUpdate,
+    param: Tensor,
+    grad: Tensor,
+    states: Sequence[Tensor],
+    step: Tensor,
+    lr: Tensor,
+) -> tuple[Tensor, list[Tensor], Tensor]:
+    """Execute the graph: returns ``(new_param, new_states, new_step)``; inputs are not modified."""
+    if len(states) != len(captured.state_names):
+        raise ValueError(f"expected states {captured.state_names}, got {len(states)} tensors")
+    out = captured.graph_module(param, grad, *states, step, lr)
+    return out[0], list(out[1:-1]), out[-1]

@@ -1,0 +1,79 @@
+"""Capture → passes → projected program, cached per signature.
+
+One signature is ``(base optimizer class, hyperparameters except lr, dtype)``: capture traces the base
+update once per signature (``capture`` caches too), and the pass pipeline runs once per signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+from .capture import CapturedUpdate, capture, init_states
+from .passes.base import CompilationUnit
+from .passes.pipeline import compile_update
+from .passes.rewrite import ProjectedProgram
+
+__all__ = ["CompiledBase", "compile_base", "compile_count"]
+
+_CACHE: dict[tuple, CompiledBase] = {}
+_COUNT = 0
+
+
+@dataclass(frozen=True)
+class CompiledBase:
+    """A base optimizer compiled for projected parameters (plus what produced it, for ``explain``)."""
+
+    captured: CapturedUpdate
+    program: ProjectedProgram
+    unit: CompilationUnit
+
+    def init_lowrank_states(self, rows: int, rank: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+        """Fresh base states for a virtual ``rows × rank`` parameter (the low-rank state shapes)."""
+        like = torch.empty((rows, rank), dtype=dtype, device=device)
+        return init_states(self.captured, like)
+
+
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {}, return_output_node=False)
+    graph.output(out)
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _key_value(v: Any):
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.tolist()) if v.ndim else v.item())
+    if isinstance(v, list):
+        return tuple(_key_value(x) for x in v)
+    return v
+
+
+def compile_base(base: type[torch.optim.Optimizer], hyperparams: Mapping[str, Any], dtype: torch.dtype) -> CompiledBase:
+    """Compile ``base`` with ``hyperparams`` (a param-group dict; ``lr`` and flags are ignored) for
+    projected parameters whose low-rank states have ``dtype``."""
+    global _COUNT
+    captured = capture(base, hyperparams, dtype=dtype, ndim=2)
+    key = (captured.optimizer, captured.hyperparams, dtype)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+
+    def make_states(like: torch.Tensor) -> list[torch.Tensor]:
+        st = init_states(captured, like)
+        return [st[n] for n in captured.state_names]
+
+    program, unit = compile_update(captured.optimizer, _copy_graph_module(captured.graph_module),
+                                   captured.state_names, make_states)
+    _COUNT += 1
+    _CACHE[key] = CompiledBase(captured, program, unit)
+    return _CACHE[key]
+
+
+def compile_count() -> int:
+    """How many times the pass pipeline has run in this process (for recompile tests)."""
+    return _COUNT

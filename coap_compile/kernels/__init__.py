@@ -1,0 +1,43 @@
+"""Generated Triton kernels for the projected (COAP) update, their eager twins and custom ops.
+
+Importable without Triton: :data:`HAS_TRITON` says whether it is installed; the eager functions and the
+custom ops (which then always take the eager path) work either way. See :mod:`.launch` for the math,
+:mod:`.codegen` for the kernel templates and traffic model, :mod:`.ops` for ``torch.ops.coap_compile``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
+
+from coap_compile.kernels.launch import (  # noqa: E402
+    INPUT_PRECISIONS,
+    eager_project_back_update_,
+    eager_projected_update_,
+    epilogue_decay,
+    fused_projected_update_,
+    project_back_update_,
+    projected_lowrank_,
+)
+from coap_compile.kernels.ops import (  # noqa: E402
+    fused_projected_update,
+    get_epilogue,
+    project_back_update,
+    register_epilogue,
+)
+
+__all__ = [
+    "HAS_TRITON",
+    "INPUT_PRECISIONS",
+    "eager_project_back_update_",
+    "eager_projected_update_",
+    "epilogue_decay",
+    "fused_projected_update",
+    "fused_projected_update_",
+    "get_epilogue",
+    "project_back_update",
+    "project_back_update_",
+    "projected_lowrank_",
+    "register_epilogue",
+]

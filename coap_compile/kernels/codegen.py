@@ -1,0 +1,383 @@
+"""Triton source generation for the projected update: an :class:`~coap_compile.ir.Epilogue` → two kernels.
+
+Canonical orientation (see :mod:`coap_compile.ir`): ``X`` is the M×N gradient view, ``P`` the N×r
+projection, the states and ``D`` are M×r fp32, ``W`` the M×N weight view, ``c`` the fp32 vector of hoisted
+scalars (read by pointer, so a new step or lr never recompiles).
+
+* **K1** (grid ⌈M/BM⌉·⌈r/BR⌉): ``acc = X[rows] @ P[:, cols]`` (loop over N, fp32 accumulation), then the
+  epilogue printed from ``Epilogue.body`` — load the old states, store the new ones in place, store ``D``.
+* **K2** (grid ⌈M/BM⌉·⌈N/BN⌉): ``acc = D[rows] @ Pᵀ[:, cols]`` (loop over r; ``Pᵀ`` via swapped strides),
+  then ``W ← decay·W + scale·acc`` in fp32, stored in ``W``'s dtype. K2 does not depend on the epilogue.
+
+Traffic model (HBM bytes per call; ``bx``/``bw`` = bytes per element of X/W, ``k`` = number of states):
+
+    K1: reads  M·N·bx (X, once when BR ≥ r) + ⌈M/BM⌉·N·r·4 (P, L2-resident) + k·M·r·4 (states)
+        writes k·M·r·4 (states) + M·r·4 (D)
+    K2: reads  M·N·bw (W) + ⌈N/BN⌉·M·r·4 (D, L2) + ⌈M/BM⌉·N·r·4 (P, L2)
+        writes M·N·bw (W)
+
+so ≈ M·N·(bx + 2·bw) + (2k + 2)·M·r·4 bytes in all, against ≥ M·N·(bx + 2·bw + 8) for the unfused
+``mm → pointwise → mm → mul_/add_`` chain (the M×N fp32 ``D Pᵀ`` round-trip alone costs 8 bytes/element).
+
+The generated files are plain Python modules (a real ``@triton.jit`` needs ``inspect.getsource``), written
+and imported by :mod:`coap_compile.kernels.cache`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from string import Template
+
+import sympy
+from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.str import StrPrinter
+
+from coap_compile.ir import Epilogue
+
+__all__ = ["CodegenError", "K1Source", "TritonPrinter", "k1_source", "k2_source"]
+
+
+class CodegenError(ValueError):
+    """An epilogue expression uses an operation the Triton printer does not support."""
+
+
+class TritonPrinter(StrPrinter):
+    """Prints epilogue expressions as Triton (fp32) code; raises :class:`CodegenError` on anything else.
+
+    ``x**2 → (x*x)``, ``x**-1 → (1.0/x)``, ``x**-2 → (1.0/(x*x))``, ``x**(1/2) → tl.sqrt(x)``,
+    ``x**(-1/2) → (1.0/tl.sqrt(x))``, ``Abs → tl.abs``, ``Max/Min → tl.maximum/tl.minimum`` (NaN
+    propagating, like torch), ``sign(x) → tl.where(x > 0, 1, tl.where(x < 0, -1, x))``; numbers are
+    printed as float literals with ``repr``. ``names`` maps every free symbol's *name* to its kernel
+    variable (symbols are matched by name, as in :func:`~coap_compile.ir.evaluate_epilogue`).
+    """
+
+    def __init__(self, names: dict[str, str]):
+        super().__init__({"full_prec": True})
+        self.names = names
+
+    def doprint(self, expr: sympy.Expr) -> str:  # type: ignore[override]
+        return super().doprint(sympy.sympify(expr))
+
+    def emptyPrinter(self, expr: object) -> str:
+        raise CodegenError(f"cannot print {type(expr).__name__} {expr!r} as Triton")
+
+    def _print_Basic(self, expr: sympy.Basic) -> str:
+        raise CodegenError(f"unsupported operation {type(expr).__name__} in epilogue expression {expr}")
+
+    _print_Function = _print_Basic
+    _print_Piecewise = _print_Basic
+    _print_Relational = _print_Basic
+
+    def _print_Symbol(self, expr: sympy.Symbol) -> str:
+        if expr.name not in self.names:
+            raise CodegenError(f"symbol {expr} is not defined at this point of the epilogue")
+        return self.names[expr.name]
+
+    def _print_float(self, value: float) -> str:
+        if not math.isfinite(value):
+            raise CodegenError(f"non-finite constant {value} in an epilogue")
+        return repr(float(value))
+
+    def _print_Float(self, expr: sympy.Float) -> str:
+        return self._print_float(float(expr))
+
+    def _print_Integer(self, expr: sympy.Integer) -> str:
+        return self._print_float(float(int(expr)))
+
+    def _print_Rational(self, expr: sympy.Rational) -> str:
+        return self._print_float(float(expr.p) / float(expr.q))
+
+    def _print_Infinity(self, expr: sympy.Basic) -> str:
+        raise CodegenError(f"non-finite constant {expr} in an epilogue")
+
+    _print_NegativeInfinity = _print_Infinity
+    _print_ComplexInfinity = _print_Infinity
+    _print_NaN = _print_Infinity
+
+    def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
+        base, e = expr.args
+        if not e.is_Number:
+            raise CodegenError(f"power with a non-constant exponent {expr}: hoist it into a scalar")
+        ev = float(e)
+        b = self._print(base)
+        if ev in (2.0, -1.0, -2.0) and not base.is_Atom:
+            b = f"({b})"
+        if ev == 2.0:
+            return f"({b}*{b})"
+        if ev == 1.0:
+            return b
+        if ev == -1.0:
+            return f"(1.0/{b})"
+        if ev == -2.0:
+            return f"(1.0/({b}*{b}))"
+        if ev == 0.5:
+            return f"tl.sqrt({b})"
+        if ev == -0.5:
+            return f"(1.0/tl.sqrt({b}))"
+        raise CodegenError(f"unsupported exponent {e} in {expr} (allowed: 2, -1, -2, 1/2, -1/2)")
+
+    def _print_Abs(self, expr: sympy.Abs) -> str:
+        return f"tl.abs({self._print(expr.args[0])})"
+
+    def _print_exp(self, expr: sympy.Basic) -> str:
+        return f"tl.exp({self._print(expr.args[0])})"
+
+    def _print_log(self, expr: sympy.Basic) -> str:
+        if len(expr.args) != 1:
+            raise CodegenError(f"log with a base is not supported: {expr}")
+        return f"tl.log({self._print(expr.args[0])})"
+
+    def _minmax(self, fn: str, args: tuple[sympy.Basic, ...]) -> str:
+        args = tuple(sorted(args, key=lambda a: bool(a.is_Number)))  # a tensor operand first
+        out = self._print(args[0])
+        for a in args[1:]:
+            out = f"{fn}({out}, {self._print(a)}, propagate_nan=tl.PropagateNan.ALL)"
+        return out
+
+    def _print_Max(self, expr: sympy.Basic) -> str:
+        return self._minmax("tl.maximum", expr.args)
+
+    def _print_Min(self, expr: sympy.Basic) -> str:
+        return self._minmax("tl.minimum", expr.args)
+
+    def _print_sign(self, expr: sympy.Basic) -> str:
+        x = self.parenthesize(expr.args[0], PRECEDENCE["Atom"], strict=True)
+        return f"tl.where({x} > 0.0, 1.0, tl.where({x} < 0.0, -1.0, {x}))"
+
+
+def _ident(name: str, prefix: str, taken: set[str]) -> str:
+    base = prefix + re.sub(r"\W", "_", name)
+    out, i = base, 1
+    while out in taken:
+        out, i = f"{base}_{i}", i + 1
+    taken.add(out)
+    return out
+
+
+@dataclass(frozen=True)
+class K1Source:
+    """A generated K1 module: ``name`` (file stem), ``source``, the kernel's state parameter names."""
+
+    name: str
+    source: str
+    state_params: tuple[str, ...]
+
+
+def _epilogue_lines(ep: Epilogue) -> tuple[list[str], list[str], list[str]]:
+    """(scalar loads, body lines, stores) of the K1 epilogue, one statement per line."""
+    taken = {"g"}
+    names = {"g": "g"}  # symbol name -> kernel variable (rebound when a target reuses a name)
+    block = {"g"}  # names whose value is a (BLOCK_M, BLOCK_R) tile rather than a scalar
+    for s in ep.state_names:
+        names[s] = _ident(s, "s_", taken)
+        block.add(s)
+    state_vars = [names[s] for s in ep.state_names]
+    scalar_names = [str(sym) for sym in ep.scalar_symbols]
+    for s in scalar_names:
+        names[s] = _ident(s, "c_", taken)
+    scalar_vars = dict(names)
+    printer = TritonPrinter(names)
+    outs = [str(sym) for sym in (*ep.new_states, ep.update)]
+    used = set(outs).union(*({str(f) for f in e.free_symbols} for _, e in ep.body))
+    loads = [f"{scalar_vars[s]} = tl.load(c_ptr + {i})" for i, s in enumerate(scalar_names) if s in used]
+    loads += [f"{v} = tl.load(s{i}_ptr + st_offs, mask=mask, other=0.0)" for i, v in enumerate(state_vars)]
+    body = ["g = acc"]
+    for target, expr in ep.body:
+        code = printer.doprint(expr)
+        if not ({str(f) for f in expr.free_symbols} & block):  # scalar-only value: broadcast to the tile
+            code = f"zero + {code}"
+        names[str(target)] = _ident(str(target), "v_", taken)
+        block.add(str(target))
+        body.append(f"{names[str(target)]} = {code}")
+    values = []
+    for sym in outs:
+        if sym not in names:
+            raise CodegenError(f"epilogue output {sym} is never assigned")
+        values.append(names[sym] if sym in block else f"zero + {names[sym]}")
+    stores = [f"tl.store(s{i}_ptr + st_offs, {v}, mask=mask)" for i, v in enumerate(values[:-1])]
+    stores.append(f"tl.store(d_ptr + d_offs, {values[-1]}, mask=mask)")
+    return loads, body, stores
+
+
+def _doc_text(text: str) -> str:
+    """``text`` made safe for a generated docstring/comment (no quotes, backslashes or control chars)."""
+    return re.sub(r'["\\\x00-\x1f]', "?", text)
+
+
+def _key_hash(ep: Epilogue) -> str:
+    return hashlib.sha256(ep.key().encode()).hexdigest()[:16]
+
+
+_K1 = Template(
+    """\
+# Generated by coap_compile.kernels.codegen; do not edit.
+\"\"\"K1 for epilogue $key (states: $state_list).
+
+    g = (X @ P)[tile]   (fp32 accumulation)
+$doc_body
+Traffic: reads M·N·bx + $k·M·r·4 (+ P from L2), writes $k1·M·r·4 bytes.
+\"\"\"
+
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["c_ptr"])
+def coap_k1(
+    x_ptr,  # *X: M×N gradient view (fp32/bf16/fp16, any strides), read
+    p_ptr,  # *P: N×r fp32 projection, read
+    d_ptr,  # *D: M×r fp32 update, written
+    c_ptr,  # *c: fp32 hoisted scalars, read (never specialized: no recompiles)
+$state_params    M, N, R,
+    stride_xm, stride_xn,
+    stride_pn, stride_pr,
+    stride_dm, stride_dr,
+    stride_sm, stride_sr,  # shared by all states
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+$meta
+    # Program id -> (pid_m, pid_r), GROUP_M row blocks at a time so X tiles stay in L2 (tutorial 03).
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_r = tl.cdiv(R, BLOCK_R)
+    in_group = GROUP_M * num_r
+    first_m = (pid // in_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    pid_r = (pid % in_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)  # 64-bit offsets: M·stride may exceed 2**31
+    a_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xn
+    b_ptrs = p_ptr + offs_k[:, None] * stride_pn + offs_r[None, :] * stride_pr
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(N, BLOCK_K)):
+        k_left = N - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_r[None, :] < R), other=0.0)
+$dot
+        a_ptrs += BLOCK_K * stride_xn
+        b_ptrs += BLOCK_K * stride_pn
+
+    # Epilogue (printed from Epilogue.body): old states -> new states (in place) and D.
+    mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+    st_offs = rows[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    d_offs = rows[:, None] * stride_dm + offs_r[None, :] * stride_dr
+    zero = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+$epilogue"""
+)
+
+_K2 = Template(
+    """\
+# Generated by coap_compile.kernels.codegen; do not edit.
+\"\"\"K2: W <- decay*W + scale*(D @ P^T), fp32 math, one rounding to W's dtype (epilogue independent).
+
+Traffic: reads and writes M·N·bw (W); reads D and P (M·r·4 + N·r·4 bytes, L2-resident).
+\"\"\"
+
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["decay_ptr"])
+def coap_k2(
+    w_ptr,  # *W: M×N weight view (fp32/bf16/fp16, any strides), updated in place
+    d_ptr,  # *D: M×r fp32, read
+    p_ptr,  # *P: N×r fp32, read as Pᵀ through swapped strides
+    decay_ptr,  # *decay: fp32 scalar, read if HAS_DECAY (never specialized)
+    scale,  # fp32 constant multiplying D @ Pᵀ (float arguments are never specialized)
+    M, N, R,
+    stride_wm, stride_wn,
+    stride_dm, stride_dr,
+    stride_pn, stride_pr,
+    HAS_DECAY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+$meta
+    # Program id -> (pid_m, pid_n), GROUP_M row blocks at a time (tutorial 03).
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    pid_n = (pid % in_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    a_ptrs = d_ptr + rows[:, None] * stride_dm + offs_k[None, :] * stride_dr
+    b_ptrs = p_ptr + offs_k[:, None] * stride_pr + cols[None, :] * stride_pn  # Pᵀ tile
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(R, BLOCK_K)):
+        k_left = R - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+$dot
+        a_ptrs += BLOCK_K * stride_dr
+        b_ptrs += BLOCK_K * stride_pr
+
+    # Epilogue: W <- decay*W + scale*acc in fp32, stored in W's dtype.
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    w_ptrs = w_ptr + rows[:, None] * stride_wm + cols[None, :] * stride_wn
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DECAY:
+        w = w * tl.load(decay_ptr)
+    w = w + acc * scale
+    tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=mask)
+"""
+)
+
+_META = """\
+    GROUP_M: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,  # tl.float32 (exact upcast of X) or tl.bfloat16 (opt-in, lossy)
+    UPCAST_DOT: tl.constexpr,  # True under TRITON_INTERPRET
+    INPUT_PRECISION: tl.constexpr,  # "ieee" | "tf32x3" | "tf32" for fp32 operands
+):"""
+
+_DOT = """\
+        a = a.to(DOT_DTYPE)
+        b = b.to(DOT_DTYPE)
+        if UPCAST_DOT:  # the interpreter's bf16 tl.dot is wrong: multiply the rounded values in fp32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)"""
+
+
+def k1_source(ep: Epilogue) -> K1Source:
+    """The K1 module for ``ep``: projection ``X @ P`` plus the printed state/update epilogue."""
+    loads, body, stores = _epilogue_lines(ep)
+    k = len(ep.state_names)
+    state_params = tuple(f"s{i}_ptr" for i in range(k))
+    doc_body = [_doc_text(f"{t} = {e}") for t, e in ep.body]
+    doc_body.append(_doc_text(f"new states: {', '.join(map(str, ep.new_states))}; D = {ep.update}"))
+    src = _K1.substitute(
+        key=_key_hash(ep),
+        state_list=_doc_text(", ".join(ep.state_names)) or "none",
+        doc_body="".join(f"    {line}\n" for line in doc_body),
+        k=k,
+        k1=k + 1,
+        state_params="".join(
+            f"    {p},  # *{_doc_text(s)}: M×r fp32, updated in place\n"
+            for p, s in zip(state_params, ep.state_names)
+        ),
+        meta=_META,
+        dot=_DOT,
+        epilogue="".join(f"    {line}\n" for line in loads + body + stores),
+    )
+    return K1Source(name=f"coap_k1_{_key_hash(ep)}", source=src, state_params=state_params)
+
+
+def k2_source() -> tuple[str, str]:
+    """``(name, source)`` of K2: ``W ← decay·W + scale·(D @ Pᵀ)`` (epilogue independent)."""
+    return "coap_k2", _K2.substitute(meta=_META, dot=_DOT)

@@ -1,0 +1,292 @@
+"""Host wrappers for the generated kernels, and their eager twins (the CPU path and the test oracle).
+
+All functions work in the canonical orientation (:mod:`coap_compile.ir`): ``x`` and ``w_view`` are M×N
+views with arbitrary strides (a transposed view for a wide "left"-side matrix; nothing is copied),
+``p`` is N×r fp32, the states and ``D`` are M×r fp32, ``c`` is the fp32 vector of hoisted scalars. Math:
+
+    g = X P;   s' = f(g, s, c);   D = h(g, s, s', c);   W ← decay·W + scale·D Pᵀ
+
+:func:`fused_projected_update_` runs it as two Triton kernels (K1: ``X P`` + epilogue → states, ``D``;
+K2: ``D Pᵀ`` + weight update); :func:`project_back_update_` is K2 alone, for updates whose low-rank
+middle runs eagerly (Adafactor). ``eager_*`` do the same with torch ops and
+:func:`~coap_compile.ir.evaluate_epilogue`.
+
+``input_precision`` (per kernel) selects the ``tl.dot`` arithmetic for fp32 operands:
+
+* ``"ieee"`` (default): fp32 FMA-exact products; the result matches torch fp32 matmul (~1e-7 relative).
+* ``"tf32x3"``: three tf32 tensor-core passes, ≈ fp32 accuracy at roughly half of tf32's speed.
+* ``"tf32"``: opt-in, fastest; 10-bit mantissa operands. Adam-like updates behave like ``sign(g)`` early
+  on, so entries of ``g`` near zero flip: after 5 steps the weight update is off by ≈5–7 % of its size
+  (compiler-techniques §6). Use it only when that is acceptable.
+* ``"bf16"``: opt-in, casts both operands to bf16 (fp32 accumulation); lossier than tf32.
+
+Under ``TRITON_INTERPRET=1`` the precision is ignored (numpy fp32 products) and bf16 operands are
+multiplied after an exact upcast (the interpreter's bf16 ``tl.dot`` is wrong, triton#11584).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import sympy
+import torch
+from torch import Tensor
+
+from coap_compile.ir import Epilogue, evaluate_epilogue
+from coap_compile.kernels import cache, codegen
+
+__all__ = [
+    "INPUT_PRECISIONS",
+    "eager_project_back_update_",
+    "eager_projected_update_",
+    "epilogue_decay",
+    "fused_projected_update_",
+    "project_back_update_",
+    "projected_lowrank_",
+]
+
+INPUT_PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_K1: dict[str, Any] = {}
+
+
+def _k1_kernel(ep: Epilogue) -> Any:
+    key = ep.key()
+    if key not in _K1:
+        gen = codegen.k1_source(ep)
+        _K1[key] = gen
+    gen = _K1[key]
+    return cache.load_module(gen.name, gen.source).coap_k1
+
+
+def _k2_kernel() -> Any:
+    name, src = codegen.k2_source()
+    return cache.load_module(name, src).coap_k2
+
+
+def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
+    """The single launch point (tests wrap it to inspect arguments)."""
+    interp = type(kernel).__name__ == "InterpretedFunction"
+    guard = contextlib.nullcontext()
+    if interp:  # masked-off lanes may divide by zero in numpy; they are never stored
+        import numpy as np
+
+        guard = np.errstate(all="ignore")
+    with guard:
+        kernel[grid](*args, UPCAST_DOT=interp, **meta)
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, 1 << max(0, int(n) - 1).bit_length()))
+
+
+def _check_block(name: str, v: int) -> int:
+    if v < 16 or v & (v - 1):
+        raise ValueError(f"{name} must be a power of two >= 16 (tl.dot minimum), got {v}")
+    return v
+
+
+def _dot_meta(input_precision: str) -> dict[str, Any]:
+    import triton.language as tl
+
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    if input_precision == "bf16":
+        return {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee"}
+    return {"DOT_DTYPE": tl.float32, "INPUT_PRECISION": input_precision}
+
+
+def _check_matrix(name: str, t: Tensor, shape: tuple[int, int] | None, dtypes: Sequence[torch.dtype]) -> None:
+    if not isinstance(t, Tensor) or t.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t))}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def _check_lowrank(
+    x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor, ep: Epilogue
+) -> tuple[int, int, int]:
+    _check_matrix("x", x, None, _FLOAT_DTYPES)
+    m, n = x.shape
+    _check_matrix("p", p, None, (torch.float32,))
+    if p.shape[0] != n:
+        raise ValueError(f"p has shape {tuple(p.shape)}, expected ({n}, r) for x of shape {(m, n)}")
+    r = p.shape[1]
+    if len(states) != len(ep.state_names):
+        raise ValueError(f"epilogue has states {ep.state_names}, got {len(states)} tensors")
+    for name, s in zip(ep.state_names, states):
+        _check_matrix(f"state {name!r}", s, (m, r), (torch.float32,))
+        if s.stride() != states[0].stride():
+            raise ValueError(
+                f"all states must share strides, {name!r} has {s.stride()} != {states[0].stride()}"
+            )
+    if not isinstance(c, Tensor) or c.ndim != 1 or c.dtype != torch.float32 or c.numel() < len(ep.scalars):
+        raise ValueError(f"c must be a 1-D float32 tensor with >= {len(ep.scalars)} entries, got {c!r:.80}")
+    devs = {t.device for t in (x, p, c, *states)}
+    if len(devs) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
+    return m, n, r
+
+
+def _check_update(
+    w_view: Tensor, x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor, ep: Epilogue
+) -> tuple[int, int, int]:
+    m, n, r = _check_lowrank(x, p, states, c, ep)
+    _check_matrix("w_view", w_view, (m, n), _FLOAT_DTYPES)
+    if w_view.device != x.device:
+        raise ValueError(f"w_view is on {w_view.device}, x on {x.device}")
+    return m, n, r
+
+
+def epilogue_decay(ep: Epilogue) -> int | float | None:
+    """K2's decay for ``ep``: an index into ``c``, a constant, or ``None`` (decay 1)."""
+    d = sympy.sympify(ep.decay)
+    if d == 1:
+        return None
+    if d in ep.scalar_symbols:
+        return ep.scalar_symbols.index(d)
+    if d.is_Number:
+        return float(d)
+    raise ValueError(f"decay must be a hoisted scalar symbol or a number, got {ep.decay}")
+
+
+def _resolve_decay(decay: Tensor | int | float | None, c: Tensor | None, dev: torch.device) -> Tensor | None:
+    if decay is None or (isinstance(decay, numbers.Real) and not isinstance(decay, int) and decay == 1.0):
+        return None
+    if isinstance(decay, int) and not isinstance(decay, bool):
+        if c is None or not 0 <= decay < c.numel():
+            raise ValueError(f"decay index {decay} needs c with more than {decay} entries")
+        return c[decay]
+    if isinstance(decay, numbers.Real):
+        return torch.full((), float(decay), dtype=torch.float32, device=dev)
+    if not isinstance(decay, Tensor) or decay.numel() != 1 or decay.dtype != torch.float32:
+        raise ValueError(
+            f"decay must be a 1-element float32 tensor, an index into c, or None, got {decay!r:.80}"
+        )
+    if decay.device != dev:
+        raise ValueError(f"decay is on {decay.device}, weights on {dev}")
+    return decay.reshape(())
+
+
+def projected_lowrank_(
+    x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor, epilogue: Epilogue, *,
+    out: Tensor | None = None, input_precision: str = "ieee", block_m: int = 64, block_r: int | None = None,
+    block_k: int = 32, group_m: int = 8, num_warps: int = 4, num_stages: int = 3,
+) -> Tensor:  # fmt: skip
+    """K1: ``g = X P``, states updated in place, returns ``D`` (written into ``out`` when given)."""
+    m, n, r = _check_lowrank(x, p, states, c, epilogue)
+    d = torch.empty((m, r), dtype=torch.float32, device=x.device) if out is None else out
+    if out is not None and (
+        tuple(out.shape) != (m, r) or out.dtype != torch.float32 or out.device != x.device
+    ):
+        raise ValueError(f"scratch must be a ({m}, {r}) float32 tensor on {x.device}, got {tuple(out.shape)}")
+    if m == 0 or r == 0:
+        return d
+    br = _check_block("block_r", block_r or _pow2(r, 16, 128))
+    bm, bk = _check_block("block_m", block_m), _check_block("block_k", block_k)
+    s0 = states[0] if states else d
+    grid = (_cdiv(m, bm) * _cdiv(r, br),)
+    _launch(
+        _k1_kernel(epilogue), grid, x, p, d, c if c.numel() else d, *states, m, n, r,
+        x.stride(0), x.stride(1), p.stride(0), p.stride(1), d.stride(0), d.stride(1), s0.stride(0), s0.stride(1),
+        BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
+        **_dot_meta(input_precision),
+    )  # fmt: skip
+    return d
+
+
+def project_back_update_(
+    w_view: Tensor, d: Tensor, p: Tensor, decay: Tensor | int | float | None, scale: float, *,
+    c: Tensor | None = None, input_precision: str = "ieee", block_m: int = 64, block_n: int = 64,
+    block_k: int = 32, group_m: int = 8, num_warps: int = 4, num_stages: int = 3,
+) -> None:  # fmt: skip
+    """K2: ``W ← decay·W + scale·D Pᵀ`` in place. ``decay``: 1-element fp32 tensor, index into ``c``, or None."""
+    _check_back(w_view, d, p)
+    m, n = w_view.shape
+    r = p.shape[1]
+    dec = _resolve_decay(decay, c, w_view.device)
+    if w_view.numel() == 0 or r == 0:
+        return eager_project_back_update_(w_view, d, p, dec, scale)
+    bm, bn, bk = (
+        _check_block(k, v) for k, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k))
+    )
+    grid = (_cdiv(m, bm) * _cdiv(n, bn),)
+    _launch(
+        _k2_kernel(), grid, w_view, d, p, d if dec is None else dec, float(scale), m, n, r,
+        w_view.stride(0), w_view.stride(1), d.stride(0), d.stride(1), p.stride(0), p.stride(1),
+        HAS_DECAY=dec is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+        num_warps=num_warps, num_stages=num_stages, **_dot_meta(input_precision),
+    )  # fmt: skip
+
+
+def fused_projected_update_(
+    w_view: Tensor, x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor, epilogue: Epilogue, *,
+    scratch: Tensor | None = None, input_precision: str | tuple[str, str] = "ieee", block_m: int = 64,
+    block_r: int | None = None, block_n: int = 64, block_k: int = 32, num_warps: int = 4, num_stages: int = 3,
+) -> None:  # fmt: skip
+    """K1 then K2 (see the module docstring). ``input_precision`` may be a ``(K1, K2)`` pair."""
+    m, n, r = _check_update(w_view, x, p, states, c, epilogue)
+    if m == 0 or n == 0 or r == 0:
+        return eager_projected_update_(w_view, x, p, states, c, epilogue, scratch=scratch)
+    ip1, ip2 = (input_precision, input_precision) if isinstance(input_precision, str) else input_precision
+    d = projected_lowrank_(
+        x, p, states, c, epilogue, out=scratch, input_precision=ip1, block_m=block_m, block_r=block_r,
+        block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    project_back_update_(
+        w_view, d, p, epilogue_decay(epilogue), epilogue.scale, c=c, input_precision=ip2, block_m=block_m,
+        block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+
+
+def _check_back(w_view: Tensor, d: Tensor, p: Tensor) -> None:
+    _check_matrix("w_view", w_view, None, _FLOAT_DTYPES)
+    m, n = w_view.shape
+    _check_matrix("p", p, None, (torch.float32,))
+    if p.shape[0] != n:
+        raise ValueError(f"p has shape {tuple(p.shape)}, expected ({n}, r) for w_view of shape {(m, n)}")
+    _check_matrix("d", d, (m, p.shape[1]), (torch.float32,))
+    if len({w_view.device, d.device, p.device}) != 1:
+        raise ValueError(
+            f"w_view, d and p must be on one device, got {w_view.device}, {d.device}, {p.device}"
+        )
+
+
+def eager_project_back_update_(
+    w_view: Tensor, d: Tensor, p: Tensor, decay: Tensor | int | float | None, scale: float, *,
+    c: Tensor | None = None,
+) -> None:  # fmt: skip
+    """Torch twin of :func:`project_back_update_` (same fp32 operation order, one rounding to W's dtype)."""
+    _check_back(w_view, d, p)
+    dec = _resolve_decay(decay, c, w_view.device)
+    upd = torch.mm(d, p.t()).mul_(float(scale))
+    upd.add_(w_view.float() * dec if dec is not None else w_view)
+    w_view.copy_(upd)
+
+
+def eager_projected_update_(
+    w_view: Tensor, x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor, epilogue: Epilogue, *,
+    scratch: Tensor | None = None,
+) -> None:  # fmt: skip
+    """Torch twin of :func:`fused_projected_update_` (``g = X.float() @ P``, :func:`evaluate_epilogue`)."""
+    m, _n, r = _check_update(w_view, x, p, states, c, epilogue)
+    g = torch.mm(x.float(), p)
+    new, d = evaluate_epilogue(epilogue, g, list(states), c)
+    # Outputs may alias an old state (e.g. ``D = exp_avg``): materialize before any state is overwritten.
+    outs = [torch.broadcast_to(v, (m, r)) for v in (*new, d)]
+    outs = [v.clone() if any(v.data_ptr() == s.data_ptr() for s in states) else v for v in outs]
+    for s, v in zip(states, outs):
+        s.copy_(v)
+    d = outs[-1]
+    if scratch is not None:
+        scratch.copy_(d)
+    eager_project_back_update_(w_view, d.contiguous(), p, epilogue_decay(epilogue), epilogue.scale, c=c)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)

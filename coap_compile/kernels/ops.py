@@ -1,0 +1,221 @@
+"""``torch.ops.coap_compile`` custom ops around the projected update, traceable by ``torch.compile``.
+
+* ``coap_compile::fused_projected_update(w, g, p, states, c, epilogue_id, transposed, backend,
+  input_precision)``: ``X = g`` (``gᵀ`` if ``transposed``), ``W = w`` (``wᵀ``); the states are updated and
+  ``W ← decay·W + scale·D Pᵀ`` in place (see :mod:`coap_compile.kernels.launch`). Mutates ``w``, ``states``.
+* ``coap_compile::project_back_update(w, d, p, decay, scale, transposed, backend, input_precision)``:
+  ``W ← decay·W + scale·D Pᵀ`` (K2 alone). Mutates ``w``.
+
+An op cannot take an :class:`~coap_compile.ir.Epilogue`, so epilogues live in a process-level registry:
+:func:`register_epilogue` returns a stable id (a hash of ``Epilogue.key()``) that is passed as a string.
+Register before compiling (hashing sympy inside a compiled region would graph-break).
+
+Dispatch on ``backend``: ``"eager"`` → the torch twin; ``"auto"`` → Triton for CUDA tensors, the twin on
+CPU; ``"triton"`` → Triton (on CPU only under ``TRITON_INTERPRET=1``). When Triton cannot be used (not
+installed, no driver, a kernel that fails to generate or compile) the op falls back to the twin and
+``warnings.warn``-s once per process and reason. Both ops have fake implementations (no outputs), so
+``torch.compile`` traces them without graph breaks; Inductor functionalizes and re-inplaces them.
+"""
+
+import hashlib
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from coap_compile.ir import Epilogue
+from coap_compile.kernels import launch
+
+__all__ = [
+    "BACKENDS",
+    "fused_projected_update",
+    "get_epilogue",
+    "project_back_update",
+    "register_epilogue",
+    "reset_fallback_warnings",
+]
+
+BACKENDS = ("auto", "triton", "eager")
+_EPILOGUES: dict[str, Epilogue] = {}
+_WARNED: set[str] = set()
+_FAILED: dict[str, str] = {}  # kernel key -> reason Triton failed for it (not retried)
+_LOCK = threading.Lock()
+
+
+def register_epilogue(ep: Epilogue) -> str:
+    """Register ``ep`` for the ops and return its id (stable across processes: a hash of ``ep.key()``)."""
+    eid = "ep_" + hashlib.sha256(ep.key().encode()).hexdigest()[:16]
+    with _LOCK:
+        _EPILOGUES.setdefault(eid, ep)
+    return eid
+
+
+def get_epilogue(epilogue_id: str) -> Epilogue:
+    try:
+        return _EPILOGUES[epilogue_id]
+    except KeyError:
+        raise KeyError(
+            f"unknown epilogue id {epilogue_id!r}: call coap_compile.kernels.register_epilogue(ep) in this "
+            "process before running the op"
+        ) from None
+
+
+def reset_fallback_warnings() -> None:
+    """Forget which fallback warnings were shown and which kernels failed (for tests)."""
+    with _LOCK:
+        _WARNED.clear()
+        _FAILED.clear()
+
+
+def _warn_once(reason: str) -> None:
+    with _LOCK:
+        if reason in _WARNED:
+            return
+        _WARNED.add(reason)
+    warnings.warn(f"coap_compile: falling back to the eager kernels: {reason}", RuntimeWarning, stacklevel=3)
+
+
+def _triton_usable(device: torch.device, backend: str) -> bool:
+    """Whether to run Triton for tensors on ``device``; warns (once) when it was wanted but can't be."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "eager" or (backend == "auto" and device.type != "cuda"):
+        return False
+    from coap_compile.kernels import HAS_TRITON
+
+    if not HAS_TRITON:
+        _warn_once("triton is not installed")
+        return False
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
+            _warn_once("Triton on CPU tensors needs TRITON_INTERPRET=1 (set before import)")
+            return False
+        return True
+    if device.type != "cuda":
+        _warn_once(f"no Triton kernels for device type {device.type!r}")
+        return False
+    return True
+
+
+def _try_triton(key: str, fn, *args, **kwargs) -> bool:
+    """Run a Triton launch; on failure remember it, warn once, and return False (nothing was mutated)."""
+    if key in _FAILED:
+        return False
+    try:
+        fn(*args, **kwargs)
+        return True
+    except Exception as e:  # compile errors, missing driver, code generation errors
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        with _LOCK:
+            _FAILED[key] = reason
+        _warn_once(f"Triton kernel {key} failed ({reason})")
+        return False
+
+
+@torch.library.custom_op("coap_compile::fused_projected_update", mutates_args=("w", "states"))
+def _fused_op(
+    w: Tensor,
+    g: Tensor,
+    p: Tensor,
+    states: list[Tensor],
+    c: Tensor,
+    epilogue_id: str,
+    transposed: bool = False,
+    backend: str = "auto",
+    input_precision: str = "ieee",
+) -> None:
+    ep = get_epilogue(epilogue_id)
+    w_view, x = (w.t(), g.t()) if transposed else (w, g)
+    launch._check_update(w_view, x, p, states, c, ep)
+    if not _triton_usable(w.device, backend):
+        launch.eager_projected_update_(w_view, x, p, states, c, ep)
+        return
+    d = torch.empty((x.shape[0], p.shape[1]), dtype=torch.float32, device=x.device)
+    if not _try_triton(
+        f"K1[{epilogue_id}]",
+        launch.projected_lowrank_,
+        x,
+        p,
+        states,
+        c,
+        ep,
+        out=d,
+        input_precision=input_precision,
+    ):
+        launch.eager_projected_update_(w_view, x, p, states, c, ep)
+        return
+    decay = launch.epilogue_decay(ep)
+    if not _try_triton(
+        "K2", launch.project_back_update_, w_view, d, p, decay, ep.scale, c=c, input_precision=input_precision
+    ):
+        launch.eager_project_back_update_(w_view, d, p, decay, ep.scale, c=c)
+
+
+@_fused_op.register_fake
+def _fused_fake(w, g, p, states, c, epilogue_id, transposed=False, backend="auto", input_precision="ieee"):
+    return None
+
+
+@torch.library.custom_op("coap_compile::project_back_update", mutates_args=("w",))
+def _back_op(
+    w: Tensor,
+    d: Tensor,
+    p: Tensor,
+    decay: Optional[Tensor],  # noqa: UP045 (custom_op schema inference on torch 2.11)
+    scale: float,
+    transposed: bool = False,
+    backend: str = "auto",
+    input_precision: str = "ieee",
+) -> None:
+    w_view = w.t() if transposed else w
+    launch._check_back(w_view, d, p)
+    if _triton_usable(w.device, backend) and _try_triton(
+        "K2", launch.project_back_update_, w_view, d, p, decay, scale, input_precision=input_precision
+    ):
+        return
+    launch.eager_project_back_update_(w_view, d, p, decay, scale)
+
+
+@_back_op.register_fake
+def _back_fake(w, d, p, decay, scale, transposed=False, backend="auto", input_precision="ieee"):
+    return None
+
+
+def fused_projected_update(
+    w: Tensor,
+    g: Tensor,
+    p: Tensor,
+    states: Sequence[Tensor],
+    c: Tensor,
+    epilogue: Union[Epilogue, str],  # noqa: UP007
+    *,
+    transposed: bool = False,
+    backend: str = "auto",
+    input_precision: str = "ieee",
+) -> None:
+    """Call ``torch.ops.coap_compile.fused_projected_update`` (``epilogue``: an id or an Epilogue)."""
+    eid = epilogue if isinstance(epilogue, str) else register_epilogue(epilogue)
+    torch.ops.coap_compile.fused_projected_update(
+        w, g, p, list(states), c, eid, transposed, backend, input_precision
+    )
+
+
+def project_back_update(
+    w: Tensor,
+    d: Tensor,
+    p: Tensor,
+    decay: Optional[Tensor],  # noqa: UP045
+    scale: float,
+    *,
+    transposed: bool = False,
+    backend: str = "auto",
+    input_precision: str = "ieee",
+) -> None:
+    """Call ``torch.ops.coap_compile.project_back_update`` (``decay``: 1-element fp32 tensor or None)."""
+    torch.ops.coap_compile.project_back_update(
+        w, d, p, decay, float(scale), transposed, backend, input_precision
+    )

@@ -1,0 +1,40 @@
+"""The eager lowering: run the rewritten low-rank graph with torch ops, then reproject.
+
+For one projected parameter (canonical orientation, ``X̃ = X P`` already computed)::
+
+    (decay, D, s', k') = lowrank(W, X̃, s, k, lr)     # the rewritten base update on M×r
+    W ← decay · W + scale · D Pᵀ                       # full space, in P's dtype, stored as W's dtype
+
+Scalars are computed in float64 on 0-d tensors (``k`` and ``lr`` are passed as float64), which keeps
+bias corrections as accurate as torch's own Python-float arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..passes.rewrite import ProjectedProgram
+
+__all__ = ["apply_reprojection_", "run_lowrank"]
+
+
+def run_lowrank(
+    program: ProjectedProgram, param: Tensor, x_proj: Tensor, states: Sequence[Tensor], step: Tensor, lr: Tensor
+) -> tuple[Tensor | float, Tensor, list[Tensor], Tensor]:
+    """Execute ``program.lowrank``; returns ``(decay, D, new_states, new_step)``."""
+    decay, delta, *rest = program.lowrank(param, x_proj, *states, step, lr)
+    return decay, delta, list(rest[:-1]), rest[-1]
+
+
+def apply_reprojection_(w_view: Tensor, decay: Tensor | float, delta: Tensor, proj: Tensor, scale: float) -> None:
+    """``W ← decay·W + scale·D Pᵀ`` in place (``w_view`` may be a transposed view of the weight)."""
+    update = delta.to(proj.dtype) @ proj.t()
+    if w_view.dtype == proj.dtype:
+        if not (isinstance(decay, float) and decay == 1.0):
+            w_view.mul_(decay)
+        w_view.add_(update, alpha=scale)
+    else:  # low-precision weight: combine in P's dtype, round once
+        w_view.copy_(w_view.to(proj.dtype).mul_(decay).add_(update, alpha=scale))

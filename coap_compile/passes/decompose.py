@@ -1,0 +1,225 @@
+"""Split the captured update into ``p' = decay·p + Δ`` and prove it can run in the projected space.
+
+Symbols: ``param`` (p), ``grad`` (g), one per state (``exp_avg`` …), ``k`` (completed steps), ``lr``,
+and ``x``, the *projection point*: the value that gets projected, ``X = G`` for most optimizers and
+``X = G + wd·W`` for Adam with L2 weight decay. Opaque nodes (reductions, …) are symbols ``o_<node>``.
+
+For a candidate projection point (tried in topological order, starting with the gradient itself) the
+update is *projectable* when, with the candidate pinned to ``x``:
+
+1. no output depends on ``grad`` except through ``x``;
+2. every new state is free of ``param`` (states can only live in the low-rank space if they never
+   read the full weight);
+3. ``p'`` is affine in ``param``: ``∂²p'/∂p² = 0``; then ``decay = ∂p'/∂p`` must be a scalar
+   (depends on ``k``, ``lr`` and 0-d statistics of the weight only) and ``Δ = p'|_{p=0}`` is free of
+   ``param`` — the proof that the update direction does not depend on the weight;
+4. an opaque node that reads ``param`` is a 0-d *parameter statistic* (e.g. Adafactor's RMS(W)),
+   computed on the full weight.
+
+States are classified for COAP's correlation step and ``restore_state``:
+``first_moment`` when ``s' = a·s + b·x`` and ``second_moment`` when ``s' = a·s + b·x²`` (scalar ``a``,
+``b``); anything else is ``other``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+import torch.fx
+
+from ..errors import UnsupportedOptimizerError
+from .analysis import GraphFacts
+from .symbolic import translate
+
+__all__ = ["GRAD", "K", "LR", "PARAM", "X", "Decomposition", "decompose", "state_symbol"]
+
+PARAM, GRAD, X, K, LR = (sympy.Symbol(n) for n in ("param", "grad", "x", "k", "lr"))
+SCALARS = frozenset({K, LR})
+
+
+def state_symbol(name: str, new: bool = False) -> sympy.Symbol:
+    return sympy.Symbol(f"{name}_new" if new else name)
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """The derived form of one base update (all expressions in sympy)."""
+
+    proj_point: str  # node name of the projection point
+    x_expr: sympy.Expr  # the projected quantity in terms of grad, param, k, lr
+    decay: sympy.Expr
+    delta: sympy.Expr  # in terms of x, states, <state>_new, k, lr, opaque symbols
+    new_states: dict[str, sympy.Expr]
+    new_step: sympy.Expr
+    exprs: dict[str, sympy.Expr]  # every node's expression with the projection point pinned to x
+    param_stats: frozenset[str]  # opaque nodes that are 0-d statistics of the full weight
+    state_kinds: dict[str, str]
+
+    @property
+    def opaque_nodes(self) -> frozenset[str]:
+        names = set()
+        for e in (self.decay, self.delta, *self.new_states.values(), self.new_step):
+            names |= {str(s)[2:] for s in e.free_symbols if str(s).startswith("o_")}
+        return frozenset(names)
+
+
+def _blend_scalar_piecewise(e: sympy.Expr, scalars: frozenset) -> sympy.Expr:
+    """``Piecewise((a, cond), (b, True))`` with a scalar-only ``cond`` → ``c·a + (1−c)·b``, where
+    ``c = Piecewise((1, cond), (0, True))`` is a scalar (hoisted to the host later)."""
+
+    def blend(pw):
+        (a, cond), (b, _) = pw.args
+        if cond.free_symbols <= scalars:
+            c = sympy.Piecewise((1, cond), (0, True))
+            return c * a + (1 - c) * b
+        return pw
+
+    return e.replace(lambda s: isinstance(s, sympy.Piecewise) and len(s.args) == 2, blend)
+
+
+def _classify_state(name: str, e: sympy.Expr, scalar_syms: set) -> str:
+    s = state_symbol(name)
+    if not (e.free_symbols - scalar_syms) <= {s, X} or X not in e.free_symbols:
+        return "other"
+    a = sympy.diff(e, s)
+    if not a.free_symbols <= scalar_syms:
+        return "other"
+    rest = sympy.expand(e - a * s)
+    b1 = sympy.diff(rest, X)
+    if b1.free_symbols <= scalar_syms and sympy.expand(rest - b1 * X) == 0:
+        return "first_moment"
+    b2 = sympy.diff(rest, X, 2) / 2
+    if b2.free_symbols <= scalar_syms and sympy.expand(rest - b2 * X**2) == 0:
+        return "second_moment"
+    return "other"
+
+
+class _Reject(Exception):
+    def __init__(self, node: str, reason: str):
+        super().__init__(reason)
+        self.node, self.reason = node, reason
+
+
+def _try_candidate(graph, facts: GraphFacts, cand: str, base_leaves, opaque_pred, val_ndim) -> Decomposition:
+    leaves = dict(base_leaves)
+    leaves[cand] = X
+    ex = translate(graph, leaves, opaque_pred)
+    state_outs = dict(zip([r.split(":", 1)[1] for r in facts.roles.values() if r.startswith("state:")],
+                          facts.outputs[1:-1]))
+    state_order = [r.split(":", 1)[1] for r in facts.roles.values() if r.startswith("state:")]
+    leaves_new = dict(leaves)
+    for name in state_order:
+        out = state_outs[name]
+        if facts.kinds.get(out) != "placeholder" and out != cand:
+            leaves_new[out] = state_symbol(name, new=True)
+    ex_new = translate(graph, leaves_new, opaque_pred)
+
+    # Which symbols each opaque node ultimately depends on (through its operands).
+    deps: dict[str, set] = {}
+    for node in graph.nodes:
+        if ex.get(node.name) is not None and str(ex[node.name]) == f"o_{node.name}":
+            syms: set = set()
+            for a in node.all_input_nodes:
+                syms |= _expand_deps(ex[a.name], deps)
+            deps[node.name] = syms
+    opaque_names = set(deps)
+    param_stats = set()
+    for name, syms in deps.items():
+        if GRAD in syms:
+            raise _Reject(name, "reads the raw gradient instead of the projected quantity")
+        if PARAM in syms:
+            if val_ndim(name) != 0 or syms & ({X} | {state_symbol(s) for s in state_order}):
+                raise _Reject(name, "combines the weight with the gradient or a state outside a 0-d statistic")
+            param_stats.add(name)
+
+    def check_free(e, out_name, what):
+        full = _expand_deps(e, deps)
+        if GRAD in full:
+            raise _Reject(out_name, f"{what} reads the gradient other than through the projected quantity")
+
+    new_states = {}
+    for name in state_order:
+        e = _blend_scalar_piecewise(ex[state_outs[name]], SCALARS)
+        check_free(e, state_outs[name], f"state {name!r}")
+        if PARAM in e.free_symbols:
+            raise _Reject(_first_param_mixer(graph, ex, state_outs[name]),
+                          f"state {name!r} depends elementwise on the weight, so it cannot live in the low-rank space")
+        new_states[name] = e
+    p_new = _blend_scalar_piecewise(ex_new[facts.outputs[0]], SCALARS)
+    if sympy.diff(p_new, PARAM, 2) != 0:
+        raise _Reject(_first_param_mixer(graph, ex, facts.outputs[0]), "the new weight is not affine in the weight")
+    decay = sympy.diff(p_new, PARAM)
+    scalar_like = SCALARS | {sympy.Symbol(f"o_{n}") for n in param_stats} | {
+        sympy.Symbol(f"o_{n}") for n in opaque_names if val_ndim(n) == 0 and not (deps[n] - SCALARS - {PARAM})}
+    if not decay.free_symbols <= scalar_like:
+        raise _Reject(facts.outputs[0], f"the weight multiplier {decay} is not a scalar")
+    delta = sympy.together(p_new.subs(PARAM, 0))
+    check_free(delta, facts.outputs[0], "the update")
+    if PARAM in delta.free_symbols:
+        raise _Reject(_first_param_mixer(graph, ex, facts.outputs[0]), "the update direction depends on the weight")
+    scalar_syms = set(scalar_like)
+    kinds = {name: _classify_state(name, e, scalar_syms) for name, e in new_states.items()}
+    return Decomposition(
+        proj_point=cand,
+        x_expr=translate(graph, base_leaves, opaque_pred)[cand],
+        decay=decay,
+        delta=delta,
+        new_states=new_states,
+        new_step=ex[facts.outputs[-1]],
+        exprs=ex,
+        param_stats=frozenset(param_stats),
+        state_kinds=kinds,
+    )
+
+
+def _expand_deps(e: sympy.Expr, deps: dict[str, set]) -> set:
+    out = set()
+    for s in e.free_symbols:
+        name = str(s)
+        if name.startswith("o_") and name[2:] in deps:
+            out |= deps[name[2:]]
+        else:
+            out.add(s)
+    return out
+
+
+def _first_param_mixer(graph, ex, out_name: str) -> str:
+    """The earliest node whose expression mixes the weight with a non-scalar, non-weight symbol."""
+    for node in graph.nodes:
+        e = ex.get(node.name)
+        if e is None or node.op != "call_function":
+            continue
+        if PARAM in e.free_symbols and (e.free_symbols - SCALARS - {PARAM}) and not str(e).startswith("o_"):
+            return node.name
+    return out_name
+
+
+def decompose(unit_name: str, gm: torch.fx.GraphModule, facts: GraphFacts) -> Decomposition:
+    """Find the projection point and the derived form; raise :class:`UnsupportedOptimizerError`."""
+    graph = gm.graph
+    base_leaves = {}
+    for n, role in facts.roles.items():
+        base_leaves[n] = {"param": PARAM, "grad": GRAD, "step": K, "lr": LR}.get(role) or state_symbol(role[6:])
+    by_name = {n.name: n for n in graph.nodes}
+
+    def opaque_pred(node: torch.fx.Node) -> bool:
+        return facts.kinds[node.name] not in ("pointwise", "alias")
+
+    def val_ndim(name: str) -> int:
+        v = by_name[name].meta.get("val")
+        return v.ndim if v is not None else -1
+
+    grad = next(n for n, r in facts.roles.items() if r == "grad")
+    cands = [grad] + [
+        n.name for n in graph.nodes
+        if n.name in facts.grad_path and facts.kinds[n.name] == "pointwise" and n.name not in facts.outputs
+    ]
+    first: _Reject | None = None
+    for cand in cands:
+        try:
+            return _try_candidate(graph, facts, cand, base_leaves, opaque_pred, val_ndim)
+        except _Reject as rej:
+            first = first or rej
+    assert first is not None
+    raise UnsupportedOptimizerError(unit_name, first.reason, node=first.node)

@@ -1,0 +1,115 @@
+"""Exact optimizer-state memory, planned from shapes alone (so it works for meta-device models).
+
+Per projected ``m×n`` weight (``M = max(m, n)``, ``N = min(m, n)``, rank ``r``, state element size
+``b`` = 4 for float32 / 8 for float64)::
+
+    bytes = N·r·b  (P, plus policy extras such as Flora's 8-byte seed)
+          + Σ_states |s|·b  (each base state at the shape it has for an M×r parameter: 2·M·r·b for Adam)
+          + 4              (the float32 step counter)
+          + M·r·b          (only for bases without a first moment under COAP: ``coap_exp_avg``)
+
+Every other parameter keeps exactly the base optimizer's state (``base_bytes``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..capture import capture, init_states
+
+__all__ = ["MemoryPlan", "MemoryRow", "base_state_bytes", "plan_memory"]
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    rank: int  # 0: not projected
+    state_bytes: int
+    base_bytes: int
+    detail: dict[str, int]
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    rows: tuple[MemoryRow, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.state_bytes for r in self.rows)
+
+    @property
+    def base_bytes(self) -> int:
+        return sum(r.base_bytes for r in self.rows)
+
+    @property
+    def saved_fraction(self) -> float:
+        return 1.0 - self.total_bytes / self.base_bytes if self.base_bytes else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"{'parameter':<40} {'shape':>14} {'rank':>5} {'base B':>12} {'COAP B':>12}"]
+        for r in self.rows:
+            lines.append(f"{r.name[:40]:<40} {'x'.join(map(str, r.shape)):>14} {r.rank or '-':>5} "
+                         f"{r.base_bytes:>12,} {r.state_bytes:>12,}")
+        lines.append(f"{'total':<40} {'':>14} {'':>5} {self.base_bytes:>12,} {self.total_bytes:>12,}"
+                     f"   saved {100 * self.saved_fraction:.1f}%")
+        return "\n".join(lines)
+
+
+def _nbytes(shape, dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+@functools.lru_cache(maxsize=None)
+def _step_bytes(base: type, kwargs_key: tuple) -> int:
+    """Bytes of the base optimizer's per-parameter ``step`` tensor (0 if it keeps none), probed once."""
+    p = torch.zeros(2, 2, requires_grad=True)
+    opt = base([p], **dict(kwargs_key))
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    step = opt.state[p].get("step")
+    return step.numel() * step.element_size() if isinstance(step, torch.Tensor) else 0
+
+
+def base_state_bytes(base: type, hyper: dict, base_kwargs: dict, p: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """What ``base`` keeps for ``p`` (per key)."""
+    captured = capture(base, hyper, dtype=p.dtype, ndim=p.ndim)
+    like = torch.empty(p.shape, dtype=p.dtype, device="meta")
+    detail = {k: v.numel() * v.element_size() for k, v in init_states(captured, like).items()}
+    key = tuple(sorted((k, v) for k, v in base_kwargs.items() if not isinstance(v, torch.Tensor)))
+    step = _step_bytes(base, key)
+    if step:
+        detail["step"] = step
+    return sum(detail.values()), detail
+
+
+def plan_memory(opt) -> MemoryPlan:
+    rows = []
+    for i, group in enumerate(opt.param_groups):
+        hyper = opt._base_hyperparams(group)
+        for p in group["params"]:
+            plan = opt._plans[p]
+            base, base_detail = base_state_bytes(opt._base_cls, hyper, opt._base_kwargs, p)
+            if not plan.projected:
+                rows.append(MemoryRow(opt._name(p), tuple(p.shape), str(p.dtype), 0, base, base, base_detail))
+                continue
+            dtype = opt._state_dtype(p)
+            big, small = max(p.shape), min(p.shape)
+            policy = opt._policies[i]
+            detail = {k: _nbytes(s, d) for k, (s, d) in policy.state_layout(small, plan.rank, dtype).items()}
+            compiled = opt._compiled(i, dtype)
+            for k, v in compiled.init_lowrank_states(big, plan.rank, dtype, "meta").items():
+                detail[k] = v.numel() * v.element_size()
+            detail["step"] = 4
+            if compiled.program.first_moment is None and policy.needs_first_moment:
+                detail["coap_exp_avg"] = _nbytes((big, plan.rank), dtype)
+            rows.append(MemoryRow(opt._name(p), tuple(p.shape), str(p.dtype), plan.rank, sum(detail.values()),
+                                  base, detail))
+    return MemoryPlan(tuple(rows))

@@ -1,0 +1,308 @@
+"""``CoapOptimizer``: a ``torch.optim.Optimizer`` running a compiled base optimizer in COAP form.
+
+For a projected weight ``W`` (canonical orientation ``X = G`` or ``Gᵀ``, ``M ≥ N``, rank ``r``) one
+step is, with ``k`` the completed steps::
+
+    k = 0:                       P ← policy.init(X)              (randomized SVD for COAP)
+    k > 0, policy schedule:      P ← policy.refresh(P, X, M)     (correlation step / low-cost SVD)
+    X̃ = X P                                                      (M×r)
+    (decay, D, s') = lowrank(X̃, s, k, lr)                        (the compiled base update)
+    W ← decay · W + scale · D Pᵀ
+
+Parameters that are not projected run the *unmodified* base optimizer (an inner instance of the base
+class sharing this optimizer's ``state`` dict; its hyperparameters are synchronised from
+``param_groups`` before every step, so LR schedulers work). The state is tensors only.
+
+Differences from the official COAP code, on purpose: states and ``P`` are float32 (float64 for
+float64 weights) whatever the weight dtype; ``P`` is stored ``N×r`` for both sides; no persistent
+``P.grad`` buffer; the base arithmetic is the real torch optimizer's (not HF's legacy AdamW); bases
+without a first moment (RMSprop, Adafactor) get a low-rank EMA ``coap_exp_avg`` of ``X̃`` (rate
+``first_moment_beta``) for the correlation step, counted in the memory plan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..compiler import CompiledBase, compile_base
+from ..errors import NonFiniteGradientError
+from ..lowering.eager import apply_reprojection_, run_lowrank
+from ..projection import ProjectionPolicy, canonical, get_policy, restore_moments
+from .selection import ParamPlan, plan_param
+
+__all__ = ["PROJECTION_KEYS", "CoapOptimizer"]
+
+#: param-group keys owned by COAP (everything else belongs to the base optimizer).
+PROJECTION_KEYS = ("rank", "rank_ratio", "projection", "update_interval", "reproject_factor", "scale",
+                   "restore_state", "first_moment_beta", "project")
+_BACKENDS = ("auto", "eager", "triton")
+_EMA = "coap_exp_avg"
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def validate_projection_args(rank, rank_ratio, projection, update_interval, reproject_factor, scale,
+                             first_moment_beta, backend) -> None:
+    """Raise a ValueError/TypeError naming the argument and its value for bad COAP settings."""
+    _positive_int("rank", rank, allow_none=True)
+    if rank_ratio is not None:
+        if isinstance(rank_ratio, bool) or not isinstance(rank_ratio, (int, float)):
+            raise TypeError(f"rank_ratio must be a positive number, got {rank_ratio!r}")
+        if not rank_ratio > 0:
+            raise ValueError(f"rank_ratio must be a positive number, got {rank_ratio!r}")
+    if rank is None and rank_ratio is None:
+        raise ValueError("one of rank or rank_ratio must be given, got rank=None and rank_ratio=None")
+    _positive_int("update_interval", update_interval)
+    _positive_int("reproject_factor", reproject_factor)
+    if not isinstance(projection, (str, ProjectionPolicy)):
+        raise TypeError(f"projection must be a policy name or a ProjectionPolicy, got {projection!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if not 0.0 <= first_moment_beta < 1.0:
+        raise ValueError(f"first_moment_beta must be in [0, 1), got {first_moment_beta!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+
+
+def make_policy(group: dict, instance: ProjectionPolicy | None) -> ProjectionPolicy:
+    """The policy for a group: the user's instance, or one built by name from the group settings."""
+    if instance is not None:
+        return instance
+    name = group["projection"]
+    kwargs: dict[str, Any] = {}
+    if name == "coap":
+        kwargs = {"update_interval": group["update_interval"], "reproject_factor": group["reproject_factor"],
+                  "restore_state": group["restore_state"]}
+    elif name == "galore":
+        kwargs = {"update_gap": group["update_interval"] * group["reproject_factor"]}
+    elif name == "flora":
+        kwargs = {"resample_every": group["update_interval"] * group["reproject_factor"]}
+    return get_policy(name, **kwargs)
+
+
+class CoapOptimizer(torch.optim.Optimizer):
+    """COAP form of ``base_optim`` (see the module docstring). Build it with :func:`coap_compile.optimize`.
+
+    Args:
+        params: parameters or parameter groups (a group may set any base hyperparameter and the COAP keys
+            ``rank, rank_ratio, projection, update_interval, reproject_factor, scale, restore_state,
+            first_moment_beta, project``).
+        base_optim: the ``torch.optim.Optimizer`` subclass whose update is compiled.
+        rank / rank_ratio: ``r = min(rank, min(m, n))``, or ``max(⌊min(m, n) / rank_ratio⌋, 1)``.
+        projection: ``"coap"`` (default), ``"galore"``, ``"flora"``, or a ProjectionPolicy instance. For
+            galore/flora the refresh period is ``update_interval · reproject_factor``.
+        update_interval / reproject_factor: COAP's ``T_u`` and ``λ`` (correlation step every ``T_u`` steps,
+            low-cost SVD every ``T_u·λ``).
+        scale: multiplies the back-projected update only.
+        restore_state: map the first/second moments into the new basis when ``P`` changes.
+        first_moment_beta: EMA rate of ``coap_exp_avg`` for bases without a first moment.
+        backend: ``"auto"`` (Triton kernels for CUDA tensors when available), ``"eager"`` or ``"triton"``.
+        check_finite: refuse (raise) a step whose gradients contain inf/NaN, before modifying anything.
+        param_names: ``id(param) -> name`` for messages and the memory plan.
+        **base_kwargs: the base optimizer's own arguments (``lr``, ``betas``, ``weight_decay`` …).
+    """
+
+    def __init__(self, params: Iterable, base_optim: type[torch.optim.Optimizer] = torch.optim.AdamW, *,
+                 rank: int | None = 256, rank_ratio: float | None = None, projection: str | ProjectionPolicy = "coap",
+                 update_interval: int = 32, reproject_factor: int = 5, scale: float = 1.0,
+                 restore_state: bool = False, first_moment_beta: float = 0.9, backend: str = "auto",
+                 check_finite: bool = True, param_names: dict[int, str] | None = None, **base_kwargs: Any) -> None:
+        if not (isinstance(base_optim, type) and issubclass(base_optim, torch.optim.Optimizer)):
+            raise TypeError(f"base_optim must be a torch.optim.Optimizer subclass, got {base_optim!r}")
+        validate_projection_args(rank, rank_ratio, projection, update_interval, reproject_factor, scale,
+                                 first_moment_beta, backend)
+        probe = base_optim([torch.zeros(2, requires_grad=True)], **base_kwargs)  # base validates its own args
+        self._base_cls = base_optim
+        self._base_kwargs = dict(base_kwargs)
+        self._policy_instance = projection if isinstance(projection, ProjectionPolicy) else None
+        if self._policy_instance is None:
+            get_policy(projection)  # unknown names fail here, naming the value
+        self._backend = backend
+        self._check_finite = check_finite
+        self._names = dict(param_names or {})
+        self._inner: torch.optim.Optimizer | None = None
+        self._plans: dict[Tensor, ParamPlan] = {}
+        defaults = dict(probe.defaults)
+        defaults.update(rank=rank, rank_ratio=rank_ratio, update_interval=update_interval,
+                        reproject_factor=reproject_factor, scale=float(scale), restore_state=bool(restore_state),
+                        first_moment_beta=float(first_moment_beta),
+                        projection=projection if isinstance(projection, str) else projection.name)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError(f"parameter {self._name(p)!r} is complex ({p.dtype}); COAP supports real "
+                                     "floating-point parameters only")
+        self._rebuild()
+
+    # -- structure ---------------------------------------------------------------------------------
+    def _name(self, p: Tensor) -> str:
+        return self._names.get(id(p), f"param[{tuple(p.shape)}]")
+
+    def _base_hyperparams(self, group: dict) -> dict:
+        return {k: v for k, v in group.items() if k != "params" and k not in PROJECTION_KEYS}
+
+    def _rebuild(self) -> None:
+        """Derive plans, policies, programs and the inner base optimizer from ``param_groups``."""
+        self._plans = {p: plan_param(p, g) for g in self.param_groups for p in g["params"]}
+        self._policies = [make_policy(g, self._policy_instance) for g in self.param_groups]
+        self._programs: dict[tuple[int, torch.dtype], CompiledBase] = {}
+        for i, g in enumerate(self.param_groups):
+            for p in g["params"]:
+                if self._plans[p].projected:
+                    self._compiled(i, self._state_dtype(p))  # compile now: unsupported bases fail early
+        inner_groups, self._inner_index = [], {}
+        for i, g in enumerate(self.param_groups):
+            full = [p for p in g["params"] if not self._plans[p].projected]
+            if full:
+                self._inner_index[i] = len(inner_groups)
+                inner_groups.append({**self._base_hyperparams(g), "params": full})
+        self._inner = self._base_cls(inner_groups, **self._base_kwargs) if inner_groups else None
+        if self._inner is not None:
+            self._inner.state = self.state
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_policies"):  # after construction: re-derive everything
+            self._rebuild()
+
+    @staticmethod
+    def _state_dtype(p: Tensor) -> torch.dtype:
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    def _compiled(self, group_index: int, dtype: torch.dtype) -> CompiledBase:
+        key = (group_index, dtype)
+        if key not in self._programs:
+            hyper = self._base_hyperparams(self.param_groups[group_index])
+            self._programs[key] = compile_base(self._base_cls, hyper, dtype)
+        return self._programs[key]
+
+    def projected_parameters(self) -> list[Tensor]:
+        return [p for p, plan in self._plans.items() if plan.projected]
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts every floating state to the parameter's dtype on load; low-rank states and ``P``
+        keep their saved dtype here (float32 for bf16 weights)."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        self._rebuild()
+        ids = [p for g in self.param_groups for p in g["params"]]
+        for idx, p in enumerate(ids):
+            if self._plans[p].projected and idx in saved:
+                for key, value in saved[idx].items():
+                    if isinstance(value, Tensor) and key != "step":
+                        self.state[p][key] = value.detach().to(device=p.device, copy=True)
+
+    # -- the step ----------------------------------------------------------------------------------
+    def _check_grads(self) -> None:
+        grads, owners = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"parameter {self._name(p)!r} has a sparse gradient; COAP needs dense "
+                                     "gradients")
+                grads.append(p.grad)
+                owners.append(p)
+        if not self._check_finite or not grads:
+            return
+        ok = torch.stack([torch.isfinite(g).all().cpu() for g in grads])
+        if not bool(ok.all()):
+            bad = owners[int((~ok).nonzero()[0])]
+            raise NonFiniteGradientError(
+                f"the gradient of parameter {self._name(bad)!r} (shape {tuple(bad.shape)}) contains inf or NaN; "
+                "nothing was modified. Pass found_inf= (GradScaler style) to skip such steps instead, or "
+                "check_finite=False to disable this check")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, found_inf: Tensor | None = None):
+        """One optimizer step. ``found_inf`` (GradScaler style): if nonzero the step is skipped."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if found_inf is not None and bool(found_inf.detach().cpu().any()):
+            return loss
+        self._check_grads()
+        for i, group in enumerate(self.param_groups):
+            policy = self._policies[i]
+            for p in group["params"]:
+                if p.grad is not None and self._plans[p].projected:
+                    self._projected_step(p, group, i, policy)
+        if self._inner is not None:
+            for i, j in self._inner_index.items():
+                self._inner.param_groups[j].update(self._base_hyperparams(self.param_groups[i]))
+            self._inner.step()
+        return loss
+
+    def _projected_step(self, p: Tensor, group: dict, index: int, policy: ProjectionPolicy) -> None:
+        dtype = self._state_dtype(p)
+        compiled = self._compiled(index, dtype)
+        program = compiled.program
+        state = self.state[p]
+        k = int(state["step"].item()) if "step" in state else 0
+        lr = group["lr"]
+        lr_t = lr.detach().to("cpu", torch.float64) if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
+        k_t = torch.tensor(float(k), dtype=torch.float64)
+        g = p.grad
+        if program.prologue is not None:
+            g = program.prologue(p.to(dtype), g.to(dtype), k_t, lr_t)
+        x, transposed = canonical(g)
+        w = p.t() if transposed else p
+        rank = self._plans[p].rank
+        ema = program.first_moment is None and policy.needs_first_moment
+        kind = policy.refresh_kind(k) if state else "init"
+        if kind == "init":
+            state.clear()
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state.update(policy.init_state(x.to(dtype), rank))
+            state.update(compiled.init_lowrank_states(x.shape[0], rank, dtype, p.device))
+            if ema:
+                state[_EMA] = torch.zeros((x.shape[0], rank), dtype=dtype, device=p.device)
+        elif kind:
+            first = state[program.first_moment] if program.first_moment else state.get(_EMA)
+            old = state["proj"].clone() if group["restore_state"] else None
+            changed = policy.refresh(state, x, k, first_moment=first, transposed=transposed)
+            if old is not None and changed:
+                kinds = program.state_kinds
+                restore_moments(old, state["proj"],
+                                first=[state[n] for n in program.state_names if kinds[n] == "first_moment"]
+                                + ([state[_EMA]] if ema else []),
+                                second=[state[n] for n in program.state_names if kinds[n] == "second_moment"])
+        x_proj = policy.project(state, x)
+        stat_param = p if not program.decomposition.param_stats else p.to(dtype)
+        decay, delta, new_states, new_step = run_lowrank(
+            program, stat_param, x_proj, [state[n] for n in program.state_names], k_t, lr_t)
+        for name, value in zip(program.state_names, new_states):
+            state[name].copy_(value)
+        state["step"].copy_(new_step)
+        apply_reprojection_(w, decay, delta, state["proj"], group["scale"])
+        if ema:
+            state[_EMA].lerp_(x_proj, 1.0 - group["first_moment_beta"])
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def memory_plan(self):
+        """Exact optimizer-state bytes per parameter, planned from shapes (works on the meta device)."""
+        from .memory import plan_memory
+
+        return plan_memory(self)
+
+    def explain(self) -> str:
+        """What was captured, the roles, the derived low-rank update and the memory plan."""
+        from ..explain import explain_optimizer
+
+        return explain_optimizer(self)

@@ -1,0 +1,104 @@
+"""Which parameters are projected.
+
+Given a model, the default projects the weights of ``nn.Linear`` modules whose smaller dimension
+exceeds the rank (with ``rank_ratio``: whose resolved rank is below the smaller dimension). A Linear
+weight that is the same tensor as an ``nn.Embedding`` weight (a tied LM head) stays full-rank, as do
+embeddings, norms, biases and every non-2-D tensor. ``target_modules`` (a list of regular expressions
+searched in the module name, or a callable ``(name, module) -> bool``) replaces the default rule: the
+2-D weights of the matching modules are projected, with the rank clamped to their smaller dimension.
+
+Given parameters or parameter groups, a 2-D parameter is projected by the same size rule; a group's
+``"project": True/False`` forces the choice for its parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..projection.base import resolve_rank
+
+__all__ = ["ParamPlan", "groups_from_model", "plan_param"]
+
+TargetModules = Sequence[str] | Callable[[str, nn.Module], bool] | None
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """How one parameter is optimized: ``rank`` is 0 for a full-rank (base optimizer) parameter."""
+
+    rank: int
+    transposed: bool
+
+    @property
+    def projected(self) -> bool:
+        return self.rank > 0
+
+
+def plan_param(p: torch.Tensor, group: dict) -> ParamPlan:
+    """The plan for ``p`` under ``group``'s settings (``project``, ``rank``, ``rank_ratio``)."""
+    force = group.get("project")
+    if p.ndim != 2 or force is False:
+        return ParamPlan(0, False)
+    r = resolve_rank(p.shape, group.get("rank"), group.get("rank_ratio"))
+    if force is None and r >= min(p.shape):
+        return ParamPlan(0, False)
+    return ParamPlan(r, p.shape[0] < p.shape[1])
+
+
+def _matcher(target_modules: TargetModules) -> Callable[[str, nn.Module], bool] | None:
+    if target_modules is None:
+        return None
+    if callable(target_modules):
+        return target_modules
+    if isinstance(target_modules, str):
+        raise TypeError(f"target_modules must be a list of regular expressions or a callable, got the string "
+                        f"{target_modules!r} (wrap it in a list)")
+    patterns = [re.compile(p) for p in target_modules]
+    return lambda name, _m: any(p.search(name) for p in patterns)
+
+
+def groups_from_model(model: nn.Module, target_modules: TargetModules) -> tuple[list[dict], dict[int, str]]:
+    """Split a model's trainable parameters into a full-rank group and a projected group.
+
+    Returns ``(groups, names)`` where ``names`` maps ``id(param)`` to its qualified name.
+    """
+    match = _matcher(target_modules)
+    names: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    chosen: dict[int, bool] = {}
+    for mod_name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(w, nn.Parameter) or w.ndim != 2 or id(w) in embedding_weights:
+            continue
+        if match is not None:
+            if match(mod_name, module):
+                chosen[id(w)] = True
+        elif isinstance(module, nn.Linear):
+            chosen[id(w)] = None  # size rule decides
+    full, auto, forced, seen = [], [], [], set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        if id(p) not in chosen:
+            full.append(p)
+        else:
+            (forced if chosen[id(p)] else auto).append(p)
+    groups = [{"params": full, "project": False}]
+    if auto:
+        groups.append({"params": auto})
+    if forced:
+        groups.append({"params": forced, "project": True})
+    return [g for g in groups if g["params"]], names
+
+
+def iter_params(groups: Iterable[dict]) -> Iterable[torch.Tensor]:
+    for g in groups:
+        yield from g["params"]
