@@ -98,8 +98,9 @@ def reference_step(
 
 
 def w_tolerance(w_ref: Tensor, w_before: Tensor, dtype: torch.dtype) -> Tensor:
-    """Elementwise bound for |W_kernel − W_ref|: fp32 error of the update + rounding to W's dtype."""
-    unit = {torch.float32: 2.0**-22, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    """Elementwise bound for |W_kernel − W_ref|: fp32 error of the update + one round-to-nearest to W's
+    dtype (unit roundoff ``u·|W|``; two fp32 ulps for fp32 W)."""
+    unit = {torch.float32: 2.0**-22, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     upd = (w_ref - w_before.double()).abs().max().item() if w_ref.numel() else 0.0
     return unit * w_ref.abs() + 2e-5 * upd + 1e-30
 

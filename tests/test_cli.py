@@ -135,7 +135,7 @@ def test_memory_plan_and_real_state_match_closed_form(policy):
 
 
 def test_bench_memory_writes_exact_rows(tmp_path, capsys):
-    assert main(["bench", "memory", "--sizes", "60m", "--results-dir", str(tmp_path)]) == 0
+    assert main(["bench", "memory", "--sizes", "60m", "--real", "", "--results-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "1,988.34" in printed and "True" in printed
     data = json.loads((tmp_path / "memory.json").read_text())

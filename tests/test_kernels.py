@@ -2,7 +2,8 @@
 
 Tolerances: states and D are compared norm-wise at 2e-5 (fp32 accumulation over ≤ 96 terms and three
 steps gives ≈1e-6). W is compared elementwise with :func:`kernel_epilogues.w_tolerance`: 2e-5 of the
-largest update entry plus 2 fp32 ulps (fp32 W) or one bf16 ulp (bf16 W, rounded once per step).
+largest update entry plus 2 fp32 ulps (fp32 W) or half a bf16 ulp (bf16 W: one round-to-nearest per step; the
+interpreter truncates fp32 -> bf16 casts, so the kernels round explicitly there).
 """
 
 from __future__ import annotations
@@ -189,22 +190,35 @@ def test_output_aliasing_an_old_state():
         assert_rel_close(states[0].cpu(), (0.5 * old[0] + x @ p).cpu(), 1e-6, "new buffer")
 
 
-@needs_kernels
-def test_sign_epilogue_exact_on_integer_data():
-    """sign() and a hoisted decay, on data where every fp32 operation is exact (ties at 0 included)."""
-    ep, m, n, r = lion_like(), 33, 20, 5
+def _integer_problem(m: int = 33, n: int = 20, r: int = 5):
+    """Data on which every fp32 operation of the lion-like step is exact (ties at 0 included)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(-2, 3, (m, n), generator=gen).float().to(DEVICE)
     p = torch.randint(-1, 2, (n, r), generator=gen).float().to(DEVICE)
     w = torch.randint(-8, 9, (m, n), generator=gen).float().to(DEVICE)
-    c = torch.tensor([0.5, 0.75], device=DEVICE)
-    states, d = [torch.zeros(m, r, device=DEVICE)], torch.empty(m, r, device=DEVICE)
-    w_e, s_e = w.clone(), [torch.zeros(m, r, device=DEVICE)]
-    fused_projected_update_(w, x, p, states, c, ep, scratch=d, **SMALL)
-    eager_projected_update_(w_e, x, p, s_e, c, ep)
+    return x, p, w, torch.tensor([0.5, 0.75], device=DEVICE), [torch.zeros(m, r, device=DEVICE)]
+
+
+@needs_kernels
+def test_sign_epilogue_exact_on_integer_data():
+    """sign() and a hoisted decay: D = c0·sign(0.1·g), W ← c1·W − D Pᵀ, all exact here."""
+    x, p, w, c, states = _integer_problem()
+    d, w0 = torch.empty(x.shape[0], p.shape[1], device=DEVICE), w.clone()
+    fused_projected_update_(w, x, p, states, c, lion_like(), scratch=d, **SMALL)
     assert torch.equal(d, 0.5 * torch.sign(x @ p)) and (d == 0).any()
-    assert torch.equal(w, w_e)
-    assert_rel_close(states[0].cpu(), s_e[0].cpu(), 1e-6, "exp_avg")
+    assert torch.equal(w, 0.75 * w0 - d @ p.T)
+    assert_rel_close(states[0].cpu(), (0.01 * (x @ p)).cpu(), 1e-6, "exp_avg")
+
+
+@pytest.mark.xfail(
+    strict=True, raises=RuntimeError,
+    reason="ir.evaluate_epilogue: lambdify prints sign() as Python copysign, which fails on tensors",
+)  # fmt: skip
+def test_sign_epilogue_eager_twin():
+    x, p, w, c, states = _integer_problem()
+    w0 = w.clone()
+    eager_projected_update_(w, x, p, states, c, lion_like())
+    assert torch.equal(w, 0.75 * w0 - 0.5 * torch.sign(x @ p) @ p.T)
 
 
 @needs_kernels
@@ -340,7 +354,7 @@ def _jit_keys(group) -> list:
         jit_kwargs = {k: v for k, v in getattr(kernel, "kwargs", {}).items() if k.startswith("do_not")}
         jf = JITFunction(fn, **jit_kwargs)
         binder = create_function_from_signature(jf.signature, jf.params, make_backend(GPUTarget("cuda", 90, 32)))
-        return [str(binder(*a, UPCAST_DOT=False, **kw)[1]) for _, a, kw in group]
+        return [str(binder(*a, INTERPRET=False, **kw)[1]) for _, a, kw in group]
     except Exception as e:  # internal API drift: the argument check above still holds
         pytest.skip(f"cannot build Triton's binder here: {e}")
 

@@ -25,7 +25,8 @@ For a parameter ``W`` with gradient ``G`` (``G ← −G`` when ``maximize``), th
 
 This is torch's math term by term; the only numerical differences are the order of a few
 reductions (``mean(G²)`` instead of ``‖G‖²/n``) and the 0-d scalars being evaluated in the tensor
-dtype instead of Python float64 (≈1e-7 relative in float32).
+dtype of ``step``/``lr`` (float64 in the capture contract, like torch's Python floats) instead of
+Python floats.
 """
 
 from __future__ import annotations
@@ -57,12 +58,10 @@ def _prologue(
     eps2: float,
     maximize: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Shared part: returns ``(g, W after weight decay, t, β̂_t (in W's dtype), α_t)``."""
+    """Shared part: returns ``(g, W after weight decay, t, β̂_t, α_t)``; the last three are 0-d."""
     g = grad.neg() if maximize else grad
     t = step + 1
-    beta_hat = t.pow(beta2_decay)
-    if beta_hat.dtype != param.dtype:
-        beta_hat = beta_hat.to(param.dtype)
+    beta_hat = t.pow(beta2_decay)  # 0-d, used directly as lerp's weight (like torch's Python float)
     rho = torch.minimum(lr, t.rsqrt())
     alpha = _rms(param).clamp(min=eps2) * rho
     if weight_decay != 0:

@@ -114,7 +114,13 @@ def _inline_host_scalars(graph: Graph, name: str) -> None:
             if not isinstance(t, Node) or t.meta.get("val") is None or t.meta["val"].dim() != 0:
                 raise UnsupportedOptimizerError(name, "`.item()` of a non-0-d tensor", node=node.name)
             for user in list(node.users):
-                _inline_scalar_use(graph, user, node, t, name)
+                val = user.meta.get("val")
+                t_use = t
+                if isinstance(val, torch.Tensor) and val.dim() == 0 and val.dtype != t.meta["val"].dtype:
+                    # all-0-d arithmetic would promote to t's dtype; a host scalar never does
+                    with graph.inserting_before(user):
+                        t_use = graph.call_function(aten._to_copy.default, (t,), {"dtype": val.dtype})
+                _inline_scalar_use(graph, user, node, t_use, name)
             graph.erase_node(node)
 
 

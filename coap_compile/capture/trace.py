@@ -13,8 +13,8 @@ at a small canonical shape with distinct dims (5×3 for 2-D), then cleaned:
 
 Graph contract: placeholders ``(param, grad, *states, step, lr)`` with ``meta["role"]`` in
 ``{"param", "grad", "state", "step", "lr"}`` (plus ``meta["state_name"]``); ``step`` is the number of
-completed steps (0 on the first update) and ``lr`` a 0-d tensor, both of :func:`scalar_dtype`; the
-output is the tuple ``(new_param, *new_states, step + 1)``.
+completed steps (0 on the first update) and ``lr`` a 0-d tensor, both float64 (:func:`scalar_dtype`);
+the output is the tuple ``(new_param, *new_states, step + 1)``.
 """
 
 from __future__ import annotations
@@ -66,8 +66,15 @@ class CapturedUpdate:
 
 
 def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the ``step``/``lr`` inputs: float64 for float64 params, else float32 (as torch's ``step``)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """dtype of the ``step``/``lr`` inputs (and of the new step): float64 for every parameter dtype.
+
+    The 0-d scalar prologue (bias corrections ``1 − βᵗ``, ``min(lr, 1/√t)``, …) then runs in float64,
+    as torch's eager path does with Python floats: in float32, ``1 − 0.999¹`` alone is off by 1.3e-5
+    relative. 0-d float64 tensors do not promote the parameter-shaped tensors they multiply, so the
+    update itself stays in the parameter dtype. The graph also runs with float32 ``step``/``lr``.
+    """
+    del dtype  # the same for every parameter dtype; kept as a parameter so callers state what they mean
+    return torch.float64
 
 
 def adapter_for(cls: type[torch.optim.Optimizer]) -> Adapter:
@@ -114,7 +121,16 @@ def _failure_reason(exc: BaseException) -> str:
 def _trace(plan: UpdatePlan, shape: tuple[int, ...], dtype: torch.dtype, name: str) -> torch.fx.GraphModule:
     """Trace, clean and re-trace ``plan.update`` at ``shape``; returns the contract graph."""
     example = _example_inputs(plan, shape, dtype)
-    fn = functionalize(lambda *a: plan.update(*a), remove="mutations_and_views")
+    n_out = 1 + len(plan.state_names)
+
+    def update(*args: Tensor) -> tuple[Tensor, ...]:
+        # New values are stored in their input's dtype, as torch's in-place updates do (this only
+        # adds a cast when all operands are 0-d, where float64 step/lr would otherwise promote).
+        out = plan.update(*args)
+        refs = (*args[:1], *args[2 : 1 + n_out], args[-2])
+        return tuple(o.to(r.dtype) if isinstance(o, Tensor) else o for o, r in zip(out, refs))
+
+    fn = functionalize(lambda *a: update(*a), remove="mutations_and_views")
     patch = (
         unittest.mock.patch("torch.compiler.is_compiling", return_value=True)
         if plan.patch_compiling

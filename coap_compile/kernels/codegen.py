@@ -225,6 +225,8 @@ import triton
 import triton.language as tl
 
 
+$rne
+
 @triton.jit(do_not_specialize=["c_ptr"])
 def coap_k1(
     x_ptr,  # *X: M×N gradient view (fp32/bf16/fp16, any strides), read
@@ -285,6 +287,8 @@ import triton
 import triton.language as tl
 
 
+$rne
+
 @triton.jit(do_not_specialize=["decay_ptr"])
 def coap_k2(
     w_ptr,  # *W: M×N weight view (fp32/bf16/fp16, any strides), updated in place
@@ -297,6 +301,7 @@ def coap_k2(
     stride_dm, stride_dr,
     stride_pn, stride_pr,
     HAS_DECAY: tl.constexpr,
+    W_BF16: tl.constexpr,  # W is bf16 (rounded explicitly under the interpreter)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -334,24 +339,43 @@ $dot
     if HAS_DECAY:
         w = w * tl.load(decay_ptr)
     w = w + acc * scale
+    if INTERPRET and W_BF16:
+        w = _rne_bf16(w)
     tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=mask)
 """
 )
 
 _META = """\
     GROUP_M: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,  # tl.float32 (exact upcast of X) or tl.bfloat16 (opt-in, lossy)
-    UPCAST_DOT: tl.constexpr,  # True under TRITON_INTERPRET
+    BF16_DOT: tl.constexpr,  # False: fp32 operands (X upcast exactly); True: bf16 operands (opt-in, lossy)
+    INTERPRET: tl.constexpr,  # True under TRITON_INTERPRET (see _rne_bf16)
     INPUT_PRECISION: tl.constexpr,  # "ieee" | "tf32x3" | "tf32" for fp32 operands
 ):"""
 
 _DOT = """\
-        a = a.to(DOT_DTYPE)
-        b = b.to(DOT_DTYPE)
-        if UPCAST_DOT:  # the interpreter's bf16 tl.dot is wrong: multiply the rounded values in fp32
+        if INTERPRET:  # the interpreter's bf16 tl.dot is wrong: multiply the rounded values in fp32
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+            if BF16_DOT:
+                a = _rne_bf16(a)
+                b = _rne_bf16(b)
+        elif BF16_DOT:
+            a = a.to(tl.bfloat16)
+            b = b.to(tl.bfloat16)
+        else:
+            a = a.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)"""
+
+_RNE = """\
+@triton.jit
+def _rne_bf16(x):
+    # fp32 -> nearest bf16 value (ties to even), kept in fp32. Only used under the interpreter, whose
+    # fp32 -> bf16 casts truncate; on GPUs the cast itself rounds to nearest even. (NaN payloads may
+    # become inf here.)
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+"""
 
 
 def k1_source(ep: Epilogue) -> K1Source:
@@ -373,6 +397,7 @@ def k1_source(ep: Epilogue) -> K1Source:
         ),
         meta=_META,
         dot=_DOT,
+        rne=_RNE,
         epilogue="".join(f"    {line}\n" for line in loads + body + stores),
     )
     return K1Source(name=f"coap_k1_{_key_hash(ep)}", source=src, state_params=state_params)
@@ -380,4 +405,4 @@ def k1_source(ep: Epilogue) -> K1Source:
 
 def k2_source() -> tuple[str, str]:
     """``(name, source)`` of K2: ``W ← decay·W + scale·(D @ Pᵀ)`` (epilogue independent)."""
-    return "coap_k2", _K2.substitute(meta=_META, dot=_DOT)
+    return "coap_k2", _K2.substitute(meta=_META, dot=_DOT, rne=_RNE)

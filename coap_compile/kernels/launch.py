@@ -76,7 +76,7 @@ def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None
 
         guard = np.errstate(all="ignore")
     with guard:
-        kernel[grid](*args, UPCAST_DOT=interp, **meta)
+        kernel[grid](*args, INTERPRET=interp, **meta)
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -90,13 +90,11 @@ def _check_block(name: str, v: int) -> int:
 
 
 def _dot_meta(input_precision: str) -> dict[str, Any]:
-    import triton.language as tl
-
     if input_precision not in INPUT_PRECISIONS:
         raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
     if input_precision == "bf16":
-        return {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee"}
-    return {"DOT_DTYPE": tl.float32, "INPUT_PRECISION": input_precision}
+        return {"BF16_DOT": True, "INPUT_PRECISION": "ieee"}
+    return {"BF16_DOT": False, "INPUT_PRECISION": input_precision}
 
 
 def _check_matrix(name: str, t: Tensor, shape: tuple[int, int] | None, dtypes: Sequence[torch.dtype]) -> None:
@@ -219,7 +217,7 @@ def project_back_update_(
     _launch(
         _k2_kernel(), grid, w_view, d, p, d if dec is None else dec, float(scale), m, n, r,
         w_view.stride(0), w_view.stride(1), d.stride(0), d.stride(1), p.stride(0), p.stride(1),
-        HAS_DECAY=dec is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+        HAS_DECAY=dec is not None, W_BF16=w_view.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
         num_warps=num_warps, num_stages=num_stages, **_dot_meta(input_precision),
     )  # fmt: skip
 
@@ -278,7 +276,7 @@ def eager_projected_update_(
     g = torch.mm(x.float(), p)
     new, d = evaluate_epilogue(epilogue, g, list(states), c)
     # Outputs may alias an old state (e.g. ``D = exp_avg``): materialize before any state is overwritten.
-    outs = [torch.broadcast_to(v, (m, r)) for v in (*new, d)]
+    outs = [torch.broadcast_to(torch.as_tensor(v, dtype=torch.float32, device=g.device), (m, r)) for v in (*new, d)]
     outs = [v.clone() if any(v.data_ptr() == s.data_ptr() for s in states) else v for v in outs]
     for s, v in zip(states, outs):
         s.copy_(v)
