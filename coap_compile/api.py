@@ -61,19 +61,34 @@ def optimize(
             raise ValueError("the model has no trainable parameters")
     else:
         if target_modules is not None:
-            raise TypeError("target_modules selects modules of a model; pass an nn.Module, or use param groups "
-                            "with 'project': True/False")
+            raise TypeError(
+                "target_modules selects modules of a model; pass an nn.Module, or use param groups "
+                "with 'project': True/False"
+            )
         groups = model_or_params
-    return CoapOptimizer(groups, base_optim, rank=rank, rank_ratio=rank_ratio, projection=projection,
-                         update_interval=update_interval, reproject_factor=reproject_factor, scale=scale,
-                         restore_state=restore_state, backend=backend, check_finite=check_finite,
-                         param_names=names, **base_kwargs)
+    return CoapOptimizer(
+        groups,
+        base_optim,
+        rank=rank,
+        rank_ratio=rank_ratio,
+        projection=projection,
+        update_interval=update_interval,
+        reproject_factor=reproject_factor,
+        scale=scale,
+        restore_state=restore_state,
+        backend=backend,
+        check_finite=check_finite,
+        param_names=names,
+        **base_kwargs,
+    )
 
 
 def explain(optimizer: CoapOptimizer, *, file=None) -> str:
     """Print (to ``file``, default stdout) and return the report of :meth:`CoapOptimizer.explain`."""
     if not isinstance(optimizer, CoapOptimizer):
-        raise TypeError(f"explain expects an optimizer built by coap_compile.optimize, got {type(optimizer).__name__}")
+        raise TypeError(
+            f"explain expects an optimizer built by coap_compile.optimize, got {type(optimizer).__name__}"
+        )
     text = optimizer.explain()
     print(text, file=file)
     return text

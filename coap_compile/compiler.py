@@ -32,7 +32,9 @@ class CompiledBase:
     program: ProjectedProgram
     unit: CompilationUnit
 
-    def init_lowrank_states(self, rows: int, rank: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    def init_lowrank_states(
+        self, rows: int, rank: int, dtype: torch.dtype, device
+    ) -> dict[str, torch.Tensor]:
         """Fresh base states for a virtual ``rows × rank`` parameter (the low-rank state shapes)."""
         like = torch.empty((rows, rank), dtype=dtype, device=device)
         return init_states(self.captured, like)
@@ -53,7 +55,9 @@ def _key_value(v: Any):
     return v
 
 
-def compile_base(base: type[torch.optim.Optimizer], hyperparams: Mapping[str, Any], dtype: torch.dtype) -> CompiledBase:
+def compile_base(
+    base: type[torch.optim.Optimizer], hyperparams: Mapping[str, Any], dtype: torch.dtype
+) -> CompiledBase:
     """Compile ``base`` with ``hyperparams`` (a param-group dict; ``lr`` and flags are ignored) for
     projected parameters whose low-rank states have ``dtype``."""
     global _COUNT
@@ -67,8 +71,9 @@ def compile_base(base: type[torch.optim.Optimizer], hyperparams: Mapping[str, An
         st = init_states(captured, like)
         return [st[n] for n in captured.state_names]
 
-    program, unit = compile_update(captured.optimizer, _copy_graph_module(captured.graph_module),
-                                   captured.state_names, make_states)
+    program, unit = compile_update(
+        captured.optimizer, _copy_graph_module(captured.graph_module), captured.state_names, make_states
+    )
     _COUNT += 1
     _CACHE[key] = CompiledBase(captured, program, unit)
     return _CACHE[key]

@@ -6,14 +6,19 @@ from collections import Counter
 
 import sympy
 
-from .passes.decompose import GRAD, K, LR, PARAM, X, state_symbol
+from .passes.decompose import GRAD, LR, PARAM, K, X, state_symbol
 
 __all__ = ["explain_optimizer"]
 
 
 def _fmt(e: sympy.Expr) -> str:
-    names = {X: sympy.Symbol("x̃"), K: sympy.Symbol("k"), LR: sympy.Symbol("lr"), PARAM: sympy.Symbol("W"),
-             GRAD: sympy.Symbol("G")}
+    names = {
+        X: sympy.Symbol("x̃"),
+        K: sympy.Symbol("k"),
+        LR: sympy.Symbol("lr"),
+        PARAM: sympy.Symbol("W"),
+        GRAD: sympy.Symbol("G"),
+    }
     return str(e.xreplace(names)).replace("**", "^")
 
 
@@ -21,17 +26,24 @@ def explain_optimizer(opt) -> str:
     out = []
     projected = opt.projected_parameters()
     g0 = opt.param_groups[0]
-    out.append(f"coap_compile: {opt._base_cls.__module__}.{opt._base_cls.__qualname__} -> COAP "
-               f"(projection={g0['projection']}, rank={g0['rank']}, rank_ratio={g0['rank_ratio']}, "
-               f"update_interval={g0['update_interval']}, reproject_factor={g0['reproject_factor']}, "
-               f"scale={g0['scale']})")
+    out.append(
+        f"coap_compile: {opt._base_cls.__module__}.{opt._base_cls.__qualname__} -> COAP "
+        f"(projection={g0['projection']}, rank={g0['rank']}, rank_ratio={g0['rank_ratio']}, "
+        f"update_interval={g0['update_interval']}, reproject_factor={g0['reproject_factor']}, "
+        f"scale={g0['scale']})"
+    )
     out.append(f"projected parameters: {len(projected)} of {len(opt._plans)}")
     for (gi, dtype), compiled in sorted(opt._programs.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         cap, prog, unit = compiled.captured, compiled.program, compiled.unit
-        ops = Counter(str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
-                      for n in cap.graph_module.graph.nodes if n.op == "call_function")
-        out.append(f"\n[group {gi}, {dtype}] captured {cap.optimizer}: {sum(ops.values())} aten ops "
-                   + ", ".join(f"{k}x{v}" for k, v in sorted(ops.items())))
+        ops = Counter(
+            str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
+            for n in cap.graph_module.graph.nodes
+            if n.op == "call_function"
+        )
+        out.append(
+            f"\n[group {gi}, {dtype}] captured {cap.optimizer}: {sum(ops.values())} aten ops "
+            + ", ".join(f"{k}x{v}" for k, v in sorted(ops.items()))
+        )
         out.append("  hyperparameters (constants): " + ", ".join(f"{k}={v!r}" for k, v in cap.hyperparams))
         facts = unit.facts["graph_facts"]
         out.append("  roles: " + ", ".join(f"{r}={n}" for n, r in facts.roles.items()))
@@ -50,7 +62,9 @@ def explain_optimizer(opt) -> str:
             out += [f"    {s} = {_fmt(e)}" for s, e in prog.epilogue.scalars]
             out += [f"    {s} = {_fmt(e)}" for s, e in prog.epilogue.body]
         else:
-            out.append(f"  {prog.n_phases} phases (reductions on the projected matrix): low-rank middle runs eagerly")
+            out.append(
+                f"  {prog.n_phases} phases (reductions on the projected matrix): low-rank middle runs eagerly"
+            )
         first = prog.first_moment or "coap_exp_avg (extra low-rank EMA of x̃)"
         out.append(f"  correlation step reads: {first}")
         out.append("  passes: " + ", ".join(f"{n} {t * 1e3:.0f}ms" for n, t, _ in unit.log))

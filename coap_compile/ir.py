@@ -71,7 +71,12 @@ class Epilogue:
         parts = [",".join(self.state_names)]
         parts += [f"{s}={sympy.srepr(e)}" for s, e in self.scalars]
         parts += [f"{s}={sympy.srepr(e)}" for s, e in self.body]
-        parts += [",".join(map(str, self.new_states)), str(self.update), sympy.srepr(self.decay), repr(self.scale)]
+        parts += [
+            ",".join(map(str, self.new_states)),
+            str(self.update),
+            sympy.srepr(self.decay),
+            repr(self.scale),
+        ]
         return ";".join(parts)
 
 
@@ -111,7 +116,9 @@ def evaluate_scalars(ep: Epilogue, step: Tensor, lr: Tensor) -> Tensor:
     return torch.stack(vals).float()
 
 
-def evaluate_epilogue(ep: Epilogue, g: Tensor, states: Sequence[Tensor], c: Tensor) -> tuple[list[Tensor], Tensor]:
+def evaluate_epilogue(
+    ep: Epilogue, g: Tensor, states: Sequence[Tensor], c: Tensor
+) -> tuple[list[Tensor], Tensor]:
     """Run the epilogue with torch ops (the oracle for generated kernels). Returns (new states, D)."""
     env: dict[str, object] = {"g": g}
     env.update(zip(ep.state_names, states))

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_rel_close, randn, seeds
 from hypothesis import given
 from hypothesis import strategies as st
 
 import coap_compile
 from coap_compile import FixedProjection
 from coap_compile.reference import CoapAdafactor, CoapAdamW
-
-from helpers import assert_rel_close, randn, seeds
 
 BASES = {
     "adamw": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.05}),
@@ -44,8 +43,13 @@ def _run(opt, w, grads):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(seed=seeds, shape=shapes, rank_pick=st.sampled_from(["one", "mid", "full"]), scale=st.sampled_from([1.0, 0.25]),
-       wd=st.sampled_from([0.0, 0.1]))
+@given(
+    seed=seeds,
+    shape=shapes,
+    rank_pick=st.sampled_from(["one", "mid", "full"]),
+    scale=st.sampled_from([1.0, 0.25]),
+    wd=st.sampled_from([0.0, 0.1]),
+)
 def test_compiled_adamw_equals_reference(dtype, seed, shape, rank_pick, scale, wd):
     r = {"one": 1, "mid": max(1, min(shape) // 2), "full": min(shape)}[rank_pick]
     w0 = randn(seed, *shape, dtype=dtype)
@@ -94,8 +98,13 @@ def test_compiled_equals_base_on_virtual_lowrank_param(name, seed, shape, dtype)
     r = max(1, small // 2)
     w = randn(seed, m, n, dtype=dtype).requires_grad_()
     w_ref = w.detach().clone()
-    opt = coap_compile.optimize([{"params": [w], "project": True}], cls, rank=r,
-                                projection=FixedProjection(_orthonormal(seed + 1)), **kw)
+    opt = coap_compile.optimize(
+        [{"params": [w], "project": True}],
+        cls,
+        rank=r,
+        projection=FixedProjection(_orthonormal(seed + 1)),
+        **kw,
+    )
     z = torch.zeros(big, r, dtype=dtype, requires_grad=True)
     base = cls([z], **{**kw, "weight_decay": 0.0})
     p = _orthonormal(seed + 1)(small, r, dtype, "cpu")
@@ -126,8 +135,9 @@ def test_identity_full_rank_permutation_equals_base(name, dtype, shape):
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         return torch.eye(n, dtype=dt, device=device)[idx][:, :r]
 
-    opt = coap_compile.optimize([{"params": [w], "project": True}], cls, rank=min(shape),
-                                projection=FixedProjection(perm), **kw)
+    opt = coap_compile.optimize(
+        [{"params": [w], "project": True}], cls, rank=min(shape), projection=FixedProjection(perm), **kw
+    )
     base = cls([w_base], **kw)
     for g in _grads(seed, shape, 10, dtype):
         w.grad, w_base.grad = g.clone(), g.clone()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import sympy
 import torch
+from helpers import randn
 
 from coap_compile import UnsupportedOptimizerError
 from coap_compile.compiler import compile_base
@@ -12,8 +13,6 @@ from coap_compile.ir import evaluate_epilogue, evaluate_scalars
 from coap_compile.passes.base import CompilationUnit, Pass, PassError, PassManager, PassResult
 from coap_compile.passes.decompose import GRAD, PARAM
 from coap_compile.passes.verify import verify_unit
-
-from helpers import randn
 
 BASES = {
     "adamw": (torch.optim.AdamW, {"weight_decay": 0.05}),
@@ -35,8 +34,14 @@ def test_pipeline_derives_an_equivalent_form(name):
     unit, prog = compiled.unit, compiled.program
     # CheckEquivalence ran: derived form == captured graph at random float64 points.
     assert unit.facts["equivalence_error"] <= 1e-9
-    assert [n for n, _, _ in unit.log] == ["Normalize", "Analyse", "Decompose", "BuildEpilogue", "Rewrite",
-                                          "CheckEquivalence"]
+    assert [n for n, _, _ in unit.log] == [
+        "Normalize",
+        "Analyse",
+        "Decompose",
+        "BuildEpilogue",
+        "Rewrite",
+        "CheckEquivalence",
+    ]
     dec = prog.decomposition
     assert PARAM not in dec.delta.free_symbols and GRAD not in dec.delta.free_symbols
     assert sympy.diff(dec.delta, PARAM) == 0
@@ -81,10 +86,17 @@ def test_epilogue_matches_lowrank_graph(name, seed):
         torch.testing.assert_close(d, delta, rtol=1e-5, atol=1e-7)
         for got, want in zip(new_states, rest[:-1]):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-        dec = ep.decay if isinstance(ep.decay, (int, float)) or ep.decay.is_Number else c[
-            list(ep.scalar_symbols).index(ep.decay)]
-        torch.testing.assert_close(torch.as_tensor(float(dec), dtype=torch.float64),
-                                   torch.as_tensor(decay, dtype=torch.float64), rtol=1e-6, atol=0)
+        dec = (
+            ep.decay
+            if isinstance(ep.decay, (int, float)) or ep.decay.is_Number
+            else c[list(ep.scalar_symbols).index(ep.decay)]
+        )
+        torch.testing.assert_close(
+            torch.as_tensor(float(dec), dtype=torch.float64),
+            torch.as_tensor(decay, dtype=torch.float64),
+            rtol=1e-6,
+            atol=0,
+        )
 
 
 def test_adamw_epilogue_is_three_lines():
@@ -112,7 +124,9 @@ class WeightAveragingSGD(torch.optim.Optimizer):
 
 
 def test_unsupported_optimizer_names_the_node():
-    with pytest.raises(UnsupportedOptimizerError, match=r"WeightAveragingSGD.*graph node '\w+'.*'avg'.*weight") as info:
+    with pytest.raises(
+        UnsupportedOptimizerError, match=r"WeightAveragingSGD.*graph node '\w+'.*'avg'.*weight"
+    ) as info:
         compile_base(WeightAveragingSGD, {"lr": 0.1}, torch.float32)
     assert info.value.node
     # ASGD has a 0-d per-parameter state (eta) and is refused at capture, naming it.
@@ -158,5 +172,7 @@ def test_one_compile_per_signature():
         compile_base(*_args("adamw"))
     assert compile_count() == before
     cls, kw = BASES["adamw"]
-    compile_base(cls, _hyper(cls, {**kw, "betas": (0.8, 0.99)}), torch.float32)  # new constants: new signature
+    compile_base(
+        cls, _hyper(cls, {**kw, "betas": (0.8, 0.99)}), torch.float32
+    )  # new constants: new signature
     assert compile_count() == before + 1

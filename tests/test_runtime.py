@@ -7,14 +7,13 @@ import io
 
 import pytest
 import torch
+from helpers import randn
 from torch import nn
 
 import coap_compile
 from coap_compile import NonFiniteGradientError, UnsupportedOptimizerError
 from coap_compile.capture import capture_count
 from coap_compile.compiler import compile_count
-
-from helpers import randn
 
 BASES = [
     (torch.optim.AdamW, {"lr": 1e-2}),
@@ -56,8 +55,12 @@ def _train(model, opt, steps, seed=0, sched=None):
 
 
 def _state_bytes(opt) -> int:
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-               if isinstance(v, torch.Tensor))
+    return sum(
+        v.numel() * v.element_size()
+        for st in opt.state.values()
+        for v in st.values()
+        if isinstance(v, torch.Tensor)
+    )
 
 
 @pytest.mark.parametrize(("base", "kw"), BASES, ids=[b.__name__ for b, _ in BASES])
@@ -90,7 +93,9 @@ def test_memory_plan_on_meta_device_matches_closed_form():
 def test_one_capture_and_compile_per_signature_over_100_steps_with_lr_schedule():
     torch.manual_seed(0)
     model = TinyLM()
-    opt = coap_compile.optimize(model, torch.optim.AdamW, rank=8, update_interval=5, reproject_factor=2, lr=1e-2)
+    opt = coap_compile.optimize(
+        model, torch.optim.AdamW, rank=8, update_interval=5, reproject_factor=2, lr=1e-2
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
     captures, compiles = capture_count(), compile_count()
     lrs = set()
@@ -116,8 +121,10 @@ def test_lr_schedule_reaches_projected_update():
 
 
 def _snapshot(opt, model):
-    return ([p.detach().clone() for p in model.parameters()],
-            {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()})
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()},
+    )
 
 
 @pytest.mark.parametrize(("base", "kw"), BASES, ids=[b.__name__ for b, _ in BASES])
@@ -249,8 +256,9 @@ def test_unsupported_base_raises_at_optimize():
 
 def test_param_groups_and_per_group_hyperparameters():
     a, b = randn(0, 20, 10).requires_grad_(), randn(1, 20, 10).requires_grad_()
-    opt = coap_compile.optimize([{"params": [a], "betas": (0.8, 0.9)}, {"params": [b], "lr": 0.0}],
-                                torch.optim.AdamW, rank=4, lr=1e-2)
+    opt = coap_compile.optimize(
+        [{"params": [a], "betas": (0.8, 0.9)}, {"params": [b], "lr": 0.0}], torch.optim.AdamW, rank=4, lr=1e-2
+    )
     a.grad, b.grad = randn(2, 20, 10), randn(3, 20, 10)
     b0 = b.detach().clone()
     opt.step()
@@ -263,6 +271,13 @@ def test_explain_shows_the_derived_update_and_plan():
     buf = io.StringIO()
     text = coap_compile.explain(opt, file=buf)
     assert buf.getvalue().strip() == text.strip()
-    for needle in ("torch.optim.AdamW", "exp_avg' = ", "[first_moment]", "D = ", "W <- (1 - 0.01*lr) * W",
-                   "memory plan", "saved"):
+    for needle in (
+        "torch.optim.AdamW",
+        "exp_avg' = ",
+        "[first_moment]",
+        "D = ",
+        "W <- (1 - 0.01*lr) * W",
+        "memory plan",
+        "saved",
+    ):
         assert needle in text, needle

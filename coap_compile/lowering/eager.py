@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from ..passes.rewrite import ProjectedProgram
@@ -22,14 +21,21 @@ __all__ = ["apply_reprojection_", "run_lowrank"]
 
 
 def run_lowrank(
-    program: ProjectedProgram, param: Tensor, x_proj: Tensor, states: Sequence[Tensor], step: Tensor, lr: Tensor
+    program: ProjectedProgram,
+    param: Tensor,
+    x_proj: Tensor,
+    states: Sequence[Tensor],
+    step: Tensor,
+    lr: Tensor,
 ) -> tuple[Tensor | float, Tensor, list[Tensor], Tensor]:
     """Execute ``program.lowrank``; returns ``(decay, D, new_states, new_step)``."""
     decay, delta, *rest = program.lowrank(param, x_proj, *states, step, lr)
     return decay, delta, list(rest[:-1]), rest[-1]
 
 
-def apply_reprojection_(w_view: Tensor, decay: Tensor | float, delta: Tensor, proj: Tensor, scale: float) -> None:
+def apply_reprojection_(
+    w_view: Tensor, decay: Tensor | float, delta: Tensor, proj: Tensor, scale: float
+) -> None:
     """``W ← decay·W + scale·D Pᵀ`` in place (``w_view`` may be a transposed view of the weight)."""
     update = delta.to(proj.dtype) @ proj.t()
     if w_view.dtype == proj.dtype:

@@ -122,13 +122,12 @@ def analyse(gm: torch.fx.GraphModule) -> tuple[nx.DiGraph, GraphFacts]:
     tensor_inputs = {n for n, r in roles.items() if r in ("grad", "param") or r.startswith("state:")}
     dep_on_tensors = set().union(*(nx.descendants(g, n) for n in tensor_inputs))
     scalar_nodes = frozenset(
-        n for n, d in g.nodes(data=True)
+        n
+        for n, d in g.nodes(data=True)
         if d["kind"] not in ("placeholder", "output") and _is_scalar(g, n) and n not in dep_on_tensors
     )
     pw = g.subgraph(n for n, d in g.nodes(data=True) if d["kind"] in ("pointwise", "alias"))
-    regions = tuple(
-        sorted((frozenset(c) for c in nx.weakly_connected_components(pw)), key=lambda c: -len(c))
-    )
+    regions = tuple(sorted((frozenset(c) for c in nx.weakly_connected_components(pw)), key=lambda c: -len(c)))
     phases: dict[str, int] = {}
     for name in nx.topological_sort(g):
         ph = 0

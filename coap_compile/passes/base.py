@@ -25,7 +25,8 @@ class CompilationUnit:
 
     Attributes:
         optimizer: the base optimizer's qualified name (for error messages).
-        graph_module: the functional aten graph ``(param, grad, *states, step, lr) -> (param', *states', step')``.
+        graph_module: the functional aten graph
+            ``(param, grad, *states, step, lr) -> (param', *states', step')``.
         state_names: base-optimizer state keys, in placeholder order.
         facts: analysis results keyed by fact name (see ``passes/README.md`` for each fact's meaning).
         log: ``(pass name, seconds, modified)`` for each pass that ran.

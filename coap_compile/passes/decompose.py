@@ -105,8 +105,9 @@ def _try_candidate(graph, facts: GraphFacts, cand: str, base_leaves, opaque_pred
     leaves = dict(base_leaves)
     leaves[cand] = X
     ex = translate(graph, leaves, opaque_pred)
-    state_outs = dict(zip([r.split(":", 1)[1] for r in facts.roles.values() if r.startswith("state:")],
-                          facts.outputs[1:-1]))
+    state_outs = dict(
+        zip([r.split(":", 1)[1] for r in facts.roles.values() if r.startswith("state:")], facts.outputs[1:-1])
+    )
     state_order = [r.split(":", 1)[1] for r in facts.roles.values() if r.startswith("state:")]
     leaves_new = dict(leaves)
     for name in state_order:
@@ -130,7 +131,9 @@ def _try_candidate(graph, facts: GraphFacts, cand: str, base_leaves, opaque_pred
             raise _Reject(name, "reads the raw gradient instead of the projected quantity")
         if PARAM in syms:
             if val_ndim(name) != 0 or syms & ({X} | {state_symbol(s) for s in state_order}):
-                raise _Reject(name, "combines the weight with the gradient or a state outside a 0-d statistic")
+                raise _Reject(
+                    name, "combines the weight with the gradient or a state outside a 0-d statistic"
+                )
             param_stats.add(name)
 
     def check_free(e, out_name, what):
@@ -143,21 +146,34 @@ def _try_candidate(graph, facts: GraphFacts, cand: str, base_leaves, opaque_pred
         e = _blend_scalar_piecewise(ex[state_outs[name]], SCALARS)
         check_free(e, state_outs[name], f"state {name!r}")
         if PARAM in e.free_symbols:
-            raise _Reject(_first_param_mixer(graph, ex, state_outs[name]),
-                          f"state {name!r} depends elementwise on the weight, so it cannot live in the low-rank space")
+            raise _Reject(
+                _first_param_mixer(graph, ex, state_outs[name]),
+                f"state {name!r} depends elementwise on the weight, so it cannot live in the low-rank space",
+            )
         new_states[name] = e
     p_new = _blend_scalar_piecewise(ex_new[facts.outputs[0]], SCALARS)
     if sympy.diff(p_new, PARAM, 2) != 0:
-        raise _Reject(_first_param_mixer(graph, ex, facts.outputs[0]), "the new weight is not affine in the weight")
+        raise _Reject(
+            _first_param_mixer(graph, ex, facts.outputs[0]), "the new weight is not affine in the weight"
+        )
     decay = sympy.diff(p_new, PARAM)
-    scalar_like = SCALARS | {sympy.Symbol(f"o_{n}") for n in param_stats} | {
-        sympy.Symbol(f"o_{n}") for n in opaque_names if val_ndim(n) == 0 and not (deps[n] - SCALARS - {PARAM})}
+    scalar_like = (
+        SCALARS
+        | {sympy.Symbol(f"o_{n}") for n in param_stats}
+        | {
+            sympy.Symbol(f"o_{n}")
+            for n in opaque_names
+            if val_ndim(n) == 0 and not (deps[n] - SCALARS - {PARAM})
+        }
+    )
     if not decay.free_symbols <= scalar_like:
         raise _Reject(facts.outputs[0], f"the weight multiplier {decay} is not a scalar")
     delta = sympy.together(p_new.subs(PARAM, 0))
     check_free(delta, facts.outputs[0], "the update")
     if PARAM in delta.free_symbols:
-        raise _Reject(_first_param_mixer(graph, ex, facts.outputs[0]), "the update direction depends on the weight")
+        raise _Reject(
+            _first_param_mixer(graph, ex, facts.outputs[0]), "the update direction depends on the weight"
+        )
     scalar_syms = set(scalar_like)
     kinds = {name: _classify_state(name, e, scalar_syms) for name, e in new_states.items()}
     return Decomposition(
@@ -200,7 +216,9 @@ def decompose(unit_name: str, gm: torch.fx.GraphModule, facts: GraphFacts) -> De
     graph = gm.graph
     base_leaves = {}
     for n, role in facts.roles.items():
-        base_leaves[n] = {"param": PARAM, "grad": GRAD, "step": K, "lr": LR}.get(role) or state_symbol(role[6:])
+        base_leaves[n] = {"param": PARAM, "grad": GRAD, "step": K, "lr": LR}.get(role) or state_symbol(
+            role[6:]
+        )
     by_name = {n.name: n for n in graph.nodes}
 
     def opaque_pred(node: torch.fx.Node) -> bool:
@@ -212,7 +230,8 @@ def decompose(unit_name: str, gm: torch.fx.GraphModule, facts: GraphFacts) -> De
 
     grad = next(n for n, r in facts.roles.items() if r == "grad")
     cands = [grad] + [
-        n.name for n in graph.nodes
+        n.name
+        for n in graph.nodes
         if n.name in facts.grad_path and facts.kinds[n.name] == "pointwise" and n.name not in facts.outputs
     ]
     first: _Reject | None = None

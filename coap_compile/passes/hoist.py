@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import sympy
 
-from ..ir import G, LR, STEP, Epilogue
-from .decompose import K, X, Decomposition, state_symbol
+from ..ir import LR, STEP, Epilogue, G
+from .decompose import Decomposition, K, X, state_symbol
 
 __all__ = ["build_epilogue", "hoist"]
 

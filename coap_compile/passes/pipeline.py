@@ -22,8 +22,12 @@ from .verify import check_equivalence, verify_unit
 
 __all__ = ["DEFAULT_PIPELINE", "compile_update"]
 
-_ALIASES = {torch.ops.aten.clone.default, torch.ops.aten.detach.default, torch.ops.aten.alias.default,
-            torch.ops.aten.lift_fresh_copy.default}
+_ALIASES = {
+    torch.ops.aten.clone.default,
+    torch.ops.aten.detach.default,
+    torch.ops.aten.alias.default,
+    torch.ops.aten.lift_fresh_copy.default,
+}
 
 
 class Normalize(Pass):
@@ -34,7 +38,11 @@ class Normalize(Pass):
     def run(self, unit):
         modified = False
         for node in list(unit.graph.nodes):
-            if node.op == "call_function" and node.target in _ALIASES and not node.kwargs.get("memory_format"):
+            if (
+                node.op == "call_function"
+                and node.target in _ALIASES
+                and not node.kwargs.get("memory_format")
+            ):
                 node.replace_all_uses_with(node.args[0])
                 unit.graph.erase_node(node)
                 modified = True
@@ -54,8 +62,11 @@ class Analyse(Pass):
         g, facts = analyse(unit.graph_module)
         for name, kind in facts.kinds.items():
             if kind == "host_sync":
-                raise UnsupportedOptimizerError(unit.optimizer, "the update reads a tensor value on the host "
-                                                "(.item()); use a tensor-only formulation", node=name)
+                raise UnsupportedOptimizerError(
+                    unit.optimizer,
+                    "the update reads a tensor value on the host (.item()); use a tensor-only formulation",
+                    node=name,
+                )
         unit.facts["nx"], unit.facts["graph_facts"] = g, facts
         return PassResult(unit, False)
 
@@ -90,8 +101,14 @@ class Rewrite(Pass):
 
     def run(self, unit):
         facts = unit.facts["graph_facts"]
-        unit.facts["program"] = build_program(unit.optimizer, unit.graph_module, unit.facts["decomposition"],
-                                              unit.state_names, unit.facts["epilogue"], facts.n_phases)
+        unit.facts["program"] = build_program(
+            unit.optimizer,
+            unit.graph_module,
+            unit.facts["decomposition"],
+            unit.state_names,
+            unit.facts["epilogue"],
+            facts.n_phases,
+        )
         return PassResult(unit, False)
 
 
@@ -102,11 +119,20 @@ class CheckEquivalence(Pass):
     ensures = frozenset({"equivalence_error"})
 
     def run(self, unit):
-        unit.facts["equivalence_error"] = check_equivalence(unit, unit.facts["program"], unit.facts["make_states"])
+        unit.facts["equivalence_error"] = check_equivalence(
+            unit, unit.facts["program"], unit.facts["make_states"]
+        )
         return PassResult(unit, False)
 
 
-DEFAULT_PIPELINE: tuple[type[Pass], ...] = (Normalize, Analyse, Decompose, BuildEpilogue, Rewrite, CheckEquivalence)
+DEFAULT_PIPELINE: tuple[type[Pass], ...] = (
+    Normalize,
+    Analyse,
+    Decompose,
+    BuildEpilogue,
+    Rewrite,
+    CheckEquivalence,
+)
 
 
 def compile_update(
@@ -118,7 +144,8 @@ def compile_update(
     ndim: int = 2,
 ) -> tuple[ProjectedProgram, CompilationUnit]:
     """Run the default pipeline on a captured update and return the projected program."""
-    unit = CompilationUnit(optimizer, graph_module, tuple(state_names), facts={"make_states": make_states,
-                                                                              "ndim": ndim})
+    unit = CompilationUnit(
+        optimizer, graph_module, tuple(state_names), facts={"make_states": make_states, "ndim": ndim}
+    )
     unit = PassManager([p() for p in DEFAULT_PIPELINE], verify_unit).run(unit)
     return unit.facts["program"], unit

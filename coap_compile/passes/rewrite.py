@@ -21,7 +21,7 @@ import torch
 import torch.fx
 
 from ..ir import Epilogue
-from .decompose import GRAD, K, LR, PARAM, X, Decomposition, state_symbol
+from .decompose import GRAD, LR, PARAM, Decomposition, K, X, state_symbol
 from .hoist import hoist
 from .symbolic import Emitter, opaque_symbol
 
@@ -74,7 +74,9 @@ def build_prologue(dec: Decomposition) -> torch.fx.GraphModule | None:
     return _module(graph)
 
 
-def build_lowrank(gm: torch.fx.GraphModule, dec: Decomposition, state_names: tuple[str, ...]) -> torch.fx.GraphModule:
+def build_lowrank(
+    gm: torch.fx.GraphModule, dec: Decomposition, state_names: tuple[str, ...]
+) -> torch.fx.GraphModule:
     graph = torch.fx.Graph()
     env: dict[sympy.Symbol, torch.fx.Node] = {PARAM: graph.placeholder("param"), X: graph.placeholder("x")}
     for name in state_names:
@@ -98,7 +100,8 @@ def build_lowrank(gm: torch.fx.GraphModule, dec: Decomposition, state_names: tup
         emit.env[opaque_symbol(node)] = copy
     # Hoist step/lr-only (and other 0-d) sub-expressions so they are computed once as 0-d tensors.
     scalars = frozenset({K, LR}) | {
-        opaque_symbol(by_name[n]) for n in needed if getattr(by_name[n].meta.get("val"), "ndim", 1) == 0}
+        opaque_symbol(by_name[n]) for n in needed if getattr(by_name[n].meta.get("val"), "ndim", 1) == 0
+    }
     table: dict[sympy.Expr, sympy.Symbol] = {}
     exprs = [dec.new_states[n] for n in state_names] + [dec.delta, dec.decay]
     *states_h, delta_h, decay_h = hoist(exprs, table, scalars)
@@ -129,7 +132,9 @@ def _opaque_closure(dec: Decomposition, by_name) -> set[str]:
     return seen
 
 
-def build_program(optimizer: str, gm, dec: Decomposition, state_names, epilogue, n_phases) -> ProjectedProgram:
+def build_program(
+    optimizer: str, gm, dec: Decomposition, state_names, epilogue, n_phases
+) -> ProjectedProgram:
     return ProjectedProgram(
         optimizer=optimizer,
         state_names=tuple(state_names),

@@ -71,8 +71,13 @@ def _rule(node: torch.fx.Node, a: Callable[[int], Expr]) -> Expr | None:
     op = getattr(packet, "__name__", "")
     alpha = _kw(node, "alpha", 2, 1)
     value = _kw(node, "value", 3, 1)
-    if t in (aten.clone.default, aten.detach.default, aten.alias.default, aten._to_copy.default,
-             aten.lift_fresh_copy.default):
+    if t in (
+        aten.clone.default,
+        aten.detach.default,
+        aten.alias.default,
+        aten._to_copy.default,
+        aten.lift_fresh_copy.default,
+    ):
         return a(0)
     if t is aten.copy.default:
         return a(1)
@@ -107,8 +112,13 @@ def _rule(node: torch.fx.Node, a: Callable[[int], Expr]) -> Expr | None:
         hi = node.kwargs.get("max", node.args[2] if len(node.args) > 2 else None)
         if op == "clamp_max":
             lo, hi = None, lo
-        conv = (lambda v: None if v is None else (sympy.sympify(v) if not isinstance(v, torch.fx.Node)
-                                                  else a(1 if v is node.args[1] else 2)))
+        def conv(v):
+            if v is None:
+                return None
+            if isinstance(v, torch.fx.Node):
+                return a(1 if v is node.args[1] else 2)
+            return sympy.sympify(v)
+
         return _clamp(a(0), conv(lo), conv(hi))
     if op in _REL:
         return _REL[op](a(0), a(1))
@@ -193,8 +203,12 @@ class Emitter:
             return self._emit_mul(e)
         if isinstance(e, sympy.Pow):
             return self._emit_pow(e)
-        unary = {sympy.Abs: aten.abs.default, sympy.sign: aten.sign.default, sympy.exp: aten.exp.default,
-                 sympy.log: aten.log.default}
+        unary = {
+            sympy.Abs: aten.abs.default,
+            sympy.sign: aten.sign.default,
+            sympy.exp: aten.exp.default,
+            sympy.log: aten.log.default,
+        }
         for cls, target in unary.items():
             if isinstance(e, cls):
                 return self.call(target, self(e.args[0]))
@@ -202,9 +216,17 @@ class Emitter:
             return self._emit_minmax(e)
         if isinstance(e, sympy.Piecewise):
             (a, cond), (b, _) = e.args
-            return self.call(aten.where.self, self(cond), self._tensor(self(a), cond), self._tensor(self(b), cond))
-        rel = {sympy.Eq: aten.eq, sympy.Ne: aten.ne, sympy.StrictGreaterThan: aten.gt,
-               sympy.GreaterThan: aten.ge, sympy.StrictLessThan: aten.lt, sympy.LessThan: aten.le}
+            return self.call(
+                aten.where.self, self(cond), self._tensor(self(a), cond), self._tensor(self(b), cond)
+            )
+        rel = {
+            sympy.Eq: aten.eq,
+            sympy.Ne: aten.ne,
+            sympy.StrictGreaterThan: aten.gt,
+            sympy.GreaterThan: aten.ge,
+            sympy.StrictLessThan: aten.lt,
+            sympy.LessThan: aten.le,
+        }
         for cls, packet in rel.items():
             if isinstance(e, cls):
                 lhs, rhs = self(e.lhs), self(e.rhs)
@@ -233,13 +255,15 @@ class Emitter:
     def _emit_add(self, e: sympy.Add):
         pos, neg = [], []
         for term in e.args:
-            coeff, rest = term.as_coeff_Mul()
+            coeff, _ = term.as_coeff_Mul()
             (neg if coeff.is_negative else pos).append(term if not coeff.is_negative else -term)
         acc = None
         for t in pos:
             acc = self(t) if acc is None else self._binary(aten.add, acc, self(t))
         for t in neg:
-            acc = self._binary(aten.mul, self(t), -1.0) if acc is None else self._binary(aten.sub, acc, self(t))
+            acc = (
+                self._binary(aten.mul, self(t), -1.0) if acc is None else self._binary(aten.sub, acc, self(t))
+            )
         return acc
 
     def _emit_mul(self, e: sympy.Mul):
@@ -275,7 +299,9 @@ class Emitter:
             return self.call(aten.reciprocal.default, self(base))
         b, x = self(base), self(exp)
         if isinstance(b, torch.fx.Node):
-            return self.call(aten.pow.Tensor_Tensor if isinstance(x, torch.fx.Node) else aten.pow.Tensor_Scalar, b, x)
+            return self.call(
+                aten.pow.Tensor_Tensor if isinstance(x, torch.fx.Node) else aten.pow.Tensor_Scalar, b, x
+            )
         if isinstance(x, torch.fx.Node):
             return self.call(aten.pow.Scalar, b, x)
         return b**x

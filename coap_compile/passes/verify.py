@@ -26,8 +26,13 @@ def verify_unit(unit: CompilationUnit) -> None:
     except Exception as exc:  # lint raises plain RuntimeError/AssertionError
         raise PassError(f"graph does not lint: {exc}") from exc
     phs = [n for n in graph.nodes if n.op == "placeholder"]
-    if [n.meta.get("role") for n in phs] != ["param", "grad"] + ["state"] * len(unit.state_names) + ["step", "lr"]:
-        raise PassError(f"placeholders must be (param, grad, *states, step, lr), got {[n.meta.get('role') for n in phs]}")
+    if [n.meta.get("role") for n in phs] != ["param", "grad"] + ["state"] * len(unit.state_names) + [
+        "step",
+        "lr",
+    ]:
+        raise PassError(
+            f"placeholders must be (param, grad, *states, step, lr), got {[n.meta.get('role') for n in phs]}"
+        )
     out = next(n for n in graph.nodes if n.op == "output")
     if not isinstance(out.args[0], (tuple, list)) or len(out.args[0]) != len(unit.state_names) + 2:
         raise PassError("output must be (param', *states', step')")
@@ -52,7 +57,9 @@ def check_equivalence(
         shape = (7, 4) if unit.facts.get("ndim", 2) == 2 else (9,)
         p = torch.randn(shape, generator=gen, dtype=torch.float64)
         g = torch.randn(shape, generator=gen, dtype=torch.float64)
-        states = [s.double() + torch.rand(s.shape, generator=gen, dtype=torch.float64) for s in make_states(p)]
+        states = [
+            s.double() + torch.rand(s.shape, generator=gen, dtype=torch.float64) for s in make_states(p)
+        ]
         step = torch.tensor(float([0, 3, 997][t % 3]), dtype=torch.float64)
         lr = torch.tensor([1e-3, 3e-2, 0.5][t % 3], dtype=torch.float64)
         ref_p, *rest = unit.graph_module(p, g, *states, step, lr)
@@ -67,6 +74,7 @@ def check_equivalence(
             err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
             worst = max(worst, err)
     if not worst <= 1e-9:
-        raise UnsupportedOptimizerError(unit.optimizer, f"derived form disagrees with the captured graph "
-                                        f"(relative error {worst:.2e})")
+        raise UnsupportedOptimizerError(
+            unit.optimizer, f"derived form disagrees with the captured graph (relative error {worst:.2e})"
+        )
     return worst

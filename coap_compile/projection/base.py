@@ -93,6 +93,8 @@ class ProjectionPolicy(abc.ABC):
         proj = state["proj"]
         return d.to(proj.dtype) @ proj.t()
 
-    def state_layout(self, n: int, rank: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def state_layout(
+        self, n: int, rank: int, dtype: torch.dtype
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shapes and dtypes of the state :meth:`init_state` creates (for memory plans, no allocation)."""
         return {"proj": ((n, rank), dtype)}

@@ -53,10 +53,14 @@ class MemoryPlan:
     def __str__(self) -> str:
         lines = [f"{'parameter':<40} {'shape':>14} {'rank':>5} {'base B':>12} {'COAP B':>12}"]
         for r in self.rows:
-            lines.append(f"{r.name[:40]:<40} {'x'.join(map(str, r.shape)):>14} {r.rank or '-':>5} "
-                         f"{r.base_bytes:>12,} {r.state_bytes:>12,}")
-        lines.append(f"{'total':<40} {'':>14} {'':>5} {self.base_bytes:>12,} {self.total_bytes:>12,}"
-                     f"   saved {100 * self.saved_fraction:.1f}%")
+            lines.append(
+                f"{r.name[:40]:<40} {'x'.join(map(str, r.shape)):>14} {r.rank or '-':>5} "
+                f"{r.base_bytes:>12,} {r.state_bytes:>12,}"
+            )
+        lines.append(
+            f"{'total':<40} {'':>14} {'':>5} {self.base_bytes:>12,} {self.total_bytes:>12,}"
+            f"   saved {100 * self.saved_fraction:.1f}%"
+        )
         return "\n".join(lines)
 
 
@@ -67,7 +71,7 @@ def _nbytes(shape, dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _step_bytes(base: type, kwargs_key: tuple) -> int:
     """Bytes of the base optimizer's per-parameter ``step`` tensor (0 if it keeps none), probed once."""
     p = torch.zeros(2, 2, requires_grad=True)
@@ -78,7 +82,9 @@ def _step_bytes(base: type, kwargs_key: tuple) -> int:
     return step.numel() * step.element_size() if isinstance(step, torch.Tensor) else 0
 
 
-def base_state_bytes(base: type, hyper: dict, base_kwargs: dict, p: torch.Tensor) -> tuple[int, dict[str, int]]:
+def base_state_bytes(
+    base: type, hyper: dict, base_kwargs: dict, p: torch.Tensor
+) -> tuple[int, dict[str, int]]:
     """What ``base`` keeps for ``p`` (per key)."""
     captured = capture(base, hyper, dtype=p.dtype, ndim=p.ndim)
     like = torch.empty(p.shape, dtype=p.dtype, device="meta")
@@ -110,6 +116,9 @@ def plan_memory(opt) -> MemoryPlan:
             detail["step"] = 4
             if compiled.program.first_moment is None and policy.needs_first_moment:
                 detail["coap_exp_avg"] = _nbytes((big, plan.rank), dtype)
-            rows.append(MemoryRow(opt._name(p), tuple(p.shape), str(p.dtype), plan.rank, sum(detail.values()),
-                                  base, detail))
+            rows.append(
+                MemoryRow(
+                    opt._name(p), tuple(p.shape), str(p.dtype), plan.rank, sum(detail.values()), base, detail
+                )
+            )
     return MemoryPlan(tuple(rows))

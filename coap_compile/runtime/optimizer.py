@@ -38,8 +38,17 @@ from .selection import ParamPlan, plan_param
 __all__ = ["PROJECTION_KEYS", "CoapOptimizer"]
 
 #: param-group keys owned by COAP (everything else belongs to the base optimizer).
-PROJECTION_KEYS = ("rank", "rank_ratio", "projection", "update_interval", "reproject_factor", "scale",
-                   "restore_state", "first_moment_beta", "project")
+PROJECTION_KEYS = (
+    "rank",
+    "rank_ratio",
+    "projection",
+    "update_interval",
+    "reproject_factor",
+    "scale",
+    "restore_state",
+    "first_moment_beta",
+    "project",
+)
 _BACKENDS = ("auto", "eager", "triton")
 _EMA = "coap_exp_avg"
 
@@ -53,8 +62,9 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def validate_projection_args(rank, rank_ratio, projection, update_interval, reproject_factor, scale,
-                             first_moment_beta, backend) -> None:
+def validate_projection_args(
+    rank, rank_ratio, projection, update_interval, reproject_factor, scale, first_moment_beta, backend
+) -> None:
     """Raise a ValueError/TypeError naming the argument and its value for bad COAP settings."""
     _positive_int("rank", rank, allow_none=True)
     if rank_ratio is not None:
@@ -83,8 +93,11 @@ def make_policy(group: dict, instance: ProjectionPolicy | None) -> ProjectionPol
     name = group["projection"]
     kwargs: dict[str, Any] = {}
     if name == "coap":
-        kwargs = {"update_interval": group["update_interval"], "reproject_factor": group["reproject_factor"],
-                  "restore_state": group["restore_state"]}
+        kwargs = {
+            "update_interval": group["update_interval"],
+            "reproject_factor": group["reproject_factor"],
+            "restore_state": group["restore_state"],
+        }
     elif name == "galore":
         kwargs = {"update_gap": group["update_interval"] * group["reproject_factor"]}
     elif name == "flora":
@@ -114,15 +127,29 @@ class CoapOptimizer(torch.optim.Optimizer):
         **base_kwargs: the base optimizer's own arguments (``lr``, ``betas``, ``weight_decay`` …).
     """
 
-    def __init__(self, params: Iterable, base_optim: type[torch.optim.Optimizer] = torch.optim.AdamW, *,
-                 rank: int | None = 256, rank_ratio: float | None = None, projection: str | ProjectionPolicy = "coap",
-                 update_interval: int = 32, reproject_factor: int = 5, scale: float = 1.0,
-                 restore_state: bool = False, first_moment_beta: float = 0.9, backend: str = "auto",
-                 check_finite: bool = True, param_names: dict[int, str] | None = None, **base_kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        base_optim: type[torch.optim.Optimizer] = torch.optim.AdamW,
+        *,
+        rank: int | None = 256,
+        rank_ratio: float | None = None,
+        projection: str | ProjectionPolicy = "coap",
+        update_interval: int = 32,
+        reproject_factor: int = 5,
+        scale: float = 1.0,
+        restore_state: bool = False,
+        first_moment_beta: float = 0.9,
+        backend: str = "auto",
+        check_finite: bool = True,
+        param_names: dict[int, str] | None = None,
+        **base_kwargs: Any,
+    ) -> None:
         if not (isinstance(base_optim, type) and issubclass(base_optim, torch.optim.Optimizer)):
             raise TypeError(f"base_optim must be a torch.optim.Optimizer subclass, got {base_optim!r}")
-        validate_projection_args(rank, rank_ratio, projection, update_interval, reproject_factor, scale,
-                                 first_moment_beta, backend)
+        validate_projection_args(
+            rank, rank_ratio, projection, update_interval, reproject_factor, scale, first_moment_beta, backend
+        )
         probe = base_optim([torch.zeros(2, requires_grad=True)], **base_kwargs)  # base validates its own args
         self._base_cls = base_optim
         self._base_kwargs = dict(base_kwargs)
@@ -135,16 +162,24 @@ class CoapOptimizer(torch.optim.Optimizer):
         self._inner: torch.optim.Optimizer | None = None
         self._plans: dict[Tensor, ParamPlan] = {}
         defaults = dict(probe.defaults)
-        defaults.update(rank=rank, rank_ratio=rank_ratio, update_interval=update_interval,
-                        reproject_factor=reproject_factor, scale=float(scale), restore_state=bool(restore_state),
-                        first_moment_beta=float(first_moment_beta),
-                        projection=projection if isinstance(projection, str) else projection.name)
+        defaults.update(
+            rank=rank,
+            rank_ratio=rank_ratio,
+            update_interval=update_interval,
+            reproject_factor=reproject_factor,
+            scale=float(scale),
+            restore_state=bool(restore_state),
+            first_moment_beta=float(first_moment_beta),
+            projection=projection if isinstance(projection, str) else projection.name,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.is_complex():
-                    raise ValueError(f"parameter {self._name(p)!r} is complex ({p.dtype}); COAP supports real "
-                                     "floating-point parameters only")
+                    raise ValueError(
+                        f"parameter {self._name(p)!r} is complex ({p.dtype}); COAP supports real "
+                        "floating-point parameters only"
+                    )
         self._rebuild()
 
     # -- structure ---------------------------------------------------------------------------------
@@ -214,8 +249,9 @@ class CoapOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise ValueError(f"parameter {self._name(p)!r} has a sparse gradient; COAP needs dense "
-                                     "gradients")
+                    raise ValueError(
+                        f"parameter {self._name(p)!r} has a sparse gradient; COAP needs dense gradients"
+                    )
                 grads.append(p.grad)
                 owners.append(p)
         if not self._check_finite or not grads:
@@ -224,9 +260,11 @@ class CoapOptimizer(torch.optim.Optimizer):
         if not bool(ok.all()):
             bad = owners[int((~ok).nonzero()[0])]
             raise NonFiniteGradientError(
-                f"the gradient of parameter {self._name(bad)!r} (shape {tuple(bad.shape)}) contains inf or NaN; "
+                f"the gradient of parameter {self._name(bad)!r} (shape {tuple(bad.shape)}) contains inf or "
+                "NaN; "
                 "nothing was modified. Pass found_inf= (GradScaler style) to skip such steps instead, or "
-                "check_finite=False to disable this check")
+                "check_finite=False to disable this check"
+            )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, found_inf: Tensor | None = None):
@@ -256,7 +294,11 @@ class CoapOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         k = int(state["step"].item()) if "step" in state else 0
         lr = group["lr"]
-        lr_t = lr.detach().to("cpu", torch.float64) if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
+        lr_t = (
+            lr.detach().to("cpu", torch.float64)
+            if isinstance(lr, Tensor)
+            else torch.tensor(lr, dtype=torch.float64)
+        )
         k_t = torch.tensor(float(k), dtype=torch.float64)
         g = p.grad
         if program.prologue is not None:
@@ -279,14 +321,18 @@ class CoapOptimizer(torch.optim.Optimizer):
             changed = policy.refresh(state, x, k, first_moment=first, transposed=transposed)
             if old is not None and changed:
                 kinds = program.state_kinds
-                restore_moments(old, state["proj"],
-                                first=[state[n] for n in program.state_names if kinds[n] == "first_moment"]
-                                + ([state[_EMA]] if ema else []),
-                                second=[state[n] for n in program.state_names if kinds[n] == "second_moment"])
+                restore_moments(
+                    old,
+                    state["proj"],
+                    first=[state[n] for n in program.state_names if kinds[n] == "first_moment"]
+                    + ([state[_EMA]] if ema else []),
+                    second=[state[n] for n in program.state_names if kinds[n] == "second_moment"],
+                )
         x_proj = policy.project(state, x)
         stat_param = p if not program.decomposition.param_stats else p.to(dtype)
         decay, delta, new_states, new_step = run_lowrank(
-            program, stat_param, x_proj, [state[n] for n in program.state_names], k_t, lr_t)
+            program, stat_param, x_proj, [state[n] for n in program.state_names], k_t, lr_t
+        )
         for name, value in zip(program.state_names, new_states):
             state[name].copy_(value)
         state["step"].copy_(new_step)

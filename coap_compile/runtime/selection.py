@@ -56,8 +56,10 @@ def _matcher(target_modules: TargetModules) -> Callable[[str, nn.Module], bool] 
     if callable(target_modules):
         return target_modules
     if isinstance(target_modules, str):
-        raise TypeError(f"target_modules must be a list of regular expressions or a callable, got the string "
-                        f"{target_modules!r} (wrap it in a list)")
+        raise TypeError(
+            f"target_modules must be a list of regular expressions or a callable, got the string "
+            f"{target_modules!r} (wrap it in a list)"
+        )
     patterns = [re.compile(p) for p in target_modules]
     return lambda name, _m: any(p.search(name) for p in patterns)
 
