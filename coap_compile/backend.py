@@ -115,7 +115,7 @@ def _own_uuid() -> str:
 
 
 class CoapGraphPass(CustomGraphPass):
-    """coap_compile's post-grad pass pipeline (see the module docstring), optionally chained after ``extra``."""
+    """coap_compile's post-grad pass pipeline (module docstring), run after the passes in ``extra``."""
 
     def __init__(self, extra: Sequence[Any] = ()):
         self.extra = tuple(extra)

@@ -183,7 +183,11 @@ def test_output_aliasing_an_old_state():
     x, p = matrix(1, m, n, torch.float32, "contig"), projection(2, n, r)
     old = [randn(3, m, r).to(DEVICE), randn(4, m, r).to(DEVICE)]
     for run in (fused_projected_update_, eager_projected_update_):
-        states, d, w = [s.clone() for s in old], torch.full((m, r), float("nan"), device=DEVICE), x.clone() * 0
+        states, d, w = (
+            [s.clone() for s in old],
+            torch.full((m, r), float("nan"), device=DEVICE),
+            x.clone() * 0,
+        )
         kw = SMALL if run is fused_projected_update_ else {}
         run(w, x, p, states, torch.zeros(0, device=DEVICE), ep, scratch=d, **kw)
         assert torch.equal(d, old[0]) and torch.equal(states[1], old[1])
@@ -271,7 +275,8 @@ def test_printer_semantics_match_sympy():
 
 
 @pytest.mark.parametrize(
-    "expr", [sp.Symbol("g") ** 3, sp.sin(sp.Symbol("g")), sp.Symbol("g") ** sp.Symbol("c0"), sp.oo * sp.Symbol("g")]
+    "expr",
+    [sp.Symbol("g") ** 3, sp.sin(sp.Symbol("g")), sp.Symbol("g") ** sp.Symbol("c0"), sp.oo * sp.Symbol("g")],
 )
 def test_codegen_rejects_unsupported(expr):
     d = sp.Symbol("d")
@@ -302,8 +307,8 @@ def test_source_lands_in_cache_dir_and_loads_once(tmp_path, monkeypatch):
     for t in (1, 2):
         c = evaluate_scalars(ep, torch.tensor(float(t)), torch.tensor(1e-3)).to(DEVICE)
         st = [torch.zeros(m, r, device=DEVICE) for _ in range(2)]
-        fused_projected_update_(matrix(0, m, n, torch.float32, "contig"), matrix(1, m, n, torch.float32, "contig"),
-                                projection(2, n, r), st, c, ep, **SMALL)  # fmt: skip
+        w, x = matrix(0, m, n, torch.float32, "contig"), matrix(1, m, n, torch.float32, "contig")
+        fused_projected_update_(w, x, projection(2, n, r), st, c, ep, **SMALL)
     path = cache.source_path(gen.name, gen.source)
     assert path.parent == tmp_path and path.name.startswith(gen.name + "_")
     assert path.read_text() == gen.source
@@ -326,7 +331,9 @@ def test_new_step_and_lr_do_not_respecialize(monkeypatch):
     """Scalars travel in the tensor ``c``: the JIT specialization key is the same for every step."""
     calls = []
     real = launch._launch
-    monkeypatch.setattr(launch, "_launch", lambda k, grid, *a, **kw: calls.append((k, a, kw)) or real(k, grid, *a, **kw))
+    monkeypatch.setattr(
+        launch, "_launch", lambda k, grid, *a, **kw: calls.append((k, a, kw)) or real(k, grid, *a, **kw)
+    )
     ep, m, n, r = adamw(), 24, 20, 5
     w, p = matrix(0, m, n, torch.float32, "contig"), projection(1, n, r)
     st = [torch.zeros(m, r, device=DEVICE) for _ in range(2)]
@@ -354,7 +361,9 @@ def _jit_keys(group) -> list:
         fn = getattr(kernel, "fn", kernel)
         jit_kwargs = {k: v for k, v in getattr(kernel, "kwargs", {}).items() if k.startswith("do_not")}
         jf = JITFunction(fn, **jit_kwargs)
-        binder = create_function_from_signature(jf.signature, jf.params, make_backend(GPUTarget("cuda", 90, 32)))
+        binder = create_function_from_signature(
+            jf.signature, jf.params, make_backend(GPUTarget("cuda", 90, 32))
+        )
         return [str(binder(*a, INTERPRET=False, **kw)[1]) for _, a, kw in group]
     except Exception as e:  # internal API drift: the argument check above still holds
         pytest.skip(f"cannot build Triton's binder here: {e}")
@@ -388,7 +397,9 @@ def test_cuda_llama_shapes_vs_float64(shape, dtype):
     rows, cols, r = shape
     m, n = max(rows, cols), min(rows, cols)
     layout = "transposed" if rows < cols else "contig"
-    run_case("adamw", m, n, r, (layout, layout, "contig"), dtype, 1e-3, steps=3, seed=7, blocks={}, device="cuda")
+    run_case(
+        "adamw", m, n, r, (layout, layout, "contig"), dtype, 1e-3, steps=3, seed=7, blocks={}, device="cuda"
+    )
 
 
 @pytest.mark.cuda

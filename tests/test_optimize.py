@@ -49,11 +49,13 @@ def _run(opt, w, grads):
     rank_pick=st.sampled_from(["one", "mid", "full"]),
     scale=st.sampled_from([1.0, 0.25]),
     wd=st.sampled_from([0.0, 0.1]),
+    projection=st.sampled_from(["coap", "galore", "flora"]),
 )
-def test_compiled_adamw_equals_reference(dtype, seed, shape, rank_pick, scale, wd):
+def test_compiled_adamw_equals_reference(dtype, seed, shape, rank_pick, scale, wd, projection):
     r = {"one": 1, "mid": max(1, min(shape) // 2), "full": min(shape)}[rank_pick]
     w0 = randn(seed, *shape, dtype=dtype)
-    kw = dict(lr=1e-2, weight_decay=wd, rank=r, update_interval=2, reproject_factor=2, scale=scale)
+    kw = dict(lr=1e-2, weight_decay=wd, rank=r, update_interval=2, reproject_factor=2, scale=scale,
+              projection=projection)
     w_ref, w_cmp = w0.clone().requires_grad_(), w0.clone().requires_grad_()
     ref = CoapAdamW([{"params": [w_ref], "project": True}], **kw)
     cmp = coap_compile.optimize([{"params": [w_cmp], "project": True}], torch.optim.AdamW, **kw)

@@ -9,6 +9,7 @@ inputs (the tracer functionalizes it), the state names in placeholder order and 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -113,14 +114,23 @@ class Adapter:
     """Base: hyperparameter normalization and the signature checks shared by all known adapters.
 
     Subclasses set ``cls``, ``math_keys`` (the class's math hyperparameters, i.e. its ``defaults``
-    minus :data:`NON_MATH_KEYS`) and, when they call a private torch function, ``function`` and
-    ``signature`` (its exact parameter names), and implement :meth:`plan`.
+    minus :data:`NON_MATH_KEYS`) and, when they call a private torch function, ``function_path``
+    (``"module.name"``, resolved at every use so a monkeypatch is seen) and ``signature`` (its exact
+    parameter names), and implement :meth:`plan`.
     """
 
     cls: type[torch.optim.Optimizer]
     math_keys: frozenset[str]
-    function: Callable[..., Any] | None = None
+    function_path: str | None = None
     signature: tuple[str, ...] = ()
+
+    @property
+    def function(self) -> Callable[..., Any]:
+        """The private torch function named by ``function_path``."""
+        if self.function_path is None:
+            raise AttributeError(f"{type(self).__name__} calls no torch function")
+        module, attr = self.function_path.rsplit(".", 1)
+        return getattr(importlib.import_module(module), attr)
 
     @property
     def optimizer(self) -> str:
@@ -135,12 +145,12 @@ class Adapter:
                 f"its hyperparameters changed (expected {sorted(self.math_keys)}, found {sorted(keys)}); "
                 "the capture adapter must be updated",
             )
-        if self.function is not None:
+        if self.function_path is not None:
             found = tuple(inspect.signature(self.function).parameters)
             if found != self.signature:
                 raise UnsupportedOptimizerError(
                     self.optimizer,
-                    f"signature of {self.function.__module__}.{self.function.__name__} changed "
+                    f"signature of {self.function_path} changed "
                     f"(expected {self.signature}, found {found}); the capture adapter must be updated",
                 )
 

@@ -13,8 +13,7 @@ Only the exact classes are adapted (a subclass may override ``step``); anything 
 from __future__ import annotations
 
 import functools
-import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -46,9 +45,7 @@ class AdamAdapter(Adapter):
     def __init__(self, cls: type[torch.optim.Optimizer] = torch.optim.Adam):
         self.cls = cls
 
-    @property
-    def function(self) -> Callable[..., Any]:  # type: ignore[override]
-        return importlib.import_module("torch.optim.adam")._single_tensor_adam
+    function_path = "torch.optim.adam._single_tensor_adam"
 
     def plan(self, hp: Mapping[str, Any], dtype: torch.dtype, ndim: int) -> UpdatePlan:
         self.check_signature()
@@ -86,9 +83,7 @@ class RMSpropAdapter(Adapter):
         "has_complex",
     )  # fmt: skip
 
-    @property
-    def function(self) -> Callable[..., Any]:  # type: ignore[override]
-        return importlib.import_module("torch.optim.rmsprop")._single_tensor_rmsprop
+    function_path = "torch.optim.rmsprop._single_tensor_rmsprop"
 
     def plan(self, hp: Mapping[str, Any], dtype: torch.dtype, ndim: int) -> UpdatePlan:
         self.check_signature()

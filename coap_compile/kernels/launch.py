@@ -70,11 +70,13 @@ def _k2_kernel() -> Any:
 def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
     """The single launch point (tests wrap it to inspect arguments)."""
     interp = type(kernel).__name__ == "InterpretedFunction"
-    guard = contextlib.nullcontext()
+    guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if interp:  # masked-off lanes may divide by zero in numpy; they are never stored
         import numpy as np
 
         guard = np.errstate(all="ignore")
+    elif isinstance(args[0], Tensor) and args[0].is_cuda:  # launch on the tensors' device and its stream
+        guard = torch.cuda.device(args[0].device)
     with guard:
         kernel[grid](*args, INTERPRET=interp, **meta)
 
@@ -191,7 +193,7 @@ def projected_lowrank_(
     grid = (_cdiv(m, bm) * _cdiv(r, br),)
     _launch(
         _k1_kernel(epilogue), grid, x, p, d, c if c.numel() else d, *states, m, n, r,
-        x.stride(0), x.stride(1), p.stride(0), p.stride(1), d.stride(0), d.stride(1), s0.stride(0), s0.stride(1),
+        *x.stride(), *p.stride(), *d.stride(), *s0.stride(),
         BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
         **_dot_meta(input_precision),
     )  # fmt: skip
@@ -203,7 +205,7 @@ def project_back_update_(
     c: Tensor | None = None, input_precision: str = "ieee", block_m: int = 64, block_n: int = 64,
     block_k: int = 32, group_m: int = 8, num_warps: int = 4, num_stages: int = 3,
 ) -> None:  # fmt: skip
-    """K2: ``W ← decay·W + scale·D Pᵀ`` in place. ``decay``: 1-element fp32 tensor, index into ``c``, or None."""
+    """K2: ``W ← decay·W + scale·D Pᵀ`` in place; ``decay``: 1-element fp32 tensor, index into ``c``, None."""
     _check_back(w_view, d, p)
     m, n = w_view.shape
     r = p.shape[1]
@@ -216,9 +218,10 @@ def project_back_update_(
     grid = (_cdiv(m, bm) * _cdiv(n, bn),)
     _launch(
         _k2_kernel(), grid, w_view, d, p, d if dec is None else dec, float(scale), m, n, r,
-        w_view.stride(0), w_view.stride(1), d.stride(0), d.stride(1), p.stride(0), p.stride(1),
-        HAS_DECAY=dec is not None, W_BF16=w_view.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
-        num_warps=num_warps, num_stages=num_stages, **_dot_meta(input_precision),
+        *w_view.stride(), *d.stride(), *p.stride(),
+        HAS_DECAY=dec is not None, W_BF16=w_view.dtype == torch.bfloat16,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
+        **_dot_meta(input_precision),
     )  # fmt: skip
 
 
@@ -276,7 +279,10 @@ def eager_projected_update_(
     g = torch.mm(x.float(), p)
     new, d = evaluate_epilogue(epilogue, g, list(states), c)
     # Outputs may alias an old state (e.g. ``D = exp_avg``): materialize before any state is overwritten.
-    outs = [torch.broadcast_to(torch.as_tensor(v, dtype=torch.float32, device=g.device), (m, r)) for v in (*new, d)]
+    outs = [
+        torch.broadcast_to(torch.as_tensor(v, dtype=torch.float32, device=g.device), (m, r))
+        for v in (*new, d)
+    ]
     outs = [v.clone() if any(v.data_ptr() == s.data_ptr() for s in states) else v for v in outs]
     for s, v in zip(states, outs):
         s.copy_(v)

@@ -99,9 +99,9 @@ def make_policy(group: dict, instance: ProjectionPolicy | None) -> ProjectionPol
             "restore_state": group["restore_state"],
         }
     elif name == "galore":
-        kwargs = {"update_gap": group["update_interval"] * group["reproject_factor"]}
+        kwargs = {"update_gap": group["update_interval"]}
     elif name == "flora":
-        kwargs = {"resample_every": group["update_interval"] * group["reproject_factor"]}
+        kwargs = {"resample_every": group["update_interval"]}
     return get_policy(name, **kwargs)
 
 
@@ -115,7 +115,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         base_optim: the ``torch.optim.Optimizer`` subclass whose update is compiled.
         rank / rank_ratio: ``r = min(rank, min(m, n))``, or ``max(⌊min(m, n) / rank_ratio⌋, 1)``.
         projection: ``"coap"`` (default), ``"galore"``, ``"flora"``, or a ProjectionPolicy instance. For
-            galore/flora the refresh period is ``update_interval · reproject_factor``.
+            galore/flora ``update_interval`` is the refresh period (``update_gap`` / ``resample_every``).
         update_interval / reproject_factor: COAP's ``T_u`` and ``λ`` (correlation step every ``T_u`` steps,
             low-cost SVD every ``T_u·λ``).
         scale: multiplies the back-projected update only.
@@ -268,66 +268,102 @@ class CoapOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, found_inf: Tensor | None = None):
-        """One optimizer step. ``found_inf`` (GradScaler style): if nonzero the step is skipped."""
+        """One optimizer step. ``found_inf`` (GradScaler style): if nonzero the step is skipped.
+
+        Two phases, so that ``torch.compile`` of a training step traces the update without recompiling:
+        :meth:`_prepare` (not compiled: checks, the refresh schedule, ``P`` refreshes written in place)
+        and the update itself (traceable: no host reads, no branches on the step).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if found_inf is not None and bool(found_inf.detach().cpu().any()):
+        if not self._prepare(found_inf):
             return loss
-        self._check_grads()
         for i, group in enumerate(self.param_groups):
-            policy = self._policies[i]
             for p in group["params"]:
                 if p.grad is not None and self._plans[p].projected:
-                    self._projected_step(p, group, i, policy)
+                    self._projected_update(p, group, i)
         if self._inner is not None:
             for i, j in self._inner_index.items():
                 self._inner.param_groups[j].update(self._base_hyperparams(self.param_groups[i]))
             self._inner.step()
         return loss
 
-    def _projected_step(self, p: Tensor, group: dict, index: int, policy: ProjectionPolicy) -> None:
-        dtype = self._state_dtype(p)
-        compiled = self._compiled(index, dtype)
-        program = compiled.program
-        state = self.state[p]
-        k = int(state["step"].item()) if "step" in state else 0
+    @torch.compiler.disable
+    def _prepare(self, found_inf: Tensor | None) -> bool:
+        """Skip on ``found_inf``, validate gradients, then initialise/refresh ``P`` where scheduled."""
+        if found_inf is not None and bool(found_inf.detach().cpu().any()):
+            return False
+        self._check_grads()
+        for i, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None and self._plans[p].projected:
+                    self._refresh(p, group, i)
+        return True
+
+    def _canonical_input(self, p: Tensor, program, k_t: Tensor, lr_t: Tensor) -> tuple[Tensor, bool]:
+        g = p.grad
+        if program.prologue is not None:
+            dtype = self._state_dtype(p)
+            g = program.prologue(p.to(dtype), g.to(dtype), k_t, lr_t)
+        return canonical(g)
+
+    @staticmethod
+    def _scalars(state: dict, group: dict) -> tuple[Tensor, Tensor]:
         lr = group["lr"]
         lr_t = (
             lr.detach().to("cpu", torch.float64)
             if isinstance(lr, Tensor)
             else torch.tensor(lr, dtype=torch.float64)
         )
-        k_t = torch.tensor(float(k), dtype=torch.float64)
-        g = p.grad
-        if program.prologue is not None:
-            g = program.prologue(p.to(dtype), g.to(dtype), k_t, lr_t)
-        x, transposed = canonical(g)
-        w = p.t() if transposed else p
-        rank = self._plans[p].rank
-        ema = program.first_moment is None and policy.needs_first_moment
+        return state["step"].to(torch.float64), lr_t
+
+    def _refresh(self, p: Tensor, group: dict, index: int) -> None:
+        """Create the state at ``k = 0``; apply the policy's refresh when its schedule says so."""
+        dtype = self._state_dtype(p)
+        compiled = self._compiled(index, dtype)
+        program = compiled.program
+        policy = self._policies[index]
+        state = self.state[p]
+        k = int(state["step"].item()) if "step" in state else 0
         kind = policy.refresh_kind(k) if state else "init"
+        if not kind:
+            return
         if kind == "init":
             state.clear()
             state["step"] = torch.zeros((), dtype=torch.float32)
+        x, transposed = self._canonical_input(p, program, *self._scalars(state, group))
+        rank = self._plans[p].rank
+        ema = program.first_moment is None and policy.needs_first_moment
+        if kind == "init":
             state.update(policy.init_state(x.to(dtype), rank))
             state.update(compiled.init_lowrank_states(x.shape[0], rank, dtype, p.device))
             if ema:
                 state[_EMA] = torch.zeros((x.shape[0], rank), dtype=dtype, device=p.device)
-        elif kind:
-            first = state[program.first_moment] if program.first_moment else state.get(_EMA)
-            old = state["proj"].clone() if group["restore_state"] else None
-            changed = policy.refresh(state, x, k, first_moment=first, transposed=transposed)
-            if old is not None and changed:
-                kinds = program.state_kinds
-                restore_moments(
-                    old,
-                    state["proj"],
-                    first=[state[n] for n in program.state_names if kinds[n] == "first_moment"]
-                    + ([state[_EMA]] if ema else []),
-                    second=[state[n] for n in program.state_names if kinds[n] == "second_moment"],
-                )
+            return
+        first = state[program.first_moment] if program.first_moment else state.get(_EMA)
+        old = state["proj"].clone() if group["restore_state"] else None
+        changed = policy.refresh(state, x, k, first_moment=first, transposed=transposed)
+        if old is not None and changed:
+            kinds = program.state_kinds
+            restore_moments(
+                old,
+                state["proj"],
+                first=[state[n] for n in program.state_names if kinds[n] == "first_moment"]
+                + ([state[_EMA]] if ema else []),
+                second=[state[n] for n in program.state_names if kinds[n] == "second_moment"],
+            )
+
+    def _projected_update(self, p: Tensor, group: dict, index: int) -> None:
+        """``X̃ = X P``; the compiled low-rank update; ``W ← decay·W + scale·D Pᵀ`` (traceable)."""
+        dtype = self._state_dtype(p)
+        program = self._compiled(index, dtype).program
+        policy = self._policies[index]
+        state = self.state[p]
+        k_t, lr_t = self._scalars(state, group)
+        x, transposed = self._canonical_input(p, program, k_t, lr_t)
+        w = p.t() if transposed else p
         x_proj = policy.project(state, x)
         stat_param = p if not program.decomposition.param_stats else p.to(dtype)
         decay, delta, new_states, new_step = run_lowrank(
@@ -337,7 +373,7 @@ class CoapOptimizer(torch.optim.Optimizer):
             state[name].copy_(value)
         state["step"].copy_(new_step)
         apply_reprojection_(w, decay, delta, state["proj"], group["scale"])
-        if ema:
+        if _EMA in state:
             state[_EMA].lerp_(x_proj, 1.0 - group["first_moment_beta"])
 
     # -- reporting ---------------------------------------------------------------------------------
