@@ -157,7 +157,8 @@ def test_bench_step_and_quality_smoke(tmp_path, corpus, capsys):
                  "--optimizers", names, "--quiet", "--results-dir", str(tmp_path), *TINY_ARGS]) == 0
     q = json.loads((tmp_path / "quality.json").read_text())
     assert [r["seeds"] for r in q["summary"]] == [2] * len(names.split(","))
-    assert (tmp_path / "quality.png").exists() and "bench quality" in q["meta"]["command"] or q["meta"]["command"]
+    assert (tmp_path / "quality.png").exists()
+    assert q["meta"]["command"].startswith("coap-compile bench quality --corpus")
 
 
 def test_progress_bar_on_a_pipe_prints_deciles():

@@ -23,6 +23,8 @@ from coap_compile.errors import UnsupportedOptimizerError
 __all__ = [
     "NON_MATH_KEYS",
     "Adapter",
+    "InitFn",
+    "UpdateFn",
     "UpdatePlan",
     "alternate_shape",
     "canonical_shape",
@@ -107,6 +109,7 @@ def normalize_value(v: Any) -> Any:
 
 
 def zeros_states(like: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """``{name: zeros_like(like)}`` for each name (any device, including meta)."""
     return {n: torch.zeros_like(like, memory_format=torch.preserve_format) for n in names}
 
 

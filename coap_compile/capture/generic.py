@@ -30,11 +30,11 @@ from torch import Tensor
 from coap_compile.capture.adapter_base import (
     NON_MATH_KEYS,
     Adapter,
+    UpdateFn,
     UpdatePlan,
     canonical_shape,
     class_defaults,
     normalize_value,
-    qualified_name,
 )
 from coap_compile.errors import UnsupportedOptimizerError
 
@@ -163,8 +163,10 @@ class GenericAdapter(Adapter):
         names, fills = self._state_layout(first, final, like)
         first2, final2 = self._discover(hp, dtype, ndim, lr=3e-2)
         names2, fills2 = self._state_layout(first2, final2, like)
+        if names2 != names:
+            raise UnsupportedOptimizerError(self.optimizer, f"state keys depend on lr ({names} vs {names2})")
         for k in names:
-            if names2 != names or fills2[k] != fills[k]:
+            if fills2[k] != fills[k]:
                 raise UnsupportedOptimizerError(
                     self.optimizer,
                     f"the initial value of state {k!r} depends on lr ({fills[k]} vs {fills2[k]})",
@@ -177,7 +179,10 @@ class GenericAdapter(Adapter):
 
         return UpdatePlan(names, update, init, patch_compiling=True, verify_shape_generic=True)
 
-    def _update_fn(self, hp: Mapping[str, Any], dtype: torch.dtype, names: tuple[str, ...], has_step: bool):
+    def _update_fn(
+        self, hp: Mapping[str, Any], dtype: torch.dtype, names: tuple[str, ...], has_step: bool
+    ) -> UpdateFn:
+        """``update(p, g, *states, step, lr)`` running ``step()`` of a pre-built one-parameter instance."""
         opt = self.cls([torch.zeros(2, dtype=dtype)], lr=1e-2, **self._ctor_kwargs(hp))
         group = opt.param_groups[0]
 
@@ -200,7 +205,3 @@ class GenericAdapter(Adapter):
             return (p, *(st[n] for n in names), new_step)
 
         return update
-
-    @property
-    def optimizer(self) -> str:
-        return qualified_name(self.cls)

@@ -55,7 +55,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class CapturedUpdate:
-    """One base optimizer's per-parameter update as a functional aten graph (see module docstring)."""
+    """One base optimizer's per-parameter update as a functional aten graph (see module docstring).
+
+    Attributes:
+        optimizer: qualified class name, e.g. ``"torch.optim.AdamW"``.
+        graph_module: ``(param, grad, *states, step, lr) -> (new_param, *new_states, step + 1)``; no
+            in-place ops, no write-back tail, ``meta["val"]`` on every node, roles on placeholders.
+        state_names: the base optimizer's state keys in placeholder order (``step`` excluded).
+        hyperparams: the normalized math hyperparameters baked into the graph, sorted by name.
+        dtype, ndim: the parameter dtype and rank the graph was captured for (any sizes).
+    """
 
     optimizer: str
     graph_module: torch.fx.GraphModule

@@ -169,7 +169,7 @@ def run_memory(args: argparse.Namespace) -> int:
     print(format_table(rows, MEMORY_COLUMNS))
     print("\nOfficial accounting (states and P in bf16 or 8-bit, step counters not counted):")
     print(format_table(checks, [(k, k) for k in ("model", "variant", "rank", "accounting", "bytes", "mib", "reference_mib", "match")]))
-    meta = metadata("meta")
+    meta = metadata("meta", getattr(args, "argv", None))
     out = Path(args.results_dir)
     write_csv(out / "memory.csv", rows, meta)
     write_json(out / "memory.json", {"meta": meta, "accounting": {"ours": asdict(mem.OURS), "official": asdict(mem.OFFICIAL)},
@@ -209,7 +209,7 @@ def run_quality(args: argparse.Namespace) -> int:
         })
     wall = time.perf_counter() - t0
     print(format_table(rows, [(k, k) for k in rows[0]]) if rows else "no optimizer available")
-    meta = metadata(base.device)
+    meta = metadata(base.device, getattr(args, "argv", None))
     out = Path(args.results_dir)
     rank_txt = f"rank {base.rank}" if base.rank_ratio is None else f"rank ratio {base.rank_ratio:g}"
     fig = plot_runs(runs, f"quality: {rank_txt}, {base.steps} steps, seeds {list(args.seeds)}")

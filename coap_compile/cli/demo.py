@@ -154,7 +154,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     png = save_figure(plot_runs({r.optimizer: [r] for r in results}, f"demo: {rank_txt}, {cfg.steps} steps"), out / "demo.png")
     payload = {
-        "meta": metadata(cfg.device),
+        "meta": metadata(cfg.device, getattr(args, "argv", None)),
         "wall_s": wall,
         "train_config": asdict(cfg),
         "model_config": asdict(model_cfg),

@@ -196,7 +196,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 benchmark check failed, 2 usage error)."""
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
+        args.argv = [PROG, *argv]  # recorded verbatim in every result file
         _validate(args)
         return _dispatch(args)
     except (UsageError, CorpusError, UnknownOptimizerError) as exc:

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 
-HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
+
+def _has_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None
+        return False
+
+
+HAS_TRITON: bool = _has_triton()
 
 from coap_compile.kernels.launch import (  # noqa: E402
     INPUT_PRECISIONS,

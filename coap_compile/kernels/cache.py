@@ -21,7 +21,14 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["cache_dir", "clear_memory_cache", "load_module", "loaded_modules", "source_path"]
+__all__ = [
+    "cache_dir",
+    "clear_memory_cache",
+    "interpreting",
+    "load_module",
+    "loaded_modules",
+    "source_path",
+]
 
 _LOCK = threading.Lock()
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
@@ -42,9 +49,9 @@ def source_path(name: str, source: str) -> Path:
     return cache_dir() / f"{name}_{_digest(source)}.py"
 
 
-def _interpreting() -> bool:
-    # ``triton.jit`` picks the interpreter at decoration time from TRITON_INTERPRET; a module imported
-    # in one mode is not reused in the other.
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` is on (``triton.jit`` reads it when a module is imported)."""
+    # A module imported in one mode is not reused in the other.
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -64,7 +71,7 @@ def _write(path: Path, source: str) -> None:
 
 def load_module(name: str, source: str) -> ModuleType:
     """Write ``source`` to the cache directory (if needed) and import it, once per process."""
-    key = (_digest(source), _interpreting())
+    key = (_digest(source), interpreting())
     with _LOCK:
         mod = _MODULES.get(key)
         if mod is not None:

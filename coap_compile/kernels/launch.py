@@ -27,6 +27,7 @@ multiplied after an exact upcast (the interpreter's bf16 ``tl.dot`` is wrong, tr
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -50,19 +51,24 @@ __all__ = [
 
 INPUT_PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_K1: dict[str, Any] = {}
 
 
 def _k1_kernel(ep: Epilogue) -> Any:
-    key = ep.key()
-    if key not in _K1:
-        gen = codegen.k1_source(ep)
-        _K1[key] = gen
-    gen = _K1[key]
-    return cache.load_module(gen.name, gen.source).coap_k1
+    return _k1_cached(ep, cache.interpreting())
 
 
 def _k2_kernel() -> Any:
+    return _k2_cached(cache.interpreting())
+
+
+@functools.cache
+def _k1_cached(ep: Epilogue, interpreting: bool) -> Any:  # per-step lookups stay off sympy/sha256
+    gen = codegen.k1_source(ep)
+    return cache.load_module(gen.name, gen.source).coap_k1
+
+
+@functools.cache
+def _k2_cached(interpreting: bool) -> Any:
     name, src = codegen.k2_source()
     return cache.load_module(name, src).coap_k2
 

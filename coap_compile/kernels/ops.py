@@ -18,7 +18,6 @@ installed, no driver, a kernel that fails to generate or compile) the op falls b
 """
 
 import hashlib
-import os
 import threading
 import warnings
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor
 
 from coap_compile.ir import Epilogue
-from coap_compile.kernels import launch
+from coap_compile.kernels import cache, launch
 
 __all__ = [
     "BACKENDS",
@@ -91,7 +90,7 @@ def _triton_usable(device: torch.device, backend: str) -> bool:
         _warn_once("triton is not installed")
         return False
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
+        if not cache.interpreting():
             _warn_once("Triton on CPU tensors needs TRITON_INTERPRET=1 (set before import)")
             return False
         return True

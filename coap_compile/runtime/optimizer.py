@@ -285,8 +285,6 @@ class CoapOptimizer(torch.optim.Optimizer):
                 if p.grad is not None and self._plans[p].projected:
                     self._projected_update(p, group, i)
         if self._inner is not None:
-            for i, j in self._inner_index.items():
-                self._inner.param_groups[j].update(self._base_hyperparams(self.param_groups[i]))
             self._inner.step()
         return loss
 
@@ -296,9 +294,17 @@ class CoapOptimizer(torch.optim.Optimizer):
         if found_inf is not None and bool(found_inf.detach().cpu().any()):
             return False
         self._check_grads()
+        if self._inner is not None:  # hyperparameters (lr schedules) reach the full-rank base optimizer
+            for i, j in self._inner_index.items():
+                self._inner.param_groups[j].update(self._base_hyperparams(self.param_groups[i]))
         for i, group in enumerate(self.param_groups):
             for p in group["params"]:
-                if p.grad is not None and self._plans[p].projected:
+                if p.grad is None:
+                    continue
+                # Create every entry here (the base optimizer fills full-rank ones lazily), so the state
+                # dict's size is fixed before the compiled update sees it: no recompile after step 1.
+                self.state[p]  # noqa: B018
+                if self._plans[p].projected:
                     self._refresh(p, group, i)
         return True
 
