@@ -19,7 +19,9 @@ def _fmt(e: sympy.Expr) -> str:
         PARAM: sympy.Symbol("W"),
         GRAD: sympy.Symbol("G"),
     }
-    return str(e.xreplace(names)).replace("**", "^")
+    e = e.xreplace(names)
+    e = e.xreplace({f: sympy.Float(f, 7) for f in e.atoms(sympy.Float)})  # display precision only
+    return sympy.sstr(e, full_prec=False).replace("**", "^")
 
 
 def explain_optimizer(opt) -> str:
@@ -27,7 +29,7 @@ def explain_optimizer(opt) -> str:
     projected = opt.projected_parameters()
     g0 = opt.param_groups[0]
     out.append(
-        f"coap_compile: {opt._base_cls.__module__}.{opt._base_cls.__qualname__} -> COAP "
+        f"coap_compile: {opt._base_cls.__qualname__} -> COAP "
         f"(projection={g0['projection']}, rank={g0['rank']}, rank_ratio={g0['rank_ratio']}, "
         f"update_interval={g0['update_interval']}, reproject_factor={g0['reproject_factor']}, "
         f"scale={g0['scale']})"

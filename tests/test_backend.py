@@ -19,9 +19,11 @@ from coap_compile.backend import CoapGraphPass, scalar_cse
 @pytest.fixture
 def fresh_compile():
     """No Dynamo/FX-graph cache hits, so every compile runs (and counts) our pass."""
+    import torch._functorch.config as functorch_config
+
     torch._dynamo.reset()
     counters.clear()
-    with inductor_config.patch(fx_graph_cache=False):
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
         yield
     torch._dynamo.reset()
 

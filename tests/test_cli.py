@@ -20,7 +20,20 @@ from coap_compile.models import build_llama, demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_COAP = availability()["coap"] is None
-TINY_ARGS = ["--dim", "32", "--layers", "1", "--heads", "2", "--ffn", "64", "--seq-len", "32", "--batch-size", "4"]
+TINY_ARGS = [
+    "--dim",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--ffn",
+    "64",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+]
 
 
 @pytest.fixture
@@ -39,8 +52,23 @@ def _errors(capsys) -> list[str]:
 def test_demo_end_to_end(tmp_path, corpus, capsys):
     out = tmp_path / "out"
     names = "adamw,coap" if HAVE_COAP else "adamw"
-    rc = main(["demo", "--corpus", str(corpus), "--steps", "4", "--eval-every", "2", "--optimizers", names,
-               "--out", str(out), "--quiet", *TINY_ARGS])
+    rc = main(
+        [
+            "demo",
+            "--corpus",
+            str(corpus),
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--optimizers",
+            names,
+            "--out",
+            str(out),
+            "--quiet",
+            *TINY_ARGS,
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0
     assert "state bytes" in printed and "val loss" in printed
@@ -52,8 +80,10 @@ def test_demo_end_to_end(tmp_path, corpus, capsys):
     assert result["meta"]["torch"] == torch.__version__ and result["corpus"]["files"] == 8
     adamw = result["runs"][0]
     assert len(adamw["train_loss"]) == 4 and adamw["val_steps"] == [2, 4]
-    model = build_llama(demo_config(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_seq_len=32),
-                        device="meta")
+    model = build_llama(
+        demo_config(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_seq_len=32),
+        device="meta",
+    )
     assert adamw["state_bytes"] == mem.total_bytes(mem.closed_form_rows(model, "adamw"))
     if HAVE_COAP:
         assert result["runs"][1]["state_bytes"] < adamw["state_bytes"]
@@ -91,8 +121,14 @@ def test_missing_and_empty_corpus_exit_2(tmp_path, capsys):
 
 def test_python_dash_m_entry_point_reports_one_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "coap_compile", "demo", "--rank", "0"], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "coap_compile", "demo", "--rank", "0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "rank" in proc.stderr
 
@@ -105,7 +141,9 @@ def test_closed_form_equals_real_adamw_state_on_meta():
 
 
 def test_official_llama_1b_figure_reproduces():
-    rows = mem.closed_form_rows(build_llama("1b", device="meta"), "coap", rank=512, target_modules=PAPER_TARGETS)
+    rows = mem.closed_form_rows(
+        build_llama("1b", device="meta"), "coap", rank=512, target_modules=PAPER_TARGETS
+    )
     assert sum(r.state_elems + r.proj_elems for r in rows) == 1_042_460_672
     assert round(mem.total_bytes(rows, mem.OFFICIAL) / 2**20, 2) == 1988.34
     assert sum(r.rank is not None for r in rows) == 7 * 24
@@ -124,7 +162,9 @@ def test_projection_selection_rules():
 @pytest.mark.parametrize("policy", ["coap", "galore", "flora"])
 def test_memory_plan_and_real_state_match_closed_form(policy):
     torch.manual_seed(0)
-    model = build_llama(demo_config(hidden_size=64, intermediate_size=96, num_layers=1, num_heads=2, max_seq_len=16))
+    model = build_llama(
+        demo_config(hidden_size=64, intermediate_size=96, num_layers=1, num_heads=2, max_seq_len=16)
+    )
     opt = build_optimizer(policy, model, rank=16, lr=1e-3)
     closed = mem.total_bytes(mem.closed_form_rows(model, policy, rank=16))
     model.loss(torch.randint(0, 256, (2, 17))).backward()
@@ -142,19 +182,59 @@ def test_bench_memory_writes_exact_rows(tmp_path, capsys):
     assert all(c["match"] for c in data["official_checks"])
     for row in data["rows"]:
         assert row["measured_bytes"] in (None, row["closed_form_bytes"])
-    assert data["rows"][0]["measured_bytes"] == data["rows"][0]["closed_form_bytes"]  # AdamW is always measured
+    assert (
+        data["rows"][0]["measured_bytes"] == data["rows"][0]["closed_form_bytes"]
+    )  # AdamW is always measured
     assert (tmp_path / "memory.csv").read_text().startswith("# timestamp_utc")
     assert len(memory_rows(["60m"])) == len(data["rows"])
 
 
 def test_bench_step_and_quality_smoke(tmp_path, corpus, capsys):
     names = "adamw,coap" if HAVE_COAP else "adamw"
-    assert main(["bench", "step", "--shapes", "48x32:8", "--optimizers", names, "--repeat", "3", "--warmup", "1",
-                 "--results-dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "step",
+                "--shapes",
+                "48x32:8",
+                "--optimizers",
+                names,
+                "--repeat",
+                "3",
+                "--warmup",
+                "1",
+                "--results-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     step = json.loads((tmp_path / "step_cpu.json").read_text())
     assert len(step["rows"]) == len(names.split(",")) and step["rows"][0]["median_ms"] > 0
-    assert main(["bench", "quality", "--corpus", str(corpus), "--steps", "3", "--seeds", "0,1", "--eval-every", "3",
-                 "--optimizers", names, "--quiet", "--results-dir", str(tmp_path), *TINY_ARGS]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "quality",
+                "--corpus",
+                str(corpus),
+                "--steps",
+                "3",
+                "--seeds",
+                "0,1",
+                "--eval-every",
+                "3",
+                "--optimizers",
+                names,
+                "--quiet",
+                "--results-dir",
+                str(tmp_path),
+                *TINY_ARGS,
+            ]
+        )
+        == 0
+    )
     q = json.loads((tmp_path / "quality.json").read_text())
     assert [r["seeds"] for r in q["summary"]] == [2] * len(names.split(","))
     assert (tmp_path / "quality.png").exists()

@@ -166,6 +166,8 @@ def test_errors():
         fused_op(w, g, p, states, c, "ep_unknown", False, "auto", "ieee")
     with pytest.raises(ValueError, match="backend must be one of"):
         fused_op(w, g, p, states, c, EID, False, "cuda-graphs", "ieee")
+    with pytest.raises(ValueError, match="input_precision must be one of"):
+        fused_op(w, g, p, states, c, EID, False, "triton", "fp8")
     with pytest.raises(ValueError, match="p has shape"):
         fused_op(w, g, p, states, c, EID, True, "auto", "ieee")  # transposed flag on a tall matrix
     assert ops.register_epilogue(adamw()) == EID  # the id is a content hash

@@ -369,6 +369,59 @@ def _jit_keys(group) -> list:
         pytest.skip(f"cannot build Triton's binder here: {e}")
 
 
+_AOT_SCRIPT = """
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)  # real JITFunctions (the interpreter must be off at import)
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from triton.runtime.jit import JITFunction
+from kernel_epilogues import adamw
+from coap_compile.kernels import launch
+
+ints1 = ["M", "N", "R", "stride_xm", "stride_xn", "stride_pn", "stride_pr", "stride_dm", "stride_dr"]
+ints2 = ["M", "N", "R", "stride_wm", "stride_wn", "stride_dm", "stride_dr", "stride_pn", "stride_pr"]
+sig1 = {"x_ptr": "*bf16", "p_ptr": "*fp32", "d_ptr": "*fp32", "c_ptr": "*fp32", "s0_ptr": "*fp32",
+        "s1_ptr": "*fp32", **dict.fromkeys(ints1 + ["stride_sm", "stride_sr"], "i32")}
+sig2 = {"w_ptr": "*bf16", "d_ptr": "*fp32", "p_ptr": "*fp32", "decay_ptr": "*fp32", "scale": "fp32",
+        **dict.fromkeys(ints2, "i32")}
+k1, k2 = launch._k1_kernel(adamw()), launch._k2_kernel()
+assert isinstance(k1, JITFunction) and isinstance(k2, JITFunction)  # decorated from the source *file*
+for precision in sys.argv[1:]:
+    meta = {"GROUP_M": 8, "INTERPRET": False, **launch._dot_meta(precision)}
+    c1 = {"BLOCK_M": 64, "BLOCK_R": 128, "BLOCK_K": 32, **meta}
+    c2 = {"HAS_DECAY": True, "W_BF16": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, **meta}
+    for name, jf, sig, consts in (("K1", k1, sig1, c1), ("K2", k2, sig2, c2)):
+        src = ASTSource(fn=jf, signature={**sig, **dict.fromkeys(consts, "constexpr")},
+                        constexprs={(jf.arg_names.index(k),): v for k, v in consts.items()})
+        out = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+        print(name, precision, "cubin" in out.asm, "mma" in out.asm["ptx"])
+"""
+
+
+def test_generated_kernels_compile_for_sm90(tmp_path):
+    """The real (non-interpreted) JIT path, compiled ahead of time for sm_90: no GPU needed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    env["COAP_COMPILE_CACHE_DIR"] = str(tmp_path)
+    precisions = ["ieee", "tf32x3", "bf16"]
+    out = subprocess.run(
+        [sys.executable, "-c", _AOT_SCRIPT, *precisions], capture_output=True, text=True, env=env
+    )
+    if out.returncode and ("ImportError" in out.stderr or "ptxas" in out.stderr):
+        pytest.skip(f"cannot compile ahead of time here: {out.stderr.strip().splitlines()[-1]}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = {tuple(line.split()[:2]): line.split()[2:] for line in out.stdout.splitlines()}
+    for prec in precisions:
+        for kernel in ("K1", "K2"):
+            cubin, mma = lines[(kernel, prec)]
+            assert cubin == "True"
+            assert mma == str(prec != "ieee"), (kernel, prec)  # tensor cores except for "ieee" (FMA)
+
+
 def test_validation_errors():
     ep, m, n, r = adamw(), 8, 6, 2
     w, x, p = torch.zeros(m, n), torch.zeros(m, n), torch.zeros(n, r)

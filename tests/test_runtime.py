@@ -281,3 +281,18 @@ def test_explain_shows_the_derived_update_and_plan():
         "saved",
     ):
         assert needle in text, needle
+
+
+@pytest.mark.parametrize(("base", "kw"), BASES, ids=[b.__name__ for b, _ in BASES])
+def test_lr_zero_leaves_weights_unchanged_even_with_zero_second_moment(base, kw):
+    """torch's capturable Adam divides by lr (NaN at lr = 0 with v = 0); the derived form does not."""
+    w = randn(0, 12, 6).requires_grad_()
+    opt = coap_compile.optimize([{"params": [w], "project": True}], base, rank=3, **{**kw, "lr": 0.0})
+    g = randn(1, 12, 6)
+    g[:, 0] = 0.0  # a zero gradient column: exact zeros in the projected second moment are possible
+    w.grad = g
+    before = w.detach().clone()
+    for _ in range(3):
+        opt.step()
+    assert torch.isfinite(w).all()
+    assert torch.equal(w.detach(), before)

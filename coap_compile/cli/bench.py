@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from coap_compile.cli import memory as mem
-from coap_compile.cli.demo import add_model_args, model_config_from_args, plot_runs
+from coap_compile.cli.demo import model_config_from_args, plot_runs
 from coap_compile.cli.optimizers import EXTERNAL, availability, build_optimizer
 from coap_compile.cli.report import format_table, metadata, save_figure, write_csv, write_json
 from coap_compile.cli.train import RunResult, TrainConfig, train_run
@@ -32,7 +32,10 @@ __all__ = ["MemoryMismatchError", "PAPER_TARGETS", "memory_rows", "run_memory", 
 PAPER_TARGETS = ("self_attn", "mlp")
 MIB = 1024**2
 #: The reference implementation's printed figures (show_memory_usage), in bytes.
-OFFICIAL_FIGURES = {("1b", "coap", 512): 1_042_460_672 * 2, ("7b", "coap-8bit", 1024): 3_762_823_168 + 939_524_096 * 2}
+OFFICIAL_FIGURES = {
+    ("1b", "coap", 512): 1_042_460_672 * 2,
+    ("7b", "coap-8bit", 1024): 3_762_823_168 + 939_524_096 * 2,
+}
 OFFICIAL_8BIT = mem.Accounting("official-8bit", state=1, proj=2, step=0)
 
 
@@ -64,7 +67,9 @@ def _measure(name: str, size: str, kwargs: dict) -> tuple[int | None, str]:
     except (NotImplementedError, RuntimeError):  # SVD/QR need data: projected optimizers can't step on meta
         stepped = None
     if planned is not None and stepped is not None and planned != stepped:
-        raise MemoryMismatchError(f"{size} {name} {kwargs}: memory_plan {planned} != state after a meta step {stepped}")
+        raise MemoryMismatchError(
+            f"{size} {name} {kwargs}: memory_plan {planned} != state after a meta step {stepped}"
+        )
     if stepped is not None:
         return stepped, "state after one meta-device step" + (" = memory_plan" if planned is not None else "")
     return planned, "memory_plan()" if planned is not None else "unmeasured"
@@ -104,7 +109,8 @@ def memory_rows(sizes: list[str], real_sizes: tuple[str, ...] = ()) -> list[dict
             real = _measure_real(name, size, kwargs) if size in real_sizes and avail[name] is None else None
             if real is not None and real != closed:
                 raise MemoryMismatchError(
-                    f"LLaMA-{size} {name} ({label}): state after a real CPU step {real} B != closed form {closed} B"
+                    f"LLaMA-{size} {name} ({label}): state after a real CPU step {real} B "
+                    f"!= closed form {closed} B"
                 )
             base = closed if name == "adamw" else base
             official = mem.total_bytes(rows_cf, mem.OFFICIAL) if name in ("adamw", "coap") else None
@@ -131,22 +137,37 @@ def _official_checks() -> list[dict[str, object]]:
     """Recompute the reference's two printed figures with the official accounting."""
     out = []
     for (size, variant, rank), expected in OFFICIAL_FIGURES.items():
-        rows = mem.closed_form_rows(build_llama(size, device="meta"), "coap", rank=rank, target_modules=PAPER_TARGETS)
+        rows = mem.closed_form_rows(
+            build_llama(size, device="meta"), "coap", rank=rank, target_modules=PAPER_TARGETS
+        )
         acc = mem.OFFICIAL if variant == "coap" else OFFICIAL_8BIT
         got = mem.total_bytes(rows, acc)
         out.append(
-            {"model": f"llama-{size}", "variant": variant, "rank": rank, "accounting": acc.name,
-             "bytes": got, "mib": round(got / MIB, 2), "reference_mib": round(expected / MIB, 2),
-             "match": got == expected}
+            {
+                "model": f"llama-{size}",
+                "variant": variant,
+                "rank": rank,
+                "accounting": acc.name,
+                "bytes": got,
+                "mib": round(got / MIB, 2),
+                "reference_mib": round(expected / MIB, 2),
+                "match": got == expected,
+            }
         )
     return out
 
 
 MEMORY_COLUMNS = [
-    ("model", "model"), ("optimizer", "optimizer"), ("setting", "setting"), ("projected", "proj."),
-    ("closed_form_bytes", "closed-form bytes"), ("measured_bytes", "measured bytes"), ("real_step_bytes", "real-step bytes"),
+    ("model", "model"),
+    ("optimizer", "optimizer"),
+    ("setting", "setting"),
+    ("projected", "proj."),
+    ("closed_form_bytes", "closed-form bytes"),
+    ("measured_bytes", "measured bytes"),
+    ("real_step_bytes", "real-step bytes"),
     ("state_mib", "MiB (fp32)"),
-    ("saved_pct", "saved %"), ("official_bf16_mib", "official MiB (bf16)"),
+    ("saved_pct", "saved %"),
+    ("official_bf16_mib", "official MiB (bf16)"),
 ]
 
 
@@ -168,12 +189,27 @@ def run_memory(args: argparse.Namespace) -> int:
     checks = _official_checks()
     print(format_table(rows, MEMORY_COLUMNS))
     print("\nOfficial accounting (states and P in bf16 or 8-bit, step counters not counted):")
-    print(format_table(checks, [(k, k) for k in ("model", "variant", "rank", "accounting", "bytes", "mib", "reference_mib", "match")]))
+    print(
+        format_table(
+            checks,
+            [
+                (k, k)
+                for k in ("model", "variant", "rank", "accounting", "bytes", "mib", "reference_mib", "match")
+            ],
+        )
+    )
     meta = metadata("meta", getattr(args, "argv", None))
     out = Path(args.results_dir)
     write_csv(out / "memory.csv", rows, meta)
-    write_json(out / "memory.json", {"meta": meta, "accounting": {"ours": asdict(mem.OURS), "official": asdict(mem.OFFICIAL)},
-                                     "rows": rows, "official_checks": checks})
+    write_json(
+        out / "memory.json",
+        {
+            "meta": meta,
+            "accounting": {"ours": asdict(mem.OURS), "official": asdict(mem.OFFICIAL)},
+            "rows": rows,
+            "official_checks": checks,
+        },
+    )
     print(f"wrote {out / 'memory.csv'} and {out / 'memory.json'}")
     return 0 if all(c["match"] for c in checks) else 1
 
@@ -189,8 +225,16 @@ def run_quality(args: argparse.Namespace) -> int:
     for n, why in skipped.items():
         print(f"skip {n}: {why}", file=sys.stderr)
     names = [n for n in names if avail[n] is None]
-    base = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=max(0, args.steps // 10),
-                       eval_every=args.eval_every, rank=args.rank, rank_ratio=args.rank_ratio, device=args.device)
+    base = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=max(0, args.steps // 10),
+        eval_every=args.eval_every,
+        rank=args.rank,
+        rank_ratio=args.rank_ratio,
+        device=args.device,
+    )
     corpus = load_corpus(args.corpus)
     t0 = time.perf_counter()
     runs: dict[str, list[RunResult]] = {n: [] for n in names}
@@ -200,13 +244,19 @@ def run_quality(args: argparse.Namespace) -> int:
     rows = []
     for n, rs in runs.items():
         finals = [r.final_val_loss for r in rs]
-        rows.append({
-            "optimizer": n, "seeds": len(rs), "val_mean": statistics.fmean(finals),
-            "val_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-            "val_min": min(finals), "val_max": max(finals),
-            "train_mean": statistics.fmean(r.final_train_loss for r in rs),
-            "state_bytes": rs[0].state_bytes, "step_ms": statistics.median(r.median_step_ms for r in rs),
-        })
+        rows.append(
+            {
+                "optimizer": n,
+                "seeds": len(rs),
+                "val_mean": statistics.fmean(finals),
+                "val_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                "val_min": min(finals),
+                "val_max": max(finals),
+                "train_mean": statistics.fmean(r.final_train_loss for r in rs),
+                "state_bytes": rs[0].state_bytes,
+                "step_ms": statistics.median(r.median_step_ms for r in rs),
+            }
+        )
     wall = time.perf_counter() - t0
     print(format_table(rows, [(k, k) for k in rows[0]]) if rows else "no optimizer available")
     meta = metadata(base.device, getattr(args, "argv", None))
@@ -215,10 +265,18 @@ def run_quality(args: argparse.Namespace) -> int:
     fig = plot_runs(runs, f"quality: {rank_txt}, {base.steps} steps, seeds {list(args.seeds)}")
     save_figure(fig, out / "quality.png")
     write_csv(out / "quality.csv", rows, meta)
-    write_json(out / "quality.json", {"meta": meta, "wall_s": wall, "train_config": asdict(base),
-                                      "model_config": asdict(model_cfg), "corpus": corpus.describe(),
-                                      "skipped": skipped, "summary": rows,
-                                      "runs": [r.to_json() for rs in runs.values() for r in rs]})
+    write_json(
+        out / "quality.json",
+        {
+            "meta": meta,
+            "wall_s": wall,
+            "train_config": asdict(base),
+            "model_config": asdict(model_cfg),
+            "corpus": corpus.describe(),
+            "skipped": skipped,
+            "summary": rows,
+            "runs": [r.to_json() for rs in runs.values() for r in rs],
+        },
+    )
     print(f"wrote {out / 'quality.csv'}, {out / 'quality.json'}, {out / 'quality.png'} ({wall:.0f} s)")
     return 0
-

@@ -20,10 +20,25 @@ from coap_compile.cli.train import RunResult, TrainConfig, train_run
 from coap_compile.data import load_corpus
 from coap_compile.models import LlamaConfig, demo_config
 
-__all__ = ["DEMO_DEFAULTS", "add_model_args", "cuda_ok", "model_config_from_args", "plot_runs", "run_demo", "summary_rows"]
+__all__ = [
+    "DEMO_DEFAULTS",
+    "add_model_args",
+    "cuda_ok",
+    "model_config_from_args",
+    "plot_runs",
+    "run_demo",
+    "summary_rows",
+]
 
 #: Default demo settings: ≈2 minutes for AdamW + COAP on 2 CPU cores (measured, see benchmarks/README.md).
-DEMO_DEFAULTS = {"steps": 150, "batch_size": 8, "lr": 3e-3, "warmup": 15, "eval_every": 25, "eval_windows": 64}
+DEMO_DEFAULTS = {
+    "steps": 150,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "warmup": 15,
+    "eval_every": 25,
+    "eval_windows": 64,
+}
 MIB = 1024**2
 
 
@@ -35,7 +50,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", type=int, default=d.num_layers, help="decoder layers (default %(default)s)")
     g.add_argument("--heads", type=int, default=d.num_heads, help="attention heads (default %(default)s)")
     g.add_argument("--ffn", type=int, default=d.intermediate_size, help="SwiGLU width (default %(default)s)")
-    g.add_argument("--seq-len", type=int, default=d.max_seq_len, help="tokens per sequence (default %(default)s)")
+    g.add_argument(
+        "--seq-len", type=int, default=d.max_seq_len, help="tokens per sequence (default %(default)s)"
+    )
     g.add_argument("--tie-embeddings", action="store_true", help="share the embedding with the output head")
 
 
@@ -140,7 +157,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(
         f"corpus: {corpus.source} ({corpus.num_files} files, {corpus.train.numel():,} train / "
         f"{corpus.val.numel():,} val bytes); model: {_count(model_cfg):,} params, "
-        f"d={model_cfg.hidden_size} L={model_cfg.num_layers} H={model_cfg.num_heads} ffn={model_cfg.intermediate_size} "
+        f"d={model_cfg.hidden_size} L={model_cfg.num_layers} H={model_cfg.num_heads} "
+        f"ffn={model_cfg.intermediate_size} "
         f"seq={model_cfg.max_seq_len}; {cfg.steps} steps × batch {cfg.batch_size} on {cfg.device}",
         file=sys.stderr,
     )
@@ -152,7 +170,10 @@ def run_demo(args: argparse.Namespace) -> int:
     print(format_table(rows, COLUMNS))
     print(f"* peak = {results[0].peak_kind}. Losses in nats/byte; train = mean of the last 10% of steps.")
     out = Path(args.out)
-    png = save_figure(plot_runs({r.optimizer: [r] for r in results}, f"demo: {rank_txt}, {cfg.steps} steps"), out / "demo.png")
+    png = save_figure(
+        plot_runs({r.optimizer: [r] for r in results}, f"demo: {rank_txt}, {cfg.steps} steps"),
+        out / "demo.png",
+    )
     payload = {
         "meta": metadata(cfg.device, getattr(args, "argv", None)),
         "wall_s": wall,

@@ -1,4 +1,6 @@
-"""Command line: ``coap-compile {demo, bench memory|quality|step, optimizers}`` (also ``python -m coap_compile``).
+"""Command line: ``coap-compile {demo, bench memory|quality|step, optimizers}``.
+
+Also available as ``python -m coap_compile``.
 
 User errors (a bad option value, an unknown optimizer, a missing or empty corpus, CUDA asked for but
 absent) exit with status 2 and one line on stderr, never a traceback. A benchmark whose measured
@@ -68,7 +70,9 @@ def _names(text: str) -> list[str]:
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     for n in names:
         if n not in OPTIMIZER_NAMES:
-            raise argparse.ArgumentTypeError(f"unknown optimizer {n!r} (choose from {', '.join(OPTIMIZER_NAMES)})")
+            raise argparse.ArgumentTypeError(
+                f"unknown optimizer {n!r} (choose from {', '.join(OPTIMIZER_NAMES)})"
+            )
     if not names:
         raise argparse.ArgumentTypeError("no optimizer given")
     return names
@@ -88,12 +92,35 @@ def _rank_args(p: argparse.ArgumentParser, default_ratio: float = 4.0) -> None:
 
 
 def _common_train(p: argparse.ArgumentParser, *, steps: int, eval_every: int) -> None:
-    p.add_argument("--corpus", help="text file or folder of text files (default: this Python's stdlib .py files)")
-    p.add_argument("--steps", type=_positive_int, default=steps, help="optimizer steps per run (default %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=DEMO_DEFAULTS["batch_size"], help="sequences per step (default %(default)s)")
-    p.add_argument("--lr", type=_positive_float, default=DEMO_DEFAULTS["lr"], help="peak learning rate (default %(default)s)")
-    p.add_argument("--eval-every", type=_positive_int, default=eval_every, help="validation interval in steps (default %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument(
+        "--corpus", help="text file or folder of text files (default: this Python's stdlib .py files)"
+    )
+    p.add_argument(
+        "--steps", type=_positive_int, default=steps, help="optimizer steps per run (default %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEMO_DEFAULTS["batch_size"],
+        help="sequences per step (default %(default)s)",
+    )
+    p.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=DEMO_DEFAULTS["lr"],
+        help="peak learning rate (default %(default)s)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=eval_every,
+        help="validation interval in steps (default %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:N (default %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _rank_args(p)
     add_model_args(p)
@@ -106,21 +133,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a small LLaMA with AdamW and COAP-AdamW and compare")
     _common_train(demo, steps=DEMO_DEFAULTS["steps"], eval_every=DEMO_DEFAULTS["eval_every"])
-    demo.add_argument("--optimizers", type=_names, default=["adamw", "coap"], help="comma-separated (default adamw,coap)")
-    demo.add_argument("--seed", type=int, default=0, help="model init and data order seed (default %(default)s)")
-    demo.add_argument("--out", default="out/demo", help="output folder for demo.png/results.json (default %(default)s)")
+    demo.add_argument(
+        "--optimizers", type=_names, default=["adamw", "coap"], help="comma-separated (default adamw,coap)"
+    )
+    demo.add_argument(
+        "--seed", type=int, default=0, help="model init and data order seed (default %(default)s)"
+    )
+    demo.add_argument(
+        "--out", default="out/demo", help="output folder for demo.png/results.json (default %(default)s)"
+    )
 
-    bench = sub.add_parser("bench", help="benchmarks writing results files").add_subparsers(dest="bench", required=True, parser_class=_Parser)
-    m = bench.add_parser("memory", help="optimizer-state bytes of the LLaMA-60M…7B configurations (meta device)")
-    m.add_argument("--sizes", default="60m,130m,350m,1b,7b", help="comma-separated sizes (default %(default)s)")
-    m.add_argument("--real", default="60m", help="sizes that also take one real CPU step to measure allocated state "
-                   "(default %(default)s; '' for none)")
+    bench = sub.add_parser("bench", help="benchmarks writing results files").add_subparsers(
+        dest="bench", required=True, parser_class=_Parser
+    )
+    m = bench.add_parser(
+        "memory", help="optimizer-state bytes of the LLaMA-60M…7B configurations (meta device)"
+    )
+    m.add_argument(
+        "--sizes", default="60m,130m,350m,1b,7b", help="comma-separated sizes (default %(default)s)"
+    )
+    m.add_argument(
+        "--real",
+        default="60m",
+        help="sizes that also take one real CPU step to measure allocated state "
+        "(default %(default)s; '' for none)",
+    )
     m.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
 
     q = bench.add_parser("quality", help="final validation loss over seeds for each optimizer")
     _common_train(q, steps=400, eval_every=50)
-    q.add_argument("--optimizers", type=_names, default=None,
-                   help="comma-separated (default adamw,coap,galore,flora + galore-torch,apollo-torch if installed)")
+    q.add_argument(
+        "--optimizers",
+        type=_names,
+        default=None,
+        help="comma-separated (default adamw,coap,galore,flora + galore-torch,apollo-torch if installed)",
+    )
     q.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     q.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
 
@@ -128,8 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     s.add_argument("--shapes", default=None, help="MxN:RANK,... (default: LLaMA 130M–1B matrices)")
     s.add_argument("--optimizers", type=_names, default=["adamw", "coap"], help="(default adamw,coap)")
-    s.add_argument("--warmup", type=_positive_int, default=3, help="untimed steps (CUDA: ms) (default %(default)s)")
-    s.add_argument("--repeat", type=_positive_int, default=20, help="timed steps (CUDA: ms) (default %(default)s)")
+    s.add_argument(
+        "--warmup", type=_positive_int, default=3, help="untimed steps (CUDA: ms) (default %(default)s)"
+    )
+    s.add_argument(
+        "--repeat", type=_positive_int, default=20, help="timed steps (CUDA: ms) (default %(default)s)"
+    )
     s.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
 
     sub.add_parser("optimizers", help="list optimizer names and whether each is usable here")
@@ -189,7 +240,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     from coap_compile.cli import bench, stepbench
 
-    runner = {"memory": bench.run_memory, "quality": bench.run_quality, "step": stepbench.run_step}[args.bench]
+    runner = {"memory": bench.run_memory, "quality": bench.run_quality, "step": stepbench.run_step}[
+        args.bench
+    ]
     return runner(args)
 
 

@@ -126,7 +126,9 @@ def availability() -> dict[str, str | None]:
             importlib.import_module(module)
             status[name] = None
         except Exception as exc:
-            status[name] = f"{name} is not installed ({type(exc).__name__}: {exc}); pip install 'coap-compile[bench]'"
+            status[name] = (
+                f"{name} is not installed ({type(exc).__name__}: {exc}); pip install 'coap-compile[bench]'"
+            )
     return status
 
 
@@ -141,10 +143,16 @@ def _external(name: str, model: nn.Module, s: OptimizerSettings) -> torch.optim.
     named = dict(model.named_parameters())
     regular = [p for n, p in named.items() if n not in chosen and p.requires_grad]
     groups: list[dict] = [{"params": regular}]
-    interval = s.update_interval * s.reproject_factor
+    interval = s.update_interval  # the refresh period, as for coap_compile's galore/flora policies
     for r in sorted(set(chosen.values())):
         params = [named[n] for n, rr in chosen.items() if rr == r]
-        group = {"params": params, "rank": r, "update_proj_gap": interval, "scale": s.scale, "proj_type": "std"}
+        group = {
+            "params": params,
+            "rank": r,
+            "update_proj_gap": interval,
+            "scale": s.scale,
+            "proj_type": "std",
+        }
         if name == "apollo-torch":
             group.update(proj="random", scale_type="channel")
         groups.append(group)
@@ -173,7 +181,7 @@ def build_optimizer(
     scale: float = 1.0,
     target_modules: Sequence[str] | None = None,
 ) -> torch.optim.Optimizer:
-    """Build the optimizer called ``name`` for ``model`` (see the module docstring and :class:`OptimizerSettings`).
+    """Build the optimizer called ``name`` for ``model`` (module docstring; :class:`OptimizerSettings`).
 
     Raises:
         UnknownOptimizerError: ``name`` is unknown or its implementation is not importable.

@@ -16,7 +16,9 @@ __all__ = ["Progress"]
 class Progress:
     """``with Progress(total, "adamw") as bar: bar.update(loss=...)``."""
 
-    def __init__(self, total: int, label: str, *, stream: TextIO | None = None, enabled: bool = True, width: int = 24):
+    def __init__(
+        self, total: int, label: str, *, stream: TextIO | None = None, enabled: bool = True, width: int = 24
+    ):
         self.total, self.label, self.width, self.enabled = max(1, total), label, width, enabled
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -48,7 +50,7 @@ class Progress:
 
     def _line(self) -> str:
         frac = self.count / self.total
-        filled = int(round(frac * self.width))
+        filled = round(frac * self.width)
         elapsed = time.perf_counter() - self.start
         eta = elapsed / self.count * (self.total - self.count) if self.count else float("nan")
         bar = "#" * filled + "." * (self.width - filled)

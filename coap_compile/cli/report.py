@@ -67,6 +67,7 @@ def metadata(device: str = "cpu", argv: Sequence[str] | None = None) -> dict[str
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version,
@@ -96,7 +97,11 @@ def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[tuple[s
 
 
 def _is_num(v: object) -> bool:
-    return v is None or (isinstance(v, int | float) and not isinstance(v, bool)) or (isinstance(v, str) and v[:1].isdigit())
+    return (
+        v is None
+        or (isinstance(v, int | float) and not isinstance(v, bool))
+        or (isinstance(v, str) and v[:1].isdigit())
+    )
 
 
 def _fmt(v: object) -> str:

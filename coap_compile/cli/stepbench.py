@@ -45,7 +45,9 @@ DEFAULT_SHAPES: tuple[tuple[int, int, int], ...] = (
 )
 
 
-def make_step(optimizer: str, m: int, n: int, rank: int, device: str, seed: int = 0) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+def make_step(
+    optimizer: str, m: int, n: int, rank: int, device: str, seed: int = 0
+) -> tuple[Callable[[], None], torch.optim.Optimizer]:
     """A zero-argument ``step`` for one ``m×n`` weight with a fixed gradient, after one initialising step."""
     gen = torch.Generator().manual_seed(seed)
     layer = nn.Linear(n, m, bias=False)
@@ -137,7 +139,7 @@ def step_rows(
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
-    """``"768x768:256,2048x5461:512"`` → ``[(768, 768, 256), (2048, 5461, 512)]`` (ValueError if malformed)."""
+    """``"768x768:256,2048x5461:512"`` → ``[(768, 768, 256), (2048, 5461, 512)]``; ValueError if malformed."""
     shapes = []
     for item in text.split(","):
         try:

@@ -183,7 +183,9 @@ def train_run(
             res.opt_step_times.append(t2 - t1)
             res.train_loss.append(float(loss.item()))
             if not math.isfinite(res.train_loss[-1]):
-                raise FloatingPointError(f"{optimizer}: training loss became {res.train_loss[-1]} at step {step}")
+                raise FloatingPointError(
+                    f"{optimizer}: training loss became {res.train_loss[-1]} at step {step}"
+                )
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 res.val_steps.append(step + 1)
                 res.val_loss.append(evaluate(model, val, cfg.batch_size, device))
@@ -193,7 +195,10 @@ def train_run(
     res.plan_bytes = plan_total_bytes(opt)
     res.param_bytes = _tensor_bytes(model.parameters())
     if device.type == "cuda":
-        res.peak_bytes, res.peak_kind = int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
+        res.peak_bytes, res.peak_kind = (
+            int(torch.cuda.max_memory_allocated(device)),
+            "cuda max_memory_allocated",
+        )
     else:
         res.peak_bytes = res.param_bytes + res.grad_bytes + res.state_bytes
         res.peak_kind = "params+grads+optimizer state (counted tensors, CPU)"

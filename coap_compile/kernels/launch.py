@@ -14,14 +14,18 @@ middle runs eagerly (Adafactor). ``eager_*`` do the same with torch ops and
 ``input_precision`` (per kernel) selects the ``tl.dot`` arithmetic for fp32 operands:
 
 * ``"ieee"`` (default): fp32 FMA-exact products; the result matches torch fp32 matmul (~1e-7 relative).
-* ``"tf32x3"``: three tf32 tensor-core passes, ≈ fp32 accuracy at roughly half of tf32's speed.
+* ``"tf32x3"``: three tf32 tensor-core passes (split operands), ≈ fp32 accuracy, 3× tf32's MMA work.
 * ``"tf32"``: opt-in, fastest; 10-bit mantissa operands. Adam-like updates behave like ``sign(g)`` early
   on, so entries of ``g`` near zero flip: after 5 steps the weight update is off by ≈5–7 % of its size
   (compiler-techniques §6). Use it only when that is acceptable.
 * ``"bf16"``: opt-in, casts both operands to bf16 (fp32 accumulation); lossier than tf32.
 
-Under ``TRITON_INTERPRET=1`` the precision is ignored (numpy fp32 products) and bf16 operands are
-multiplied after an exact upcast (the interpreter's bf16 ``tl.dot`` is wrong, triton#11584).
+Under ``TRITON_INTERPRET=1`` the precision is ignored (numpy fp32 products, so CPU tests cannot see tf32
+error), bf16 operands are multiplied after an exact upcast (the interpreter's bf16 ``tl.dot`` is wrong,
+triton#11584), and fp32 → bf16 roundings (``"bf16"`` operands, bf16 ``W`` stores) are done explicitly
+to nearest-even, because the interpreter's casts truncate. On GPUs the plain casts round to nearest even.
+
+Defaults (BM = 64, BR = next_pow2(r) ≤ 128, BN = 64, BK = 32, 4 warps, 3 stages) are untuned.
 """
 
 from __future__ import annotations

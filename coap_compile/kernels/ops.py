@@ -78,10 +78,12 @@ def _warn_once(reason: str) -> None:
     warnings.warn(f"coap_compile: falling back to the eager kernels: {reason}", RuntimeWarning, stacklevel=3)
 
 
-def _triton_usable(device: torch.device, backend: str) -> bool:
+def _triton_usable(device: torch.device, backend: str, input_precision: str) -> bool:
     """Whether to run Triton for tensors on ``device``; warns (once) when it was wanted but can't be."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if input_precision not in launch.INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {launch.INPUT_PRECISIONS}, got {input_precision!r}")
     if backend == "eager" or (backend == "auto" and device.type != "cuda"):
         return False
     from coap_compile.kernels import HAS_TRITON
@@ -130,12 +132,12 @@ def _fused_op(
     ep = get_epilogue(epilogue_id)
     w_view, x = (w.t(), g.t()) if transposed else (w, g)
     launch._check_update(w_view, x, p, states, c, ep)
-    if not _triton_usable(w.device, backend):
+    if not _triton_usable(w.device, backend, input_precision):
         launch.eager_projected_update_(w_view, x, p, states, c, ep)
         return
     d = torch.empty((x.shape[0], p.shape[1]), dtype=torch.float32, device=x.device)
     if not _try_triton(
-        f"K1[{epilogue_id}]",
+        f"K1[{epilogue_id}, {x.dtype}]",
         launch.projected_lowrank_,
         x,
         p,
@@ -149,7 +151,15 @@ def _fused_op(
         return
     decay = launch.epilogue_decay(ep)
     if not _try_triton(
-        "K2", launch.project_back_update_, w_view, d, p, decay, ep.scale, c=c, input_precision=input_precision
+        f"K2[{w.dtype}]",
+        launch.project_back_update_,
+        w_view,
+        d,
+        p,
+        decay,
+        ep.scale,
+        c=c,
+        input_precision=input_precision,
     ):
         launch.eager_project_back_update_(w_view, d, p, decay, ep.scale, c=c)
 
@@ -172,8 +182,16 @@ def _back_op(
 ) -> None:
     w_view = w.t() if transposed else w
     launch._check_back(w_view, d, p)
-    if _triton_usable(w.device, backend) and _try_triton(
-        "K2", launch.project_back_update_, w_view, d, p, decay, scale, input_precision=input_precision
+    launch._resolve_decay(decay, None, w.device)  # user errors raise here, not as a "Triton failure"
+    if _triton_usable(w.device, backend, input_precision) and _try_triton(
+        f"K2[{w.dtype}]",
+        launch.project_back_update_,
+        w_view,
+        d,
+        p,
+        decay,
+        scale,
+        input_precision=input_precision,
     ):
         return
     launch.eager_project_back_update_(w_view, d, p, decay, scale)

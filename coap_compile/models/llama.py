@@ -59,7 +59,14 @@ class LlamaConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "max_seq_len",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
@@ -201,7 +208,7 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, 0.02) for matrices and embeddings, output projections scaled by 1/√(2·layers), norms 1."""
+        """Normal(0, 0.02) for matrices and embeddings (output projections: / √(2·layers)); norms 1."""
         std = 0.02
         for name, p in self.named_parameters():
             if p.ndim == 1:
@@ -220,12 +227,17 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(self.model.norm(x))
 
     def loss(self, ids: Tensor) -> Tensor:
-        """Mean next-token cross-entropy (nats) of ``ids`` (``B×(T+1)``): inputs ``ids[:, :-1]``, targets ``ids[:, 1:]``."""
+        """Mean next-token cross-entropy (nats) of ``ids`` (``B×(T+1)``).
+
+        Inputs are ``ids[:, :-1]``, targets ``ids[:, 1:]``.
+        """
         logits = self(ids[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
 
-def build_llama(cfg: LlamaConfig | str, *, device: torch.device | str = "cpu", seed: int | None = None) -> LlamaForCausalLM:
+def build_llama(
+    cfg: LlamaConfig | str, *, device: torch.device | str = "cpu", seed: int | None = None
+) -> LlamaForCausalLM:
     """Build a model from a config or a key of :data:`LLAMA_CONFIGS`; ``seed`` makes the init reproducible.
 
     On ``device="meta"`` nothing is allocated and no initialisation runs.
