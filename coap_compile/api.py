@@ -29,6 +29,7 @@ def optimize(
     restore_state: bool = False,
     backend: str = "auto",
     check_finite: bool = True,
+    input_precision: str = "ieee",
     **base_kwargs: Any,
 ) -> CoapOptimizer:
     """Compile ``base_optim`` into its COAP form for ``model_or_params``.
@@ -78,6 +79,7 @@ def optimize(
         restore_state=restore_state,
         backend=backend,
         check_finite=check_finite,
+        input_precision=input_precision,
         param_names=names,
         **base_kwargs,
     )

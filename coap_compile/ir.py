@@ -23,6 +23,7 @@ updates with reductions (Adafactor) run their low-rank middle part eagerly betwe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -81,19 +82,30 @@ class Epilogue:
 
 
 def _fold(op):
+    """n-ary Max/Min over tensors and numbers; numbers take the first tensor's dtype and device."""
+
     def f(*args):
-        out = torch.as_tensor(args[0], dtype=torch.float64) if not isinstance(args[0], Tensor) else args[0]
-        for a in args[1:]:
-            out = op(out, torch.as_tensor(a, dtype=out.dtype, device=out.device))
+        like = next((a for a in args if isinstance(a, Tensor)), torch.zeros((), dtype=torch.float64))
+        vals = [
+            a if isinstance(a, Tensor) else torch.as_tensor(float(a), dtype=like.dtype, device=like.device)
+            for a in args
+        ]
+        out = vals[0]
+        for v in vals[1:]:
+            out = op(out, v)
         return out
 
     return f
 
 
+class _TorchSign(sympy.Function):
+    """``sign`` for lambdify: sympy prints ``sign`` as ``math.copysign``, which fails on tensors."""
+
+
 _TORCH_FUNCS = {
     "sqrt": torch.sqrt,
     "Abs": torch.abs,
-    "sign": torch.sign,
+    "_TorchSign": torch.sign,
     "Max": _fold(torch.maximum),
     "Min": _fold(torch.minimum),
     "exp": torch.exp,
@@ -101,7 +113,9 @@ _TORCH_FUNCS = {
 }
 
 
-def _lambdify(args: Sequence[sympy.Symbol], expr: sympy.Expr):
+@functools.lru_cache(maxsize=512)
+def _lambdify(args: tuple[sympy.Symbol, ...], expr: sympy.Expr):
+    expr = expr.replace(sympy.sign, _TorchSign)
     return sympy.lambdify(args, expr, modules=[_TORCH_FUNCS, "math"])
 
 
@@ -124,7 +138,7 @@ def evaluate_epilogue(
     env.update(zip(ep.state_names, states))
     env.update({str(s): c[i] for i, s in enumerate(ep.scalar_symbols)})
     for target, expr in ep.body:
-        syms = sorted(expr.free_symbols, key=str)
+        syms = tuple(sorted(expr.free_symbols, key=str))
         val = _lambdify(syms, expr)(*[env[str(s)] for s in syms])
         env[str(target)] = val if isinstance(val, Tensor) else torch.full_like(g, float(val))
     return [env[str(s)] for s in ep.new_states], env[str(ep.update)]

@@ -8,12 +8,15 @@ decorator reads it), so it is set here, at conftest import time, unless a CUDA d
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Generated kernel sources go to a per-run temporary folder, not the user's cache.
+os.environ.setdefault("COAP_COMPILE_CACHE_DIR", tempfile.mkdtemp(prefix="coap_compile_kernels_"))
 
 from hypothesis import HealthCheck, settings
 

@@ -214,10 +214,6 @@ def test_sign_epilogue_exact_on_integer_data():
     assert_rel_close(states[0].cpu(), (0.01 * (x @ p)).cpu(), 1e-6, "exp_avg")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="ir.evaluate_epilogue: lambdify prints sign() as Python copysign, which fails on tensors",
-)  # fmt: skip
 def test_sign_epilogue_eager_twin():
     x, p, w, c, states = _integer_problem()
     w0 = w.clone()

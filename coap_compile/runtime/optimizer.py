@@ -22,7 +22,6 @@ without a first moment (RMSprop, Adafactor) get a low-rank EMA ``coap_exp_avg`` 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,77 +31,12 @@ from torch import Tensor
 from ..compiler import CompiledBase, compile_base
 from ..errors import NonFiniteGradientError
 from ..lowering.eager import apply_reprojection_, run_lowrank
+from ..lowering.kernels import KernelPlan, fused_update_, kernel_plan, reproject_update_
 from ..projection import ProjectionPolicy, canonical, get_policy, restore_moments
 from .selection import ParamPlan, plan_param
+from .settings import EMA_KEY, PRECISIONS, PROJECTION_KEYS, make_policy, validate_projection_args
 
-__all__ = ["PROJECTION_KEYS", "CoapOptimizer"]
-
-#: param-group keys owned by COAP (everything else belongs to the base optimizer).
-PROJECTION_KEYS = (
-    "rank",
-    "rank_ratio",
-    "projection",
-    "update_interval",
-    "reproject_factor",
-    "scale",
-    "restore_state",
-    "first_moment_beta",
-    "project",
-)
-_BACKENDS = ("auto", "eager", "triton")
-_EMA = "coap_exp_avg"
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def validate_projection_args(
-    rank, rank_ratio, projection, update_interval, reproject_factor, scale, first_moment_beta, backend
-) -> None:
-    """Raise a ValueError/TypeError naming the argument and its value for bad COAP settings."""
-    _positive_int("rank", rank, allow_none=True)
-    if rank_ratio is not None:
-        if isinstance(rank_ratio, bool) or not isinstance(rank_ratio, (int, float)):
-            raise TypeError(f"rank_ratio must be a positive number, got {rank_ratio!r}")
-        if not rank_ratio > 0:
-            raise ValueError(f"rank_ratio must be a positive number, got {rank_ratio!r}")
-    if rank is None and rank_ratio is None:
-        raise ValueError("one of rank or rank_ratio must be given, got rank=None and rank_ratio=None")
-    _positive_int("update_interval", update_interval)
-    _positive_int("reproject_factor", reproject_factor)
-    if not isinstance(projection, (str, ProjectionPolicy)):
-        raise TypeError(f"projection must be a policy name or a ProjectionPolicy, got {projection!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    if not 0.0 <= first_moment_beta < 1.0:
-        raise ValueError(f"first_moment_beta must be in [0, 1), got {first_moment_beta!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-
-
-def make_policy(group: dict, instance: ProjectionPolicy | None) -> ProjectionPolicy:
-    """The policy for a group: the user's instance, or one built by name from the group settings."""
-    if instance is not None:
-        return instance
-    name = group["projection"]
-    kwargs: dict[str, Any] = {}
-    if name == "coap":
-        kwargs = {
-            "update_interval": group["update_interval"],
-            "reproject_factor": group["reproject_factor"],
-            "restore_state": group["restore_state"],
-        }
-    elif name == "galore":
-        kwargs = {"update_gap": group["update_interval"]}
-    elif name == "flora":
-        kwargs = {"resample_every": group["update_interval"]}
-    return get_policy(name, **kwargs)
+__all__ = ["CoapOptimizer"]
 
 
 class CoapOptimizer(torch.optim.Optimizer):
@@ -123,6 +57,9 @@ class CoapOptimizer(torch.optim.Optimizer):
         first_moment_beta: EMA rate of ``coap_exp_avg`` for bases without a first moment.
         backend: ``"auto"`` (Triton kernels for CUDA tensors when available), ``"eager"`` or ``"triton"``.
         check_finite: refuse (raise) a step whose gradients contain inf/NaN, before modifying anything.
+        input_precision: ``tl.dot`` precision of the kernels' matmuls: ``"ieee"`` (default, float32
+            accuracy, no tensor cores), ``"tf32x3"`` (≈ float32 accuracy on tensor cores) or ``"tf32"``
+            (fastest, ≈1e-3 relative error per product; Adam's early sign-like steps amplify it).
         param_names: ``id(param) -> name`` for messages and the memory plan.
         **base_kwargs: the base optimizer's own arguments (``lr``, ``betas``, ``weight_decay`` …).
     """
@@ -142,6 +79,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         first_moment_beta: float = 0.9,
         backend: str = "auto",
         check_finite: bool = True,
+        input_precision: str = "ieee",
         param_names: dict[int, str] | None = None,
         **base_kwargs: Any,
     ) -> None:
@@ -157,6 +95,9 @@ class CoapOptimizer(torch.optim.Optimizer):
         if self._policy_instance is None:
             get_policy(projection)  # unknown names fail here, naming the value
         self._backend = backend
+        if input_precision not in PRECISIONS:
+            raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
+        self._precision = input_precision
         self._check_finite = check_finite
         self._names = dict(param_names or {})
         self._inner: torch.optim.Optimizer | None = None
@@ -194,6 +135,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         self._plans = {p: plan_param(p, g) for g in self.param_groups for p in g["params"]}
         self._policies = [make_policy(g, self._policy_instance) for g in self.param_groups]
         self._programs: dict[tuple[int, torch.dtype], CompiledBase] = {}
+        self._kernel_plans: dict[tuple[int, torch.dtype], KernelPlan] = {}
         for i, g in enumerate(self.param_groups):
             for p in g["params"]:
                 if self._plans[p].projected:
@@ -223,6 +165,21 @@ class CoapOptimizer(torch.optim.Optimizer):
             hyper = self._base_hyperparams(self.param_groups[group_index])
             self._programs[key] = compile_base(self._base_cls, hyper, dtype)
         return self._programs[key]
+
+    def _kernel_plan(self, group_index: int, dtype: torch.dtype) -> KernelPlan | None:
+        """The registered kernel epilogue for a group (built outside any compiled region)."""
+        ep = self._compiled(group_index, dtype).program.epilogue
+        scale = self.param_groups[group_index]["scale"]
+        key = (group_index, dtype)
+        plan = self._kernel_plans.get(key)
+        if ep is not None and (plan is None or plan.epilogue.scale != scale):
+            plan = self._kernel_plans[key] = kernel_plan(ep, scale)
+        return plan
+
+    def _use_kernels(self, p: Tensor) -> bool:
+        if p.dtype not in (torch.float32, torch.bfloat16) or self._backend == "eager":
+            return False
+        return self._backend == "triton" or p.is_cuda
 
     def projected_parameters(self) -> list[Tensor]:
         return [p for p, plan in self._plans.items() if plan.projected]
@@ -303,9 +260,11 @@ class CoapOptimizer(torch.optim.Optimizer):
                     continue
                 # Create every entry here (the base optimizer fills full-rank ones lazily), so the state
                 # dict's size is fixed before the compiled update sees it: no recompile after step 1.
-                self.state[p]  # noqa: B018
+                self.state[p]
                 if self._plans[p].projected:
                     self._refresh(p, group, i)
+                    if self._use_kernels(p):
+                        self._kernel_plan(i, self._state_dtype(p))
         return True
 
     def _canonical_input(self, p: Tensor, program, k_t: Tensor, lr_t: Tensor) -> tuple[Tensor, bool]:
@@ -346,9 +305,9 @@ class CoapOptimizer(torch.optim.Optimizer):
             state.update(policy.init_state(x.to(dtype), rank))
             state.update(compiled.init_lowrank_states(x.shape[0], rank, dtype, p.device))
             if ema:
-                state[_EMA] = torch.zeros((x.shape[0], rank), dtype=dtype, device=p.device)
+                state[EMA_KEY] = torch.zeros((x.shape[0], rank), dtype=dtype, device=p.device)
             return
-        first = state[program.first_moment] if program.first_moment else state.get(_EMA)
+        first = state[program.first_moment] if program.first_moment else state.get(EMA_KEY)
         old = state["proj"].clone() if group["restore_state"] else None
         changed = policy.refresh(state, x, k, first_moment=first, transposed=transposed)
         if old is not None and changed:
@@ -357,7 +316,7 @@ class CoapOptimizer(torch.optim.Optimizer):
                 old,
                 state["proj"],
                 first=[state[n] for n in program.state_names if kinds[n] == "first_moment"]
-                + ([state[_EMA]] if ema else []),
+                + ([state[EMA_KEY]] if ema else []),
                 second=[state[n] for n in program.state_names if kinds[n] == "second_moment"],
             )
 
@@ -368,6 +327,28 @@ class CoapOptimizer(torch.optim.Optimizer):
         policy = self._policies[index]
         state = self.state[p]
         k_t, lr_t = self._scalars(state, group)
+        kernels = self._use_kernels(p)
+        if kernels and program.epilogue is not None and EMA_KEY not in state:
+            # K1 (X P + state update + D) and K2 (W ← decay·W + scale·D Pᵀ), both generated.
+            g = (
+                p.grad
+                if program.prologue is None
+                else program.prologue(p.to(dtype), p.grad.to(dtype), k_t, lr_t)
+            )
+            fused_update_(
+                self._kernel_plans[(index, dtype)],
+                p,
+                g,
+                state["proj"],
+                [state[n] for n in program.state_names],
+                k_t + 1,
+                lr_t,
+                transposed=self._plans[p].transposed,
+                backend=self._backend,
+                input_precision=self._precision,
+            )
+            state["step"].add_(1.0)
+            return
         x, transposed = self._canonical_input(p, program, k_t, lr_t)
         w = p.t() if transposed else p
         x_proj = policy.project(state, x)
@@ -378,9 +359,21 @@ class CoapOptimizer(torch.optim.Optimizer):
         for name, value in zip(program.state_names, new_states):
             state[name].copy_(value)
         state["step"].copy_(new_step)
-        apply_reprojection_(w, decay, delta, state["proj"], group["scale"])
-        if _EMA in state:
-            state[_EMA].lerp_(x_proj, 1.0 - group["first_moment_beta"])
+        if kernels:  # low-rank middle ran eagerly (reductions); the reprojection is the K2 kernel
+            reproject_update_(
+                p,
+                delta,
+                state["proj"],
+                decay,
+                group["scale"],
+                transposed=transposed,
+                backend=self._backend,
+                input_precision=self._precision,
+            )
+        else:
+            apply_reprojection_(w, decay, delta, state["proj"], group["scale"])
+        if EMA_KEY in state:
+            state[EMA_KEY].lerp_(x_proj, 1.0 - group["first_moment_beta"])
 
     # -- reporting ---------------------------------------------------------------------------------
     def memory_plan(self):

@@ -1,0 +1,78 @@
+"""COAP settings: the param-group keys COAP owns, their validation, and the policy they build."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..projection import ProjectionPolicy, get_policy
+
+__all__ = ["BACKENDS", "EMA_KEY", "PRECISIONS", "PROJECTION_KEYS", "make_policy", "validate_projection_args"]
+
+#: param-group keys owned by COAP (everything else belongs to the base optimizer).
+PROJECTION_KEYS = (
+    "rank",
+    "rank_ratio",
+    "projection",
+    "update_interval",
+    "reproject_factor",
+    "scale",
+    "restore_state",
+    "first_moment_beta",
+    "project",
+)
+BACKENDS = ("auto", "eager", "triton")
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+EMA_KEY = "coap_exp_avg"
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def validate_projection_args(
+    rank, rank_ratio, projection, update_interval, reproject_factor, scale, first_moment_beta, backend
+) -> None:
+    """Raise a ValueError/TypeError naming the argument and its value for bad COAP settings."""
+    _positive_int("rank", rank, allow_none=True)
+    if rank_ratio is not None:
+        if isinstance(rank_ratio, bool) or not isinstance(rank_ratio, (int, float)):
+            raise TypeError(f"rank_ratio must be a positive number, got {rank_ratio!r}")
+        if not rank_ratio > 0:
+            raise ValueError(f"rank_ratio must be a positive number, got {rank_ratio!r}")
+    if rank is None and rank_ratio is None:
+        raise ValueError("one of rank or rank_ratio must be given, got rank=None and rank_ratio=None")
+    _positive_int("update_interval", update_interval)
+    _positive_int("reproject_factor", reproject_factor)
+    if not isinstance(projection, (str, ProjectionPolicy)):
+        raise TypeError(f"projection must be a policy name or a ProjectionPolicy, got {projection!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if not 0.0 <= first_moment_beta < 1.0:
+        raise ValueError(f"first_moment_beta must be in [0, 1), got {first_moment_beta!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def make_policy(group: dict, instance: ProjectionPolicy | None) -> ProjectionPolicy:
+    """The policy for a group: the user's instance, or one built by name from the group settings."""
+    if instance is not None:
+        return instance
+    name = group["projection"]
+    kwargs: dict[str, Any] = {}
+    if name == "coap":
+        kwargs = {
+            "update_interval": group["update_interval"],
+            "reproject_factor": group["reproject_factor"],
+            "restore_state": group["restore_state"],
+        }
+    elif name == "galore":
+        kwargs = {"update_gap": group["update_interval"]}
+    elif name == "flora":
+        kwargs = {"resample_every": group["update_interval"]}
+    return get_policy(name, **kwargs)

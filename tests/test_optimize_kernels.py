@@ -1,0 +1,73 @@
+"""``optimize(..., backend="triton")``: generated kernels (interpreter on CPU) == the eager lowering.
+
+AdamW/Adam/SGD run K1 + K2 (epilogue from the derived form); RMSprop under COAP keeps a correlation
+EMA and Adafactor has reductions, so their low-rank middle runs eagerly and only K2 is a kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import coap_compile
+from helpers import assert_rel_close, randn, seeds
+
+pytest.importorskip("triton")
+
+BASES = {
+    "adamw": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.05}),
+    "adam_l2": (torch.optim.Adam, {"lr": 1e-2, "weight_decay": 0.1}),
+    "sgd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
+    "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3}),
+    "adafactor": (torch.optim.Adafactor, {"lr": 1e-2}),
+}
+
+
+def _run(backend, base, kw, w0, grads, rank, scale):
+    w = w0.clone().requires_grad_()
+    opt = coap_compile.optimize([{"params": [w], "project": True}], base, rank=rank, update_interval=2,
+                                reproject_factor=2, scale=scale, backend=backend, **kw)
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    return w.detach(), opt.state[w]
+
+
+@pytest.mark.parametrize("name", sorted(BASES))
+@given(seed=seeds, m=st.integers(1, 40), n=st.integers(1, 40), rank=st.integers(1, 12),
+       scale=st.sampled_from([1.0, 0.25]))
+def test_triton_backend_equals_eager(name, seed, m, n, rank, scale):
+    base, kw = BASES[name]
+    w0 = randn(seed, m, n)
+    grads = [randn(seed + i + 1, m, n) for i in range(5)]  # init, correlation (k=2), SVD (k=4)
+    w_e, st_e = _run("eager", base, kw, w0, grads, rank, scale)
+    w_t, st_t = _run("triton", base, kw, w0, grads, rank, scale)
+    # Interpreter tl.dot in float32 vs torch matmul: different summation order, observed ≤ 3e-6 after
+    # 5 steps (Adam's early steps are sign-like, which amplifies rounding in entries near zero).
+    assert_rel_close(w_t, w_e, 2e-5, "weight")
+    assert torch.equal(st_t["step"], st_e["step"])
+
+
+def test_triton_backend_bf16_weights():
+    w0 = randn(0, 48, 24).to(torch.bfloat16)
+    grads = [randn(i + 1, 48, 24).to(torch.bfloat16) for i in range(3)]
+    w_e, _ = _run("eager", torch.optim.AdamW, {"lr": 1e-2}, w0, grads, 8, 1.0)
+    w_t, _ = _run("triton", torch.optim.AdamW, {"lr": 1e-2}, w0, grads, 8, 1.0)
+    # bf16 storage: both round the float32 result once per step; allow ~2 bf16 ulps of |W| (2 · 2⁻⁸).
+    torch.testing.assert_close(w_t.float(), w_e.float(), rtol=8e-3, atol=1e-2)
+
+
+def test_kernel_path_is_used(monkeypatch):
+    from coap_compile.lowering import kernels as kl
+
+    calls = []
+    orig = kl.fused_update_
+    monkeypatch.setattr("coap_compile.runtime.optimizer.fused_update_",
+                        lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
+    _run("triton", torch.optim.AdamW, {"lr": 1e-2}, randn(0, 20, 10), [randn(1, 20, 10)] * 2, 4, 1.0)
+    assert len(calls) == 2
+    calls.clear()
+    _run("eager", torch.optim.AdamW, {"lr": 1e-2}, randn(0, 20, 10), [randn(1, 20, 10)] * 2, 4, 1.0)
+    assert calls == []
