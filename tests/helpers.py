@@ -32,3 +32,53 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
             f"{what}: relative error {err:.3e} > {tol:.1e}; worst at {idx}: "
             f"{actual[idx].item()!r} vs {expected[idx].item()!r}"
         )
+
+
+def permutation(seed: int):
+    """``make_proj`` for FixedProjection: a random N×N permutation matrix (requires r = N)."""
+
+    def make(n: int, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        return torch.eye(n, dtype=dtype, device=device)[:, idx][:, :r]
+
+    return make
+
+
+def least_squares(seed: int, m: int, n: int):
+    """``mean((A Wᵀ + b − Y)²)`` with a rank-3 target ``Y = A W*ᵀ``; returns (W, b, loss_fn)."""
+    a = randn(seed, 48, n)
+    y = a @ (randn(seed + 1, n, 3) @ randn(seed + 2, 3, m))
+    w = randn(seed + 3, m, n).requires_grad_()
+    b = torch.zeros(m, requires_grad=True)
+    return w, b, lambda: ((a @ w.t() + b - y) ** 2).mean()
+
+
+def run(opt: torch.optim.Optimizer, loss_fn, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+class WeightAveragingSGD(torch.optim.Optimizer):
+    """SGD that also keeps an EMA of the weight (like ASGD's ``ax``): its state reads the weight, so it
+    cannot live in a low-rank space (the compiler must refuse it, naming the node)."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["avg"] = torch.zeros_like(p)
+                st["step"] += 1
+                st["avg"].lerp_(p, 0.1)
+                p.sub_(p.grad * group["lr"])

@@ -110,6 +110,12 @@ def test_bad_options_exit_2_with_one_line(argv, capsys):
     assert len(err) == 1 and "Traceback" not in err[0], err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: --device cuda is valid here")
+def test_cuda_requested_without_cuda_exits_2(capsys):
+    assert main(["demo", "--optimizers", "adamw", "--device", "cuda"]) == 2
+    assert len(err := _errors(capsys)) == 1 and "CUDA is not available" in err[0]
+
+
 def test_missing_and_empty_corpus_exit_2(tmp_path, capsys):
     assert main(["demo", "--optimizers", "adamw", "--corpus", str(tmp_path / "missing"), *TINY_ARGS]) == 2
     assert len(err := _errors(capsys)) == 1 and "not found" in err[0]

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_runtime import TinyLM
 from torch._dynamo.utils import counters
 
 import coap_compile
-from test_runtime import TinyLM
 
 
 def _setup(lr):
     torch.manual_seed(0)
     model = TinyLM()
-    opt = coap_compile.optimize(model, torch.optim.AdamW, rank=8, update_interval=3, reproject_factor=2, lr=lr)
+    opt = coap_compile.optimize(
+        model, torch.optim.AdamW, rank=8, update_interval=3, reproject_factor=2, lr=lr
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + i))
     return model, opt, sched
 

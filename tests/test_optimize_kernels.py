@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_rel_close, randn, seeds
 from hypothesis import given
 from hypothesis import strategies as st
 
 import coap_compile
-from helpers import assert_rel_close, randn, seeds
 
 pytest.importorskip("triton")
 
@@ -27,8 +27,16 @@ BASES = {
 
 def _run(backend, base, kw, w0, grads, rank, scale):
     w = w0.clone().requires_grad_()
-    opt = coap_compile.optimize([{"params": [w], "project": True}], base, rank=rank, update_interval=2,
-                                reproject_factor=2, scale=scale, backend=backend, **kw)
+    opt = coap_compile.optimize(
+        [{"params": [w], "project": True}],
+        base,
+        rank=rank,
+        update_interval=2,
+        reproject_factor=2,
+        scale=scale,
+        backend=backend,
+        **kw,
+    )
     for g in grads:
         w.grad = g.clone()
         opt.step()
@@ -36,8 +44,13 @@ def _run(backend, base, kw, w0, grads, rank, scale):
 
 
 @pytest.mark.parametrize("name", sorted(BASES))
-@given(seed=seeds, m=st.integers(1, 40), n=st.integers(1, 40), rank=st.integers(1, 12),
-       scale=st.sampled_from([1.0, 0.25]))
+@given(
+    seed=seeds,
+    m=st.integers(1, 40),
+    n=st.integers(1, 40),
+    rank=st.integers(1, 12),
+    scale=st.sampled_from([1.0, 0.25]),
+)
 def test_triton_backend_equals_eager(name, seed, m, n, rank, scale):
     base, kw = BASES[name]
     w0 = randn(seed, m, n)
@@ -64,8 +77,9 @@ def test_kernel_path_is_used(monkeypatch):
 
     calls = []
     orig = kl.fused_update_
-    monkeypatch.setattr("coap_compile.runtime.optimizer.fused_update_",
-                        lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
+    monkeypatch.setattr(
+        "coap_compile.runtime.optimizer.fused_update_", lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+    )
     _run("triton", torch.optim.AdamW, {"lr": 1e-2}, randn(0, 20, 10), [randn(1, 20, 10)] * 2, 4, 1.0)
     assert len(calls) == 2
     calls.clear()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sympy
 import torch
-from helpers import randn
+from helpers import WeightAveragingSGD, randn
 
 from coap_compile import UnsupportedOptimizerError
 from coap_compile.compiler import compile_base
@@ -102,25 +102,6 @@ def test_epilogue_matches_lowrank_graph(name, seed):
 def test_adamw_epilogue_is_three_lines():
     ep = compile_base(*_args("adamw")).program.epilogue
     assert len(ep.body) == 3 and len(ep.scalars) == 3  # m', v', D; c = eps·√bc2, lr·√bc2/bc1, 1 − lr·wd
-
-
-class WeightAveragingSGD(torch.optim.Optimizer):
-    """SGD that also keeps an EMA of the weight (like ASGD's ``ax``): not projectable."""
-
-    def __init__(self, params, lr=0.1):
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.tensor(0.0)
-                    st["avg"] = torch.zeros_like(p)
-                st["step"] += 1
-                st["avg"].lerp_(p, 0.1)
-                p.sub_(p.grad * group["lr"])
 
 
 def test_unsupported_optimizer_names_the_node():

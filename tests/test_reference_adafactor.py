@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_rel_close, randn, seeds
+from helpers import assert_rel_close, least_squares, permutation, randn, run, seeds
 from hypothesis import given
 from hypothesis import strategies as st
-from test_reference_adamw import least_squares, permutation, run
 
 from coap_compile.projection import FixedProjection
 from coap_compile.reference import CoapAdafactor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_rel_close, randn, seeds
+from helpers import assert_rel_close, least_squares, permutation, randn, run, seeds
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -12,36 +12,6 @@ from coap_compile.projection import FixedProjection, canonical, top_right_singul
 from coap_compile.reference import CoapAdamW
 
 IDENTITY_TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
-
-
-def permutation(seed: int):
-    """``make_proj`` for FixedProjection: a random N×N permutation matrix (requires r = N)."""
-
-    def make(n: int, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        return torch.eye(n, dtype=dtype, device=device)[:, idx][:, :r]
-
-    return make
-
-
-def least_squares(seed: int, m: int, n: int):
-    """``mean((A Wᵀ + b − Y)²)`` with a rank-3 target ``Y = A W*ᵀ``; returns (W, b, loss_fn)."""
-    a = randn(seed, 48, n)
-    y = a @ (randn(seed + 1, n, 3) @ randn(seed + 2, 3, m))
-    w = randn(seed + 3, m, n).requires_grad_()
-    b = torch.zeros(m, requires_grad=True)
-    return w, b, lambda: ((a @ w.t() + b - y) ** 2).mean()
-
-
-def run(opt: torch.optim.Optimizer, loss_fn, steps: int) -> list[float]:
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 @given(seeds, st.integers(1, 40), st.integers(1, 40), st.integers(1, 48))

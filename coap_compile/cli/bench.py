@@ -1,32 +1,24 @@
-"""``coap-compile bench memory`` and ``bench quality``.
+"""``coap-compile bench memory``: optimizer-state bytes of the GaLore-paper LLaMA configurations.
 
-``memory``: optimizer-state bytes of the GaLore-paper LLaMA configurations, built on the meta device
-(nothing allocated). Every measured number is compared with the closed form of
-:mod:`coap_compile.cli.memory` by exact integer equality; a mismatch exits with status 1.
-
-``quality``: the demo model and data, several optimizers × seeds, final validation loss mean ± spread.
+Models are built on the meta device (nothing allocated). Every measured number is compared with the
+closed form of :mod:`coap_compile.cli.memory` by exact integer equality; a mismatch exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from coap_compile.cli import memory as mem
-from coap_compile.cli.demo import model_config_from_args, plot_runs
-from coap_compile.cli.optimizers import EXTERNAL, availability, build_optimizer
-from coap_compile.cli.report import format_table, metadata, save_figure, write_csv, write_json
-from coap_compile.cli.train import RunResult, TrainConfig, train_run
-from coap_compile.data import load_corpus
+from coap_compile.cli.optimizers import availability, build_optimizer
+from coap_compile.cli.report import format_table, metadata, write_csv, write_json
 from coap_compile.models import LLAMA_CONFIGS, PAPER_RANKS, build_llama
 
-__all__ = ["MemoryMismatchError", "PAPER_TARGETS", "memory_rows", "run_memory", "run_quality"]
+__all__ = ["PAPER_TARGETS", "MemoryMismatchError", "memory_rows", "run_memory"]
 
 #: The paper's LLaMA setup projects the attention and MLP matrices only (not embeddings or lm_head).
 PAPER_TARGETS = ("self_attn", "mlp")
@@ -212,71 +204,3 @@ def run_memory(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out / 'memory.csv'} and {out / 'memory.json'}")
     return 0 if all(c["match"] for c in checks) else 1
-
-
-def run_quality(args: argparse.Namespace) -> int:
-    """Train every available optimizer for every seed; report final validation loss mean ± spread."""
-    model_cfg = model_config_from_args(args)
-    avail = availability()
-    names = list(args.optimizers)
-    if args.optimizers_default:
-        names += [n for n in EXTERNAL if avail[n] is None]
-    skipped = {n: avail[n] for n in (*names, *EXTERNAL) if avail[n] is not None}
-    for n, why in skipped.items():
-        print(f"skip {n}: {why}", file=sys.stderr)
-    names = [n for n in names if avail[n] is None]
-    base = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=max(0, args.steps // 10),
-        eval_every=args.eval_every,
-        rank=args.rank,
-        rank_ratio=args.rank_ratio,
-        device=args.device,
-    )
-    corpus = load_corpus(args.corpus)
-    t0 = time.perf_counter()
-    runs: dict[str, list[RunResult]] = {n: [] for n in names}
-    for seed in args.seeds:
-        for n in names:
-            runs[n].append(train_run(n, model_cfg, corpus, replace(base, seed=seed), progress=not args.quiet))
-    rows = []
-    for n, rs in runs.items():
-        finals = [r.final_val_loss for r in rs]
-        rows.append(
-            {
-                "optimizer": n,
-                "seeds": len(rs),
-                "val_mean": statistics.fmean(finals),
-                "val_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                "val_min": min(finals),
-                "val_max": max(finals),
-                "train_mean": statistics.fmean(r.final_train_loss for r in rs),
-                "state_bytes": rs[0].state_bytes,
-                "step_ms": statistics.median(r.median_step_ms for r in rs),
-            }
-        )
-    wall = time.perf_counter() - t0
-    print(format_table(rows, [(k, k) for k in rows[0]]) if rows else "no optimizer available")
-    meta = metadata(base.device, getattr(args, "argv", None))
-    out = Path(args.results_dir)
-    rank_txt = f"rank {base.rank}" if base.rank_ratio is None else f"rank ratio {base.rank_ratio:g}"
-    fig = plot_runs(runs, f"quality: {rank_txt}, {base.steps} steps, seeds {list(args.seeds)}")
-    save_figure(fig, out / "quality.png")
-    write_csv(out / "quality.csv", rows, meta)
-    write_json(
-        out / "quality.json",
-        {
-            "meta": meta,
-            "wall_s": wall,
-            "train_config": asdict(base),
-            "model_config": asdict(model_cfg),
-            "corpus": corpus.describe(),
-            "skipped": skipped,
-            "summary": rows,
-            "runs": [r.to_json() for rs in runs.values() for r in rs],
-        },
-    )
-    print(f"wrote {out / 'quality.csv'}, {out / 'quality.json'}, {out / 'quality.png'} ({wall:.0f} s)")
-    return 0

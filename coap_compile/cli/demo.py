@@ -32,10 +32,10 @@ __all__ = [
 
 #: Default demo settings: ≈2 minutes for AdamW + COAP on 2 CPU cores (measured, see benchmarks/README.md).
 DEMO_DEFAULTS = {
-    "steps": 150,
+    "steps": 300,
     "batch_size": 8,
     "lr": 3e-3,
-    "warmup": 15,
+    "warmup": 30,
     "eval_every": 25,
     "eval_windows": 64,
 }

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
 
     q = bench.add_parser("quality", help="final validation loss over seeds for each optimizer")
-    _common_train(q, steps=400, eval_every=50)
+    _common_train(q, steps=300, eval_every=50)
     q.add_argument(
         "--optimizers",
         type=_names,
@@ -238,12 +238,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         for name, why in availability().items():
             print(f"{name:14} {'ok' if why is None else 'unavailable: ' + why}")
         return 0
-    from coap_compile.cli import bench, stepbench
+    from coap_compile.cli import bench, quality, stepbench
 
-    runner = {"memory": bench.run_memory, "quality": bench.run_quality, "step": stepbench.run_step}[
-        args.bench
-    ]
-    return runner(args)
+    runners = {"memory": bench.run_memory, "quality": quality.run_quality, "step": stepbench.run_step}
+    return runners[args.bench](args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

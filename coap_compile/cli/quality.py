@@ -1,0 +1,140 @@
+"""``coap-compile bench quality``: final validation loss of several optimizers over several seeds.
+
+The demo model and data (:mod:`coap_compile.cli.train`); every optimizer of a seed starts from the same
+weights and sees the same batches. Reported: final validation loss mean, standard deviation, min and
+max over the seeds, plus state bytes and median step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from coap_compile.cli.demo import model_config_from_args
+from coap_compile.cli.optimizers import EXTERNAL, UnknownOptimizerError, availability
+from coap_compile.cli.report import format_table, metadata, save_figure, write_csv, write_json
+from coap_compile.cli.train import RunResult, TrainConfig, train_run
+from coap_compile.data import load_corpus
+
+__all__ = ["plot_quality", "quality_rows", "run_quality"]
+
+MIB = 1024**2
+
+
+def quality_rows(runs: dict[str, list[RunResult]]) -> list[dict[str, object]]:
+    """One summary row per optimizer."""
+    rows = []
+    for name, rs in runs.items():
+        finals = [r.final_val_loss for r in rs]
+        rows.append(
+            {
+                "optimizer": name,
+                "seeds": len(rs),
+                "val_mean": statistics.fmean(finals),
+                "val_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                "val_min": min(finals),
+                "val_max": max(finals),
+                "train_mean": statistics.fmean(r.final_train_loss for r in rs),
+                "state_mib": rs[0].state_bytes / MIB,
+                "step_ms": statistics.median(r.median_step_ms for r in rs),
+            }
+        )
+    return rows
+
+
+def plot_quality(runs: dict[str, list[RunResult]], title: str):
+    """Validation curves (mean over seeds, min–max band) and final loss mean ± std per optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    rows = quality_rows(runs)
+    for i, (name, rs) in enumerate(runs.items()):
+        c = colors[i % len(colors)]
+        steps = rs[0].val_steps
+        per_step = list(zip(*(r.val_loss for r in rs)))
+        ax.plot(steps, [statistics.fmean(v) for v in per_step], color=c, lw=2, marker="o", ms=3, label=name)
+        ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=c, alpha=0.15)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title("validation loss: mean over seeds, band = min..max")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    names = [r["optimizer"] for r in rows]
+    bx.bar(
+        names,
+        [r["val_mean"] for r in rows],
+        yerr=[r["val_std"] for r in rows],
+        capsize=4,
+        color=[colors[i % len(colors)] for i in range(len(rows))],
+    )
+    lo = min(r["val_min"] for r in rows)
+    hi = max(r["val_max"] for r in rows)
+    bx.set_ylim(lo - 0.5 * (hi - lo + 0.02), hi + 0.5 * (hi - lo + 0.02))
+    for x, r in enumerate(rows):
+        bx.text(x, r["val_max"], f"{r['state_mib']:.1f} MiB", ha="center", va="bottom", fontsize=8)
+    bx.set_ylabel("final validation loss (mean ± std)")
+    bx.set_title("final loss; label = optimizer state")
+    bx.tick_params(axis="x", rotation=30)
+    fig.suptitle(title)
+    return fig
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    """Train every available optimizer for every seed; print and write the summary."""
+    model_cfg = model_config_from_args(args)
+    avail = availability()
+    names = list(args.optimizers)
+    if getattr(args, "optimizers_default", False):
+        names += [n for n in EXTERNAL if avail[n] is None]
+    skipped = {n: avail[n] for n in dict.fromkeys((*names, *EXTERNAL)) if avail[n] is not None}
+    for n, why in skipped.items():
+        print(f"skip {n}: {why}", file=sys.stderr)
+    names = [n for n in names if avail[n] is None]
+    if not names:
+        raise UnknownOptimizerError("none of the requested optimizers is available")
+    base = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=max(0, args.steps // 10),
+        eval_every=args.eval_every,
+        rank=args.rank,
+        rank_ratio=args.rank_ratio,
+        device=args.device,
+    )
+    corpus = load_corpus(args.corpus)
+    t0 = time.perf_counter()
+    runs: dict[str, list[RunResult]] = {n: [] for n in names}
+    for seed in args.seeds:
+        for n in names:
+            runs[n].append(train_run(n, model_cfg, corpus, replace(base, seed=seed), progress=not args.quiet))
+    wall = time.perf_counter() - t0
+    rows = quality_rows(runs)
+    print(format_table(rows, [(k, k) for k in rows[0]]))
+    meta = metadata(base.device, getattr(args, "argv", None))
+    out = Path(args.results_dir)
+    rank_txt = f"rank {base.rank}" if base.rank_ratio is None else f"rank ratio {base.rank_ratio:g}"
+    title = f"quality: {rank_txt}, {base.steps} steps, seeds {list(args.seeds)}"
+    save_figure(plot_quality(runs, title), out / "quality.png")
+    write_csv(out / "quality.csv", rows, meta)
+    payload = {
+        "meta": meta,
+        "wall_s": wall,
+        "train_config": asdict(base),
+        "model_config": asdict(model_cfg),
+        "corpus": corpus.describe(),
+        "skipped": skipped,
+        "summary": rows,
+        "runs": [r.to_json() for rs in runs.values() for r in rs],
+    }
+    write_json(out / "quality.json", payload)
+    print(f"wrote {out / 'quality.csv'}, {out / 'quality.json'}, {out / 'quality.png'} ({wall:.0f} s)")
+    return 0
