@@ -115,10 +115,13 @@ def test_unsupported_optimizer_names_the_node():
         compile_base(torch.optim.ASGD, _hyper(torch.optim.ASGD, {}), torch.float32)
 
 
-def test_generic_route_supports_adagrad():
+def test_generic_route_supports_adagrad_and_adamax():
     compiled = compile_base(torch.optim.Adagrad, _hyper(torch.optim.Adagrad, {}), torch.float32)
     assert compiled.program.state_kinds == {"sum": "second_moment"}
     assert compiled.program.epilogue is not None
+    adamax = compile_base(torch.optim.Adamax, _hyper(torch.optim.Adamax, {}), torch.float32).program
+    assert adamax.state_kinds == {"exp_avg": "first_moment", "exp_inf": "other"}  # exp_inf is a running max
+    assert adamax.epilogue is not None
 
 
 class _Needs(Pass):
