@@ -161,6 +161,11 @@ def run_step(args) -> int:
     from coap_compile.cli.report import format_table, metadata, write_csv, write_json
 
     shapes = parse_shapes(args.shapes) if args.shapes else list(DEFAULT_SHAPES)
+    cuda = args.device.startswith("cuda")
+    if args.warmup is None:
+        args.warmup = 25 if cuda else 3
+    if args.repeat is None:
+        args.repeat = 100 if cuda else 20
     rows = step_rows(shapes, args.optimizers, device=args.device, warmup=args.warmup, repeat=args.repeat)
     cols = ["shape", "rank", "optimizer", "median_ms", "p20_ms", "p80_ms", "vs_adamw", "state_bytes"]
     print(format_table(rows, [(c, c) for c in cols]))

@@ -29,10 +29,10 @@ __all__ = ["RunResult", "TrainConfig", "evaluate", "lr_factor", "train_run"]
 class TrainConfig:
     """One training run's settings (everything except the optimizer name)."""
 
-    steps: int = 200
+    steps: int = 300
     batch_size: int = 8
     lr: float = 3e-3
-    warmup: int = 20
+    warmup: int = 30
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from ..passes.rewrite import ProjectedProgram
@@ -36,11 +37,22 @@ def run_lowrank(
 def apply_reprojection_(
     w_view: Tensor, decay: Tensor | float, delta: Tensor, proj: Tensor, scale: float
 ) -> None:
-    """``W ← decay·W + scale·D Pᵀ`` in place (``w_view`` may be a transposed view of the weight)."""
-    update = delta.to(proj.dtype) @ proj.t()
-    if w_view.dtype == proj.dtype:
-        if not (isinstance(decay, float) and decay == 1.0):
-            w_view.mul_(decay)
-        w_view.add_(update, alpha=scale)
-    else:  # low-precision weight: combine in P's dtype, round once
-        w_view.copy_(w_view.to(proj.dtype).mul_(decay).add_(update, alpha=scale))
+    """``W ← decay·W + scale·D Pᵀ`` in place (``w_view`` may be a transposed view of the weight).
+
+    Eagerly this is one ``addmm_`` (``beta = decay``: a single pass over ``W``); inside ``torch.compile`` it
+    stays ``mul_`` + ``add_`` on a 0-d ``decay`` tensor (no host read), which Inductor fuses.
+    """
+    delta = delta.to(proj.dtype)
+    if w_view.dtype != proj.dtype:  # low-precision weight: combine in P's dtype, round once
+        w32 = w_view.to(proj.dtype)
+        _decay_add_(w32, decay, delta, proj, scale)
+        w_view.copy_(w32)
+    else:
+        _decay_add_(w_view, decay, delta, proj, scale)
+
+
+def _decay_add_(w: Tensor, decay: Tensor | float, delta: Tensor, proj: Tensor, scale: float) -> None:
+    if torch.compiler.is_compiling():
+        w.mul_(decay).add_(delta @ proj.t(), alpha=scale)
+    else:
+        w.addmm_(delta, proj.t(), beta=float(decay), alpha=scale)

@@ -213,7 +213,9 @@ class CoapOptimizer(torch.optim.Optimizer):
                 owners.append(p)
         if not self._check_finite or not grads:
             return
-        ok = torch.stack([torch.isfinite(g).all().cpu() for g in grads])
+        # One reduction pass per gradient and no boolean temporaries: min and max are finite iff every
+        # element is (NaN propagates through aminmax).
+        ok = torch.stack([torch.isfinite(torch.stack(torch.aminmax(g))).all().cpu() for g in grads])
         if not bool(ok.all()):
             bad = owners[int((~ok).nonzero()[0])]
             raise NonFiniteGradientError(
