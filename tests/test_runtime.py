@@ -281,3 +281,33 @@ def test_lr_zero_leaves_weights_unchanged_even_with_zero_second_moment(base, kw)
         opt.step()
     assert torch.isfinite(w).all()
     assert torch.equal(w.detach(), before)
+
+
+def test_grad_scaler_amp_drop_in():
+    """torch.amp.GradScaler: scaled training equals unscaled training (power-of-two scale), and an
+    overflowing step is skipped by the scaler without touching weights or state."""
+
+    def run(use_scaler, poison_step=None):
+        torch.manual_seed(0)
+        model = TinyLM()
+        opt = coap_compile.optimize(model, torch.optim.AdamW, rank=8, update_interval=2, lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=use_scaler)
+        gen = torch.Generator().manual_seed(3)
+        for i in range(4):
+            ids = torch.randint(0, 50, (4, 9), generator=gen)
+            loss = nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            if i == poison_step:
+                model.up.weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    plain, _ = run(False)
+    scaled, _ = run(True)
+    for a, b in zip(plain, scaled):
+        assert torch.equal(a, b)
+    skipped, opt = run(True, poison_step=3)
+    assert all(torch.isfinite(p).all() for p in skipped)
+    assert int(opt.state[opt.projected_parameters()[0]]["step"]) == 3  # the poisoned step was skipped
