@@ -75,6 +75,7 @@ def test_demo_end_to_end(tmp_path, corpus, capsys):
     for name in names.split(","):
         assert any(line.startswith(name) for line in printed.splitlines()), printed
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "state bytes" in (out / "table.txt").read_text()
     result = json.loads((out / "results.json").read_text())
     assert [r["optimizer"] for r in result["runs"]] == names.split(",")
     assert result["meta"]["torch"] == torch.__version__ and result["corpus"]["files"] == 8

@@ -152,6 +152,7 @@ def run_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
+    meta = metadata(cfg.device, getattr(args, "argv", None))  # at the start: the code that actually runs
     t0 = time.perf_counter()
     corpus = load_corpus(args.corpus)
     print(
@@ -175,7 +176,7 @@ def run_demo(args: argparse.Namespace) -> int:
         out / "demo.png",
     )
     payload = {
-        "meta": metadata(cfg.device, getattr(args, "argv", None)),
+        "meta": {**meta, "finished_utc": metadata(cfg.device)["timestamp_utc"]},
         "wall_s": wall,
         "train_config": asdict(cfg),
         "model_config": asdict(model_cfg),

@@ -110,6 +110,7 @@ def run_quality(args: argparse.Namespace) -> int:
         rank_ratio=args.rank_ratio,
         device=args.device,
     )
+    meta = metadata(base.device, getattr(args, "argv", None))  # at the start: the code that actually runs
     corpus = load_corpus(args.corpus)
     t0 = time.perf_counter()
     runs: dict[str, list[RunResult]] = {n: [] for n in names}
@@ -119,7 +120,7 @@ def run_quality(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     rows = quality_rows(runs)
     print(format_table(rows, [(k, k) for k in rows[0]]))
-    meta = metadata(base.device, getattr(args, "argv", None))
+    meta["finished_utc"] = metadata(base.device)["timestamp_utc"]
     out = Path(args.results_dir)
     rank_txt = f"rank {base.rank}" if base.rank_ratio is None else f"rank ratio {base.rank_ratio:g}"
     title = f"quality: {rank_txt}, {base.steps} steps, seeds {list(args.seeds)}"

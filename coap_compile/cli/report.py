@@ -45,7 +45,11 @@ def _git(*args: str) -> str | None:
 
 
 def metadata(device: str = "cpu", argv: Sequence[str] | None = None) -> dict[str, object]:
-    """Where and how a result was produced (no host names or user names)."""
+    """Where and how a result was produced (no host names or user names).
+
+    Call it when the measured work *starts*: the git commit and dirty flag then describe the code that
+    ran (``timestamp_utc`` is the start time; long commands add ``finished_utc``).
+    """
     try:
         import triton
 

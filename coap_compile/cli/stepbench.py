@@ -166,10 +166,10 @@ def run_step(args) -> int:
         args.warmup = 25 if cuda else 3
     if args.repeat is None:
         args.repeat = 100 if cuda else 20
+    meta = metadata(args.device, getattr(args, "argv", None))
     rows = step_rows(shapes, args.optimizers, device=args.device, warmup=args.warmup, repeat=args.repeat)
     cols = ["shape", "rank", "optimizer", "median_ms", "p20_ms", "p80_ms", "vs_adamw", "state_bytes"]
     print(format_table(rows, [(c, c) for c in cols]))
-    meta = metadata(args.device, getattr(args, "argv", None))
     meta.update(warmup=args.warmup, repeat=args.repeat)
     tag = "cpu" if args.device == "cpu" else args.device.split(":")[0]
     out = Path(args.results_dir)

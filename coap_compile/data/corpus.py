@@ -20,6 +20,7 @@ with the same seed see exactly the same data in the same order.
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,12 +86,12 @@ def default_corpus_root() -> Path:
 def list_corpus_files(root: Path, suffixes: tuple[str, ...] | None = TEXT_SUFFIXES) -> list[Path]:
     """Files under ``root`` with one of ``suffixes``, sorted by relative path; skips site-packages/caches."""
     found = []
-    for p in root.rglob("*"):
-        rel = p.relative_to(root)
-        if any(part in _EXCLUDED_DIRS or part.startswith(".") for part in rel.parts):
-            continue
-        if p.is_file() and (suffixes is None or p.suffix.lower() in suffixes):
-            found.append(p)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS and not d.startswith(".")]
+        for name in filenames:
+            wanted = suffixes is None or os.path.splitext(name)[1].lower() in suffixes
+            if wanted and not name.startswith("."):
+                found.append(Path(dirpath, name))
     return sorted(found, key=lambda q: q.relative_to(root).as_posix())
 
 
