@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/bench_step.py                      # CPU: perf_counter, median/p20/p80
-    python benchmarks/bench_step.py --device cuda        # CUDA: triton.testing.do_bench (or CUDA events)
+    python benchmarks/bench_step.py --device cuda        # CUDA: do_bench, then the kernel benchmark
+                                                         # (= coap-compile bench kernels)
     python benchmarks/bench_step.py --shapes 2048x5461:512 --optimizers adamw,coap,galore
 
 The timing code lives in :mod:`coap_compile.cli.stepbench` (``time_cpu`` / ``time_cuda`` share
@@ -18,4 +19,9 @@ import sys
 from common import run_bench
 
 if __name__ == "__main__":
-    sys.exit(run_bench("step"))
+    status = run_bench("step")
+    if status == 0 and "cuda" in " ".join(sys.argv[1:]):
+        # On a GPU also run the kernel benchmark: fused AdamW vs eager/Inductor low-rank vs the generated
+        # kernels at LLaMA-1B shapes, each with its floor (coap_compile.cli.kernelbench).
+        status = run_bench("kernels", [])
+    sys.exit(status)

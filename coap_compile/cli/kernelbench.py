@@ -31,7 +31,7 @@ import torch
 
 import coap_compile
 
-__all__ = ["VARIANTS", "floors", "measure_ceilings", "run_kernel_bench"]
+__all__ = ["VARIANTS", "floors", "measure_ceilings", "run_kernel_bench", "run_kernels"]
 
 VARIANTS = ("adamw_fused", "lowrank_eager", "lowrank_inductor", "kernels_ieee", "kernels_tf32x3")
 DEFAULT_CASES = tuple(
@@ -171,3 +171,27 @@ def run_kernel_bench(
                 )
                 log(f"{m}x{n} r={r} {dname} {variant:<17} {ms:9.3f} ms  floor {floor:8.3f}  err {err:.1e}")
     return rows, ceil
+
+
+def run_kernels(args) -> int:
+    """``bench kernels``: check and time, print a table, write ``kernels_<device>.{csv,json}``."""
+    from pathlib import Path
+
+    from coap_compile.cli.report import format_table, metadata, write_csv, write_json
+    from coap_compile.cli.stepbench import parse_shapes
+
+    meta = metadata(args.device, args.argv)
+    cases = tuple(parse_shapes(args.cases)) if args.cases else DEFAULT_CASES
+    variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else VARIANTS
+    dtypes = tuple(d.strip() for d in args.dtypes.split(","))
+    rows, ceil = run_kernel_bench(args.device, cases=cases, dtypes=dtypes, variants=variants)
+    cols = ["m", "n", "rank", "dtype", "variant", "median_ms", "floor_ms", "vs_floor", "rel_err_vs_fp64"]
+    print(format_table(rows, [(c, c) for c in cols]))
+    if args.device.startswith("cuda"):
+        meta["gpu"] = torch.cuda.get_device_name(args.device)
+    meta.update({f"ceiling_{k}": v for k, v in ceil.items()})
+    tag = "cuda" if args.device.startswith("cuda") else "cpu_smoke"
+    out = Path(args.results_dir)
+    write_csv(out / f"kernels_{tag}.csv", rows, meta)
+    write_json(out / f"kernels_{tag}.json", {"meta": meta, "rows": rows})
+    return 0

@@ -190,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
 
+    k = bench.add_parser(
+        "kernels",
+        help="CUDA: fused AdamW vs eager/Inductor low-rank vs generated kernels, with floors (GPU benchmark)",
+    )
+    k.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
+    k.add_argument(
+        "--cases", default=None, help="MxN:RANK,... (default: LLaMA-1B shapes × r ∈ {128, 256, 512})"
+    )
+    k.add_argument("--dtypes", default="fp32,bf16", help="weight dtypes (default %(default)s)")
+    k.add_argument("--variants", default=None, help="comma-separated subset of the variants (default all)")
+    k.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
+
     sub.add_parser("optimizers", help="list optimizer names and whether each is usable here")
     return parser
 
@@ -219,6 +231,20 @@ def _validate(args: argparse.Namespace) -> None:
         bad = [x for x in sizes if x not in LLAMA_CONFIGS] or ([] if sizes else ["(none)"])
         if bad:
             raise UsageError(f"{PROG}: unknown model size {bad[0]!r}; choose from {', '.join(LLAMA_CONFIGS)}")
+    if args.command == "bench" and args.bench == "kernels":
+        from coap_compile.cli.kernelbench import VARIANTS
+
+        if args.cases:
+            try:
+                parse_shapes(args.cases)
+            except ValueError as exc:
+                raise UsageError(f"{PROG}: --cases: {exc}") from None
+        for v in (args.variants or "").split(","):
+            if v.strip() and v.strip() not in VARIANTS:
+                raise UsageError(f"{PROG}: unknown variant {v.strip()!r}; choose from {', '.join(VARIANTS)}")
+        for d in args.dtypes.split(","):
+            if d.strip() not in ("fp32", "bf16"):
+                raise UsageError(f"{PROG}: unknown dtype {d.strip()!r}; choose from fp32, bf16")
     if args.command == "bench" and args.bench == "step" and args.shapes:
         try:
             parse_shapes(args.shapes)
@@ -245,9 +271,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         for name, why in availability().items():
             print(f"{name:14} {'ok' if why is None else 'unavailable: ' + why}")
         return 0
-    from coap_compile.cli import bench, quality, stepbench
+    from coap_compile.cli import bench, kernelbench, quality, stepbench
 
-    runners = {"memory": bench.run_memory, "quality": quality.run_quality, "step": stepbench.run_step}
+    runners = {
+        "memory": bench.run_memory,
+        "quality": quality.run_quality,
+        "step": stepbench.run_step,
+        "kernels": kernelbench.run_kernels,
+    }
     return runners[args.bench](args)
 
 
