@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import coap_compile
-from coap_compile import FixedProjection
+from coap_compile import FixedProjection, GaLorePolicy
 from coap_compile.reference import CoapAdafactor, CoapAdamW
 
 BASES = {
@@ -54,8 +54,15 @@ def _run(opt, w, grads):
 def test_compiled_adamw_equals_reference(dtype, seed, shape, rank_pick, scale, wd, projection):
     r = {"one": 1, "mid": max(1, min(shape) // 2), "full": min(shape)}[rank_pick]
     w0 = randn(seed, *shape, dtype=dtype)
-    kw = dict(lr=1e-2, weight_decay=wd, rank=r, update_interval=2, reproject_factor=2, scale=scale,
-              projection=projection)
+    kw = dict(
+        lr=1e-2,
+        weight_decay=wd,
+        rank=r,
+        update_interval=2,
+        reproject_factor=2,
+        scale=scale,
+        projection=projection,
+    )
     w_ref, w_cmp = w0.clone().requires_grad_(), w0.clone().requires_grad_()
     ref = CoapAdamW([{"params": [w_ref], "project": True}], **kw)
     cmp = coap_compile.optimize([{"params": [w_cmp], "project": True}], torch.optim.AdamW, **kw)
@@ -90,9 +97,13 @@ def _orthonormal(seed):
 
 
 @pytest.mark.parametrize("name", sorted(set(BASES) - {"adafactor"}))
+@pytest.mark.parametrize("policy", ["fixed", "galore"])
 @given(seed=seeds, shape=shapes, dtype=st.sampled_from([torch.float32, torch.float64]))
-def test_compiled_equals_base_on_virtual_lowrank_param(name, seed, shape, dtype):
-    """W' = decay·W + (z' − z) Pᵀ where z (M×r) is stepped by the real torch optimizer on X̃ = X P."""
+def test_compiled_equals_base_on_virtual_lowrank_param(name, policy, seed, shape, dtype):
+    """W' = decay·W + (z' − z) Pᵀ where z (M×r) is stepped by the real torch optimizer on X̃ = X P.
+
+    ``policy="galore"``: the oracle keeps its own GaLore state and refreshes P every 2 steps (the moments of
+    z carry over unchanged, as in the compiled optimizer with ``restore_state=False``)."""
     cls, kw = BASES[name]
     kw = {**kw, "weight_decay": 0.0} if name != "adamw" else kw
     m, n = shape
@@ -100,27 +111,32 @@ def test_compiled_equals_base_on_virtual_lowrank_param(name, seed, shape, dtype)
     r = max(1, small // 2)
     w = randn(seed, m, n, dtype=dtype).requires_grad_()
     w_ref = w.detach().clone()
-    opt = coap_compile.optimize(
-        [{"params": [w], "project": True}],
-        cls,
-        rank=r,
-        projection=FixedProjection(_orthonormal(seed + 1)),
-        **kw,
-    )
+    proj = FixedProjection(_orthonormal(seed + 1)) if policy == "fixed" else GaLorePolicy(update_gap=2)
+    opt = coap_compile.optimize([{"params": [w], "project": True}], cls, rank=r, projection=proj, **kw)
     z = torch.zeros(big, r, dtype=dtype, requires_grad=True)
     base = cls([z], **{**kw, "weight_decay": 0.0})
+    oracle = GaLorePolicy(update_gap=2) if policy == "galore" else None
     p = _orthonormal(seed + 1)(small, r, dtype, "cpu")
+    ostate: dict = {}
     decay = 1.0 - kw["lr"] * kw.get("weight_decay", 0.0) if name == "adamw" else 1.0
-    for g in _grads(seed, (m, n), 5, dtype):
+    for k, g in enumerate(_grads(seed, (m, n), 5, dtype)):
         w.grad = g.clone()
         opt.step()
         x = g if m >= n else g.t()
+        if oracle is not None:
+            if k == 0:
+                ostate = oracle.init_state(x, r)
+            elif oracle.refresh_kind(k):
+                oracle.refresh(ostate, x, k, first_moment=None, transposed=m < n)
+            p = ostate["proj"]
         z_old = z.detach().clone()
         z.grad = x @ p
         base.step()
         upd = (z.detach() - z_old) @ p.t()
         w_ref = decay * w_ref + (upd if m >= n else upd.t())
-    assert_rel_close(w.detach(), w_ref, TOL[dtype] * (10 if dtype == torch.float32 else 1), name)
+    # fp32: the compiled update is the sympy form of the base arithmetic (re-associated); observed ≤ 2e-7
+    # over 60 dev-profile examples per case (fp64 ≤ 6e-16).
+    assert_rel_close(w.detach(), w_ref, TOL[dtype], name)
 
 
 GENERIC = {"adagrad": (torch.optim.Adagrad, {"lr": 0.05}), "adamax": (torch.optim.Adamax, {"lr": 0.01})}
