@@ -6,7 +6,7 @@ a low-rank space refreshed by COAP (correlation-aware projection, arXiv 2412.000
 eager torch (CPU) or generated Triton kernels (CUDA).
 """
 
-from . import backend as _backend  # registers the torch.compile backend "coap"
+from . import backend as _backend  # noqa: F401  (import registers the torch.compile backend "coap")
 from .api import explain, optimize
 from .errors import NonFiniteGradientError, UnsupportedOptimizerError
 from .projection import CoapPolicy, FixedProjection, FloraPolicy, GaLorePolicy, ProjectionPolicy

@@ -82,3 +82,22 @@ class WeightAveragingSGD(torch.optim.Optimizer):
                 st["step"] += 1
                 st["avg"].lerp_(p, 0.1)
                 p.sub_(p.grad * group["lr"])
+
+
+def spectral_grad(
+    seed: int, m: int, n: int, dtype: torch.dtype = torch.float32, decay: float = 0.7
+) -> torch.Tensor:
+    """A seeded ``m×n`` matrix ``U diag(s) Vᵀ`` with random orthonormal ``U, V`` and ``s_i = decay^i``.
+
+    Tests that compare two runs across an SVD refresh of ``P`` use this: with nearly equal singular values
+    (common in i.i.d. Gaussian matrices) the singular vectors are ill-conditioned, so a rounding-level
+    difference between the runs before the refresh rotates ``P`` afterwards (seen: a 12×11 Gaussian
+    gradient, kernels vs eager, 1e-8 before the SVD and 110 % after it). Real gradients have decaying
+    spectra; a 30 % gap between consecutive singular values keeps the refresh well conditioned.
+    """
+    k = min(m, n)
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    s = decay ** torch.arange(k, dtype=torch.float64)
+    return ((u * s) @ v.t()).to(dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_rel_close, randn, seeds
+from helpers import assert_rel_close, randn, seeds, spectral_grad
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -25,15 +25,16 @@ BASES = {
     "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3, "alpha": 0.9, "momentum": 0.5}),
     "adafactor": (torch.optim.Adafactor, {"lr": 1e-2, "weight_decay": 0.01}),
 }
-# fp32: observed ≤ 2e-6 (sympy re-association, bias corrections in float64 vs torch's order);
-# fp64: observed ≤ 1e-14.
+# Observed over 60 dev-profile examples (decaying-spectrum gradients, see helpers.spectral_grad):
+# weight ≤ 4.3e-8 (fp32) and ≤ 7.7e-16 (fp64); AdamW's exp_avg ≤ 2.1e-7 (fp32), ≤ 2.7e-16 (fp64).
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 shapes = st.tuples(st.integers(2, 40), st.integers(2, 40))
 
 
 def _grads(seed, shape, steps, dtype):
-    return [randn(seed + 17 * i, *shape, dtype=dtype) for i in range(steps)]
+    """Gradients with decaying spectra (see ``helpers.spectral_grad``: comparisons across SVD refreshes)."""
+    return [spectral_grad(seed + 17 * i, *shape, dtype=dtype) for i in range(steps)]
 
 
 def _run(opt, w, grads):
@@ -70,7 +71,7 @@ def test_compiled_adamw_equals_reference(dtype, seed, shape, rank_pick, scale, w
     _run(ref, w_ref, grads)
     _run(cmp, w_cmp, grads)
     assert_rel_close(w_cmp.detach(), w_ref.detach(), TOL[dtype], "weight")
-    assert_rel_close(cmp.state[w_cmp]["exp_avg"], ref.state[w_ref]["exp_avg"], TOL[dtype] * 10, "exp_avg")
+    assert_rel_close(cmp.state[w_cmp]["exp_avg"], ref.state[w_ref]["exp_avg"], TOL[dtype], "exp_avg")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -134,8 +135,8 @@ def test_compiled_equals_base_on_virtual_lowrank_param(name, policy, seed, shape
         base.step()
         upd = (z.detach() - z_old) @ p.t()
         w_ref = decay * w_ref + (upd if m >= n else upd.t())
-    # fp32: the compiled update is the sympy form of the base arithmetic (re-associated); observed ≤ 2e-7
-    # over 60 dev-profile examples per case (fp64 ≤ 6e-16).
+    # fp32: the compiled update is the sympy form of the base arithmetic (re-associated); observed ≤ 1.7e-7
+    # over 60 dev-profile examples per case (fp64 ≤ 4.8e-16).
     assert_rel_close(w.detach(), w_ref, TOL[dtype], name)
 
 
@@ -165,5 +166,6 @@ def test_identity_full_rank_permutation_equals_base(name, dtype, shape):
         w.grad, w_base.grad = g.clone(), g.clone()
         opt.step()
         base.step()
-    # fp32 observed ≤ 3e-7 (the derived form re-associates the base arithmetic); fp64 ≤ 1e-15.
+    # Observed (7 bases, both shapes): fp32 ≤ 6.1e-8 (the derived form re-associates the base
+    # arithmetic), fp64 ≤ 1.8e-16.
     assert_rel_close(w.detach(), w_base.detach(), 1e-6 if dtype == torch.float32 else 1e-12, name)

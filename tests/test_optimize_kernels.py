@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_rel_close, randn, seeds
+from helpers import assert_rel_close, randn, seeds, spectral_grad
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -54,12 +54,14 @@ def _run(backend, base, kw, w0, grads, rank, scale):
 def test_triton_backend_equals_eager(name, seed, m, n, rank, scale):
     base, kw = BASES[name]
     w0 = randn(seed, m, n)
-    grads = [randn(seed + i + 1, m, n) for i in range(5)]  # init, correlation (k=2), SVD (k=4)
+    # init, correlation (k=2), SVD (k=4); decaying spectra keep the SVD refresh well conditioned
+    grads = [spectral_grad(seed + i + 1, m, n) for i in range(5)]
     w_e, st_e = _run("eager", base, kw, w0, grads, rank, scale)
     w_t, st_t = _run("triton", base, kw, w0, grads, rank, scale)
-    # Interpreter tl.dot in float32 vs torch matmul: different summation order, observed ≤ 3e-6 after
-    # 5 steps (Adam's early steps are sign-like, which amplifies rounding in entries near zero).
-    assert_rel_close(w_t, w_e, 2e-5, "weight")
+    # Interpreter tl.dot in float32 vs torch matmul (different summation order): observed ≤ 3.5e-8 over
+    # the ci examples of all five bases in either test order. 1e-6 leaves room for Adam's sign-like early
+    # steps, which amplify rounding in entries of X P near eps.
+    assert_rel_close(w_t, w_e, 1e-6, "weight")
     assert torch.equal(st_t["step"], st_e["step"])
 
 
