@@ -140,7 +140,14 @@ def test_compiled_equals_base_on_virtual_lowrank_param(name, policy, seed, shape
     assert_rel_close(w.detach(), w_ref, TOL[dtype], name)
 
 
-GENERIC = {"adagrad": (torch.optim.Adagrad, {"lr": 0.05}), "adamax": (torch.optim.Adamax, {"lr": 0.01})}
+GENERIC = {
+    "adagrad": (torch.optim.Adagrad, {"lr": 0.05}),  # generic route
+    "adamax": (torch.optim.Adamax, {"lr": 0.01}),  # generic route
+    "adam_amsgrad": (torch.optim.Adam, {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}),
+    "adam_maximize": (torch.optim.Adam, {"lr": 1e-2, "maximize": True}),
+    "rmsprop_centered": (torch.optim.RMSprop, {"lr": 1e-3, "centered": True, "momentum": 0.9}),
+    "sgd_nesterov": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+}
 
 
 @pytest.mark.parametrize("name", sorted(BASES) + sorted(GENERIC))
@@ -148,7 +155,7 @@ GENERIC = {"adagrad": (torch.optim.Adagrad, {"lr": 0.05}), "adamax": (torch.opti
 @pytest.mark.parametrize("shape", [(12, 7), (5, 9)])
 def test_identity_full_rank_permutation_equals_base(name, dtype, shape):
     """Projection at full rank with a permutation P (no refresh) reproduces the base optimizer
-    (the five supported bases and two bases compiled through the generic route)."""
+    (the five supported bases, hyperparameter variants, and two bases compiled through the generic route)."""
     cls, kw = {**BASES, **GENERIC}[name]
     seed = 123
     w = randn(seed, *shape, dtype=dtype).requires_grad_()
