@@ -58,6 +58,7 @@ def test_port_matches_torch_adafactor(seed, shape, hp, dtype):
     p, states = p_ref.clone(), fresh_state(p_ref)
     step = torch.zeros((), dtype=torch.float64)
     names = ("row_var", "col_var") if p.dim() >= 2 else ("variance",)
+    peak = float(p_ref.detach().double().norm())
     for k, lr in enumerate(lrs):
         g = randn(seed + 1 + k, *shape, dtype=dtype)
         opt.param_groups[0]["lr"] = lr
@@ -72,7 +73,14 @@ def test_port_matches_torch_adafactor(seed, shape, hp, dtype):
             states = [var]
         what = f"{shape} {dtype} {hp} step {k}"
         assert p.dtype == dtype and all(s.dtype == dtype for s in states)
-        assert_rel_close(p, p_ref, TOL[dtype], f"{what}: param")
+        # Error relative to the largest ‖p‖ seen so far, not the current one: with a large eps2 the steps
+        # are ~eps2·lr and can cancel (seen: seed 0, shape (1,), eps2 = 10: p went +12 → −0.028, and the
+        # port's different op order left 2e-6 of the final value, 5e-9 of the peak, in float32).
+        peak = max(peak, float(p_ref.detach().double().norm()))
+        err = float((p.double() - p_ref.detach().double()).norm()) / max(peak, 1e-30)
+        assert err <= TOL[dtype], (
+            f"{what}: param error {err:.2e} (relative to peak ‖p‖ {peak:.3g}) > {TOL[dtype]}"
+        )
         for name, s in zip(names, states):
             assert_rel_close(s, opt.state[p_ref][name], TOL[dtype], f"{what}: {name}")
         assert step.item() == opt.state[p_ref]["step"].item() == k + 1
