@@ -27,12 +27,16 @@ BASES = {
 
 def _run(backend, base, kw, w0, grads, rank, scale):
     w = w0.clone().requires_grad_()
+    # Refreshes: correlation steps at k = 2 and 4, no SVD (reproject_factor = 100). The kernels never touch
+    # the refresh, and an SVD refresh amplifies the runs' rounding-level difference wherever singular values
+    # are nearly equal (seen: Adam with L2 projects G + wd·W, and 27×23, r = 11 diverged by 5e-2 after the
+    # SVD at k = 4). The SVD path is compared against the reference in test_optimize.py instead.
     opt = coap_compile.optimize(
         [{"params": [w], "project": True}],
         base,
         rank=rank,
         update_interval=2,
-        reproject_factor=2,
+        reproject_factor=100,
         scale=scale,
         backend=backend,
         **kw,
@@ -54,12 +58,11 @@ def _run(backend, base, kw, w0, grads, rank, scale):
 def test_triton_backend_equals_eager(name, seed, m, n, rank, scale):
     base, kw = BASES[name]
     w0 = randn(seed, m, n)
-    # init, correlation (k=2), SVD (k=4); decaying spectra keep the SVD refresh well conditioned
-    grads = [spectral_grad(seed + i + 1, m, n) for i in range(5)]
+    grads = [spectral_grad(seed + i + 1, m, n) for i in range(5)]  # init, correlation steps at k = 2, 4
     w_e, st_e = _run("eager", base, kw, w0, grads, rank, scale)
     w_t, st_t = _run("triton", base, kw, w0, grads, rank, scale)
     # Interpreter tl.dot in float32 vs torch matmul (different summation order): observed ≤ 3.5e-8 over
-    # the ci examples of all five bases in either test order. 1e-6 leaves room for Adam's sign-like early
+    # the ci examples and 60 random dev-profile examples of each of the five bases. 1e-6 leaves room for Adam's sign-like early
     # steps, which amplify rounding in entries of X P near eps.
     assert_rel_close(w_t, w_e, 1e-6, "weight")
     assert torch.equal(st_t["step"], st_e["step"])
