@@ -42,7 +42,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs CUDA (GPU verification, issue #4): run on a GPU machine, README 'GPU checks'")
+    skip = pytest.mark.skip(
+        reason="needs CUDA (GPU verification, issue #4): run on a GPU machine, README 'GPU checks'"
+    )
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)

@@ -62,8 +62,8 @@ def test_triton_backend_equals_eager(name, seed, m, n, rank, scale):
     w_e, st_e = _run("eager", base, kw, w0, grads, rank, scale)
     w_t, st_t = _run("triton", base, kw, w0, grads, rank, scale)
     # Interpreter tl.dot in float32 vs torch matmul (different summation order): observed ≤ 3.5e-8 over
-    # the ci examples and 60 random dev-profile examples of each of the five bases. 1e-6 leaves room for Adam's sign-like early
-    # steps, which amplify rounding in entries of X P near eps.
+    # the ci examples and 60 random dev-profile examples of each of the five bases. 1e-6 leaves room for
+    # Adam's sign-like early steps, which amplify rounding in entries of X P near eps.
     assert_rel_close(w_t, w_e, 1e-6, "weight")
     assert torch.equal(st_t["step"], st_e["step"])
 
