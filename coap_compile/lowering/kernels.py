@@ -33,7 +33,7 @@ def scalar_module(ep: Epilogue) -> torch.fx.GraphModule:
     graph = torch.fx.Graph()
     env = {STEP: graph.placeholder("t"), LR: graph.placeholder("lr")}
     emit = Emitter(graph, env)
-    vals = [emit._tensor(emit(e), None) for _, e in ep.scalars]
+    vals = [emit.as_tensor_node(emit(e)) for _, e in ep.scalars]
     if not vals:
         vals = [graph.call_function(aten.scalar_tensor.default, (0.0,))]
     stacked = graph.call_function(aten.stack.default, (vals,))

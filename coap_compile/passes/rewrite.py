@@ -106,7 +106,7 @@ def build_lowrank(
     exprs = [dec.new_states[n] for n in state_names] + [dec.delta, dec.decay]
     *states_h, delta_h, decay_h = hoist(exprs, table, scalars)
     for e, sym in table.items():
-        emit.env[sym] = emit._tensor(emit(e), None)
+        emit.env[sym] = emit.as_tensor_node(emit(e))
     new_nodes = [emit(e) for e in states_h]
     for name, node in zip(state_names, new_nodes):
         emit.env[state_symbol(name, new=True)] = node

@@ -217,7 +217,7 @@ class Emitter:
         if isinstance(e, sympy.Piecewise):
             (a, cond), (b, _) = e.args
             return self.call(
-                aten.where.self, self(cond), self._tensor(self(a), cond), self._tensor(self(b), cond)
+                aten.where.self, self(cond), self.as_tensor_node(self(a)), self.as_tensor_node(self(b))
             )
         rel = {
             sympy.Eq: aten.eq,
@@ -235,7 +235,8 @@ class Emitter:
                 return self.call(packet.Tensor if isinstance(rhs, torch.fx.Node) else packet.Scalar, lhs, rhs)
         raise ValueError(f"cannot emit {type(e).__name__}: {e}")
 
-    def _tensor(self, v, like_expr):
+    def as_tensor_node(self, v):
+        """``v`` as a graph node: a number becomes a 0-d ``scalar_tensor``."""
         if isinstance(v, torch.fx.Node):
             return v
         return self.call(aten.scalar_tensor.default, float(v))

@@ -14,7 +14,7 @@ Given parameters or parameter groups, a 2-D parameter is projected by the same s
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,8 +99,3 @@ def groups_from_model(model: nn.Module, target_modules: TargetModules) -> tuple[
     if forced:
         groups.append({"params": forced, "project": True})
     return [g for g in groups if g["params"]], names
-
-
-def iter_params(groups: Iterable[dict]) -> Iterable[torch.Tensor]:
-    for g in groups:
-        yield from g["params"]
