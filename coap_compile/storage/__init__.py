@@ -1,0 +1,46 @@
+"""Optimizer-state storage precisions: ``fp32``, ``bf16`` (round-to-nearest or stochastic) and ``int8``
+(blockwise dynamic quantization), plus the Triton helper sources for the generated kernels.
+
+See :mod:`.base` for the interface and the key scheme, :mod:`.bf16`, :mod:`.int8` and :mod:`.codemap` for
+the formats, their error bounds and the measurements behind their defaults, and :mod:`.triton_src` for
+the kernel-side helpers.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    KINDS,
+    FP32Storage,
+    StateStorage,
+    check_kind,
+    convert_state,
+    get_storage,
+    load_any,
+    register_storage,
+    storage_names,
+    stored_precision,
+)
+from .bf16 import Bf16Storage
+from .codemap import CodeMap, code_map
+from .int8 import BlockLayout, Int8Storage, block_layout, check_block_size, kernel_block_m
+
+__all__ = [
+    "KINDS",
+    "Bf16Storage",
+    "BlockLayout",
+    "CodeMap",
+    "FP32Storage",
+    "Int8Storage",
+    "StateStorage",
+    "block_layout",
+    "check_block_size",
+    "check_kind",
+    "code_map",
+    "convert_state",
+    "get_storage",
+    "kernel_block_m",
+    "load_any",
+    "register_storage",
+    "storage_names",
+    "stored_precision",
+]

@@ -1,0 +1,261 @@
+"""How one logical float32 optimizer state is stored: the :class:`StateStorage` interface and registry.
+
+A *state* is one logical float32 tensor (``exp_avg`` of an M×r projected weight, ``exp_avg_sq`` of a
+bias, …). A storage keeps it as a ``dict[str, Tensor]`` of plain tensors whose keys all start with the
+state's name, so a parameter's state dict stays tensors only (``torch.load(weights_only=True)`` works):
+
+=========  ==========================================  ===================================================
+precision  keys for state ``s`` of logical shape ``S``  bytes (:meth:`StateStorage.nbytes`)
+=========  ==========================================  ===================================================
+``fp32``   ``s``: float32 ``S``                        ``4·|S|`` (``8·|S|`` with ``dtype=torch.float64``)
+``bf16``   ``s``: bfloat16 ``S``; with stochastic      ``2·|S|`` (+ 16 for ``s.rng``)
+           rounding also ``s.rng``: int64 ``(2,)``
+``int8``   ``s.q8``: int8 (signed map) or uint8        ``|S| + 4·⌈R/bh⌉·⌈C/bw⌉`` (layout in :mod:`.int8`);
+           (unsigned map) codes of shape ``S``;        tensors with fewer than ``min_numel`` elements stay
+           ``s.absmax``: float32 ``(⌈R/bh⌉, ⌈C/bw⌉)``  ``s``: float32 (``4·|S|``)
+=========  ==========================================  ===================================================
+
+The layout is self-describing: :func:`load_any` reads any precision from its keys and dtypes, which is
+what checkpoint conversion (:func:`convert_state`) uses. Every storage computes in float32 (``fp32``
+may be asked for float64, the project's float64-weight convention).
+
+The interface (one instance per configuration; the instances are stateless, all state is in the dict):
+
+* ``zeros(name, shape, device, kind, *, seed=0) -> dict``: a fresh all-zero state;
+* ``load(stored, name) -> Tensor``: the float32 value (``fp32`` returns the stored tensor itself, not a
+  copy; treat it as read-only or write it back with ``store_``);
+* ``store_(stored, name, value)``: round/quantize ``value`` *into the existing tensors* (no reallocation;
+  the same tensor objects before and after);
+* ``nbytes(shape, kind) -> int``: exact bytes of ``zeros(...)`` (closed form, shapes only: meta-safe).
+
+``kind`` is the compiler's classification of the state (``passes.decompose``): ``"first_moment"``
+(``s' = a·s + b·x``, signed), ``"second_moment"`` (``s' = a·s + b·x²``, non-negative) or ``"other"``.
+``int8`` picks its code map from it and refuses ``"other"`` (its error bound assumes an EMA whose
+values share a block scale sensibly); ``fp32``/``bf16`` accept every kind.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KINDS",
+    "FP32Storage",
+    "StateStorage",
+    "check_kind",
+    "convert_state",
+    "get_storage",
+    "load_any",
+    "numel",
+    "register_storage",
+    "storage_names",
+    "stored_precision",
+]
+
+#: the state kinds of ``passes.decompose._classify_state``.
+KINDS = ("first_moment", "second_moment", "other")
+
+_REGISTRY: dict[str, type[StateStorage]] = {}
+
+
+def numel(shape: Sequence[int]) -> int:
+    """Number of elements of ``shape`` (1 for ``()``)."""
+    return math.prod(int(d) for d in shape)
+
+
+def check_kind(kind: Any) -> str:
+    """``kind`` if it is one of :data:`KINDS`, else a ValueError naming it."""
+    if kind not in KINDS:
+        raise ValueError(f"state kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
+def _check_shape(shape: Any) -> tuple[int, ...]:
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in dims):
+        raise ValueError(f"shape must be a sequence of non-negative ints, got {shape!r}")
+    return dims
+
+
+def _check_value(name: str, value: Tensor, like: Tensor) -> None:
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        raise TypeError(
+            f"value stored into state {name!r} must be a floating-point tensor, got {value!r:.60}"
+        )
+    if tuple(value.shape) != tuple(like.shape):
+        raise ValueError(
+            f"value stored into state {name!r} has shape {tuple(value.shape)}, "
+            f"the state is {tuple(like.shape)}"
+        )
+
+
+def _get(stored: dict[str, Tensor], key: str, precision: str) -> Tensor:
+    if key in stored:
+        return stored[key]
+    have = sorted(k for k in stored if k.split(".")[0] == key.split(".")[0])
+    found = f"; it is stored as {stored_precision(stored, key.split('.')[0])}" if have else ""
+    raise KeyError(f"{precision} state {key.split('.')[0]!r} needs key {key!r}, found keys {have}{found}")
+
+
+class StateStorage(ABC):
+    """One storage precision (see the module docstring for the interface and key scheme)."""
+
+    #: the registry name (``"fp32"``, ``"bf16"``, ``"int8"``).
+    name: ClassVar[str]
+
+    @abstractmethod
+    def zeros(
+        self, name: str, shape: Sequence[int], device: torch.device | str | None = None,
+        kind: str = "other", *, seed: int = 0,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        """A fresh all-zero state ``name`` of logical shape ``shape``."""
+
+    @abstractmethod
+    def load(self, stored: dict[str, Tensor], name: str) -> Tensor:
+        """The float32 value of state ``name``."""
+
+    @abstractmethod
+    def store_(self, stored: dict[str, Tensor], name: str, value: Tensor) -> None:
+        """Write ``value`` into the existing tensors of state ``name`` (rounded/quantized)."""
+
+    @abstractmethod
+    def nbytes(self, shape: Sequence[int], kind: str = "other") -> int:
+        """Exact bytes of :meth:`zeros` for ``shape`` (closed form)."""
+
+    def keys(self, name: str, shape: Sequence[int], kind: str = "other") -> tuple[str, ...]:
+        """The keys :meth:`zeros` creates for ``name`` (from shapes only)."""
+        return tuple(self.zeros(name, shape, "meta", kind))
+
+    def from_value(
+        self, name: str, value: Tensor, kind: str = "other", *, seed: int = 0
+    ) -> dict[str, Tensor]:
+        """A new state holding ``value`` (``zeros`` + ``store_``): one rounding/quantization of ``value``."""
+        stored = self.zeros(name, tuple(value.shape), value.device, kind, seed=seed)
+        self.store_(stored, name, value)
+        return stored
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def register_storage(cls: type[StateStorage]) -> type[StateStorage]:
+    """Class decorator: register ``cls`` under ``cls.name`` (a second class with the same name is refused)."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__}.name must be a non-empty str, got {name!r}")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"a state storage named {name!r} is already registered ({_REGISTRY[name].__name__})")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def storage_names() -> tuple[str, ...]:
+    """The registered precision names (``("fp32", "bf16", "int8")``)."""
+    return tuple(_REGISTRY)
+
+
+def get_storage(precision: str | StateStorage, **options: Any) -> StateStorage:
+    """The storage for ``precision`` (``"fp32"``, ``"bf16"``, ``"int8"``), built with ``options``.
+
+    Options: ``fp32``: ``dtype`` (float32 or float64); ``bf16``: ``rounding`` (``"nearest"`` or
+    ``"stochastic"``); ``int8``: ``quant_block_size`` (256), ``second_moment_map`` (``"unsigned"``),
+    ``min_numel`` (4096). An instance is returned as is (``options`` must then be empty).
+    """
+    if isinstance(precision, StateStorage):
+        if options:
+            raise TypeError(f"options {sorted(options)} given with a StateStorage instance {precision!r}")
+        return precision
+    if precision not in _REGISTRY:
+        raise ValueError(f"state precision must be one of {storage_names()}, got {precision!r}")
+    return _REGISTRY[precision](**options)
+
+
+def stored_precision(stored: dict[str, Tensor], name: str) -> str:
+    """Which precision's layout holds state ``name`` in ``stored`` (from its keys and dtypes)."""
+    if f"{name}.q8" in stored:
+        return "int8"
+    t = stored.get(name)
+    if isinstance(t, Tensor):
+        if t.dtype == torch.bfloat16:
+            return "bf16"
+        if t.dtype in (torch.float32, torch.float64):
+            return "fp32"
+        raise ValueError(
+            f"state {name!r} has dtype {t.dtype}; stored states are float32/float64/bfloat16/int8"
+        )
+    raise KeyError(f"no state {name!r} in the stored keys {sorted(stored)}")
+
+
+def load_any(stored: dict[str, Tensor], name: str) -> Tensor:
+    """The float32 value of state ``name`` whatever precision stored it (float64 stays float64)."""
+    precision = stored_precision(stored, name)
+    if precision == "int8":
+        from .int8 import Int8Storage
+
+        return Int8Storage(min_numel=0).load(stored, name)
+    return stored[name] if precision == "fp32" else stored[name].float()
+
+
+def convert_state(
+    stored: dict[str, Tensor], name: str, target: str | StateStorage, kind: str = "other", *, seed: int = 0
+) -> dict[str, Tensor]:
+    """State ``name`` re-stored in ``target``'s layout (new tensors; ``stored`` is not modified).
+
+    Exactness: anything → ``fp32`` is exact (dequantized values are float32 numbers); ``fp32`` → ``bf16``
+    or ``int8`` is one rounding/quantization, exactly what one ``store_`` of a step does; ``int8`` →
+    ``fp32`` → ``int8`` (same block size and map) and ``bf16`` → ``fp32`` → ``bf16`` give back the same
+    codes/bits (tested). A ``bf16`` stochastic-rounding target starts a new stream: ``seed``, counter 0.
+    """
+    dst = get_storage(target)
+    value = load_any(stored, name)
+    if isinstance(dst, FP32Storage):
+        return {name: value.to(dst.dtype, copy=True)}
+    return dst.from_value(name, value.float(), kind, seed=seed)
+
+
+@register_storage
+class FP32Storage(StateStorage):
+    """Full precision: the state is one float32 tensor under its own name (float64 if asked).
+
+    Args:
+        dtype: ``torch.float32`` (default) or ``torch.float64`` (the project's float64-weight path).
+    """
+
+    name = "fp32"
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"fp32 storage dtype must be torch.float32 or torch.float64, got {dtype!r}")
+        self.dtype = dtype
+
+    def zeros(self, name, shape, device=None, kind="other", *, seed=0):
+        check_kind(kind)
+        return {name: torch.zeros(_check_shape(shape), dtype=self.dtype, device=device)}
+
+    def load(self, stored, name):
+        t = _get(stored, name, "fp32")
+        if t.dtype != self.dtype:
+            raise ValueError(f"fp32 state {name!r} has dtype {t.dtype}, this storage holds {self.dtype}")
+        return t
+
+    def store_(self, stored, name, value):
+        t = _get(stored, name, "fp32")
+        _check_value(name, value, t)
+        if value is not t:
+            t.copy_(value)
+
+    def nbytes(self, shape, kind="other"):
+        check_kind(kind)
+        return numel(_check_shape(shape)) * (4 if self.dtype == torch.float32 else 8)
+
+    def __repr__(self) -> str:
+        return f"FP32Storage(dtype={self.dtype})"

@@ -1,0 +1,300 @@
+"""Blockwise dynamic 8-bit state storage (written here; no bitsandbytes).
+
+**Block layout.** A state of logical shape ``S`` is seen as a row-major matrix ``R×C``: ``C = S[-1]``,
+``R = |S|/C`` for ``ndim ≥ 2``; a vector of ``n`` elements is the column ``n×1``; a scalar is ``1×1``.
+It is cut into 2-D blocks of ``bh×bw`` elements, ``bw = min(16, next_pow2(C))``, ``bh = B/bw`` with
+``B = quant_block_size`` (a power of two, 16 ≤ B ≤ 4096). Block ``(I, J)`` holds rows
+``[I·bh, (I+1)·bh) ∩ [0, R)`` and columns ``[J·bw, (J+1)·bw) ∩ [0, C)``; edge blocks are partial and their
+scale is the absmax of their valid elements only. Stored: ``<name>.q8``, the codes at the logical shape
+``S`` in the same row-major order as the float32 state (int8 for the signed map, uint8 for the unsigned
+map), and ``<name>.absmax``: float32 ``(⌈R/bh⌉, ⌈C/bw⌉)``, row-major. So::
+
+    nbytes = |S| + 4·⌈R/bh⌉·⌈C/bw⌉        (e.g. M×r, r ≥ 16, B = 256: M·r + 4·⌈M/16⌉·⌈r/16⌉ ≈ 1.016·M·r)
+
+Vectors get contiguous 1-D blocks of ``B`` (``bw = 1``). **Kernel tiles own whole blocks:** K1's tile is
+``BLOCK_M × BLOCK_R`` of the row-major M×r state with ``BLOCK_R = min(max(next_pow2(r), 16), 128)`` and
+``BLOCK_M`` a power of two; ``bw ≤ 16 ≤ BLOCK_R`` are powers of two so ``bw | BLOCK_R``, and ``bh | BLOCK_M``
+whenever ``BLOCK_M ≥ bh`` (:func:`kernel_block_m`: 64 unless ``bh`` is larger; ``bh = 16`` for r ≥ 16 at
+B = 256). Tiles start at multiples of ``BLOCK_M``/``BLOCK_R``, hence at block boundaries, for every r;
+the last tile's masked elements count as 0 in its blocks' absmax, exactly like the eager padding. The
+eager functions here use this same layout and arithmetic, so the kernel helpers reproduce their codes
+(``tests/test_storage_triton.py``).
+
+**Quantize** (per block, float32): ``a = max|x|`` (unsigned map: ``max(x, 0)``), store ``a``; code per
+element by the threshold search of :mod:`.codemap` (``fl(θ_k·a) < |x|``); ``a = 0`` gives codes 0.
+**Dequantize**: ``x̂ = fl(value[code]·a)``. Error bound: :mod:`.codemap` (``|x̂ − x| ≤ a·Δ/2 + 2⁻²³(|x|+|x̂|)``).
+Work is done per tensor in slabs of whole block rows (≤ :data:`CHUNK` elements), so the float32/int64
+temporaries are bounded by a slab, never a copy of all states. Non-finite inputs are not supported (the
+optimizer refuses non-finite gradients first): a NaN makes its block's scale NaN.
+
+Decisions (``benchmarks/storage_study.py int8``; numbers in :data:`STUDY_RESULTS`):
+
+* second moment: **unsigned map with the positive floor** (``second_moment_map="unsigned"``); the signed
+  map (the official COAP code's choice for both moments) wastes half its codes on a sign ``v`` never has;
+* first moment: signed map; states of kind ``"other"`` are refused (not a moment-like EMA);
+* ``quant_block_size = 256`` (16×16 blocks for r ≥ 16), code map style :data:`.codemap.DEFAULT_STYLE`;
+* tensors with fewer than ``min_numel = 4096`` elements (norms, biases, tiny layers) stay float32: they
+  are < 16 KiB each.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import StateStorage, _check_shape, _check_value, _get, check_kind, numel, register_storage
+from .codemap import DEFAULT_STYLE, STYLES, CodeMap, code_map
+
+__all__ = [
+    "CHUNK",
+    "DEFAULT_BLOCK_SIZE",
+    "STUDY_RESULTS",
+    "BlockLayout",
+    "Int8Storage",
+    "block_layout",
+    "check_block_size",
+    "dequantize",
+    "kernel_block_m",
+    "quantize_",
+]
+
+DEFAULT_BLOCK_SIZE = 256
+MAX_BLOCK_SIZE = 4096
+MAX_BLOCK_W = 16
+#: elements per slab of the eager quantizer (bounds its temporaries).
+CHUNK = 1 << 22
+SECOND_MOMENT_MAPS = ("unsigned", "signed")
+#: filled in from ``benchmarks/storage_study.py int8`` (see the module docstring).
+STUDY_RESULTS: dict[str, object] = {}
+
+
+def check_block_size(quant_block_size: object) -> int:
+    """``quant_block_size`` if valid (int power of two in [16, 4096]), else a TypeError/ValueError."""
+    if isinstance(quant_block_size, bool) or not isinstance(quant_block_size, int):
+        raise TypeError(
+            f"quant_block_size must be an int (a power of two in [16, {MAX_BLOCK_SIZE}]), "
+            f"got {quant_block_size!r} ({type(quant_block_size).__name__})"
+        )
+    b = quant_block_size
+    if b < 16 or b > MAX_BLOCK_SIZE or b & (b - 1):
+        raise ValueError(
+            f"quant_block_size must be a power of two in [16, {MAX_BLOCK_SIZE}] (blocks are bh×bw "
+            f"sub-tiles of the kernel's power-of-two tiles), got {b!r}"
+        )
+    return b
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The block layout of one state: matrix view ``rows×cols``, blocks ``bh×bw``, scale grid shape."""
+
+    rows: int
+    cols: int
+    bh: int
+    bw: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Shape of the ``absmax`` tensor: ``(⌈rows/bh⌉, ⌈cols/bw⌉)``."""
+        return -(-self.rows // self.bh), -(-self.cols // self.bw)
+
+    @property
+    def nbytes(self) -> int:
+        g = self.grid
+        return self.rows * self.cols + 4 * g[0] * g[1]
+
+
+def block_layout(shape: Sequence[int], quant_block_size: int = DEFAULT_BLOCK_SIZE) -> BlockLayout:
+    """The :class:`BlockLayout` of a state of ``shape`` (module docstring)."""
+    b = check_block_size(quant_block_size)
+    dims = _check_shape(shape)
+    if len(dims) >= 2:
+        cols = dims[-1]
+        rows = math.prod(dims[:-1])
+    else:
+        rows, cols = (dims[0], 1) if dims else (1, 1)
+    bw = min(MAX_BLOCK_W, _next_pow2(cols))
+    return BlockLayout(rows, cols, b // bw, bw)
+
+
+def kernel_block_m(r: int, quant_block_size: int = DEFAULT_BLOCK_SIZE, default: int = 64) -> int:
+    """The K1 ``BLOCK_M`` for an M×r int8 state: ``max(default, bh)`` (a tile must own whole blocks)."""
+    return max(default, block_layout((2, r), quant_block_size).bh)
+
+
+def _slab_rows(lay: BlockLayout) -> int:
+    """Rows per slab: a multiple of ``bh`` with about :data:`CHUNK` elements."""
+    per = max(1, CHUNK // max(1, lay.bh * lay.grid[1] * lay.bw))
+    return per * lay.bh
+
+
+def _quantize_slab(x: Tensor, bh: int, bw: int, cm: CodeMap, floor: bool) -> tuple[Tensor, Tensor]:
+    """Codes (int64, ``x``'s shape) and scales of one ``rows×cols`` float32 slab (rows a multiple of bh
+    except possibly at the end)."""
+    rows, cols = x.shape
+    nr, nc = -(-rows // bh), -(-cols // bw)
+    if not cm.signed:
+        x = x.clamp_min(0.0)
+    if nr * bh != rows or nc * bw != cols:
+        xp = x.new_zeros(nr * bh, nc * bw)
+        xp[:rows, :cols] = x
+    else:
+        xp = x
+    x4 = xp.view(nr, bh, nc, bw)
+    ax = x4.abs()
+    a = ax.amax(dim=(1, 3))
+    a4 = a.view(nr, 1, nc, 1)
+    thr, _ = cm.tables(x.device)
+    j = torch.zeros(ax.shape, dtype=torch.int64, device=x.device)
+    for s in range(cm.log2_size - 1, -1, -1):
+        step = 1 << s
+        j = torch.where(thr[j + step] * a4 < ax, j + step, j)
+    if floor:
+        j = torch.where((x4 > 0) & (j == 0), 1, j)
+    if cm.signed:
+        j = torch.where(x4 < 0, -j, j)
+    return j.view(nr * bh, nc * bw)[:rows, :cols], a
+
+
+def quantize_(
+    x: Tensor, codes: Tensor, absmax: Tensor, lay: BlockLayout, cm: CodeMap, *, floor: bool = False
+) -> None:
+    """Quantize float32 ``x`` into the existing ``codes`` (``x``'s shape) and ``absmax`` (``lay.grid``)."""
+    x2 = x.reshape(lay.rows, lay.cols).float()
+    c2 = codes.view(lay.rows, lay.cols)
+    step = _slab_rows(lay)
+    for r0 in range(0, lay.rows, step):
+        q, a = _quantize_slab(x2[r0 : r0 + step], lay.bh, lay.bw, cm, floor)
+        c2[r0 : r0 + step] = q.to(codes.dtype)
+        absmax[r0 // lay.bh : r0 // lay.bh + a.shape[0]] = a
+
+
+def dequantize(codes: Tensor, absmax: Tensor, lay: BlockLayout, cm: CodeMap) -> Tensor:
+    """float32 values ``fl(value[code]·a)`` at ``codes``' shape."""
+    _, vals = cm.tables(codes.device)
+    c2 = codes.view(lay.rows, lay.cols)
+    out = torch.empty((lay.rows, lay.cols), dtype=torch.float32, device=codes.device)
+    step = _slab_rows(lay)
+    cols_b = torch.arange(lay.cols, device=codes.device) // lay.bw
+    for r0 in range(0, lay.rows, step):
+        c = c2[r0 : r0 + step]
+        rows_b = torch.arange(r0, r0 + c.shape[0], device=codes.device) // lay.bh
+        a = absmax[rows_b[:, None], cols_b[None, :]]
+        out[r0 : r0 + step] = vals[c.long() + cm.offset] * a
+    return out.view(codes.shape)
+
+
+@register_storage
+class Int8Storage(StateStorage):
+    """Blockwise 8-bit states (module docstring).
+
+    Args:
+        quant_block_size: elements per block ``B`` (power of two in [16, 4096], default 256).
+        second_moment_map: ``"unsigned"`` (default; uint8 codes, positive floor) or ``"signed"``.
+        min_numel: tensors with fewer elements are stored float32 (default 4096; 0 quantizes everything).
+        style: code map construction, ``"decade"`` or ``"log"`` (:mod:`.codemap`).
+    """
+
+    name = "int8"
+
+    def __init__(
+        self,
+        quant_block_size: int = DEFAULT_BLOCK_SIZE,
+        second_moment_map: str = "unsigned",
+        min_numel: int = 4096,
+        style: str = DEFAULT_STYLE,
+    ):
+        self.quant_block_size = check_block_size(quant_block_size)
+        if second_moment_map not in SECOND_MOMENT_MAPS:
+            raise ValueError(
+                f"second_moment_map must be one of {SECOND_MOMENT_MAPS}, got {second_moment_map!r}"
+            )
+        if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+            raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")
+        if style not in STYLES:
+            raise ValueError(f"code map style must be one of {STYLES}, got {style!r}")
+        self.second_moment_map = second_moment_map
+        self.min_numel = min_numel
+        self.style = style
+
+    def _kind(self, name: str, kind: str) -> str:
+        check_kind(kind)
+        if kind == "other":
+            raise ValueError(
+                f"int8 storage quantizes moment-like EMA states only (kind 'first_moment' or "
+                f"'second_moment'); state {name!r} is of kind 'other': store it as 'fp32' or 'bf16'"
+            )
+        return kind
+
+    def code_map_for(self, kind: str) -> CodeMap:
+        """The code map a state of ``kind`` is quantized with."""
+        unsigned = kind == "second_moment" and self.second_moment_map == "unsigned"
+        return code_map(not unsigned, self.style)
+
+    def layout(self, shape: Sequence[int]) -> BlockLayout:
+        return block_layout(shape, self.quant_block_size)
+
+    def quantized(self, shape: Sequence[int]) -> bool:
+        """Whether a state of ``shape`` is 8-bit (``numel ≥ min_numel``) rather than float32."""
+        return numel(_check_shape(shape)) >= max(1, self.min_numel)
+
+    def zeros(self, name, shape, device=None, kind="other", *, seed=0):
+        self._kind(name, kind)
+        dims = _check_shape(shape)
+        if not self.quantized(dims):
+            return {name: torch.zeros(dims, dtype=torch.float32, device=device)}
+        cm = self.code_map_for(kind)
+        return {
+            f"{name}.q8": torch.zeros(dims, dtype=cm.code_dtype, device=device),
+            f"{name}.absmax": torch.zeros(self.layout(dims).grid, dtype=torch.float32, device=device),
+        }
+
+    def _parts(self, stored: dict[str, Tensor], name: str) -> tuple[Tensor, Tensor, BlockLayout, CodeMap]:
+        codes = _get(stored, f"{name}.q8", "int8")
+        absmax = _get(stored, f"{name}.absmax", "int8")
+        lay = self.layout(tuple(codes.shape))
+        if codes.dtype not in (torch.int8, torch.uint8):
+            raise ValueError(f"int8 state {name!r}: codes must be int8/uint8, got {codes.dtype}")
+        if tuple(absmax.shape) != lay.grid or absmax.dtype != torch.float32:
+            raise ValueError(
+                f"int8 state {name!r}: absmax is {absmax.dtype} {tuple(absmax.shape)}, expected float32 "
+                f"{lay.grid} for codes {tuple(codes.shape)} at quant_block_size={self.quant_block_size} "
+                "(a checkpoint written with another quant_block_size? convert it with convert_state)"
+            )
+        return codes, absmax, lay, code_map(codes.dtype == torch.int8, self.style)
+
+    def load(self, stored, name):
+        if f"{name}.q8" not in stored and name in stored:  # a small state kept in float32
+            return _get(stored, name, "int8")
+        codes, absmax, lay, cm = self._parts(stored, name)
+        return dequantize(codes, absmax, lay, cm)
+
+    def store_(self, stored, name, value):
+        if f"{name}.q8" not in stored and name in stored:
+            t = stored[name]
+            _check_value(name, value, t)
+            if value is not t:
+                t.copy_(value)
+            return
+        codes, absmax, lay, cm = self._parts(stored, name)
+        _check_value(name, value, codes)
+        quantize_(value, codes, absmax, lay, cm, floor=not cm.signed)
+
+    def nbytes(self, shape, kind="other"):
+        self._kind("(planned)", kind)
+        dims = _check_shape(shape)
+        return self.layout(dims).nbytes if self.quantized(dims) else 4 * numel(dims)
+
+    def __repr__(self) -> str:
+        return (
+            f"Int8Storage(quant_block_size={self.quant_block_size}, second_moment_map="
+            f"{self.second_moment_map!r}, min_numel={self.min_numel}, style={self.style!r})"
+        )
