@@ -17,19 +17,32 @@ A policy object holds only hyperparameters; the per-parameter state is a ``dict[
 only, so ``torch.load(weights_only=True)`` works) created by :meth:`ProjectionPolicy.init_state` and
 updated in place by :meth:`ProjectionPolicy.refresh`. The step counter ``k`` passed to a policy is the
 number of *completed* optimizer steps for that parameter (``k = 0`` on the first step).
+
+``P`` is whatever :meth:`ProjectionPolicy.basis` returns: ``state["proj"]`` for the dense policies, the
+gathered columns of a basis shared between matrices for index policies (``projection="dct"``, whose state
+holds only column indices). Callers must read ``P`` through :meth:`~ProjectionPolicy.basis`, never
+``state["proj"]``, and map moments across a refresh with :meth:`~ProjectionPolicy.snapshot` before and
+:meth:`~ProjectionPolicy.remap_moments` after it. Memory: :meth:`~ProjectionPolicy.state_layout` is the
+per-matrix state, :meth:`~ProjectionPolicy.shared_state_layout` the shared part (count each key once).
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["ProjectionPolicy", "RefreshKind", "canonical", "resolve_rank"]
+from .linalg import restore_moments
 
-RefreshKind = str  # one of "init", "correlation", "svd", "resample", or "" (no refresh)
+__all__ = ["Layout", "ProjectionPolicy", "RefreshKind", "canonical", "resolve_rank"]
+
+RefreshKind = str  # one of "init", "correlation", "svd", "resample", "select", or "" (no refresh)
+
+#: ``{state key: (shape, dtype)}``, as returned by :meth:`ProjectionPolicy.state_layout`.
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 def canonical(g: Tensor) -> tuple[Tensor, bool]:
@@ -59,13 +72,13 @@ class ProjectionPolicy(abc.ABC):
 
     Contract (all methods see the canonical orientation, see the module docstring):
 
-    * :meth:`init_state` builds the state at ``k = 0`` from the first gradient ``X`` and returns a dict
-      containing at least ``"proj"`` (``N×r`` float32 on ``X``'s device).
+    * :meth:`init_state` builds the state at ``k = 0`` from the first gradient ``X`` (dense policies: a dict
+      containing ``"proj"``, ``N×r`` float32 — float64 for float64 ``X`` — on ``X``'s device).
     * :meth:`refresh_kind` is the schedule: which refresh (if any) happens at completed-step count ``k``.
-    * :meth:`refresh` performs that refresh in place (``state["proj"].copy_(...)``, never reassigning the
-      tensor, so compiled code that captured it stays valid). It returns True if ``P`` changed.
-    * :meth:`project` / :meth:`project_back` map between the full and the projected space; the
-      optimizer's ``scale`` is applied by the caller, not here.
+    * :meth:`refresh` performs that refresh in place (``copy_`` into the state tensors, never reassigning
+      them, so compiled code that captured them stays valid). It returns True if ``P`` changed.
+    * :meth:`basis` is ``P`` (``N×r``); :meth:`project` / :meth:`project_back` map between the full and the
+      projected space through it; the optimizer's ``scale`` is applied by the caller, not here.
     """
 
     name: ClassVar[str]
@@ -83,18 +96,46 @@ class ProjectionPolicy(abc.ABC):
         self, state: dict[str, Tensor], x: Tensor, k: int, *, first_moment: Tensor | None, transposed: bool
     ) -> bool: ...
 
+    def basis(self, state: dict[str, Tensor]) -> Tensor:
+        """``P`` (``N×r``, float32 or float64). Dense policies: ``state["proj"]`` itself (no copy)."""
+        return state["proj"]
+
     def project(self, state: dict[str, Tensor], x: Tensor) -> Tensor:
         """``X̃ = X P`` in ``P``'s dtype (float32, or float64 for float64 parameters)."""
-        proj = state["proj"]
+        proj = self.basis(state)
         return x.to(proj.dtype) @ proj
 
     def project_back(self, state: dict[str, Tensor], d: Tensor) -> Tensor:
         """``D Pᵀ`` in ``P``'s dtype (no ``scale``)."""
-        proj = state["proj"]
+        proj = self.basis(state)
         return d.to(proj.dtype) @ proj.t()
 
-    def state_layout(
-        self, n: int, rank: int, dtype: torch.dtype
-    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Shapes and dtypes of the state :meth:`init_state` creates (for memory plans, no allocation)."""
+    def snapshot(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A copy of what :meth:`remap_moments` needs of the state before a refresh (dense: ``P``)."""
+        return {"proj": state["proj"].clone()}
+
+    def remap_moments(
+        self,
+        old: dict[str, Tensor],
+        state: dict[str, Tensor],
+        *,
+        first: Sequence[Tensor] = (),
+        second: Sequence[Tensor] = (),
+    ) -> None:
+        """Map low-rank moments, in place, from the basis of ``old`` (a :meth:`snapshot`) to the current one.
+
+        First moments ``M ← (M P_oldᵀ) P_new``, second moments ``V ← ((√V P_oldᵀ) P_new)²`` (spec §6; the
+        ``restore_state`` option).
+        """
+        restore_moments(self.basis(old), self.basis(state), first, second)
+
+    def state_layout(self, n: int, rank: int, dtype: torch.dtype) -> Layout:
+        """Shapes and dtypes of the per-matrix state :meth:`init_state` creates for an ``M×N`` gradient in
+        working dtype ``dtype`` (for memory plans, no allocation)."""
         return {"proj": ((n, rank), dtype)}
+
+    def shared_state_layout(self, n: int, dtype: torch.dtype) -> Layout:
+        """Tensors shared by every matrix with the same ``N`` and working dtype (per device). The keys name
+        the shared object, so a memory plan counts the union of the keys over all matrices once. Dense
+        policies share nothing."""
+        return {}

@@ -4,7 +4,7 @@ Schedule (``k`` = completed optimizer steps, ``T_u`` = ``update_interval``, ``λ
 
     k = 0                               init:        P = orthogonal_basis(X, r, Ω ~ 𝒩(0,1), seed 3407)
     k > 0, k ≡ 0 (mod T_u·λ)            "svd":       P ← orthogonal_basis(X, r, Ω = P)
-    k > 0, k ≡ 0 (mod T_u), otherwise   "correlation": one clipped gradient step on P (below)
+    k > 0, k ≡ 0 (mod T_u), otherwise   "correlation": one step on P (below)
     otherwise                           P unchanged
 
 Correlation step (spec §4), in the canonical orientation ``X ∈ ℝ^{M×N}``, ``P ∈ ℝ^{N×r}`` and the
@@ -12,77 +12,48 @@ low-rank first moment ``M ∈ ℝ^{M×r}`` (the value *before* this step's momen
 
     X̂ = (X P) Pᵀ,   M̂ = M Pᵀ
     L(P) = mean((X̂ − X)²) · (1 − mean_i cos(M̂_i, X_i))
-    ∇ = ∂L/∂P,  ∇ ← ∇ · min(1, 1/(‖∇‖_F + 1e-6)),  P ← P − 0.1 ∇
+    "paper":      ∇ = ∂L/∂P,  ∇ ← ∇ · min(1, 1/(‖∇‖_F + 1e-6)),  P ← P − 0.1 ∇
+    "normalized": P ← polar(P − t (I − P Pᵀ) ∇),  t such that span P turns by exactly θ
 
-The official code takes the cosine along dim 1 of the *original* ``m×n`` matrix for both sides, so in the
-canonical orientation it runs along dim 1 when not transposed and along dim 0 when ``transposed``.
+``∂L/∂P`` is evaluated in closed form (:mod:`coap_compile.projection.correlation`: derivation, pass count and
+the normalized step's math). The official code takes the cosine along dim 1 of the *original* ``m×n`` matrix
+for both sides, so in the canonical orientation it runs along dim 1 when not transposed and along dim 0 when
+``transposed``.
+
+**The angle θ of the normalized step** (``DEFAULT_ANGLE``) was chosen by a measurement on the demo model, see
+:mod:`coap_compile.projection.study` and the ``CoapPolicy`` docstring.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import ProjectionPolicy, RefreshKind
-from .linalg import OMEGA_SEED, check_positive_int, orthogonal_basis
+from .correlation import (
+    CORRELATION_LR,
+    CORRELATION_MAX_NORM,
+    COSINE_EPS,
+    DEFAULT_ANGLE,
+    correlation_step,
+    normalized_correlation_step,
+)
+from .linalg import OMEGA_SEED, check_positive_int, orthogonal_basis, restore_moments
 
-__all__ = ["CoapPolicy", "correlation_step", "restore_moments"]
+__all__ = [
+    "CORRELATION_LR",
+    "CORRELATION_MAX_NORM",
+    "CORRELATION_MODES",
+    "COSINE_EPS",
+    "CoapPolicy",
+    "correlation_step",
+    "restore_moments",
+]
 
-#: Constants of the official ``update_proj`` (not exposed as options there either).
-CORRELATION_LR = 0.1
-CORRELATION_MAX_NORM = 1.0
-COSINE_EPS = 1e-8
-
-
-def correlation_step(
-    p: Tensor,
-    x: Tensor,
-    first_moment: Tensor,
-    *,
-    transposed: bool,
-    lr: float = CORRELATION_LR,
-    max_norm: float = CORRELATION_MAX_NORM,
-) -> Tensor:
-    """One clipped gradient-descent step on ``L(P)`` (module docstring); returns the new ``P``.
-
-    ``P`` itself is not modified and no ``.grad`` is left anywhere: the gradient is taken with
-    :func:`torch.autograd.grad` on a detached copy (the official code leaves a zeroed ``P.grad`` buffer
-    allocated). Runs under :func:`torch.enable_grad`, so it works inside a ``no_grad`` optimizer step.
-    The gradient flows through both factors of ``X̂`` and through ``M̂``; ``X`` and ``M`` are constants.
-    """
-    dtype = p.dtype
-    x = x.detach().to(dtype)
-    m = first_moment.detach().to(dtype)
-    with torch.enable_grad():
-        q = p.detach().clone().requires_grad_(True)
-        x_hat = (x @ q) @ q.t()
-        m_hat = m @ q.t()
-        # dim 1 of the original m×n matrix (see the module docstring); eps as in F.cosine_similarity.
-        cos = F.cosine_similarity(m_hat, x, dim=0 if transposed else 1, eps=COSINE_EPS)
-        loss = F.mse_loss(x_hat, x) * (1.0 - cos.mean())
-        (grad,) = torch.autograd.grad(loss, q)
-    coef = max_norm / (float(grad.norm()) + 1e-6)
-    if coef < 1.0:
-        grad = grad * coef
-    return p.detach() - lr * grad
-
-
-def restore_moments(
-    old_p: Tensor, new_p: Tensor, first: Sequence[Tensor] = (), second: Sequence[Tensor] = ()
-) -> None:
-    """Map low-rank moments from the basis ``old_p`` to ``new_p``, in place (spec §6, canonical form).
-
-    First moments: ``M ← (M P_oldᵀ) P_new``. Second moments: ``V ← ((√V P_oldᵀ) P_new)²`` (the
-    element-wise square root is mapped and squared again, so ``V`` stays non-negative).
-    """
-    for m in first:
-        m.copy_((m @ old_p.t().to(m.dtype)) @ new_p.to(m.dtype))
-    for v in second:
-        v.copy_(((v.sqrt() @ old_p.t().to(v.dtype)) @ new_p.to(v.dtype)).square())
+#: Values of ``CoapPolicy(correlation=...)``.
+CORRELATION_MODES = ("paper", "normalized")
 
 
 class CoapPolicy(ProjectionPolicy):
@@ -94,6 +65,10 @@ class CoapPolicy(ProjectionPolicy):
         restore_state: stored flag read by the optimizer, which then maps its moments into the new basis
             with :func:`restore_moments` after each refresh (the policy never touches the moments).
         seed: seed of the private generator drawing the initial Ω (3407 in the official code).
+        correlation: ``"paper"`` (default: the official clipped gradient step, lr 0.1) or ``"normalized"``
+            (turn ``span P`` by ``correlation_angle`` down the same loss; ``P`` stays orthonormal).
+        correlation_angle: ``θ`` of the normalized step in radians, ``0 < θ < π/2`` (default
+            :data:`~coap_compile.projection.correlation.DEFAULT_ANGLE`, 2°).
     """
 
     name: ClassVar[str] = "coap"
@@ -105,16 +80,34 @@ class CoapPolicy(ProjectionPolicy):
         reproject_factor: int = 5,
         restore_state: bool = False,
         seed: int = OMEGA_SEED,
+        correlation: str = "paper",
+        correlation_angle: float = DEFAULT_ANGLE,
     ) -> None:
         self.update_interval = check_positive_int("update_interval", update_interval)
         self.reproject_factor = check_positive_int("reproject_factor", reproject_factor)
         self.restore_state = bool(restore_state)
         self.seed = int(seed)
+        if not isinstance(correlation, str) or correlation not in CORRELATION_MODES:
+            raise ValueError(
+                f"correlation must be one of {CORRELATION_MODES}, got correlation={correlation!r}"
+            )
+        self.correlation = correlation
+        if isinstance(correlation_angle, bool) or not isinstance(correlation_angle, (int, float)):
+            raise TypeError(
+                f"correlation_angle must be a float in (0, π/2) radians, got {correlation_angle!r} of type "
+                f"{type(correlation_angle).__name__}"
+            )
+        if not 0.0 < correlation_angle < math.pi / 2:
+            raise ValueError(
+                f"correlation_angle must be in (0, π/2) radians, got correlation_angle={correlation_angle!r}"
+            )
+        self.correlation_angle = float(correlation_angle)
 
     def __repr__(self) -> str:
         return (
             f"CoapPolicy(update_interval={self.update_interval}, reproject_factor={self.reproject_factor}, "
-            f"restore_state={self.restore_state}, seed={self.seed})"
+            f"restore_state={self.restore_state}, seed={self.seed}, correlation={self.correlation!r}, "
+            f"correlation_angle={self.correlation_angle!r})"
         )
 
     def init_state(self, x: Tensor, rank: int) -> dict[str, Tensor]:
@@ -144,5 +137,9 @@ class CoapPolicy(ProjectionPolicy):
                     f"the COAP correlation step at k={k} needs the low-rank first moment, "
                     "got first_moment=None"
                 )
-            p.copy_(correlation_step(p, x, first_moment, transposed=transposed))
+            if self.correlation == "paper":
+                p.copy_(correlation_step(p, x, first_moment, transposed=transposed))
+            else:
+                angle = self.correlation_angle
+                p.copy_(normalized_correlation_step(p, x, first_moment, transposed=transposed, angle=angle))
         return True

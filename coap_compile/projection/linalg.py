@@ -9,6 +9,7 @@ RNG is never consumed: random draws come from private, seeded ``torch.Generator`
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -17,7 +18,9 @@ __all__ = [
     "OMEGA_SEED",
     "check_positive_int",
     "gaussian_basis",
+    "largest_principal_angle",
     "orthogonal_basis",
+    "restore_moments",
     "top_right_singular_vectors",
     "work_dtype",
 ]
@@ -107,3 +110,40 @@ def gaussian_basis(n: int, rank: int, seed: int, *, dtype: torch.dtype, device: 
     gen = torch.Generator(device=device).manual_seed(int(seed))
     p = torch.randn(n, rank, generator=gen, dtype=torch.float32, device=device)
     return (p / rank**0.5).to(dtype)
+
+
+def largest_principal_angle(p_old: Tensor, p_new: Tensor) -> float:
+    """The largest principal angle (radians, in ``[0, π/2]``) between ``span(p_old)`` and ``span(p_new)``.
+
+    Both are ``N×r`` with ``r ≤ N`` and full column rank; they need not be orthonormal (each is
+    orthonormalised by a reduced QR first, in float64). With ``Q₁, Q₂`` the orthonormal bases, the cosines of
+    the principal angles are the singular values of ``Q₁ᵀ Q₂`` and their sines those of ``Q₂ − Q₁ Q₁ᵀ Q₂``
+    (Björck–Golub). The largest angle is ``atan2(σ_max(Q₂ − Q₁Q₁ᵀQ₂), σ_min(Q₁ᵀQ₂))``: the sine is accurate
+    for small angles (where ``acos`` of a cosine near 1 loses half the digits), the cosine near ``π/2``.
+    This is how far a refresh moves the subspace (a rotation of the basis within its span reads 0).
+    """
+    if p_old.ndim != 2 or p_old.shape != p_new.shape or p_old.shape[1] > p_old.shape[0]:
+        raise ValueError(
+            f"expected two N×r matrices with r ≤ N of the same shape, got {tuple(p_old.shape)} and "
+            f"{tuple(p_new.shape)}"
+        )
+    q1 = torch.linalg.qr(p_old.detach().to(torch.float64)).Q
+    q2 = torch.linalg.qr(p_new.detach().to(torch.float64)).Q
+    c = q1.t() @ q2
+    cos_min = torch.linalg.svdvals(c)[-1]
+    sin_max = torch.linalg.svdvals(q2 - q1 @ c)[0]
+    return float(torch.atan2(sin_max, cos_min))
+
+
+def restore_moments(
+    old_p: Tensor, new_p: Tensor, first: Sequence[Tensor] = (), second: Sequence[Tensor] = ()
+) -> None:
+    """Map low-rank moments from the basis ``old_p`` to ``new_p``, in place (spec §6, canonical form).
+
+    First moments: ``M ← (M P_oldᵀ) P_new``. Second moments: ``V ← ((√V P_oldᵀ) P_new)²`` (the
+    element-wise square root is mapped and squared again, so ``V`` stays non-negative).
+    """
+    for m in first:
+        m.copy_((m @ old_p.t().to(m.dtype)) @ new_p.to(m.dtype))
+    for v in second:
+        v.copy_(((v.sqrt() @ old_p.t().to(v.dtype)) @ new_p.to(v.dtype)).square())

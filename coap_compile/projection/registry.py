@@ -6,6 +6,7 @@ from typing import Any
 
 from .base import ProjectionPolicy
 from .coap import CoapPolicy
+from .dct import DctPolicy
 from .fixed import FixedProjection
 from .flora import FloraPolicy
 from .galore import GaLorePolicy
@@ -14,7 +15,7 @@ __all__ = ["POLICIES", "get_policy"]
 
 #: name → policy class.
 POLICIES: dict[str, type[ProjectionPolicy]] = {
-    cls.name: cls for cls in (CoapPolicy, GaLorePolicy, FloraPolicy, FixedProjection)
+    cls.name: cls for cls in (CoapPolicy, GaLorePolicy, FloraPolicy, DctPolicy, FixedProjection)
 }
 
 
