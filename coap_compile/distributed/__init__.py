@@ -1,0 +1,29 @@
+"""Distributed COAP building blocks: row-sharded refresh linear algebra and a local test launcher.
+
+* :mod:`.linalg`: low-cost SVD / randomized range finder (CholeskyQR2 with a TSQR fallback), the
+  side-choice analysis for FSDP2 ``Shard(0)`` parameters, :func:`align_signs`, :func:`assert_replicated`.
+* :mod:`.correlation`: the correlation step with hand-derived gradients (all-reduced ``N×r`` + scalars).
+* :mod:`.comm`: counted collectives (:class:`CommLog`) and the closed-form bytes per refresh.
+* :mod:`.launch`: :func:`run_distributed`, ``world_size`` gloo processes for tests and examples.
+"""
+
+from .comm import CommLog, CommRecord, naive_gather_bytes, refresh_bytes
+from .correlation import correlation_loss_and_grad, correlation_step
+from .launch import DistributedRunError, run_distributed
+from .linalg import align_signs, assert_replicated, cholesky_qr, draw_omega, orthogonal_basis
+
+__all__ = [
+    "CommLog",
+    "CommRecord",
+    "DistributedRunError",
+    "align_signs",
+    "assert_replicated",
+    "cholesky_qr",
+    "correlation_loss_and_grad",
+    "correlation_step",
+    "draw_omega",
+    "naive_gather_bytes",
+    "orthogonal_basis",
+    "refresh_bytes",
+    "run_distributed",
+]
