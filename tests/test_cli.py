@@ -1,8 +1,14 @@
-"""The ``coap-compile`` command line: demo end to end, benchmarks' numbers, and one-line usage errors."""
+"""The ``coap-compile`` command line: demo end to end, benchmarks' numbers, and one-line usage errors.
+
+COAP must be importable here: every run that compares optimizers runs ``coap`` next to ``adamw``
+(no AdamW-only fallback), and :func:`test_coap_is_available` fails, naming the import error, otherwise.
+Usage errors are checked by their text: the option, the value given and what is allowed.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,15 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from coap_compile.cli import main as cli_main
 from coap_compile.cli import memory as mem
+from coap_compile.cli import quality as cli_quality
 from coap_compile.cli.bench import PAPER_TARGETS, memory_rows
 from coap_compile.cli.main import main
 from coap_compile.cli.optimizers import availability, build_optimizer, projected_linear_weights
 from coap_compile.cli.progress import Progress
+from coap_compile.data import min_single_file_bytes
 from coap_compile.models import build_llama, demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
-HAVE_COAP = availability()["coap"] is None
+TINY = demo_config(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_seq_len=32)
 TINY_ARGS = [
     "--dim",
     "32",
@@ -49,9 +58,13 @@ def _errors(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
+def test_coap_is_available():
+    assert availability()["coap"] is None, availability()["coap"]
+
+
 def test_demo_end_to_end(tmp_path, corpus, capsys):
     out = tmp_path / "out"
-    names = "adamw,coap" if HAVE_COAP else "adamw"
+    names = "adamw,coap"
     rc = main(
         [
             "demo",
@@ -81,49 +94,202 @@ def test_demo_end_to_end(tmp_path, corpus, capsys):
     assert result["meta"]["torch"] == torch.__version__ and result["corpus"]["files"] == 8
     adamw = result["runs"][0]
     assert len(adamw["train_loss"]) == 4 and adamw["val_steps"] == [2, 4]
-    model = build_llama(
-        demo_config(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_seq_len=32),
-        device="meta",
-    )
+    model = build_llama(TINY, device="meta")
     assert adamw["state_bytes"] == mem.total_bytes(mem.closed_form_rows(model, "adamw"))
-    if HAVE_COAP:
-        assert result["runs"][1]["state_bytes"] < adamw["state_bytes"]
+    coap = result["runs"][1]
+    closed = mem.total_bytes(mem.closed_form_rows(model, "coap", rank_ratio=4.0))
+    assert coap["state_bytes"] == coap["plan_bytes"] == closed < adamw["state_bytes"]
+    assert len(coap["train_loss"]) == 4 and all(map(math.isfinite, coap["train_loss"]))
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["demo", "--rank", "0"],
-        ["demo", "--rank", "-4"],
-        ["demo", "--rank-ratio", "0.5"],
-        ["demo", "--optimizers", "adamw,sgdx"],
-        ["demo", "--steps", "0"],
-        ["demo", "--device", "tpu9"],
-        ["bench", "quality", "--optimizers", "nope"],
-        ["bench", "memory", "--sizes", "3b"],
-        ["bench", "step", "--shapes", "12by4"],
-        ["nonsense"],
-    ],
-)
-def test_bad_options_exit_2_with_one_line(argv, capsys):
-    assert main(argv) == 2
+def _one_error_line(capsys) -> str:
     err = _errors(capsys)
     assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+# (argv, texts the one error line must contain: the command, the option, the value, what is allowed)
+BAD_OPTIONS = [
+    (["demo", "--rank", "0"], ["coap-compile demo: error:", "argument --rank", "positive integer", "got 0"]),
+    (["demo", "--rank", "-4"], ["argument --rank", "got -4"]),
+    (["demo", "--rank-ratio", "0.5"], ["argument --rank-ratio", "must be >= 1", "got 0.5"]),
+    (["demo", "--optimizers", "adamw,sgdx"], ["argument --optimizers", "'sgdx'", "adamw, coap, galore"]),
+    (["demo", "--optimizers", "coap,coap"], ["argument --optimizers", "'coap' given twice"]),
+    (["demo", "--steps", "0"], ["argument --steps", "positive integer", "got 0"]),
+    (["demo", "--lr", "inf"], ["argument --lr", "positive finite", "got inf"]),
+    (["demo", "--lr=-1e-3"], ["argument --lr", "got -0.001"]),
+    (["demo", "--seq-len", "0"], ["argument --seq-len", "positive integer", "got 0"]),
+    (["demo", "--heads", "x"], ["argument --heads", "'x'"]),
+    (["demo", "--dim", "30", "--heads", "4"], ["--dim 30 with --heads 4", "even integer", "7.5"]),
+    (["demo", "--seed", "-1"], ["argument --seed", "[0, 2**63)", "got -1"]),
+    (["demo", "--device", "tpu9"], ["argument --device", "'tpu9'", "cpu, cuda, cuda:N"]),
+    (["demo", "--device", "gpu"], ["coap-compile demo:", "argument --device", "'gpu'", "cpu, cuda, cuda:N"]),
+    (["demo", "--device", "meta"], ["argument --device", "'meta'", "cpu, cuda, cuda:N"]),
+    (["bench", "step", "--device", "gpu"], ["coap-compile bench step:", "argument --device", "'gpu'"]),
+    (["bench", "quality", "--optimizers", "nope"], ["coap-compile bench quality:", "--optimizers", "'nope'"]),
+    (["bench", "quality", "--seeds", ","], ["--seeds", "at least one seed"]),
+    (["bench", "quality", "--seeds", "0,x"], ["argument --seeds", "'x'"]),
+    (["bench", "quality", "--seeds", "1,2,1"], ["argument --seeds", "seed 1 given twice"]),
+    (
+        ["bench", "memory", "--sizes", "3b"],
+        ["bench memory: error: --sizes", "'3b'", "60m, 130m, 350m, 1b, 7b"],
+    ),
+    (["bench", "memory", "--sizes", ","], ["--sizes", "no model size given", "60m, 130m"]),
+    (["bench", "memory", "--real", "2b"], ["--real", "'2b'", "60m, 130m"]),
+    (["bench", "memory", "--sizes", "60m", "--real", "1b"], ["--real", "'1b'", "not among --sizes '60m'"]),
+    (["bench", "step", "--shapes", "12by4"], ["--shapes", "'12by4'", "MxN:RANK"]),
+    (["bench", "kernels", "--device", "cpu", "--variants", "foo"], ["--variants", "'foo'", "lowrank_eager"]),
+    (["bench", "kernels", "--device", "cpu", "--dtypes", "fp16"], ["--dtypes", "'fp16'", "fp32, bf16"]),
+    (["bench", "kernels", "--device", "cpu", "--cases", "4x4"], ["--cases", "'4x4'", "MxN:RANK"]),
+    (["nonsense"], ["invalid choice", "'nonsense'", "demo"]),
+]
+
+
+@pytest.mark.parametrize(("argv", "texts"), BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_options_exit_2_with_one_line_naming_the_option(argv, texts, capsys):
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    missing = [t for t in texts if t not in line]
+    assert not missing, f"{missing} not in {line!r}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: --device cuda is valid here")
-def test_cuda_requested_without_cuda_exits_2(capsys):
-    assert main(["demo", "--optimizers", "adamw", "--device", "cuda"]) == 2
-    assert len(err := _errors(capsys)) == 1 and "CUDA is not available" in err[0]
+@pytest.mark.parametrize(
+    ("argv", "texts"),
+    [
+        (["demo", "--device", "cuda"], ["--device cuda:", "CUDA is not available", "use --device cpu"]),
+        (["demo", "--device", "cuda:1"], ["--device cuda:1:", "CUDA is not available"]),
+        (["bench", "kernels"], ["--device cuda (the default):", "CUDA is not available", "--device cpu"]),
+    ],
+)
+def test_cuda_requested_without_cuda_exits_2(argv, texts, capsys):
+    assert main([*argv, "--optimizers", "adamw"] if argv[0] == "demo" else argv) == 2
+    line = _one_error_line(capsys)
+    assert all(t in line for t in texts), line
+
+
+@pytest.mark.parametrize("option", ["--out", "--results-dir"])
+def test_output_folder_that_is_a_file_is_named(tmp_path, option, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    argv = ["demo"] if option == "--out" else ["bench", "memory", "--real", ""]
+    assert main([*argv, option, str(blocker)]) == 2
+    assert f"{option} {blocker}: exists and is not a folder" in _one_error_line(capsys)
+    assert main([*argv, option, str(blocker / "sub")]) == 2
+    assert f"{option} {blocker / 'sub'}: {blocker} is a file" in _one_error_line(capsys)
+
+
+def test_unavailable_optimizer_names_the_option(monkeypatch, capsys):
+    fake = {**availability(), "galore-torch": "galore-torch is not installed (test)"}
+    monkeypatch.setattr(cli_main, "availability", lambda: fake)
+    for argv in (["demo"], ["bench", "step"]):
+        assert main([*argv, "--optimizers", "adamw,galore-torch"]) == 2
+        line = _one_error_line(capsys)
+        assert "--optimizers: optimizer 'galore-torch' is unavailable" in line and "(test)" in line, line
+
+
+def test_quality_with_no_available_optimizer_is_one_line(monkeypatch, corpus, capsys):
+    fake = {**availability(), "galore-torch": "not installed (test)", "apollo-torch": "not installed (test)"}
+    monkeypatch.setattr(cli_quality, "availability", lambda: fake)
+    argv = ["bench", "quality", "--optimizers", "galore-torch,apollo-torch", "--corpus", str(corpus)]
+    assert main([*argv, *TINY_ARGS]) == 2
+    line = _one_error_line(capsys)
+    assert "--optimizers galore-torch,apollo-torch: none is available here" in line, line
+    assert "galore-torch: not installed (test)" in line and "apollo-torch: not installed (test)" in line
+
+
+def test_diverging_run_exits_1_naming_lr(tmp_path, corpus, capsys):
+    argv = ["demo", "--corpus", str(corpus), "--optimizers", "adamw", "--lr", "1e30", "--steps", "5"]
+    assert main([*argv, "--quiet", "--out", str(tmp_path), *TINY_ARGS]) == 1
+    err = _errors(capsys)
+    assert err[-1].startswith("coap-compile demo: error: adamw (seed 0): the training loss became nan"), err
+    assert "--lr 1e+30 may be too large" in err[-1] and not any("Traceback" in e for e in err)
+
+
+def _demo(corpus, out, *extra: str) -> list[str]:
+    return ["demo", "--optimizers", "adamw", "--corpus", str(corpus), "--out", str(out), "--quiet",
+            "--steps", "1", *TINY_ARGS, *extra]  # fmt: skip
 
 
 def test_missing_and_empty_corpus_exit_2(tmp_path, capsys):
-    assert main(["demo", "--optimizers", "adamw", "--corpus", str(tmp_path / "missing"), *TINY_ARGS]) == 2
-    assert len(err := _errors(capsys)) == 1 and "not found" in err[0]
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "a.txt").write_text("")
-    assert main(["demo", "--optimizers", "adamw", "--corpus", str(tmp_path / "empty"), *TINY_ARGS]) == 2
-    assert len(err := _errors(capsys)) == 1 and "empty" in err[0]
+    missing = tmp_path / "missing"
+    assert main(_demo(missing, tmp_path / "o")) == 2
+    assert f"coap-compile demo: error: --corpus {missing}: not found" in _one_error_line(capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("  \n")
+    assert main(_demo(empty, tmp_path / "o")) == 2
+    line = _one_error_line(capsys)
+    assert f"--corpus {empty}: corpus is empty" in line and "1 empty file with a suffix read: .txt" in line
+
+
+def test_folder_of_skipped_suffixes_names_them(tmp_path, capsys):
+    root = tmp_path / "bins"
+    root.mkdir()
+    for name in ("a.bin", "b.bin", "c.pdf", "LICENSE"):
+        (root / name).write_text("text\n" * 100)
+    assert main(_demo(root, tmp_path / "o")) == 2
+    line = _one_error_line(capsys)
+    assert f"--corpus {root}: corpus is empty" in line, line
+    assert "skipped 4 files by suffix: (no suffix) (1), .bin (2), .pdf (1)" in line, line
+
+
+def test_ignored_suffixes_in_a_corpus_folder_get_one_note(tmp_path, corpus, capsys):
+    (corpus / "weights.bin").write_bytes(b"\x00\x01" * 50)
+    (corpus / "more.bin").write_text("x")
+    (corpus / "Makefile").write_text("all:\n")
+    assert main(_demo(corpus, tmp_path / "o")) == 0
+    notes = [e for e in _errors(capsys) if e.startswith("note:")]
+    assert notes == [
+        f"note: --corpus {corpus}: skipped 3 files by suffix: (no suffix) (1), .bin (2); read suffixes: "
+        ".txt .md .rst .py .c .h .json .csv .tex .html"
+    ], notes
+    described = json.loads((tmp_path / "o" / "results.json").read_text())["corpus"]
+    assert described["skipped_by_suffix"] == {"": 1, ".bin": 2} and described["files"] == 8
+
+
+def test_no_note_when_nothing_is_skipped(tmp_path, corpus, capsys):
+    assert main(_demo(corpus, tmp_path / "o")) == 0
+    assert not [e for e in _errors(capsys) if e.startswith("note:")]
+
+
+def test_too_short_single_file_names_corpus_seq_len_and_sizes(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("abcdefghi\n" * 30)  # 300 bytes: 285 training + 15 validation
+    assert main(_demo(short, tmp_path / "o")) == 2  # TINY_ARGS: --seq-len 32
+    line = _one_error_line(capsys)
+    need = min_single_file_bytes(32)
+    assert need == 660  # 5% of 660 = 33 = --seq-len + 1 validation bytes
+    expected = (
+        f"coap-compile demo: error: --corpus {short}: 300 bytes of text, split into 280 training and 20 "
+        "validation bytes (the last 5% of a single file); --seq-len 32 needs at least 34 training and 33 "
+        f"validation bytes: give a file of at least {need:,} bytes, or --seq-len 19 or less"
+    )
+    assert line == expected
+    # both remedies the message offers do work
+    assert main(_demo(short, tmp_path / "o", "--seq-len", "19")) == 0
+    fits = tmp_path / "fits.txt"
+    fits.write_text(("abcdefghi\n" * 66)[:need])
+    assert main(_demo(fits, tmp_path / "o")) == 0
+    capsys.readouterr()
+    assert main(_demo(short, tmp_path / "o", "--seq-len", "20")) == 2
+    assert "--seq-len 20 needs at least 22 training and 21 validation bytes" in _one_error_line(capsys)
+
+
+def test_too_short_folder_names_the_split(tmp_path, capsys):
+    root = tmp_path / "few"
+    root.mkdir()
+    for i in range(3):
+        (root / f"f{i}.txt").write_text(f"{i}" * 20)
+    assert main(_demo(root, tmp_path / "o")) == 2
+    line = _one_error_line(capsys)
+    assert (
+        f"--corpus {root}: 3 files, split by a hash of their paths into 2 training files (41 bytes) " in line
+    )
+    assert (
+        "and 1 validation files (20 bytes); --seq-len 32 needs at least 34 training and 33 validation" in line
+    )
+    assert line.endswith("give more text, or --seq-len 19 or less"), line
 
 
 def test_python_dash_m_entry_point_reports_one_line():
@@ -137,7 +303,9 @@ def test_python_dash_m_entry_point_reports_one_line():
         timeout=120,
     )
     assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and "rank" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "coap-compile demo: error: argument --rank: must be a positive integer, got 0"
+    ]
 
 
 def test_closed_form_equals_real_adamw_state_on_meta():
@@ -165,7 +333,6 @@ def test_projection_selection_rules():
     assert set(projected_linear_weights(model, None, 4.0).values()) == {64}
 
 
-@pytest.mark.skipif(not HAVE_COAP, reason="coap_compile.optimize not available yet")
 @pytest.mark.parametrize("policy", ["coap", "galore", "flora"])
 def test_memory_plan_and_real_state_match_closed_form(policy):
     torch.manual_seed(0)
@@ -177,8 +344,7 @@ def test_memory_plan_and_real_state_match_closed_form(policy):
     model.loss(torch.randint(0, 256, (2, 17))).backward()
     opt.step()
     assert mem.measured_state_bytes(opt) == closed
-    planned = mem.plan_total_bytes(opt)
-    assert planned is None or planned == closed
+    assert mem.plan_total_bytes(opt) == closed
 
 
 def test_bench_memory_writes_exact_rows(tmp_path, capsys):
@@ -187,17 +353,15 @@ def test_bench_memory_writes_exact_rows(tmp_path, capsys):
     assert "1,988.34" in printed and "True" in printed
     data = json.loads((tmp_path / "memory.json").read_text())
     assert all(c["match"] for c in data["official_checks"])
-    for row in data["rows"]:
-        assert row["measured_bytes"] in (None, row["closed_form_bytes"])
-    assert (
-        data["rows"][0]["measured_bytes"] == data["rows"][0]["closed_form_bytes"]
-    )  # AdamW is always measured
+    assert [r["optimizer"] for r in data["rows"]] == ["adamw", "coap", "coap", "coap", "galore", "flora"]
+    for row in data["rows"]:  # every row measured (meta step or memory_plan) and equal to the closed form
+        assert row["measured_bytes"] == row["closed_form_bytes"], row
     assert (tmp_path / "memory.csv").read_text().startswith("# timestamp_utc")
     assert len(memory_rows(["60m"])) == len(data["rows"])
 
 
 def test_bench_step_and_quality_smoke(tmp_path, corpus, capsys):
-    names = "adamw,coap" if HAVE_COAP else "adamw"
+    names = "adamw,coap"
     assert (
         main(
             [

@@ -165,10 +165,10 @@ MEMORY_COLUMNS = [
 
 def run_memory(args: argparse.Namespace) -> int:
     """Print the memory table, write ``memory.{csv,json}``; exit 1 on any closed-form mismatch."""
-    sizes = [s.strip().lower() for s in args.sizes.split(",")]
-    bad = [s for s in sizes if s not in LLAMA_CONFIGS]
-    if bad:
-        raise ValueError(f"unknown model size {bad[0]!r}; choose from {', '.join(LLAMA_CONFIGS)}")
+    sizes = [s.strip().lower() for s in args.sizes.split(",") if s.strip()]
+    bad = [s for s in sizes if s not in LLAMA_CONFIGS] or ([] if sizes else ["(none)"])
+    if bad:  # main() checks this first; kept for direct callers
+        raise ValueError(f"--sizes: unknown model size {bad[0]!r}; choose from {', '.join(LLAMA_CONFIGS)}")
     avail = availability()
     for name in ("coap", "galore", "flora"):
         if avail[name] is not None:

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from coap_compile.cli.report import format_table, metadata, save_figure, write_json
-from coap_compile.cli.train import RunResult, TrainConfig, train_run
-from coap_compile.data import load_corpus
+from coap_compile.cli.train import RunResult, TrainConfig, load_training_corpus, train_run
 from coap_compile.models import LlamaConfig, demo_config
 
 __all__ = [
@@ -26,6 +25,7 @@ __all__ = [
     "cuda_ok",
     "model_config_from_args",
     "plot_runs",
+    "positive_int",
     "run_demo",
     "summary_rows",
 ]
@@ -42,22 +42,44 @@ DEMO_DEFAULTS = {
 MIB = 1024**2
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (argparse prefixes the message with the option's name)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Model-shape options shared by ``demo`` and ``bench quality`` (defaults: the demo model)."""
     d = demo_config()
     g = p.add_argument_group("model shape")
-    g.add_argument("--dim", type=int, default=d.hidden_size, help="hidden size (default %(default)s)")
-    g.add_argument("--layers", type=int, default=d.num_layers, help="decoder layers (default %(default)s)")
-    g.add_argument("--heads", type=int, default=d.num_heads, help="attention heads (default %(default)s)")
-    g.add_argument("--ffn", type=int, default=d.intermediate_size, help="SwiGLU width (default %(default)s)")
+    pos = positive_int
+    g.add_argument("--dim", type=pos, default=d.hidden_size, help="hidden size (default %(default)s)")
+    g.add_argument("--layers", type=pos, default=d.num_layers, help="decoder layers (default %(default)s)")
+    g.add_argument("--heads", type=pos, default=d.num_heads, help="attention heads (default %(default)s)")
+    g.add_argument("--ffn", type=pos, default=d.intermediate_size, help="SwiGLU width (default %(default)s)")
     g.add_argument(
-        "--seq-len", type=int, default=d.max_seq_len, help="tokens per sequence (default %(default)s)"
+        "--seq-len", type=pos, default=d.max_seq_len, help="tokens per sequence (default %(default)s)"
     )
     g.add_argument("--tie-embeddings", action="store_true", help="share the embedding with the output head")
 
 
 def model_config_from_args(args: argparse.Namespace) -> LlamaConfig:
-    """The :class:`LlamaConfig` the shape options describe (raises ValueError on bad shapes)."""
+    """The :class:`LlamaConfig` the shape options describe.
+
+    Raises:
+        ValueError: ``--dim`` does not split into ``--heads`` heads of even size (rotary embeddings
+            rotate pairs); the message names both options and their values.
+    """
+    if args.dim % args.heads or (args.dim // args.heads) % 2:
+        raise ValueError(
+            f"--dim {args.dim} with --heads {args.heads}: the head size --dim / --heads must be an even "
+            f"integer, got {args.dim / args.heads:g}"
+        )
     return demo_config(
         hidden_size=args.dim,
         num_layers=args.layers,
@@ -154,9 +176,10 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     meta = metadata(cfg.device, getattr(args, "argv", None))  # at the start: the code that actually runs
     t0 = time.perf_counter()
-    corpus = load_corpus(args.corpus)
+    corpus = load_training_corpus(args.corpus, model_cfg.max_seq_len)
     print(
-        f"corpus: {corpus.source} ({corpus.num_files} files, {corpus.train.numel():,} train / "
+        f"corpus: {corpus.source} ({corpus.num_files} file{'s' * (corpus.num_files != 1)}, "
+        f"{corpus.train.numel():,} train / "
         f"{corpus.val.numel():,} val bytes); model: {_count(model_cfg):,} params, "
         f"d={model_cfg.hidden_size} L={model_cfg.num_layers} H={model_cfg.num_heads} "
         f"ffn={model_cfg.intermediate_size} "

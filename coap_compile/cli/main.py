@@ -2,21 +2,26 @@
 
 Also available as ``python -m coap_compile``.
 
-User errors (a bad option value, an unknown optimizer, a missing or empty corpus, CUDA asked for but
-absent) exit with status 2 and one line on stderr, never a traceback. A benchmark whose measured
-numbers contradict the closed form exits with status 1.
+User errors (a bad option value, an unknown optimizer, a missing, empty or too short corpus, CUDA
+asked for but absent) exit with status 2 and one line on stderr, never a traceback. The line names the
+command, the option, the value given and what is allowed, e.g.
+``coap-compile demo: error: argument --device: unknown device 'gpu'; choose from cpu, cuda, cuda:N``.
+A benchmark whose measured numbers contradict the closed form, or a training run whose loss becomes
+non-finite, exits with status 1 (one line, naming ``--lr`` for the latter).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from coap_compile.cli.demo import DEMO_DEFAULTS, add_model_args, cuda_ok, model_config_from_args
+from coap_compile.cli.demo import DEMO_DEFAULTS, add_model_args, model_config_from_args, positive_int
 from coap_compile.cli.optimizers import OPTIMIZER_NAMES, PROJECTED, UnknownOptimizerError, availability
 from coap_compile.cli.stepbench import parse_shapes
 from coap_compile.data import CorpusError
@@ -25,6 +30,7 @@ from coap_compile.models import LLAMA_CONFIGS
 __all__ = ["UsageError", "build_parser", "main"]
 
 PROG = "coap-compile"
+DEVICES = "cpu, cuda, cuda:N"
 
 
 class UsageError(ValueError):
@@ -33,17 +39,10 @@ class UsageError(ValueError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{self.prog}: error: {message}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
+_positive_int = positive_int
 
 
 def _ratio(text: str) -> float:
@@ -61,8 +60,27 @@ def _positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {v}")
+    return v
+
+
+def _device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` (whether CUDA is present is checked in :func:`_validate`)."""
+    name = text.strip().lower()
+    kind, colon, index = name.partition(":")
+    if name == "cpu" or (kind == "cuda" and (not colon or index.isdigit())):
+        return name
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}; choose from {DEVICES}")
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {v}")
     return v
 
 
@@ -74,15 +92,25 @@ def _names(text: str) -> list[str]:
                 f"unknown optimizer {n!r} (choose from {', '.join(OPTIMIZER_NAMES)})"
             )
     if not names:
-        raise argparse.ArgumentTypeError("no optimizer given")
+        raise argparse.ArgumentTypeError(f"no optimizer given (choose from {', '.join(OPTIMIZER_NAMES)})")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"optimizer {twice[0]!r} given twice in {text!r}")
     return names
 
 
 def _seeds(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    seeds = []
+    for s in text.split(","):
+        if s.strip():
+            try:
+                seeds.append(_seed(s))
+            except argparse.ArgumentTypeError as exc:
+                raise argparse.ArgumentTypeError(f"seed {s.strip()!r} in {text!r}: {exc}") from None
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"seed {twice[0]} given twice in {text!r}")
+    return seeds
 
 
 def _rank_args(p: argparse.ArgumentParser, default_ratio: float = 4.0) -> None:
@@ -118,6 +146,7 @@ def _common_train(p: argparse.ArgumentParser, *, steps: int, eval_every: int) ->
     )
     p.add_argument(
         "--device",
+        type=_device,
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cpu, cuda or cuda:N (default %(default)s)",
     )
@@ -144,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizers", type=_names, default=["adamw", "coap"], help="comma-separated (default adamw,coap)"
     )
     demo.add_argument(
-        "--seed", type=int, default=0, help="model init and data order seed (default %(default)s)"
+        "--seed", type=_seed, default=0, help="model init and data order seed (default %(default)s)"
     )
     demo.add_argument(
         "--out", default="out/demo", help="output folder for demo.png/results.json (default %(default)s)"
@@ -179,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
 
     s = bench.add_parser("step", help="optimizer.step() time at a few matrix shapes")
-    s.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    s.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     s.add_argument("--shapes", default=None, help="MxN:RANK,... (default: LLaMA 130M–1B matrices)")
     s.add_argument("--optimizers", type=_names, default=["adamw", "coap"], help="(default adamw,coap)")
     s.add_argument(
@@ -194,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "kernels",
         help="CUDA: fused AdamW vs eager/Inductor low-rank vs generated kernels, with floors (GPU benchmark)",
     )
-    k.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
+    k.add_argument("--device", type=_device, default="cuda", help="cuda (default) or cpu for a smoke run")
     k.add_argument(
         "--cases", default=None, help="MxN:RANK,... (default: LLaMA-1B shapes × r ∈ {128, 256, 512})"
     )
@@ -206,31 +235,88 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prog(args: argparse.Namespace) -> str:
+    """``coap-compile demo`` / ``coap-compile bench memory``: the command a message is about."""
+    return " ".join([PROG, args.command, *([args.bench] if args.command == "bench" else [])])
+
+
+def _given(args: argparse.Namespace, option: str) -> bool:
+    """Whether ``option`` was on the command line (not a default)."""
+    return any(a == option or a.startswith(option + "=") for a in getattr(args, "argv", []))
+
+
+def _check_device(args: argparse.Namespace, fail) -> None:
+    device = getattr(args, "device", None)
+    if device is None or device == "cpu":
+        return
+    how = "" if _given(args, "--device") else " (the default)"
+    if not torch.cuda.is_available():
+        fail(
+            f"--device {device}{how}: CUDA is not available on this machine "
+            f"(torch {torch.__version__}); use --device cpu"
+        )
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        fail(
+            f"--device {device}: this machine has {count} CUDA device{'s' * (count != 1)} "
+            f"(cuda:0..cuda:{count - 1})"
+        )
+
+
+def _check_folder(option: str, path: str, fail) -> None:
+    """``path`` is a folder, or can be created as one, and is writable."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        fail(f"{option} {path}: exists and is not a folder")
+    ancestor = target
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        fail(f"{option} {path}: {ancestor} is a file, so the folder cannot be created")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        fail(f"{option} {path}: {ancestor} is not writable")
+
+
+def _check_list(option: str, what: str, text: str, allowed: Sequence[str], fail, lower: bool = False):
+    """Comma-separated values of ``option`` (blanks dropped), each in ``allowed``; returns them."""
+    values = [v.strip().lower() if lower else v.strip() for v in text.split(",") if v.strip()]
+    for v in values:
+        if v not in allowed:
+            where = f" in {text!r}" if len(values) > 1 else ""
+            fail(f"{option}: unknown {what} {v!r}{where}; choose from {', '.join(allowed)}")
+    return values
+
+
 def _validate(args: argparse.Namespace) -> None:
-    """Checks that need more than one option; raise UsageError."""
-    device = getattr(args, "device", "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"{PROG}: unknown device {device!r}") from None
-    if not cuda_ok(device):
-        raise UsageError(f"{PROG}: device {device!r} requested but CUDA is not available")
+    """Checks that need more than one option or the machine; raise :class:`UsageError` naming the option."""
+    prog = _prog(args)
+
+    def fail(message: str):
+        raise UsageError(f"{prog}: error: {message}")
+
+    _check_device(args, fail)
     if hasattr(args, "dim"):
         try:
             model_config_from_args(args)
         except ValueError as exc:
-            raise UsageError(f"{PROG}: {exc}") from None
+            fail(str(exc))
     corpus = getattr(args, "corpus", None)
     if corpus is not None and not Path(corpus).exists():
-        raise CorpusError(f"corpus not found: {corpus}")
+        fail(f"--corpus {corpus}: not found (give a text file or a folder of text files)")
+    for option in ("out", "results_dir"):
+        if getattr(args, option, None) is not None:
+            _check_folder("--" + option.replace("_", "-"), getattr(args, option), fail)
     if hasattr(args, "rank_ratio") and args.rank is None and args.rank_ratio is None:
         args.rank_ratio = 4.0
     names = getattr(args, "optimizers", None)
     if args.command == "bench" and args.bench == "memory":
-        sizes = [x.strip().lower() for x in args.sizes.split(",") if x.strip()]
-        bad = [x for x in sizes if x not in LLAMA_CONFIGS] or ([] if sizes else ["(none)"])
-        if bad:
-            raise UsageError(f"{PROG}: unknown model size {bad[0]!r}; choose from {', '.join(LLAMA_CONFIGS)}")
+        sizes = _check_list("--sizes", "model size", args.sizes, list(LLAMA_CONFIGS), fail, lower=True)
+        if not sizes:
+            fail(f"--sizes: no model size given; choose from {', '.join(LLAMA_CONFIGS)}")
+        for size in _check_list("--real", "model size", args.real, list(LLAMA_CONFIGS), fail, lower=True):
+            if size not in sizes:
+                fail(f"--real: size {size!r} is not among --sizes {args.sizes!r}")
     if args.command == "bench" and args.bench == "kernels":
         from coap_compile.cli.kernelbench import VARIANTS
 
@@ -238,28 +324,28 @@ def _validate(args: argparse.Namespace) -> None:
             try:
                 parse_shapes(args.cases)
             except ValueError as exc:
-                raise UsageError(f"{PROG}: --cases: {exc}") from None
-        for v in (args.variants or "").split(","):
-            if v.strip() and v.strip() not in VARIANTS:
-                raise UsageError(f"{PROG}: unknown variant {v.strip()!r}; choose from {', '.join(VARIANTS)}")
-        for d in args.dtypes.split(","):
-            if d.strip() not in ("fp32", "bf16"):
-                raise UsageError(f"{PROG}: unknown dtype {d.strip()!r}; choose from fp32, bf16")
+                fail(f"--cases: {exc}")
+        variants = _check_list("--variants", "variant", args.variants or "", list(VARIANTS), fail)
+        args.variants = ",".join(variants) or None  # blanks dropped: kernelbench splits on commas
+        dtypes = _check_list("--dtypes", "dtype", args.dtypes, ["fp32", "bf16"], fail)
+        if not dtypes:
+            fail("--dtypes: no dtype given; choose from fp32, bf16")
+        args.dtypes = ",".join(dtypes)
     if args.command == "bench" and args.bench == "step" and args.shapes:
         try:
             parse_shapes(args.shapes)
         except ValueError as exc:
-            raise UsageError(f"{PROG}: --shapes: {exc}") from None
+            fail(f"--shapes: {exc}")
     if args.command == "bench" and args.bench == "quality":
         args.optimizers_default = names is None
         names = args.optimizers = names or ["adamw", *PROJECTED]
         if not args.seeds:
-            raise UsageError(f"{PROG}: --seeds: at least one seed is needed")
-    if names and args.command == "demo":
+            fail("--seeds: at least one seed is needed (comma-separated integers, e.g. 0,1,2)")
+    if names and (args.command == "demo" or getattr(args, "bench", None) == "step"):
         avail = availability()
         for n in names:
             if avail[n] is not None:
-                raise UsageError(f"{PROG}: optimizer {n!r} is unavailable: {avail[n]}")
+                fail(f"--optimizers: optimizer {n!r} is unavailable: {avail[n]}")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -283,19 +369,22 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 1 benchmark check failed, 2 usage error)."""
+    """Entry point; returns the exit status (0 ok, 1 benchmark check failed or training diverged,
+    2 usage error)."""
+    prog = PROG
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
         args.argv = [PROG, *argv]  # recorded verbatim in every result file
+        prog = _prog(args)
         _validate(args)
         return _dispatch(args)
-    except (UsageError, CorpusError, UnknownOptimizerError) as exc:
+    except (UsageError, CorpusError, UnknownOptimizerError, FloatingPointError) as exc:
         msg = " ".join(str(exc).split())
-        print(msg if msg.startswith(PROG) else f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
+        print(msg if msg.startswith(PROG) else f"{prog}: error: {msg}", file=sys.stderr)
+        return 1 if isinstance(exc, FloatingPointError) else 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 from coap_compile.cli.demo import model_config_from_args
 from coap_compile.cli.optimizers import EXTERNAL, UnknownOptimizerError, availability
 from coap_compile.cli.report import format_table, metadata, save_figure, write_csv, write_json
-from coap_compile.cli.train import RunResult, TrainConfig, train_run
-from coap_compile.data import load_corpus
+from coap_compile.cli.train import RunResult, TrainConfig, load_training_corpus, train_run
 
 __all__ = ["plot_quality", "quality_rows", "run_quality"]
 
@@ -95,11 +94,13 @@ def run_quality(args: argparse.Namespace) -> int:
     if getattr(args, "optimizers_default", False):
         names += [n for n in EXTERNAL if avail[n] is None]
     skipped = {n: avail[n] for n in dict.fromkeys((*names, *EXTERNAL)) if avail[n] is not None}
-    for n, why in skipped.items():
-        print(f"skip {n}: {why}", file=sys.stderr)
+    if all(avail[n] is not None for n in names):
+        reasons = "; ".join(f"{n}: {avail[n]}" for n in names)
+        raise UnknownOptimizerError(f"--optimizers {','.join(names)}: none is available here ({reasons})")
+    for n in names:
+        if avail[n] is not None:
+            print(f"note: --optimizers: skipping {n!r}: {avail[n]}", file=sys.stderr)
     names = [n for n in names if avail[n] is None]
-    if not names:
-        raise UnknownOptimizerError("none of the requested optimizers is available")
     base = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -111,7 +112,7 @@ def run_quality(args: argparse.Namespace) -> int:
         device=args.device,
     )
     meta = metadata(base.device, getattr(args, "argv", None))  # at the start: the code that actually runs
-    corpus = load_corpus(args.corpus)
+    corpus = load_training_corpus(args.corpus, model_cfg.max_seq_len)
     t0 = time.perf_counter()
     runs: dict[str, list[RunResult]] = {n: [] for n in names}
     for seed in args.seeds:

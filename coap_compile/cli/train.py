@@ -4,14 +4,22 @@ Every run of a comparison uses the same model initialisation (``build_llama(cfg,
 same batches in the same order (:class:`~coap_compile.data.BatchSampler` seeded with ``seed``), the
 same learning-rate schedule (linear warm-up, then cosine to ``min_lr_ratio · lr``) and the same
 validation windows; only the optimizer differs.
+
+:func:`load_training_corpus` reads ``--corpus`` and checks, before any model is built, that it holds
+enough text for ``--seq-len``; its messages name both options, the sizes found and the sizes needed
+(``T + 2`` training and ``T + 1`` validation bytes, :func:`coap_compile.data.required_bytes`; the batch
+size does not enter because windows are drawn with replacement).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TextIO
 
 import torch
 from torch import Tensor
@@ -19,10 +27,26 @@ from torch import Tensor
 from coap_compile.cli.memory import measured_state_bytes, plan_total_bytes
 from coap_compile.cli.optimizers import build_optimizer
 from coap_compile.cli.progress import Progress
-from coap_compile.data import BatchSampler, Corpus, validation_windows
+from coap_compile.data import (
+    BatchSampler,
+    Corpus,
+    CorpusError,
+    load_corpus,
+    min_single_file_bytes,
+    required_bytes,
+    validation_windows,
+)
 from coap_compile.models import LlamaConfig, LlamaForCausalLM, build_llama
 
-__all__ = ["RunResult", "TrainConfig", "evaluate", "lr_factor", "train_run"]
+__all__ = [
+    "RunResult",
+    "TrainConfig",
+    "check_corpus_fits",
+    "evaluate",
+    "load_training_corpus",
+    "lr_factor",
+    "train_run",
+]
 
 
 @dataclass(frozen=True)
@@ -93,6 +117,52 @@ class RunResult:
             median_opt_step_ms=self.median_opt_step_ms,
         )
         return d
+
+
+def _corpus_label(path: str | Path | None) -> str:
+    return "--corpus (default: the standard library's .py files)" if path is None else f"--corpus {path}"
+
+
+def check_corpus_fits(corpus: Corpus, seq_len: int, path: str | Path | None = None) -> None:
+    """Raise :class:`CorpusError` naming ``--corpus``/``--seq-len`` when ``corpus`` is too short for
+    ``seq_len`` (sizes found, sizes needed, and the largest ``--seq-len`` that would fit)."""
+    need_train, need_val = required_bytes(seq_len)
+    train, val = corpus.train.numel(), corpus.val.numel()
+    if train >= need_train and val >= need_val:
+        return
+    fits = min(train - 2, val - 1)
+    if corpus.num_files == 1:
+        split = (
+            f"{train + val:,} bytes of text, split into {train:,} training and {val:,} validation bytes "
+            f"(the last 5% of a single file)"
+        )
+        more = f"a file of at least {min_single_file_bytes(seq_len):,} bytes"
+    else:
+        split = (
+            f"{corpus.num_files} files, split by a hash of their paths into "
+            f"{corpus.num_files - corpus.num_val_files} training files ({train:,} bytes) and "
+            f"{corpus.num_val_files} validation files ({val:,} bytes)"
+        )
+        more = "more text"
+    smaller = f"--seq-len {fits} or less" if fits >= 1 else "no --seq-len fits this corpus"
+    raise CorpusError(
+        f"{_corpus_label(path)}: {split}; --seq-len {seq_len} needs at least {need_train:,} training and "
+        f"{need_val:,} validation bytes: give {more}, or {smaller}"
+    )
+
+
+def load_training_corpus(path: str | Path | None, seq_len: int, *, log: TextIO | None = None) -> Corpus:
+    """:func:`~coap_compile.data.load_corpus` for the CLI: errors name ``--corpus`` (and ``--seq-len``
+    when it is too short, :func:`check_corpus_fits`); a folder's skipped suffixes get a one-line note."""
+    try:
+        corpus = load_corpus(path)
+    except CorpusError as exc:
+        raise CorpusError(f"{_corpus_label(path)}: {exc}") from None
+    note = corpus.skipped_note() if path is not None else None
+    if note:
+        print(f"note: {_corpus_label(path)}: {note}", file=log if log is not None else sys.stderr)
+    check_corpus_fits(corpus, seq_len, path)
+    return corpus
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -184,7 +254,8 @@ def train_run(
             res.train_loss.append(float(loss.item()))
             if not math.isfinite(res.train_loss[-1]):
                 raise FloatingPointError(
-                    f"{optimizer}: training loss became {res.train_loss[-1]} at step {step}"
+                    f"{optimizer} (seed {cfg.seed}): the training loss became {res.train_loss[-1]} at step "
+                    f"{step + 1}; the peak learning rate --lr {cfg.lr:g} may be too large"
                 )
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 res.val_steps.append(step + 1)

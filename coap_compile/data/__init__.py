@@ -7,7 +7,17 @@ from coap_compile.data.corpus import (
     Corpus,
     CorpusError,
     load_corpus,
+    min_single_file_bytes,
+    required_bytes,
     validation_windows,
 )
 
-__all__ = ["BatchSampler", "Corpus", "CorpusError", "load_corpus", "validation_windows"]
+__all__ = [
+    "BatchSampler",
+    "Corpus",
+    "CorpusError",
+    "load_corpus",
+    "min_single_file_bytes",
+    "required_bytes",
+    "validation_windows",
+]
