@@ -8,7 +8,7 @@
 """
 
 from .comm import CommLog, CommRecord, naive_gather_bytes, refresh_bytes
-from .correlation import correlation_loss_and_grad, correlation_step
+from .correlation import correlation_loss_and_grad, correlation_step, normalized_correlation_step
 from .launch import DistributedRunError, run_distributed
 from .linalg import align_signs, assert_replicated, cholesky_qr, draw_omega, orthogonal_basis
 
@@ -23,6 +23,7 @@ __all__ = [
     "correlation_step",
     "draw_omega",
     "naive_gather_bytes",
+    "normalized_correlation_step",
     "orthogonal_basis",
     "refresh_bytes",
     "run_distributed",

@@ -2,7 +2,7 @@
 
 Notation: rank ``k`` holds ``X_k`` (``M_k×N``) and the matching rows ``Mo_k`` (``M_k×r``) of the
 low-rank first moment; ``P`` (``N×r``) is replicated; ``M = Σ M_k`` (``global_rows``). The loss is
-the single-process one (:mod:`coap_compile.projection.coap`)::
+the single-process one (:mod:`coap_compile.projection.correlation`)::
 
     Y = X P,  E = Y Pᵀ − X,  M̂ = Mo Pᵀ
     S_e = ‖E‖²_F,   mse = S_e / (M N)
@@ -25,35 +25,32 @@ the clamp is the identity for the gradient.) Every ``∇`` above is a sum of per
 the cosines are local; one all-reduce of ``[S_e, Σ_i cos_i]`` (2 numbers) gives ``c̄`` and ``mse``, then
 each rank forms its share of ``∇L`` and one ``N×r`` all-reduce sums it. Columns: each column's dot
 product and norms are sums over all rows, so the first all-reduce carries ``[S_e, a, ‖M̂_{:,j}‖²,
-‖X_{:,j}‖²]`` (``1 + 3N``). Then ``∇ ← ∇·min(1, max_norm/(‖∇‖_F + 1e-6))``, ``P ← P − lr·∇``, on
-bit-identical values on every rank.
+‖X_{:,j}‖²]`` (``1 + 3N``). Then, on bit-identical values on every rank, either the paper's step
+(:func:`correlation_step`: ``∇ ← ∇·min(1, max_norm/(‖∇‖_F + 1e-6))``, ``P ← P − lr·∇``) or the
+normalized one (:func:`normalized_correlation_step`: ``H = ∇ − P Pᵀ∇``, ``t = tan θ / σ_max(H)``,
+``P' = A (AᵀA)^{-1/2}`` with ``A = P − tH``, the single-process
+:func:`~coap_compile.projection.correlation.normalized_correlation_step`'s math): both need nothing
+beyond ``∇L``, so they communicate the same bytes.
 
 ``E`` is formed explicitly on the shard (an ``M_k×N`` temporary, the size of the gradient shard) rather
 than in closed form (``S_e = ‖X‖² − 2‖Y‖² + ⟨YᵀY, PᵀP⟩``): measured against float64 with ``P`` near the
 top-16 subspace of a 384×96 matrix whose tail holds 1e-2 of the spectrum, the closed form's ``S_e``
 is off by 5.4e-4 relative (cancellation), the explicit one by 2.3e-7; gradients 1.9e-5 vs 4.3e-6.
+(The single-process closed form uses the Gram expression; the two agree to that error.)
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..projection.correlation import CORRELATION_LR, CORRELATION_MAX_NORM, COSINE_EPS, DEFAULT_ANGLE
 from .comm import CommLog, all_reduce, broadcast
 
-__all__ = [
-    "CORRELATION_LR",
-    "CORRELATION_MAX_NORM",
-    "COSINE_EPS",
-    "correlation_loss_and_grad",
-    "correlation_step",
-]
-
-#: The official ``update_proj`` constants (the same values as :mod:`coap_compile.projection.coap`).
-CORRELATION_LR = 0.1
-CORRELATION_MAX_NORM = 1.0
-COSINE_EPS = 1e-8
+__all__ = ["correlation_loss_and_grad", "correlation_step", "normalized_correlation_step"]
 
 
 def _check(p: Tensor, x: Tensor, mo: Tensor, global_rows: int) -> None:
@@ -164,6 +161,49 @@ def correlation_step(
     if coef < 1.0:
         grad = grad * coef
     new_p = (p.detach() - lr * grad).contiguous()
+    if src is not None:
+        broadcast(new_p, src, group, comm, "p")
+    return new_p
+
+
+def normalized_correlation_step(
+    p: Tensor,
+    x: Tensor,
+    first_moment: Tensor,
+    *,
+    global_rows: int,
+    transposed: bool,
+    angle: float = DEFAULT_ANGLE,
+    group: dist.ProcessGroup | None = None,
+    comm: CommLog | None = None,
+    src: int | None = None,
+) -> Tensor:
+    """Turn ``span P`` by ``angle`` (radians, largest principal angle) down ``L``; returns the new ``P``.
+
+    The distributed ``∇L`` of :func:`correlation_loss_and_grad`, then the replicated polar retraction of
+    the module docstring. ``P`` is returned unchanged (a copy) where ``r = N`` (decided from shapes, before
+    any collective) or ``σ_max(H) ≤ √ε·‖∇L‖_F`` (``H`` is rounding noise), as in the single-process step.
+    """
+    if not 0.0 < angle < math.pi / 2:
+        raise ValueError(f"angle must be in (0, π/2) radians, got angle={angle!r}")
+    p = p.detach()
+    if p.shape[1] >= p.shape[0]:
+        return p.clone()
+    _, grad = correlation_loss_and_grad(
+        p, x, first_moment, global_rows=global_rows, transposed=transposed, group=group, comm=comm
+    )
+    s = p.mT @ p
+    ptg = p.mT @ grad
+    h = grad - p @ ptg
+    hth = h.mT @ h
+    sigma_max = float(torch.linalg.eigvalsh(hth)[-1].clamp_min(0.0).sqrt())
+    if not math.isfinite(sigma_max) or sigma_max <= math.sqrt(torch.finfo(p.dtype).eps) * float(grad.norm()):
+        new_p = p.clone()
+    else:
+        t = math.tan(angle) / sigma_max
+        pth = ptg - s @ ptg  # Pᵀ H
+        evals, evecs = torch.linalg.eigh(s - t * (pth + pth.mT) + (t * t) * hth)  # AᵀA
+        new_p = ((p - t * h) @ ((evecs * evals.rsqrt()) @ evecs.mT)).contiguous()
     if src is not None:
         broadcast(new_p, src, group, comm, "p")
     return new_p

@@ -79,7 +79,7 @@ from torch import Tensor
 
 from ..projection.linalg import OMEGA_SEED, check_positive_int, work_dtype
 from .comm import CommLog, all_gather, all_reduce, broadcast, group_rank, group_size
-from .correlation import correlation_loss_and_grad, correlation_step
+from .correlation import correlation_loss_and_grad, correlation_step, normalized_correlation_step
 
 __all__ = [
     "ORTHOGONALITY_TOLERANCE",
@@ -89,6 +89,7 @@ __all__ = [
     "correlation_loss_and_grad",
     "correlation_step",
     "draw_omega",
+    "normalized_correlation_step",
     "orthogonal_basis",
 ]
 
