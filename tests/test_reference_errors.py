@@ -77,8 +77,32 @@ def test_sparse_gradient_rejected_at_step(cls):
         opt.step()
 
 
+#: torch's own optimizer for each reference class (same defaults: lr, betas/beta2_decay, eps, weight decay).
+TORCH_BASE = {CoapAdamW: torch.optim.AdamW, CoapAdafactor: torch.optim.Adafactor}
+
+
 @pytest.mark.parametrize("cls", BOTH)
 def test_no_rank_needed_without_matrices_or_with_project_flag(cls):
-    cls([torch.zeros(5, requires_grad=True)])  # only vectors
-    cls([{"params": [torch.zeros(4, 4, requires_grad=True)], "project": False}])
-    cls([{"params": [torch.zeros(4, 4, requires_grad=True)], "project": True}])  # full rank
+    """Without ``rank``/``rank_ratio`` construction succeeds when no parameter needs a rank: a group of
+    vectors and a ``project=False`` group run the unmodified base update (bit-identical to torch's own
+    optimizer), and ``project=True`` projects at full rank (``P`` is ``N×N``, ``N = min(shape)``)."""
+    gen = torch.Generator().manual_seed(0)
+    vec, mat, forced = (torch.randn(s, generator=gen).requires_grad_() for s in ((5,), (4, 4), (6, 4)))
+    twins = [p.detach().clone().requires_grad_() for p in (vec, mat)]
+    forced0 = forced.detach().clone()
+    ours = [cls([vec]), cls([{"params": [mat], "project": False}])]
+    ours.append(cls([{"params": [forced], "project": True}]))
+    theirs = TORCH_BASE[cls](twins, foreach=False)
+    for _ in range(3):
+        for p, twin in zip((vec, mat), twins):
+            p.grad = torch.randn(p.shape, generator=gen)
+            twin.grad = p.grad.clone()
+        forced.grad = torch.randn(forced.shape, generator=gen)
+        for opt in (*ours, theirs):
+            opt.step()
+    for p, twin, opt in zip((vec, mat), twins, ours):
+        assert "proj" not in opt.state[p], f"{cls.__name__}: shape {tuple(p.shape)} was projected"
+        assert torch.equal(p, twin), f"{cls.__name__}: shape {tuple(p.shape)} differs from {type(theirs)}"
+    state = ours[2].state[forced]
+    assert state["proj"].shape == (4, 4), state["proj"].shape
+    assert int(state["step"]) == 3 and torch.isfinite(forced).all() and not torch.equal(forced, forced0)
