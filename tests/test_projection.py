@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from coap_compile.projection import (
     POLICIES,
     CoapPolicy,
+    DctPolicy,
     FixedProjection,
     FloraPolicy,
     GaLorePolicy,
@@ -238,7 +239,7 @@ def test_fixed_projection_never_refreshes_and_checks_shape():
 
 # ------------------------------------------------------------------------------------ registry
 def test_registry_names_and_instances():
-    assert set(POLICIES) == {"coap", "galore", "flora", "fixed"}
+    assert set(POLICIES) == {"coap", "galore", "flora", "dct", "fixed"}
     assert isinstance(get_policy("coap"), CoapPolicy)
     assert get_policy("galore", update_gap=7).update_gap == 7
     inst = FloraPolicy()
@@ -246,7 +247,7 @@ def test_registry_names_and_instances():
 
 
 def test_registry_rejects_unknown_name():
-    with pytest.raises(ValueError, match=r"'svd'.*coap.*fixed.*flora.*galore"):
+    with pytest.raises(ValueError, match=r"'svd'.*coap.*dct.*fixed.*flora.*galore"):
         get_policy("svd")
 
 
@@ -272,6 +273,7 @@ def test_policy_constructor_validation(factory, arg, value, exc):
         CoapPolicy(),
         GaLorePolicy(),
         FloraPolicy(seed=4),
+        DctPolicy(),
         FixedProjection(lambda n, r, dtype, device: torch.ones(n, r, dtype=dtype, device=device)),
     ],
     ids=lambda p: p.name,
@@ -280,3 +282,25 @@ def test_policy_constructor_validation(factory, arg, value, exc):
 def test_state_layout_matches_init_state(policy, dtype):
     state = policy.init_state(randn(0, 12, 7, dtype=dtype), 3)
     assert policy.state_layout(7, 3, dtype) == {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [CoapPolicy(), GaLorePolicy(), FloraPolicy(seed=4)],
+    ids=lambda p: p.name,
+)
+def test_dense_policies_basis_is_the_stored_proj_and_remap_is_restore_moments(policy):
+    state = policy.init_state(randn(0, 12, 7), 3)
+    assert policy.basis(state) is state["proj"]
+    assert policy.shared_state_layout(7, torch.float32) == {}
+    x, d = randn(1, 12, 7), randn(2, 12, 3)
+    assert torch.equal(policy.project(state, x), x @ state["proj"])
+    assert torch.equal(policy.project_back(state, d), d @ state["proj"].t())
+    old = policy.snapshot(state)
+    assert old["proj"] is not state["proj"] and torch.equal(old["proj"], state["proj"])
+    state["proj"].copy_(torch.linalg.qr(randn(3, 7, 3)).Q)
+    m, v = randn(4, 12, 3), randn(5, 12, 3).abs()
+    m_ref, v_ref = m.clone(), v.clone()
+    restore_moments(old["proj"], state["proj"], first=[m_ref], second=[v_ref])
+    policy.remap_moments(old, state, first=[m], second=[v])
+    assert torch.equal(m, m_ref) and torch.equal(v, v_ref)
