@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from coap_compile.distributed import (
     CommLog,
     DistributedRunError,
+    align_rotation,
     align_signs,
     assert_replicated,
     cholesky_qr,
@@ -185,6 +186,8 @@ def test_orthogonal_basis_matches_single_process_and_is_replicated(sharded_resul
         tol = 1e-5 if dtype == torch.float32 else 1e-12
         assert rel_err(align_signs(p0, ref0), ref0) < tol, (seed, "init")
         assert rel_err(align_signs(p1, ref1), ref1) < tol, (seed, "svd")
+        # The Procrustes convention needs no knowledge of the reference result: both paths agree.
+        assert rel_err(align_rotation(p1, p0), align_rotation(ref1, p0)) < tol, (seed, "procrustes")
         assert p0.dtype == dtype and p1.dtype == dtype
         # The test can fail: another Ω gives a basis farther than the tolerance from the reference.
         assert _subspace_gap(sp_orthogonal_basis(x, r, seed=OMEGA_SEED + 1), ref0) > 100 * tol
@@ -343,6 +346,23 @@ def test_correlation_gradient_single_process_matches_autograd(seed, m, n, transp
     assert rel_err(grad, ref_grad) < 1e-4  # float32 vs float64: observed ≤ 1e-5 (random, unnormalised P)
 
 
+@given(seed=seeds, n=st.integers(2, 12), r=st.integers(1, 6))
+def test_basis_conventions_depend_on_the_subspace_only(seed, n, r):
+    r = min(r, n)
+    p = torch.linalg.qr(randn(seed, n, r, dtype=torch.float64)).Q
+    ref = p + 0.3 * randn(seed + 1, n, r, dtype=torch.float64)
+    q = torch.linalg.qr(randn(seed + 2, r, r, dtype=torch.float64)).Q  # any orthogonal r×r
+    signs = torch.where(randn(seed + 3, r) < 0, -1.0, 1.0).double()
+    aligned = align_rotation(p, ref)
+    assert rel_err(align_rotation(p @ q, ref), aligned) < 1e-10  # observed ~1e-15
+    assert rel_err(aligned.t() @ aligned, torch.eye(r, dtype=torch.float64)) < 1e-12
+    assert _subspace_gap(aligned, p) < 1e-10
+    assert (aligned - ref).norm() <= (align_signs(p, ref) - ref).norm() + 1e-12  # Procrustes is closest
+    flipped = align_signs(p * signs, ref)
+    assert torch.equal(flipped, align_signs(p, ref))  # sign flips only: exact
+    assert bool(((flipped * ref).sum(0) >= 0).all())
+
+
 # ---------------------------------------------------------------------------------------------------
 # broadcast, replication check, closed forms, errors
 
@@ -411,3 +431,5 @@ def test_bad_inputs_name_the_argument():
         normalized_correlation_step(p, x, mo, global_rows=6, transposed=False, angle=math.pi)
     with pytest.raises(ValueError, match="same shape"):
         align_signs(p, torch.randn(4, 3))
+    with pytest.raises(ValueError, match="same shape"):
+        align_rotation(p, torch.randn(4, 3))

@@ -1,7 +1,8 @@
 """Distributed COAP building blocks: row-sharded refresh linear algebra and a local test launcher.
 
 * :mod:`.linalg`: low-cost SVD / randomized range finder (CholeskyQR2 with a TSQR fallback), the
-  side-choice analysis for FSDP2 ``Shard(0)`` parameters, :func:`align_signs`, :func:`assert_replicated`.
+  side-choice analysis for FSDP2 ``Shard(0)`` parameters, :func:`align_signs`, :func:`align_rotation`,
+  :func:`assert_replicated`.
 * :mod:`.correlation`: the correlation step with hand-derived gradients (all-reduced ``N×r`` + scalars).
 * :mod:`.comm`: counted collectives (:class:`CommLog`) and the closed-form bytes per refresh.
 * :mod:`.launch`: :func:`run_distributed`, ``world_size`` gloo processes for tests and examples.
@@ -10,12 +11,13 @@
 from .comm import CommLog, CommRecord, naive_gather_bytes, refresh_bytes
 from .correlation import correlation_loss_and_grad, correlation_step, normalized_correlation_step
 from .launch import DistributedRunError, run_distributed
-from .linalg import align_signs, assert_replicated, cholesky_qr, draw_omega, orthogonal_basis
+from .linalg import align_rotation, align_signs, assert_replicated, cholesky_qr, draw_omega, orthogonal_basis
 
 __all__ = [
     "CommLog",
     "CommRecord",
     "DistributedRunError",
+    "align_rotation",
     "align_signs",
     "assert_replicated",
     "cholesky_qr",
