@@ -74,10 +74,10 @@ def _subspace_gap(a: torch.Tensor, b: torch.Tensor) -> float:
 # launcher
 
 
-def _rank_value(scale: float) -> torch.Tensor:
+def _rank_value(scale: float) -> tuple[torch.Tensor, str, int]:
     t = torch.full((3,), float(dist.get_rank() + 1)) * scale
     dist.all_reduce(t)
-    return t
+    return t, os.environ.get("COAP_LAUNCH_TEST", ""), torch.get_num_threads()
 
 
 def _fail_on_rank_1() -> int:
@@ -99,9 +99,11 @@ def _exit_rank_0() -> None:
 
 def test_launcher_returns_results_in_rank_order():
     for world in WORLD_SIZES:
-        out = run_distributed(_rank_value, world, 2.0, timeout=TIMEOUT)
+        out = run_distributed(_rank_value, world, 2.0, timeout=TIMEOUT, env={"COAP_LAUNCH_TEST": str(world)})
         total = 2.0 * world * (world + 1) / 2
-        assert [t.tolist() for t in out] == [[total] * 3] * world
+        assert [(t.tolist(), flag, threads) for t, flag, threads in out] == [
+            ([total] * 3, str(world), 1)
+        ] * world
 
 
 def test_launcher_reports_each_failure_with_its_stack():

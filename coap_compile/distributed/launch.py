@@ -32,6 +32,9 @@ imports once: first run 3.6 s). The default is ``"forkserver"`` where the platfo
 ``"spawn"``. Workers are forked from the server, a fresh single-threaded process that has only imported
 modules, so the usual fork hazards (held locks, running OpenMP pools) do not apply.
 
+Forked workers inherit the environment of the forkserver, i.e. the parent's at the session's first
+run, not later changes of ``os.environ``: pass variables with ``env=``.
+
 The function and its arguments must be picklable (a module-level function; ``functools.partial`` of
 one is fine); it runs as ``fn(*args, **kwargs)`` with the group already initialised, and reads its rank
 with ``torch.distributed.get_rank()``.
@@ -101,10 +104,12 @@ def _worker(
     fn: Callable[..., Any],
     args: tuple,
     kwargs: dict,
+    env: dict[str, str],
     results: Any,
 ) -> None:
     status, payload = "error", ""
     try:
+        os.environ.update(env)
         if "GLOO_SOCKET_IFNAME" not in os.environ:
             lo = _loopback_interface()
             if lo is not None:
@@ -147,6 +152,7 @@ def run_distributed(
     backend: str = "gloo",
     start_method: str | None = None,
     num_threads: int = 1,
+    env: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` processes; return the per-rank results in rank order.
@@ -158,6 +164,7 @@ def run_distributed(
         backend: ``"gloo"`` (CPU), ``"nccl"`` or ``"mpi"``.
         start_method: ``"forkserver"``, ``"spawn"`` (or ``"fork"``); default :func:`default_start_method`.
         num_threads: ``torch.set_num_threads`` in each worker.
+        env: environment variables set in each worker before the group is initialised.
 
     Raises:
         DistributedRunError: a rank raised (its traceback is in the message and in ``failures``), died
@@ -169,6 +176,7 @@ def run_distributed(
         raise ValueError(f"timeout must be a positive number of seconds, got timeout={timeout!r}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got backend={backend!r}")
+    env = {str(k): str(v) for k, v in (env or {}).items()}
     method = start_method or default_start_method()
     if method not in _std_mp.get_all_start_methods():
         raise ValueError(
@@ -183,7 +191,19 @@ def run_distributed(
     procs = [
         ctx.Process(
             target=_worker,
-            args=(rank, world_size, store.port, backend, timeout, num_threads, fn, args, kwargs, results),
+            args=(
+                rank,
+                world_size,
+                store.port,
+                backend,
+                timeout,
+                num_threads,
+                fn,
+                args,
+                kwargs,
+                env,
+                results,
+            ),
             name=f"coap-rank{rank}",
             daemon=True,
         )
