@@ -236,7 +236,7 @@ def test_largest_principal_angle_rejects_mismatched_shapes():
 
 # --------------------------------------------------------------------------------------- policy
 def test_policy_correlation_modes_and_default():
-    assert CORRELATION_MODES == ("paper", "normalized")
+    assert CORRELATION_MODES == ("paper", "normalized", "off")
     x, f = randn(1, 16, 8), randn(2, 16, 3)
     for mode, fn in (("paper", correlation_step), ("normalized", normalized_correlation_step)):
         policy = CoapPolicy(update_interval=1, reproject_factor=2, correlation=mode)
@@ -248,10 +248,17 @@ def test_policy_correlation_modes_and_default():
     assert CoapPolicy().correlation == "paper"
 
 
+def test_policy_correlation_off_keeps_only_the_svd_schedule():
+    off, paper = CoapPolicy(correlation="off"), CoapPolicy()
+    kinds = [off.refresh_kind(k) for k in range(400)]
+    assert [k for k, c in enumerate(kinds) if c] == [0, 160, 320]
+    assert all(off.refresh_kind(k) == paper.refresh_kind(k) for k in (0, 160, 320))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        ({"correlation": "fast"}, ValueError, r"correlation must be one of \('paper', 'normalized'\).*fast"),
+        ({"correlation": "fast"}, ValueError, r"correlation.*\('paper', 'normalized', 'off'\).*='fast'"),
         ({"correlation": None}, ValueError, r"correlation.*None"),
         ({"correlation_angle": 0.0}, ValueError, r"correlation_angle.*\(0, π/2\).*0\.0"),
         ({"correlation_angle": 2.0}, ValueError, r"correlation_angle=2\.0"),

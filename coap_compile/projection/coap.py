@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 #: Values of ``CoapPolicy(correlation=...)``.
-CORRELATION_MODES = ("paper", "normalized")
+CORRELATION_MODES = ("paper", "normalized", "off")
 
 
 class CoapPolicy(ProjectionPolicy):
@@ -65,8 +65,10 @@ class CoapPolicy(ProjectionPolicy):
         restore_state: stored flag read by the optimizer, which then maps its moments into the new basis
             with :func:`restore_moments` after each refresh (the policy never touches the moments).
         seed: seed of the private generator drawing the initial Ω (3407 in the official code).
-        correlation: ``"paper"`` (default: the official clipped gradient step, lr 0.1) or ``"normalized"``
-            (turn ``span P`` by ``correlation_angle`` down the same loss; ``P`` stays orthonormal).
+        correlation: ``"paper"`` (default: the official clipped gradient step, lr 0.1), ``"normalized"``
+            (turn ``span P`` by ``correlation_angle`` down the same loss; ``P`` stays orthonormal) or
+            ``"off"`` (no correlation steps: ``P`` changes only at the SVD refreshes, every ``T_u·λ`` steps;
+            the ablation "SVD-only schedule").
         correlation_angle: ``θ`` of the normalized step in radians, ``0 < θ < π/2`` (default
             :data:`~coap_compile.projection.correlation.DEFAULT_ANGLE`, 2°).
     """
@@ -118,7 +120,9 @@ class CoapPolicy(ProjectionPolicy):
             return "init"
         if k % self.update_interval != 0:
             return ""
-        return "svd" if k % (self.update_interval * self.reproject_factor) == 0 else "correlation"
+        if k % (self.update_interval * self.reproject_factor) == 0:
+            return "svd"
+        return "" if self.correlation == "off" else "correlation"
 
     def refresh(
         self, state: dict[str, Tensor], x: Tensor, k: int, *, first_moment: Tensor | None, transposed: bool
