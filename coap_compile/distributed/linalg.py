@@ -51,6 +51,32 @@ QR/SVD sign or rotation conventions, not on the device's LAPACK) and keeps the m
 continuous as the subspace allows. Measured on the DDP test's tiny LM (r=4, 9 SVD refreshes): the raw
 new basis had ``⟨p_j, p'_j⟩ < 0`` in 22 of 36 columns; ``‖P' − P‖_F`` was 2.3–3.4 raw, 2.1–2.6 after
 :func:`align_signs` and 1.1–1.5 after :func:`align_rotation` (the part due to the subspace moving).
+
+**Which side for ``Shard(0)`` parameters** (FSDP2 shards dim 0 of the ``m×n`` weight, ``m`` rows):
+``X`` must have the sharded ``m`` as its rows, so ``X = G`` whatever the aspect ratio. The correlation
+step's cosine runs along dim 1 of the original weight, i.e. along the rows of ``X = G``: pass
+``transposed=False`` in both cases (each cosine is local; only ``Σ cos`` is summed).
+
+* tall or square (``m ≥ n``): ``X = G`` is the canonical side; ``P`` is ``n×r`` on the smaller side.
+* wide (``m < n``): ``X = G`` is **not** the canonical side: ``P`` is ``n×r`` on the *larger* side
+  and the moments are ``m×r``. Per rank (Adam, float32): ``4·(n r + 2⌈m/W⌉ r)`` bytes instead of the
+  canonical ``4·(m r + 2 n r)`` on one device; it is also a different optimizer (the projection acts
+  on the other side), so a single-process reference must use the same side. Example ``m=4096,
+  n=11008, r=512, W=8`` (a LLaMA-7B down-projection): 24.6 MB per rank (P alone 22.5 MB), against
+  53.5 MB for the canonical side on one device and 45.1 MB for torch AdamW's sharded states.
+* In both cases ``P`` is replicated: per-rank state is ``4·(n r + 2⌈m/W⌉ r)`` against torch AdamW's
+  ``4·2⌈m/W⌉ n``, so COAP saves memory only while ``W < 2m(n − r)/(n r) ≈ 2m/r`` (14 for a
+  4096×4096 weight at r=512). Beyond that, ``P`` itself must be sharded and all-gathered at use (an
+  ``N×r`` all-gather per step, FSDP-style); not implemented here.
+
+The canonical side of a wide weight instead contracts over the sharded dimension (``X = Gᵀ``, ``n×m``,
+sharded by columns ``m``, ``P`` row-sharded with ``X``'s columns): ``Y = Σ_k X_{:,k} P_k`` is a sum over
+ranks **every step** (reduce-scatter of ``n×r`` to row-shard the moments, then an all-gather of the
+``n×r`` update ``D`` for the local ``D P_kᵀ``), i.e. ``2nr`` elements per step (25 % of the gradient's
+reduce-scatter volume at ``r/m = 1/8``), plus, per refresh: ``QR`` of the reduced ``Y``; ``B_k = QᵀX_{:,k}``
+is local but column-sharded, so the SVD needs ``B Bᵀ`` (r×r all-reduce, eigendecomposition, then
+``V_k = B_kᵀ U Σ⁻¹`` local); the correlation step's ``X P Pᵀ`` needs ``Y`` complete. That is why the
+row layout (``X = G``) is used for ``Shard(0)``.
 """
 
 from __future__ import annotations
