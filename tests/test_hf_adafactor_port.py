@@ -155,6 +155,24 @@ def test_zero_weight_decay_is_exact_noop():
     assert torch.equal(out[0], p - update)
 
 
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_python_float_hypers_equal_tensor_hypers(wd):
+    """A hyper given as a Python float (a baked constant) computes what the tensor input computes."""
+    p, g = randn(0, 6, 5), randn(1, 6, 5)
+    states = init(p, use_first_moment=True)
+    names = state_names(use_first_moment=True, factored=True)
+    hp = dict(beta1=0.9, decay_rate=-0.8, eps=(1e-30, 5.0), clip_threshold=1.0, weight_decay=wd)
+    args = (p, g, *(states[n] for n in names), torch.tensor(2.0, dtype=torch.float64),
+            torch.tensor(0.01, dtype=torch.float64))  # fmt: skip
+    flags = dict(use_first_moment=True, scale_parameter=True, relative_step=False, warmup_init=False)
+    tensors = hyper_tensors(hp)
+    floats = tuple(float(t) for t in tensors)
+    a = hf_adafactor_update(*args, *tensors, **flags)
+    b = hf_adafactor_update(*args, *floats, **flags)
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, rtol=1e-6, atol=0), (x, y)  # observed identical or 1 ulp
+
+
 def test_first_moment_averages_the_clipped_update_not_the_gradient():
     """exp_avg after step 1 is (1−β₁)·α·clip(Û), which is not (1−β₁)·G (the documented semantics)."""
     p, g = randn(0, 6, 5), randn(1, 6, 5) * 100

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 
 import numpy as np
 import pytest
@@ -231,5 +232,14 @@ def test_denoise_and_sample_shapes(one_thread):
         model, DDPMSchedule(num_steps=5), (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)
     )
     assert s.shape == (2, 1, 8, 8) and torch.isfinite(s).all()
+    # closed form with ε_θ = 0 and T = 2: x = (z₀/√(1−β₁) + √β₁ z₁)/√(1−β₀), clamped
+    sched = DDPMSchedule(num_steps=2, beta_start=0.1, beta_end=0.3)
+    got = ddpm_sample(
+        lambda x, t: torch.zeros_like(x), sched, (3, 1, 4, 4), generator=torch.Generator().manual_seed(5)
+    )
+    g = torch.Generator().manual_seed(5)
+    z0, z1 = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g)
+    expect = ((z0 / math.sqrt(1 - 0.3) + math.sqrt(0.3) * z1) / math.sqrt(1 - 0.1)).clamp(-1, 1)
+    assert torch.allclose(got, expect, atol=1e-6)
     with pytest.raises(ValueError, match="t must be"):
         denoise_one_step(model, x0, DDPMSchedule(), 1000, generator=torch.Generator())

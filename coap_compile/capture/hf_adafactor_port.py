@@ -8,12 +8,12 @@ This port computes the same update as a pure function of tensors, positional-onl
 
 ``states`` are ``exp_avg`` (when ``beta1`` is not None), then ``exp_avg_sq_row``, ``exp_avg_sq_col``
 (``ndim ≥ 2``, transformers' shapes ``shape[:-1]`` and ``shape[:-2] + shape[-1:]``) or ``exp_avg_sq``
-(``ndim ≤ 1``); ``step`` is the 0-d float64 count of *completed* steps (0 on the first update); ``lr``
-is 0-d float64 (ignored when ``relative_step``, as transformers ignores the group lr then); ``hyper``
-are 0-d float64 tensors in the order of :func:`hyper_names`: ``beta1`` (only when not None),
-``decay_rate``, ``eps1``, ``eps2``, ``clip_threshold``, ``weight_decay``. Structural flags
-(``beta1 is None``, ``scale_parameter``, ``relative_step``, ``warmup_init``) are Python constants
-and ``factored`` is ``param.ndim ≥ 2``. No ``.item()``, no numel constant, no Python branch on a value.
+(``ndim ≤ 1``); ``step`` is the 0-d float64 count of *completed* steps (0 on the first update); ``lr`` is
+0-d float64 (ignored when ``relative_step``, as transformers ignores the group lr then); ``hyper`` are 0-d
+float64 tensors (or Python floats, see below) in the order of :func:`hyper_names`: ``beta1`` (only when
+not None), ``decay_rate``, ``eps1``, ``eps2``, ``clip_threshold``, ``weight_decay``. Structural flags
+(``beta1 is None``, ``scale_parameter``, ``relative_step``, ``warmup_init``) are Python constants and
+``factored`` is ``param.ndim ≥ 2``. No ``.item()``, no numel constant, no Python branch on a value.
 
 Math (``t = step + 1``; ``RMS(x) = √mean(x²)``; ``ε₁, ε₂ = eps``; ``d = clip_threshold``)::
 
@@ -41,8 +41,10 @@ weight, which transformers overwrites again before use).
 Numerical differences (term by term the same math): ``RMS`` as ``√mean(x²)`` instead of
 ``‖x‖/√numel`` (no shape constant in the graph); the EMAs as ``β·s + (1−β)·x`` instead of the fused
 ``mul_``/``add_(alpha=)``; ``α_t`` in float64 where transformers forms it from a float32 0-d ``RMS``.
-Weight decay is always applied as ``W − (λ α_t) W``: exactly ``W`` when ``λ = 0`` (transformers skips it
-with a Python ``if``; here ``λ`` is a runtime input). Measured errors: tests/test_hf_adafactor_port.py.
+A live (tensor) weight decay is always applied as ``W − (λ α_t) W``: exactly ``W`` when ``λ = 0``
+(transformers skips it with a Python ``if``). Any ``hyper`` may instead be a Python float, a constant
+baked into the graph (for an adapter that treats a value as structural, e.g. ``weight_decay = 0.0``,
+which then skips the term as transformers does). Measured errors: tests/test_hf_adafactor_port.py.
 
 **First moment and COAP** (the analysis the compiler relies on). transformers' ``exp_avg`` is an EMA
 of the *update* ``U = α_t · clip(V̂^{-1/2} ⊙ G)``, not of the gradient, so it is not "first-moment
@@ -186,7 +188,11 @@ def hf_adafactor_update(
         rho = torch.minimum(t * 1e-6, t.rsqrt()) if warmup_init else t.rsqrt().clamp(max=1e-2)
     else:
         rho = lr
-    alpha = rho * torch.maximum(eps2, _rms(w)) if scale_parameter else rho
+    if scale_parameter:
+        rms_w = _rms(w)
+        alpha = rho * (torch.maximum(eps2, rms_w) if isinstance(eps2, Tensor) else rms_w.clamp(min=eps2))
+    else:
+        alpha = rho
     beta2t = 1 - t.pow(decay_rate)
     u = g * g + eps1
     if factored:
@@ -206,7 +212,8 @@ def hf_adafactor_update(
     if use_first_moment:
         update = states[0] * beta1 + update * (1 - beta1)
         new_first = (update,)
-    w = w + w * (-(wd * alpha))
+    if isinstance(wd, Tensor) or wd != 0:
+        w = w + w * (-(wd * alpha))
     w = w - update
     return (w.to(param.dtype), *new_first, *new_second, t)
 

@@ -263,15 +263,28 @@ def denoise_one_step(
 
 @torch.no_grad()
 def ddpm_sample(
-    model: Denoiser, schedule: DDPMSchedule, shape: tuple[int, ...], *, generator: torch.Generator
+    model: Denoiser,
+    schedule: DDPMSchedule,
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
 ) -> Tensor:
-    """Ancestral DDPM sampling from pure noise (``T`` model calls; ``σ_t² = β_t``), clamped to ``[-1, 1]``."""
-    x = torch.randn(shape, generator=generator, device=generator.device)
+    """Ancestral DDPM sampling from pure noise (``T`` model calls; ``σ_t² = β_t``), clamped to ``[-1, 1]``.
+
+    Noise is drawn on ``generator``'s device and moved to ``device`` (default: the generator's).
+    """
+    dev = torch.device(device) if device is not None else generator.device
+
+    def noise() -> Tensor:
+        return torch.randn(shape, generator=generator, device=generator.device).to(dev)
+
+    x = noise()
     for t in reversed(range(schedule.num_steps)):
-        ts = torch.full((shape[0],), t, dtype=torch.long, device=x.device)
+        ts = torch.full((shape[0],), t, dtype=torch.long, device=dev)
         beta = float(schedule.betas[t])
         ab = float(schedule.alpha_bars[t])
         x = (x - beta / math.sqrt(1 - ab) * model(x, ts)) / math.sqrt(1 - beta)
         if t > 0:
-            x = x + math.sqrt(beta) * torch.randn(shape, generator=generator, device=generator.device)
+            x = x + math.sqrt(beta) * noise()
     return x.clamp(-1, 1)
