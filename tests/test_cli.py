@@ -168,6 +168,17 @@ def test_cuda_requested_without_cuda_exits_2(argv, texts, capsys):
     assert all(t in line for t in texts), line
 
 
+@pytest.mark.parametrize("count", [1, 2])
+def test_cuda_index_past_the_device_count_exits_2(monkeypatch, count, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the check runs: it exits first
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    assert main(["demo", "--optimizers", "adamw", "--device", f"cuda:{count}"]) == 2
+    line = _one_error_line(capsys)
+    devices = "device" if count == 1 else "devices"
+    want = f"--device cuda:{count}: this machine has {count} CUDA {devices} (cuda:0..cuda:{count - 1})"
+    assert want in line, line
+
+
 @pytest.mark.parametrize("option", ["--out", "--results-dir"])
 def test_output_folder_that_is_a_file_is_named(tmp_path, option, capsys):
     blocker = tmp_path / "a_file"
