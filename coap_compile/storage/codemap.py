@@ -19,7 +19,10 @@ smallest non-zero level is ``10^-(D-1)``):
 Quantization (exactly the same in eager torch, the float64 oracle up to ties, and the Triton helper):
 with the float32 thresholds ``θ_k = fl((m_{k−1} + m_k)/2)``, the magnitude code of ``x`` in a block with
 scale ``a`` is ``q = #{k ∈ 1…n : fl(θ_k·a) < |x|}`` (a binary search over ``θ``; no division, so a
-GPU's approximate ``/`` cannot change a code), i.e. the nearest level, ties to the smaller one. With
+GPU's approximate ``/`` cannot change a code), i.e. the nearest level, ties to the smaller one. **Stochastic rounding** instead finds the bracket
+``j = #{k ∈ 1…n : fl(m_k·a) ≤ |x|}``, ``lo = fl(m_j·a)``, ``hi = fl(m_{j+1}·a)`` and rounds up iff
+``fl(|x| − lo) > fl(u·fl(hi − lo))`` with ``u = bits·2⁻¹⁶`` (16 random bits, :mod:`.rng`): up with
+probability ``(|x| − lo)/(hi − lo)`` to within 2⁻¹⁶, so ``E[x̂] = x`` (error ≤ ``a·Δ_k``, one gap). With
 ``floor=True`` (the second moment) a positive ``x`` never gets ``q = 0``: it gets at least ``m₁``, so a
 dequantized ``v`` is never 0 where the true ``v`` is not (``m/(√v̂ + ε)`` cannot blow up to ``m/ε``).
 
@@ -40,11 +43,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_STYLE", "STYLES", "CodeMap", "code_map", "relative_gaps"]
+__all__ = ["DEFAULT_STYLE", "STYLES", "CodeMap", "CodeTables", "code_map", "relative_gaps"]
 
 STYLES = ("decade", "log")
 DEFAULT_STYLE = "decade"
@@ -66,6 +70,16 @@ def _levels(signed: bool, style: str) -> list[float]:
         raise ValueError(f"code map style must be one of {STYLES}, got {style!r}")
     assert len(mags) == n and mags[-1] == 1.0
     return [0.0, *mags]
+
+
+class CodeTables(NamedTuple):
+    """Device copies of a map's tables: ``thresholds`` (nearest rounding), ``values`` (decode) and
+    ``levels``: the ``n + 1`` levels plus a repeated ``1.0`` (``2^L + 1`` entries; stochastic rounding
+    reads ``levels[j + 1]`` for ``j ≤ n``)."""
+
+    thresholds: Tensor
+    values: Tensor
+    levels: Tensor
 
 
 @dataclass(frozen=True)
@@ -99,8 +113,8 @@ class CodeMap:
     def code_dtype(self) -> torch.dtype:
         return torch.int8 if self.signed else torch.uint8
 
-    def tables(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
-        """``(thresholds, values)`` on ``device`` (cached): the kernel's two lookup tables."""
+    def tables(self, device: torch.device | str) -> CodeTables:
+        """The lookup tables on ``device`` (cached), as passed to the kernel helpers."""
         return _tables(self.signed, self.style, str(torch.device(device)))
 
 
@@ -126,9 +140,10 @@ def code_map(signed: bool, style: str = DEFAULT_STYLE) -> CodeMap:
 
 
 @functools.cache
-def _tables(signed: bool, style: str, device: str) -> tuple[Tensor, Tensor]:
+def _tables(signed: bool, style: str, device: str) -> CodeTables:
     cm = code_map(signed, style)
-    return cm.thresholds.to(device), cm.values.to(device)
+    levels = torch.cat([cm.levels, cm.levels[-1:]])
+    return CodeTables(cm.thresholds.to(device), cm.values.to(device), levels.to(device))
 
 
 def relative_gaps(cm: CodeMap) -> Tensor:

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from .base import StateStorage, _check_shape, _check_value, _get, check_kind, numel, register_storage
 from .codemap import DEFAULT_STYLE, STYLES, CodeMap, code_map
+from .rng import mix_seed, random_bits, stream_key_tensor
 
 __all__ = [
     "CHUNK",
@@ -68,6 +69,8 @@ MAX_BLOCK_W = 16
 #: elements per slab of the eager quantizer (bounds its temporaries).
 CHUNK = 1 << 22
 SECOND_MOMENT_MAPS = ("unsigned", "signed")
+ROUNDINGS = ("nearest", "stochastic")
+DEFAULT_ROUNDING = "stochastic"
 #: filled in from ``benchmarks/storage_study.py int8`` (see the module docstring).
 STUDY_RESULTS: dict[str, object] = {}
 
@@ -136,14 +139,17 @@ def _slab_rows(lay: BlockLayout) -> int:
     return per * lay.bh
 
 
-def _quantize_slab(x: Tensor, bh: int, bw: int, cm: CodeMap, floor: bool) -> tuple[Tensor, Tensor]:
+def _quantize_slab(
+    x: Tensor, bh: int, bw: int, cm: CodeMap, floor: bool, bits: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Codes (int64, ``x``'s shape) and scales of one ``rows×cols`` float32 slab (rows a multiple of bh
-    except possibly at the end)."""
+    except possibly at the end); ``bits`` (int32, ``x``'s shape) selects stochastic rounding."""
     rows, cols = x.shape
     nr, nc = -(-rows // bh), -(-cols // bw)
     if not cm.signed:
         x = x.clamp_min(0.0)
-    if nr * bh != rows or nc * bw != cols:
+    padded = nr * bh != rows or nc * bw != cols
+    if padded:
         xp = x.new_zeros(nr * bh, nc * bw)
         xp[:rows, :cols] = x
     else:
@@ -152,11 +158,24 @@ def _quantize_slab(x: Tensor, bh: int, bw: int, cm: CodeMap, floor: bool) -> tup
     ax = x4.abs()
     a = ax.amax(dim=(1, 3))
     a4 = a.view(nr, 1, nc, 1)
-    thr, _ = cm.tables(x.device)
+    tabs = cm.tables(x.device)
     j = torch.zeros(ax.shape, dtype=torch.int64, device=x.device)
-    for s in range(cm.log2_size - 1, -1, -1):
-        step = 1 << s
-        j = torch.where(thr[j + step] * a4 < ax, j + step, j)
+    if bits is None:  # nearest: count the thresholds below |x|
+        for s in range(cm.log2_size - 1, -1, -1):
+            step = 1 << s
+            j = torch.where(tabs.thresholds[j + step] * a4 < ax, j + step, j)
+    else:  # stochastic: the bracket [lo, hi], then up with probability (|x| - lo)/(hi - lo)
+        lv = tabs.levels
+        for s in range(cm.log2_size - 1, -1, -1):
+            step = 1 << s
+            j = torch.where(lv[j + step] * a4 <= ax, j + step, j)
+        if padded:
+            bp = bits.new_zeros(nr * bh, nc * bw)
+            bp[:rows, :cols] = bits
+            bits = bp
+        u = bits.view(ax.shape).float() * (1.0 / 65536.0)
+        lo, hi = lv[j] * a4, lv[j + 1] * a4
+        j = torch.where((ax - lo) > u * (hi - lo), j + 1, j)
     if floor:
         j = torch.where((x4 > 0) & (j == 0), 1, j)
     if cm.signed:
@@ -165,21 +184,27 @@ def _quantize_slab(x: Tensor, bh: int, bw: int, cm: CodeMap, floor: bool) -> tup
 
 
 def quantize_(
-    x: Tensor, codes: Tensor, absmax: Tensor, lay: BlockLayout, cm: CodeMap, *, floor: bool = False
-) -> None:
-    """Quantize float32 ``x`` into the existing ``codes`` (``x``'s shape) and ``absmax`` (``lay.grid``)."""
+    x: Tensor, codes: Tensor, absmax: Tensor, lay: BlockLayout, cm: CodeMap, *, floor: bool = False,
+    key: Tensor | int | None = None,
+) -> None:  # fmt: skip
+    """Quantize float32 ``x`` into the existing ``codes`` (``x``'s shape) and ``absmax`` (``lay.grid``);
+    ``key`` (:func:`.rng.stream_key_tensor` of the state's ``[seed, counter]``) selects stochastic rounding."""
     x2 = x.reshape(lay.rows, lay.cols).float()
     c2 = codes.view(lay.rows, lay.cols)
     step = _slab_rows(lay)
     for r0 in range(0, lay.rows, step):
-        q, a = _quantize_slab(x2[r0 : r0 + step], lay.bh, lay.bw, cm, floor)
+        xs = x2[r0 : r0 + step]
+        bits = None
+        if key is not None:
+            bits = random_bits(key, xs.numel(), x.device, start=r0 * lay.cols).view(xs.shape)
+        q, a = _quantize_slab(xs, lay.bh, lay.bw, cm, floor, bits)
         c2[r0 : r0 + step] = q.to(codes.dtype)
         absmax[r0 // lay.bh : r0 // lay.bh + a.shape[0]] = a
 
 
 def dequantize(codes: Tensor, absmax: Tensor, lay: BlockLayout, cm: CodeMap) -> Tensor:
     """float32 values ``fl(value[code]·a)`` at ``codes``' shape."""
-    _, vals = cm.tables(codes.device)
+    vals = cm.tables(codes.device).values
     c2 = codes.view(lay.rows, lay.cols)
     out = torch.empty((lay.rows, lay.cols), dtype=torch.float32, device=codes.device)
     step = _slab_rows(lay)
@@ -199,6 +224,7 @@ class Int8Storage(StateStorage):
     Args:
         quant_block_size: elements per block ``B`` (power of two in [16, 4096], default 256).
         second_moment_map: ``"unsigned"`` (default; uint8 codes, positive floor) or ``"signed"``.
+        rounding: ``"stochastic"`` (default; adds ``<name>.rng``, int64 ``[seed, counter]``) or ``"nearest"``.
         min_numel: tensors with fewer elements are stored float32 (default 4096; 0 quantizes everything).
         style: code map construction, ``"decade"`` or ``"log"`` (:mod:`.codemap`).
     """
@@ -209,6 +235,7 @@ class Int8Storage(StateStorage):
         self,
         quant_block_size: int = DEFAULT_BLOCK_SIZE,
         second_moment_map: str = "unsigned",
+        rounding: str = DEFAULT_ROUNDING,
         min_numel: int = 4096,
         style: str = DEFAULT_STYLE,
     ):
@@ -217,13 +244,20 @@ class Int8Storage(StateStorage):
             raise ValueError(
                 f"second_moment_map must be one of {SECOND_MOMENT_MAPS}, got {second_moment_map!r}"
             )
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"int8 rounding must be one of {ROUNDINGS}, got {rounding!r}")
         if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
             raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")
         if style not in STYLES:
             raise ValueError(f"code map style must be one of {STYLES}, got {style!r}")
         self.second_moment_map = second_moment_map
+        self.rounding = rounding
         self.min_numel = min_numel
         self.style = style
+
+    @property
+    def stochastic(self) -> bool:
+        return self.rounding == "stochastic"
 
     def _kind(self, name: str, kind: str) -> str:
         check_kind(kind)
@@ -252,17 +286,20 @@ class Int8Storage(StateStorage):
         if not self.quantized(dims):
             return {name: torch.zeros(dims, dtype=torch.float32, device=device)}
         cm = self.code_map_for(kind)
-        return {
+        out = {
             f"{name}.q8": torch.zeros(dims, dtype=cm.code_dtype, device=device),
             f"{name}.absmax": torch.zeros(self.layout(dims).grid, dtype=torch.float32, device=device),
         }
+        if self.stochastic:
+            out[f"{name}.rng"] = torch.tensor([mix_seed(seed, name), 0], dtype=torch.int64, device=device)
+        return out
 
     def _parts(self, stored: dict[str, Tensor], name: str) -> tuple[Tensor, Tensor, BlockLayout, CodeMap]:
         codes = _get(stored, f"{name}.q8", "int8")
         absmax = _get(stored, f"{name}.absmax", "int8")
-        lay = self.layout(tuple(codes.shape))
         if codes.dtype not in (torch.int8, torch.uint8):
             raise ValueError(f"int8 state {name!r}: codes must be int8/uint8, got {codes.dtype}")
+        lay = self.layout(tuple(codes.shape))
         if tuple(absmax.shape) != lay.grid or absmax.dtype != torch.float32:
             raise ValueError(
                 f"int8 state {name!r}: absmax is {absmax.dtype} {tuple(absmax.shape)}, expected float32 "
@@ -271,14 +308,20 @@ class Int8Storage(StateStorage):
             )
         return codes, absmax, lay, code_map(codes.dtype == torch.int8, self.style)
 
+    @staticmethod
+    def _kept_fp32(stored: dict[str, Tensor], name: str) -> bool:
+        """Whether ``name`` is a small state this storage kept in float32 (no codes, a float32 tensor)."""
+        t = stored.get(name)
+        return f"{name}.q8" not in stored and isinstance(t, Tensor) and t.dtype == torch.float32
+
     def load(self, stored, name):
-        if f"{name}.q8" not in stored and name in stored:  # a small state kept in float32
-            return _get(stored, name, "int8")
+        if self._kept_fp32(stored, name):
+            return stored[name]
         codes, absmax, lay, cm = self._parts(stored, name)
         return dequantize(codes, absmax, lay, cm)
 
     def store_(self, stored, name, value):
-        if f"{name}.q8" not in stored and name in stored:
+        if self._kept_fp32(stored, name):
             t = stored[name]
             _check_value(name, value, t)
             if value is not t:
@@ -286,15 +329,22 @@ class Int8Storage(StateStorage):
             return
         codes, absmax, lay, cm = self._parts(stored, name)
         _check_value(name, value, codes)
-        quantize_(value, codes, absmax, lay, cm, floor=not cm.signed)
+        rng = _get(stored, f"{name}.rng", "int8 (stochastic rounding)") if self.stochastic else None
+        key = stream_key_tensor(rng) if rng is not None else None
+        quantize_(value, codes, absmax, lay, cm, floor=not cm.signed, key=key)
+        if rng is not None:
+            rng[1].add_(1)
 
     def nbytes(self, shape, kind="other"):
         self._kind("(planned)", kind)
         dims = _check_shape(shape)
-        return self.layout(dims).nbytes if self.quantized(dims) else 4 * numel(dims)
+        if not self.quantized(dims):
+            return 4 * numel(dims)
+        return self.layout(dims).nbytes + (16 if self.stochastic else 0)
 
     def __repr__(self) -> str:
         return (
             f"Int8Storage(quant_block_size={self.quant_block_size}, second_moment_map="
-            f"{self.second_moment_map!r}, min_numel={self.min_numel}, style={self.style!r})"
+            f"{self.second_moment_map!r}, rounding={self.rounding!r}, min_numel={self.min_numel}, "
+            f"style={self.style!r})"
         )

@@ -12,10 +12,12 @@ interpreter in ``tests/test_storage_triton.py``; compiled for sm_90 there as wel
   ``_st_bf16_store(ptrs, x, mask, rng_ptr, idx, STOCHASTIC)`` stores it as bf16;
 * ``_st_q8_load(code_ptrs, scale_ptr, offs_m, offs_r, n_scale_cols, mask, val_ptr, BH, BW, SIGNED)``:
   the float32 tile ``value[code]·absmax[block]``;
-* ``_st_q8_store(x, code_ptrs, scale_ptr, row0, col0, n_scale_rows, n_scale_cols, mask, thr_ptr,
-  BLOCK_M, BLOCK_R, BH, BW, SIGNED, LOG2N)``: per-block absmax of the (masked) tile via a 4-D reshape
-  ``(BLOCK_M/BH, BH, BLOCK_R/BW, BW)``, the scales stored, the codes found by the binary threshold search
-  (``LOG2N`` gathers of ``thr[j + step]`` from the 128/256-entry table, L1-resident) and stored.
+* ``_st_q8_store(x, code_ptrs, scale_ptr, row0, col0, n_scale_rows, n_scale_cols, mask, tab_ptr,
+  rng_ptr, idx, BLOCK_M, BLOCK_R, BH, BW, SIGNED, LOG2N, STOCHASTIC)``: per-block absmax of the (masked)
+  tile via a 4-D reshape ``(BLOCK_M/BH, BH, BLOCK_R/BW, BW)``, the scales stored, the codes found by a
+  binary search (``LOG2N`` gathers of ``tab[j + step]`` from a 128/256-entry table, L1-resident; ``tab``
+  = ``CodeTables.thresholds`` for nearest, ``CodeTables.levels`` for stochastic rounding, which then
+  gathers the bracket ``lo, hi`` and steps up iff ``|x| − lo > u·(hi − lo)``) and stored.
 
 How K1 uses them for a state ``s`` (tile ``offs_m × offs_r``, ``row0 = pid_m·BLOCK_M``,
 ``col0 = pid_r·BLOCK_R``; the epilogue body between load and store is unchanged)::
@@ -23,15 +25,16 @@ How K1 uses them for a state ``s`` (tile ``offs_m × offs_r``, ``row0 = pid_m·B
     s = _st_q8_load(q_ptr + offs_m[:, None]*R + offs_r[None, :], a_ptr, offs_m, offs_r, NC, mask,
                     val_ptr, BH, BW, SIGNED)
     ...  s_new = <printed epilogue>  ...
-    _st_q8_store(s_new, q_ptr + ..., a_ptr, row0, col0, NR, NC, mask, thr_ptr,
-                 BLOCK_M, BLOCK_R, BH, BW, SIGNED, LOG2N)
+    _st_q8_store(s_new, q_ptr + ..., a_ptr, row0, col0, NR, NC, mask, tab_ptr, rng_ptr,
+                 offs_m[:, None] * R + offs_r[None, :], BLOCK_M, BLOCK_R, BH, BW, SIGNED, LOG2N, STOCHASTIC)
 
-with ``BH, BW`` from :func:`.int8.block_layout` ``((M, r), B)``, ``NR, NC`` its ``grid``, ``thr_ptr, val_ptr``
-from ``CodeMap.tables(device)``, ``SIGNED = code_map.signed``, ``LOG2N = code_map.log2_size`` and
-``BLOCK_M`` a multiple of ``BH`` (:func:`.int8.kernel_block_m`). Every program reads and writes only its
-own blocks, so no synchronisation is needed. For bf16 stochastic rounding, pass the state's ``.rng``
-tensor as ``rng_ptr`` and increment its counter (``rng[1] += 1``) after the launch, as the eager
-``store_`` does.
+with ``BH, BW`` from :func:`.int8.block_layout` ``((M, r), B)``, ``NR, NC`` its ``grid``, ``val_ptr`` and
+``tab_ptr`` from ``CodeMap.tables(device)`` (``values``; ``levels`` or ``thresholds``), ``SIGNED =
+code_map.signed``, ``LOG2N = code_map.log2_size`` and ``BLOCK_M`` a multiple of ``BH``
+(:func:`.int8.kernel_block_m`). Every program reads and writes only its own blocks, so no
+synchronisation is needed. With stochastic rounding (bf16 or int8) pass the state's ``<name>.rng``
+tensor as ``rng_ptr`` (any valid pointer otherwise) and increment its counter (``rng[1] += 1``) after
+the launch, as the eager ``store_`` does; ``idx`` is the logical element index (int64 is fine).
 
 Bit-identity caveat on GPUs: the codes depend on the float32 input of ``_st_q8_store``; the printed
 epilogue may be contracted into FMAs by the GPU compiler, so K1's new state can differ from the eager
@@ -110,10 +113,11 @@ def _st_q8_load(code_ptrs, scale_ptr, offs_m, offs_r, n_scale_cols, mask, val_pt
 
 
 @triton.jit
-def _st_q8_store(x, code_ptrs, scale_ptr, row0, col0, n_scale_rows, n_scale_cols, mask, thr_ptr,
+def _st_q8_store(x, code_ptrs, scale_ptr, row0, col0, n_scale_rows, n_scale_cols, mask, tab_ptr, rng_ptr, idx,
                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-                 SIGNED: tl.constexpr, LOG2N: tl.constexpr):
-    # per-block absmax of the masked tile, then codes by the threshold search (storage/codemap.py)
+                 SIGNED: tl.constexpr, LOG2N: tl.constexpr, STOCHASTIC: tl.constexpr):
+    # per-block absmax of the masked tile, then the codes (storage/codemap.py, storage/int8.py):
+    # nearest: tab = thresholds, count those below |x|; stochastic: tab = levels, bracket + random step up
     NR: tl.constexpr = BLOCK_M // BH
     NC: tl.constexpr = BLOCK_R // BW
     x = tl.where(mask, x, 0.0)
@@ -130,9 +134,18 @@ def _st_q8_store(x, code_ptrs, scale_ptr, row0, col0, n_scale_rows, n_scale_cols
         tl.broadcast_to(tl.expand_dims(tl.expand_dims(a, 1), 3), (NR, BH, NC, BW)), (BLOCK_M, BLOCK_R)
     )
     j = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.int32)
-    for s in tl.static_range(LOG2N):
-        t = tl.load(thr_ptr + j + (1 << (LOG2N - 1 - s)))
-        j = tl.where(t * af < ax, j + (1 << (LOG2N - 1 - s)), j)
+    if STOCHASTIC:
+        for s in tl.static_range(LOG2N):
+            t = tl.load(tab_ptr + j + (1 << (LOG2N - 1 - s)))
+            j = tl.where(t * af <= ax, j + (1 << (LOG2N - 1 - s)), j)
+        lo = tl.load(tab_ptr + j) * af
+        hi = tl.load(tab_ptr + j + 1) * af
+        u = _st_sr_bits(rng_ptr, idx).to(tl.float32) * (1.0 / 65536.0)
+        j = tl.where((ax - lo) > u * (hi - lo), j + 1, j)
+    else:
+        for s in tl.static_range(LOG2N):
+            t = tl.load(tab_ptr + j + (1 << (LOG2N - 1 - s)))
+            j = tl.where(t * af < ax, j + (1 << (LOG2N - 1 - s)), j)
     if SIGNED:
         j = tl.where(x < 0.0, -j, j)
         tl.store(code_ptrs, j.to(tl.int8), mask=mask)
