@@ -7,7 +7,13 @@ from .dct import DctPolicy, dct_basis, select_columns, shared_basis, shared_basi
 from .fixed import FixedProjection
 from .flora import FloraPolicy
 from .galore import GaLorePolicy
-from .linalg import gaussian_basis, largest_principal_angle, orthogonal_basis, top_right_singular_vectors
+from .linalg import (
+    gaussian_basis,
+    largest_principal_angle,
+    orthogonal_basis,
+    principal_angles,
+    top_right_singular_vectors,
+)
 from .registry import POLICIES, get_policy
 
 __all__ = [
@@ -31,6 +37,7 @@ __all__ = [
     "largest_principal_angle",
     "normalized_correlation_step",
     "orthogonal_basis",
+    "principal_angles",
     "resolve_rank",
     "restore_moments",
     "select_columns",

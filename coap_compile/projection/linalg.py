@@ -20,6 +20,7 @@ __all__ = [
     "gaussian_basis",
     "largest_principal_angle",
     "orthogonal_basis",
+    "principal_angles",
     "restore_moments",
     "top_right_singular_vectors",
     "work_dtype",
@@ -112,15 +113,16 @@ def gaussian_basis(n: int, rank: int, seed: int, *, dtype: torch.dtype, device: 
     return (p / rank**0.5).to(dtype)
 
 
-def largest_principal_angle(p_old: Tensor, p_new: Tensor) -> float:
-    """The largest principal angle (radians, in ``[0, π/2]``) between ``span(p_old)`` and ``span(p_new)``.
+def principal_angles(p_old: Tensor, p_new: Tensor) -> Tensor:
+    """The principal angles (radians, float64, descending, in ``[0, π/2]``) between ``span(p_old)`` and
+    ``span(p_new)``.
 
     Both are ``N×r`` with ``r ≤ N`` and full column rank; they need not be orthonormal (each is
     orthonormalised by a reduced QR first, in float64). With ``Q₁, Q₂`` the orthonormal bases, the cosines of
     the principal angles are the singular values of ``Q₁ᵀ Q₂`` and their sines those of ``Q₂ − Q₁ Q₁ᵀ Q₂``
-    (Björck–Golub). The largest angle is ``atan2(σ_max(Q₂ − Q₁Q₁ᵀQ₂), σ_min(Q₁ᵀQ₂))``: the sine is accurate
-    for small angles (where ``acos`` of a cosine near 1 loses half the digits), the cosine near ``π/2``.
-    This is how far a refresh moves the subspace (a rotation of the basis within its span reads 0).
+    (Björck–Golub); pairing the sines in descending with the cosines in ascending order,
+    ``θ_i = atan2(sin_i, cos_i)`` is accurate at every angle (``acos`` of a cosine near 1 loses half the
+    digits, ``asin`` of a sine near 1 likewise). A rotation of a basis within its span reads 0.
     """
     if p_old.ndim != 2 or p_old.shape != p_new.shape or p_old.shape[1] > p_old.shape[0]:
         raise ValueError(
@@ -130,9 +132,17 @@ def largest_principal_angle(p_old: Tensor, p_new: Tensor) -> float:
     q1 = torch.linalg.qr(p_old.detach().to(torch.float64)).Q
     q2 = torch.linalg.qr(p_new.detach().to(torch.float64)).Q
     c = q1.t() @ q2
-    cos_min = torch.linalg.svdvals(c)[-1]
-    sin_max = torch.linalg.svdvals(q2 - q1 @ c)[0]
-    return float(torch.atan2(sin_max, cos_min))
+    cos = torch.linalg.svdvals(c).flip(0)  # ascending
+    sin = torch.linalg.svdvals(q2 - q1 @ c)  # descending
+    return torch.atan2(sin, cos)
+
+
+def largest_principal_angle(p_old: Tensor, p_new: Tensor) -> float:
+    """The largest of :func:`principal_angles` (radians): how far a refresh moves the subspace at worst.
+
+    For two column subsets of one orthonormal basis it is ``π/2`` as soon as one column differs.
+    """
+    return float(principal_angles(p_old, p_new)[0])
 
 
 def restore_moments(

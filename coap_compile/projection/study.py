@@ -4,8 +4,10 @@
 policies side by side, each with its own ``P`` and an Adam-style first moment ``F ← β₁ F + (1 − β₁) X P``
 (the state COAP's correlation step reads), without touching the weights. Per policy it reports
 
-* ``angle_<kind>_deg``: the largest principal angle between ``P`` before and after each refresh of that kind
-  (median over refreshes and matrices; :func:`~coap_compile.projection.linalg.largest_principal_angle`);
+* ``<kind>_max_deg`` / ``<kind>_mean_deg``: the largest / the mean principal angle between ``P`` before and
+  after each refresh of that kind, median over refreshes and matrices
+  (:func:`~coap_compile.projection.linalg.principal_angles`; for DCT the mean is 90° × the share of
+  replaced columns, the largest is 90° as soon as one column changes);
 * ``residual``: the mean over steps and matrices of ``ρ = ‖X − X P Pᵀ‖² / ‖X‖²`` (the share of the gradient
   the optimizer loses to the projection);
 * ``loss``: the mean of the scale-free correlation loss ``ρ · (1 − c̄)``, ``c̄`` = mean cosine of ``F Pᵀ``
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .base import ProjectionPolicy, canonical, resolve_rank
-from .linalg import largest_principal_angle
+from .linalg import principal_angles
 
 __all__ = ["demo_gradients", "main", "subspace_study"]
 
@@ -49,7 +51,7 @@ def subspace_study(
     """One row per policy (module docstring). ``grads`` yields ``{name: 2-D gradient}`` per step."""
     states: dict[tuple[str, str], dict[str, Tensor]] = {}
     moments: dict[tuple[str, str], Tensor] = {}
-    angles: dict[str, dict[str, list[float]]] = {v: {} for v in policies}
+    angles: dict[str, dict[str, list[tuple[float, float]]]] = {v: {} for v in policies}
     resid: dict[str, list[float]] = {v: [] for v in policies}
     loss: dict[str, list[float]] = {v: [] for v in policies}
     for k, step in enumerate(grads):
@@ -67,7 +69,8 @@ def subspace_study(
                         old = policy.basis(states[key]).clone()
                         policy.refresh(states[key], x, k, first_moment=moments[key], transposed=transposed)
                         new = policy.basis(states[key])
-                        angles[v].setdefault(kind, []).append(math.degrees(largest_principal_angle(old, new)))
+                        theta = torch.rad2deg(principal_angles(old, new))
+                        angles[v].setdefault(kind, []).append((float(theta[0]), float(theta.mean())))
                 p = policy.basis(states[key])
                 xp = x @ p
                 rho = float((x - xp @ p.t()).square().sum() / x.square().sum().clamp_min(1e-30))
@@ -80,8 +83,8 @@ def subspace_study(
         row: dict[str, object] = {"policy": v, "residual": statistics.fmean(resid[v])}
         row["loss"] = statistics.fmean(loss[v]) if loss[v] else float("nan")
         for kind, vals in sorted(angles[v].items()):
-            row[f"angle_{kind}_deg"] = statistics.median(vals)
-            row[f"angle_{kind}_max_deg"] = max(vals)
+            row[f"{kind}_max_deg"] = statistics.median(a for a, _ in vals)
+            row[f"{kind}_mean_deg"] = statistics.median(b for _, b in vals)
         rows.append(row)
     return rows
 
@@ -125,7 +128,7 @@ def demo_gradients(
 def main(
     steps: int = 112,
     update_interval: int = 16,
-    angles_deg: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0),
+    angles_deg: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0),
 ) -> None:
     """Print the study table for the paper step, the SVD-only schedule, normalized steps at ``angles_deg`` and
     DCT, all refreshing every ``update_interval`` steps (``reproject_factor`` 5)."""
@@ -146,6 +149,6 @@ def main(
     }
     rows = subspace_study(demo_gradients(steps), policies)
     keys = sorted({k for r in rows for k in r if k != "policy"})
-    print(f"{'policy':<18}" + "".join(f"{k:>24}" for k in keys))
+    print(f"{'policy':<18}" + "".join(f"{k:>20}" for k in keys))
     for r in rows:
-        print(f"{r['policy']:<18}" + "".join(f"{r.get(k, float('nan')):>24.6g}" for k in keys))
+        print(f"{r['policy']:<18}" + "".join(f"{r.get(k, float('nan')):>20.4g}" for k in keys))
