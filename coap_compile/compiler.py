@@ -1,7 +1,9 @@
 """Capture → passes → projected program, cached per signature.
 
-One signature is ``(base optimizer class, hyperparameters except lr, dtype)``: capture traces the base
-update once per signature (``capture`` caches too), and the pass pipeline runs once per signature.
+One signature is ``(base optimizer class, structural hyperparameters, dtype)``: capture traces the base
+update once per signature (``capture`` caches too), and the pass pipeline runs once per signature. Live
+hyperparameters (β₁, ε, weight decay, …) are inputs of the compiled program, so a new value is never
+a new signature.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .capture import CapturedUpdate, capture, init_states
+from .capture import CapturedUpdate, capture, hyper_values, init_states
 from .passes.base import CompilationUnit
 from .passes.pipeline import compile_update
 from .passes.rewrite import ProjectedProgram
@@ -47,14 +49,6 @@ def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph)
 
 
-def _key_value(v: Any):
-    if isinstance(v, torch.Tensor):
-        return ("tensor", tuple(v.tolist()) if v.ndim else v.item())
-    if isinstance(v, list):
-        return tuple(_key_value(x) for x in v)
-    return v
-
-
 def compile_base(
     base: type[torch.optim.Optimizer], hyperparams: Mapping[str, Any], dtype: torch.dtype
 ) -> CompiledBase:
@@ -72,11 +66,21 @@ def compile_base(
         return [st[n] for n in captured.state_names]
 
     program, unit = compile_update(
-        captured.optimizer, _copy_graph_module(captured.graph_module), captured.state_names, make_states
+        captured.optimizer,
+        _copy_graph_module(captured.graph_module),
+        captured.state_names,
+        make_states,
+        hyper_values=[float(v) for v in hyper_values(captured, _with_defaults(base, hyperparams))],
     )
     _COUNT += 1
     _CACHE[key] = CompiledBase(captured, program, unit)
     return _CACHE[key]
+
+
+def _with_defaults(base: type, hyperparams: Mapping[str, Any]) -> dict:
+    from .capture.adapter_base import class_defaults
+
+    return {**class_defaults(base, hyperparams), **hyperparams}
 
 
 def compile_count() -> int:

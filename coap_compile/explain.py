@@ -6,6 +6,7 @@ from collections import Counter
 
 import sympy
 
+from .capture import LIVE
 from .passes.decompose import GRAD, LR, PARAM, K, X, state_symbol
 
 __all__ = ["explain_optimizer"]
@@ -22,6 +23,10 @@ def _fmt(e: sympy.Expr) -> str:
     e = e.xreplace(names)
     e = e.xreplace({f: sympy.Float(f, 7) for f in e.atoms(sympy.Float)})  # display precision only
     return sympy.sstr(e, full_prec=False).replace("**", "^")
+
+
+def _value(v) -> str:
+    return f"{float(v):g}" if not isinstance(v, (tuple, list)) else repr(v)
 
 
 def explain_optimizer(opt) -> str:
@@ -46,7 +51,21 @@ def explain_optimizer(opt) -> str:
             f"\n[group {gi}, {dtype}] captured {cap.optimizer}: {sum(ops.values())} aten ops "
             + ", ".join(f"{k}x{v}" for k, v in sorted(ops.items()))
         )
-        out.append("  hyperparameters (constants): " + ", ".join(f"{k}={v!r}" for k, v in cap.hyperparams))
+        group = opt.param_groups[gi]
+        fixed = [(k, v) for k, v in cap.hyperparams if v != LIVE and not (isinstance(v, tuple) and LIVE in v)]
+        out.append(
+            "  structural (the signature; a change re-compiles once): "
+            + (", ".join(f"{k}={v!r}" for k, v in fixed) or "none")
+        )
+        live = ", ".join(
+            f"{h.name}{'' if h.where == h.name else '=' + h.where}={_value(h.read(group))}"
+            for h in cap.hypers
+        )
+        out.append(
+            f"  live inputs (read from param_groups at every step): lr={_value(group['lr'])}, {live}".rstrip(
+                ", "
+            )
+        )
         facts = unit.facts["graph_facts"]
         out.append("  roles: " + ", ".join(f"{r}={n}" for n, r in facts.roles.items()))
         dec = prog.decomposition
@@ -70,6 +89,9 @@ def explain_optimizer(opt) -> str:
         first = prog.first_moment or "coap_exp_avg (extra low-rank EMA of x̃)"
         out.append(f"  correlation step reads: {first}")
         out.append("  passes: " + ", ".join(f"{n} {t * 1e3:.0f}ms" for n, t, _ in unit.log))
+    if opt._events:
+        out.append("\nre-compilations (structural hyperparameters changed):")
+        out += [f"  {e}" for e in opt._events]
     out.append("\nmemory plan (optimizer-state bytes):")
     out.append(str(opt.memory_plan()))
     return "\n".join(out)

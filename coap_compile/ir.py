@@ -8,14 +8,16 @@ The rewrite pass (``coap_compile.passes``) turns a base optimizer's per-paramete
     W   ← decay · W + scale · D Pᵀ             (reprojection, full space)
 
 where ``c = (c_0, …, c_{k-1})`` are *hoisted scalars*: 0-d quantities that depend only on the step
-counter, the learning rate and the (constant) hyperparameters, computed once per step on the host side
-as a float32 vector and passed to kernels by pointer (so a new step or lr never recompiles anything).
+counter, the learning rate and the live hyperparameters (β₁, ε, …, symbols named in
+``Epilogue.hypers``), computed once per step on the host side as a float32 vector and passed to
+kernels by pointer (so a new step, lr or hyperparameter value never recompiles anything).
 
 :class:`Epilogue` is that elementwise middle part as straight-line sympy code. Symbol names are fixed:
 
 * ``g``            the projected-gradient element (``acc`` of the ``X @ P`` matmul);
 * state names      (e.g. ``exp_avg``) the old value of each low-rank state;
-* ``c0, c1, …``    hoisted scalars, ``step`` and ``lr`` appear only inside :attr:`Epilogue.scalars`.
+* ``c0, c1, …``    hoisted scalars; ``step``, ``lr`` and the hyperparameter symbols appear only inside
+  :attr:`Epilogue.scalars`.
 
 Only updates without cross-element reductions have an :class:`Epilogue` (AdamW, Adam, RMSprop, SGD);
 updates with reductions (Adafactor) run their low-rank middle part eagerly between the two matmuls.
@@ -45,7 +47,8 @@ class Epilogue:
     Attributes:
         state_names: the low-rank states, in kernel-argument order.
         scalars: ``(c_i, expr)`` pairs; ``expr`` uses only ``step`` (the 1-based step number of the
-            update being applied), ``lr`` and numbers. Evaluated on the host, see :func:`evaluate_scalars`.
+            update being applied), ``lr``, the symbols of ``hypers`` and numbers. Evaluated on the
+            host, see :func:`evaluate_scalars`.
         body: ordered ``(target, expr)`` assignments; an ``expr`` uses ``g``, state symbols, scalar
             symbols and earlier targets. Operations are ``+ * /``, powers with exponent ``2, -1, 1/2,
             -1/2``, ``Abs``, ``Max``/``Min`` and ``sign`` only.
@@ -53,6 +56,7 @@ class Epilogue:
         update: the target holding ``D``.
         decay: the scalar symbol (or the number 1) multiplying ``W`` before the update is added.
         scale: the constant multiplying ``D Pᵀ`` (COAP's ``scale`` times the sign the base applies).
+        hypers: names of the live hyperparameter symbols, in the order their values are passed.
     """
 
     state_names: tuple[str, ...]
@@ -62,14 +66,20 @@ class Epilogue:
     update: sympy.Symbol
     decay: sympy.Expr
     scale: float
+    hypers: tuple[str, ...] = ()
 
     @property
     def scalar_symbols(self) -> tuple[sympy.Symbol, ...]:
         return tuple(s for s, _ in self.scalars)
 
+    @property
+    def scalar_args(self) -> tuple[sympy.Symbol, ...]:
+        """The inputs of the scalar expressions: ``step``, ``lr``, then the hyperparameters."""
+        return (STEP, LR, *(sympy.Symbol(h) for h in self.hypers))
+
     def key(self) -> str:
         """A stable text form (used to hash generated kernels)."""
-        parts = [",".join(self.state_names)]
+        parts = [",".join(self.state_names), ",".join(self.hypers)]
         parts += [f"{s}={sympy.srepr(e)}" for s, e in self.scalars]
         parts += [f"{s}={sympy.srepr(e)}" for s, e in self.body]
         parts += [
@@ -119,11 +129,15 @@ def _lambdify(args: tuple[sympy.Symbol, ...], expr: sympy.Expr):
     return sympy.lambdify(args, expr, modules=[_TORCH_FUNCS, "math"])
 
 
-def evaluate_scalars(ep: Epilogue, step: Tensor, lr: Tensor) -> Tensor:
-    """The hoisted scalars ``c`` as a float32 vector, computed from 0-d float64 ``step`` and ``lr``."""
+def evaluate_scalars(ep: Epilogue, step: Tensor, lr: Tensor, hypers: Sequence[Tensor] = ()) -> Tensor:
+    """The hoisted scalars ``c`` as a float32 vector, computed in float64 from 0-d ``step``, ``lr`` and
+    the live hyperparameters (in ``ep.hypers`` order)."""
+    if len(hypers) != len(ep.hypers):
+        raise ValueError(f"the epilogue reads hyperparameters {ep.hypers}, got {len(hypers)} values")
+    args = (step.double(), lr.double(), *(torch.as_tensor(h).double() for h in hypers))
     vals = []
     for _, expr in ep.scalars:
-        v = _lambdify((STEP, LR), expr)(step.double(), lr.double())
+        v = _lambdify(ep.scalar_args, expr)(*args)
         vals.append(torch.as_tensor(v, dtype=torch.float64, device=step.device))
     if not vals:
         return torch.zeros(0, dtype=torch.float32, device=step.device)

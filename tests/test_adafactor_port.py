@@ -94,7 +94,7 @@ def test_captured_graph_equals_port_bitwise(shape):
     p, g = randn(0, *shape), randn(1, *shape)
     states = list(init_states(cu, p).values())
     step, lr = torch.tensor(3.0, dtype=scalar_dtype(p.dtype)), torch.tensor(0.02, dtype=torch.float64)
-    got_p, got_states, got_step = run_captured(cu, p, g, states, step, lr)
+    got_p, got_states, got_step = run_captured(cu, p, g, states, step, lr, hp)
     fn = adafactor_factored_update if len(shape) >= 2 else adafactor_unfactored_update
     ref = fn(p, g, *states, step, lr, **port_kwargs(hp))
     assert torch.equal(got_p, ref[0]) and torch.equal(got_step, ref[-1])

@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coap_compile.capture import (
+    LIVE,
     alternate_shape,
     canonical_shape,
     capture,
@@ -90,13 +91,14 @@ def eager_steps(cls, hp, p0, grads, lrs):
     return out
 
 
-def captured_steps(cu, p0, grads, lrs):
-    """The captured graph driven like an optimizer: fresh states, step = completed steps, 0-d lr."""
+def captured_steps(cu, p0, grads, lrs, hp):
+    """The captured graph driven like an optimizer: fresh states, step = completed steps, 0-d lr, the
+    live hyperparameters read from ``hp`` (with the class defaults for missing keys)."""
     sdt = scalar_dtype(cu.dtype)
     p, states, step = p0.clone(), list(init_states(cu, p0).values()), torch.zeros((), dtype=sdt)
     out = []
     for g, lr in zip(grads, lrs):
-        p, states, step = run_captured(cu, p, g, states, step, torch.tensor(lr, dtype=sdt))
+        p, states, step = run_captured(cu, p, g, states, step, torch.tensor(lr, dtype=sdt), hp)
         out.append((p, dict(zip(cu.state_names, states)), step))
     return out
 
@@ -107,7 +109,8 @@ def check_against_eager(cls, hp, shape, dtype, seed, n_steps=4):
     lrs = [float(x) for x in 10 ** torch.empty(n_steps, dtype=torch.float64).uniform_(-3, -1, generator=gen)]
     p0 = randn(seed, *shape, dtype=dtype)
     grads = [randn(seed + 1 + k, *shape, dtype=dtype) for k in range(n_steps)]
-    ref, got = eager_steps(cls, hp, p0, grads, lrs), captured_steps(cu, p0, grads, lrs)
+    full = {**cls([torch.zeros(1)], lr=0.1, **hp).defaults, **hp}
+    ref, got = eager_steps(cls, hp, p0, grads, lrs), captured_steps(cu, p0, grads, lrs, full)
     for k, ((p_ref, s_ref), (p_got, s_got, step)) in enumerate(zip(ref, got)):
         what = f"{cls.__name__} {hp} {shape} {dtype} step {k}"
         assert_rel_close(p_got, p_ref, TOL[dtype], f"{what}: param")
@@ -148,7 +151,7 @@ def test_graph_identical_when_traced_at_another_shape(cls, ndim):
     (The generic route runs this check itself while capturing, see ``NumelScaled`` below.)
     """
     cu = capture(cls, {"momentum": 0.9, "weight_decay": 0.1})
-    plan = ADAPTERS[cls].plan(dict(cu.hyperparams), torch.float32, ndim)
+    plan = ADAPTERS[cls].plan(dict(cu.hyperparams), torch.float32, ndim, cu.hypers)
     a = _trace(plan, canonical_shape(ndim), torch.float32, cu.optimizer)
     b = _trace(plan, alternate_shape(ndim), torch.float32, cu.optimizer)
     assert a.code == b.code
@@ -162,8 +165,17 @@ def test_graph_contract(cls):
     gm = cu.graph_module
     ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
     roles = [n.meta["role"] for n in ph]
-    assert roles == ["param", "grad"] + ["state"] * len(cu.state_names) + ["step", "lr"]
+    assert roles == ["param", "grad"] + ["state"] * len(cu.state_names) + ["step", "lr"] + ["hyper"] * len(
+        cu.hypers
+    )
     assert tuple(n.meta["state_name"] for n in ph if n.meta["role"] == "state") == cu.state_names
+    assert tuple(n.meta["hyper_name"] for n in ph if n.meta["role"] == "hyper") == tuple(
+        h.name for h in cu.hypers
+    )
+    assert cu.hypers, "every base here has at least one live hyperparameter"
+    for h in cu.hypers:  # a live value is never baked into the signature
+        v = dict(cu.hyperparams)[h.key]
+        assert (v if h.index is None else v[h.index]) == LIVE
     for node in gm.graph.nodes:
         assert "val" in node.meta or node.op == "output", node
         if node.op == "call_function":
@@ -194,16 +206,21 @@ def test_one_capture_per_signature():
         for call in calls:
             assert call() is first
     cu = first
-    for k in range(5):  # new step and lr values are inputs: no re-capture
+    for k in range(5):  # new step, lr and hyperparameter values are inputs: no re-capture
         run_captured(cu, torch.ones(4, 4), torch.ones(4, 4), [torch.zeros(4, 4)] * 2, torch.tensor(float(k)),
-                     torch.tensor(10.0 ** -k))  # fmt: skip
+                     torch.tensor(10.0 ** -k), {**group, "betas": (0.9 - 0.01 * k, 0.999)})  # fmt: skip
+    # Live hyperparameters (betas, eps, a nonzero weight decay) are not part of the signature.
+    for hp in ({"betas": (0.9, 0.99)}, {"eps": 1e-8 + 1e-22}, {"weight_decay": torch.tensor(0.05).item()},
+               {"weight_decay": 0.3, "betas": (0.5, 0.6), "eps": 1e-3}):  # fmt: skip
+        assert capture(torch.optim.AdamW, hp) is first
     assert capture_count() == base + 1
+    # Structural changes are: dtype, ndim, a flag, a zero weight decay (its term is dropped).
     capture(torch.optim.AdamW, {"weight_decay": 0.05}, dtype=torch.float64)
     capture(torch.optim.AdamW, {"weight_decay": 0.05}, ndim=1)
-    capture(torch.optim.AdamW, {"weight_decay": 0.05, "betas": (0.9, 0.99)})
-    capture(torch.optim.AdamW, {"weight_decay": 0.05, "eps": 1e-8 + 1e-22})  # full float precision is kept
-    capture(torch.optim.AdamW, {"weight_decay": torch.tensor(0.05).item()})  # float32-rounded 0.05
-    assert capture_count() == base + 6
+    capture(torch.optim.AdamW, {"weight_decay": 0.05, "amsgrad": True})
+    zero = capture(torch.optim.AdamW, {"weight_decay": 0.0})
+    assert "weight_decay" not in {h.name for h in zero.hypers}
+    assert capture_count() == base + 5
 
 
 @pytest.mark.parametrize("cls", [*ADAPTERS, torch.optim.Adagrad], ids=lambda c: c.__name__)
@@ -313,9 +330,19 @@ def test_op_inventory():
         gm = capture(cls, hp, ndim=ndim).graph_module
         return collections.Counter(n.target._opname for n in gm.graph.nodes if n.op == "call_function")
 
+    # β₂ is a live tensor, so torch's ``addcmul(value=1 - β₂)`` arrives as a host scalar and is rewritten
+    # to ``add(·, mul(mul(g, g), 1 − β₂))``; ``pow`` takes the tensor β and the step.
     assert set(ops(torch.optim.AdamW, {})) == {
-        "add", "mul", "rsub", "lerp", "addcmul", "pow", "div", "neg", "sqrt", "reciprocal", "addcdiv"
-    }  # fmt: skip
-    assert set(ops(torch.optim.SGD, {"momentum": 0.9})) == {"clamp", "mul", "add", "sub"}
+        "add",
+        "mul",
+        "rsub",
+        "lerp",
+        "pow",
+        "div",
+        "neg",
+        "sqrt",
+        "addcdiv",
+    }
+    assert set(ops(torch.optim.SGD, {"momentum": 0.9})) == {"clamp", "mul", "add", "sub", "rsub"}
     adafactor = ops(torch.optim.Adafactor, {})
     assert "mm" not in adafactor and "linalg_vector_norm" not in adafactor and adafactor["mean"] == 5

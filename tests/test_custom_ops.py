@@ -87,8 +87,14 @@ def test_dispatch(monkeypatch, transposed):
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "coap"])
 @pytest.mark.parametrize("op_backend", ["auto", pytest.param("triton", marks=needs_interpreter)])
-def test_torch_compile_matches_eager(compile_backend, op_backend):
+def test_torch_compile_matches_eager(compile_backend, op_backend, monkeypatch):
     import coap_compile.backend  # noqa: F401  (registers "coap")
+
+    # A kernel that fails falls back to the eager twin: make that an error and count the real launches,
+    # so the "triton" case cannot pass by comparing eager with eager.
+    launches = []
+    real = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda *a, **kw: (real(*a, **kw), launches.append(a[0])))
 
     def step(w, g, p, m, v, c):
         fused_op(w, g * 1.0, p, [m, v], c, EID, True, op_backend, "ieee")  # transposed ("left") weight
@@ -101,9 +107,12 @@ def test_torch_compile_matches_eager(compile_backend, op_backend):
     for t in (1.0, 2.0):
         c = evaluate_scalars(EP, torch.tensor(t), torch.tensor(1e-2))
         w, states = expected(w, g, p, states, c, transposed=True)
-        total = compiled(w_c, g, p, *st_c, c)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="coap_compile: falling back")
+            total = compiled(w_c, g, p, *st_c, c)
         assert_same(w_c, st_c, w, states)
         assert torch.allclose(total, w_c.sum())
+    assert len(launches) == (4 if op_backend == "triton" else 0)  # K1 + K2 per call
 
 
 def test_project_back_under_compile():

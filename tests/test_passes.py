@@ -8,6 +8,7 @@ import torch
 from helpers import WeightAveragingSGD, randn
 
 from coap_compile import UnsupportedOptimizerError
+from coap_compile.capture import hyper_values
 from coap_compile.compiler import compile_base
 from coap_compile.ir import evaluate_epilogue, evaluate_scalars
 from coap_compile.passes.base import CompilationUnit, Pass, PassError, PassManager, PassResult
@@ -53,7 +54,8 @@ def test_state_kinds_and_projection_points():
     assert adamw.decomposition.x_expr == GRAD
     assert adamw.first_moment == "exp_avg"
     l2 = compile_base(*_args("adam_l2")).program
-    assert sympy.simplify(l2.decomposition.x_expr - (GRAD + 0.1 * PARAM)) == 0  # L2: project g + wd·p
+    wd = sympy.Symbol("weight_decay")  # a live input: a symbol, not the constant 0.1
+    assert sympy.simplify(l2.decomposition.x_expr - (GRAD + wd * PARAM)) == 0  # L2: project g + wd·p
     assert l2.prologue is not None
     sgd = compile_base(*_args("sgd")).program
     assert sgd.state_kinds == {"momentum_buffer": "first_moment"}  # first-step branch became a blend
@@ -73,15 +75,17 @@ def _args(name):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_epilogue_matches_lowrank_graph(name, seed):
     """The kernel epilogue (hoisted scalars + CSE body) computes what the eager low-rank graph does."""
-    prog = compile_base(*_args(name)).program
+    compiled = compile_base(*_args(name))
+    prog = compiled.program
     ep = prog.epilogue
     assert ep is not None
+    hv = hyper_values(compiled.captured, _args(name)[1])
     x = randn(seed, 9, 4)
     states = [randn(seed + 1, 9, 4).abs() for _ in prog.state_names]
     for k in (0.0, 5.0):
         step, lr = torch.tensor(k, dtype=torch.float64), torch.tensor(0.01, dtype=torch.float64)
-        decay, delta, *rest = prog.lowrank(torch.zeros(9, 4), x, *states, step, lr)
-        c = evaluate_scalars(ep, step + 1, lr)
+        decay, delta, *rest = prog.lowrank(torch.zeros(9, 4), x, *states, step, lr, *hv)
+        c = evaluate_scalars(ep, step + 1, lr, hv)
         new_states, d = evaluate_epilogue(ep, x, states, c)
         torch.testing.assert_close(d, delta, rtol=1e-5, atol=1e-7)
         for got, want in zip(new_states, rest[:-1]):
@@ -100,8 +104,22 @@ def test_epilogue_matches_lowrank_graph(name, seed):
 
 
 def test_adamw_epilogue_is_three_lines():
+    """m', v', D; the scalars are functions of the live β₁, β₂, ε, λ (never their values)."""
     ep = compile_base(*_args("adamw")).program.epilogue
-    assert len(ep.body) == 3 and len(ep.scalars) == 3  # m', v', D; c = eps·√bc2, lr·√bc2/bc1, 1 − lr·wd
+    assert len(ep.body) == 3 and ep.hypers == ("beta1", "beta2", "eps", "weight_decay")
+    b1, b2, eps, wd, t, lr = sympy.symbols("beta1 beta2 eps weight_decay step lr")
+    want = [
+        1 - b1,
+        b2,
+        1 - b2,
+        -eps * sympy.sqrt(1 - b2**t),
+        lr * sympy.sqrt(1 - b2**t) / (1 - b1**t),
+        1 - lr * wd,
+    ]
+    assert len(ep.scalars) == len(want)
+    for (_, got), w in zip(ep.scalars, want):
+        assert sympy.simplify(got - w) == 0, (got, w)
+    assert all(not e.atoms(sympy.Float) for _, e in ep.scalars)  # no baked hyperparameter value
 
 
 def test_unsupported_optimizer_names_the_node():
@@ -156,7 +174,10 @@ def test_one_compile_per_signature():
         compile_base(*_args("adamw"))
     assert compile_count() == before
     cls, kw = BASES["adamw"]
-    compile_base(
-        cls, _hyper(cls, {**kw, "betas": (0.8, 0.99)}), torch.float32
-    )  # new constants: new signature
-    assert compile_count() == before + 1
+    for betas, eps, wd in [((0.8, 0.99), 1e-6, 0.3), ((0.5, 0.5), 1e-3, 1.0)]:  # live values: same program
+        hp = _hyper(cls, {**kw, "betas": betas, "eps": eps, "weight_decay": wd})
+        assert compile_base(cls, hp, torch.float32) is compile_base(*_args("adamw"))
+    assert compile_count() == before
+    compile_base(cls, _hyper(cls, {**kw, "amsgrad": True}), torch.float32)  # structural: new signature
+    compile_base(cls, _hyper(cls, {**kw, "weight_decay": 0.0}), torch.float32)  # zero decay: gated
+    assert compile_count() == before + 2

@@ -248,7 +248,8 @@ def test_param_groups_and_per_group_hyperparameters():
     b0 = b.detach().clone()
     opt.step()
     assert torch.equal(b.detach(), b0)  # lr 0 in group 1
-    assert len(opt._programs) == 2  # betas differ: two signatures
+    # betas differ between the groups, but they are live inputs: one signature, one compiled program
+    assert len(opt._programs) == 2 and opt._programs[(0, torch.float32)] is opt._programs[(1, torch.float32)]
 
 
 def test_explain_shows_the_derived_update_and_plan():
@@ -261,7 +262,10 @@ def test_explain_shows_the_derived_update_and_plan():
         "exp_avg' = ",
         "[first_moment]",
         "D = ",
-        "W <- (1 - 0.01*lr) * W",
+        "W <- (-lr*weight_decay + 1) * W",
+        "live inputs (read from param_groups at every step): lr=0.001, beta1=betas[0]=0.9, "
+        "beta2=betas[1]=0.999, eps=1e-08, weight_decay=0.01",
+        "structural (the signature; a change re-compiles once): amsgrad=False",
         "memory plan",
         "saved",
     ):

@@ -3,6 +3,7 @@
 See :mod:`coap_compile.capture.trace` for the graph contract.
 """
 
+from coap_compile.capture.adapter_base import LIVE, HyperInput
 from coap_compile.capture.adapters import check_signatures
 from coap_compile.capture.trace import (
     CapturedUpdate,
@@ -11,19 +12,23 @@ from coap_compile.capture.trace import (
     capture,
     capture_count,
     clear_capture_cache,
+    hyper_values,
     init_states,
     run_captured,
     scalar_dtype,
 )
 
 __all__ = [
+    "LIVE",
     "CapturedUpdate",
+    "HyperInput",
     "alternate_shape",
     "canonical_shape",
     "capture",
     "capture_count",
     "check_signatures",
     "clear_capture_cache",
+    "hyper_values",
     "init_states",
     "run_captured",
     "scalar_dtype",

@@ -6,8 +6,9 @@ cannot capture it. This module computes the same update with 0-d tensor arithmet
 any shape-dependent constant (no ``numel()``, no sizes), so one traced graph serves every shape.
 
 For a parameter ``W`` with gradient ``G`` (``G ← −G`` when ``maximize``), the number of completed steps
-``k`` (so this update is step ``t = k + 1``), learning rate ``lr`` and constants ``d``, ``c = beta2_decay``,
-``λ = weight_decay``, ``ε₁`` (``None`` → ``finfo(dtype).eps``), ``ε₂``::
+``k`` (so this update is step ``t = k + 1``), learning rate ``lr`` and hyperparameters ``d``,
+``c = beta2_decay``, ``λ = weight_decay``, ``ε₁`` (``None`` → ``finfo(dtype).eps``), ``ε₂`` (each a
+Python constant or a live 0-d tensor; a constant zero λ skips the decay)::
 
     β̂_t   = t^c                                   (the weight 1 − β₂,t of the second-moment EMA)
     ρ_t   = min(lr, 1/√t)
@@ -37,9 +38,19 @@ from torch import Tensor
 __all__ = ["adafactor_factored_update", "adafactor_unfactored_update", "resolve_eps1"]
 
 
-def resolve_eps1(eps1: float | None, dtype: torch.dtype) -> float:
+Num = float | Tensor  # a Python constant or a live 0-d tensor hyperparameter
+
+
+def resolve_eps1(eps1: Num | None, dtype: torch.dtype) -> Num:
     """torch's rule: ``eps1=None`` means the machine epsilon of the parameter dtype."""
-    return float(torch.finfo(dtype).eps) if eps1 is None else float(eps1)
+    if eps1 is None:
+        return float(torch.finfo(dtype).eps)
+    return eps1 if isinstance(eps1, Tensor) else float(eps1)
+
+
+def _is_zero(v: Num) -> bool:
+    """A constant zero (a live tensor is never treated as zero: zero-ness is structural)."""
+    return not isinstance(v, Tensor) and float(v) == 0.0
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -53,9 +64,9 @@ def _prologue(
     step: Tensor,
     lr: Tensor,
     *,
-    beta2_decay: float,
-    weight_decay: float,
-    eps2: float,
+    beta2_decay: Num,
+    weight_decay: Num,
+    eps2: Num,
     maximize: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Shared part: returns ``(g, W after weight decay, t, β̂_t, α_t)``; the last three are 0-d."""
@@ -64,12 +75,12 @@ def _prologue(
     beta_hat = t.pow(beta2_decay)  # 0-d, used directly as lerp's weight (like torch's Python float)
     rho = torch.minimum(lr, t.rsqrt())
     alpha = _rms(param).clamp(min=eps2) * rho
-    if weight_decay != 0:
+    if not _is_zero(weight_decay):
         param = param * (1 - lr * weight_decay)
     return g, param, t, beta_hat, alpha
 
 
-def _apply(param: Tensor, g: Tensor, var_estimate: Tensor, alpha: Tensor, *, d: float, eps1: float) -> Tensor:
+def _apply(param: Tensor, g: Tensor, var_estimate: Tensor, alpha: Tensor, *, d: Num, eps1: Num) -> Tensor:
     """``W − U · α / max(1, RMS(U)/d)`` with ``U = rsqrt(max(V̂, ε₁²)) · g``."""
     update = var_estimate.clamp(min=eps1 * eps1).rsqrt() * g
     denom = (_rms(update) / d).clamp(min=1.0)
@@ -84,11 +95,11 @@ def adafactor_factored_update(
     step: Tensor,
     lr: Tensor,
     *,
-    d: float,
-    beta2_decay: float,
-    weight_decay: float,
-    eps1: float | None,
-    eps2: float,
+    d: Num,
+    beta2_decay: Num,
+    weight_decay: Num,
+    eps1: Num | None,
+    eps2: Num,
     maximize: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One Adafactor step for a parameter with ``ndim ≥ 2`` (factored second moment).
@@ -126,11 +137,11 @@ def adafactor_unfactored_update(
     step: Tensor,
     lr: Tensor,
     *,
-    d: float,
-    beta2_decay: float,
-    weight_decay: float,
-    eps1: float | None,
-    eps2: float,
+    d: Num,
+    beta2_decay: Num,
+    weight_decay: Num,
+    eps1: Num | None,
+    eps2: Num,
     maximize: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One Adafactor step for a parameter with ``ndim ≤ 1`` (full second moment, shaped like ``param``).

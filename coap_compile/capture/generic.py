@@ -14,6 +14,13 @@
    ``differentiable=False`` are forced when the class has them, and ``torch.compiler.is_compiling`` is
    patched so that torch's capturable / ``_get_value`` paths keep the step a tensor.
 3. **Shape check.** The graph is traced at two shapes and must be identical (see ``trace._build``).
+4. **Live hyperparameters.** Every float-valued entry (and float element of a tuple entry, such as
+   ``betas[0]``) is a candidate live input: the traced ``step()`` reads it as a 0-d tensor from
+   ``group``. A class may branch on a value in Python (``if weight_decay != 0``), which a traced
+   tensor cannot answer; such a candidate is *baked* instead: its value becomes part of the
+   signature, so changing it re-captures (still correct, never stale, but not free). The live set is
+   decided once per class and structure: all candidates if that traces, else those that trace when
+   added one at a time; :func:`coap_compile.explain` lists both.
 """
 
 from __future__ import annotations
@@ -28,17 +35,34 @@ import torch
 from torch import Tensor
 
 from coap_compile.capture.adapter_base import (
+    LIVE,
     NON_MATH_KEYS,
     Adapter,
+    HyperInput,
     UpdateFn,
     UpdatePlan,
     canonical_shape,
     class_defaults,
+    is_float_value,
+    mark_live,
     normalize_value,
 )
 from coap_compile.errors import UnsupportedOptimizerError
 
 __all__ = ["GenericAdapter"]
+
+
+def _ident(key: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in key) or "h"
+
+
+def _live_float(v: Any) -> bool:
+    return is_float_value(v) and not isinstance(v, Tensor)
+
+
+def _has_live(v: Any) -> bool:
+    return v == LIVE if not isinstance(v, tuple) else any(x == LIVE for x in v)
+
 
 _FORCED_FLAGS = {"foreach": False, "capturable": True, "differentiable": False, "fused": False}
 
@@ -76,7 +100,15 @@ class GenericAdapter(Adapter):
 
     def __init__(self, cls: type[torch.optim.Optimizer]):
         self.cls = cls
-        self.math_keys = frozenset(class_defaults(cls)) - NON_MATH_KEYS
+        self._defaults: dict[str, Any] | None = None
+        self._live_sets: dict[tuple, tuple[HyperInput, ...]] = {}
+
+    def _class_defaults(self, hyperparams: Mapping[str, Any]) -> dict[str, Any]:
+        return class_defaults(self.cls, hyperparams)
+
+    @property
+    def math_keys(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset(self._defaults or class_defaults(self.cls)) - NON_MATH_KEYS
 
     def check_signature(self) -> None:
         params = inspect.signature(self.cls.step).parameters
@@ -87,24 +119,69 @@ class GenericAdapter(Adapter):
             )
 
     def normalize(self, hyperparams: Mapping[str, Any]) -> dict[str, Any]:
-        defaults = class_defaults(self.cls)
+        defaults = self._defaults = self._class_defaults(hyperparams)
         out = {}
-        for k in sorted(self.math_keys):
+        for k in sorted(frozenset(defaults) - NON_MATH_KEYS):
             v = hyperparams.get(k, defaults[k])
             out[k] = v if isinstance(v, int) and not isinstance(v, bool) else normalize_value(v)
         return out
 
-    def _ctor_kwargs(self, hp: Mapping[str, Any]) -> dict[str, Any]:
-        defaults = class_defaults(self.cls)
-        return {**hp, **{k: v for k, v in _FORCED_FLAGS.items() if k in defaults}}
+    def _candidates(self, hp: Mapping[str, Any]) -> tuple[HyperInput, ...]:
+        """Float entries and float tuple elements, named ``key`` / ``key_i`` (identifier-safe)."""
+        out = []
+        for k, v in hp.items():
+            if isinstance(v, tuple):
+                out += [HyperInput(f"{_ident(k)}_{i}", k, i) for i, x in enumerate(v) if _live_float(x)]
+            elif _live_float(v):
+                out.append(HyperInput(_ident(k), k))
+        return tuple(out)
 
-    def _discover(self, hp: Mapping[str, Any], dtype: torch.dtype, ndim: int, lr: float) -> tuple[dict, dict]:
+    def structure(self, hp: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[HyperInput, ...]]:
+        cands = self._candidates(hp)
+        zero = tuple(float(h.read(hp)) == 0.0 for h in cands)
+        key = (tuple(sorted(mark_live(hp, cands).items())), zero)
+        live = self._live_sets.get(key)
+        if live is None:
+            live = self._live_sets[key] = self._choose_live(hp, cands)
+        return mark_live(hp, live), live
+
+    def _choose_live(self, hp: Mapping[str, Any], cands: tuple[HyperInput, ...]) -> tuple[HyperInput, ...]:
+        """All candidates if ``step()`` traces with them as tensors, else a greedy subset (docstring)."""
+        from coap_compile.capture.trace import probe_trace  # circular: trace imports this module
+
+        def traces(live: tuple[HyperInput, ...]) -> bool:
+            try:
+                probe_trace(self, mark_live(hp, live), live, hp)
+            except UnsupportedOptimizerError:
+                return False
+            return True
+
+        cands = tuple(h for h in cands if float(h.read(hp)) != 0.0)  # zeros stay baked (branches)
+        if not cands or traces(cands):
+            return cands
+        chosen: tuple[HyperInput, ...] = ()
+        for h in cands:
+            if traces((*chosen, h)):
+                chosen = (*chosen, h)
+        return chosen
+
+    def _ctor_kwargs(self, hp: Mapping[str, Any], values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Constructor arguments: ``hp`` with live markers replaced by ``values`` (the capture-time
+        numbers; the traced step overwrites them with tensors) and the forced flags."""
+        defaults = self._defaults or class_defaults(self.cls)
+        src = values if values is not None else hp
+        kw = {k: (src[k] if _has_live(v) else v) for k, v in hp.items()}
+        return {**kw, **{k: v for k, v in _FORCED_FLAGS.items() if k in defaults}}
+
+    def _discover(
+        self, ctor: Mapping[str, Any], dtype: torch.dtype, ndim: int, lr: float
+    ) -> tuple[dict, dict]:
         """One real step; returns ``(first values, final state)`` of the dummy parameter."""
         shape = canonical_shape(ndim)
         gen = torch.Generator().manual_seed(0)
         p = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
         try:
-            opt = self.cls([p], lr=lr, **self._ctor_kwargs(hp))
+            opt = self.cls([p], **{**ctor, "lr": lr})
             recorded: defaultdict[Tensor, _FirstValues] = defaultdict(_FirstValues)
             for q, st in opt.state.items():
                 for k, v in st.items():
@@ -156,12 +233,13 @@ class GenericAdapter(Adapter):
             fills[key] = float(flat[0].item()) if flat.numel() else 0.0
         return tuple(names), fills
 
-    def plan(self, hp: Mapping[str, Any], dtype: torch.dtype, ndim: int) -> UpdatePlan:
+    def plan(self, hp, dtype, ndim, live=(), values: Mapping[str, Any] | None = None) -> UpdatePlan:
         self.check_signature()
         like = torch.zeros(canonical_shape(ndim), dtype=dtype)
-        first, final = self._discover(hp, dtype, ndim, lr=1e-2)
+        ctor = self._ctor_kwargs(hp, values)
+        first, final = self._discover(ctor, dtype, ndim, lr=1e-2)
         names, fills = self._state_layout(first, final, like)
-        first2, final2 = self._discover(hp, dtype, ndim, lr=3e-2)
+        first2, final2 = self._discover(ctor, dtype, ndim, lr=3e-2)
         names2, fills2 = self._state_layout(first2, final2, like)
         if names2 != names:
             raise UnsupportedOptimizerError(self.optimizer, f"state keys depend on lr ({names} vs {names2})")
@@ -172,22 +250,38 @@ class GenericAdapter(Adapter):
                     f"the initial value of state {k!r} depends on lr ({fills[k]} vs {fills2[k]})",
                 )
         has_step = "step" in final
-        update = self._update_fn(hp, dtype, names, has_step)
+        update = self._update_fn(ctor, dtype, names, has_step, live)
 
         def init(like: Tensor) -> dict[str, Tensor]:
             return {k: torch.full_like(like, fills[k], memory_format=torch.preserve_format) for k in names}
 
-        return UpdatePlan(names, update, init, patch_compiling=True, verify_shape_generic=True)
+        return UpdatePlan(
+            names, update, init, patch_compiling=True, verify_shape_generic=True, hypers=tuple(live)
+        )
 
     def _update_fn(
-        self, hp: Mapping[str, Any], dtype: torch.dtype, names: tuple[str, ...], has_step: bool
+        self,
+        ctor: Mapping[str, Any],
+        dtype: torch.dtype,
+        names: tuple[str, ...],
+        has_step: bool,
+        live: tuple[HyperInput, ...],
     ) -> UpdateFn:
-        """``update(p, g, *states, step, lr)`` running ``step()`` of a pre-built one-parameter instance."""
-        opt = self.cls([torch.zeros(2, dtype=dtype)], lr=1e-2, **self._ctor_kwargs(hp))
+        """``update(p, g, *states, step, lr, *hypers)`` running ``step()`` of a pre-built one-parameter
+        instance whose group entries of the live hyperparameters are set to the input tensors."""
+        opt = self.cls([torch.zeros(2, dtype=dtype)], **{**ctor, "lr": 1e-2})
         group = opt.param_groups[0]
+        n = len(names)
 
         def update(p: Tensor, g: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
-            *states, step, lr = rest
+            states, (step, lr), hv = rest[:n], rest[n : n + 2], rest[n + 2 :]
+            for h, v in zip(live, hv):
+                if h.index is None:
+                    group[h.key] = v
+                else:
+                    entry = list(group[h.key])
+                    entry[h.index] = v
+                    group[h.key] = tuple(entry)
             group["params"] = [p]
             group["lr"] = lr
             opt.state = defaultdict(dict)

@@ -16,6 +16,9 @@ its tail ``copy_(placeholder, new)`` write-backs are redundant. Steps:
 
   any other use raises :class:`UnsupportedOptimizerError` naming the node;
 * replace ``copy(a, b)`` by ``b`` when both have the same shape and dtype (functionalized ``a.copy_(b)``);
+* drop casts of 0-d values computed from ``step``/``lr``/hyperparameters only (torch moves a tensor
+  β₁ to the parameter's dtype): the scalar prologue stays in float64, as torch's eager arithmetic on
+  Python floats does, and as the derived form computes it;
 * verify: only non-mutating aten ops (and ``getitem``) remain.
 """
 
@@ -34,6 +37,7 @@ __all__ = ["clean_functional_graph"]
 aten = torch.ops.aten
 
 _MUTABLE_ROLES = frozenset({"param", "state", "step"})
+_SCALAR_ROLES = frozenset({"step", "lr", "hyper"})
 _ALPHA_OPS = frozenset({aten.add.Tensor, aten.sub.Tensor})
 _VALUE_OPS = {aten.addcmul.default: aten.mul.Tensor, aten.addcdiv.default: aten.div.Tensor}
 _BINARY = {
@@ -135,6 +139,25 @@ def _drop_identity_copies(graph: Graph) -> None:
                 graph.erase_node(node)
 
 
+def _drop_scalar_casts(graph: Graph, roles: Sequence[str]) -> None:
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    scalar_only = {p for p, r in zip(placeholders, roles) if r in _SCALAR_ROLES}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        ins = node.all_input_nodes
+        val = node.meta.get("val")
+        if ins and all(i in scalar_only for i in ins) and isinstance(val, torch.Tensor) and val.dim() == 0:
+            scalar_only.add(node)
+            if node.target is aten._to_copy.default and set(node.kwargs) <= {
+                "dtype",
+                "device",
+                "non_blocking",
+            }:
+                node.replace_all_uses_with(node.args[0])
+    graph.eliminate_dead_code()
+
+
 def _verify(graph: Graph, name: str) -> None:
     for node in graph.nodes:
         if node.op in ("call_module", "call_method", "get_attr"):
@@ -161,6 +184,7 @@ def clean_functional_graph(gm: GraphModule, roles: Sequence[str], name: str) -> 
     _drop_writebacks(graph, roles, name)
     _inline_host_scalars(graph, name)
     _drop_identity_copies(graph)
+    _drop_scalar_casts(graph, roles)
     graph.eliminate_dead_code()
     _verify(graph, name)
     graph.lint()

@@ -11,15 +11,17 @@ at a small canonical shape with distinct dims (5×3 for 2-D), then cleaned:
 4. anything still mutable or not an aten op raises :class:`UnsupportedOptimizerError`;
 5. the graph is re-traced (fresh ``meta["val"]``) and its placeholders are renamed and tagged.
 
-Graph contract: placeholders ``(param, grad, *states, step, lr)`` with ``meta["role"]`` in
-``{"param", "grad", "state", "step", "lr"}`` (plus ``meta["state_name"]``); ``step`` is the number of
-completed steps (0 on the first update) and ``lr`` a 0-d tensor, both float64 (:func:`scalar_dtype`);
-the output is the tuple ``(new_param, *new_states, step + 1)``.
+Graph contract: placeholders ``(param, grad, *states, step, lr, *hypers)`` with ``meta["role"]`` in
+``{"param", "grad", "state", "step", "lr", "hyper"}`` (plus ``meta["state_name"]`` /
+``meta["hyper_name"]``); ``step`` is the number of completed steps (0 on the first update), ``lr`` and
+each live hyperparameter (β₁, ε, …, see :mod:`.adapter_base`) a 0-d tensor, all float64
+(:func:`scalar_dtype`); the output is the tuple ``(new_param, *new_states, step + 1)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import traceback
@@ -33,7 +35,14 @@ from torch import Tensor
 from torch.func import functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from coap_compile.capture.adapter_base import Adapter, UpdatePlan, alternate_shape, canonical_shape
+from coap_compile.capture.adapter_base import (
+    Adapter,
+    HyperInput,
+    UpdatePlan,
+    alternate_shape,
+    canonical_shape,
+    is_float_value,
+)
 from coap_compile.capture.adapters import ADAPTERS
 from coap_compile.capture.generic import GenericAdapter
 from coap_compile.capture.graph_clean import clean_functional_graph
@@ -47,10 +56,15 @@ __all__ = [
     "capture",
     "capture_count",
     "clear_capture_cache",
+    "hyper_values",
     "init_states",
+    "probe_trace",
     "run_captured",
     "scalar_dtype",
 ]
+
+#: Placeholder names the graph contract reserves (a state or hyperparameter may not use them).
+RESERVED_NAMES = frozenset({"param", "grad", "step", "lr", "x", "k", "g", "t", "D"})
 
 
 @dataclass(frozen=True)
@@ -62,8 +76,10 @@ class CapturedUpdate:
         graph_module: ``(param, grad, *states, step, lr) -> (new_param, *new_states, step + 1)``; no
             in-place ops, no write-back tail, ``meta["val"]`` on every node, roles on placeholders.
         state_names: the base optimizer's state keys in placeholder order (``step`` excluded).
-        hyperparams: the normalized math hyperparameters baked into the graph, sorted by name.
+        hyperparams: the structural signature, sorted by name: the normalized math hyperparameters
+            with every live value replaced by ``LIVE`` (what is baked into the graph is the rest).
         dtype, ndim: the parameter dtype and rank the graph was captured for (any sizes).
+        hypers: the live inputs, in placeholder order (read from the param group at every step).
     """
 
     optimizer: str
@@ -72,6 +88,7 @@ class CapturedUpdate:
     hyperparams: tuple[tuple[str, object], ...]
     dtype: torch.dtype
     ndim: int
+    hypers: tuple[HyperInput, ...] = ()
 
 
 def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,8 +104,13 @@ def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def adapter_for(cls: type[torch.optim.Optimizer]) -> Adapter:
-    """The known adapter for exactly ``cls``, else the generic ``step()`` tracer."""
-    return ADAPTERS.get(cls) or GenericAdapter(cls)
+    """The known adapter for exactly ``cls``, else the generic ``step()`` tracer (one per class)."""
+    return ADAPTERS.get(cls) or _generic(cls)
+
+
+@functools.cache
+def _generic(cls: type[torch.optim.Optimizer]) -> GenericAdapter:
+    return GenericAdapter(cls)
 
 
 # ---------------------------------------------------------------------------------------------- tracing
@@ -104,6 +126,7 @@ def _example_inputs(plan: UpdatePlan, shape: tuple[int, ...], dtype: torch.dtype
         *(states[n] for n in plan.state_names),
         torch.zeros((), dtype=sdt),
         torch.full((), 1e-3, dtype=sdt),
+        *(torch.full((), 0.5, dtype=sdt) for _ in plan.hypers),  # values are irrelevant (fake tracing)
     )
 
 
@@ -130,13 +153,19 @@ def _failure_reason(exc: BaseException) -> str:
 def _trace(plan: UpdatePlan, shape: tuple[int, ...], dtype: torch.dtype, name: str) -> torch.fx.GraphModule:
     """Trace, clean and re-trace ``plan.update`` at ``shape``; returns the contract graph."""
     example = _example_inputs(plan, shape, dtype)
-    n_out = 1 + len(plan.state_names)
+    ns = len(plan.state_names)
+    clash = (set(plan.state_names) | {h.name for h in plan.hypers}) & RESERVED_NAMES
+    names = [*plan.state_names, *(h.name for h in plan.hypers)]
+    if clash or len(set(names)) != len(names):
+        raise UnsupportedOptimizerError(
+            name, f"state/hyperparameter names {names} clash with each other or with {sorted(RESERVED_NAMES)}"
+        )
 
     def update(*args: Tensor) -> tuple[Tensor, ...]:
         # New values are stored in their input's dtype, as torch's in-place updates do (this only
         # adds a cast when all operands are 0-d, where float64 step/lr would otherwise promote).
         out = plan.update(*args)
-        refs = (*args[:1], *args[2 : 1 + n_out], args[-2])
+        refs = (args[0], *args[2 : 2 + ns], args[2 + ns])
         return tuple(o.to(r.dtype) if isinstance(o, Tensor) else o for o, r in zip(out, refs))
 
     fn = functionalize(lambda *a: update(*a), remove="mutations_and_views")
@@ -152,18 +181,22 @@ def _trace(plan: UpdatePlan, shape: tuple[int, ...], dtype: torch.dtype, name: s
         raise
     except Exception as exc:
         raise UnsupportedOptimizerError(name, _failure_reason(exc)) from exc
-    roles = ["param", "grad"] + ["state"] * len(plan.state_names) + ["step", "lr"]
+    roles = ["param", "grad"] + ["state"] * ns + ["step", "lr"] + ["hyper"] * len(plan.hypers)
     clean_functional_graph(raw, roles, name)
     fresh = make_fx(raw, tracing_mode="fake")(*example)
-    return _tag(fresh, plan.state_names, example, name)
+    return _tag(fresh, plan.state_names, tuple(h.name for h in plan.hypers), example, name)
 
 
 def _tag(
-    gm: torch.fx.GraphModule, state_names: tuple[str, ...], example: tuple[Tensor, ...], name: str
+    gm: torch.fx.GraphModule,
+    state_names: tuple[str, ...],
+    hyper_names: tuple[str, ...],
+    example: tuple[Tensor, ...],
+    name: str,
 ) -> torch.fx.GraphModule:
     """Copy ``gm`` with named placeholders carrying ``meta["role"]``; check the output signature."""
-    names = ["param", "grad", *state_names, "step", "lr"]
-    roles = ["param", "grad"] + ["state"] * len(state_names) + ["step", "lr"]
+    names = ["param", "grad", *state_names, "step", "lr", *hyper_names]
+    roles = ["param", "grad"] + ["state"] * len(state_names) + ["step", "lr"] + ["hyper"] * len(hyper_names)
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -172,13 +205,15 @@ def _tag(
         new.meta = dict(node.meta, role=roles[i])
         if roles[i] == "state":
             new.meta["state_name"] = names[i]
+        if roles[i] == "hyper":
+            new.meta["hyper_name"] = names[i]
         env[node] = new
     for node in gm.graph.nodes:
         if node.op != "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])
     out = graph.find_nodes(op="output")[0]
     flat = out.args[0]
-    expect = [0, *range(2, 2 + len(state_names)), len(names) - 2]  # param, states, step
+    expect = [0, *range(2, 2 + len(state_names)), 2 + len(state_names)]  # param, states, step
     if not isinstance(flat, list | tuple) or len(flat) != len(expect):
         raise UnsupportedOptimizerError(name, f"update returned {flat!r}, expected {len(expect)} tensors")
     for node, i in zip(flat, expect):
@@ -199,9 +234,24 @@ def _first_difference(a: str, b: str) -> str:
     return "graphs differ in length"
 
 
-def _build(adapter: Adapter, hp: dict[str, Any], dtype: torch.dtype, ndim: int) -> CapturedUpdate:
+def _plan(adapter: Adapter, struct, live, values, dtype, ndim) -> UpdatePlan:
+    if isinstance(adapter, GenericAdapter):
+        return adapter.plan(struct, dtype, ndim, live, values=values)
+    return adapter.plan(struct, dtype, ndim, live)
+
+
+def probe_trace(adapter: Adapter, struct: dict, live: tuple[HyperInput, ...], values: dict) -> None:
+    """Trace once at the canonical 2-D float32 shape (raises :class:`UnsupportedOptimizerError`); used
+    by the generic route to find which hyperparameters can be live."""
+    plan = _plan(adapter, struct, live, values, torch.float32, 2)
+    _trace(plan, canonical_shape(2), torch.float32, adapter.optimizer)
+
+
+def _build(
+    adapter: Adapter, struct: dict, live: tuple[HyperInput, ...], values: dict, dtype: torch.dtype, ndim: int
+) -> CapturedUpdate:
     name = adapter.optimizer
-    plan = adapter.plan(hp, dtype, ndim)
+    plan = _plan(adapter, struct, live, values, dtype, ndim)
     gm = _trace(plan, canonical_shape(ndim), dtype, name)
     if plan.verify_shape_generic and ndim > 0:
         alt = _trace(plan, alternate_shape(ndim), dtype, name)
@@ -213,7 +263,7 @@ def _build(adapter: Adapter, hp: dict[str, Any], dtype: torch.dtype, ndim: int) 
                 f"{_first_difference(gm.code, alt.code)})",
             )
     gm.meta["coap_init_states"] = plan.init
-    return CapturedUpdate(name, gm, plan.state_names, tuple(sorted(hp.items())), dtype, ndim)
+    return CapturedUpdate(name, gm, plan.state_names, tuple(sorted(struct.items())), dtype, ndim, live)
 
 
 # ------------------------------------------------------------------------------------------- public API
@@ -234,8 +284,9 @@ def capture(
 
     ``hyperparams`` is a param-group-like mapping: ``lr`` and non-math flags (foreach, fused,
     capturable, differentiable, …) are ignored, keys the class does not define are ignored, and
-    missing keys take the class's ``defaults``. One trace per (class, normalized hyperparameters,
-    dtype, ndim); ``step`` and ``lr`` are graph inputs, so changing them never re-captures.
+    missing keys take the class's ``defaults``. One trace per (class, structural signature, dtype,
+    ndim); ``step``, ``lr`` and the live hyperparameters are graph inputs, so changing them never
+    re-captures.
     """
     global _COUNT
     cls = base if isinstance(base, type) else type(base)
@@ -243,12 +294,13 @@ def capture(
         raise TypeError(f"expected a torch.optim.Optimizer class or instance, got {base!r}")
     canonical_shape(ndim)  # validates ndim
     adapter = adapter_for(cls)
-    hp = adapter.normalize(hyperparams)
-    key = (cls, tuple(sorted(hp.items())), dtype, ndim)
     with _LOCK:
+        hp = adapter.normalize(hyperparams)
+        struct, live = adapter.structure(hp)
+        key = (cls, tuple(sorted(struct.items())), dtype, ndim)
         hit = _CACHE.get(key)
         if hit is None:
-            hit = _build(adapter, hp, dtype, ndim)
+            hit = _build(adapter, struct, live, hp, dtype, ndim)
             _CACHE[key] = hit
             _COUNT += 1
         return hit
@@ -278,6 +330,20 @@ def init_states(captured: CapturedUpdate, like: Tensor) -> dict[str, Tensor]:
     return {n: states[n] for n in captured.state_names}
 
 
+def hyper_values(
+    captured: CapturedUpdate, group: Mapping[str, Any], device: torch.device | str = "cpu"
+) -> list[Tensor]:
+    """The live hyperparameters of ``group`` as 0-d float64 tensors, in placeholder order."""
+    out = []
+    for h in captured.hypers:
+        v = h.read(group)
+        if not is_float_value(v):
+            raise TypeError(f"hyperparameter {h.where} of {captured.optimizer} must be a number, got {v!r}")
+        t = v.detach().reshape(()) if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64)
+        out.append(t.to(device=device, dtype=torch.float64))
+    return out
+
+
 def run_captured(
     captured: CapturedUpdate,
     param: Tensor,
@@ -285,9 +351,20 @@ def run_captured(
     states: Sequence[Tensor],
     step: Tensor,
     lr: Tensor,
+    hypers: Sequence[Tensor] | Mapping[str, Any] = (),
 ) -> tuple[Tensor, list[Tensor], Tensor]:
-    """Execute the graph: returns ``(new_param, new_states, new_step)``; inputs are not modified."""
+    """Execute the graph: returns ``(new_param, new_states, new_step)``; inputs are not modified.
+
+    ``hypers``: the live hyperparameters as 0-d tensors in placeholder order, or a param-group-like
+    mapping to read them from (see :func:`hyper_values`).
+    """
     if len(states) != len(captured.state_names):
         raise ValueError(f"expected states {captured.state_names}, got {len(states)} tensors")
-    out = captured.graph_module(param, grad, *states, step, lr)
+    if isinstance(hypers, Mapping):
+        hypers = hyper_values(captured, hypers, device=step.device)
+    if len(hypers) != len(captured.hypers):
+        raise ValueError(
+            f"expected live hyperparameters {[h.name for h in captured.hypers]}, got {len(hypers)} tensors"
+        )
+    out = captured.graph_module(param, grad, *states, step, lr, *hypers)
     return out[0], list(out[1:-1]), out[-1]

@@ -2,11 +2,11 @@
 
 For one projected parameter (canonical orientation, ``X̃ = X P`` already computed)::
 
-    (decay, D, s', k') = lowrank(W, X̃, s, k, lr)     # the rewritten base update on M×r
+    (decay, D, s', k') = lowrank(W, X̃, s, k, lr, h)  # the rewritten base update on M×r (h: live hypers)
     W ← decay · W + scale · D Pᵀ                       # full space, in P's dtype, stored as W's dtype
 
-Scalars are computed in float64 on 0-d tensors (``k`` and ``lr`` are passed as float64), which keeps
-bias corrections as accurate as torch's own Python-float arithmetic.
+Scalars are computed in float64 on 0-d tensors (``k``, ``lr`` and the hyperparameters are passed as
+float64), which keeps bias corrections as accurate as torch's own Python-float arithmetic.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ def run_lowrank(
     states: Sequence[Tensor],
     step: Tensor,
     lr: Tensor,
+    hypers: Sequence[Tensor] = (),
 ) -> tuple[Tensor | float, Tensor, list[Tensor], Tensor]:
     """Execute ``program.lowrank``; returns ``(decay, D, new_states, new_step)``."""
-    decay, delta, *rest = program.lowrank(param, x_proj, *states, step, lr)
+    decay, delta, *rest = program.lowrank(param, x_proj, *states, step, lr, *hypers)
     return decay, delta, list(rest[:-1]), rest[-1]
 
 

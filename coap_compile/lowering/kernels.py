@@ -2,7 +2,7 @@
 
 Per projected weight and step, with ``t = k + 1``::
 
-    c = scalars(t, lr)                         # hoisted scalars, a float32 vector on W's device
+    c = scalars(t, lr, h)                      # hoisted scalars (h: live hypers), fp32 on W's device
     K1: X̃ = X P,  s' = f(X̃, s, c),  D = h(…)   # one matmul + epilogue (states updated in place)
     K2: W ← c_decay · W + scale · D Pᵀ          # one matmul + epilogue (in place)
 
@@ -29,9 +29,11 @@ aten = torch.ops.aten
 
 
 def scalar_module(ep: Epilogue) -> torch.fx.GraphModule:
-    """``(t, lr) -> c``: the hoisted scalars as one float32 vector (empty scalars give a length-0 vector)."""
+    """``(t, lr, *hypers) -> c``: the hoisted scalars as one float32 vector (empty scalars give a
+    length-1 dummy vector)."""
     graph = torch.fx.Graph()
     env = {STEP: graph.placeholder("t"), LR: graph.placeholder("lr")}
+    env.update({sym: graph.placeholder(str(sym)) for sym in ep.scalar_args[2:]})
     emit = Emitter(graph, env)
     vals = [emit.as_tensor_node(emit(e)) for _, e in ep.scalars]
     if not vals:
@@ -67,6 +69,7 @@ def fused_update_(
     states: list[Tensor],
     t: Tensor,
     lr: Tensor,
+    hypers: list[Tensor],
     *,
     transposed: bool,
     backend: str,
@@ -74,7 +77,7 @@ def fused_update_(
 ) -> None:
     from ..kernels.ops import fused_projected_update
 
-    c = plan.scalars(t, lr).to(w.device)
+    c = plan.scalars(t, lr, *hypers).to(w.device)
     fused_projected_update(
         w,
         g,

@@ -83,7 +83,7 @@ def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
 class GraphFacts:
     """What :func:`analyse` found. Node names refer to ``graph_module.graph``."""
 
-    roles: dict[str, str]  # placeholder name -> role ("param", "grad", "state:<name>", "step", "lr")
+    roles: dict[str, str]  # placeholder -> "param", "grad", "state:<name>", "step", "lr", "hyper:<name>"
     outputs: tuple[str, ...]  # (param', *states', step') node names
     kinds: dict[str, str]
     grad_path: frozenset[str]
@@ -111,6 +111,8 @@ def analyse(gm: torch.fx.GraphModule) -> tuple[nx.DiGraph, GraphFacts]:
             role = node.meta.get("role")
             if role == "state":
                 role = f"state:{node.meta['state_name']}"
+            elif role == "hyper":
+                role = f"hyper:{node.meta['hyper_name']}"
             roles[node.name] = role
     out_node = next(n for n in graph.nodes if n.op == "output")
     outputs = tuple(a.name for a in out_node.args[0])

@@ -1,8 +1,10 @@
 """Split the captured update into ``p' = decay·p + Δ`` and prove it can run in the projected space.
 
 Symbols: ``param`` (p), ``grad`` (g), one per state (``exp_avg`` …), ``k`` (completed steps), ``lr``,
-and ``x``, the *projection point*: the value that gets projected, ``X = G`` for most optimizers and
-``X = G + wd·W`` for Adam with L2 weight decay. Opaque nodes (reductions, …) are symbols ``o_<node>``.
+one per live hyperparameter (``beta1``, ``eps``, ``weight_decay`` …: runtime inputs, so every proof
+below holds for all of their values), and ``x``, the *projection point*: the value that gets
+projected, ``X = G`` for most optimizers and ``X = G + λ·W`` for Adam with L2 weight decay. Opaque
+nodes (reductions, …) are symbols ``o_<node>``.
 
 For a candidate projection point (tried in topological order, starting with the gradient itself) the
 update is *projectable* when, with the candidate pinned to ``x``:
@@ -19,6 +21,13 @@ update is *projectable* when, with the candidate pinned to ``x``:
 States are classified for COAP's correlation step and ``restore_state``:
 ``first_moment`` when ``s' = a·s + b·x`` and ``second_moment`` when ``s' = a·s + b·x²`` (scalar ``a``,
 ``b``); anything else is ``other``.
+
+With symbolic hyperparameters the tests are identities in them: ``∂²p'/∂p² = 0``, ``∂Δ/∂p = 0`` and
+the moment forms hold for every value of β, ε, λ, …, and ``decay``/``a``/``b`` are scalar expressions
+of them. The one assumption is the reading of a *moment*: ``first_moment`` means ``s`` averages ``x``
+when ``b ≠ 0`` (e.g. ``β₁ ∈ [0, 1)`` for Adam); with ``b = 0`` (β₁ = 1) the state never changes and
+the correlation step reads a constant. Zero-ness of a gated hyperparameter (``weight_decay``,
+``momentum``) is structural: a zero is the constant 0 in the graph, not a symbol.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from .symbolic import translate
 __all__ = ["GRAD", "K", "LR", "PARAM", "X", "Decomposition", "decompose", "state_symbol"]
 
 PARAM, GRAD, X, K, LR = (sympy.Symbol(n) for n in ("param", "grad", "x", "k", "lr"))
-SCALARS = frozenset({K, LR})
+SCALARS = frozenset({K, LR})  # plus the unit's hyperparameter symbols (Decomposition.scalars)
 
 
 def state_symbol(name: str, new: bool = False) -> sympy.Symbol:
@@ -55,6 +64,12 @@ class Decomposition:
     exprs: dict[str, sympy.Expr]  # every node's expression with the projection point pinned to x
     param_stats: frozenset[str]  # opaque nodes that are 0-d statistics of the full weight
     state_kinds: dict[str, str]
+    hypers: tuple[sympy.Symbol, ...] = ()  # live hyperparameter symbols, in placeholder order
+
+    @property
+    def scalars(self) -> frozenset[sympy.Symbol]:
+        """The per-step scalar symbols: ``k``, ``lr`` and the live hyperparameters."""
+        return SCALARS | frozenset(self.hypers)
 
     @property
     def opaque_nodes(self) -> frozenset[str]:
@@ -101,7 +116,10 @@ class _Reject(Exception):
         self.node, self.reason = node, reason
 
 
-def _try_candidate(graph, facts: GraphFacts, cand: str, base_leaves, opaque_pred, val_ndim) -> Decomposition:
+def _try_candidate(
+    graph, facts: GraphFacts, cand: str, base_leaves, opaque_pred, val_ndim, hypers: tuple[sympy.Symbol, ...]
+) -> Decomposition:
+    scalars = SCALARS | frozenset(hypers)
     leaves = dict(base_leaves)
     leaves[cand] = X
     ex = translate(graph, leaves, opaque_pred)
@@ -143,27 +161,28 @@ def _try_candidate(graph, facts: GraphFacts, cand: str, base_leaves, opaque_pred
 
     new_states = {}
     for name in state_order:
-        e = _blend_scalar_piecewise(ex[state_outs[name]], SCALARS)
+        e = _blend_scalar_piecewise(ex[state_outs[name]], scalars)
         check_free(e, state_outs[name], f"state {name!r}")
         if PARAM in e.free_symbols:
             raise _Reject(
-                _first_param_mixer(graph, ex, state_outs[name]),
+                _first_param_mixer(graph, ex, state_outs[name], scalars),
                 f"state {name!r} depends elementwise on the weight, so it cannot live in the low-rank space",
             )
         new_states[name] = e
-    p_new = _blend_scalar_piecewise(ex_new[facts.outputs[0]], SCALARS)
+    p_new = _blend_scalar_piecewise(ex_new[facts.outputs[0]], scalars)
     if sympy.diff(p_new, PARAM, 2) != 0:
         raise _Reject(
-            _first_param_mixer(graph, ex, facts.outputs[0]), "the new weight is not affine in the weight"
+            _first_param_mixer(graph, ex, facts.outputs[0], scalars),
+            "the new weight is not affine in the weight",
         )
     decay = sympy.diff(p_new, PARAM)
     scalar_like = (
-        SCALARS
+        scalars
         | {sympy.Symbol(f"o_{n}") for n in param_stats}
         | {
             sympy.Symbol(f"o_{n}")
             for n in opaque_names
-            if val_ndim(n) == 0 and not (deps[n] - SCALARS - {PARAM})
+            if val_ndim(n) == 0 and not (deps[n] - scalars - {PARAM})
         }
     )
     if not decay.free_symbols <= scalar_like:
@@ -172,7 +191,8 @@ def _try_candidate(graph, facts: GraphFacts, cand: str, base_leaves, opaque_pred
     check_free(delta, facts.outputs[0], "the update")
     if PARAM in delta.free_symbols:
         raise _Reject(
-            _first_param_mixer(graph, ex, facts.outputs[0]), "the update direction depends on the weight"
+            _first_param_mixer(graph, ex, facts.outputs[0], scalars),
+            "the update direction depends on the weight",
         )
     scalar_syms = set(scalar_like)
     kinds = {name: _classify_state(name, e, scalar_syms) for name, e in new_states.items()}
@@ -186,6 +206,7 @@ def _try_candidate(graph, facts: GraphFacts, cand: str, base_leaves, opaque_pred
         exprs=ex,
         param_stats=frozenset(param_stats),
         state_kinds=kinds,
+        hypers=hypers,
     )
 
 
@@ -200,13 +221,13 @@ def _expand_deps(e: sympy.Expr, deps: dict[str, set]) -> set:
     return out
 
 
-def _first_param_mixer(graph, ex, out_name: str) -> str:
+def _first_param_mixer(graph, ex, out_name: str, scalars: frozenset) -> str:
     """The earliest node whose expression mixes the weight with a non-scalar, non-weight symbol."""
     for node in graph.nodes:
         e = ex.get(node.name)
         if e is None or node.op != "call_function":
             continue
-        if PARAM in e.free_symbols and (e.free_symbols - SCALARS - {PARAM}) and not str(e).startswith("o_"):
+        if PARAM in e.free_symbols and (e.free_symbols - scalars - {PARAM}) and not str(e).startswith("o_"):
             return node.name
     return out_name
 
@@ -214,8 +235,12 @@ def _first_param_mixer(graph, ex, out_name: str) -> str:
 def decompose(unit_name: str, gm: torch.fx.GraphModule, facts: GraphFacts) -> Decomposition:
     """Find the projection point and the derived form; raise :class:`UnsupportedOptimizerError`."""
     graph = gm.graph
-    base_leaves = {}
+    base_leaves, hypers = {}, []
     for n, role in facts.roles.items():
+        if role.startswith("hyper:"):
+            base_leaves[n] = sympy.Symbol(role[6:])
+            hypers.append(base_leaves[n])
+            continue
         base_leaves[n] = {"param": PARAM, "grad": GRAD, "step": K, "lr": LR}.get(role) or state_symbol(
             role[6:]
         )
@@ -237,7 +262,7 @@ def decompose(unit_name: str, gm: torch.fx.GraphModule, facts: GraphFacts) -> De
     first: _Reject | None = None
     for cand in cands:
         try:
-            return _try_candidate(graph, facts, cand, base_leaves, opaque_pred, val_ndim)
+            return _try_candidate(graph, facts, cand, base_leaves, opaque_pred, val_ndim, tuple(hypers))
         except _Reject as rej:
             first = first or rej
     assert first is not None

@@ -1,11 +1,12 @@
 """Scalar hoisting and CSE: turn a :class:`Decomposition` into a kernel :class:`~coap_compile.ir.Epilogue`.
 
-Every maximal sub-expression whose free symbols are only ``k`` and ``lr`` (bias corrections, step
-sizes, the decay ``1 − lr·wd``, step-0 indicators) becomes a fresh scalar ``c_i`` computed once per step
-on the host. For a flattened ``Add``/``Mul`` the scalar operands are grouped first, so
-``m·lr·√(1−β₂ᵗ)/(1−β₁ᵗ)`` hoists to ``m·c0``. The remaining elementwise code is run through
-``sympy.cse``. The result for AdamW is three scalars and a three-line body
-``m' = 0.9 m + 0.1 g; v' = 0.999 v + 0.001 g²; D = m' c0 / (c1 − √v')``.
+Every maximal sub-expression whose free symbols are only ``k``, ``lr`` and the live hyperparameters
+(bias corrections ``1 − β₁ᵗ``, step sizes, the decay ``1 − lr·λ``, step-0 indicators) becomes a fresh
+scalar ``c_i`` computed once per step on the host. For a flattened ``Add``/``Mul`` the scalar
+operands are grouped first, so ``m·lr·√(1−β₂ᵗ)/(1−β₁ᵗ)`` hoists to ``m·c4``. The remaining
+elementwise code is run through ``sympy.cse``. The result for AdamW is six scalars (``1−β₁``, ``β₂``,
+``1−β₂``, ``−ε√(1−β₂ᵗ)``, ``lr√(1−β₂ᵗ)/(1−β₁ᵗ)``, ``1−lr·λ``) and a three-line body
+``m' = m − c0 (m − g); v' = c1 v + c2 g²; D = c4 m' / (c3 − √v')``.
 
 Only updates with no opaque (reduction) symbol get an epilogue; others return None and run their
 low-rank middle with the eager lowering.
@@ -56,12 +57,13 @@ def build_epilogue(dec: Decomposition, state_names: tuple[str, ...]) -> Epilogue
     """The kernel epilogue for ``dec``, or None when the update has cross-element reductions."""
     if dec.opaque_nodes:
         return None
+    scalars = _SCALARS | frozenset(dec.hypers)
     sub = {X: G, K: STEP - 1}
     new_states = [dec.new_states[n].subs(sub) for n in state_names]
     delta = dec.delta.subs(sub)
     decay = dec.decay.subs(sub)
     table: dict[sympy.Expr, sympy.Symbol] = {}
-    *new_states, delta, decay = hoist([*new_states, delta, decay], table)
+    *new_states, delta, decay = hoist([*new_states, delta, decay], table, scalars)
     body: list[tuple[sympy.Symbol, sympy.Expr]] = []
     reps, reduced = sympy.cse(new_states, symbols=sympy.numbered_symbols("t"), optimizations="basic")
     body += reps
@@ -82,4 +84,5 @@ def build_epilogue(dec: Decomposition, state_names: tuple[str, ...]) -> Epilogue
         update=update,
         decay=decay,
         scale=1.0,
+        hypers=tuple(str(h) for h in dec.hypers),
     )

@@ -142,10 +142,14 @@ def compile_update(
     make_states: Callable[[torch.Tensor], list[torch.Tensor]],
     *,
     ndim: int = 2,
+    hyper_values: list[float] | None = None,
 ) -> tuple[ProjectedProgram, CompilationUnit]:
-    """Run the default pipeline on a captured update and return the projected program."""
-    unit = CompilationUnit(
-        optimizer, graph_module, tuple(state_names), facts={"make_states": make_states, "ndim": ndim}
-    )
+    """Run the default pipeline on a captured update and return the projected program.
+
+    ``hyper_values``: values of the live hyperparameters (placeholder order) around which
+    CheckEquivalence draws its random trial values.
+    """
+    facts = {"make_states": make_states, "ndim": ndim, "hyper_values": list(hyper_values or [])}
+    unit = CompilationUnit(optimizer, graph_module, tuple(state_names), facts=facts)
     unit = PassManager([p() for p in DEFAULT_PIPELINE], verify_unit).run(unit)
     return unit.facts["program"], unit

@@ -2,8 +2,10 @@
 
 From a :class:`~.decompose.Decomposition` this builds
 
-* ``prologue(param, grad, step, lr) -> x``: the full-space quantity to project (None when ``x = grad``);
-* ``lowrank(param, x̃, *states, step, lr) -> (decay, D, *states', step')``: the base update running on the
+* ``prologue(param, grad, step, lr, *hypers) -> x``: the full-space quantity to project (None when
+  ``x = grad``);
+* ``lowrank(param, x̃, *states, step, lr, *hypers) -> (decay, D, *states', step')``: the base update
+  running on the
   projected ``x̃`` (M×r) and low-rank states. ``param`` is read only by 0-d weight statistics (e.g.
   Adafactor's RMS(W)); reductions (row/column means, update RMS) run on the projected matrix.
 
@@ -68,7 +70,7 @@ def build_prologue(dec: Decomposition) -> torch.fx.GraphModule | None:
     if dec.x_expr == GRAD:
         return None
     graph = torch.fx.Graph()
-    env = {s: graph.placeholder(str(s)) for s in (PARAM, GRAD, K, LR)}
+    env = {s: graph.placeholder(str(s)) for s in (PARAM, GRAD, K, LR, *dec.hypers)}
     out = Emitter(graph, env)(dec.x_expr)
     graph.output(out)
     return _module(graph)
@@ -83,6 +85,8 @@ def build_lowrank(
         env[state_symbol(name)] = graph.placeholder(name)
     env[K] = graph.placeholder("step")
     env[LR] = graph.placeholder("lr")
+    for h in dec.hypers:
+        env[h] = graph.placeholder(str(h))
     emit = Emitter(graph, env)
     by_name = {n.name: n for n in gm.graph.nodes}
     needed = _opaque_closure(dec, by_name)
@@ -99,7 +103,7 @@ def build_lowrank(
         copy.meta = {}
         emit.env[opaque_symbol(node)] = copy
     # Hoist step/lr-only (and other 0-d) sub-expressions so they are computed once as 0-d tensors.
-    scalars = frozenset({K, LR}) | {
+    scalars = dec.scalars | {
         opaque_symbol(by_name[n]) for n in needed if getattr(by_name[n].meta.get("val"), "ndim", 1) == 0
     }
     table: dict[sympy.Expr, sympy.Symbol] = {}

@@ -112,6 +112,7 @@ def _rule(node: torch.fx.Node, a: Callable[[int], Expr]) -> Expr | None:
         hi = node.kwargs.get("max", node.args[2] if len(node.args) > 2 else None)
         if op == "clamp_max":
             lo, hi = None, lo
+
         def conv(v):
             if v is None:
                 return None

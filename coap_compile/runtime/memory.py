@@ -20,7 +20,7 @@ import torch
 
 from ..capture import capture, init_states
 
-__all__ = ["MemoryPlan", "MemoryRow", "base_state_bytes", "plan_memory"]
+__all__ = ["MemoryPlan", "MemoryRow", "base_keeps_step", "base_state_bytes", "plan_memory"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,15 @@ def _step_bytes(base: type, kwargs_key: tuple) -> int:
     return step.numel() * step.element_size() if isinstance(step, torch.Tensor) else 0
 
 
+def _kwargs_key(base_kwargs: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in base_kwargs.items() if not isinstance(v, torch.Tensor)))
+
+
+def base_keeps_step(base: type, base_kwargs: dict) -> bool:
+    """Whether ``base`` keeps a per-parameter ``step`` tensor in its state (probed once)."""
+    return _step_bytes(base, _kwargs_key(base_kwargs)) > 0
+
+
 def base_state_bytes(
     base: type, hyper: dict, base_kwargs: dict, p: torch.Tensor
 ) -> tuple[int, dict[str, int]]:
@@ -89,8 +98,7 @@ def base_state_bytes(
     captured = capture(base, hyper, dtype=p.dtype, ndim=p.ndim)
     like = torch.empty(p.shape, dtype=p.dtype, device="meta")
     detail = {k: v.numel() * v.element_size() for k, v in init_states(captured, like).items()}
-    key = tuple(sorted((k, v) for k, v in base_kwargs.items() if not isinstance(v, torch.Tensor)))
-    step = _step_bytes(base, key)
+    step = _step_bytes(base, _kwargs_key(base_kwargs))
     if step:
         detail["step"] = step
     return sum(detail.values()), detail

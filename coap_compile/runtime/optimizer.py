@@ -6,12 +6,34 @@ step is, with ``k`` the completed steps::
     k = 0:                       P ← policy.init(X)              (randomized SVD for COAP)
     k > 0, policy schedule:      P ← policy.refresh(P, X, M)     (correlation step / low-cost SVD)
     X̃ = X P                                                      (M×r)
-    (decay, D, s') = lowrank(X̃, s, k, lr)                        (the compiled base update)
+    (decay, D, s') = lowrank(X̃, s, k, lr, h)                     (the compiled base update)
     W ← decay · W + scale · D Pᵀ
 
 Parameters that are not projected run the *unmodified* base optimizer (an inner instance of the base
-class sharing this optimizer's ``state`` dict; its hyperparameters are synchronised from
-``param_groups`` before every step, so LR schedulers work). The state is tensors only.
+class sharing this optimizer's ``state`` dict). The state is tensors only.
+
+**The drop-in contract** (as ``torch.optim`` optimizers behave):
+
+* *Live hyperparameters.* Every value is read from ``param_groups`` at every step. Float
+  hyperparameters of the base (β, ε, weight decay, momentum, α, dampening, Adafactor's
+  ``beta2_decay``/``d``/``eps``) are runtime inputs ``h`` of the compiled program: changing one
+  (``OneCycleLR(cycle_momentum=True)`` cycles ``betas[0]`` every step) takes effect on the next
+  step for projected and full-rank parameters alike, without re-capturing, re-running the passes or
+  recompiling a kernel. Structural settings (amsgrad, maximize, nesterov, centered, decoupled decay,
+  a zero/nonzero weight decay or momentum) select the compiled program: a change re-compiles once
+  and is listed by :meth:`explain`. COAP's keys (``rank``, ``projection``, ``update_interval`` …) are
+  re-validated and the plans re-derived when they change; a rank or policy change re-bases ``P`` on
+  the next step (see :mod:`.refresh`).
+* *Atomic steps.* Gradients (shape, dtype, device, layout, finiteness) and settings are validated
+  before anything is written, and refreshes are computed before any is committed, so a step that
+  raises for bad input changes nothing. A failure raised while a later parameter is being updated
+  (out of memory, a kernel error) leaves earlier parameters updated, as torch's optimizers do: undoing
+  them would need a copy of every weight; the failing parameter itself is left unchanged
+  (:mod:`.update`).
+* *Copies.* ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)`` give an optimizer that continues
+  bit-identically; everything derived is rebuilt in ``__setstate__``.
+* *Checkpoints.* ``state_dict()`` is tensors only; ``load_state_dict`` checks the checkpoint against
+  this optimizer first and refuses a mismatch, unchanged (:mod:`.checkpoint`).
 
 Differences from the official COAP code, on purpose: states and ``P`` are float32 (float64 for
 float64 weights) whatever the weight dtype; ``P`` is stored ``N×r`` for both sides; no persistent
@@ -30,11 +52,20 @@ from torch import Tensor
 
 from ..compiler import CompiledBase, compile_base
 from ..errors import NonFiniteGradientError
-from ..lowering.eager import apply_reprojection_, run_lowrank
-from ..lowering.kernels import KernelPlan, fused_update_, kernel_plan, reproject_update_
-from ..projection import ProjectionPolicy, canonical, get_policy, restore_moments
+from ..lowering.kernels import KernelPlan, kernel_plan
+from ..projection import ProjectionPolicy, get_policy
+from . import checkpoint
+from .refresh import plan_refresh
 from .selection import ParamPlan, plan_param
-from .settings import EMA_KEY, PRECISIONS, PROJECTION_KEYS, make_policy, validate_projection_args
+from .settings import (
+    PRECISIONS,
+    PROJECTION_KEYS,
+    make_policy,
+    settings_key,
+    validate_group,
+    validate_projection_args,
+)
+from .update import projected_update_
 
 __all__ = ["CoapOptimizer"]
 
@@ -45,7 +76,7 @@ class CoapOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters or parameter groups (a group may set any base hyperparameter and the COAP keys
             ``rank, rank_ratio, projection, update_interval, reproject_factor, scale, restore_state,
-            first_moment_beta, project``).
+            first_moment_beta, project``, validated like the keyword arguments).
         base_optim: the ``torch.optim.Optimizer`` subclass whose update is compiled.
         rank / rank_ratio: ``r = min(rank, min(m, n))``, or ``max(⌊min(m, n) / rank_ratio⌋, 1)``.
         projection: ``"coap"`` (default), ``"galore"``, ``"flora"``, or a ProjectionPolicy instance. For
@@ -89,19 +120,18 @@ class CoapOptimizer(torch.optim.Optimizer):
             rank, rank_ratio, projection, update_interval, reproject_factor, scale, first_moment_beta, backend
         )
         probe = base_optim([torch.zeros(2, requires_grad=True)], **base_kwargs)  # base validates its own args
+        if input_precision not in PRECISIONS:
+            raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
         self._base_cls = base_optim
         self._base_kwargs = dict(base_kwargs)
         self._policy_instance = projection if isinstance(projection, ProjectionPolicy) else None
         if self._policy_instance is None:
             get_policy(projection)  # unknown names fail here, naming the value
         self._backend = backend
-        if input_precision not in PRECISIONS:
-            raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
         self._precision = input_precision
         self._check_finite = check_finite
         self._names = dict(param_names or {})
-        self._inner: torch.optim.Optimizer | None = None
-        self._plans: dict[Tensor, ParamPlan] = {}
+        self._events: list[str] = []
         defaults = dict(probe.defaults)
         defaults.update(
             rank=rank,
@@ -114,28 +144,44 @@ class CoapOptimizer(torch.optim.Optimizer):
             projection=projection if isinstance(projection, str) else projection.name,
         )
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.is_complex():
-                    raise ValueError(
-                        f"parameter {self._name(p)!r} is complex ({p.dtype}); COAP supports real "
-                        "floating-point parameters only"
-                    )
-        self._rebuild()
+        self._derive()
 
-    # -- structure ---------------------------------------------------------------------------------
+    # -- structure (everything here is derived from param_groups) --------------------------------------
     def _name(self, p: Tensor) -> str:
         return self._names.get(id(p), f"param[{tuple(p.shape)}]")
 
     def _base_hyperparams(self, group: dict) -> dict:
         return {k: v for k, v in group.items() if k != "params" and k not in PROJECTION_KEYS}
 
-    def _rebuild(self) -> None:
-        """Derive plans, policies, programs and the inner base optimizer from ``param_groups``."""
-        self._plans = {p: plan_param(p, g) for g in self.param_groups for p in g["params"]}
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            validate_group(self.param_groups[index], index, getattr(self, "_policy_instance", None))
+            for p in self.param_groups[index]["params"]:
+                if p.is_complex():
+                    raise ValueError(
+                        f"parameter {self._name(p)!r} is complex ({p.dtype}); COAP supports real "
+                        "floating-point parameters only"
+                    )
+            if hasattr(self, "_plans"):  # after construction: re-derive everything
+                self._derive()
+        except Exception:
+            self.param_groups.pop()
+            if hasattr(self, "_plans"):
+                self._derive()
+            raise
+
+    def _derive(self) -> None:
+        """Plans, policies, programs and the inner base optimizer, from ``param_groups``."""
+        self._plans: dict[Tensor, ParamPlan] = {
+            p: plan_param(p, g) for g in self.param_groups for p in g["params"]
+        }
         self._policies = [make_policy(g, self._policy_instance) for g in self.param_groups]
+        self._keys = [settings_key(g) for g in self.param_groups]
         self._programs: dict[tuple[int, torch.dtype], CompiledBase] = {}
-        self._kernel_plans: dict[tuple[int, torch.dtype], KernelPlan] = {}
+        self._kernel_plans: dict[tuple[str, float], KernelPlan] = {}
+        self._scalars: list[Tensor] = [torch.zeros(0, dtype=torch.float64) for _ in self.param_groups]
         for i, g in enumerate(self.param_groups):
             for p in g["params"]:
                 if self._plans[p].projected:
@@ -150,31 +196,35 @@ class CoapOptimizer(torch.optim.Optimizer):
         if self._inner is not None:
             self._inner.state = self.state
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        if hasattr(self, "_policies"):  # after construction: re-derive everything
-            self._rebuild()
-
     @staticmethod
     def _state_dtype(p: Tensor) -> torch.dtype:
         return torch.float64 if p.dtype == torch.float64 else torch.float32
 
     def _compiled(self, group_index: int, dtype: torch.dtype) -> CompiledBase:
+        """The program for a group's current structural signature (compiled once per signature)."""
         key = (group_index, dtype)
-        if key not in self._programs:
-            hyper = self._base_hyperparams(self.param_groups[group_index])
-            self._programs[key] = compile_base(self._base_cls, hyper, dtype)
-        return self._programs[key]
+        hyper = self._base_hyperparams(self.param_groups[group_index])
+        new = compile_base(self._base_cls, hyper, dtype)
+        old = self._programs.get(key)
+        if old is not new:
+            if old is not None:
+                before, after = dict(old.captured.hyperparams), dict(new.captured.hyperparams)
+                diff = ", ".join(
+                    f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in after if before.get(k) != after[k]
+                )
+                self._events.append(f"group {group_index} ({dtype}) re-compiled: {diff}")
+            self._programs[key] = new
+        return new
 
-    def _kernel_plan(self, group_index: int, dtype: torch.dtype) -> KernelPlan | None:
-        """The registered kernel epilogue for a group (built outside any compiled region)."""
-        ep = self._compiled(group_index, dtype).program.epilogue
-        scale = self.param_groups[group_index]["scale"]
-        key = (group_index, dtype)
-        plan = self._kernel_plans.get(key)
-        if ep is not None and (plan is None or plan.epilogue.scale != scale):
-            plan = self._kernel_plans[key] = kernel_plan(ep, scale)
-        return plan
+    def _kernel_plan(self, compiled: CompiledBase, scale: float) -> KernelPlan | None:
+        """The registered kernel epilogue (built outside any compiled region), per epilogue and scale."""
+        ep = compiled.program.epilogue
+        if ep is None:
+            return None
+        key = (ep.key(), float(scale))
+        if key not in self._kernel_plans:
+            self._kernel_plans[key] = kernel_plan(ep, scale)
+        return self._kernel_plans[key]
 
     def _use_kernels(self, p: Tensor) -> bool:
         if p.dtype not in (torch.float32, torch.bfloat16) or self._backend == "eager":
@@ -184,32 +234,68 @@ class CoapOptimizer(torch.optim.Optimizer):
     def projected_parameters(self) -> list[Tensor]:
         return [p for p, plan in self._plans.items() if plan.projected]
 
-    # -- checkpoints -------------------------------------------------------------------------------
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch casts every floating state to the parameter's dtype on load; low-rank states and ``P``
-        keep their saved dtype here (float32 for bf16 weights)."""
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
-        self._rebuild()
-        ids = [p for g in self.param_groups for p in g["params"]]
-        for idx, p in enumerate(ids):
-            if self._plans[p].projected and idx in saved:
-                for key, value in saved[idx].items():
-                    if isinstance(value, Tensor) and key != "step":
-                        self.state[p][key] = value.detach().to(device=p.device, copy=True)
-
-    # -- the step ----------------------------------------------------------------------------------
-    def _check_grads(self) -> None:
-        grads, owners = [], []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
+    def _sync_settings(self) -> None:
+        """Re-validate and re-derive when a group's COAP settings changed since the last derivation."""
+        changed = [i for i, g in enumerate(self.param_groups) if settings_key(g) != self._keys[i]]
+        if len(self._keys) != len(self.param_groups):
+            changed = list(range(len(self.param_groups)))
+        for i in changed:
+            validate_group(self.param_groups[i], i, self._policy_instance)
+            for p in self.param_groups[i]["params"]:
+                new = plan_param(p, self.param_groups[i])
+                if self.state.get(p) and new.projected != self._plans.get(p, new).projected:
                     raise ValueError(
-                        f"parameter {self._name(p)!r} has a sparse gradient; COAP needs dense gradients"
+                        f"parameter {self._name(p)!r} (param group {i}) already has "
+                        f"{'low-rank' if not new.projected else 'full-rank'} optimizer state; its group "
+                        "settings now make it "
+                        f"{'projected' if new.projected else 'full-rank'}, which would discard that state. "
+                        "Move it between projected and full-rank before its first step only"
                     )
-                grads.append(p.grad)
+        if changed:
+            self._derive()
+
+    # -- checkpoints and copies ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return checkpoint.add_metadata(self, super().state_dict())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check the checkpoint against this optimizer (refusing a mismatch, unchanged), then load it.
+
+        torch casts every floating state to the parameter's dtype on load; low-rank states and ``P``
+        keep their saved dtype here (float32 for bf16 weights).
+        """
+        checkpoint.load(self, state_dict, super().load_state_dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return checkpoint.getstate(self, super().__getstate__())
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        config = state.pop("_coap_config", None)
+        super().__setstate__(state)
+        if config is not None:
+            checkpoint.setstate(self, config)
+            self._derive()
+
+    # -- the step --------------------------------------------------------------------------------------
+    def _check_grads(self) -> None:
+        """Every gradient's layout, shape, dtype and device (and finiteness), before anything is written."""
+        grads, owners = [], []
+        for i, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                where = f"parameter {self._name(p)!r} (param group {i})"
+                if g.is_sparse or g.layout != torch.strided:
+                    raise ValueError(
+                        f"{where} has a sparse gradient ({g.layout}); COAP needs dense (strided) gradients"
+                    )
+                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                    raise ValueError(
+                        f"{where}: its gradient is {tuple(g.shape)} {g.dtype} on {g.device}, but the "
+                        f"parameter is {tuple(p.shape)} {p.dtype} on {p.device}; they must match"
+                    )
+                grads.append(g)
                 owners.append(p)
         if not self._check_finite or not grads:
             return
@@ -220,9 +306,8 @@ class CoapOptimizer(torch.optim.Optimizer):
             bad = owners[int((~ok).nonzero()[0])]
             raise NonFiniteGradientError(
                 f"the gradient of parameter {self._name(bad)!r} (shape {tuple(bad.shape)}) contains inf or "
-                "NaN; "
-                "nothing was modified. Pass found_inf= (GradScaler style) to skip such steps instead, or "
-                "check_finite=False to disable this check"
+                "NaN; nothing was modified. Pass found_inf= (GradScaler style) to skip such steps instead, "
+                "or check_finite=False to disable this check"
             )
 
     @torch.no_grad()
@@ -230,8 +315,8 @@ class CoapOptimizer(torch.optim.Optimizer):
         """One optimizer step. ``found_inf`` (GradScaler style): if nonzero the step is skipped.
 
         Two phases, so that ``torch.compile`` of a training step traces the update without recompiling:
-        :meth:`_prepare` (not compiled: checks, the refresh schedule, ``P`` refreshes written in place)
-        and the update itself (traceable: no host reads, no branches on the step).
+        :meth:`_prepare` (not compiled: checks, live scalars, the refresh schedule, ``P`` refreshes
+        written in place) and the update itself (traceable: no host reads, no branches on the step).
         """
         loss = None
         if closure is not None:
@@ -247,137 +332,84 @@ class CoapOptimizer(torch.optim.Optimizer):
             self._inner.step()
         return loss
 
+    def _inputs(self, state: dict, group_index: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """``(k, lr, hyperparameters)`` as 0-d float64 tensors (filled by :meth:`_fill_scalars`)."""
+        v = self._scalars[group_index]
+        k = state["step"].to(torch.float64) if "step" in state else torch.zeros((), dtype=torch.float64)
+        return k, v[0], [v[j] for j in range(1, v.numel())]
+
+    def _fill_scalars(self) -> None:
+        """Copy every group's lr and live hyperparameters into its persistent float64 vector (in place, so
+        a compiled update that reads the vector sees new values without a recompile)."""
+        for i, group in enumerate(self.param_groups):
+            compiled = next((c for (gi, _), c in self._programs.items() if gi == i), None)
+            hypers = compiled.captured.hypers if compiled is not None else ()
+            values = [group["lr"], *(h.read(group) for h in hypers)]
+            floats = []
+            for name, v in zip(("lr", *(h.where for h in hypers)), values):
+                if isinstance(v, bool) or not isinstance(v, int | float | Tensor):
+                    raise TypeError(f"{name} of param group {i} must be a number, got {v!r}")
+                floats.append(float(v))
+            if self._scalars[i].numel() != len(floats):
+                self._scalars[i] = torch.zeros(len(floats), dtype=torch.float64)
+            self._scalars[i].copy_(torch.tensor(floats, dtype=torch.float64))
+
     @torch.compiler.disable
     def _prepare(self, found_inf: Tensor | None) -> bool:
-        """Skip on ``found_inf``, validate gradients, then initialise/refresh ``P`` where scheduled."""
+        """Skip on ``found_inf``; validate settings and gradients; live scalars; refresh ``P`` where due.
+
+        Nothing is written before every check has passed and every due refresh has been computed.
+        """
         if found_inf is not None and bool(found_inf.detach().cpu().any()):
             return False
+        self._sync_settings()
         self._check_grads()
+        due = [
+            (p, i) for i, g in enumerate(self.param_groups) for p in g["params"]
+            if p.grad is not None and self._plans[p].projected
+        ]  # fmt: skip
+        for p, i in due:
+            self._compiled(i, self._state_dtype(p))  # the current signature (re-compiles once on a change)
+        self._fill_scalars()
+        commits = []
+        for p, i in due:
+            group, dtype = self.param_groups[i], self._state_dtype(p)
+            state = self.state[p]
+            commit = plan_refresh(
+                state, p, self._plans[p].rank, self._programs[(i, dtype)], self._policies[i],
+                dtype=dtype, inputs=self._inputs(state, i), restore=group["restore_state"],
+            )  # fmt: skip
+            if commit is not None:
+                commits.append(commit)
+        for commit in commits:
+            commit()
         if self._inner is not None:  # hyperparameters (lr schedules) reach the full-rank base optimizer
             for i, j in self._inner_index.items():
                 self._inner.param_groups[j].update(self._base_hyperparams(self.param_groups[i]))
-        for i, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                # Create every entry here (the base optimizer fills full-rank ones lazily), so the state
-                # dict's size is fixed before the compiled update sees it: no recompile after step 1.
-                self.state[p]
-                if self._plans[p].projected:
-                    self._refresh(p, group, i)
-                    if self._use_kernels(p):
-                        self._kernel_plan(i, self._state_dtype(p))
+                if p.grad is not None:
+                    # Create every entry here (the base optimizer fills full-rank ones lazily), so the state
+                    # dict's size is fixed before the compiled update sees it: no recompile after step 1.
+                    self.state[p]
+        for p, i in due:
+            if self._use_kernels(p):
+                self._kernel_plan(self._programs[(i, self._state_dtype(p))], self.param_groups[i]["scale"])
         return True
 
-    def _canonical_input(self, p: Tensor, program, k_t: Tensor, lr_t: Tensor) -> tuple[Tensor, bool]:
-        g = p.grad
-        if program.prologue is not None:
-            dtype = self._state_dtype(p)
-            g = program.prologue(p.to(dtype), g.to(dtype), k_t, lr_t)
-        return canonical(g)
-
-    @staticmethod
-    def _scalars(state: dict, group: dict) -> tuple[Tensor, Tensor]:
-        lr = group["lr"]
-        lr_t = (
-            lr.detach().to("cpu", torch.float64)
-            if isinstance(lr, Tensor)
-            else torch.tensor(lr, dtype=torch.float64)
-        )
-        return state["step"].to(torch.float64), lr_t
-
-    def _refresh(self, p: Tensor, group: dict, index: int) -> None:
-        """Create the state at ``k = 0``; apply the policy's refresh when its schedule says so."""
-        dtype = self._state_dtype(p)
-        compiled = self._compiled(index, dtype)
-        program = compiled.program
-        policy = self._policies[index]
-        state = self.state[p]
-        k = int(state["step"].item()) if "step" in state else 0
-        kind = policy.refresh_kind(k) if state else "init"
-        if not kind:
-            return
-        if kind == "init":
-            state.clear()
-            state["step"] = torch.zeros((), dtype=torch.float32)
-        x, transposed = self._canonical_input(p, program, *self._scalars(state, group))
-        rank = self._plans[p].rank
-        ema = program.first_moment is None and policy.needs_first_moment
-        if kind == "init":
-            state.update(policy.init_state(x.to(dtype), rank))
-            state.update(compiled.init_lowrank_states(x.shape[0], rank, dtype, p.device))
-            if ema:
-                state[EMA_KEY] = torch.zeros((x.shape[0], rank), dtype=dtype, device=p.device)
-            return
-        first = state[program.first_moment] if program.first_moment else state.get(EMA_KEY)
-        old = state["proj"].clone() if group["restore_state"] else None
-        changed = policy.refresh(state, x, k, first_moment=first, transposed=transposed)
-        if old is not None and changed:
-            kinds = program.state_kinds
-            restore_moments(
-                old,
-                state["proj"],
-                first=[state[n] for n in program.state_names if kinds[n] == "first_moment"]
-                + ([state[EMA_KEY]] if ema else []),
-                second=[state[n] for n in program.state_names if kinds[n] == "second_moment"],
-            )
-
     def _projected_update(self, p: Tensor, group: dict, index: int) -> None:
-        """``X̃ = X P``; the compiled low-rank update; ``W ← decay·W + scale·D Pᵀ`` (traceable)."""
         dtype = self._state_dtype(p)
-        program = self._compiled(index, dtype).program
-        policy = self._policies[index]
-        state = self.state[p]
-        k_t, lr_t = self._scalars(state, group)
+        compiled = self._programs[(index, dtype)]
         kernels = self._use_kernels(p)
-        if kernels and program.epilogue is not None and EMA_KEY not in state:
-            # K1 (X P + state update + D) and K2 (W ← decay·W + scale·D Pᵀ), both generated.
-            g = (
-                p.grad
-                if program.prologue is None
-                else program.prologue(p.to(dtype), p.grad.to(dtype), k_t, lr_t)
-            )
-            fused_update_(
-                self._kernel_plans[(index, dtype)],
-                p,
-                g,
-                state["proj"],
-                [state[n] for n in program.state_names],
-                k_t + 1,
-                lr_t,
-                transposed=self._plans[p].transposed,
-                backend=self._backend,
-                input_precision=self._precision,
-            )
-            state["step"].add_(1.0)
-            return
-        x, transposed = self._canonical_input(p, program, k_t, lr_t)
-        w = p.t() if transposed else p
-        x_proj = policy.project(state, x)
-        stat_param = p if not program.decomposition.param_stats else p.to(dtype)
-        decay, delta, new_states, new_step = run_lowrank(
-            program, stat_param, x_proj, [state[n] for n in program.state_names], k_t, lr_t
-        )
-        for name, value in zip(program.state_names, new_states):
-            state[name].copy_(value)
-        state["step"].copy_(new_step)
-        if kernels:  # low-rank middle ran eagerly (reductions); the reprojection is the K2 kernel
-            reproject_update_(
-                p,
-                delta,
-                state["proj"],
-                decay,
-                group["scale"],
-                transposed=transposed,
-                backend=self._backend,
-                input_precision=self._precision,
-            )
-        else:
-            apply_reprojection_(w, decay, delta, state["proj"], group["scale"])
-        if EMA_KEY in state:
-            state[EMA_KEY].lerp_(x_proj, 1.0 - group["first_moment_beta"])
+        state = self.state[p]
+        projected_update_(
+            p, state, compiled, self._policies[index], dtype=dtype, inputs=self._inputs(state, index),
+            scale=group["scale"], ema_beta=group["first_moment_beta"], transposed=self._plans[p].transposed,
+            kernels=kernels, kernel_plan=self._kernel_plan(compiled, group["scale"]) if kernels else None,
+            backend=self._backend, input_precision=self._precision,
+        )  # fmt: skip
 
-    # -- reporting ---------------------------------------------------------------------------------
+    # -- reporting -------------------------------------------------------------------------------------
     def memory_plan(self):
         """Exact optimizer-state bytes per parameter, planned from shapes (works on the meta device)."""
         from .memory import plan_memory

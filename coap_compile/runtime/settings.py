@@ -5,9 +5,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..projection import ProjectionPolicy, get_policy
+from ..projection import POLICIES, ProjectionPolicy, get_policy
 
-__all__ = ["BACKENDS", "EMA_KEY", "PRECISIONS", "PROJECTION_KEYS", "make_policy", "validate_projection_args"]
+__all__ = [
+    "BACKENDS",
+    "EMA_KEY",
+    "PRECISIONS",
+    "PROJECTION_KEYS",
+    "make_policy",
+    "settings_key",
+    "validate_group",
+    "validate_projection_args",
+]
 
 #: param-group keys owned by COAP (everything else belongs to the base optimizer).
 PROJECTION_KEYS = (
@@ -35,8 +44,14 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
 def validate_projection_args(
-    rank, rank_ratio, projection, update_interval, reproject_factor, scale, first_moment_beta, backend
+    rank, rank_ratio, projection, update_interval, reproject_factor, scale, first_moment_beta, backend=None
 ) -> None:
     """Raise a ValueError/TypeError naming the argument and its value for bad COAP settings."""
     _positive_int("rank", rank, allow_none=True)
@@ -51,12 +66,48 @@ def validate_projection_args(
     _positive_int("reproject_factor", reproject_factor)
     if not isinstance(projection, (str, ProjectionPolicy)):
         raise TypeError(f"projection must be a policy name or a ProjectionPolicy, got {projection!r}")
+    if isinstance(projection, str) and projection not in POLICIES:
+        raise ValueError(f"unknown projection {projection!r}; expected one of {sorted(POLICIES)}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
-    if not 0.0 <= first_moment_beta < 1.0:
+    if not 0.0 <= _number("first_moment_beta", first_moment_beta) < 1.0:
         raise ValueError(f"first_moment_beta must be in [0, 1), got {first_moment_beta!r}")
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def validate_group(group: dict, index: int, policy_instance: ProjectionPolicy | None = None) -> None:
+    """Validate the COAP keys of one param group with the keyword arguments' rules and messages.
+
+    The message is the keyword argument's, followed by the group it came from; ``project`` must be
+    ``None``, ``True`` or ``False`` and ``restore_state`` a bool. A group may name a projection only
+    by string (a policy instance is given once, to the optimizer).
+    """
+    try:
+        projection = group["projection"]
+        if policy_instance is not None and projection != policy_instance.name:
+            raise ValueError(
+                f"projection of a group must be the optimizer's policy {policy_instance.name!r} when a "
+                f"ProjectionPolicy instance is given, got {projection!r}"
+            )
+        if not isinstance(projection, str):
+            raise TypeError(f"projection in a param group must be a policy name, got {projection!r}")
+        validate_projection_args(
+            group["rank"], group["rank_ratio"], projection, group["update_interval"],
+            group["reproject_factor"], group["scale"], group["first_moment_beta"],
+        )  # fmt: skip
+        if not isinstance(group["restore_state"], bool):
+            raise TypeError(f"restore_state must be a bool, got {group['restore_state']!r}")
+        project = group.get("project")
+        if not (project is None or isinstance(project, bool)):
+            raise ValueError(f"project must be None, True or False, got {project!r}")
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{exc} (param group {index})") from None
+
+
+def settings_key(group: dict) -> tuple:
+    """What plans and policies are derived from: the COAP keys and the group's parameters."""
+    return (*(repr(group.get(k)) for k in PROJECTION_KEYS), tuple(map(id, group["params"])))
 
 
 def make_policy(group: dict, instance: ProjectionPolicy | None) -> ProjectionPolicy:

@@ -1,0 +1,214 @@
+"""Checkpoints and copies of a :class:`~coap_compile.runtime.optimizer.CoapOptimizer`.
+
+**state_dict** is torch's (tensors, numbers and strings only, so ``torch.load(weights_only=True)``
+works) plus a top-level ``"coap"`` entry ``{"format": 1, "base": "torch.optim.AdamW"}``.
+
+**load_state_dict** checks, before anything changes (a mismatch raises ``ValueError`` and leaves the
+optimizer as it was, still usable):
+
+1. the number of groups and of parameters per group (as torch does);
+2. that it is a COAP checkpoint of the same base optimizer (``"coap"`` entry; a checkpoint without it
+   and without COAP keys in its groups is a plain ``torch.optim`` one, see below);
+3. per group: the same projection policy;
+4. per parameter with saved state: the state names and shapes against what this optimizer expects
+   for the checkpoint's hyperparameters (as torch, a checkpoint's hyperparameters, lr or amsgrad alike,
+   replace the current ones). Low-rank shapes come from *this* optimizer's rank, so a rank mismatch is
+   refused, naming both ranks: rank decides memory, and silently adopting the checkpoint's would undo
+   the user's choice; rebuild with the checkpoint's rank to resume it (or change ``group["rank"]``
+   after loading to re-base ``P``).
+
+A **plain torch.optim checkpoint** (full-rank ``exp_avg`` of every weight) is refused with that
+explanation rather than converted: projecting its full moments needs ``P``, which COAP computes from
+a gradient, so a faithful migration cannot happen at load time.
+
+If torch's own loading then fails anyway, the previous groups and state are restored.
+
+**Copies** (``copy.deepcopy``, ``pickle``, ``torch.save(opt)``): ``__getstate__`` adds the
+configuration torch's ``Optimizer.__getstate__`` drops (base class and arguments, policy instance,
+backend, precision, names by position); everything else is derived again on unpickling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..capture import capture, init_states
+from ..capture.adapter_base import qualified_name
+from ..compiler import compile_base
+from .memory import base_keeps_step
+from .selection import plan_param
+from .settings import EMA_KEY, make_policy
+
+__all__ = ["add_metadata", "expected_layout", "getstate", "load", "setstate", "validate"]
+
+FORMAT = 1
+_CONFIG = (
+    "_base_cls",
+    "_base_kwargs",
+    "_policy_instance",
+    "_backend",
+    "_precision",
+    "_check_finite",
+    "_events",
+)
+
+
+def add_metadata(opt, sd: dict[str, Any]) -> dict[str, Any]:
+    sd["coap"] = {"format": FORMAT, "base": qualified_name(opt._base_cls)}
+    return sd
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape)) if shape else "()"
+
+
+def _describe(layout: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(layout.items())) or "no state"
+
+
+def expected_layout(opt, p: Tensor, group: dict) -> dict[str, tuple[int, ...]]:
+    """State names and shapes ``p`` has after a step, under ``group``'s hyperparameters and this
+    optimizer's projection plan for ``p``."""
+    plan = opt._plans[p]
+    hyper = opt._base_hyperparams(group)
+    if not plan.projected:
+        captured = capture(opt._base_cls, hyper, dtype=p.dtype, ndim=p.ndim)
+        like = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        out = {k: tuple(v.shape) for k, v in init_states(captured, like).items()}
+        if base_keeps_step(opt._base_cls, opt._base_kwargs):
+            out["step"] = ()
+        return out
+    dtype = opt._state_dtype(p)
+    big, small = max(p.shape), min(p.shape)
+    compiled = compile_base(opt._base_cls, hyper, dtype)
+    policy = make_policy(group, opt._policy_instance)
+    out = {k: tuple(s) for k, (s, _) in policy.state_layout(small, plan.rank, dtype).items()}
+    out.update(
+        {k: tuple(v.shape) for k, v in compiled.init_lowrank_states(big, plan.rank, dtype, "meta").items()}
+    )
+    out["step"] = ()
+    if compiled.program.first_moment is None and policy.needs_first_moment:
+        out[EMA_KEY] = (big, plan.rank)
+    return out
+
+
+def validate(opt, sd: dict[str, Any]) -> None:
+    """Raise ``ValueError`` if ``sd`` cannot be loaded into ``opt`` (module docstring); change nothing."""
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise ValueError("load_state_dict expects a dict with 'state' and 'param_groups' (from state_dict())")
+    groups, saved = opt.param_groups, sd["param_groups"]
+    if len(groups) != len(saved) or any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved)):
+        raise ValueError(
+            f"the checkpoint has param groups of sizes {[len(s['params']) for s in saved]}, this optimizer "
+            f"{[len(g['params']) for g in groups]}"
+        )
+    ours = qualified_name(opt._base_cls)
+    meta = sd.get("coap")
+    if meta is None and not all("projection" in s and "rank" in s for s in saved):
+        raise ValueError(
+            "the checkpoint has no COAP settings (no 'coap' entry, no 'rank'/'projection' in its param "
+            "groups): it was saved by a plain torch.optim optimizer. Its full-rank moments cannot be "
+            f"loaded into COAP-{opt._base_cls.__name__}, whose projected weights keep low-rank states in a "
+            "basis computed from a gradient; resume it with the optimizer that saved it, or start the "
+            "COAP optimizer fresh"
+        )
+    theirs = meta.get("base") if isinstance(meta, dict) else None
+    first_mismatch = None
+    for i, (g, s) in enumerate(zip(groups, saved)):
+        if s.get("projection", g["projection"]) != g["projection"]:
+            raise ValueError(
+                f"param group {i}: the checkpoint uses projection={s['projection']!r}, this optimizer "
+                f"projection={g['projection']!r}; build the optimizer with the checkpoint's projection"
+            )
+        merged = {**g, **{k: v for k, v in s.items() if k != "params"}, "params": g["params"]}
+        for p, idx in zip(g["params"], s["params"]):
+            st = sd["state"].get(idx)
+            if not st:
+                continue
+            got = {k: tuple(v.shape) if isinstance(v, Tensor) else None for k, v in st.items()}
+            bad = [k for k, v in got.items() if v is None]
+            if bad:
+                raise ValueError(
+                    f"parameter {opt._name(p)!r} (param group {i}): the checkpoint holds non-tensor state "
+                    f"{bad}; COAP checkpoints hold tensors only"
+                )
+            want = expected_layout(opt, p, merged)
+            if got != want and first_mismatch is None:
+                first_mismatch = (i, p, got, want, merged)
+    if theirs is not None and theirs != ours:
+        detail = ""
+        if first_mismatch is not None:
+            _, p, got, want, _ = first_mismatch
+            detail = (
+                f" (parameter {opt._name(p)!r}: the checkpoint holds {', '.join(sorted(got))}; this "
+                f"optimizer expects {', '.join(sorted(want))})"
+            )
+        raise ValueError(
+            f"the checkpoint was saved by COAP-{theirs.rsplit('.', 1)[-1]} ({theirs}); this optimizer is "
+            f"COAP-{opt._base_cls.__name__} ({ours}){detail}"
+        )
+    if first_mismatch is not None:
+        i, p, got, want, merged = first_mismatch
+        plan = opt._plans[p]
+        saved_plan = plan_param(p, merged)
+        what = f"rank {plan.rank}" if plan.projected else "full rank"
+        hint = ""
+        if plan.projected and "proj" in got and got["proj"][-1] != plan.rank:
+            hint = (
+                f"; the checkpoint's states have rank {got['proj'][-1]} (its settings "
+                f"rank={merged.get('rank')}, rank_ratio={merged.get('rank_ratio')} give {saved_plan.rank}): "
+                "build the optimizer with "
+                "that rank to resume it"
+            )
+        raise ValueError(
+            f"parameter {opt._name(p)!r} (param group {i}): the checkpoint holds {_describe(got)}; this "
+            f"optimizer (COAP-{opt._base_cls.__name__}, {what}) expects {_describe(want)}{hint}"
+        )
+
+
+def load(opt, sd: dict[str, Any], torch_load: Callable[[dict], None]) -> None:
+    """Validate, then load with torch's ``load_state_dict``; restore the previous state on failure."""
+    validate(opt, sd)
+    groups = [dict(g) for g in opt.param_groups]
+    state = {p: dict(s) for p, s in opt.state.items()}
+    body = {k: v for k, v in sd.items() if k != "coap"}
+    try:
+        torch_load(body)
+        opt._derive()
+        params = [p for g in opt.param_groups for p in g["params"]]
+        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
+        for p, idx in zip(params, saved_ids):  # low-rank states keep their saved dtype (torch casts them)
+            if opt._plans[p].projected and idx in sd["state"]:
+                for key, value in sd["state"][idx].items():
+                    if isinstance(value, Tensor) and key != "step":
+                        opt.state[p][key] = value.detach().to(device=p.device, copy=True)
+    except Exception:
+        opt.param_groups[:] = groups
+        opt.state.clear()
+        opt.state.update(state)
+        opt._derive()
+        raise
+
+
+def getstate(opt, state: dict[str, Any]) -> dict[str, Any]:
+    """torch's ``__getstate__`` plus this optimizer's configuration (names by position, not by id)."""
+    names = [
+        (gi, pi, opt._names[id(p)])
+        for gi, g in enumerate(opt.param_groups)
+        for pi, p in enumerate(g["params"])
+        if id(p) in opt._names
+    ]
+    config = {k: getattr(opt, k) for k in _CONFIG}
+    config["names"] = names
+    return {**state, "_coap_config": config}
+
+
+def setstate(opt, config: dict[str, Any]) -> None:
+    names = config.pop("names")
+    for k, v in config.items():
+        setattr(opt, k, v)
+    opt._names = {id(opt.param_groups[gi]["params"][pi]): name for gi, pi, name in names}

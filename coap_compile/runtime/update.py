@@ -1,0 +1,81 @@
+"""The projected update of one weight (traceable: no host reads, no branches on values).
+
+With the live scalars ``(k, lr, h)`` (completed steps, learning rate, hyperparameters, 0-d float64)::
+
+    X̃ = X P                                           (policy.project; X = G or the prologue's G + λW)
+    (decay, D, s', k') = lowrank(W, X̃, s, k, lr, h)   (the compiled base update, M×r)
+    W ← decay · W + scale · D Pᵀ                        (full space)
+    s ← s',  step ← k',  coap_exp_avg ← lerp(·, X̃, 1 − β)   (only after W, see below)
+
+Everything is computed before the first write, and the weight is written before the states, so a
+failure inside this parameter's update (an exception from the kernels or the allocator) leaves its
+states and step counter unchanged. On CUDA (``backend`` permitting) elementwise bases run as the
+generated kernels K1 (``X P`` + state update + ``D``) and K2 (``W ← decay·W + scale·D Pᵀ``); bases with
+reductions run their low-rank middle eagerly and K2 as a kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..compiler import CompiledBase
+from ..lowering.eager import apply_reprojection_, run_lowrank
+from ..lowering.kernels import KernelPlan, fused_update_, reproject_update_
+from ..projection import ProjectionPolicy
+from .refresh import canonical_input
+from .settings import EMA_KEY
+
+__all__ = ["projected_update_"]
+
+
+def projected_update_(
+    p: Tensor,
+    state: dict,
+    compiled: CompiledBase,
+    policy: ProjectionPolicy,
+    *,
+    dtype: torch.dtype,
+    inputs: tuple[Tensor, Tensor, list[Tensor]],
+    scale: float,
+    ema_beta: float,
+    transposed: bool,
+    kernels: bool,
+    kernel_plan: KernelPlan | None,
+    backend: str,
+    input_precision: str,
+) -> None:
+    """One step of one projected weight (module docstring), in place."""
+    program = compiled.program
+    k_t, lr_t, hypers = inputs
+    if kernels and kernel_plan is not None and EMA_KEY not in state:
+        g = (
+            p.grad
+            if program.prologue is None
+            else program.prologue(p.to(dtype), p.grad.to(dtype), *inputs[:2], *hypers)
+        )
+        fused_update_(
+            kernel_plan, p, g, state["proj"], [state[n] for n in program.state_names], k_t + 1, lr_t, hypers,
+            transposed=transposed, backend=backend, input_precision=input_precision,
+        )  # fmt: skip
+        state["step"].add_(1.0)
+        return
+    x, transposed = canonical_input(p, compiled, dtype, k_t, lr_t, hypers)
+    w = p.t() if transposed else p
+    x_proj = policy.project(state, x)
+    stat_param = p if not program.decomposition.param_stats else p.to(dtype)
+    decay, delta, new_states, new_step = run_lowrank(
+        program, stat_param, x_proj, [state[n] for n in program.state_names], k_t, lr_t, hypers
+    )
+    if kernels:  # low-rank middle ran eagerly (reductions); the reprojection is the K2 kernel
+        reproject_update_(
+            p, delta, state["proj"], decay, scale,
+            transposed=transposed, backend=backend, input_precision=input_precision,
+        )  # fmt: skip
+    else:
+        apply_reprojection_(w, decay, delta, state["proj"], scale)
+    for name, value in zip(program.state_names, new_states):
+        state[name].copy_(value)
+    state["step"].copy_(new_step)
+    if EMA_KEY in state:
+        state[EMA_KEY].lerp_(x_proj, 1.0 - ema_beta)
