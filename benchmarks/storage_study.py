@@ -4,8 +4,8 @@ Run from the repository root (each part stays under ~3 CPU-minutes on 2 cores)::
 
     python benchmarks/storage_study.py stagnation   # bf16 RN/SR on an EMA of g²: the half-ulp stall
     python benchmarks/storage_study.py regression   # noisy least squares, AdamW states fp32/bf16/int8
-    python benchmarks/storage_study.py llama        # tiny LLaMA, COAP-AdamW (reference), states per precision;
-                                                    # saves the final fp32 moments for `int8`
+    python benchmarks/storage_study.py llama        # tiny LLaMA, reference COAP-AdamW, states per
+                                                    # precision; saves the final fp32 moments for `int8`
     python benchmarks/storage_study.py int8         # int8 code map / layout choices on those moments
     python benchmarks/storage_study.py rng          # uniformity of the counter hash
 
@@ -86,14 +86,17 @@ def stagnation(steps: int = 3000, n: int = 4096, beta2: float = 0.999) -> dict:
                 v = st.load(stored, "v") * beta2 + (1 - beta2) * g * g
                 st.store_(stored, "v", v)
                 cur = st.load(stored, "v")
-                if not noisy and variant == "bf16-rn" and frozen_at is None and prev is not None:
-                    if torch.equal(cur, prev):
-                        frozen_at = t - 1
+                first_repeat = not noisy and variant == "bf16-rn" and frozen_at is None and prev is not None
+                if first_repeat and torch.equal(cur, prev):
+                    frozen_at = t - 1
                 prev = cur.clone()
                 if t in (100, 300, 1000, 3000):
                     vhat = cur / (1 - beta2**t)
-                    trace[t] = {"v_mean": cur.mean().item(), "vhat_mean": vhat.mean().item(),
-                                "vhat_std": vhat.std().item()}
+                    trace[t] = {
+                        "v_mean": cur.mean().item(),
+                        "vhat_mean": vhat.mean().item(),
+                        "vhat_std": vhat.std().item(),
+                    }
             res[variant] = {"trace": trace, "frozen_after_step": frozen_at}
         out[label] = res
     del gen
@@ -148,7 +151,9 @@ def llama(variants: list[str], steps: int = 500, seed: int = 0, moments: Path | 
     out = {}
     for variant in variants:
         model = build_llama(cfg, seed=seed)
-        proj = [p for n, p in model.named_parameters() if p.ndim == 2 and (".self_attn." in n or ".mlp." in n)]
+        proj = [
+            p for n, p in model.named_parameters() if p.ndim == 2 and (".self_attn." in n or ".mlp." in n)
+        ]
         ids = {id(p) for p in proj}
         rest = [p for p in model.parameters() if id(p) not in ids]
         opt = CoapAdamW(
@@ -168,12 +173,18 @@ def llama(variants: list[str], steps: int = 500, seed: int = 0, moments: Path | 
             opt.step()
             emu.after_step()
         with torch.no_grad():
-            vl = sum(model.loss(val[i : i + 16]).item() * val[i : i + 16].shape[0] for i in range(0, len(val), 16))
-        out[variant] = {"val_loss": vl / len(val), "train_loss_last": loss.item(), "s": time.perf_counter() - t0}
+            vl = sum(
+                model.loss(val[i : i + 16]).item() * val[i : i + 16].shape[0] for i in range(0, len(val), 16)
+            )
+        out[variant] = {
+            "val_loss": vl / len(val),
+            "train_loss_last": loss.item(),
+            "s": time.perf_counter() - t0,
+        }
         print(variant, out[variant], flush=True)
         if moments is not None and variant == "fp32":
             saved = {}
-            for i, (p, st) in enumerate(opt.state.items()):
+            for i, st in enumerate(opt.state.values()):
                 if "exp_avg" in st:
                     saved[f"{i}.m"], saved[f"{i}.v"] = st["exp_avg"].clone(), st["exp_avg_sq"].clone()
                     saved[f"{i}.lowrank"] = torch.tensor("proj" in st)
@@ -200,7 +211,22 @@ def int8_choices(moments: Path) -> dict:
     """Error of the Adam direction m̂/(√v̂ + ε) when m and v are 8-bit, per code map / layout choice."""
     saved = torch.load(moments, weights_only=True)
     t = int(saved["step"])
-    pairs = [(saved[f"{k[:-2]}.m"], saved[k], bool(saved[f"{k[:-2]}.lowrank"])) for k in saved if k.endswith(".v")]
+    real = [
+        (saved[f"{k[:-2]}.m"], saved[k], bool(saved[f"{k[:-2]}.lowrank"])) for k in saved if k.endswith(".v")
+    ]
+    # heavy-tailed synthetic moments (per-element gradient scale 10^N(0, 1.5)): v spans > 7 decades inside
+    # a block, as for rarely-updated embedding rows; m is the matching noisy EMA
+    gen = torch.Generator().manual_seed(0)
+    scale = 10.0 ** (1.5 * torch.randn(512, 64, generator=gen)) * 1e-3
+    m_syn = scale * (0.3 * torch.randn(512, 64, generator=gen))
+    v_syn = scale**2 * (1 + 0.1 * torch.rand(512, 64, generator=gen))
+    out_all = {}
+    for dataset, pairs in (("real", real), ("heavy-tailed", [(m_syn, v_syn, True)])):
+        out_all[dataset] = _int8_table(pairs, t, dataset)
+    return out_all
+
+
+def _int8_table(pairs: list, t: int, dataset: str) -> dict:
     configs = {
         "v signed (official COAP)": dict(v_signed=True, floor=False),
         "v unsigned": dict(v_signed=False, floor=False),
@@ -232,7 +258,24 @@ def int8_choices(moments: Path) -> dict:
                     "max_abs_err_over_max": worst,
                     "frac_elements_off_by_50pct": bad / total,
                 }
-                print(f"{key:<55} " + " ".join(f"{k}={v:.4g}" for k, v in out[key].items()), flush=True)
+                print(
+                    f"{dataset:<12} {key:<55} " + " ".join(f"{k}={v:.4g}" for k, v in out[key].items()),
+                    flush=True,
+                )
+    for block in (64, 256, 1024, 4096):  # the default map and layout at other block sizes
+        num = den = 0.0
+        for m, v, _ in pairs:
+            u = _direction(m, v, t)
+            uq = _direction(
+                _q(m, True, "decade", False, False, block), _q(v, False, "decade", True, False, block), t
+            )
+            num += (uq - u).pow(2).sum().item()
+            den += u.pow(2).sum().item()
+        out[f"block {block}"] = {
+            "rel_l2_direction": math.sqrt(num / den),
+            "scale_bytes_per_element": 4 / block,
+        }
+        print(f"{dataset:<12} block {block:<5} rel_l2_direction={math.sqrt(num / den):.4g}", flush=True)
     bf = {"num": 0.0, "den": 0.0}
     for m, v, _ in pairs:
         u = _direction(m, v, t)

@@ -10,7 +10,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coap_compile.storage import Int8Storage, block_layout, check_block_size, code_map, get_storage, kernel_block_m
+from coap_compile.storage import (
+    Int8Storage,
+    block_layout,
+    check_block_size,
+    code_map,
+    get_storage,
+    kernel_block_m,
+)
 from coap_compile.storage.codemap import relative_gaps
 
 SEEDS = st.integers(0, 2**31 - 1)
@@ -20,7 +27,11 @@ SEEDS = st.integers(0, 2**31 - 1)
 def oracle_levels(signed: bool) -> np.ndarray:
     """The "decade" map from its documented formula, float64, then float32-rounded (the spec's levels)."""
     d = 7 if signed else 8
-    mags = [10.0**-k * (0.1 + 0.9 * j / 2 ** (d - 1 - k)) for k in range(d) for j in range(1, 2 ** (d - 1 - k) + 1)]
+    mags = [
+        10.0**-k * (0.1 + 0.9 * j / 2 ** (d - 1 - k))
+        for k in range(d)
+        for j in range(1, 2 ** (d - 1 - k) + 1)
+    ]
     return np.concatenate([[0.0], np.sort(np.array(mags, dtype=np.float32).astype(np.float64))])
 
 
@@ -70,16 +81,23 @@ def make_tensor(seed: int, shape: tuple[int, ...], kind: str) -> torch.Tensor:
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     if x.ndim >= 1 and x.numel():
         scale = 10.0 ** torch.randint(-25, 26, (1,), generator=g).double()
-        x = x * scale * 10.0 ** torch.empty(x.shape[-1:] if x.ndim == 1 else x.shape[:1] + (1,) * (x.ndim - 1)).uniform_(
-            -4, 4, generator=g
-        ).double()
+        x = (
+            x
+            * scale
+            * 10.0
+            ** torch.empty(x.shape[-1:] if x.ndim == 1 else x.shape[:1] + (1,) * (x.ndim - 1))
+            .uniform_(-4, 4, generator=g)
+            .double()
+        )
         x.view(-1)[torch.rand(x.numel(), generator=g) < 0.05] = 0.0
         x.view(-1)[: min(x.numel(), 300)] = 0.0  # at least one all-zero block (up to 256 elements)
     x = x.float()
     return x.abs() if kind == "second_moment" else x
 
 
-SHAPES = st.sampled_from([(300, 48), (70, 5), (33, 130), (1000,), (17,), (), (4, 5, 19), (256, 16), (1, 40), (64, 1)])
+SHAPES = st.sampled_from(
+    [(300, 48), (70, 5), (33, 130), (1000,), (17,), (), (4, 5, 19), (256, 16), (1, 40), (64, 1)]
+)
 KINDS = st.sampled_from(["first_moment", "second_moment"])
 BLOCKS = st.sampled_from([16, 64, 256, 1024])
 
@@ -118,7 +136,9 @@ def test_nearest_codes_match_float64_oracle(seed, shape, kind, block):
     x = make_tensor(seed, shape, kind)
     stg = Int8Storage(quant_block_size=block, rounding="nearest", min_numel=0)
     stored = stg.from_value("s", x, kind)
-    codes, absmax, amb = oracle_quantize(x, block, signed=kind == "first_moment", floor=kind == "second_moment")
+    codes, absmax, amb = oracle_quantize(
+        x, block, signed=kind == "first_moment", floor=kind == "second_moment"
+    )
     got = stored["s.q8"].long().numpy()
     np.testing.assert_array_equal(stored["s.absmax"].double().numpy(), absmax)  # max is exact
     # Bit-identical except where |x|/a is within 2⁻²¹ (relative) of a midpoint, where the fp32
@@ -156,7 +176,9 @@ def _bound(x: torch.Tensor, xh: torch.Tensor, block: int, signed: bool, gaps: fl
     assert torch.all(err <= allowed), f"max excess {(err - allowed).max().item():.3g}"
 
 
-@given(seed=SEEDS, shape=SHAPES, kind=KINDS, block=BLOCKS, rounding=st.sampled_from(["nearest", "stochastic"]))
+@given(
+    seed=SEEDS, shape=SHAPES, kind=KINDS, block=BLOCKS, rounding=st.sampled_from(["nearest", "stochastic"])
+)
 def test_error_bound(seed, shape, kind, block, rounding):
     x = make_tensor(seed, shape, kind)
     stg = Int8Storage(quant_block_size=block, rounding=rounding, min_numel=0)
@@ -235,9 +257,24 @@ def test_requantizing_dequantized_values_is_exact():
             assert torch.equal(s1["s.q8"], s2["s.q8"]) and torch.equal(s1["s.absmax"], s2["s.absmax"])
 
 
+def test_layout_inferred_from_the_stored_grid():
+    from coap_compile.storage.int8 import infer_layout
+
+    for shape in [(300, 40), (70, 5), (10, 3), (5000,), (1, 1), (4, 5, 19)]:
+        grids = {}
+        for block in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
+            lay = block_layout(shape, block)
+            got = infer_layout(shape, lay.grid)
+            assert got is not None and got.grid == lay.grid and got.bw == lay.bw
+            rows = torch.arange(lay.rows)
+            assert torch.equal(rows // got.bh, rows // lay.bh)  # the same partition of the rows
+            grids[lay.grid] = block
+    assert infer_layout((300, 40), (7, 2)) is None
+
+
 def test_layout_tiles_own_whole_blocks():
     for block in (16, 64, 256, 1024, 4096):
-        for r in list(range(1, 40)) + [48, 64, 100, 127, 128, 129, 200, 256, 300, 512, 1000]:
+        for r in [*range(1, 40), 48, 64, 100, 127, 128, 129, 200, 256, 300, 512, 1000]:
             lay = block_layout((1000, r), block)
             assert lay.bh * lay.bw == block
             bm = kernel_block_m(r, block)
@@ -260,17 +297,33 @@ def test_layout_tiles_own_whole_blocks():
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_nbytes_closed_form(rounding):
     stg = Int8Storage(rounding=rounding)
-    for shape in [(4096, 512), (11008, 1024), (300, 48), (70, 5), (5000,), (64, 64), (10, 10), (), (3, 4, 512)]:
+    for shape in [
+        (4096, 512),
+        (11008, 1024),
+        (300, 48),
+        (70, 5),
+        (5000,),
+        (64, 64),
+        (10, 10),
+        (),
+        (3, 4, 512),
+    ]:
         for kind in ("first_moment", "second_moment"):
             n = math.prod(shape)
             rows, cols = oracle_matrix(shape)
             bw = min(16, 1 << max(0, (cols - 1).bit_length()))
             bh = 256 // bw
-            want = 4 * n if n < 4096 else n + 4 * -(-rows // bh) * -(-cols // bw) + 16 * (rounding == "stochastic")
+            want = (
+                4 * n
+                if n < 4096
+                else n + 4 * -(-rows // bh) * -(-cols // bw) + 16 * (rounding == "stochastic")
+            )
             assert stg.nbytes(shape, kind) == want
             z = stg.zeros("s", shape, "meta", kind)
             assert sum(t.numel() * t.element_size() for t in z.values()) == want
-    assert stg.nbytes((4096, 512), "first_moment") == 4096 * 512 + 4 * 256 * 32 + 16 * (rounding == "stochastic")
+    assert stg.nbytes((4096, 512), "first_moment") == 4096 * 512 + 4 * 256 * 32 + 16 * (
+        rounding == "stochastic"
+    )
 
 
 def test_small_tensors_stay_float32():
@@ -308,7 +361,10 @@ def test_bad_arguments():
     s = stg.zeros("m", (64, 64), "cpu", "first_moment")
     with pytest.raises(ValueError, match=r"has shape \(64, 63\), the state is \(64, 64\)"):
         stg.store_(s, "m", torch.zeros(64, 63))
-    with pytest.raises(ValueError, match="quant_block_size=64"):  # a checkpoint with another block size
-        Int8Storage(quant_block_size=64, min_numel=0).load(s, "m")
+    stg.store_(s, "m", torch.randn(64, 64))
+    other = Int8Storage(quant_block_size=64, min_numel=0)  # a checkpoint with another block size loads
+    assert torch.equal(other.load(s, "m"), stg.load(s, "m"))
+    with pytest.raises(ValueError, match=r"absmax is torch.float32 \(5, 4\), expected float32 \(4, 4\)"):
+        stg.load({"m.q8": s["m.q8"], "m.absmax": torch.zeros(5, 4)}, "m")
     with pytest.raises(KeyError, match=r"int8 state 'm' needs key 'm.q8'.*stored as bf16"):
         stg.load(get_storage("bf16").zeros("m", (64, 64)), "m")

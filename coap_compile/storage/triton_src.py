@@ -1,4 +1,4 @@
-'''Kernel-side state storage: Triton ``@triton.jit`` helper *sources* for generated kernel files.
+"""Kernel-side state storage: Triton ``@triton.jit`` helper *sources* for generated kernel files.
 
 The code generator pastes :func:`helpers` (or the pieces) into a generated module, which must then be
 written to a file and imported (``kernels.cache.load_module``). The helpers reproduce the eager storage
@@ -42,7 +42,7 @@ update by an ulp, and an element within an ulp of a threshold may then get the n
 difference of one level, i.e. within the error bound). The helpers themselves use no division and no
 transcendental, so they add no such difference (products are IEEE round-to-nearest; subnormal scales
 may flush to zero on GPUs).
-'''
+"""
 
 from __future__ import annotations
 
