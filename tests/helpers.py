@@ -101,3 +101,45 @@ def spectral_grad(
     v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
     s = decay ** torch.arange(k, dtype=torch.float64)
     return ((u * s) @ v.t()).to(dtype)
+
+
+def orthonormal(seed: int):
+    """``make_proj`` for FixedProjection: an N×r matrix with orthonormal columns (float64 QR, then cast)."""
+
+    def make(n: int, r: int, dtype: torch.dtype, device) -> torch.Tensor:
+        q, _ = torch.linalg.qr(randn(seed, n, r, dtype=torch.float64))
+        return q.to(dtype=dtype, device=device)
+
+    return make
+
+
+class VirtualLowRank:
+    """Oracle for a projected weight with a fixed ``P``: torch's own ``cls`` steps a *virtual* ``M×r``
+    parameter ``z`` fed ``X̃ = X P``, and ``W ← decay·W + (z' − z) Pᵀ`` (transposed back for a wide
+    weight). ``X = G``, or ``G + λW`` for Adam's L2 decay (what the compiler finds); AdamW's decoupled
+    decay is ``decay = 1 − lr·λ`` with the group's current lr. ``wd`` is the oracle's λ (torch's own
+    decay must not touch ``z``); every other hyperparameter lives in ``opt.param_groups[0]``, so a
+    scheduler or an edit applies to the oracle exactly as to the optimizer under test."""
+
+    def __init__(self, cls, w0: torch.Tensor, proj: torch.Tensor, **kw):
+        self.w, self.p = w0.detach().clone(), proj
+        m, n = w0.shape
+        self.wide = m < n
+        self.wd = kw.get("weight_decay", 0.0)
+        self.decoupled = cls is torch.optim.AdamW or bool(kw.get("decoupled_weight_decay", False))
+        self.z = torch.zeros(max(m, n), proj.shape[1], dtype=w0.dtype, requires_grad=True)
+        self.opt = cls([self.z], **{**kw, "weight_decay": 0.0})
+
+    def step(self, g: torch.Tensor) -> torch.Tensor:
+        x = g if not self.wide else g.t()
+        w = self.w if not self.wide else self.w.t()
+        lr = float(self.opt.param_groups[0]["lr"])
+        if self.wd and not self.decoupled:
+            x = x + self.wd * w
+        decay = 1.0 - lr * self.wd if self.decoupled else 1.0
+        z_old = self.z.detach().clone()
+        self.z.grad = x @ self.p
+        self.opt.step()
+        upd = (self.z.detach() - z_old) @ self.p.t()
+        self.w = decay * self.w + (upd if not self.wide else upd.t())
+        return self.w

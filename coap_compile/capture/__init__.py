@@ -14,6 +14,7 @@ from coap_compile.capture.trace import (
     clear_capture_cache,
     hyper_values,
     init_states,
+    live_inputs,
     run_captured,
     scalar_dtype,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "clear_capture_cache",
     "hyper_values",
     "init_states",
+    "live_inputs",
     "run_captured",
     "scalar_dtype",
 ]

@@ -58,6 +58,7 @@ __all__ = [
     "clear_capture_cache",
     "hyper_values",
     "init_states",
+    "live_inputs",
     "probe_trace",
     "run_captured",
     "scalar_dtype",
@@ -304,6 +305,16 @@ def capture(
             _CACHE[key] = hit
             _COUNT += 1
         return hit
+
+
+def live_inputs(
+    base: type[torch.optim.Optimizer], hyperparams: Mapping[str, Any]
+) -> tuple[HyperInput, ...]:
+    """The live hyperparameters of ``base`` under ``hyperparams`` (what :func:`capture` makes inputs),
+    without capturing anything (the generic route may trace once to decide)."""
+    adapter = adapter_for(base)
+    with _LOCK:
+        return adapter.structure(adapter.normalize(hyperparams))[1]
 
 
 def capture_count() -> int:

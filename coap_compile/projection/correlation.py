@@ -30,7 +30,7 @@ transposed (``M`` of them) and over its columns when ``transposed`` (``N`` of th
 **Together**, ``∇L = (1 − c̄) ∇E − E ∇c̄``, with ``α = 2(1 − c̄)/(M N)`` and ``β = E/K``::
 
     rows:    ∇L = Xᵀ Z + P W,  Z = α Y (S − 2I) − β d1∘F,   W = α Gy + β Fᵀ (d2∘F)
-    columns: [T | C] = Xᵀ [Y | F],  ∇L = α (T (S − 2I) + P Gy) − β d1∘C + β d2∘(P FᵀF)
+    columns: [T | C] = Xᵀ [Y | F],  Gy = Pᵀ T,  ∇L = α (T (S − 2I) + P Gy) − β d1∘C + β d2∘(P FᵀF)
 
 **Passes over X** (``M×N``): rows: ``Y = X P`` (matmul), the row norms (one read, no temporary) and ``Xᵀ Z``
 (matmul): 2 matmul passes + 1 reduction. Columns: ``Y = X P``, the column norms and one matmul ``Xᵀ [Y | F]``
@@ -108,9 +108,14 @@ def _grad_and_gram(p: Tensor, x: Tensor, first_moment: Tensor, transposed: bool)
     m, n = x.shape
     y = x @ p  # pass 1
     s = p.t() @ p
-    gy = y.t() @ y
     eye2 = 2.0 * torch.eye(s.shape[0], dtype=dtype, device=s.device)
     n2 = torch.linalg.vector_norm(x, dim=0 if transposed else 1)  # one read of X, no M×N temporary
+    if transposed:
+        tc = x.t() @ torch.cat([y, f], dim=1)  # pass 2: Xᵀ [Y | F] in one read of X
+        t, c = tc[:, : y.shape[1]], tc[:, y.shape[1] :]
+        gy = p.t() @ t  # YᵀY = Pᵀ (XᵀY): N r² instead of M r²
+    else:
+        gy = y.t() @ y
     resid = (n2.square().sum() + ((s - eye2) * gy).sum()).clamp_min(0.0)  # ‖X P Pᵀ − X‖²
     mse = resid / (m * n)
     if not transposed:
@@ -120,8 +125,6 @@ def _grad_and_gram(p: Tensor, x: Tensor, first_moment: Tensor, transposed: bool)
         z = alpha * (y @ (s - eye2)) - beta * (d1[:, None] * f)
         w = alpha * gy + beta * ((d2[:, None] * f).t() @ f)
         return x.t() @ z + p @ w, s  # pass 2
-    tc = x.t() @ torch.cat([y, f], dim=1)  # pass 2: Xᵀ [Y | F] in one read of X
-    t, c = tc[:, : y.shape[1]], tc[:, y.shape[1] :]
     pg = p @ (f.t() @ f)
     cos, d1, d2 = _cosine_weights((c * p).sum(1), (pg * p).sum(1), n2)
     alpha, beta = 2.0 * (1.0 - cos.mean()) / (m * n), mse / n

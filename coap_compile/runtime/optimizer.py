@@ -50,11 +50,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..capture import CapturedUpdate, capture, live_inputs
 from ..compiler import CompiledBase, compile_base
 from ..errors import NonFiniteGradientError
 from ..lowering.kernels import KernelPlan, kernel_plan
 from ..projection import ProjectionPolicy, get_policy
 from . import checkpoint
+from .fullrank import ensure_full_state, full_update_
 from .refresh import plan_refresh
 from .selection import ParamPlan, plan_param
 from .settings import (
@@ -181,6 +183,9 @@ class CoapOptimizer(torch.optim.Optimizer):
         self._keys = [settings_key(g) for g in self.param_groups]
         self._programs: dict[tuple[int, torch.dtype], CompiledBase] = {}
         self._kernel_plans: dict[tuple[str, float], KernelPlan] = {}
+        self._full_programs: dict[tuple[int, torch.dtype, int], CapturedUpdate] = {}
+        self._work: list[tuple[int, bool, float, float]] = []
+        self._work_params: list[Tensor] = []
         self._scalars: list[Tensor] = [torch.zeros(0, dtype=torch.float64) for _ in self.param_groups]
         for i, g in enumerate(self.param_groups):
             for p in g["params"]:
@@ -317,18 +322,29 @@ class CoapOptimizer(torch.optim.Optimizer):
         Two phases, so that ``torch.compile`` of a training step traces the update without recompiling:
         :meth:`_prepare` (not compiled: checks, live scalars, the refresh schedule, ``P`` refreshes
         written in place) and the update itself (traceable: no host reads, no branches on the step).
+        Under ``torch.compile`` full-rank parameters run their captured update too (:mod:`.fullrank`).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._prepare(found_inf):
+        compiling = torch.compiler.is_compiling()
+        if not self._prepare(found_inf, compiling):
             return loss
-        for i, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is not None and self._plans[p].projected:
-                    self._projected_update(p, group, i)
-        if self._inner is not None:
+        # ``_work`` (built by _prepare) lists what to update; the compiled region never reads
+        # ``param_groups`` (Dynamo would guard on every value in a group it touches, β₁ included, and
+        # recompile whenever a scheduler changes one). The gradients are read before ``self.state``:
+        # Dynamo then guards them as tensors of ``_work_params``, not through the state dict's keys
+        # (weak references that a new gradient after ``zero_grad`` invalidates, recompiling each step).
+        params = self._work_params
+        grads = [p.grad for p in params]
+        for p, _g, (i, projected, scale, ema_beta) in zip(params, grads, self._work):
+            state = self.state[p]
+            if projected:
+                self._projected_update(p, state, i, scale, ema_beta)
+            elif compiling:
+                full_update_(p, state, self._full_programs[(i, p.dtype, p.ndim)], self._inputs(state, i))
+        if self._inner is not None and not compiling:
             self._inner.step()
         return loss
 
@@ -342,8 +358,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         """Copy every group's lr and live hyperparameters into its persistent float64 vector (in place, so
         a compiled update that reads the vector sees new values without a recompile)."""
         for i, group in enumerate(self.param_groups):
-            compiled = next((c for (gi, _), c in self._programs.items() if gi == i), None)
-            hypers = compiled.captured.hypers if compiled is not None else ()
+            hypers = live_inputs(self._base_cls, self._base_hyperparams(group))
             values = [group["lr"], *(h.read(group) for h in hypers)]
             floats = []
             for name, v in zip(("lr", *(h.where for h in hypers)), values):
@@ -355,10 +370,12 @@ class CoapOptimizer(torch.optim.Optimizer):
             self._scalars[i].copy_(torch.tensor(floats, dtype=torch.float64))
 
     @torch.compiler.disable
-    def _prepare(self, found_inf: Tensor | None) -> bool:
+    def _prepare(self, found_inf: Tensor | None, compiling: bool = False) -> bool:
         """Skip on ``found_inf``; validate settings and gradients; live scalars; refresh ``P`` where due.
 
         Nothing is written before every check has passed and every due refresh has been computed.
+        ``compiling``: the update is being traced by ``torch.compile`` (the full-rank parameters then
+        need their captured programs and their state created here).
         """
         if found_inf is not None and bool(found_inf.detach().cpu().any()):
             return False
@@ -386,27 +403,37 @@ class CoapOptimizer(torch.optim.Optimizer):
         if self._inner is not None:  # hyperparameters (lr schedules) reach the full-rank base optimizer
             for i, j in self._inner_index.items():
                 self._inner.param_groups[j].update(self._base_hyperparams(self.param_groups[i]))
-        for group in self.param_groups:
+        self._work, self._work_params = [], []
+        for i, group in enumerate(self.param_groups):
             for p in group["params"]:
-                if p.grad is not None:
-                    # Create every entry here (the base optimizer fills full-rank ones lazily), so the state
-                    # dict's size is fixed before the compiled update sees it: no recompile after step 1.
-                    self.state[p]
+                if p.grad is None:
+                    continue
+                projected = self._plans[p].projected
+                if projected or compiling:
+                    self._work.append((i, projected, float(group["scale"]), float(group["first_moment_beta"])))
+                    self._work_params.append(p)
+                # Create every entry here (the base optimizer fills full-rank ones lazily), so the state
+                # dict's size is fixed before the compiled update sees it: no recompile after step 1.
+                state = self.state[p]
+                if compiling and not self._plans[p].projected:
+                    hyper = self._base_hyperparams(group)
+                    cu = capture(self._base_cls, hyper, dtype=p.dtype, ndim=p.ndim)
+                    self._full_programs[(i, p.dtype, p.ndim)] = cu
+                    ensure_full_state(state, cu, p)
         for p, i in due:
             if self._use_kernels(p):
                 self._kernel_plan(self._programs[(i, self._state_dtype(p))], self.param_groups[i]["scale"])
         return True
 
-    def _projected_update(self, p: Tensor, group: dict, index: int) -> None:
+    def _projected_update(self, p: Tensor, state: dict, index: int, scale: float, ema_beta: float) -> None:
         dtype = self._state_dtype(p)
         compiled = self._programs[(index, dtype)]
         kernels = self._use_kernels(p)
-        state = self.state[p]
         projected_update_(
             p, state, compiled, self._policies[index], dtype=dtype, inputs=self._inputs(state, index),
-            scale=group["scale"], ema_beta=group["first_moment_beta"], transposed=self._plans[p].transposed,
-            kernels=kernels, kernel_plan=self._kernel_plan(compiled, group["scale"]) if kernels else None,
-            backend=self._backend, input_precision=self._precision,
+            scale=scale, ema_beta=ema_beta, transposed=self._plans[p].transposed, kernels=kernels,
+            kernel_plan=self._kernel_plan(compiled, scale) if kernels else None, backend=self._backend,
+            input_precision=self._precision,
         )  # fmt: skip
 
     # -- reporting -------------------------------------------------------------------------------------
@@ -418,6 +445,6 @@ class CoapOptimizer(torch.optim.Optimizer):
 
     def explain(self) -> str:
         """What was captured, the roles, the derived low-rank update and the memory plan."""
-        from ..explain import explain_optimizer
+        from ..explanation import explain_optimizer
 
         return explain_optimizer(self)

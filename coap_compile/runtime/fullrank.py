@@ -1,0 +1,52 @@
+"""Full-rank parameters inside a compiled training step: the captured base update itself.
+
+Eagerly, full-rank parameters run the *unmodified* torch optimizer (an inner instance sharing this
+optimizer's ``state``), so they match ``torch.optim`` bit for bit. Inside ``torch.compile`` that inner
+step would read Python floats from its ``param_groups`` (Dynamo guards on each, so a scheduler that
+cycles β₁ recompiles every step) and torch's optimizers insert a graph break of their own. There the
+full-rank update runs the captured graph instead, the same torch arithmetic as a functional graph::
+
+    (p', s', k') = update(p, g, s, k, lr, h)      (the live scalars of the group, as for projected ones)
+
+with the states in torch's layout and names, so eager and compiled steps can alternate and checkpoints
+are interchangeable. The one addition: a base that keeps no step counter (SGD) gets a ``step`` entry,
+which its captured update needs for the first-step blend (torch's SGD ignores the extra entry).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..capture import CapturedUpdate, init_states, run_captured
+
+__all__ = ["ensure_full_state", "full_update_", "scalar_dtype_for_step"]
+
+
+def scalar_dtype_for_step() -> torch.dtype:
+    """torch's dtype for a per-parameter ``step`` tensor (float64 only under a float64 default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def ensure_full_state(state: dict, captured: CapturedUpdate, p: Tensor) -> None:
+    """Create what torch would create on its first step (and ``step``), before the compiled update."""
+    missing = [n for n in captured.state_names if n not in state]
+    if missing:
+        fresh = init_states(captured, p.detach())
+        for n in missing:
+            state[n] = fresh[n]
+    if "step" not in state:  # a base without a step counter: 1 once its buffers exist (only min(k, 1) matters)
+        started = bool(captured.state_names) and not missing
+        state["step"] = torch.tensor(1.0 if started else 0.0, dtype=scalar_dtype_for_step())
+
+
+def full_update_(p: Tensor, state: dict, captured: CapturedUpdate, inputs) -> None:
+    """One step of the captured update for a full-rank parameter, written back in place."""
+    k_t, lr_t, hypers = inputs
+    new_p, new_states, new_step = run_captured(
+        captured, p, p.grad, [state[n] for n in captured.state_names], k_t, lr_t, hypers
+    )
+    p.copy_(new_p)
+    for n, v in zip(captured.state_names, new_states):
+        state[n].copy_(v)
+    state["step"].copy_(new_step)
