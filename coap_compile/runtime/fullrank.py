@@ -35,7 +35,7 @@ def ensure_full_state(state: dict, captured: CapturedUpdate, p: Tensor) -> None:
         fresh = init_states(captured, p.detach())
         for n in missing:
             state[n] = fresh[n]
-    if "step" not in state:  # a base without a step counter: 1 once its buffers exist (only min(k, 1) matters)
+    if "step" not in state:  # a base without a counter: 1 once its buffers exist (only min(k, 1) matters)
         started = bool(captured.state_names) and not missing
         state["step"] = torch.tensor(1.0 if started else 0.0, dtype=scalar_dtype_for_step())
 

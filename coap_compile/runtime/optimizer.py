@@ -410,7 +410,8 @@ class CoapOptimizer(torch.optim.Optimizer):
                     continue
                 projected = self._plans[p].projected
                 if projected or compiling:
-                    self._work.append((i, projected, float(group["scale"]), float(group["first_moment_beta"])))
+                    scale, beta = float(group["scale"]), float(group["first_moment_beta"])
+                    self._work.append((i, projected, scale, beta))
                     self._work_params.append(p)
                 # Create every entry here (the base optimizer fills full-rank ones lazily), so the state
                 # dict's size is fixed before the compiled update sees it: no recompile after step 1.
