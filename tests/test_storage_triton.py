@@ -124,7 +124,7 @@ def test_q8_kernel_matches_eager(mod, m, r, block, kind, rounding):
     stg = Int8Storage(quant_block_size=block, rounding=rounding, min_numel=0)
     gen = torch.Generator().manual_seed(m * 1000 + r)
     eager = stg.zeros("s", (m, r), "cpu", kind, seed=3)
-    kern = {k: v.to(DEVICE) for k, v in eager.items()}
+    kern = {k: v.to(DEVICE, copy=True) for k, v in eager.items()}  # never aliases eager
     lay = block_layout((m, r), block)
     cm = stg.code_map_for(kind)
     tabs = cm.tables(DEVICE)
@@ -152,7 +152,7 @@ def test_bf16_kernel_matches_eager(mod, rounding, m, r):
     stg = Bf16Storage(rounding=rounding)
     gen = torch.Generator().manual_seed(r)
     eager = stg.zeros("s", (m, r), "cpu", "first_moment", seed=5)
-    kern = {k: v.to(DEVICE) for k, v in eager.items()}
+    kern = {k: v.to(DEVICE, copy=True) for k, v in eager.items()}  # never aliases eager
     b, c = torch.tensor(0.9), torch.tensor(0.1)
     for _ in range(3):
         g = torch.randn(m, r, generator=gen)
