@@ -10,9 +10,10 @@ precision  keys for state ``s`` of logical shape ``S``  bytes (:meth:`StateStora
 ``fp32``   ``s``: float32 ``S``                        ``4·|S|`` (``8·|S|`` with ``dtype=torch.float64``)
 ``bf16``   ``s``: bfloat16 ``S``; with stochastic      ``2·|S|`` (+ 16 for ``s.rng``)
            rounding also ``s.rng``: int64 ``(2,)``
-``int8``   ``s.q8``: int8 (signed map) or uint8        ``|S| + 4·⌈R/bh⌉·⌈C/bw⌉`` (layout in :mod:`.int8`);
-           (unsigned map) codes of shape ``S``;        tensors with fewer than ``min_numel`` elements stay
-           ``s.absmax``: float32 ``(⌈R/bh⌉, ⌈C/bw⌉)``  ``s``: float32 (``4·|S|``)
+``int8``   ``s.q8``: int8 (signed map) or uint8        ``|S| + 4·⌈R/bh⌉·⌈C/bw⌉`` (+ 16 for ``s.rng``;
+           (unsigned map) codes of shape ``S``;        layout in :mod:`.int8`); tensors with fewer than
+           ``s.absmax``: float32 ``(⌈R/bh⌉, ⌈C/bw⌉)``;  ``min_numel`` elements stay ``s``: float32
+           with stochastic rounding ``s.rng``           (``4·|S|``)
 =========  ==========================================  ===================================================
 
 The layout is self-describing: :func:`load_any` reads any precision from its keys and dtypes, which is
@@ -167,8 +168,9 @@ def get_storage(precision: str | StateStorage, **options: Any) -> StateStorage:
     """The storage for ``precision`` (``"fp32"``, ``"bf16"``, ``"int8"``), built with ``options``.
 
     Options: ``fp32``: ``dtype`` (float32 or float64); ``bf16``: ``rounding`` (``"nearest"`` or
-    ``"stochastic"``); ``int8``: ``quant_block_size`` (256), ``second_moment_map`` (``"unsigned"``),
-    ``min_numel`` (4096). An instance is returned as is (``options`` must then be empty).
+    ``"stochastic"``, the default); ``int8``: ``quant_block_size`` (256), ``second_moment_map``
+    (``"unsigned"``), ``rounding`` (``"stochastic"``), ``min_numel`` (4096), ``style`` (``"decade"``).
+    An instance is returned as is (``options`` must then be empty).
     """
     if isinstance(precision, StateStorage):
         if options:

@@ -39,9 +39,11 @@ the launch, as the eager ``store_`` does; ``idx`` is the logical element index (
 Bit-identity caveat on GPUs: the codes depend on the float32 input of ``_st_q8_store``; the printed
 epilogue may be contracted into FMAs by the GPU compiler, so K1's new state can differ from the eager
 update by an ulp, and an element within an ulp of a threshold may then get the neighbouring code (a
-difference of one level, i.e. within the error bound). The helpers themselves use no division and no
-transcendental, so they add no such difference (products are IEEE round-to-nearest; subnormal scales
-may flush to zero on GPUs).
+difference of one level, i.e. within the error bound). The helpers use no division and no
+transcendental; nearest rounding only compares IEEE products, so it adds no such difference. Stochastic
+rounding computes ``|x| − lvl·a``, which a GPU compiler may contract into an FMA (one rounding fewer),
+so there too a code can differ from eager by one level with probability ~2⁻²⁴ per element; launching
+with ``enable_fp_fusion=False`` removes both effects. Subnormal scales may flush to zero on GPUs.
 """
 
 from __future__ import annotations
