@@ -117,6 +117,8 @@ def validate(opt, sd: dict[str, Any]) -> None:
             "COAP optimizer fresh"
         )
     theirs = meta.get("base") if isinstance(meta, dict) else None
+    if theirs is not None and theirs != ours:
+        _refuse_base(opt, sd, theirs, ours)
     first_mismatch = None
     for i, (g, s) in enumerate(zip(groups, saved)):
         if s.get("projection", g["projection"]) != g["projection"]:
@@ -139,18 +141,6 @@ def validate(opt, sd: dict[str, Any]) -> None:
             want = expected_layout(opt, p, merged)
             if got != want and first_mismatch is None:
                 first_mismatch = (i, p, got, want, merged)
-    if theirs is not None and theirs != ours:
-        detail = ""
-        if first_mismatch is not None:
-            _, p, got, want, _ = first_mismatch
-            detail = (
-                f" (parameter {opt._name(p)!r}: the checkpoint holds {', '.join(sorted(got))}; this "
-                f"optimizer expects {', '.join(sorted(want))})"
-            )
-        raise ValueError(
-            f"the checkpoint was saved by COAP-{theirs.rsplit('.', 1)[-1]} ({theirs}); this optimizer is "
-            f"COAP-{opt._base_cls.__name__} ({ours}){detail}"
-        )
     if first_mismatch is not None:
         i, p, got, want, merged = first_mismatch
         plan = opt._plans[p]
@@ -168,6 +158,27 @@ def validate(opt, sd: dict[str, Any]) -> None:
             f"parameter {opt._name(p)!r} (param group {i}): the checkpoint holds {_describe(got)}; this "
             f"optimizer (COAP-{opt._base_cls.__name__}, {what}) expects {_describe(want)}{hint}"
         )
+
+
+def _refuse_base(opt, sd: dict[str, Any], theirs: str, ours: str) -> None:
+    """The checkpoint is another base's: name both, and the first parameter's states against ours."""
+    detail = ""
+    for g, s in zip(opt.param_groups, sd["param_groups"]):
+        for p, idx in zip(g["params"], s["params"]):
+            st = sd["state"].get(idx)
+            if st:
+                want = expected_layout(opt, p, g)  # this optimizer's own settings (theirs may not fit)
+                detail = (
+                    f" (parameter {opt._name(p)!r}: the checkpoint holds {', '.join(sorted(st))}; this "
+                    f"optimizer expects {', '.join(sorted(want))})"
+                )
+                break
+        if detail:
+            break
+    raise ValueError(
+        f"the checkpoint was saved by COAP-{theirs.rsplit('.', 1)[-1]} ({theirs}); this optimizer is "
+        f"COAP-{opt._base_cls.__name__} ({ours}){detail}"
+    )
 
 
 def load(opt, sd: dict[str, Any], torch_load: Callable[[dict], None]) -> None:
