@@ -25,6 +25,7 @@ def optimize(
     update_interval: int = 32,
     reproject_factor: int = 5,
     scale: float = 1.0,
+    correlation: str = "paper",
     target_modules: TargetModules = None,
     restore_state: bool = False,
     backend: str = "auto",
@@ -44,7 +45,7 @@ def optimize(
             projected; tied embedding weights are not), or parameters / parameter groups.
         base_optim: ``torch.optim.AdamW``, ``Adam``, ``Adafactor``, ``RMSprop``, ``SGD`` (momentum), or
             any optimizer whose update the compiler can rewrite (else ``UnsupportedOptimizerError``).
-        rank, rank_ratio: see :class:`~coap_compile.runtime.optimizer.CoapOptimizer`.
+        rank, rank_ratio, correlation: see :class:`~coap_compile.runtime.optimizer.CoapOptimizer`.
         target_modules: regular expressions (searched in module names) or ``callable(name, module)``
             selecting the modules whose 2-D weights are projected (model input only).
         **base_kwargs: the base optimizer's own arguments (``lr``, ``betas``, ``weight_decay`` …).
@@ -76,6 +77,7 @@ def optimize(
         update_interval=update_interval,
         reproject_factor=reproject_factor,
         scale=scale,
+        correlation=correlation,
         restore_state=restore_state,
         backend=backend,
         check_finite=check_finite,

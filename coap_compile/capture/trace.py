@@ -81,6 +81,8 @@ class CapturedUpdate:
             with every live value replaced by ``LIVE`` (what is baked into the graph is the rest).
         dtype, ndim: the parameter dtype and rank the graph was captured for (any sizes).
         hypers: the live inputs, in placeholder order (read from the param group at every step).
+        state_kinds: the adapter's state-kind hints (:attr:`UpdatePlan.state_kinds`) as sorted
+            ``(state name, kind)`` pairs (hashable); checked and applied by the Decompose pass.
     """
 
     optimizer: str
@@ -90,6 +92,7 @@ class CapturedUpdate:
     dtype: torch.dtype
     ndim: int
     hypers: tuple[HyperInput, ...] = ()
+    state_kinds: tuple[tuple[str, str], ...] = ()
 
 
 def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -105,8 +108,24 @@ def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def adapter_for(cls: type[torch.optim.Optimizer]) -> Adapter:
-    """The known adapter for exactly ``cls``, else the generic ``step()`` tracer (one per class)."""
-    return ADAPTERS.get(cls) or _generic(cls)
+    """The known adapter for exactly ``cls``, else the generic ``step()`` tracer (one per class).
+
+    ``transformers.optimization.Adafactor`` gets :class:`~.hf_adapter.HFAdafactorAdapter`; transformers
+    is imported only when ``cls`` itself comes from ``transformers.optimization`` (``import
+    coap_compile`` never imports it), and only that exact class is adapted (a subclass may override
+    ``step``, so it takes the generic route like any other class).
+    """
+    return ADAPTERS.get(cls) or _hf_adapter(cls) or _generic(cls)
+
+
+@functools.cache
+def _hf_adapter(cls: type[torch.optim.Optimizer]) -> Adapter | None:
+    if getattr(cls, "__module__", None) != "transformers.optimization" or cls.__name__ != "Adafactor":
+        return None
+    from coap_compile.capture.hf_adapter import HFAdafactorAdapter, hf_adafactor_class
+
+    hf = hf_adafactor_class()
+    return HFAdafactorAdapter(hf) if cls is hf and issubclass(cls, torch.optim.Optimizer) else None
 
 
 @functools.cache
@@ -264,7 +283,13 @@ def _build(
                 f"{_first_difference(gm.code, alt.code)})",
             )
     gm.meta["coap_init_states"] = plan.init
-    return CapturedUpdate(name, gm, plan.state_names, tuple(sorted(struct.items())), dtype, ndim, live)
+    unknown = sorted(set(plan.state_kinds) - set(plan.state_names))
+    if unknown:
+        raise UnsupportedOptimizerError(
+            name, f"state-kind hints name {unknown}, which are not states of the update {plan.state_names}"
+        )
+    kinds = tuple(sorted(plan.state_kinds.items()))
+    return CapturedUpdate(name, gm, plan.state_names, tuple(sorted(struct.items())), dtype, ndim, live, kinds)
 
 
 # ------------------------------------------------------------------------------------------- public API
@@ -307,9 +332,7 @@ def capture(
         return hit
 
 
-def live_inputs(
-    base: type[torch.optim.Optimizer], hyperparams: Mapping[str, Any]
-) -> tuple[HyperInput, ...]:
+def live_inputs(base: type[torch.optim.Optimizer], hyperparams: Mapping[str, Any]) -> tuple[HyperInput, ...]:
     """The live hyperparameters of ``base`` under ``hyperparams`` (what :func:`capture` makes inputs),
     without capturing anything (the generic route may trace once to decide)."""
     adapter = adapter_for(base)

@@ -100,6 +100,10 @@ class ProjectionPolicy(abc.ABC):
         """``P`` (``N×r``, float32 or float64). Dense policies: ``state["proj"]`` itself (no copy)."""
         return state["proj"]
 
+    def state_shape(self, state: dict[str, Tensor]) -> tuple[int, int]:
+        """``(N, r)`` of the basis a state describes, without materializing it."""
+        return tuple(state["proj"].shape)  # type: ignore[return-value]
+
     def project(self, state: dict[str, Tensor], x: Tensor) -> Tensor:
         """``X̃ = X P`` in ``P``'s dtype (float32, or float64 for float64 parameters)."""
         proj = self.basis(state)

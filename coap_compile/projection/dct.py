@@ -184,6 +184,9 @@ class DctPolicy(ProjectionPolicy):
         key = state["dct_basis_key"]
         return shared_basis(key.shape[1], work_dtype(key), state["dct_index"].device)
 
+    def state_shape(self, state: dict[str, Tensor]) -> tuple[int, int]:
+        return state["dct_basis_key"].shape[1], state["dct_index"].shape[0]
+
     def basis(self, state: dict[str, Tensor]) -> Tensor:
         """``P = B[:, dct_index]`` (a fresh ``N×r`` gather; ``dct_index`` order = moment slot order)."""
         return self.shared(state).index_select(1, state["dct_index"])

@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 from ..projection.base import ProjectionPolicy, canonical, resolve_rank
-from ..projection.coap import restore_moments
 from ..projection.linalg import check_positive_int
 from ..projection.registry import POLICIES, get_policy
 
@@ -88,6 +87,8 @@ def _policy_kwargs(name: str, group: dict[str, Any]) -> dict[str, Any]:
         return {"update_gap": group["update_interval"]}
     if name == "flora":
         return {"resample_every": group["update_interval"]}
+    if name == "dct":
+        return {"update_interval": group["update_interval"]}
     return {}
 
 
@@ -212,19 +213,20 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 return None
             x, _ = canonical(grad)
             state.update(policy.init_state(x, rank))  # refresh_kind(0) == "init"
-            self._init_state(state, x.new_empty(x.shape[0], rank, dtype=state["proj"].dtype), policy)
-        if "proj" not in state:
-            return None
+            dtype = policy.basis(state).dtype
+            self._init_state(state, x.new_empty(x.shape[0], rank, dtype=dtype), policy)
+        if not set(policy.state_layout(1, 1, torch.float32)) <= state.keys():
+            return None  # a full-rank parameter (no projection state)
         x, transposed = canonical(grad)
         k = int(state["step"].item())
         if policy.refresh_kind(k) not in ("", "init"):
             restore = bool(group["restore_state"] or getattr(policy, "restore_state", False))
-            old = state["proj"].clone() if restore else None
+            old = policy.snapshot(state) if restore else None
             first_moment = self._first_moment(state)
             changed = policy.refresh(state, x, k, first_moment=first_moment, transposed=transposed)
             if changed and old is not None:
                 first, second = self._restore_targets(state)
-                restore_moments(old, state["proj"], first=first, second=second)
+                policy.remap_moments(old, state, first=first, second=second)
         return LowRank(policy.project(state, x), policy, state, transposed)
 
     @torch.no_grad()

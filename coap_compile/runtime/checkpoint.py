@@ -147,9 +147,10 @@ def validate(opt, sd: dict[str, Any]) -> None:
         saved_plan = plan_param(p, merged)
         what = f"rank {plan.rank}" if plan.projected else "full rank"
         hint = ""
-        if plan.projected and "proj" in got and got["proj"][-1] != plan.rank:
+        saved_rank = got["proj"][-1] if "proj" in got else got["dct_index"][0] if "dct_index" in got else None
+        if plan.projected and saved_rank is not None and saved_rank != plan.rank:
             hint = (
-                f"; the checkpoint's states have rank {got['proj'][-1]} (its settings "
+                f"; the checkpoint's states have rank {saved_rank} (its settings "
                 f"rank={merged.get('rank')}, rank_ratio={merged.get('rank_ratio')} give {saved_plan.rank}): "
                 "build the optimizer with "
                 "that rank to resume it"

@@ -8,7 +8,8 @@ Per projected ``m×n`` weight (``M = max(m, n)``, ``N = min(m, n)``, rank ``r``,
           + 4              (the float32 step counter)
           + M·r·b          (only for bases without a first moment under COAP: ``coap_exp_avg``)
 
-Every other parameter keeps exactly the base optimizer's state (``base_bytes``).
+Every other parameter keeps exactly the base optimizer's state (``base_bytes``). Tensors a policy shares
+between matrices (the DCT basis of each width ``N``: ``N²·b``) are one row each, counted once.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def base_state_bytes(
 
 def plan_memory(opt) -> MemoryPlan:
     rows = []
+    shared: dict[str, tuple[tuple[int, ...], torch.dtype, str]] = {}  # counted once per key and device
     for i, group in enumerate(opt.param_groups):
         hyper = opt._base_hyperparams(group)
         for p in group["params"]:
@@ -118,6 +120,8 @@ def plan_memory(opt) -> MemoryPlan:
             big, small = max(p.shape), min(p.shape)
             policy = opt._policies[i]
             detail = {k: _nbytes(s, d) for k, (s, d) in policy.state_layout(small, plan.rank, dtype).items()}
+            for key, (shape, sdt) in policy.shared_state_layout(small, dtype).items():
+                shared.setdefault(f"{key} on {p.device}", (shape, sdt, str(p.device)))
             compiled = opt._compiled(i, dtype)
             for k, v in compiled.init_lowrank_states(big, plan.rank, dtype, "meta").items():
                 detail[k] = v.numel() * v.element_size()
@@ -129,4 +133,7 @@ def plan_memory(opt) -> MemoryPlan:
                     opt._name(p), tuple(p.shape), str(p.dtype), plan.rank, sum(detail.values()), base, detail
                 )
             )
+    for key, (shape, sdt, _dev) in sorted(shared.items()):  # e.g. the DCT basis shared by same-width matrices
+        b = _nbytes(shape, sdt)
+        rows.append(MemoryRow(f"[shared] {key}", tuple(shape), str(sdt), 0, b, 0, {key: b}))
     return MemoryPlan(tuple(rows))

@@ -60,6 +60,7 @@ from .fullrank import ensure_full_state, full_update_
 from .refresh import plan_refresh
 from .selection import ParamPlan, plan_param
 from .settings import (
+    CORRELATIONS,
     PRECISIONS,
     PROJECTION_KEYS,
     make_policy,
@@ -78,7 +79,7 @@ class CoapOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters or parameter groups (a group may set any base hyperparameter and the COAP keys
             ``rank, rank_ratio, projection, update_interval, reproject_factor, scale, restore_state,
-            first_moment_beta, project``, validated like the keyword arguments).
+            first_moment_beta, correlation, project``, validated like the keyword arguments).
         base_optim: the ``torch.optim.Optimizer`` subclass whose update is compiled.
         rank / rank_ratio: ``r = min(rank, min(m, n))``, or ``max(⌊min(m, n) / rank_ratio⌋, 1)``.
         projection: ``"coap"`` (default), ``"galore"``, ``"flora"``, or a ProjectionPolicy instance. For
@@ -88,6 +89,9 @@ class CoapOptimizer(torch.optim.Optimizer):
         scale: multiplies the back-projected update only.
         restore_state: map the first/second moments into the new basis when ``P`` changes.
         first_moment_beta: EMA rate of ``coap_exp_avg`` for bases without a first moment.
+        correlation: COAP's correlation step between low-cost SVDs: ``"paper"`` (the official clipped
+            gradient step), ``"normalized"`` (a scale-invariant step of a fixed angle, P kept orthonormal)
+            or ``"off"`` (SVD refreshes only); see :mod:`coap_compile.projection.correlation`.
         backend: ``"auto"`` (Triton kernels for CUDA tensors when available), ``"eager"`` or ``"triton"``.
         check_finite: refuse (raise) a step whose gradients contain inf/NaN, before modifying anything.
         input_precision: ``tl.dot`` precision of the kernels' matmuls: ``"ieee"`` (default, float32
@@ -110,6 +114,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         scale: float = 1.0,
         restore_state: bool = False,
         first_moment_beta: float = 0.9,
+        correlation: str = "paper",
         backend: str = "auto",
         check_finite: bool = True,
         input_precision: str = "ieee",
@@ -122,6 +127,8 @@ class CoapOptimizer(torch.optim.Optimizer):
             rank, rank_ratio, projection, update_interval, reproject_factor, scale, first_moment_beta, backend
         )
         probe = base_optim([torch.zeros(2, requires_grad=True)], **base_kwargs)  # base validates its own args
+        if correlation not in CORRELATIONS:
+            raise ValueError(f"correlation must be one of {CORRELATIONS}, got {correlation!r}")
         if input_precision not in PRECISIONS:
             raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
         self._base_cls = base_optim
@@ -143,6 +150,7 @@ class CoapOptimizer(torch.optim.Optimizer):
             scale=float(scale),
             restore_state=bool(restore_state),
             first_moment_beta=float(first_moment_beta),
+            correlation=correlation,
             projection=projection if isinstance(projection, str) else projection.name,
         )
         super().__init__(params, defaults)

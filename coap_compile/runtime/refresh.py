@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..compiler import CompiledBase
-from ..projection import ProjectionPolicy, canonical, restore_moments
+from ..projection import ProjectionPolicy, canonical
 from .settings import EMA_KEY
 
 __all__ = ["canonical_input", "plan_refresh", "policy_keys"]
@@ -36,10 +36,9 @@ __all__ = ["canonical_input", "plan_refresh", "policy_keys"]
 Commit = Callable[[], None]
 
 
-def policy_keys(policy: ProjectionPolicy, state: dict) -> tuple[str, ...]:
-    """The state entries a policy owns (``proj``, Flora's ``seed`` …)."""
-    proj = state["proj"]
-    return tuple(policy.state_layout(proj.shape[0], proj.shape[1], proj.dtype))
+def policy_keys(policy: ProjectionPolicy) -> tuple[str, ...]:
+    """The state entries a policy owns (``proj``, Flora's ``seed``, DCT's ``dct_index`` …)."""
+    return tuple(policy.state_layout(1, 1, torch.float32))
 
 
 def canonical_input(p: Tensor, compiled: CompiledBase, dtype, k_t, lr_t, hypers) -> tuple[Tensor, bool]:
@@ -58,13 +57,27 @@ def _fresh_lowrank(compiled: CompiledBase, policy, rows: int, rank: int, dtype, 
     return states
 
 
-def _map_moments(program, state: dict, old_p: Tensor, new_p: Tensor, fresh: dict[str, Tensor]) -> dict:
-    """Moments of ``state`` expressed in ``new_p`` (any rank); other states from ``fresh``."""
+def _old_basis(state: dict, policy: ProjectionPolicy, keys: tuple[str, ...]) -> Tensor | None:
+    """The basis the state's moments are expressed in, also after a change of ``projection``."""
+    if set(keys) <= state.keys():
+        return policy.basis(state)
+    if "proj" in state:  # a dense policy's state
+        return state["proj"]
+    if "dct_index" in state:
+        from ..projection.dct import DctPolicy
+
+        return DctPolicy().basis(state)
+    return None
+
+
+def _map_moments(program, state: dict, old_p: Tensor | None, new_p: Tensor, fresh: dict[str, Tensor]) -> dict:
+    """Moments of ``state`` expressed in ``new_p`` (any rank); other states (and everything when the old
+    basis is unknown) from ``fresh``."""
     out = {}
     for name, init in fresh.items():
         kind = "first_moment" if name == EMA_KEY else program.state_kinds.get(name, "other")
         old = state.get(name)
-        if old is None or kind == "other":
+        if old is None or kind == "other" or old_p is None:
             out[name] = init
             continue
         a, b = old_p.t().to(old.dtype), new_p.to(old.dtype)
@@ -98,12 +111,12 @@ def plan_refresh(
 
         return commit_init
     fresh_names = set(_fresh_lowrank(compiled, policy, 1, 1, dtype, "meta"))
-    layout_ok = set(policy.state_layout(1, 1, dtype)) <= state.keys()
-    if not layout_ok or state["proj"].shape[1] != rank:
+    keys = policy_keys(policy)
+    if not set(keys) <= state.keys() or policy.state_shape(state)[1] != rank:
         x, _ = canonical_input(p, compiled, dtype, *inputs)
         init = policy.init_state(x.to(dtype), rank)
         mapped = _map_moments(
-            program, state, state["proj"], init["proj"],
+            program, state, _old_basis(state, policy, keys), policy.basis(init),
             _fresh_lowrank(compiled, policy, x.shape[0], rank, dtype, p.device),
         )  # fmt: skip
 
@@ -114,7 +127,7 @@ def plan_refresh(
 
         return commit_rebase
     extra = fresh_names - state.keys()
-    obsolete = {n for n in state.keys() - fresh_names if n != "step"} - set(policy_keys(policy, state))
+    obsolete = {n for n in state.keys() - fresh_names if n != "step"} - set(keys)
     kind = policy.refresh_kind(k)
     if not (kind or extra or obsolete):
         return None
@@ -123,19 +136,19 @@ def plan_refresh(
     if kind:
         x, transposed = canonical_input(p, compiled, dtype, *inputs)
         first = state[program.first_moment] if program.first_moment else state.get(EMA_KEY)
-        refreshed = {key: state[key].clone() for key in policy_keys(policy, state)}
+        refreshed = {key: state[key].clone() for key in keys}
         changed = policy.refresh(refreshed, x, k, first_moment=first, transposed=transposed)
-    proj = state["proj"]
+    rank_now = policy.state_shape(state)[1]
 
     def commit_refresh() -> None:
-        old = proj.clone() if restore and changed else None
+        old = policy.snapshot(state) if restore and changed else None
         for key, value in refreshed.items():
             state[key].copy_(value)
         if old is not None:
             kinds = program.state_kinds
-            restore_moments(
+            policy.remap_moments(
                 old,
-                proj,
+                state,
                 first=[state[n] for n in program.state_names if kinds[n] == "first_moment"]
                 + ([state[EMA_KEY]] if EMA_KEY in state else []),
                 second=[state[n] for n in program.state_names if kinds[n] == "second_moment"],
@@ -143,7 +156,7 @@ def plan_refresh(
         for name in obsolete:
             del state[name]
         if extra:  # M = max(m, n): the canonical row count
-            fresh = _fresh_lowrank(compiled, policy, max(p.shape), proj.shape[1], dtype, p.device)
+            fresh = _fresh_lowrank(compiled, policy, max(p.shape), rank_now, dtype, p.device)
             state.update({n: fresh[n] for n in extra})
 
     return commit_refresh

@@ -9,6 +9,7 @@ from ..projection import POLICIES, ProjectionPolicy, get_policy
 
 __all__ = [
     "BACKENDS",
+    "CORRELATIONS",
     "EMA_KEY",
     "PRECISIONS",
     "PROJECTION_KEYS",
@@ -28,8 +29,10 @@ PROJECTION_KEYS = (
     "scale",
     "restore_state",
     "first_moment_beta",
+    "correlation",
     "project",
 )
+CORRELATIONS = ("paper", "normalized", "off")
 BACKENDS = ("auto", "eager", "triton")
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 EMA_KEY = "coap_exp_avg"
@@ -96,6 +99,8 @@ def validate_group(group: dict, index: int, policy_instance: ProjectionPolicy | 
             group["rank"], group["rank_ratio"], projection, group["update_interval"],
             group["reproject_factor"], group["scale"], group["first_moment_beta"],
         )  # fmt: skip
+        if group.get("correlation", "paper") not in CORRELATIONS:
+            raise ValueError(f"correlation must be one of {CORRELATIONS}, got {group.get('correlation')!r}")
         if not isinstance(group["restore_state"], bool):
             raise TypeError(f"restore_state must be a bool, got {group['restore_state']!r}")
         project = group.get("project")
@@ -121,7 +126,10 @@ def make_policy(group: dict, instance: ProjectionPolicy | None) -> ProjectionPol
             "update_interval": group["update_interval"],
             "reproject_factor": group["reproject_factor"],
             "restore_state": group["restore_state"],
+            "correlation": group.get("correlation", "paper"),
         }
+    elif name == "dct":
+        kwargs = {"update_interval": group["update_interval"], "restore_state": group["restore_state"]}
     elif name == "galore":
         kwargs = {"update_gap": group["update_interval"]}
     elif name == "flora":

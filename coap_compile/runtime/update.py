@@ -48,6 +48,7 @@ def projected_update_(
     """One step of one projected weight (module docstring), in place."""
     program = compiled.program
     k_t, lr_t, hypers = inputs
+    proj = policy.basis(state)  # P itself (dense policies) or the gathered DCT columns
     if kernels and kernel_plan is not None and EMA_KEY not in state:
         g = (
             p.grad
@@ -55,25 +56,25 @@ def projected_update_(
             else program.prologue(p.to(dtype), p.grad.to(dtype), *inputs[:2], *hypers)
         )
         fused_update_(
-            kernel_plan, p, g, state["proj"], [state[n] for n in program.state_names], k_t + 1, lr_t, hypers,
+            kernel_plan, p, g, proj, [state[n] for n in program.state_names], k_t + 1, lr_t, hypers,
             transposed=transposed, backend=backend, input_precision=input_precision,
         )  # fmt: skip
         state["step"].add_(1.0)
         return
     x, transposed = canonical_input(p, compiled, dtype, k_t, lr_t, hypers)
     w = p.t() if transposed else p
-    x_proj = policy.project(state, x)
+    x_proj = x.to(proj.dtype) @ proj
     stat_param = p if not program.decomposition.param_stats else p.to(dtype)
     decay, delta, new_states, new_step = run_lowrank(
         program, stat_param, x_proj, [state[n] for n in program.state_names], k_t, lr_t, hypers
     )
     if kernels:  # low-rank middle ran eagerly (reductions); the reprojection is the K2 kernel
         reproject_update_(
-            p, delta, state["proj"], decay, scale,
+            p, delta, proj, decay, scale,
             transposed=transposed, backend=backend, input_precision=input_precision,
         )  # fmt: skip
     else:
-        apply_reprojection_(w, decay, delta, state["proj"], scale)
+        apply_reprojection_(w, decay, delta, proj, scale)
     for name, value in zip(program.state_names, new_states):
         state[name].copy_(value)
     state["step"].copy_(new_step)
