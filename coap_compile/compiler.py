@@ -71,6 +71,7 @@ def compile_base(
         captured.state_names,
         make_states,
         hyper_values=[float(v) for v in hyper_values(captured, _with_defaults(base, hyperparams))],
+        state_kinds=dict(captured.state_kinds),  # adapter hints (e.g. transformers' Adafactor exp_avg)
     )
     _COUNT += 1
     _CACHE[key] = CompiledBase(captured, program, unit)

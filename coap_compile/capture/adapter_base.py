@@ -25,7 +25,7 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -126,6 +126,11 @@ class UpdatePlan:
         init: ``like -> {name: fresh state}`` (must work on the meta device).
         patch_compiling: trace with ``torch.compiler.is_compiling() → True`` (capturable path on CPU).
         verify_shape_generic: trace a second time at another shape and require an identical graph.
+        state_kinds: optional hints ``{state name: "first_moment"}`` for states the compiler's own
+            classifier cannot recognise (transformers' Adafactor keeps an EMA of its *update*, not of
+            the gradient). Decompose applies a hint only where its classification is ``other`` and only
+            after proving ``s' = a·s + b·u`` (scalar ``a``, ``b``; ``u`` free of ``s``, reading the
+            projected quantity); it refuses a hint that does not hold, naming the state.
     """
 
     state_names: tuple[str, ...]
@@ -134,6 +139,7 @@ class UpdatePlan:
     patch_compiling: bool = False
     verify_shape_generic: bool = False
     hypers: tuple[HyperInput, ...] = ()
+    state_kinds: Mapping[str, str] = field(default_factory=dict)
 
 
 def qualified_name(cls: type) -> str:

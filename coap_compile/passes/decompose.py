@@ -22,6 +22,17 @@ States are classified for COAP's correlation step and ``restore_state``:
 ``first_moment`` when ``s' = a·s + b·x`` and ``second_moment`` when ``s' = a·s + b·x²`` (scalar ``a``,
 ``b``); anything else is ``other``.
 
+**Adapter hints** (``hints``, from :attr:`~coap_compile.capture.adapter_base.UpdatePlan.state_kinds`).
+Some bases keep a first moment the classifier above cannot see: transformers' Adafactor averages its
+clipped, preconditioned *update* ``u = f(x, second moments, …)``, not ``x``. An adapter may then hint
+``{"exp_avg": "first_moment"}``. The hint is applied only where the classification is ``other`` and only
+when the state is a linear recurrence ``s' = a·s + u`` in something: ``∂²s'/∂s² = 0``, ``a = ∂s'/∂s`` a
+nonzero scalar, and neither ``a`` nor ``u = s'|_{s=0}`` reads ``s`` (also not through a reduction)
+while ``u`` reads ``x``. That is exactly what the runtime relies on: the correlation step reads the
+state as a direction in the projected space, and ``restore_state`` maps it linearly between bases
+(``s`` is a linear coordinate of ``s Pᵀ``). A hint that does not hold, names no state, contradicts a
+proven kind or asks for another kind is refused (:class:`UnsupportedOptimizerError` naming the state).
+
 With symbolic hyperparameters the tests are identities in them: ``∂²p'/∂p² = 0``, ``∂Δ/∂p = 0`` and
 the moment forms hold for every value of β, ε, λ, …, and ``decay``/``a``/``b`` are scalar expressions
 of them. The one assumption is the reading of a *moment*: ``first_moment`` means ``s`` averages ``x``
@@ -32,6 +43,7 @@ the correlation step reads a constant. Zero-ness of a gated hyperparameter (``we
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import sympy
@@ -41,10 +53,12 @@ from ..errors import UnsupportedOptimizerError
 from .analysis import GraphFacts
 from .symbolic import translate
 
-__all__ = ["GRAD", "K", "LR", "PARAM", "X", "Decomposition", "decompose", "state_symbol"]
+__all__ = ["GRAD", "HINTABLE_KINDS", "K", "LR", "PARAM", "X", "Decomposition", "decompose", "state_symbol"]
 
 PARAM, GRAD, X, K, LR = (sympy.Symbol(n) for n in ("param", "grad", "x", "k", "lr"))
 SCALARS = frozenset({K, LR})  # plus the unit's hyperparameter symbols (Decomposition.scalars)
+#: The state kinds an adapter may hint (see the module docstring).
+HINTABLE_KINDS = frozenset({"first_moment"})
 
 
 def state_symbol(name: str, new: bool = False) -> sympy.Symbol:
@@ -65,6 +79,7 @@ class Decomposition:
     param_stats: frozenset[str]  # opaque nodes that are 0-d statistics of the full weight
     state_kinds: dict[str, str]
     hypers: tuple[sympy.Symbol, ...] = ()  # live hyperparameter symbols, in placeholder order
+    hinted: frozenset[str] = frozenset()  # states whose kind comes from a checked adapter hint
 
     @property
     def scalars(self) -> frozenset[sympy.Symbol]:
@@ -116,9 +131,60 @@ class _Reject(Exception):
         self.node, self.reason = node, reason
 
 
+class _BadHint(_Reject):
+    """An adapter hint that does not hold: stops the search (no other projection point is tried)."""
+
+
+def _recurrence_failure(name: str, e: sympy.Expr, scalar_syms: set, deps: dict[str, set]) -> str | None:
+    """Why ``e`` (the new value of state ``name``) is not ``a·s + u`` (module docstring), or None."""
+    s = state_symbol(name)
+    if sympy.diff(e, s, 2) != 0:
+        return "its new value is not affine in the state"
+    a = sympy.diff(e, s)
+    if a == 0:
+        return "its new value does not read the state (no recurrence)"
+    if not a.free_symbols <= scalar_syms or s in _expand_deps(a, deps):
+        return f"its coefficient {a} is not a scalar"
+    u = e.subs(s, 0)
+    full = _expand_deps(u, deps)
+    if s in full:
+        return "the averaged term reads the state (through a reduction)"
+    if X not in full:
+        return "the averaged term does not read the projected quantity x"
+    return None
+
+
+def _apply_hints(
+    kinds: dict[str, str], hints: Mapping[str, str], new_states: dict, scalar_syms: set, deps, state_outs
+) -> frozenset[str]:
+    """Apply the checked hints to ``kinds`` in place; returns the hinted states (raises :class:`_BadHint`)."""
+    hinted = set()
+    for name, kind in sorted(hints.items()):
+        if name not in new_states:
+            raise _BadHint(
+                "output", f"state-kind hint for {name!r}, which is not a state ({sorted(new_states)})"
+            )
+        where = f"state-kind hint {name!r} -> {kind!r}"
+        if kind not in HINTABLE_KINDS:
+            raise _BadHint(state_outs[name], f"{where}: only {sorted(HINTABLE_KINDS)} can be hinted")
+        if kinds[name] == kind:
+            continue
+        if kinds[name] != "other":
+            raise _BadHint(state_outs[name], f"{where} contradicts its proven kind {kinds[name]!r}")
+        why = _recurrence_failure(name, new_states[name], scalar_syms, deps)
+        if why is not None:
+            raise _BadHint(
+                state_outs[name], f"{where} refused: state {name!r} is not a linear recurrence ({why})"
+            )
+        kinds[name] = kind
+        hinted.add(name)
+    return frozenset(hinted)
+
+
 def _try_candidate(
-    graph, facts: GraphFacts, cand: str, base_leaves, opaque_pred, val_ndim, hypers: tuple[sympy.Symbol, ...]
-) -> Decomposition:
+    graph, facts: GraphFacts, cand: str, base_leaves, opaque_pred, val_ndim, hypers: tuple[sympy.Symbol, ...],
+    hints: Mapping[str, str] | None = None,
+) -> Decomposition:  # fmt: skip
     scalars = SCALARS | frozenset(hypers)
     leaves = dict(base_leaves)
     leaves[cand] = X
@@ -196,6 +262,7 @@ def _try_candidate(
         )
     scalar_syms = set(scalar_like)
     kinds = {name: _classify_state(name, e, scalar_syms) for name, e in new_states.items()}
+    hinted = _apply_hints(kinds, hints or {}, new_states, scalar_syms, deps, state_outs)
     return Decomposition(
         proj_point=cand,
         x_expr=translate(graph, base_leaves, opaque_pred)[cand],
@@ -207,6 +274,7 @@ def _try_candidate(
         param_stats=frozenset(param_stats),
         state_kinds=kinds,
         hypers=hypers,
+        hinted=hinted,
     )
 
 
@@ -232,8 +300,12 @@ def _first_param_mixer(graph, ex, out_name: str, scalars: frozenset) -> str:
     return out_name
 
 
-def decompose(unit_name: str, gm: torch.fx.GraphModule, facts: GraphFacts) -> Decomposition:
-    """Find the projection point and the derived form; raise :class:`UnsupportedOptimizerError`."""
+def decompose(
+    unit_name: str, gm: torch.fx.GraphModule, facts: GraphFacts, hints: Mapping[str, str] | None = None
+) -> Decomposition:
+    """Find the projection point and the derived form; raise :class:`UnsupportedOptimizerError`.
+
+    ``hints``: the adapter's state-kind hints (module docstring), checked before they are applied."""
     graph = gm.graph
     base_leaves, hypers = {}, []
     for n, role in facts.roles.items():
@@ -262,7 +334,11 @@ def decompose(unit_name: str, gm: torch.fx.GraphModule, facts: GraphFacts) -> De
     first: _Reject | None = None
     for cand in cands:
         try:
-            return _try_candidate(graph, facts, cand, base_leaves, opaque_pred, val_ndim, tuple(hypers))
+            return _try_candidate(
+                graph, facts, cand, base_leaves, opaque_pred, val_ndim, tuple(hypers), hints
+            )
+        except _BadHint as bad:
+            raise UnsupportedOptimizerError(unit_name, bad.reason, node=bad.node) from None
         except _Reject as rej:
             first = first or rej
     assert first is not None

@@ -8,7 +8,7 @@ after every pass (``verify.verify_unit``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -78,7 +78,10 @@ class Decompose(Pass):
     ensures = frozenset({"decomposition"})
 
     def run(self, unit):
-        unit.facts["decomposition"] = decompose(unit.optimizer, unit.graph_module, unit.facts["graph_facts"])
+        hints = unit.facts.get("state_kind_hints")  # optional: the adapter's checked hints (decompose.py)
+        unit.facts["decomposition"] = decompose(
+            unit.optimizer, unit.graph_module, unit.facts["graph_facts"], hints
+        )
         return PassResult(unit, False)
 
 
@@ -143,13 +146,17 @@ def compile_update(
     *,
     ndim: int = 2,
     hyper_values: list[float] | None = None,
+    state_kinds: Mapping[str, str] | None = None,
 ) -> tuple[ProjectedProgram, CompilationUnit]:
     """Run the default pipeline on a captured update and return the projected program.
 
     ``hyper_values``: values of the live hyperparameters (placeholder order) around which
-    CheckEquivalence draws its random trial values.
+    CheckEquivalence draws its random trial values. ``state_kinds``: the adapter's state-kind hints
+    (fact ``state_kind_hints``; Decompose checks them before applying them).
     """
     facts = {"make_states": make_states, "ndim": ndim, "hyper_values": list(hyper_values or [])}
+    if state_kinds:
+        facts["state_kind_hints"] = dict(state_kinds)
     unit = CompilationUnit(optimizer, graph_module, tuple(state_names), facts=facts)
     unit = PassManager([p() for p in DEFAULT_PIPELINE], verify_unit).run(unit)
     return unit.facts["program"], unit
