@@ -50,7 +50,6 @@ from coap_compile.capture.adapter_base import (
     Adapter,
     HyperInput,
     UpdatePlan,
-    class_defaults,
     normalize_value,
 )
 from coap_compile.errors import UnsupportedOptimizerError
@@ -118,19 +117,13 @@ class HFAdafactorAdapter(Adapter):
                 "the capture adapter (coap_compile/capture/hf_adapter.py) must be updated",
             )
 
-    def _defaults(self, hyperparams: Mapping[str, Any]) -> dict[str, Any]:
-        """The class's ``defaults`` for the user's arguments (built with ``lr=None`` unless given, which
-        transformers' default ``relative_step=True`` requires)."""
-        args = {k: hyperparams[k] for k in (*_FLAGS, "lr") if k in hyperparams}
-        args.setdefault("lr", None if args.get("relative_step", True) else 1.0)
-        return class_defaults(self.cls, args)
-
     def normalize(self, hyperparams: Mapping[str, Any]) -> dict[str, Any]:
-        """Checked (:func:`~.hf_adafactor_port.check_hf_hyperparams`), then normalized math keys."""
-        defaults = self._defaults(hyperparams)
-        merged = {**defaults, **hyperparams}
+        """Checked first (:func:`~.hf_adafactor_port.check_hf_hyperparams`; the defaults are the
+        constructor's, verified by :meth:`check_signature`), then the normalized math keys."""
+        self.check_signature()
+        merged = {**dict(_CTOR), **hyperparams}
         if "lr" not in hyperparams:  # a bare capture: lr is a runtime input, given where it is needed
-            merged["lr"] = None if merged.get("relative_step", True) else 1.0
+            merged["lr"] = None if merged["relative_step"] else 1.0
         check_hf_hyperparams_named(merged)
         return {k: normalize_value(merged[k]) for k in sorted(self.math_keys)}
 
