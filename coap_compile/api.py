@@ -26,6 +26,9 @@ def optimize(
     reproject_factor: int = 5,
     scale: float = 1.0,
     correlation: str = "paper",
+    state_precision: str = "auto",
+    projection_precision: str = "auto",
+    quant_block_size: int = 256,
     target_modules: TargetModules = None,
     restore_state: bool = False,
     backend: str = "auto",
@@ -45,7 +48,8 @@ def optimize(
             projected; tied embedding weights are not), or parameters / parameter groups.
         base_optim: ``torch.optim.AdamW``, ``Adam``, ``Adafactor``, ``RMSprop``, ``SGD`` (momentum), or
             any optimizer whose update the compiler can rewrite (else ``UnsupportedOptimizerError``).
-        rank, rank_ratio, correlation: see :class:`~coap_compile.runtime.optimizer.CoapOptimizer`.
+        rank, rank_ratio, correlation, state_precision, projection_precision, quant_block_size: see
+            :class:`~coap_compile.runtime.optimizer.CoapOptimizer`.
         target_modules: regular expressions (searched in module names) or ``callable(name, module)``
             selecting the modules whose 2-D weights are projected (model input only).
         **base_kwargs: the base optimizer's own arguments (``lr``, ``betas``, ``weight_decay`` …).
@@ -78,6 +82,9 @@ def optimize(
         reproject_factor=reproject_factor,
         scale=scale,
         correlation=correlation,
+        state_precision=state_precision,
+        projection_precision=projection_precision,
+        quant_block_size=quant_block_size,
         restore_state=restore_state,
         backend=backend,
         check_finite=check_finite,

@@ -329,17 +329,30 @@ def test_generic_probe_uses_the_users_arguments():
     assert "decay=0.5" in opt.explain()  # a live input read from the group
 
 
+class IntStepSGD(torch.optim.Optimizer):
+    """Keeps a Python int step (as transformers' optimizers do) and refuses a bare lr without ``mode``."""
+
+    def __init__(self, params, lr=None, mode=None):
+        if mode != "manual":
+            raise ValueError("Cannot combine manual lr and mode=None")
+        super().__init__(params, {"lr": lr, "mode": mode})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                st["step"] = st.get("step", 0) + 1
+                p.add_(p.grad, alpha=-group["lr"])
+
+
 def test_generic_route_error_is_in_the_users_terms():
-    transformers = pytest.importorskip("transformers")
     w = randn(0, 10, 6).requires_grad_()
     with pytest.raises(UnsupportedOptimizerError) as info:
-        coap_compile.optimize(
-            [{"params": [w], "project": True}], transformers.optimization.Adafactor, rank=3, lr=1e-3,
-            relative_step=False, scale_parameter=False,
-        )  # fmt: skip
+        coap_compile.optimize([{"params": [w], "project": True}], IntStepSGD, rank=3, lr=1e-3, mode="manual")
     msg = str(info.value)
-    assert "Cannot combine manual" not in msg  # the probe was built with relative_step=False
-    assert "state 'step' is a int" in msg and "Adafactor" in msg
+    assert "Cannot combine manual" not in msg  # the probe was built with the user's mode="manual"
+    assert "IntStepSGD" in msg and "state 'step' is a int" in msg
 
 
 def test_generic_baked_hyperparameter_is_re_captured_and_correct():

@@ -83,10 +83,12 @@ def test_triton_backend_equals_eager(name, seed, m, n, rank, scale):
 
 
 def test_triton_backend_bf16_weights():
+    """bf16 weights with fp32 states (K1 + K2; bf16/int8 states are tested in test_kernels_storage)."""
     w0 = randn(0, 48, 24).to(torch.bfloat16)
     grads = [randn(i + 1, 48, 24).to(torch.bfloat16) for i in range(3)]
-    w_e, _ = _run("eager", torch.optim.AdamW, {"lr": 1e-2}, w0, grads, 8, 1.0)
-    w_t, _ = _run("triton", torch.optim.AdamW, {"lr": 1e-2}, w0, grads, 8, 1.0)
+    kw = {"lr": 1e-2, "state_precision": "fp32"}
+    w_e, _ = _run("eager", torch.optim.AdamW, kw, w0, grads, 8, 1.0)
+    w_t, _ = _run("triton", torch.optim.AdamW, kw, w0, grads, 8, 1.0)
     # bf16 storage: both round the float32 result once per step; allow ~2 bf16 ulps of |W| (2 · 2⁻⁸).
     torch.testing.assert_close(w_t.float(), w_e.float(), rtol=8e-3, atol=1e-2)
 

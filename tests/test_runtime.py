@@ -171,16 +171,19 @@ def test_checkpoint_resume_is_bit_identical_across_refreshes(base, kw):
         assert torch.equal(a, b)
 
 
-def test_bf16_weights_keep_fp32_lowrank_state_after_load():
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("auto", torch.bfloat16)])
+def test_bf16_weights_keep_their_lowrank_state_dtype_after_load(precision, dtype):
+    """torch casts floating states to the parameter's dtype on load; COAP's own states keep theirs."""
     w = randn(0, 32, 16).to(torch.bfloat16).requires_grad_()
-    opt = coap_compile.optimize([{"params": [w], "project": True}], torch.optim.AdamW, rank=4, lr=1e-2)
+    kw = dict(rank=4, lr=1e-2, state_precision=precision)
+    opt = coap_compile.optimize([{"params": [w], "project": True}], torch.optim.AdamW, **kw)
     w.grad = randn(1, 32, 16).to(torch.bfloat16)
     opt.step()
     sd = opt.state_dict()
-    opt2 = coap_compile.optimize([{"params": [w], "project": True}], torch.optim.AdamW, rank=4, lr=1e-2)
+    opt2 = coap_compile.optimize([{"params": [w], "project": True}], torch.optim.AdamW, **kw)
     opt2.load_state_dict(sd)
     st = opt2.state[w]
-    assert st["exp_avg"].dtype == torch.float32 and st["proj"].dtype == torch.float32
+    assert st["exp_avg"].dtype == dtype and st["proj"].dtype == dtype
     assert torch.equal(st["exp_avg"], opt.state[w]["exp_avg"])
 
 

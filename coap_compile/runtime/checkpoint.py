@@ -39,11 +39,22 @@ from torch import Tensor
 from ..capture import capture, init_states
 from ..capture.adapter_base import qualified_name
 from ..compiler import compile_base
+from ..storage import convert_state
 from .memory import base_keeps_step
+from .precision import PRECISION_KEYS, StateIO
 from .selection import plan_param
 from .settings import EMA_KEY, make_policy
 
-__all__ = ["add_metadata", "expected_layout", "getstate", "load", "setstate", "validate"]
+__all__ = [
+    "add_metadata",
+    "expected_layout",
+    "getstate",
+    "load",
+    "logical_layout",
+    "logical_name",
+    "setstate",
+    "validate",
+]
 
 FORMAT = 1
 _CONFIG = (
@@ -70,9 +81,25 @@ def _describe(layout: dict[str, tuple[int, ...]]) -> str:
     return ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(layout.items())) or "no state"
 
 
+_AUX = (".rng", ".absmax")  # storage bookkeeping of a logical state (stochastic-rounding stream, scales)
+
+
+def logical_layout(state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
+    """A saved state's logical names and shapes, whatever precision stored them: ``exp_avg.q8`` (int8
+    codes) is ``exp_avg``, scales and rounding streams are left out; a non-tensor maps to None."""
+    out: dict[str, tuple[int, ...] | None] = {}
+    for k, v in state.items():
+        if any(k.endswith(a) for a in _AUX):
+            continue
+        name = k[: -len(".q8")] if k.endswith(".q8") else k
+        out[name] = tuple(v.shape) if isinstance(v, Tensor) else None
+    return out
+
+
 def expected_layout(opt, p: Tensor, group: dict) -> dict[str, tuple[int, ...]]:
-    """State names and shapes ``p`` has after a step, under ``group``'s hyperparameters and this
-    optimizer's projection plan for ``p``."""
+    """Logical state names and shapes ``p`` has after a step, under ``group``'s hyperparameters and this
+    optimizer's projection plan for ``p`` (storage keys such as ``exp_avg.q8`` are precision details,
+    see :func:`logical_layout`)."""
     plan = opt._plans[p]
     hyper = opt._base_hyperparams(group)
     if not plan.projected:
@@ -126,12 +153,13 @@ def validate(opt, sd: dict[str, Any]) -> None:
                 f"param group {i}: the checkpoint uses projection={s['projection']!r}, this optimizer "
                 f"projection={g['projection']!r}; build the optimizer with the checkpoint's projection"
             )
-        merged = {**g, **{k: v for k, v in s.items() if k != "params"}, "params": g["params"]}
+        kept = {k: g[k] for k in PRECISION_KEYS if k in g}  # this optimizer's storage, not the checkpoint's
+        merged = {**g, **{k: v for k, v in s.items() if k != "params"}, **kept, "params": g["params"]}
         for p, idx in zip(g["params"], s["params"]):
             st = sd["state"].get(idx)
             if not st:
                 continue
-            got = {k: tuple(v.shape) if isinstance(v, Tensor) else None for k, v in st.items()}
+            got = logical_layout(st)
             bad = [k for k, v in got.items() if v is None]
             if bad:
                 raise ValueError(
@@ -139,6 +167,9 @@ def validate(opt, sd: dict[str, Any]) -> None:
                     f"{bad}; COAP checkpoints hold tensors only"
                 )
             want = expected_layout(opt, p, merged)
+            if not opt._plans[p].projected and not base_keeps_step(opt._base_cls, opt._base_kwargs):
+                got.pop("step", None)  # torch's SGD keeps none; a compiled or low-precision run adds one
+                want.pop("step", None)
             if got != want and first_mismatch is None:
                 first_mismatch = (i, p, got, want, merged)
     if first_mismatch is not None:
@@ -183,27 +214,63 @@ def _refuse_base(opt, sd: dict[str, Any], theirs: str, ours: str) -> None:
 
 
 def load(opt, sd: dict[str, Any], torch_load: Callable[[dict], None]) -> None:
-    """Validate, then load with torch's ``load_state_dict``; restore the previous state on failure."""
+    """Validate, then load with torch's ``load_state_dict``; restore the previous state on failure.
+
+    The checkpoint's hyperparameters replace the current ones (torch's rule), except the storage keys
+    (``state_precision``, ``projection_precision``, ``quant_block_size``): this optimizer keeps its own,
+    and a state saved in another precision is converted (:func:`coap_compile.storage.convert_state`:
+    to fp32 exactly; from fp32 one rounding/quantization, as one step's store). States this optimizer
+    stores itself keep their saved dtypes (torch casts floating states to the parameter's dtype).
+    """
     validate(opt, sd)
     groups = [dict(g) for g in opt.param_groups]
     state = {p: dict(s) for p, s in opt.state.items()}
     body = {k: v for k, v in sd.items() if k != "coap"}
     try:
         torch_load(body)
+        for g, old in zip(opt.param_groups, groups):
+            g.update({k: old[k] for k in PRECISION_KEYS if k in old})
         opt._derive()
         params = [p for g in opt.param_groups for p in g["params"]]
         saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
-        for p, idx in zip(params, saved_ids):  # low-rank states keep their saved dtype (torch casts them)
-            if opt._plans[p].projected and idx in sd["state"]:
-                for key, value in sd["state"][idx].items():
-                    if isinstance(value, Tensor) and key != "step":
-                        opt.state[p][key] = value.detach().to(device=p.device, copy=True)
+        for p, idx in zip(params, saved_ids):
+            if p in opt._io_specs and idx in sd["state"]:
+                opt.state[p] = _restore(opt, p, sd["state"][idx])
     except Exception:
         opt.param_groups[:] = groups
         opt.state.clear()
         opt.state.update(state)
         opt._derive()
         raise
+
+
+def _restore(opt, p: Tensor, saved: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``p``'s state rebuilt from the saved tensors: own-stored states in this optimizer's precision."""
+    io = opt._io(p)
+    names = set(io.storages)
+    out: dict[str, Tensor] = {}
+    for key, value in saved.items():
+        if logical_name(key) in names:
+            continue
+        dtype = opt._proj_dtype(p) if key == "proj" else value.dtype
+        out[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
+    for name in names & set(logical_layout(saved)):
+        probe = StateIO(saved, io.storages, io.kinds, io.seed, io.shapes)
+        if probe.matches(name):
+            for key in probe.keys_of(name):
+                out[key] = saved[key].detach().to(device=p.device, copy=True)
+        else:
+            kind = io.kinds.get(name, "other")
+            converted = convert_state(saved, name, io.storages[name], kind, seed=io.seed)
+            out.update({k: v.to(p.device) for k, v in converted.items()})
+    return out
+
+
+def logical_name(key: str) -> str:
+    for suffix in (".q8", *_AUX):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
 
 
 def getstate(opt, state: dict[str, Any]) -> dict[str, Any]:

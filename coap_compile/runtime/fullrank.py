@@ -11,6 +11,11 @@ full-rank update runs the captured graph instead, the same torch arithmetic as a
 with the states in torch's layout and names, so eager and compiled steps can alternate and checkpoints
 are interchangeable. The one addition: a base that keeps no step counter (SGD) gets a ``step`` entry,
 which its captured update needs for the first-step blend (torch's SGD ignores the extra entry).
+
+With an explicit ``state_precision`` (``bf16``, ``int8``, or ``fp32`` for low-precision weights) a
+full-rank parameter always runs this captured update, in float32 (float64 for float64 weights), on its
+states loaded through a :class:`~coap_compile.runtime.precision.StateIO` and stored back, one parameter
+at a time (an 8-bit AdamW does the same).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..capture import CapturedUpdate, init_states, run_captured
+from .precision import StateIO
 
 __all__ = ["ensure_full_state", "full_update_", "scalar_dtype_for_step"]
 
@@ -28,25 +34,35 @@ def scalar_dtype_for_step() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def ensure_full_state(state: dict, captured: CapturedUpdate, p: Tensor) -> None:
-    """Create what torch would create on its first step (and ``step``), before the compiled update."""
-    missing = [n for n in captured.state_names if n not in state]
+def ensure_full_state(state: dict, captured: CapturedUpdate, p: Tensor, io: StateIO | None = None) -> None:
+    """Create what torch would create on its first step (and ``step``), before the update."""
+    missing = [n for n in captured.state_names if not (io.keys_of(n) if io is not None else n in state)]
     if missing:
-        fresh = init_states(captured, p.detach())
+        fresh = init_states(captured, p.detach().to(captured.dtype))
         for n in missing:
-            state[n] = fresh[n]
+            if io is None:
+                state[n] = fresh[n]
+            else:
+                state.update(io.fresh(n, fresh[n]))
     if "step" not in state:  # a base without a counter: 1 once its buffers exist (only min(k, 1) matters)
         started = bool(captured.state_names) and not missing
         state["step"] = torch.tensor(1.0 if started else 0.0, dtype=scalar_dtype_for_step())
 
 
-def full_update_(p: Tensor, state: dict, captured: CapturedUpdate, inputs) -> None:
-    """One step of the captured update for a full-rank parameter, written back in place."""
+def full_update_(p: Tensor, state: dict, captured: CapturedUpdate, inputs, io: StateIO | None = None) -> None:
+    """One step of the captured update for a full-rank parameter, written back in place (through ``io``
+    when the states have a storage precision)."""
     k_t, lr_t, hypers = inputs
+    work = captured.dtype
+    load = (lambda n: state[n]) if io is None else io.load
     new_p, new_states, new_step = run_captured(
-        captured, p, p.grad, [state[n] for n in captured.state_names], k_t, lr_t, hypers
-    )
+        captured, p if p.dtype == work else p.to(work), p.grad if p.grad.dtype == work else p.grad.to(work),
+        [load(n) for n in captured.state_names], k_t, lr_t, hypers,
+    )  # fmt: skip
     p.copy_(new_p)
     for n, v in zip(captured.state_names, new_states):
-        state[n].copy_(v)
+        if io is None:
+            state[n].copy_(v)
+        else:
+            io.store_(n, v)
     state["step"].copy_(new_step)

@@ -106,6 +106,11 @@ def base_state_bytes(
 
 
 def plan_memory(opt) -> MemoryPlan:
+    """One row per parameter (and per shared tensor); each state is counted by its storage's exact closed
+    form (:meth:`coap_compile.storage.StateStorage.nbytes`: fp32 4 B/element, bf16 2 B (+16 B of rounding
+    stream), int8 1 B + a float32 scale per block (+16 B)), ``P`` at its precision."""
+    from .precision import resolve_precision
+
     rows = []
     shared: dict[str, tuple[tuple[int, ...], torch.dtype, str]] = {}  # counted once per key and device
     for i, group in enumerate(opt.param_groups):
@@ -113,21 +118,31 @@ def plan_memory(opt) -> MemoryPlan:
         for p in group["params"]:
             plan = opt._plans[p]
             base, base_detail = base_state_bytes(opt._base_cls, hyper, opt._base_kwargs, p)
+            spec = opt._io_specs.get(p)
             if not plan.projected:
-                rows.append(MemoryRow(opt._name(p), tuple(p.shape), str(p.dtype), 0, base, base, base_detail))
+                if spec is None:  # torch's own optimizer
+                    row = MemoryRow(opt._name(p), tuple(p.shape), str(p.dtype), 0, base, base, base_detail)
+                    rows.append(row)
+                    continue
+                storages, kinds, _, shapes = spec
+                detail = {n: stg.nbytes(shapes[n], kinds.get(n, "other")) for n, stg in storages.items()}
+                detail["step"] = 4
+                total = sum(detail.values())
+                rows.append(MemoryRow(opt._name(p), tuple(p.shape), str(p.dtype), 0, total, base, detail))
                 continue
             dtype = opt._state_dtype(p)
-            big, small = max(p.shape), min(p.shape)
+            prec = resolve_precision(group, p)
+            small = min(p.shape)
             policy = opt._policies[i]
-            detail = {k: _nbytes(s, d) for k, (s, d) in policy.state_layout(small, plan.rank, dtype).items()}
+            detail = {}
+            for k, (shape, sdt) in policy.state_layout(small, plan.rank, dtype).items():
+                detail[k] = _nbytes(shape, prec.proj_dtype if k == "proj" else sdt)
             for key, (shape, sdt) in policy.shared_state_layout(small, dtype).items():
                 shared.setdefault(f"{key} on {p.device}", (shape, sdt, str(p.device)))
-            compiled = opt._compiled(i, dtype)
-            for k, v in compiled.init_lowrank_states(big, plan.rank, dtype, "meta").items():
-                detail[k] = v.numel() * v.element_size()
+            storages, kinds, _, shapes = spec
+            for n, stg in storages.items():
+                detail[n] = stg.nbytes(shapes[n], kinds[n])
             detail["step"] = 4
-            if compiled.program.first_moment is None and policy.needs_first_moment:
-                detail["coap_exp_avg"] = _nbytes((big, plan.rank), dtype)
             rows.append(
                 MemoryRow(
                     opt._name(p), tuple(p.shape), str(p.dtype), plan.rank, sum(detail.values()), base, detail

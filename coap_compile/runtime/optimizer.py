@@ -50,17 +50,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..capture import CapturedUpdate, capture, live_inputs
+from ..capture import CapturedUpdate, capture, init_states, live_inputs
 from ..compiler import CompiledBase, compile_base
-from ..errors import NonFiniteGradientError
 from ..lowering.kernels import KernelPlan, kernel_plan
 from ..projection import ProjectionPolicy, get_policy
 from . import checkpoint
 from .fullrank import ensure_full_state, full_update_
+from .precision import StateIO, resolve_precision, state_storage, validate_precision
 from .refresh import plan_refresh
 from .selection import ParamPlan, plan_param
 from .settings import (
     CORRELATIONS,
+    EMA_KEY,
     PRECISIONS,
     PROJECTION_KEYS,
     make_policy,
@@ -69,6 +70,7 @@ from .settings import (
     validate_projection_args,
 )
 from .update import projected_update_
+from .validate import check_gradients
 
 __all__ = ["CoapOptimizer"]
 
@@ -92,6 +94,8 @@ class CoapOptimizer(torch.optim.Optimizer):
         correlation: COAP's correlation step between low-cost SVDs: ``"paper"`` (the official clipped
             gradient step), ``"normalized"`` (a scale-invariant step of a fixed angle, P kept orthonormal)
             or ``"off"`` (SVD refreshes only); see :mod:`coap_compile.projection.correlation`.
+        state_precision / projection_precision / quant_block_size: how states and ``P`` are stored
+            (``"auto"``, ``"fp32"``, ``"bf16"``, ``"int8"``; rules and measurements in :mod:`.precision`).
         backend: ``"auto"`` (Triton kernels for CUDA tensors when available), ``"eager"`` or ``"triton"``.
         check_finite: refuse (raise) a step whose gradients contain inf/NaN, before modifying anything.
         input_precision: ``tl.dot`` precision of the kernels' matmuls: ``"ieee"`` (default, float32
@@ -115,6 +119,9 @@ class CoapOptimizer(torch.optim.Optimizer):
         restore_state: bool = False,
         first_moment_beta: float = 0.9,
         correlation: str = "paper",
+        state_precision: str = "auto",
+        projection_precision: str = "auto",
+        quant_block_size: int = 256,
         backend: str = "auto",
         check_finite: bool = True,
         input_precision: str = "ieee",
@@ -127,6 +134,7 @@ class CoapOptimizer(torch.optim.Optimizer):
             rank, rank_ratio, projection, update_interval, reproject_factor, scale, first_moment_beta, backend
         )
         probe = base_optim([torch.zeros(2, requires_grad=True)], **base_kwargs)  # base validates its own args
+        validate_precision(state_precision, projection_precision, quant_block_size)
         if correlation not in CORRELATIONS:
             raise ValueError(f"correlation must be one of {CORRELATIONS}, got {correlation!r}")
         if input_precision not in PRECISIONS:
@@ -151,6 +159,9 @@ class CoapOptimizer(torch.optim.Optimizer):
             restore_state=bool(restore_state),
             first_moment_beta=float(first_moment_beta),
             correlation=correlation,
+            state_precision=state_precision,
+            projection_precision=projection_precision,
+            quant_block_size=quant_block_size,
             projection=projection if isinstance(projection, str) else projection.name,
         )
         super().__init__(params, defaults)
@@ -183,10 +194,9 @@ class CoapOptimizer(torch.optim.Optimizer):
             raise
 
     def _derive(self) -> None:
-        """Plans, policies, programs and the inner base optimizer, from ``param_groups``."""
-        self._plans: dict[Tensor, ParamPlan] = {
-            p: plan_param(p, g) for g in self.param_groups for p in g["params"]
-        }
+        """Plans, policies, programs, state storages and the inner base optimizer, from ``param_groups``."""
+        groups = self.param_groups
+        self._plans: dict[Tensor, ParamPlan] = {p: plan_param(p, g) for g in groups for p in g["params"]}
         self._policies = [make_policy(g, self._policy_instance) for g in self.param_groups]
         self._keys = [settings_key(g) for g in self.param_groups]
         self._programs: dict[tuple[int, torch.dtype], CompiledBase] = {}
@@ -195,19 +205,64 @@ class CoapOptimizer(torch.optim.Optimizer):
         self._work: list[tuple[int, bool, float, float]] = []
         self._work_params: list[Tensor] = []
         self._scalars: list[Tensor] = [torch.zeros(0, dtype=torch.float64) for _ in self.param_groups]
+        self._io_specs: dict[Tensor, tuple] = {}
+        self._captured_full: dict[Tensor, CapturedUpdate] = {}  # full-rank params run by their capture
+        seed = 0
         for i, g in enumerate(self.param_groups):
             for p in g["params"]:
-                if self._plans[p].projected:
-                    self._compiled(i, self._state_dtype(p))  # compile now: unsupported bases fail early
+                self._derive_storage(p, g, i, seed)  # compiles now: unsupported bases fail early
+                seed += 1
         inner_groups, self._inner_index = [], {}
         for i, g in enumerate(self.param_groups):
-            full = [p for p in g["params"] if not self._plans[p].projected]
+            full = [p for p in g["params"] if not self._plans[p].projected and p not in self._captured_full]
             if full:
                 self._inner_index[i] = len(inner_groups)
                 inner_groups.append({**self._base_hyperparams(g), "params": full})
         self._inner = self._base_cls(inner_groups, **self._base_kwargs) if inner_groups else None
         if self._inner is not None:
             self._inner.state = self.state
+
+    def _derive_storage(self, p: Tensor, group: dict, index: int, seed: int) -> None:
+        """Which storage each state of ``p`` uses (:mod:`.precision`), and its program."""
+        prec = resolve_precision(group, p)
+        where = f"parameter {self._name(p)!r} (param group {index})"
+        plan = self._plans[p]
+        if plan.projected:
+            compiled = self._compiled(index, self._state_dtype(p))
+            program = compiled.program
+            kinds = dict(program.state_kinds)
+            names = list(program.state_names)
+            if program.first_moment is None and self._policies[index].needs_first_moment:
+                names.append(EMA_KEY)
+                kinds[EMA_KEY] = "first_moment"
+            inits = compiled.init_lowrank_states(max(p.shape), plan.rank, prec.work_dtype, "meta")
+            shapes = {n: tuple(t.shape) for n, t in inits.items()}
+            shapes[EMA_KEY] = (max(p.shape), plan.rank)
+            storages = {n: state_storage(prec, n, shapes[n], kinds[n], where) for n in names}
+            self._io_specs[p] = (storages, kinds, seed, {n: shapes[n] for n in names})
+            return
+        explicit = group.get("state_precision", "auto") != "auto"
+        if not explicit or (prec.states == "fp32" and p.dtype in (torch.float32, torch.float64)):
+            return  # torch's own optimizer (its states in the weight dtype, its exact arithmetic)
+        captured = capture(self._base_cls, self._base_hyperparams(group), dtype=prec.work_dtype, ndim=p.ndim)
+        try:
+            program = compile_base(self._base_cls, self._base_hyperparams(group), prec.work_dtype).program
+            kinds = dict(program.state_kinds)
+        except Exception:  # a base that cannot be projected: its states' kinds are unknown
+            kinds = {}
+        like = torch.empty(p.shape, dtype=prec.work_dtype, device="meta")
+        shapes = {n: tuple(t.shape) for n, t in init_states(captured, like).items()}
+        storages = {n: state_storage(prec, n, shapes[n], kinds.get(n, "other"), where) for n in shapes}
+        self._io_specs[p] = (storages, kinds, seed, shapes)
+        self._captured_full[p] = captured
+
+    def _proj_dtype(self, p: Tensor) -> torch.dtype:
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        return resolve_precision(group, p).proj_dtype
+
+    def _io(self, p: Tensor) -> StateIO:
+        storages, kinds, seed, shapes = self._io_specs[p]
+        return StateIO(self.state[p], storages, kinds, seed, shapes)
 
     @staticmethod
     def _state_dtype(p: Tensor) -> torch.dtype:
@@ -227,6 +282,11 @@ class CoapOptimizer(torch.optim.Optimizer):
                 )
                 self._events.append(f"group {group_index} ({dtype}) re-compiled: {diff}")
             self._programs[key] = new
+            if old is not None:  # the states may differ (amsgrad's max_exp_avg_sq): re-derive their storage
+                flat = [q for g in self.param_groups for q in g["params"]]
+                for q in self.param_groups[group_index]["params"]:
+                    if self._plans[q].projected and self._state_dtype(q) == dtype:
+                        self._derive_storage(q, self.param_groups[group_index], group_index, flat.index(q))
         return new
 
     def _kernel_plan(self, compiled: CompiledBase, scale: float) -> KernelPlan | None:
@@ -243,6 +303,10 @@ class CoapOptimizer(torch.optim.Optimizer):
         if p.dtype not in (torch.float32, torch.bfloat16) or self._backend == "eager":
             return False
         return self._backend == "triton" or p.is_cuda
+
+    def _fp32_states(self, p: Tensor) -> bool:
+        """Whether every state of ``p`` is stored fp32 (what the fused K1 kernel reads)."""
+        return all(stg.name == "fp32" for stg in self._io_specs[p][0].values())
 
     def projected_parameters(self) -> list[Tensor]:
         return [p for p, plan in self._plans.items() if plan.projected]
@@ -291,37 +355,7 @@ class CoapOptimizer(torch.optim.Optimizer):
 
     # -- the step --------------------------------------------------------------------------------------
     def _check_grads(self) -> None:
-        """Every gradient's layout, shape, dtype and device (and finiteness), before anything is written."""
-        grads, owners = [], []
-        for i, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                where = f"parameter {self._name(p)!r} (param group {i})"
-                if g.is_sparse or g.layout != torch.strided:
-                    raise ValueError(
-                        f"{where} has a sparse gradient ({g.layout}); COAP needs dense (strided) gradients"
-                    )
-                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                    raise ValueError(
-                        f"{where}: its gradient is {tuple(g.shape)} {g.dtype} on {g.device}, but the "
-                        f"parameter is {tuple(p.shape)} {p.dtype} on {p.device}; they must match"
-                    )
-                grads.append(g)
-                owners.append(p)
-        if not self._check_finite or not grads:
-            return
-        # One reduction pass per gradient and no boolean temporaries: min and max are finite iff every
-        # element is (NaN propagates through aminmax).
-        ok = torch.stack([torch.isfinite(torch.stack(torch.aminmax(g))).all().cpu() for g in grads])
-        if not bool(ok.all()):
-            bad = owners[int((~ok).nonzero()[0])]
-            raise NonFiniteGradientError(
-                f"the gradient of parameter {self._name(bad)!r} (shape {tuple(bad.shape)}) contains inf or "
-                "NaN; nothing was modified. Pass found_inf= (GradScaler style) to skip such steps instead, "
-                "or check_finite=False to disable this check"
-            )
+        check_gradients(self.param_groups, self._name, self._check_finite)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, found_inf: Tensor | None = None):
@@ -350,7 +384,9 @@ class CoapOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             if projected:
                 self._projected_update(p, state, i, scale, ema_beta)
-            elif compiling:
+            elif p in self._captured_full:  # a storage precision: the captured update, load/store
+                full_update_(p, state, self._captured_full[p], self._inputs(state, i), self._io(p))
+            else:  # compiling: torch's layout, the captured update (fullrank module docstring)
                 full_update_(p, state, self._full_programs[(i, p.dtype, p.ndim)], self._inputs(state, i))
         if self._inner is not None and not compiling:
             self._inner.step()
@@ -401,8 +437,9 @@ class CoapOptimizer(torch.optim.Optimizer):
             group, dtype = self.param_groups[i], self._state_dtype(p)
             state = self.state[p]
             commit = plan_refresh(
-                state, p, self._plans[p].rank, self._programs[(i, dtype)], self._policies[i],
-                dtype=dtype, inputs=self._inputs(state, i), restore=group["restore_state"],
+                self._io(p), p, self._plans[p].rank, self._programs[(i, dtype)], self._policies[i],
+                dtype=dtype, proj_dtype=resolve_precision(group, p).proj_dtype, inputs=self._inputs(state, i),
+                restore=group["restore_state"],
             )  # fmt: skip
             if commit is not None:
                 commits.append(commit)
@@ -417,14 +454,16 @@ class CoapOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 projected = self._plans[p].projected
-                if projected or compiling:
+                if projected or compiling or p in self._captured_full:
                     scale, beta = float(group["scale"]), float(group["first_moment_beta"])
                     self._work.append((i, projected, scale, beta))
                     self._work_params.append(p)
                 # Create every entry here (the base optimizer fills full-rank ones lazily), so the state
                 # dict's size is fixed before the compiled update sees it: no recompile after step 1.
                 state = self.state[p]
-                if compiling and not self._plans[p].projected:
+                if p in self._captured_full:
+                    ensure_full_state(state, self._captured_full[p], p, self._io(p))
+                elif compiling and not self._plans[p].projected:
                     hyper = self._base_hyperparams(group)
                     cu = capture(self._base_cls, hyper, dtype=p.dtype, ndim=p.ndim)
                     self._full_programs[(i, p.dtype, p.ndim)] = cu
@@ -437,9 +476,9 @@ class CoapOptimizer(torch.optim.Optimizer):
     def _projected_update(self, p: Tensor, state: dict, index: int, scale: float, ema_beta: float) -> None:
         dtype = self._state_dtype(p)
         compiled = self._programs[(index, dtype)]
-        kernels = self._use_kernels(p)
+        kernels = self._use_kernels(p) and self._fp32_states(p)
         projected_update_(
-            p, state, compiled, self._policies[index], dtype=dtype, inputs=self._inputs(state, index),
+            p, self._io(p), compiled, self._policies[index], dtype=dtype, inputs=self._inputs(state, index),
             scale=scale, ema_beta=ema_beta, transposed=self._plans[p].transposed, kernels=kernels,
             kernel_plan=self._kernel_plan(compiled, scale) if kernels else None, backend=self._backend,
             input_precision=self._precision,

@@ -5,13 +5,14 @@ asks for at the parameter's completed-step count ``k`` without writing anything,
 *commit* closure; phase 2 runs all commits. Kinds:
 
 * ``init`` (no state yet): ``P = policy.init(X)``, fresh low-rank base states, ``step = 0``;
-* ``rebase`` (the state's rank or projection policy no longer matches the group's settings, e.g.
-  after ``group["rank"] = 4``): ``P_new = policy.init(X)`` at the new rank, first moments mapped
-  ``M ← (M P_oldᵀ) P_new`` and second moments ``V ← ((√V P_oldᵀ) P_new)²`` (other states restart
-  from their initial value, since their meaning under a change of basis is not known);
-* a policy refresh (``correlation``, ``svd``, ``resample``): computed on copies of the policy's
-  tensors, committed with ``copy_`` (so ``P`` keeps its identity for compiled code), then
-  ``restore_state`` maps the moments into the new basis.
+* ``rebase`` (the state's rank, projection policy or storage precision no longer matches the group's
+  settings, e.g. after ``group["rank"] = 4``): ``P_new = policy.init(X)`` at the new rank, first
+  moments mapped ``M ← (M P_oldᵀ) P_new`` and second moments ``V ← ((√V P_oldᵀ) P_new)²`` (other states
+  restart from their initial value, since their meaning under a change of basis is not known), each
+  stored in the current precision;
+* a policy refresh (``correlation``, ``svd``, ``resample``, ``select``): computed in float32 on copies
+  of the policy's tensors, committed with ``copy_`` (so ``P`` keeps its identity for compiled code; a
+  bf16 ``P`` is rounded to nearest there), then ``restore_state`` maps the moments into the new basis.
 
 A change of the compiled signature that adds a low-rank state (``amsgrad`` switched on) creates it
 from its initial value at commit; a state the new signature no longer has is dropped.
@@ -29,9 +30,10 @@ from torch import Tensor
 
 from ..compiler import CompiledBase
 from ..projection import ProjectionPolicy, canonical
+from .precision import StateIO
 from .settings import EMA_KEY
 
-__all__ = ["canonical_input", "plan_refresh", "policy_keys"]
+__all__ = ["canonical_input", "lowrank_inits", "plan_refresh", "policy_keys"]
 
 Commit = Callable[[], None]
 
@@ -50,11 +52,28 @@ def canonical_input(p: Tensor, compiled: CompiledBase, dtype, k_t, lr_t, hypers)
     return canonical(g)
 
 
-def _fresh_lowrank(compiled: CompiledBase, policy, rows: int, rank: int, dtype, device) -> dict[str, Tensor]:
+def lowrank_inits(compiled: CompiledBase, policy, rows: int, rank: int, dtype, device) -> dict[str, Tensor]:
+    """Initial values (float32/64) of the low-rank states, ``coap_exp_avg`` included when needed."""
     states = compiled.init_lowrank_states(rows, rank, dtype, device)
     if compiled.program.first_moment is None and policy.needs_first_moment:
         states[EMA_KEY] = torch.zeros((rows, rank), dtype=dtype, device=device)
     return states
+
+
+def _stored(io: StateIO, values: dict[str, Tensor]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for name, value in values.items():
+        out.update(io.fresh(name, value))
+    return out
+
+
+def _policy_state(init: dict[str, Tensor], proj_dtype: torch.dtype) -> dict[str, Tensor]:
+    return {k: v.to(proj_dtype) if k == "proj" else v for k, v in init.items()}
+
+
+def _working(state: dict, keys: tuple[str, ...], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Copies of the policy's tensors, ``P`` in the working dtype (a bf16 ``P`` computes in float32)."""
+    return {k: state[k].to(dtype, copy=True) if k == "proj" else state[k].clone() for k in keys}
 
 
 def _old_basis(state: dict, policy: ProjectionPolicy, keys: tuple[str, ...]) -> Tensor | None:
@@ -70,64 +89,88 @@ def _old_basis(state: dict, policy: ProjectionPolicy, keys: tuple[str, ...]) -> 
     return None
 
 
-def _map_moments(program, state: dict, old_p: Tensor | None, new_p: Tensor, fresh: dict[str, Tensor]) -> dict:
-    """Moments of ``state`` expressed in ``new_p`` (any rank); other states (and everything when the old
-    basis is unknown) from ``fresh``."""
+def _load_any(state: dict, name: str) -> Tensor | None:
+    from ..storage import load_any
+
+    try:
+        return load_any(state, name)
+    except KeyError:
+        return None
+
+
+def _map_moments(program, state: dict, old_p: Tensor | None, new_p: Tensor, inits: dict[str, Tensor]) -> dict:
+    """Moments of ``state`` (any stored precision) expressed in ``new_p`` (any rank), as float32; other
+    states (and everything when the old basis is unknown) from ``inits``."""
     out = {}
-    for name, init in fresh.items():
+    for name, init in inits.items():
         kind = "first_moment" if name == EMA_KEY else program.state_kinds.get(name, "other")
-        old = state.get(name)
+        old = _load_any(state, name)
         if old is None or kind == "other" or old_p is None:
             out[name] = init
             continue
+        old = old.to(init.dtype)
         a, b = old_p.t().to(old.dtype), new_p.to(old.dtype)
-        out[name] = (old @ a) @ b if kind == "first_moment" else ((old.sqrt() @ a) @ b).square()
+        out[name] = (old @ a) @ b if kind == "first_moment" else ((old.clamp_min(0).sqrt() @ a) @ b).square()
     return out
 
 
 def plan_refresh(
-    state: dict,
+    io: StateIO,
     p: Tensor,
     rank: int,
     compiled: CompiledBase,
     policy: ProjectionPolicy,
     *,
     dtype: torch.dtype,
+    proj_dtype: torch.dtype,
     inputs: tuple[Tensor, Tensor, list[Tensor]],
     restore: bool,
 ) -> Commit | None:
     """Phase 1 for one projected parameter; returns its commit (None when nothing is due)."""
-    program = compiled.program
+    state, program = io.state, compiled.program
     k = int(state["step"].item()) if "step" in state else 0
+    rows = max(p.shape)  # M = max(m, n): the canonical row count
     if not state:
         x, _ = canonical_input(p, compiled, dtype, *inputs)
         new = {"step": torch.zeros((), dtype=torch.float32)}
-        new.update(policy.init_state(x.to(dtype), rank))
-        new.update(_fresh_lowrank(compiled, policy, x.shape[0], rank, dtype, p.device))
+        new.update(_policy_state(policy.init_state(x.to(dtype), rank), proj_dtype))
+        new.update(_stored(io, lowrank_inits(compiled, policy, rows, rank, dtype, p.device)))
 
         def commit_init() -> None:
             state.clear()
             state.update(new)
 
         return commit_init
-    fresh_names = set(_fresh_lowrank(compiled, policy, 1, 1, dtype, "meta"))
     keys = policy_keys(policy)
-    if not set(keys) <= state.keys() or policy.state_shape(state)[1] != rank:
+    names = tuple(io.storages)
+    proj_ok = "proj" not in keys or state.get("proj", torch.empty(0)).dtype == proj_dtype
+    if (
+        not set(keys) <= state.keys()
+        or policy.state_shape(state)[1] != rank
+        or not proj_ok
+        or any(io.keys_of(n) and not io.matches(n) for n in names)
+    ):
         x, _ = canonical_input(p, compiled, dtype, *inputs)
         init = policy.init_state(x.to(dtype), rank)
+        same_basis = set(keys) <= state.keys() and policy.state_shape(state)[1] == rank
+        if same_basis:  # only the storage precision changed: keep P, convert the states
+            init = _working(state, keys, dtype)
         mapped = _map_moments(
             program, state, _old_basis(state, policy, keys), policy.basis(init),
-            _fresh_lowrank(compiled, policy, x.shape[0], rank, dtype, p.device),
+            lowrank_inits(compiled, policy, rows, rank, dtype, p.device),
         )  # fmt: skip
+        rebased = {**_policy_state(init, proj_dtype), **_stored(io, mapped)}
 
         def commit_rebase() -> None:
             step = state["step"]
             state.clear()
-            state.update({"step": step, **init, **mapped})
+            state.update({"step": step, **rebased})
 
         return commit_rebase
-    extra = fresh_names - state.keys()
-    obsolete = {n for n in state.keys() - fresh_names if n != "step"} - set(keys)
+    present = {n for n in names if io.keys_of(n)}
+    extra = set(names) - present
+    owned = {"step", *keys} | {k_ for n in present for k_ in io.keys_of(n)}
+    obsolete = set(state) - owned
     kind = policy.refresh_kind(k)
     if not (kind or extra or obsolete):
         return None
@@ -135,28 +178,33 @@ def plan_refresh(
     changed = False
     if kind:
         x, transposed = canonical_input(p, compiled, dtype, *inputs)
-        first = state[program.first_moment] if program.first_moment else state.get(EMA_KEY)
-        refreshed = {key: state[key].clone() for key in keys}
+        first_name = program.first_moment or (EMA_KEY if EMA_KEY in names else None)
+        first = io.load(first_name) if first_name else None
+        refreshed = _working(state, keys, dtype)
         changed = policy.refresh(refreshed, x, k, first_moment=first, transposed=transposed)
     rank_now = policy.state_shape(state)[1]
 
     def commit_refresh() -> None:
-        old = policy.snapshot(state) if restore and changed else None
+        old = policy.snapshot(_working(state, keys, dtype)) if restore and changed else None
         for key, value in refreshed.items():
             state[key].copy_(value)
         if old is not None:
             kinds = program.state_kinds
-            policy.remap_moments(
-                old,
-                state,
-                first=[state[n] for n in program.state_names if kinds[n] == "first_moment"]
-                + ([state[EMA_KEY]] if EMA_KEY in state else []),
-                second=[state[n] for n in program.state_names if kinds[n] == "second_moment"],
+            first = [n for n in program.state_names if kinds[n] == "first_moment"] + (
+                [EMA_KEY] if EMA_KEY in names else []
             )
+            second = [n for n in program.state_names if kinds[n] == "second_moment"]
+            values = {n: io.load(n).clone() for n in (*first, *second)}
+            current = _working(state, keys, dtype)
+            policy.remap_moments(
+                old, current, first=[values[n] for n in first], second=[values[n] for n in second]
+            )
+            for n, v in values.items():
+                io.store_(n, v)
         for name in obsolete:
             del state[name]
-        if extra:  # M = max(m, n): the canonical row count
-            fresh = _fresh_lowrank(compiled, policy, max(p.shape), rank_now, dtype, p.device)
-            state.update({n: fresh[n] for n in extra})
+        if extra:
+            inits = lowrank_inits(compiled, policy, rows, rank_now, dtype, p.device)
+            state.update(_stored(io, {n: inits[n] for n in extra}))
 
     return commit_refresh

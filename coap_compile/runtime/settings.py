@@ -30,6 +30,9 @@ PROJECTION_KEYS = (
     "restore_state",
     "first_moment_beta",
     "correlation",
+    "state_precision",
+    "projection_precision",
+    "quant_block_size",
     "project",
 )
 CORRELATIONS = ("paper", "normalized", "off")
@@ -101,6 +104,12 @@ def validate_group(group: dict, index: int, policy_instance: ProjectionPolicy | 
         )  # fmt: skip
         if group.get("correlation", "paper") not in CORRELATIONS:
             raise ValueError(f"correlation must be one of {CORRELATIONS}, got {group.get('correlation')!r}")
+        from .precision import validate_precision
+
+        validate_precision(
+            group.get("state_precision", "auto"), group.get("projection_precision", "auto"),
+            group.get("quant_block_size", 256),
+        )  # fmt: skip
         if not isinstance(group["restore_state"], bool):
             raise TypeError(f"restore_state must be a bool, got {group['restore_state']!r}")
         project = group.get("project")

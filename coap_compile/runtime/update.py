@@ -2,16 +2,18 @@
 
 With the live scalars ``(k, lr, h)`` (completed steps, learning rate, hyperparameters, 0-d float64)::
 
-    X̃ = X P                                           (policy.project; X = G or the prologue's G + λW)
-    (decay, D, s', k') = lowrank(W, X̃, s, k, lr, h)   (the compiled base update, M×r)
+    X̃ = X P                                           (X = G or the prologue's G + λW; P in float32)
+    s = load(states)                                   (float32 views; dequantized for bf16/int8)
+    (decay, D, s', k') = lowrank(W, X̃, s, k, lr, h)   (the compiled base update, M×r, unchanged)
     W ← decay · W + scale · D Pᵀ                        (full space)
-    s ← s',  step ← k',  coap_exp_avg ← lerp(·, X̃, 1 − β)   (only after W, see below)
+    store(s'),  step ← k',  coap_exp_avg ← lerp(·, X̃, 1 − β)   (only after W, see below)
 
-Everything is computed before the first write, and the weight is written before the states, so a
-failure inside this parameter's update (an exception from the kernels or the allocator) leaves its
-states and step counter unchanged. On CUDA (``backend`` permitting) elementwise bases run as the
-generated kernels K1 (``X P`` + state update + ``D``) and K2 (``W ← decay·W + scale·D Pᵀ``); bases with
-reductions run their low-rank middle eagerly and K2 as a kernel.
+The state storage (:mod:`.precision`) wraps the derived update without changing it. Everything is
+computed before the first write, and the weight is written before the states, so a failure inside
+this parameter's update (an exception from the kernels or the allocator) leaves its states and step
+counter unchanged. On CUDA (``backend`` permitting) elementwise bases run as the generated kernels K1
+(``X P`` + state update + ``D``) and K2 (``W ← decay·W + scale·D Pᵀ``); bases with reductions run their
+low-rank middle eagerly and K2 as a kernel.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..compiler import CompiledBase
 from ..lowering.eager import apply_reprojection_, run_lowrank
 from ..lowering.kernels import KernelPlan, fused_update_, reproject_update_
 from ..projection import ProjectionPolicy
+from .precision import StateIO
 from .refresh import canonical_input
 from .settings import EMA_KEY
 
@@ -31,7 +34,7 @@ __all__ = ["projected_update_"]
 
 def projected_update_(
     p: Tensor,
-    state: dict,
+    io: StateIO,
     compiled: CompiledBase,
     policy: ProjectionPolicy,
     *,
@@ -47,14 +50,15 @@ def projected_update_(
 ) -> None:
     """One step of one projected weight (module docstring), in place."""
     program = compiled.program
+    state = io.state
     k_t, lr_t, hypers = inputs
     proj = policy.basis(state)  # P itself (dense policies) or the gathered DCT columns
+    if proj.dtype != dtype:  # P stored in bf16: products in float32
+        proj = proj.to(dtype)
     if kernels and kernel_plan is not None and EMA_KEY not in state:
-        g = (
-            p.grad
-            if program.prologue is None
-            else program.prologue(p.to(dtype), p.grad.to(dtype), *inputs[:2], *hypers)
-        )
+        g = p.grad
+        if program.prologue is not None:
+            g = program.prologue(p.to(dtype), p.grad.to(dtype), k_t, lr_t, *hypers)
         fused_update_(
             kernel_plan, p, g, proj, [state[n] for n in program.state_names], k_t + 1, lr_t, hypers,
             transposed=transposed, backend=backend, input_precision=input_precision,
@@ -66,7 +70,7 @@ def projected_update_(
     x_proj = x.to(proj.dtype) @ proj
     stat_param = p if not program.decomposition.param_stats else p.to(dtype)
     decay, delta, new_states, new_step = run_lowrank(
-        program, stat_param, x_proj, [state[n] for n in program.state_names], k_t, lr_t, hypers
+        program, stat_param, x_proj, [io.load(n) for n in program.state_names], k_t, lr_t, hypers
     )
     if kernels:  # low-rank middle ran eagerly (reductions); the reprojection is the K2 kernel
         reproject_update_(
@@ -76,7 +80,7 @@ def projected_update_(
     else:
         apply_reprojection_(w, decay, delta, proj, scale)
     for name, value in zip(program.state_names, new_states):
-        state[name].copy_(value)
+        io.store_(name, value)
     state["step"].copy_(new_step)
-    if EMA_KEY in state:
-        state[EMA_KEY].lerp_(x_proj, 1.0 - ema_beta)
+    if EMA_KEY in io.storages:
+        io.store_(EMA_KEY, torch.lerp(io.load(EMA_KEY), x_proj, 1.0 - ema_beta))

@@ -1,0 +1,165 @@
+"""State precision: how each optimizer state of each parameter is stored (``fp32``, ``bf16``, ``int8``).
+
+The storage formats themselves are :mod:`coap_compile.storage`; this module decides which one a state
+gets and gives the update a per-parameter view (:class:`StateIO`) that loads a state as float32,
+lets the compiled update run unchanged on it, and stores the result back (round / quantize), one
+parameter at a time, so no full-precision copy of all states ever exists (peak extra memory: one
+parameter's states).
+
+**Rules** (``state_precision`` / ``projection_precision``, keyword arguments and param-group keys):
+
+* ``state_precision="auto"`` (default): the weight's dtype, torch's convention: ``fp32`` for float32 and
+  float64 weights (float64 weights keep float64 states), ``bf16`` for bfloat16/float16 weights.
+  ``bf16`` rounds stochastically (a counter hash, checkpointed): with round-to-nearest, the
+  ``(1−β₂)·g²`` increments of a second moment fall below half a bf16 ulp and it stalls (measured in
+  :mod:`coap_compile.storage.bf16`: ``v`` freezes at 0.25 under constant ``g = 1``, Adam steps 1.6×
+  too large; on online least squares stochastic rounding matches fp32's excess risk, round-to-nearest
+  behaves like a 2.4× smaller learning rate).
+* ``int8``: blockwise dynamic quantization (:mod:`coap_compile.storage.int8`, ``quant_block_size``
+  elements per absmax scale, default 256, 2-D blocks that K1's tiles own whole): signed map for first
+  moments, unsigned for second moments (Adam-direction error 1.95 % vs 2.52 % signed, measured). Only
+  moment-like EMAs can be quantized: a state the compiler classifies as ``other`` (RMSprop's momentum
+  buffer ``b ← μb + g/a``, Adamax's running max) with ≥ 4096 elements is refused, naming it; smaller
+  states (Adafactor's row/column factors, norms, biases) stay fp32 (torchao's threshold too).
+* ``projection_precision="auto"``: ``P`` in bf16 when the states are bf16 or int8 (as the official
+  8-bit COAP keeps it in the weight dtype), fp32 otherwise; ``P`` is rounded to nearest (it is
+  recomputed, never accumulated) and every refresh and product computes in float32.
+* ``step`` counters stay float32.
+
+Full-rank parameters follow the same rule; with ``fp32`` they run torch's own optimizer, otherwise
+their captured update with the same load/store view (:mod:`.fullrank`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..storage import FP32Storage, StateStorage, get_storage, stored_precision
+from ..storage.base import numel
+from ..storage.int8 import DEFAULT_BLOCK_SIZE, check_block_size
+
+__all__ = [
+    "PRECISION_KEYS",
+    "Precision",
+    "STATE_PRECISIONS",
+    "StateIO",
+    "physical_precision",
+    "resolve_precision",
+    "state_storage",
+    "validate_precision",
+]
+
+STATE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+PROJECTION_PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_KEYS = ("state_precision", "projection_precision", "quant_block_size")
+#: int8 keeps smaller tensors in float32 (their scales would cost as much as they save).
+INT8_MIN_NUMEL = 4096
+
+
+def validate_precision(state_precision, projection_precision, quant_block_size) -> None:
+    """ValueError/TypeError naming the argument, its value and what is allowed."""
+    if state_precision not in STATE_PRECISIONS:
+        raise ValueError(f"state_precision must be one of {STATE_PRECISIONS}, got {state_precision!r}")
+    if projection_precision not in PROJECTION_PRECISIONS:
+        raise ValueError(
+            f"projection_precision must be one of {PROJECTION_PRECISIONS}, got {projection_precision!r}"
+        )
+    check_block_size(quant_block_size)  # "quant_block_size must be a power of two in [16, 4096], got …"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Resolved precisions of one parameter: ``states`` (fp32/bf16/int8), ``proj`` (``P``'s dtype)."""
+
+    states: str
+    proj_dtype: torch.dtype
+    block: int
+    work_dtype: torch.dtype  # float64 for float64 weights, float32 otherwise
+
+
+def resolve_precision(group: dict, p: Tensor) -> Precision:
+    work = torch.float64 if p.dtype == torch.float64 else torch.float32
+    states = group.get("state_precision", "auto")
+    if states == "auto":
+        states = "bf16" if p.dtype in (torch.bfloat16, torch.float16) else "fp32"
+    proj = group.get("projection_precision", "auto")
+    if proj == "auto":
+        proj = "bf16" if states in ("bf16", "int8") else "fp32"
+    proj_dtype = work if proj == "fp32" else torch.bfloat16
+    return Precision(states, proj_dtype, group.get("quant_block_size", DEFAULT_BLOCK_SIZE), work)
+
+
+@functools.cache
+def _storage(name: str, block: int, dtype: torch.dtype) -> StateStorage:
+    if name == "fp32":
+        return FP32Storage(dtype)
+    if name == "int8":
+        return get_storage("int8", quant_block_size=block, min_numel=INT8_MIN_NUMEL)
+    return get_storage(name)
+
+
+def state_storage(prec: Precision, name: str, shape, kind: str, where: str) -> StateStorage:
+    """The storage of one state (module docstring rules); ``where`` names it in errors."""
+    if prec.states == "int8" and kind == "other":
+        if numel(shape) >= INT8_MIN_NUMEL:
+            raise ValueError(
+                f"state_precision='int8' quantizes moment-like EMA states only; {where} has state {name!r} "
+                f"of shape {tuple(shape)} that the compiler classifies as 'other' (not s' = a·s + b·x or "
+                "a·s + b·x²), so it cannot share a block scale safely: use state_precision='bf16' (or 'fp32')"
+            )
+        return _storage("fp32", prec.block, prec.work_dtype)
+    return _storage(prec.states, prec.block, prec.work_dtype)
+
+
+class StateIO:
+    """A parameter's states seen as float32 (``load``) and written back rounded (``store_``).
+
+    ``storages`` maps every logical state name to its storage, ``shapes`` to its logical shape; ``seed``
+    seeds stochastic rounding. For ``fp32`` storage ``load`` returns the stored tensor itself, so the
+    fp32 path is unchanged.
+    """
+
+    __slots__ = ("kinds", "seed", "shapes", "state", "storages")
+
+    def __init__(
+        self,
+        state: dict,
+        storages: dict[str, StateStorage],
+        kinds: dict[str, str],
+        seed: int,
+        shapes: dict[str, tuple[int, ...]],
+    ):
+        self.state, self.storages, self.kinds, self.seed, self.shapes = state, storages, kinds, seed, shapes
+
+    def load(self, name: str) -> Tensor:
+        return self.storages[name].load(self.state, name)
+
+    def store_(self, name: str, value: Tensor) -> None:
+        self.storages[name].store_(self.state, name, value)
+
+    def fresh(self, name: str, value: Tensor) -> dict[str, Tensor]:
+        """The stored form of ``value`` for state ``name`` (new tensors, not yet in the state)."""
+        return self.storages[name].from_value(name, value, self.kinds.get(name, "other"), seed=self.seed)
+
+    def keys_of(self, name: str) -> list[str]:
+        """The physical keys state ``name`` occupies in the state dict now."""
+        return [k for k in self.state if k == name or k.startswith(name + ".")]
+
+    def matches(self, name: str) -> bool:
+        """Whether ``name`` is stored as its storage stores it (False when it is missing or was stored in
+        another precision, e.g. after a change of ``state_precision``)."""
+        if not self.keys_of(name):
+            return False
+        expected = physical_precision(self.storages[name], self.shapes[name])
+        return stored_precision(self.state, name) == expected
+
+
+def physical_precision(storage: StateStorage, shape) -> str:
+    """The layout ``storage`` uses for a state of ``shape`` (int8 keeps small states in float32)."""
+    if storage.name == "int8" and not storage.quantized(shape):
+        return "fp32"
+    return storage.name
