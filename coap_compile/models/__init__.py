@@ -1,4 +1,5 @@
-"""Models used by the demo and the benchmarks (a LLaMA-style causal LM and its size configs)."""
+"""Models used by the demo and the benchmarks: a LLaMA-style causal LM and its size configs, and a small
+DDPM UNet noise-prediction model with its schedule, loss and samplers (:mod:`coap_compile.models.unet`)."""
 
 from __future__ import annotations
 
@@ -10,5 +11,36 @@ from coap_compile.models.llama import (
     build_llama,
     demo_config,
 )
+from coap_compile.models.unet import (
+    DDPMSchedule,
+    UNet,
+    UNetConfig,
+    build_unet,
+    conv_weights_above_threshold,
+    ddpm_loss,
+    ddpm_sample,
+    demo_unet_config,
+    denoise_one_step,
+    smoke_unet_config,
+    tiny_unet_config,
+)
 
-__all__ = ["LLAMA_CONFIGS", "PAPER_RANKS", "LlamaConfig", "LlamaForCausalLM", "build_llama", "demo_config"]
+__all__ = [
+    "LLAMA_CONFIGS",
+    "PAPER_RANKS",
+    "DDPMSchedule",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "UNet",
+    "UNetConfig",
+    "build_llama",
+    "build_unet",
+    "conv_weights_above_threshold",
+    "ddpm_loss",
+    "ddpm_sample",
+    "demo_config",
+    "demo_unet_config",
+    "denoise_one_step",
+    "smoke_unet_config",
+    "tiny_unet_config",
+]
