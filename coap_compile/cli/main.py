@@ -24,7 +24,7 @@ import torch
 from coap_compile.cli.demo import DEMO_DEFAULTS, add_model_args, model_config_from_args, positive_int
 from coap_compile.cli.optimizers import OPTIMIZER_NAMES, PROJECTED, UnknownOptimizerError, availability
 from coap_compile.cli.stepbench import parse_shapes
-from coap_compile.data import CorpusError
+from coap_compile.data import CorpusError, ImageDataError
 from coap_compile.models import LLAMA_CONFIGS
 
 __all__ = ["UsageError", "build_parser", "main"]
@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", default="out/demo", help="output folder for demo.png/results.json (default %(default)s)"
     )
+    demo.add_argument(
+        "--task",
+        choices=["lm", "vision"],
+        default="lm",
+        help="lm: this LLaMA demo; vision: the conv denoiser (options: coap-compile demo --task vision -h)",
+    )
 
     bench = sub.add_parser("bench", help="benchmarks writing results files").add_subparsers(
         dest="bench", required=True, parser_class=_Parser
@@ -230,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dtypes", default="fp32,bf16", help="weight dtypes (default %(default)s)")
     k.add_argument("--variants", default=None, help="comma-separated subset of the variants (default all)")
     k.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
+
+    from coap_compile.cli.vision import add_vision_args
+
+    add_vision_args(
+        bench.add_parser("vision", help="conv denoiser on matplotlib's sample images: 5 optimizers × seeds"),
+        bench=True,
+    )
 
     sub.add_parser("optimizers", help="list optimizer names and whether each is usable here")
     return parser
@@ -295,6 +308,10 @@ def _validate(args: argparse.Namespace) -> None:
     def fail(message: str):
         raise UsageError(f"{prog}: error: {message}")
 
+    if getattr(args, "task", None) == "vision" or getattr(args, "bench", None) == "vision":
+        from coap_compile.cli.vision import validate_args
+
+        return validate_args(args, fail)
     _check_device(args, fail)
     if hasattr(args, "dim"):
         try:
@@ -349,6 +366,14 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo" and args.task == "vision":
+        from coap_compile.cli.vision import run_demo as run_vision_demo
+
+        return run_vision_demo(args)
+    if getattr(args, "bench", None) == "vision":
+        from coap_compile.cli.vision import run_bench
+
+        return run_bench(args)
     if args.command == "demo":
         from coap_compile.cli.demo import run_demo
 
@@ -368,18 +393,25 @@ def _dispatch(args: argparse.Namespace) -> int:
     return runners[args.bench](args)
 
 
+def _vision_demo(argv: list[str]) -> argparse.Namespace | None:
+    """``demo --task vision …`` parsed with the vision demo's own options (None for other commands)."""
+    from coap_compile.cli.vision import parse_demo_argv
+
+    return parse_demo_argv(argv, _Parser)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 benchmark check failed or training diverged,
     2 usage error)."""
     prog = PROG
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
-        args = build_parser().parse_args(argv)
+        args = _vision_demo(argv) or build_parser().parse_args(argv)
         args.argv = [PROG, *argv]  # recorded verbatim in every result file
         prog = _prog(args)
         _validate(args)
         return _dispatch(args)
-    except (UsageError, CorpusError, UnknownOptimizerError, FloatingPointError) as exc:
+    except (UsageError, CorpusError, ImageDataError, UnknownOptimizerError, FloatingPointError) as exc:
         msg = " ".join(str(exc).split())
         print(msg if msg.startswith(PROG) else f"{prog}: error: {msg}", file=sys.stderr)
         return 1 if isinstance(exc, FloatingPointError) else 2
