@@ -26,9 +26,10 @@ cosine is scale-invariant per fibre, so the ``α_t`` inside ``U`` does not matte
 and ``restore_state`` maps it linearly between bases; no extra ``coap_exp_avg`` is kept, which is where
 the memory saving over this base comes from (``M×n`` first moment → ``M×r``).
 
-Drift check: the constructor's parameter names and defaults must be exactly those of transformers
-4.x/5.x (checked at every plan, as the torch adapters check torch's private signatures); the
-arithmetic itself is checked against transformers in ``tests/test_hf_adafactor_adapter.py``.
+Drift check: the constructor's parameter names and defaults must be exactly the ones checked here
+(transformers 5.24; checked at every normalize/plan, as the torch adapters check torch's private
+signatures); the arithmetic itself is checked against the installed transformers in
+``tests/test_hf_adafactor_adapter.py``.
 
 This module imports transformers; :func:`coap_compile.capture.trace.adapter_for` imports it only when
 asked for a class whose module is ``transformers.optimization``, so ``import coap_compile`` stays light.
@@ -71,7 +72,6 @@ _CTOR = (
     ("relative_step", True),
     ("warmup_init", False),
 )
-_FLAGS = ("scale_parameter", "relative_step", "warmup_init")
 
 
 def hf_adafactor_class() -> type[torch.optim.Optimizer]:
