@@ -1,4 +1,4 @@
-"""Command line: ``coap-compile {demo, bench memory|quality|step, optimizers}``.
+"""Command line: ``coap-compile {demo, bench memory|quality|step|kernels|compile, optimizers}``.
 
 Also available as ``python -m coap_compile``.
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from coap_compile.cli import compilebench
 from coap_compile.cli.demo import DEMO_DEFAULTS, add_model_args, model_config_from_args, positive_int
 from coap_compile.cli.optimizers import OPTIMIZER_NAMES, PROJECTED, UnknownOptimizerError, availability
 from coap_compile.cli.stepbench import parse_shapes
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--variants", default=None, help="comma-separated subset of the variants (default all)")
     k.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
 
+    compilebench.add_parser(bench, _positive_int, _device)
+
     from coap_compile.cli.vision import add_vision_args
 
     add_vision_args(
@@ -389,6 +392,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "quality": quality.run_quality,
         "step": stepbench.run_step,
         "kernels": kernelbench.run_kernels,
+        "compile": compilebench.run_compile,
     }
     return runners[args.bench](args)
 
