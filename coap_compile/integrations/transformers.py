@@ -29,7 +29,8 @@ What is read from ``TrainingArguments`` (the fields transformers' GaLore/APOLLO 
   check_target_module_exists``). Matched ``nn.Linear`` modules are projected (rank clamped to
   ``min(m, n)``), other matched modules are ignored as GaLore does; matching nothing is an error.
 * ``optim_args``: ``"key=value,..."`` with the keys of :data:`OPTIM_ARGS` (``rank``, ``rank_ratio``,
-  ``update_interval``, ``reproject_factor``, ``scale``, ``projection``), parsed strictly: an unknown
+  ``update_interval``, ``reproject_factor``, ``scale``, ``projection``, ``state_precision``,
+  ``projection_precision``, ``quant_block_size``), parsed strictly: an unknown
   or repeated key, an entry without ``=`` or a bad value raises ``ValueError`` naming it (GaLore's
   ``update_proj_gap`` is refused with the COAP name to use). Defaults are :func:`coap_compile.optimize`'s.
 
@@ -66,6 +67,7 @@ from torch import nn
 
 from ..errors import UnsupportedOptimizerError
 from ..runtime.optimizer import CoapOptimizer
+from ..runtime.precision import validate_precision
 from ..runtime.selection import TargetModules, groups_from_model
 from ..runtime.settings import validate_projection_args
 
@@ -90,12 +92,18 @@ OPTIM_ARGS: dict[str, type] = {
     "reproject_factor": int,
     "scale": float,
     "projection": str,
+    "state_precision": str,
+    "projection_precision": str,
+    "quant_block_size": int,
 }
 _RESERVED = {"layerwise": bool}
 _GALORE_NAMES = {"update_proj_gap": "update_interval", "proj_type": None, "scale_type": None, "proj": None}
 #: keyword settings that may be given in Python (``overrides``) besides the optim_args keys.
 _SETTINGS = ("restore_state", "first_moment_beta", "backend", "check_finite", "input_precision")
-_DEFAULTS: dict[str, Any] = dict(rank=256, rank_ratio=None, update_interval=32, reproject_factor=5, scale=1.0)
+_DEFAULTS: dict[str, Any] = dict(
+    rank=256, rank_ratio=None, update_interval=32, reproject_factor=5, scale=1.0, projection="coap",
+    first_moment_beta=0.9, state_precision="auto", projection_precision="auto", quant_block_size=256,
+)  # fmt: skip
 _ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused")
 _ADAFACTOR_NAMES = ("adafactor",)
 
@@ -145,12 +153,15 @@ def parse_optim_args(text: str | None) -> dict[str, Any]:
         if key in out:
             raise ValueError(f"optim_args: key {key!r} given twice in {text!r}")
         out[key] = _convert(key, value, allowed[key])
-    settings = {**_DEFAULTS, "projection": "coap", "first_moment_beta": 0.9, **out}
+    settings = {**_DEFAULTS, **out}
     try:
         validate_projection_args(
             settings["rank"], settings["rank_ratio"], settings["projection"], settings["update_interval"],
             settings["reproject_factor"], settings["scale"], settings["first_moment_beta"],
         )  # fmt: skip
+        validate_precision(
+            settings["state_precision"], settings["projection_precision"], settings["quant_block_size"]
+        )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"optim_args {text!r}: {exc}") from None
     return out
