@@ -2,10 +2,15 @@
 
 * ``adamw``: plain ``torch.optim.AdamW`` (the full-rank baseline).
 * ``coap`` / ``galore`` / ``flora``: ``coap_compile.optimize(model, base_optim=torch.optim.AdamW,
-  projection=<name>, ...)`` — the same AdamW rewritten with each projection policy.
+  projection=<name>, ...)`` — the same AdamW rewritten with each projection policy;
+* ``coap-normalized`` / ``coap-svd-only``: COAP with ``correlation="normalized"`` (a fixed-angle,
+  scale-invariant correlation step) or ``"off"`` (low-cost SVD refreshes only); ``dct``: the DCT
+  column-selection policy (indices only); ``coap-bf16`` / ``coap-int8``: COAP with bf16 / blockwise 8-bit
+  states (and ``P`` in bf16), every parameter's states included;
 * ``galore-torch`` / ``apollo-torch``: the external reference packages (``pip install
   'coap-compile[bench]'``), used only when importable; they project the same matrices as
-  ``coap_compile.optimize`` would (:func:`projected_linear_weights`).
+  ``coap_compile.optimize`` would (:func:`projected_linear_weights`);
+* ``adamw8bit-torchao``: torchao's full-rank ``AdamW8bit`` (blockwise 8-bit states, the 8-bit peer).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ __all__ = [
     "EXTERNAL",
     "OPTIMIZER_NAMES",
     "PROJECTED",
+    "VARIANTS",
     "OptimizerSettings",
     "UnknownOptimizerError",
     "availability",
@@ -31,8 +37,23 @@ __all__ = [
 ]
 
 PROJECTED = ("coap", "galore", "flora")
-EXTERNAL = {"galore-torch": "galore_torch", "apollo-torch": "apollo_torch"}
-OPTIMIZER_NAMES = ("adamw", *PROJECTED, *EXTERNAL)
+#: coap_compile.optimize keyword arguments of every projected name (the policy and its options).
+VARIANTS: dict[str, dict[str, str]] = {
+    "coap": {"projection": "coap"},
+    "galore": {"projection": "galore"},
+    "flora": {"projection": "flora"},
+    "coap-normalized": {"projection": "coap", "correlation": "normalized"},
+    "coap-svd-only": {"projection": "coap", "correlation": "off"},
+    "dct": {"projection": "dct"},
+    "coap-bf16": {"projection": "coap", "state_precision": "bf16"},
+    "coap-int8": {"projection": "coap", "state_precision": "int8"},
+}
+EXTERNAL = {
+    "galore-torch": "galore_torch",
+    "apollo-torch": "apollo_torch",
+    "adamw8bit-torchao": "torchao.optim",
+}
+OPTIMIZER_NAMES = ("adamw", *VARIANTS, *EXTERNAL)
 
 
 class UnknownOptimizerError(ValueError):
@@ -119,7 +140,7 @@ def availability() -> dict[str, str | None]:
         reason = None if ok else "coap_compile.optimize is not available in this build"
     except Exception as exc:  # an import error anywhere in the package makes all three unusable
         reason = f"coap_compile.optimize failed to import: {exc}"
-    for name in PROJECTED:
+    for name in VARIANTS:
         status[name] = reason
     for name, module in EXTERNAL.items():
         try:
@@ -138,7 +159,12 @@ def _check_name(name: str) -> None:
 
 
 def _external(name: str, model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
-    """GaLore/APOLLO reference optimizers: one projected group per distinct rank, the rest plain AdamW."""
+    """GaLore/APOLLO reference optimizers: one projected group per distinct rank, the rest plain AdamW;
+    torchao's AdamW8bit on every parameter."""
+    if name == "adamw8bit-torchao":
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(model.parameters(), lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
     chosen = projected_linear_weights(model, s.rank, s.rank_ratio, s.target_modules)
     named = dict(model.named_parameters())
     regular = [p for n, p in named.items() if n not in chosen and p.requires_grad]
@@ -218,7 +244,7 @@ def build_optimizer(
         base_optim=torch.optim.AdamW,
         rank=s.rank,
         rank_ratio=s.rank_ratio,
-        projection=name,
+        **VARIANTS[name],
         update_interval=s.update_interval,
         reproject_factor=s.reproject_factor,
         scale=s.scale,
