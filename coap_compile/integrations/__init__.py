@@ -21,10 +21,17 @@
 
 What does not work, and why:
 
-* ``accelerate`` with DeepSpeed or FSDP1 plugins: those engines replace the optimizer (DeepSpeed builds
-  its own from the config, or wraps ours in ZeRO partitioning that flattens parameters into 1-D buffers,
-  so no 2-D weight is left to project). FSDP2 (``fully_shard``) keeps ``DTensor`` parameters and is the
-  distributed path COAP supports (``coap_compile.distributed``).
+* Full-rank parameters that run their *captured* update (inside ``torch.compile``, or with an explicit
+  ``state_precision``) produce NaN at ``lr = 0`` where a gradient entry is exactly zero: the capture is
+  torch's capturable Adam arithmetic, which divides by ``-lr / (1 - β₁ᵏ)``. Every transformers warm-up
+  starts at ``lr = 0`` (and embedding rows of tokens absent from the batch have zero gradients), so
+  ``Trainer`` with ``optim_args="state_precision=bf16"`` and a warm-up fails at its second step
+  (``NonFiniteGradientError``); the strict xfail in tests/test_integration_transformers.py tracks it.
+  The eager default path (unmodified torch AdamW for full-rank parameters) is not affected.
+* Not tested here, and not expected to work: ``accelerate`` with DeepSpeed ZeRO (it partitions the
+  optimizer's parameter groups into flat 1-D buffers, so no 2-D weight is left to project) and FSDP1
+  without ``use_orig_params`` (its ``FlatParameter`` is 1-D too). FSDP2 (``fully_shard``) keeps
+  ``DTensor`` parameters and is the distributed path COAP supports (``coap_compile.distributed``).
 * The layer-wise (in-backward) Trainer variant is not here yet (see the placeholder in
   :mod:`.transformers`).
 """
