@@ -134,7 +134,11 @@ def test_tucker_row_needs_conv_rank_ratio(tmp_path, capsys):
     if conv_projection_available():
         assert main(argv) == 0
         row = json.loads((tmp_path / "results.json").read_text())["summary"][0]
-        assert row["projected"] > 7  # the 7 Linear weights of the smoke UNet, plus Tucker convs
+        from coap_compile.models import build_unet, conv_weights_above_threshold
+
+        convs = conv_weights_above_threshold(build_unet(VisionConfig(model="smoke").unet_config()))
+        assert len(convs) == 6 and row["projected"] == 7 + len(convs)  # 7 Linear weights + the Tucker convs
+        assert row["plan_bytes"] == row["real_bytes"]
     else:
         assert vision_availability()["coap"] is not None
         assert main(argv) == 2

@@ -279,7 +279,7 @@ def _header(cfg: VisionConfig, data, names: list[str]) -> str:
     n = sum(p.numel() for p in model.parameters())
     convs = len(conv_weights_above_threshold(model))
     _, _, ada = adafactor_base(cfg.lr)
-    tucker = "Tucker on" if conv_projection_available() else "no Tucker projection in this build;"
+    tucker = "Tucker projection," if conv_projection_available() else "no Tucker projection in this build;"
     return (
         f"data: {', '.join(data.sources)}: {data.train.shape[0]} train / {data.val.shape[0]} val patches "
         f"{cfg.patch_size}×{cfg.patch_size}×{cfg.channels}; model: UNet '{cfg.model}' {n:,} params, {convs} "
