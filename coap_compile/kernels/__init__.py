@@ -2,7 +2,8 @@
 
 Importable without Triton: :data:`HAS_TRITON` says whether it is installed; the eager functions and the
 custom ops (which then always take the eager path) work either way. See :mod:`.launch` for the math,
-:mod:`.codegen` for the kernel templates and traffic model, :mod:`.ops` for ``torch.ops.coap_compile``.
+:mod:`.codegen` for the kernel templates and traffic model, :mod:`.ops` for ``torch.ops.coap_compile``,
+:mod:`.variants` / :mod:`.stored` for the storage variants of K1 (bf16 and int8 states).
 """
 
 from __future__ import annotations
@@ -31,21 +32,30 @@ from coap_compile.kernels.launch import (  # noqa: E402
 from coap_compile.kernels.ops import (  # noqa: E402
     fused_projected_update,
     get_epilogue,
+    get_kernel,
     project_back_update,
     register_epilogue,
+    register_variant,
 )
+from coap_compile.kernels.variants import FP32, KernelVariant, StateMode, mode_of  # noqa: E402
 
 __all__ = [
+    "FP32",
     "HAS_TRITON",
     "INPUT_PRECISIONS",
+    "KernelVariant",
+    "StateMode",
     "eager_project_back_update_",
     "eager_projected_update_",
     "epilogue_decay",
     "fused_projected_update",
     "fused_projected_update_",
     "get_epilogue",
+    "get_kernel",
+    "mode_of",
     "project_back_update",
     "project_back_update_",
     "projected_lowrank_",
     "register_epilogue",
+    "register_variant",
 ]

@@ -6,13 +6,17 @@ scalars (read by pointer, so a new step or lr never recompiles).
 
 * **K1** (grid ⌈M/BM⌉·⌈r/BR⌉): ``acc = X[rows] @ P[:, cols]`` (loop over N, fp32 accumulation), then the
   epilogue printed from ``Epilogue.body`` — load the old states, store the new ones in place, store ``D``.
+  The state loads/stores are the pluggable storage (:mod:`.variants`): fp32 (plain), bf16 (upcast /
+  nearest or stochastic rounding) or int8 (``value[code]·absmax`` / per-block absmax + codes, the helpers
+  of :mod:`coap_compile.storage.triton_src` pasted into the module). The printed body is the same for every
+  storage; an all-fp32 variant generates exactly the plain epilogue's source and name.
 * **K2** (grid ⌈M/BM⌉·⌈N/BN⌉): ``acc = D[rows] @ Pᵀ[:, cols]`` (loop over r; ``Pᵀ`` via swapped strides),
   then ``W ← decay·W + scale·acc`` in fp32, stored in ``W``'s dtype. K2 does not depend on the epilogue.
 
 Traffic model (HBM bytes per call; ``bx``/``bw`` = bytes per element of X/W, ``k`` = number of states):
 
-    K1: reads  M·N·bx (X, once when BR ≥ r) + ⌈M/BM⌉·N·r·4 (P, L2-resident) + k·M·r·4 (states)
-        writes k·M·r·4 (states) + M·r·4 (D)
+    K1: reads  M·N·bx (X, once when BR ≥ r) + ⌈M/BM⌉·N·r·4 (P, L2-resident) + Σ bs·M·r (states)
+        writes Σ bs·M·r (states) + M·r·4 (D)      (bs = 4 fp32, 2 bf16, 1 + 4/B int8 codes + scales)
     K2: reads  M·N·bw (W) + ⌈N/BN⌉·M·r·4 (D, L2) + ⌈M/BM⌉·N·r·4 (P, L2)
         writes M·N·bw (W)
 
@@ -35,10 +39,12 @@ from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.str import StrPrinter
 
 from coap_compile.ir import Epilogue
+from coap_compile.storage import triton_src
 
 from .templates import DOT, K1, K2, META, RNE
+from .variants import FP32, StateMode
 
-__all__ = ["CodegenError", "K1Source", "TritonPrinter", "k1_source", "k2_source"]
+__all__ = ["CodegenError", "K1Source", "TritonPrinter", "code_map_log2", "k1_source", "k2_source"]
 
 
 class CodegenError(ValueError):
@@ -167,8 +173,69 @@ class K1Source:
     state_params: tuple[str, ...]
 
 
-def _epilogue_lines(ep: Epilogue) -> tuple[list[str], list[str], list[str]]:
+def _state_params(i: int, name: str, mode: StateMode) -> list[tuple[str, str]]:
+    """K1 parameters (name, comment) of state ``i`` stored in ``mode``; the launcher passes them in this
+    order (:func:`coap_compile.kernels.stored.state_args`)."""
+    n = _doc_text(name)
+    if mode.precision == "fp32":
+        return [(f"s{i}_ptr", f"*{n}: M×r fp32, updated in place")]
+    rng = [(f"s{i}_rng_ptr", f"*{n}.rng: int64 [seed, counter] of stochastic rounding, read")]
+    rng = rng if mode.stochastic else []
+    rnd = "stochastic" if mode.stochastic else "nearest"
+    if mode.precision == "bf16":
+        return [(f"s{i}_ptr", f"*{n}: M×r bf16, updated in place ({rnd} rounding)"), *rng]
+    signed = "int8 (signed map)" if mode.signed else "uint8 (unsigned map)"
+    return [
+        (f"s{i}_q_ptr", f"*{n}.q8: M×r {signed} codes, updated in place ({rnd} rounding)"),
+        (f"s{i}_a_ptr", f"*{n}.absmax: fp32 block scales, row-major NR×NC, updated in place"),
+        *rng,
+        (f"s{i}_tab_ptr", f"*code-map {'levels' if mode.stochastic else 'thresholds'} (storage/codemap.py)"),
+        (f"s{i}_val_ptr", "*code-map decode table (256 fp32)"),
+        (f"s{i}_nr", "scale grid rows NR"),
+        (f"s{i}_nc", "scale grid columns NC"),
+        (f"S{i}_BH: tl.constexpr", "block rows (BLOCK_M is a multiple)"),
+        (f"S{i}_BW: tl.constexpr", "block columns (BLOCK_R is a multiple)"),
+    ]
+
+
+def _state_load(i: int, var: str, mode: StateMode) -> str:
+    if mode.precision == "fp32":
+        return f"{var} = tl.load(s{i}_ptr + st_offs, mask=mask, other=0.0)"
+    if mode.precision == "bf16":
+        return f"{var} = tl.load(s{i}_ptr + st_offs, mask=mask, other=0.0).to(tl.float32)"
+    return (
+        f"{var} = _st_q8_load(s{i}_q_ptr + st_offs, s{i}_a_ptr, rows, offs_r, s{i}_nc, mask, s{i}_val_ptr, "
+        f"S{i}_BH, S{i}_BW, {mode.signed})"
+    )
+
+
+def _state_store(i: int, value: str, mode: StateMode) -> str:
+    if mode.precision == "fp32":
+        return f"tl.store(s{i}_ptr + st_offs, {value}, mask=mask)"
+    if mode.precision == "bf16":
+        rng = f"s{i}_rng_ptr" if mode.stochastic else f"s{i}_ptr"  # unused unless stochastic
+        return f"_st_bf16_store(s{i}_ptr + st_offs, {value}, mask, {rng}, st_idx, {mode.stochastic})"
+    rng = f"s{i}_rng_ptr" if mode.stochastic else f"s{i}_a_ptr"  # unused unless stochastic
+    log2n = code_map_log2(mode)
+    return (
+        f"_st_q8_store({value}, s{i}_q_ptr + st_offs, s{i}_a_ptr, pid_m * BLOCK_M, pid_r * BLOCK_R, "
+        f"s{i}_nr, s{i}_nc, mask, s{i}_tab_ptr, {rng}, st_idx, BLOCK_M, BLOCK_R, S{i}_BH, S{i}_BW, "
+        f"{mode.signed}, {log2n}, {mode.stochastic})"
+    )
+
+
+def code_map_log2(mode: StateMode) -> int:
+    """The binary-search depth of an int8 mode's code map (7 signed, 8 unsigned)."""
+    from coap_compile.storage import code_map
+
+    return code_map(mode.signed, mode.style).log2_size
+
+
+def _epilogue_lines(
+    ep: Epilogue, modes: tuple[StateMode, ...] | None = None
+) -> tuple[list[str], list[str], list[str]]:
     """(scalar loads, body lines, stores) of the K1 epilogue, one statement per line."""
+    modes = modes or (FP32,) * len(ep.state_names)
     taken = {"g"}
     names = {"g": "g"}  # symbol name -> kernel variable (rebound when a target reuses a name)
     block = {"g"}  # names whose value is a (BLOCK_M, BLOCK_R) tile rather than a scalar
@@ -184,7 +251,7 @@ def _epilogue_lines(ep: Epilogue) -> tuple[list[str], list[str], list[str]]:
     outs = [str(sym) for sym in (*ep.new_states, ep.update)]
     used = set(outs).union(*({str(f) for f in e.free_symbols} for _, e in ep.body))
     loads = [f"{scalar_vars[s]} = tl.load(c_ptr + {i})" for i, s in enumerate(scalar_names) if s in used]
-    loads += [f"{v} = tl.load(s{i}_ptr + st_offs, mask=mask, other=0.0)" for i, v in enumerate(state_vars)]
+    loads += [_state_load(i, v, mode) for i, (v, mode) in enumerate(zip(state_vars, modes))]
     body = ["g = acc"]
     for target, expr in ep.body:
         code = printer.doprint(expr)
@@ -198,7 +265,7 @@ def _epilogue_lines(ep: Epilogue) -> tuple[list[str], list[str], list[str]]:
         if sym not in names:
             raise CodegenError(f"epilogue output {sym} is never assigned")
         values.append(names[sym] if sym in block else f"zero + {names[sym]}")
-    stores = [f"tl.store(s{i}_ptr + st_offs, {v}, mask=mask)" for i, v in enumerate(values[:-1])]
+    stores = [_state_store(i, v, mode) for i, (v, mode) in enumerate(zip(values[:-1], modes))]
     stores.append(f"tl.store(d_ptr + d_offs, {values[-1]}, mask=mask)")
     return loads, body, stores
 
@@ -212,29 +279,49 @@ def _key_hash(ep: Epilogue) -> str:
     return hashlib.sha256(ep.key().encode()).hexdigest()[:16]
 
 
-def k1_source(ep: Epilogue) -> K1Source:
-    """The K1 module for ``ep``: projection ``X @ P`` plus the printed state/update epilogue."""
-    loads, body, stores = _epilogue_lines(ep)
+def _traffic(modes: tuple[StateMode, ...]) -> str:
+    k = len(modes)
+    if all(m == FP32 for m in modes):
+        return f"Traffic: reads M·N·bx + {k}·M·r·4 (+ P from L2), writes {k + 1}·M·r·4 bytes."
+    per = {"fp32": 4, "bf16": 2, "int8": 1}
+    b = sum(per[m.precision] for m in modes)
+    q = sum(m.precision == "int8" for m in modes)
+    scales = f" + {q}·4·M·r/B (int8 scales, B elements per block)" if q else ""
+    return f"Traffic: reads M·N·bx + {b}·M·r{scales} (+ P, tables from L2), writes {b + 4}·M·r{scales} bytes."
+
+
+def k1_source(ep: Epilogue, modes: tuple[StateMode, ...] | None = None) -> K1Source:
+    """The K1 module for ``ep``: projection ``X @ P`` plus the printed state/update epilogue, its states
+    stored in ``modes`` (default: all fp32, which is exactly the plain kernel)."""
     k = len(ep.state_names)
-    state_params = tuple(f"s{i}_ptr" for i in range(k))
+    modes = tuple(modes) if modes is not None else (FP32,) * k
+    if len(modes) != k:
+        raise ValueError(f"{len(modes)} storage modes for the states {ep.state_names}")
+    plain = all(m == FP32 for m in modes)
+    loads, body, stores = _epilogue_lines(ep, modes)
+    params = [p for i, (s, m) in enumerate(zip(ep.state_names, modes)) for p in _state_params(i, s, m)]
     doc_body = [_doc_text(f"{t} = {e}") for t, e in ep.body]
     doc_body.append(_doc_text(f"new states: {', '.join(map(str, ep.new_states))}; D = {ep.update}"))
+    states = (
+        ", ".join(ep.state_names)
+        if plain
+        else ", ".join(f"{s} [{m.kernel_tag}]" for s, m in zip(ep.state_names, modes))
+    )
+    head = [] if plain else ["st_idx = rows[:, None] * R + offs_r[None, :]  # logical index (rng stream)"]
+    rne = RNE if plain else f"{RNE}\n\n{triton_src.helpers(q8=any(m.precision == 'int8' for m in modes))}"
     src = K1.substitute(
         key=_key_hash(ep),
-        state_list=_doc_text(", ".join(ep.state_names)) or "none",
+        state_list=_doc_text(states) or "none",
         doc_body="".join(f"    {line}\n" for line in doc_body),
-        k=k,
-        k1=k + 1,
-        state_params="".join(
-            f"    {p},  # *{_doc_text(s)}: M×r fp32, updated in place\n"
-            for p, s in zip(state_params, ep.state_names)
-        ),
+        traffic=_traffic(modes),
+        state_params="".join(f"    {p},  # {c}\n" for p, c in params),
         meta=META,
         dot=DOT,
-        rne=RNE,
-        epilogue="".join(f"    {line}\n" for line in loads + body + stores),
+        rne=rne,
+        epilogue="".join(f"    {line}\n" for line in head + loads + body + stores),
     )
-    return K1Source(name=f"coap_k1_{_key_hash(ep)}", source=src, state_params=state_params)
+    name = f"coap_k1_{_key_hash(ep)}" + ("" if plain else "__" + "__".join(m.kernel_tag for m in modes))
+    return K1Source(name=name, source=src, state_params=tuple(p.split(":")[0] for p, _ in params))
 
 
 def k2_source() -> tuple[str, str]:

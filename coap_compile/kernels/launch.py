@@ -11,6 +11,14 @@ K2: ``D Pᵀ`` + weight update); :func:`project_back_update_` is K2 alone, for u
 middle runs eagerly (Adafactor). ``eager_*`` do the same with torch ops and
 :func:`~coap_compile.ir.evaluate_epilogue`.
 
+**State storage.** Wherever an ``Epilogue`` is taken, a :class:`~coap_compile.kernels.variants.KernelVariant`
+(the epilogue plus a storage mode per state) may be given instead; ``states`` is then the flat list of
+every state's tensors (values; bf16: values + rng; int8: codes + absmax + rng, :mod:`.variants`). K1 loads
+bf16/int8 states into fp32 registers, runs the unchanged epilogue and stores them back rounded/quantized
+(int8: ``BLOCK_M`` raised to a multiple of the block height, :mod:`.stored`), then advances the rng
+counters once; the eager twin does ``load → evaluate_epilogue → store_`` with the storage's own
+arithmetic. An all-fp32 variant is exactly the plain epilogue (same kernel, same checks).
+
 ``input_precision`` (per kernel) selects the ``tl.dot`` arithmetic for fp32 operands:
 
 * ``"ieee"`` (default): fp32 FMA-exact products; the result matches torch fp32 matmul (~1e-7 relative).
@@ -45,7 +53,8 @@ import torch
 from torch import Tensor
 
 from coap_compile.ir import Epilogue, evaluate_epilogue
-from coap_compile.kernels import cache, codegen
+from coap_compile.kernels import cache, codegen, stored
+from coap_compile.kernels.variants import KernelVariant
 
 __all__ = [
     "INPUT_PRECISIONS",
@@ -61,7 +70,7 @@ INPUT_PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _k1_kernel(ep: Epilogue) -> Any:
+def _k1_kernel(ep: Epilogue | KernelVariant) -> Any:
     return _k1_cached(ep, cache.interpreting())
 
 
@@ -70,8 +79,8 @@ def _k2_kernel() -> Any:
 
 
 @functools.cache
-def _k1_cached(ep: Epilogue, interpreting: bool) -> Any:  # per-step lookups stay off sympy/sha256
-    gen = codegen.k1_source(ep)
+def _k1_cached(ep: Epilogue | KernelVariant, interpreting: bool) -> Any:  # per-step: no sympy/sha256
+    gen = codegen.k1_source(ep.epilogue, ep.modes) if isinstance(ep, KernelVariant) else codegen.k1_source(ep)
     return cache.load_module(gen.name, gen.source).coap_k1
 
 
@@ -122,15 +131,29 @@ def _check_matrix(name: str, t: Tensor, shape: tuple[int, int] | None, dtypes: S
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
 
 
+def _epilogue(kern: Epilogue | KernelVariant) -> Epilogue:
+    return kern.epilogue if isinstance(kern, KernelVariant) else kern
+
+
+def _stored(kern: Epilogue | KernelVariant) -> KernelVariant | None:
+    """The variant when some state is not fp32 (the storage path), else None (the plain path)."""
+    return kern if isinstance(kern, KernelVariant) and not kern.all_fp32 else None
+
+
 def _check_lowrank(
-    x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor, ep: Epilogue
+    x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor, kern: Epilogue | KernelVariant
 ) -> tuple[int, int, int]:
+    ep = _epilogue(kern)
     _check_matrix("x", x, None, _FLOAT_DTYPES)
     m, n = x.shape
     _check_matrix("p", p, None, (torch.float32,))
     if p.shape[0] != n:
         raise ValueError(f"p has shape {tuple(p.shape)}, expected ({n}, r) for x of shape {(m, n)}")
     r = p.shape[1]
+    variant = _stored(kern)
+    if variant is not None:
+        _check_scalars_devices(x, p, c, ep, stored.check_states(variant, states, m, r), states)
+        return m, n, r
     if len(states) != len(ep.state_names):
         raise ValueError(f"epilogue has states {ep.state_names}, got {len(states)} tensors")
     for name, s in zip(ep.state_names, states):
@@ -139,16 +162,22 @@ def _check_lowrank(
             raise ValueError(
                 f"all states must share strides, {name!r} has {s.stride()} != {states[0].stride()}"
             )
+    _check_scalars_devices(x, p, c, ep, None, states)
+    return m, n, r
+
+
+def _check_scalars_devices(
+    x: Tensor, p: Tensor, c: Tensor, ep: Epilogue, groups: object, states: Sequence[Tensor]
+) -> None:
     if not isinstance(c, Tensor) or c.ndim != 1 or c.dtype != torch.float32 or c.numel() < len(ep.scalars):
         raise ValueError(f"c must be a 1-D float32 tensor with >= {len(ep.scalars)} entries, got {c!r:.80}")
     devs = {t.device for t in (x, p, c, *states)}
     if len(devs) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
-    return m, n, r
 
 
 def _check_update(
-    w_view: Tensor, x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor, ep: Epilogue
+    w_view: Tensor, x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor, ep: Epilogue | KernelVariant
 ) -> tuple[int, int, int]:
     m, n, r = _check_lowrank(x, p, states, c, ep)
     _check_matrix("w_view", w_view, (m, n), _FLOAT_DTYPES)
@@ -188,29 +217,39 @@ def _resolve_decay(decay: Tensor | int | float | None, c: Tensor | None, dev: to
 
 
 def projected_lowrank_(
-    x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor, epilogue: Epilogue, *,
+    x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor, epilogue: Epilogue | KernelVariant, *,
     out: Tensor | None = None, input_precision: str = "ieee", block_m: int = 64, block_r: int | None = None,
     block_k: int = 32, group_m: int = 8, num_warps: int = 4, num_stages: int = 3,
 ) -> Tensor:  # fmt: skip
-    """K1: ``g = X P``, states updated in place, returns ``D`` (written into ``out`` when given)."""
+    """K1: ``g = X P``, states updated in place, returns ``D`` (written into ``out`` when given).
+    With a storage variant ``block_m`` is raised to the largest int8 block height if it is smaller."""
     m, n, r = _check_lowrank(x, p, states, c, epilogue)
+    variant = _stored(epilogue)
     d = torch.empty((m, r), dtype=torch.float32, device=x.device) if out is None else out
     if out is not None and (
         tuple(out.shape) != (m, r) or out.dtype != torch.float32 or out.device != x.device
     ):
         raise ValueError(f"scratch must be a ({m}, {r}) float32 tensor on {x.device}, got {tuple(out.shape)}")
     if m == 0 or r == 0:
+        if variant is not None:  # an empty store still advances the counters, as eagerly
+            stored.advance_rng_(variant, variant.split(states))
         return d
     br = _check_block("block_r", block_r or _pow2(r, 16, 128))
     bm, bk = _check_block("block_m", block_m), _check_block("block_k", block_k)
-    s0 = states[0] if states else d
+    args, s0 = list(states), states[0] if states else d
+    if variant is not None:
+        groups = variant.split(states)
+        args, bh = stored.state_args(variant, groups, x.device)
+        bm = max(bm, bh)  # tiles own whole blocks (bh and bm are powers of two)
     grid = (_cdiv(m, bm) * _cdiv(r, br),)
     _launch(
-        _k1_kernel(epilogue), grid, x, p, d, c if c.numel() else d, *states, m, n, r,
+        _k1_kernel(epilogue), grid, x, p, d, c if c.numel() else d, *args, m, n, r,
         *x.stride(), *p.stride(), *d.stride(), *s0.stride(),
         BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
         **_dot_meta(input_precision),
     )  # fmt: skip
+    if variant is not None:
+        stored.advance_rng_(variant, groups)
     return d
 
 
@@ -240,9 +279,10 @@ def project_back_update_(
 
 
 def fused_projected_update_(
-    w_view: Tensor, x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor, epilogue: Epilogue, *,
-    scratch: Tensor | None = None, input_precision: str | tuple[str, str] = "ieee", block_m: int = 64,
-    block_r: int | None = None, block_n: int = 64, block_k: int = 32, num_warps: int = 4, num_stages: int = 3,
+    w_view: Tensor, x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor,
+    epilogue: Epilogue | KernelVariant, *, scratch: Tensor | None = None,
+    input_precision: str | tuple[str, str] = "ieee", block_m: int = 64, block_r: int | None = None,
+    block_n: int = 64, block_k: int = 32, num_warps: int = 4, num_stages: int = 3,
 ) -> None:  # fmt: skip
     """K1 then K2 (see the module docstring). ``input_precision`` may be a ``(K1, K2)`` pair."""
     m, n, r = _check_update(w_view, x, p, states, c, epilogue)
@@ -253,8 +293,9 @@ def fused_projected_update_(
         x, p, states, c, epilogue, out=scratch, input_precision=ip1, block_m=block_m, block_r=block_r,
         block_k=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    ep = _epilogue(epilogue)
     project_back_update_(
-        w_view, d, p, epilogue_decay(epilogue), epilogue.scale, c=c, input_precision=ip2, block_m=block_m,
+        w_view, d, p, epilogue_decay(ep), ep.scale, c=c, input_precision=ip2, block_m=block_m,
         block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
@@ -285,11 +326,21 @@ def eager_project_back_update_(
 
 
 def eager_projected_update_(
-    w_view: Tensor, x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor, epilogue: Epilogue, *,
-    scratch: Tensor | None = None,
+    w_view: Tensor, x: Tensor, p: Tensor, states: Sequence[Tensor], c: Tensor,
+    epilogue: Epilogue | KernelVariant, *, scratch: Tensor | None = None,
 ) -> None:  # fmt: skip
-    """Torch twin of :func:`fused_projected_update_` (``g = X.float() @ P``, :func:`evaluate_epilogue`)."""
+    """Torch twin of :func:`fused_projected_update_` (``g = X.float() @ P``, :func:`evaluate_epilogue`;
+    storage variants: load → epilogue → ``store_``, :func:`.stored.eager_lowrank_`)."""
     m, _n, r = _check_update(w_view, x, p, states, c, epilogue)
+    variant = _stored(epilogue)
+    if variant is not None:
+        d = stored.eager_lowrank_(x, p, variant.split(states), c, variant)
+        if scratch is not None:
+            scratch.copy_(d)
+        ep = variant.epilogue
+        eager_project_back_update_(w_view, d, p, epilogue_decay(ep), ep.scale, c=c)
+        return
+    epilogue = _epilogue(epilogue)
     g = torch.mm(x.float(), p)
     new, d = evaluate_epilogue(epilogue, g, list(states), c)
     # Outputs may alias an old state (e.g. ``D = exp_avg``): materialize before any state is overwritten.

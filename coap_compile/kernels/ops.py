@@ -10,6 +10,14 @@ An op cannot take an :class:`~coap_compile.ir.Epilogue`, so epilogues live in a 
 :func:`register_epilogue` returns a stable id (a hash of ``Epilogue.key()``) that is passed as a string.
 Register before compiling (hashing sympy inside a compiled region would graph-break).
 
+**Storage variants.** :func:`register_variant` registers an epilogue together with the storage mode of each
+state (:class:`~coap_compile.kernels.variants.KernelVariant`) and returns its id (``kv_…``, a hash of the
+epilogue key and the mode tags), passed as the same ``epilogue_id`` argument; the op's ``states`` is then
+the flat list of every state's tensors (fp32: values; bf16: values [+ rng]; int8: codes + absmax [+ rng];
+:mod:`.variants`), all mutated in place (values/codes/scales written, rng counters advanced). A variant
+whose states are all fp32 gets the plain epilogue's id, so that path is unchanged. The code tables are
+not arguments (constants, taken from ``CodeMap.tables(device)`` inside the op).
+
 Dispatch on ``backend``: ``"eager"`` → the torch twin; ``"auto"`` → Triton for CUDA tensors, the twin on
 CPU; ``"triton"`` → Triton (on CPU only under ``TRITON_INTERPRET=1``). When Triton cannot be used (not
 installed, no driver, a kernel that fails to generate or compile) the op falls back to the twin and
@@ -28,18 +36,22 @@ from torch import Tensor
 
 from coap_compile.ir import Epilogue
 from coap_compile.kernels import cache, launch
+from coap_compile.kernels.variants import KernelVariant, StateMode
 
 __all__ = [
     "BACKENDS",
     "fused_projected_update",
     "get_epilogue",
+    "get_kernel",
     "project_back_update",
     "register_epilogue",
+    "register_variant",
     "reset_fallback_warnings",
 ]
 
 BACKENDS = ("auto", "triton", "eager")
 _EPILOGUES: dict[str, Epilogue] = {}
+_VARIANTS: dict[str, KernelVariant] = {}
 _WARNED: set[str] = set()
 _FAILED: dict[str, str] = {}  # kernel key -> reason Triton failed for it (not retried)
 _LOCK = threading.Lock()
@@ -53,14 +65,34 @@ def register_epilogue(ep: Epilogue) -> str:
     return eid
 
 
+def register_variant(ep: Epilogue | KernelVariant, modes: tuple[StateMode, ...] | None = None) -> str:
+    """Register ``ep`` with the storage ``modes`` of its states (or a :class:`KernelVariant`) and return
+    the op id: :func:`register_epilogue`'s id when every state is fp32, else ``kv_`` + a hash of
+    :meth:`KernelVariant.key` (stable across processes)."""
+    variant = ep if isinstance(ep, KernelVariant) else KernelVariant(ep, tuple(modes or ()))
+    if variant.all_fp32:
+        return register_epilogue(variant.epilogue)
+    vid = "kv_" + hashlib.sha256(variant.key().encode()).hexdigest()[:16]
+    with _LOCK:
+        _VARIANTS.setdefault(vid, variant)
+    return vid
+
+
 def get_epilogue(epilogue_id: str) -> Epilogue:
-    try:
-        return _EPILOGUES[epilogue_id]
-    except KeyError:
+    """The epilogue of an id from :func:`register_epilogue` or :func:`register_variant`."""
+    kern = get_kernel(epilogue_id)
+    return kern.epilogue if isinstance(kern, KernelVariant) else kern
+
+
+def get_kernel(epilogue_id: str) -> Epilogue | KernelVariant:
+    """What an op id names: an :class:`Epilogue` (all states fp32) or a storage :class:`KernelVariant`."""
+    kern = _EPILOGUES.get(epilogue_id) or _VARIANTS.get(epilogue_id)
+    if kern is None:
         raise KeyError(
-            f"unknown epilogue id {epilogue_id!r}: call coap_compile.kernels.register_epilogue(ep) in this "
-            "process before running the op"
-        ) from None
+            f"unknown epilogue id {epilogue_id!r}: call coap_compile.kernels.register_epilogue(ep) (or "
+            "register_variant(ep, modes)) in this process before running the op"
+        )
+    return kern
 
 
 def reset_fallback_warnings() -> None:
@@ -129,11 +161,12 @@ def _fused_op(
     backend: str = "auto",
     input_precision: str = "ieee",
 ) -> None:
-    ep = get_epilogue(epilogue_id)
+    kern = get_kernel(epilogue_id)
+    ep = kern.epilogue if isinstance(kern, KernelVariant) else kern
     w_view, x = (w.t(), g.t()) if transposed else (w, g)
-    launch._check_update(w_view, x, p, states, c, ep)
+    launch._check_update(w_view, x, p, states, c, kern)
     if not _triton_usable(w.device, backend, input_precision):
-        launch.eager_projected_update_(w_view, x, p, states, c, ep)
+        launch.eager_projected_update_(w_view, x, p, states, c, kern)
         return
     d = torch.empty((x.shape[0], p.shape[1]), dtype=torch.float32, device=x.device)
     if not _try_triton(
@@ -143,11 +176,11 @@ def _fused_op(
         p,
         states,
         c,
-        ep,
+        kern,
         out=d,
         input_precision=input_precision,
     ):
-        launch.eager_projected_update_(w_view, x, p, states, c, ep)
+        launch.eager_projected_update_(w_view, x, p, states, c, kern)
         return
     decay = launch.epilogue_decay(ep)
     if not _try_triton(
@@ -208,14 +241,20 @@ def fused_projected_update(
     p: Tensor,
     states: Sequence[Tensor],
     c: Tensor,
-    epilogue: Union[Epilogue, str],  # noqa: UP007
+    epilogue: Union[Epilogue, KernelVariant, str],  # noqa: UP007
     *,
     transposed: bool = False,
     backend: str = "auto",
     input_precision: str = "ieee",
 ) -> None:
-    """Call ``torch.ops.coap_compile.fused_projected_update`` (``epilogue``: an id or an Epilogue)."""
-    eid = epilogue if isinstance(epilogue, str) else register_epilogue(epilogue)
+    """Call ``torch.ops.coap_compile.fused_projected_update`` (``epilogue``: an id, an Epilogue or a
+    storage :class:`KernelVariant`, whose ``states`` are then the flat tensor list)."""
+    if isinstance(epilogue, str):
+        eid = epilogue
+    elif isinstance(epilogue, KernelVariant):
+        eid = register_variant(epilogue)
+    else:
+        eid = register_epilogue(epilogue)
     torch.ops.coap_compile.fused_projected_update(
         w, g, p, list(states), c, eid, transposed, backend, input_precision
     )

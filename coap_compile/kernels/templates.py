@@ -17,7 +17,7 @@ K1 = Template(
 
     g = (X @ P)[tile]   (fp32 accumulation)
 $doc_body
-Traffic: reads M·N·bx + $k·M·r·4 (+ P from L2), writes $k1·M·r·4 bytes.
+$traffic
 \"\"\"
 
 import triton
