@@ -77,6 +77,16 @@ def _variants(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {v}")
+    return v
+
+
 def add_parser(bench, positive_int: Callable[[str], int], device: Callable[[str], str]) -> None:
     """Register ``bench compile`` on the ``bench`` sub-parsers (with the CLI's shared argument types)."""
     from coap_compile.cli.demo import add_model_args
@@ -88,8 +98,8 @@ def add_parser(bench, positive_int: Callable[[str], int], device: Callable[[str]
     c.add_argument("--steps", type=positive_int, default=30, help="steps per variant" + dflt)
     c.add_argument("--warmup-steps", type=positive_int, default=3, help="untimed after the last compile")
     c.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step" + dflt)
-    c.add_argument("--lr", type=float, default=3e-3, help="peak lr of the schedule (default %(default)s)")
-    c.add_argument("--rank-ratio", type=float, default=4.0, help="COAP rank = min(m, n) // RATIO (default 4)")
+    c.add_argument("--lr", type=_positive_float, default=3e-3, help="peak lr of the schedule" + dflt)
+    c.add_argument("--rank-ratio", type=_positive_float, default=4.0, help="COAP r = min(m,n)//RATIO" + dflt)
     c.add_argument("--rank", type=positive_int, default=None, help=argparse.SUPPRESS)
     c.add_argument("--update-interval", type=positive_int, default=4, help="COAP T_u (default %(default)s)")
     c.add_argument("--reproject-factor", type=positive_int, default=2, help="COAP λ (default %(default)s)")
