@@ -364,9 +364,17 @@ def test_bench_memory_writes_exact_rows(tmp_path, capsys):
     assert "1,988.34" in printed and "True" in printed
     data = json.loads((tmp_path / "memory.json").read_text())
     assert all(c["match"] for c in data["official_checks"])
-    assert [r["optimizer"] for r in data["rows"]] == ["adamw", "coap", "coap", "coap", "galore", "flora"]
+    assert [(r["weights"], r["optimizer"]) for r in data["rows"]] == [
+        *[("fp32", n) for n in ("adamw", "coap", "coap", "coap", "galore", "flora")],
+        *[("bf16", n) for n in ("adamw", "coap", "coap-bf16", "coap-int8")],
+    ]
     for row in data["rows"]:  # every row measured (meta step or memory_plan) and equal to the closed form
         assert row["measured_bytes"] == row["closed_form_bytes"], row
+    comparisons = data["official_comparisons"]
+    assert [(c["model"], c["states"]) for c in comparisons] == [
+        ("llama-1b", "bf16 (auto)"), ("llama-1b", "bf16"), ("llama-7b", "int8"),
+    ]  # fmt: skip
+    assert all(c["explained"] for c in comparisons) and "explained exactly" in printed
     assert (tmp_path / "memory.csv").read_text().startswith("# timestamp_utc")
     assert len(memory_rows(["60m"])) == len(data["rows"])
 

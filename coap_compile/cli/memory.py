@@ -1,24 +1,50 @@
 """Closed-form optimizer-state accounting, and measurement of the state an optimizer really holds.
 
-For a parameter with ``numel`` elements and a state element size ``b``:
+Written from the documented storage rules only (it never calls ``coap_compile.storage`` or
+``coap_compile.runtime``), so the library's memory plan can be checked against it by exact integer
+equality. Per parameter (AdamW base: two moments, ``exp_avg`` and ``exp_avg_sq``):
 
-* full AdamW: ``2 · numel · b`` (``exp_avg``, ``exp_avg_sq``);
-* projected ``m×n`` matrix, ``M = max(m, n)``, ``N = min(m, n)``, rank ``r ≤ N``:
-  ``2 · M · r · b`` (low-rank moments) ``+ N · r · p`` (the projection ``P``, element size ``p``);
-* plus, per parameter, the step counter, ``s`` bytes (a 0-d tensor in torch.optim);
-* plus policy extras (:data:`POLICY_EXTRA_BYTES`, e.g. Flora's int64 seed), counted in "ours" only.
+* a projected ``m×n`` matrix, ``M = max(m, n)``, ``N = min(m, n)``, rank ``r ≤ N``: two moments of shape
+  ``M×r`` (row-major, ``C = r`` columns) and the projection ``P`` (``N·r`` elements, ``p`` bytes each);
+* any other parameter: two moments of the parameter's own shape;
+* plus the step counter (``s`` bytes, a 0-d float32 tensor in torch.optim and in this library) and policy
+  extras (:data:`POLICY_EXTRA_BYTES`, e.g. Flora's int64 seed) where the accounting counts them.
 
-Two accountings are reported:
+One moment of ``n`` elements, by **storage**:
 
-* **ours** (what this library and ``torch.optim.AdamW`` allocate for float32 training):
-  ``b = 4``, ``p = 4`` (``P`` is always float32), ``s = 4`` (0-d float32 ``step`` tensor per param);
-* **official** (what the reference ``show_memory_usage`` prints for the LLaMA-1B bf16 run):
-  ``b = 2``, ``p = 2`` (states and ``P`` in the bf16 param dtype) and ``s = 0`` (the step is a Python
-  int, which that function counts as 0 bytes).
+=========  ===============================================================================================
+``plain``  ``n·b`` (``b`` = :attr:`Accounting.state`: 4 for float32, 2 for torch's bf16 states, 1 for the
+           official 8-bit accounting)
+``bf16``   ``2·n + 16``: bfloat16 values plus the 16-byte stochastic-rounding stream (int64
+           ``[seed, counter]``)
+``int8``   ``n ≥ 4096``: ``n + 4·⌈R/bh⌉·⌈C/bw⌉ + 16``: one-byte codes, one float32 absmax per block and the
+           rounding stream. The moment is viewed as ``R×C`` (``C`` = last dimension, a vector of ``n`` is
+           ``n×1``), blocks are ``bh×bw`` with ``bw = min(16, next_pow2(C))``, ``bh = B/bw``,
+           ``B = quant_block_size`` (256). ``n < 4096``: ``4·n`` (kept float32, no stream)
+=========  ===============================================================================================
+
+Accountings (:class:`Accounting`; ``storage`` for projected moments, ``full_storage`` for the others):
+
+* :data:`OURS` (= :data:`FP32`): float32 weights; AdamW and COAP keep float32 moments, float32 ``P``, a
+  4-byte step;
+* :data:`ADAMW_BF16`: torch AdamW on bfloat16 weights (bf16 ``exp_avg``/``exp_avg_sq`` + a 4-byte float32
+  step);
+* :data:`COAP_BF16_AUTO`: COAP on bf16 weights, ``state_precision="auto"``: bf16 low-rank moments with
+  their streams, bf16 ``P``, full-rank parameters on torch's own bf16 AdamW (plain 2 bytes, no stream);
+* :data:`COAP_BF16`: ``state_precision="bf16"``: every moment bf16 with a stream, ``P`` bf16;
+* :data:`COAP_INT8`: ``state_precision="int8"``: every moment int8 (small ones float32), ``P`` bf16;
+* :data:`OFFICIAL` / :data:`OFFICIAL_8BIT`: what the reference ``show_memory_usage`` counts (2 resp. 1 byte
+  per moment element, ``P`` in bf16, no step: it is a Python int there, and absmax/code maps count 0).
+
+:func:`decompose` splits a total into ``elements`` (moments at their nominal element size + ``P``, i.e.
+exactly what the official accounting counts), ``absmax`` (int8 scales), ``rng`` (rounding streams),
+``fp32_small`` (3 extra bytes per element of a moment an int8 accounting keeps float32), ``step`` and
+``policy_extras``; the parts sum to :meth:`ParamRow.bytes`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,26 +54,49 @@ from torch import Tensor, nn
 from coap_compile.cli.optimizers import projected_linear_weights
 
 __all__ = [
+    "ADAMW_BF16",
+    "COAP_BF16",
+    "COAP_BF16_AUTO",
+    "COAP_INT8",
+    "FP32",
     "OFFICIAL",
+    "OFFICIAL_8BIT",
     "OURS",
     "POLICY_EXTRA_BYTES",
+    "STORAGES",
     "Accounting",
     "ParamRow",
     "closed_form_rows",
+    "decompose",
     "measured_state_bytes",
     "meta_step",
+    "moment_bytes",
     "plan_total_bytes",
     "total_bytes",
 ]
 
 MIB = 1024**2
+STORAGES = ("plain", "bf16", "int8")
+#: bytes of one stochastic-rounding stream (an int64 ``[seed, counter]`` tensor per bf16/int8 moment).
+RNG_BYTES = 16
+#: int8 keeps moments with fewer elements than this in float32.
+INT8_MIN_NUMEL = 4096
+#: widest int8 block (columns); blocks are ``bh×bw`` with ``bw = min(16, next_pow2(C))``.
+INT8_MAX_BLOCK_W = 16
+DEFAULT_QUANT_BLOCK = 256
+
+#: Policy-specific per-matrix state beyond ``P`` in this library (bytes): Flora keeps its int64 seed.
+POLICY_EXTRA_BYTES = {"flora": 8}
 
 
 @dataclass(frozen=True)
 class Accounting:
-    """Bytes per element of the moments (``state``), of ``P`` (``proj``) and per step counter (``step``).
+    """How one optimizer configuration stores its state (module docstring).
 
-    ``extras``: whether policy-specific extra state (:data:`POLICY_EXTRA_BYTES`) is counted.
+    ``state``: bytes per element of a ``plain`` moment; ``proj``: bytes per element of ``P``; ``step``: bytes
+    per step counter; ``extras``: whether policy extras (:data:`POLICY_EXTRA_BYTES`) are counted;
+    ``storage``: storage of projected moments; ``full_storage``: of every other parameter's moments (None:
+    the same as ``storage``); ``block``: int8 ``quant_block_size``.
     """
 
     name: str
@@ -55,29 +104,104 @@ class Accounting:
     proj: int
     step: int
     extras: bool = False
+    storage: str = "plain"
+    full_storage: str | None = None
+    block: int = DEFAULT_QUANT_BLOCK
+
+    def __post_init__(self) -> None:
+        for field, value in (("storage", self.storage), ("full_storage", self.full_storage)):
+            if value is not None and value not in STORAGES:
+                raise ValueError(f"Accounting.{field} must be one of {STORAGES}, got {value!r}")
+        if self.block < 16 or self.block & (self.block - 1):
+            raise ValueError(f"Accounting.block must be a power of two >= 16, got {self.block!r}")
 
 
 OURS = Accounting("ours", state=4, proj=4, step=4, extras=True)
+FP32 = OURS
+ADAMW_BF16 = Accounting("adamw-bf16", state=2, proj=2, step=4, extras=True)
+COAP_BF16_AUTO = Accounting(
+    "coap-bf16-auto", state=2, proj=2, step=4, extras=True, storage="bf16", full_storage="plain"
+)
+COAP_BF16 = Accounting("coap-bf16", state=2, proj=2, step=4, extras=True, storage="bf16")
+COAP_INT8 = Accounting("coap-int8", state=1, proj=2, step=4, extras=True, storage="int8")
 OFFICIAL = Accounting("official", state=2, proj=2, step=0)
+OFFICIAL_8BIT = Accounting("official-8bit", state=1, proj=2, step=0)
 
-#: Policy-specific per-matrix state beyond ``P`` in this library (bytes): Flora keeps its int64 seed.
-POLICY_EXTRA_BYTES = {"flora": 8}
+
+def _next_pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def _int8_scales(shape: tuple[int, ...], block: int) -> int:
+    """Number of float32 absmax scales of an int8 moment of ``shape`` (``R×C`` view, ``bh×bw`` blocks)."""
+    if len(shape) >= 2:
+        rows, cols = math.prod(shape[:-1]), shape[-1]
+    else:
+        rows, cols = (shape[0] if shape else 1), 1
+    bw = min(INT8_MAX_BLOCK_W, _next_pow2(cols))
+    bh = block // bw
+    return -(-rows // bh) * -(-cols // bw)
+
+
+def _moment_parts(shape: tuple[int, ...], storage: str, acc: Accounting) -> dict[str, int]:
+    """Bytes of one moment of ``shape`` by part (``elements``, ``absmax``, ``rng``, ``fp32_small``)."""
+    n = math.prod(shape)
+    if storage == "plain":
+        return {"elements": n * acc.state}
+    if storage == "bf16":
+        return {"elements": 2 * n, "rng": RNG_BYTES}
+    if n < INT8_MIN_NUMEL:
+        return {"elements": n, "fp32_small": 3 * n}
+    return {"elements": n, "absmax": 4 * _int8_scales(shape, acc.block), "rng": RNG_BYTES}
+
+
+def moment_bytes(shape: Sequence[int], storage: str, acc: Accounting = OURS) -> int:
+    """Exact bytes of one moment of ``shape`` in ``storage`` (module docstring table)."""
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    return sum(_moment_parts(tuple(int(d) for d in shape), storage, acc).values())
 
 
 @dataclass(frozen=True)
 class ParamRow:
-    """One parameter's optimizer state in elements (independent of the accounting's byte sizes)."""
+    """One parameter's optimizer state as shapes and element counts (independent of byte sizes).
+
+    ``moment_shape``: the shape of each of the ``n_moments`` moments (``M×r`` when projected).
+    """
 
     name: str
     shape: tuple[int, ...]
     rank: int | None
-    state_elems: int
+    moment_shape: tuple[int, ...]
     proj_elems: int
     extra_bytes: int = 0
+    n_moments: int = 2
+
+    @property
+    def state_elems(self) -> int:
+        """Moment elements of this parameter (``n_moments · |moment_shape|``)."""
+        return self.n_moments * math.prod(self.moment_shape)
+
+    def storage(self, acc: Accounting) -> str:
+        """The storage ``acc`` gives this parameter's moments."""
+        if self.rank is not None or acc.full_storage is None:
+            return acc.storage
+        return acc.full_storage
+
+    def parts(self, acc: Accounting) -> dict[str, int]:
+        """Bytes by part (:func:`decompose`'s keys); they sum to :meth:`bytes`."""
+        one = _moment_parts(self.moment_shape, self.storage(acc), acc)
+        out = {k: self.n_moments * v for k, v in one.items()}
+        out["elements"] += self.proj_elems * acc.proj
+        out["step"] = acc.step
+        out["policy_extras"] = self.extra_bytes if acc.extras else 0
+        return out
 
     def bytes(self, acc: Accounting) -> int:
-        extra = self.extra_bytes if acc.extras else 0
-        return self.state_elems * acc.state + self.proj_elems * acc.proj + acc.step + extra
+        return sum(self.parts(acc).values())
 
 
 def closed_form_rows(
@@ -105,15 +229,41 @@ def closed_form_rows(
         if name in chosen:
             r = chosen[name]
             big, small = max(shape), min(shape)
-            rows.append(ParamRow(name, shape, r, 2 * big * r, small * r, POLICY_EXTRA_BYTES.get(policy, 0)))
+            rows.append(ParamRow(name, shape, r, (big, r), small * r, POLICY_EXTRA_BYTES.get(policy, 0)))
         else:
-            rows.append(ParamRow(name, shape, None, 2 * p.numel(), 0))
+            rows.append(ParamRow(name, shape, None, shape, 0))
     return rows
 
 
 def total_bytes(rows: Iterable[ParamRow], acc: Accounting = OURS) -> int:
     """Sum of :meth:`ParamRow.bytes` over ``rows``."""
     return sum(r.bytes(acc) for r in rows)
+
+
+def decompose(rows: Iterable[ParamRow], acc: Accounting) -> dict[str, dict[str, int]]:
+    """``{"bytes": {part: bytes}, "count": {...}}`` summed over ``rows``.
+
+    Counts: ``params`` (= step counters), ``rng_streams``, ``absmax_scales``, ``fp32_small_tensors`` and
+    ``fp32_small_elements`` (moments an int8 storage keeps float32), ``moment_elements``, ``proj_elements``.
+    """
+    parts = dict.fromkeys(("elements", "absmax", "rng", "fp32_small", "step", "policy_extras"), 0)
+    count = dict.fromkeys(
+        ("params", "rng_streams", "absmax_scales", "fp32_small_tensors", "fp32_small_elements",
+         "moment_elements", "proj_elements"), 0,
+    )  # fmt: skip
+    for row in rows:
+        for k, v in row.parts(acc).items():
+            parts[k] += v
+        count["params"] += 1
+        count["moment_elements"] += row.state_elems
+        count["proj_elements"] += row.proj_elems
+        one = _moment_parts(row.moment_shape, row.storage(acc), acc)
+        count["rng_streams"] += row.n_moments * (one.get("rng", 0) // RNG_BYTES)
+        count["absmax_scales"] += row.n_moments * (one.get("absmax", 0) // 4)
+        if "fp32_small" in one:
+            count["fp32_small_tensors"] += row.n_moments
+            count["fp32_small_elements"] += row.state_elems
+    return {"bytes": parts, "count": count}
 
 
 def _tensors(obj: object) -> Iterable[Tensor]:
