@@ -29,11 +29,13 @@ def optimize(
     state_precision: str = "auto",
     projection_precision: str = "auto",
     quant_block_size: int = 256,
+    conv_rank_ratio: float | None = None,
     target_modules: TargetModules = None,
     restore_state: bool = False,
     backend: str = "auto",
     check_finite: bool = True,
     input_precision: str = "ieee",
+    conv_policy: Any = None,
     **base_kwargs: Any,
 ) -> CoapOptimizer:
     """Compile ``base_optim`` into its COAP form for ``model_or_params``.
@@ -48,8 +50,8 @@ def optimize(
             projected; tied embedding weights are not), or parameters / parameter groups.
         base_optim: ``torch.optim.AdamW``, ``Adam``, ``Adafactor``, ``RMSprop``, ``SGD`` (momentum), or
             any optimizer whose update the compiler can rewrite (else ``UnsupportedOptimizerError``).
-        rank, rank_ratio, correlation, state_precision, projection_precision, quant_block_size: see
-            :class:`~coap_compile.runtime.optimizer.CoapOptimizer`.
+        rank, rank_ratio, correlation, state_precision, projection_precision, quant_block_size,
+            conv_rank_ratio: see :class:`~coap_compile.runtime.optimizer.CoapOptimizer`.
         target_modules: regular expressions (searched in module names) or ``callable(name, module)``
             selecting the modules whose 2-D weights are projected (model input only).
         **base_kwargs: the base optimizer's own arguments (``lr``, ``betas``, ``weight_decay`` …).
@@ -85,11 +87,13 @@ def optimize(
         state_precision=state_precision,
         projection_precision=projection_precision,
         quant_block_size=quant_block_size,
+        conv_rank_ratio=conv_rank_ratio,
         restore_state=restore_state,
         backend=backend,
         check_finite=check_finite,
         input_precision=input_precision,
         param_names=names,
+        conv_policy=conv_policy,
         **base_kwargs,
     )
 

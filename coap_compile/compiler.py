@@ -38,7 +38,11 @@ class CompiledBase:
         self, rows: int, rank: int, dtype: torch.dtype, device
     ) -> dict[str, torch.Tensor]:
         """Fresh base states for a virtual ``rows × rank`` parameter (the low-rank state shapes)."""
-        like = torch.empty((rows, rank), dtype=dtype, device=device)
+        return self.init_core_states((rows, rank), dtype, device)
+
+    def init_core_states(self, shape, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+        """Fresh base states for a virtual parameter of the projected ``shape`` (a Tucker core, …)."""
+        like = torch.empty(tuple(shape), dtype=dtype, device=device)
         return init_states(self.captured, like)
 
 
@@ -50,13 +54,14 @@ def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def compile_base(
-    base: type[torch.optim.Optimizer], hyperparams: Mapping[str, Any], dtype: torch.dtype
+    base: type[torch.optim.Optimizer], hyperparams: Mapping[str, Any], dtype: torch.dtype, ndim: int = 2
 ) -> CompiledBase:
     """Compile ``base`` with ``hyperparams`` (a param-group dict; ``lr`` and flags are ignored) for
-    projected parameters whose low-rank states have ``dtype``."""
+    projected parameters whose low-rank states have ``dtype`` and ``ndim`` dimensions (2: the ``M×r``
+    states of a matrix; 4: the core of a Tucker-projected convolution weight)."""
     global _COUNT
-    captured = capture(base, hyperparams, dtype=dtype, ndim=2)
-    key = (captured.optimizer, captured.hyperparams, dtype)
+    captured = capture(base, hyperparams, dtype=dtype, ndim=ndim)
+    key = (captured.optimizer, captured.hyperparams, dtype, ndim)
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
@@ -72,6 +77,7 @@ def compile_base(
         make_states,
         hyper_values=[float(v) for v in hyper_values(captured, _with_defaults(base, hyperparams))],
         state_kinds=dict(captured.state_kinds),  # adapter hints (e.g. transformers' Adafactor exp_avg)
+        ndim=ndim,
     )
     _COUNT += 1
     _CACHE[key] = CompiledBase(captured, program, unit)

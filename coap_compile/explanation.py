@@ -40,7 +40,16 @@ def explain_optimizer(opt) -> str:
         f"scale={g0['scale']})"
     )
     out.append(f"projected parameters: {len(projected)} of {len(opt._plans)}")
-    for (gi, dtype), compiled in sorted(opt._programs.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+    tucker = [p for p in projected if opt._plans[p].tucker]
+    if tucker:
+        out.append(
+            f"Tucker-projected 4-D weights: {len(tucker)} (conv_rank_ratio; contractions and the elementwise "
+            "middle run as torch ops on every device)"
+        )
+        for p in tucker:
+            out.append(f"  {opt._name(p)} {tuple(p.shape)}: ranks {opt._plans[p].ranks}")
+    programs = sorted(opt._programs.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2]))
+    for (gi, dtype, ndim), compiled in programs:
         cap, prog, unit = compiled.captured, compiled.program, compiled.unit
         ops = Counter(
             str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
@@ -48,8 +57,8 @@ def explain_optimizer(opt) -> str:
             if n.op == "call_function"
         )
         out.append(
-            f"\n[group {gi}, {dtype}] captured {cap.optimizer}: {sum(ops.values())} aten ops "
-            + ", ".join(f"{k}x{v}" for k, v in sorted(ops.items()))
+            f"\n[group {gi}, {dtype}{', Tucker core (4-D)' if ndim == 4 else ''}] captured {cap.optimizer}: "
+            f"{sum(ops.values())} aten ops " + ", ".join(f"{k}x{v}" for k, v in sorted(ops.items()))
         )
         group = opt.param_groups[gi]
         fixed = [(k, v) for k, v in cap.hyperparams if v != LIVE and not (isinstance(v, tuple) and LIVE in v)]

@@ -252,7 +252,8 @@ def test_param_groups_and_per_group_hyperparameters():
     opt.step()
     assert torch.equal(b.detach(), b0)  # lr 0 in group 1
     # betas differ between the groups, but they are live inputs: one signature, one compiled program
-    assert len(opt._programs) == 2 and opt._programs[(0, torch.float32)] is opt._programs[(1, torch.float32)]
+    programs = opt._programs
+    assert len(programs) == 2 and programs[(0, torch.float32, 2)] is programs[(1, torch.float32, 2)]
 
 
 def test_explain_shows_the_derived_update_and_plan():

@@ -72,7 +72,7 @@ def check_equivalence(
     worst = 0.0
     base_hypers = list(unit.facts.get("hyper_values", ()))
     for t in range(trials):
-        shape = (7, 4) if unit.facts.get("ndim", 2) == 2 else (9,)
+        shape = {1: (9,), 2: (7, 4), 3: (5, 4, 3), 4: (5, 4, 3, 2)}[unit.facts.get("ndim", 2)]
         p = torch.randn(shape, generator=gen, dtype=torch.float64)
         g = torch.randn(shape, generator=gen, dtype=torch.float64)
         states = [

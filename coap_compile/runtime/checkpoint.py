@@ -61,6 +61,7 @@ _CONFIG = (
     "_base_cls",
     "_base_kwargs",
     "_policy_instance",
+    "_conv_policy",
     "_backend",
     "_precision",
     "_check_finite",
@@ -110,6 +111,19 @@ def expected_layout(opt, p: Tensor, group: dict) -> dict[str, tuple[int, ...]]:
             out["step"] = ()
         return out
     dtype = opt._state_dtype(p)
+    if plan.tucker:
+        from ..projection.tucker import core_shape
+        from .settings import make_tucker_policy
+
+        compiled = compile_base(opt._base_cls, hyper, dtype, 4)
+        policy = make_tucker_policy(group, opt._conv_policy)
+        core = core_shape(p.shape, plan.ranks)
+        out = {k: tuple(s_) for k, (s_, _) in policy.state_layout(tuple(p.shape), plan.ranks, dtype).items()}
+        out.update({k: tuple(v.shape) for k, v in compiled.init_core_states(core, dtype, "meta").items()})
+        out["step"] = ()
+        if compiled.program.first_moment is None and policy.needs_first_moment:
+            out[EMA_KEY] = core
+        return out
     big, small = max(p.shape), min(p.shape)
     compiled = compile_base(opt._base_cls, hyper, dtype)
     policy = make_policy(group, opt._policy_instance)

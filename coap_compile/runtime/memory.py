@@ -8,7 +8,9 @@ Per projected ``m×n`` weight (``M = max(m, n)``, ``N = min(m, n)``, rank ``r``,
           + 4              (the float32 step counter)
           + M·r·b          (only for bases without a first moment under COAP: ``coap_exp_avg``)
 
-Every other parameter keeps exactly the base optimizer's state (``base_bytes``). Tensors a policy shares
+A Tucker-projected ``C_out×C_in×kh×kw`` weight: ``(C_out·r0 + C_in·r1)·b`` (the factors) plus each base
+state at the core's shape (``r0×r1×kh×kw``) plus the step. Every other parameter keeps exactly the base
+optimizer's state (``base_bytes``). Tensors a policy shares
 between matrices (the DCT basis of each width ``N``: ``N²·b``) are one row each, counted once.
 """
 
@@ -132,6 +134,15 @@ def plan_memory(opt) -> MemoryPlan:
                 continue
             dtype = opt._state_dtype(p)
             prec = resolve_precision(group, p)
+            storages, kinds, _, shapes = spec
+            if plan.tucker:  # factors U0 (C_out×r0), U1 (C_in×r1) + core-shaped states
+                layout = opt._tucker_policies[i].state_layout(tuple(p.shape), plan.ranks, dtype)
+                detail = {k: _nbytes(s_, d) for k, (s_, d) in layout.items()}
+                detail.update({n: stg.nbytes(shapes[n], kinds[n]) for n, stg in storages.items()})
+                detail["step"] = 4
+                name, shape, total = opt._name(p), tuple(p.shape), sum(detail.values())
+                rows.append(MemoryRow(name, shape, str(p.dtype), min(plan.ranks), total, base, detail))
+                continue
             small = min(p.shape)
             policy = opt._policies[i]
             detail = {}
@@ -139,7 +150,6 @@ def plan_memory(opt) -> MemoryPlan:
                 detail[k] = _nbytes(shape, prec.proj_dtype if k == "proj" else sdt)
             for key, (shape, sdt) in policy.shared_state_layout(small, dtype).items():
                 shared.setdefault(f"{key} on {p.device}", (shape, sdt, str(p.device)))
-            storages, kinds, _, shapes = spec
             for n, stg in storages.items():
                 detail[n] = stg.nbytes(shapes[n], kinds[n])
             detail["step"] = 4

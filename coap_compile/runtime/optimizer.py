@@ -54,6 +54,7 @@ from ..capture import CapturedUpdate, capture, init_states, live_inputs
 from ..compiler import CompiledBase, compile_base
 from ..lowering.kernels import KernelPlan, kernel_plan
 from ..projection import ProjectionPolicy, get_policy
+from ..projection.tucker import core_shape
 from . import checkpoint
 from .fullrank import ensure_full_state, full_update_
 from .precision import StateIO, resolve_precision, state_storage, validate_precision
@@ -64,11 +65,14 @@ from .settings import (
     EMA_KEY,
     PRECISIONS,
     PROJECTION_KEYS,
+    check_conv_rank_ratio,
     make_policy,
+    make_tucker_policy,
     settings_key,
     validate_group,
     validate_projection_args,
 )
+from .tucker import plan_tucker_refresh, tucker_inits, tucker_update_
 from .update import projected_update_
 from .validate import check_gradients
 
@@ -96,6 +100,10 @@ class CoapOptimizer(torch.optim.Optimizer):
             or ``"off"`` (SVD refreshes only); see :mod:`coap_compile.projection.correlation`.
         state_precision / projection_precision / quant_block_size: how states and ``P`` are stored
             (``"auto"``, ``"fp32"``, ``"bf16"``, ``"int8"``; rules and measurements in :mod:`.precision`).
+        conv_rank_ratio: Tucker-project 4-D convolution weights with more than 9216 elements at the
+            official ranks for ``ρ`` (:mod:`.selection`, :mod:`.tucker`); None keeps them full-rank.
+        conv_policy: a :class:`~coap_compile.projection.tucker.TuckerPolicy` instance for those weights
+            (default: one with the group's ``update_interval``/``reproject_factor``/``restore_state``).
         backend: ``"auto"`` (Triton kernels for CUDA tensors when available), ``"eager"`` or ``"triton"``.
         check_finite: refuse (raise) a step whose gradients contain inf/NaN, before modifying anything.
         input_precision: ``tl.dot`` precision of the kernels' matmuls: ``"ieee"`` (default, float32
@@ -122,6 +130,8 @@ class CoapOptimizer(torch.optim.Optimizer):
         state_precision: str = "auto",
         projection_precision: str = "auto",
         quant_block_size: int = 256,
+        conv_rank_ratio: float | None = None,
+        conv_policy: Any = None,
         backend: str = "auto",
         check_finite: bool = True,
         input_precision: str = "ieee",
@@ -135,6 +145,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         )
         probe = base_optim([torch.zeros(2, requires_grad=True)], **base_kwargs)  # base validates its own args
         validate_precision(state_precision, projection_precision, quant_block_size)
+        check_conv_rank_ratio(conv_rank_ratio)
         if correlation not in CORRELATIONS:
             raise ValueError(f"correlation must be one of {CORRELATIONS}, got {correlation!r}")
         if input_precision not in PRECISIONS:
@@ -148,6 +159,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         self._precision = input_precision
         self._check_finite = check_finite
         self._names = dict(param_names or {})
+        self._conv_policy = conv_policy
         self._events: list[str] = []
         defaults = dict(probe.defaults)
         defaults.update(
@@ -162,6 +174,7 @@ class CoapOptimizer(torch.optim.Optimizer):
             state_precision=state_precision,
             projection_precision=projection_precision,
             quant_block_size=quant_block_size,
+            conv_rank_ratio=conv_rank_ratio,
             projection=projection if isinstance(projection, str) else projection.name,
         )
         super().__init__(params, defaults)
@@ -198,8 +211,9 @@ class CoapOptimizer(torch.optim.Optimizer):
         groups = self.param_groups
         self._plans: dict[Tensor, ParamPlan] = {p: plan_param(p, g) for g in groups for p in g["params"]}
         self._policies = [make_policy(g, self._policy_instance) for g in self.param_groups]
+        self._tucker_policies = [make_tucker_policy(g, self._conv_policy) for g in self.param_groups]
         self._keys = [settings_key(g) for g in self.param_groups]
-        self._programs: dict[tuple[int, torch.dtype], CompiledBase] = {}
+        self._programs: dict[tuple[int, torch.dtype, int], CompiledBase] = {}
         self._kernel_plans: dict[tuple[str, float], KernelPlan] = {}
         self._full_programs: dict[tuple[int, torch.dtype, int], CapturedUpdate] = {}
         self._work: list[tuple[int, bool, float, float]] = []
@@ -227,6 +241,17 @@ class CoapOptimizer(torch.optim.Optimizer):
         prec = resolve_precision(group, p)
         where = f"parameter {self._name(p)!r} (param group {index})"
         plan = self._plans[p]
+        if plan.tucker:
+            compiled = self._compiled(index, self._state_dtype(p), 4)
+            program = compiled.program
+            kinds = dict(program.state_kinds)
+            core = core_shape(p.shape, plan.ranks)
+            inits = tucker_inits(compiled, self._tucker_policies[index], core, prec.work_dtype, "meta")
+            kinds.setdefault(EMA_KEY, "first_moment")
+            shapes = {n: tuple(t.shape) for n, t in inits.items()}
+            storages = {n: state_storage(prec, n, shapes[n], kinds[n], where) for n in shapes}
+            self._io_specs[p] = (storages, kinds, seed, shapes)
+            return
         if plan.projected:
             compiled = self._compiled(index, self._state_dtype(p))
             program = compiled.program
@@ -268,11 +293,12 @@ class CoapOptimizer(torch.optim.Optimizer):
     def _state_dtype(p: Tensor) -> torch.dtype:
         return torch.float64 if p.dtype == torch.float64 else torch.float32
 
-    def _compiled(self, group_index: int, dtype: torch.dtype) -> CompiledBase:
-        """The program for a group's current structural signature (compiled once per signature)."""
-        key = (group_index, dtype)
+    def _compiled(self, group_index: int, dtype: torch.dtype, ndim: int = 2) -> CompiledBase:
+        """The program for a group's current structural signature (compiled once per signature); ``ndim``
+        is 2 for matrices (``M×r`` states), 4 for Tucker cores."""
+        key = (group_index, dtype, ndim)
         hyper = self._base_hyperparams(self.param_groups[group_index])
-        new = compile_base(self._base_cls, hyper, dtype)
+        new = compile_base(self._base_cls, hyper, dtype, ndim)
         old = self._programs.get(key)
         if old is not new:
             if old is not None:
@@ -285,9 +311,15 @@ class CoapOptimizer(torch.optim.Optimizer):
             if old is not None:  # the states may differ (amsgrad's max_exp_avg_sq): re-derive their storage
                 flat = [q for g in self.param_groups for q in g["params"]]
                 for q in self.param_groups[group_index]["params"]:
-                    if self._plans[q].projected and self._state_dtype(q) == dtype:
+                    if self._program_key(q, group_index) == key:
                         self._derive_storage(q, self.param_groups[group_index], group_index, flat.index(q))
         return new
+
+    def _program_key(self, p: Tensor, group_index: int) -> tuple[int, torch.dtype, int] | None:
+        plan = self._plans[p]
+        if not plan.projected:
+            return None
+        return (group_index, self._state_dtype(p), 4 if plan.tucker else 2)
 
     def _kernel_plan(self, compiled: CompiledBase, scale: float) -> KernelPlan | None:
         """The registered kernel epilogue (built outside any compiled region), per epilogue and scale."""
@@ -430,17 +462,24 @@ class CoapOptimizer(torch.optim.Optimizer):
             if p.grad is not None and self._plans[p].projected
         ]  # fmt: skip
         for p, i in due:
-            self._compiled(i, self._state_dtype(p))  # the current signature (re-compiles once on a change)
+            self._compiled(*self._program_key(p, i))  # the current signature (re-compiles once on a change)
         self._fill_scalars()
         commits = []
         for p, i in due:
-            group, dtype = self.param_groups[i], self._state_dtype(p)
-            state = self.state[p]
-            commit = plan_refresh(
-                self._io(p), p, self._plans[p].rank, self._programs[(i, dtype)], self._policies[i],
-                dtype=dtype, proj_dtype=resolve_precision(group, p).proj_dtype, inputs=self._inputs(state, i),
-                restore=group["restore_state"],
-            )  # fmt: skip
+            group, dtype, plan = self.param_groups[i], self._state_dtype(p), self._plans[p]
+            state, compiled = self.state[p], self._programs[self._program_key(p, i)]
+            if plan.tucker:
+                commit = plan_tucker_refresh(
+                    self._io(p), p, plan.ranks, compiled, self._tucker_policies[i], dtype=dtype,
+                    core=core_shape(p.shape, plan.ranks), inputs=self._inputs(state, i),
+                    restore=group["restore_state"],
+                )  # fmt: skip
+            else:
+                commit = plan_refresh(
+                    self._io(p), p, plan.rank, compiled, self._policies[i], dtype=dtype,
+                    proj_dtype=resolve_precision(group, p).proj_dtype, inputs=self._inputs(state, i),
+                    restore=group["restore_state"],
+                )  # fmt: skip
             if commit is not None:
                 commits.append(commit)
         for commit in commits:
@@ -469,13 +508,20 @@ class CoapOptimizer(torch.optim.Optimizer):
                     self._full_programs[(i, p.dtype, p.ndim)] = cu
                     ensure_full_state(state, cu, p)
         for p, i in due:
-            if self._use_kernels(p):
-                self._kernel_plan(self._programs[(i, self._state_dtype(p))], self.param_groups[i]["scale"])
+            if self._use_kernels(p) and not self._plans[p].tucker:
+                self._kernel_plan(self._programs[self._program_key(p, i)], self.param_groups[i]["scale"])
         return True
 
     def _projected_update(self, p: Tensor, state: dict, index: int, scale: float, ema_beta: float) -> None:
         dtype = self._state_dtype(p)
-        compiled = self._programs[(index, dtype)]
+        compiled = self._programs[self._program_key(p, index)]
+        plan = self._plans[p]
+        if plan.tucker:
+            tucker_update_(
+                p, self._io(p), compiled, len(plan.ranks), dtype=dtype, inputs=self._inputs(state, index),
+                scale=scale, ema_beta=ema_beta,
+            )  # fmt: skip
+            return
         kernels = self._use_kernels(p) and self._fp32_states(p)
         projected_update_(
             p, self._io(p), compiled, self._policies[index], dtype=dtype, inputs=self._inputs(state, index),

@@ -9,6 +9,13 @@ searched in the module name, or a callable ``(name, module) -> bool``) replaces 
 
 Given parameters or parameter groups, a 2-D parameter is projected by the same size rule; a group's
 ``"project": True/False`` forces the choice for its parameters.
+
+4-D convolution weights (``C_out×C_in×kh×kw``) are Tucker-projected when the group sets
+``conv_rank_ratio`` ``ρ`` and the weight has more than 9216 elements (the official size threshold,
+``32·32·3·3``; smaller kernels run the base optimizer), with the official ranks: two modes
+``r_i = max(1, C_i // √ρ)``, or mode 0 only ``r_0 = max(1, C_out // ρ)`` when ``kw == 1``
+(:mod:`coap_compile.projection.tucker`). ``project=False`` keeps them full-rank; ``project=True`` does
+not force a small kernel (a Tucker core of a tiny kernel saves nothing).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 from torch import nn
 
 from ..projection.base import resolve_rank
+from ..projection.tucker import is_tucker_candidate, tucker_ranks
 
 __all__ = ["ParamPlan", "groups_from_model", "plan_param"]
 
@@ -29,20 +37,31 @@ TargetModules = Sequence[str] | Callable[[str, nn.Module], bool] | None
 
 @dataclass(frozen=True)
 class ParamPlan:
-    """How one parameter is optimized: ``rank`` is 0 for a full-rank (base optimizer) parameter."""
+    """How one parameter is optimized: ``rank > 0`` for a projected matrix, ``ranks`` (one per projected
+    mode) for a Tucker-projected 4-D weight, neither for a full-rank (base optimizer) parameter."""
 
     rank: int
     transposed: bool
+    ranks: tuple[int, ...] = ()
 
     @property
     def projected(self) -> bool:
-        return self.rank > 0
+        return self.rank > 0 or bool(self.ranks)
+
+    @property
+    def tucker(self) -> bool:
+        return bool(self.ranks)
 
 
 def plan_param(p: torch.Tensor, group: dict) -> ParamPlan:
     """The plan for ``p`` under ``group``'s settings (``project``, ``rank``, ``rank_ratio``)."""
     force = group.get("project")
-    if p.ndim != 2 or force is False:
+    if force is False:
+        return ParamPlan(0, False)
+    ratio = group.get("conv_rank_ratio")
+    if p.ndim == 4 and ratio is not None and is_tucker_candidate(p.shape):
+        return ParamPlan(0, False, tucker_ranks(p.shape, ratio))
+    if p.ndim != 2:
         return ParamPlan(0, False)
     r = resolve_rank(p.shape, group.get("rank"), group.get("rank_ratio"))
     if force is None and r >= min(p.shape):
@@ -90,7 +109,8 @@ def groups_from_model(model: nn.Module, target_modules: TargetModules) -> tuple[
             continue
         seen.add(id(p))
         if id(p) not in chosen:
-            full.append(p)
+            # 4-D (convolution) weights: the size and conv_rank_ratio rule of plan_param decides
+            (auto if p.ndim == 4 else full).append(p)
         else:
             (forced if chosen[id(p)] else auto).append(p)
     groups = [{"params": full, "project": False}]

@@ -13,7 +13,9 @@ __all__ = [
     "EMA_KEY",
     "PRECISIONS",
     "PROJECTION_KEYS",
+    "check_conv_rank_ratio",
     "make_policy",
+    "make_tucker_policy",
     "settings_key",
     "validate_group",
     "validate_projection_args",
@@ -33,6 +35,7 @@ PROJECTION_KEYS = (
     "state_precision",
     "projection_precision",
     "quant_block_size",
+    "conv_rank_ratio",
     "project",
 )
 CORRELATIONS = ("paper", "normalized", "off")
@@ -112,11 +115,30 @@ def validate_group(group: dict, index: int, policy_instance: ProjectionPolicy | 
         )  # fmt: skip
         if not isinstance(group["restore_state"], bool):
             raise TypeError(f"restore_state must be a bool, got {group['restore_state']!r}")
+        check_conv_rank_ratio(group.get("conv_rank_ratio"))
         project = group.get("project")
         if not (project is None or isinstance(project, bool)):
             raise ValueError(f"project must be None, True or False, got {project!r}")
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{exc} (param group {index})") from None
+
+
+def check_conv_rank_ratio(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
+        raise ValueError(f"conv_rank_ratio must be None or a positive number, got {value!r}")
+
+
+def make_tucker_policy(group: dict, instance: Any = None):
+    """The Tucker (4-D) policy of a group: the user's instance, or one with the group's COAP schedule."""
+    from ..projection.tucker import TuckerPolicy
+
+    if instance is not None:
+        return instance
+    return TuckerPolicy(
+        update_interval=group["update_interval"],
+        reproject_factor=group["reproject_factor"],
+        restore_state=group["restore_state"],
+    )
 
 
 def settings_key(group: dict) -> tuple:
