@@ -152,7 +152,8 @@ def _check_lowrank(
     r = p.shape[1]
     variant = _stored(kern)
     if variant is not None:
-        _check_scalars_devices(x, p, c, ep, stored.check_states(variant, states, m, r), states)
+        stored.check_states(variant, states, m, r)
+        _check_scalars_devices(x, p, c, ep, states)
         return m, n, r
     if len(states) != len(ep.state_names):
         raise ValueError(f"epilogue has states {ep.state_names}, got {len(states)} tensors")
@@ -162,13 +163,11 @@ def _check_lowrank(
             raise ValueError(
                 f"all states must share strides, {name!r} has {s.stride()} != {states[0].stride()}"
             )
-    _check_scalars_devices(x, p, c, ep, None, states)
+    _check_scalars_devices(x, p, c, ep, states)
     return m, n, r
 
 
-def _check_scalars_devices(
-    x: Tensor, p: Tensor, c: Tensor, ep: Epilogue, groups: object, states: Sequence[Tensor]
-) -> None:
+def _check_scalars_devices(x: Tensor, p: Tensor, c: Tensor, ep: Epilogue, states: Sequence[Tensor]) -> None:
     if not isinstance(c, Tensor) or c.ndim != 1 or c.dtype != torch.float32 or c.numel() < len(ep.scalars):
         raise ValueError(f"c must be a 1-D float32 tensor with >= {len(ep.scalars)} entries, got {c!r:.80}")
     devs = {t.device for t in (x, p, c, *states)}
