@@ -391,13 +391,9 @@ def test_correlation_step_reads_exp_avg_and_resumes_exactly_from_a_weights_only_
     _resume_run(bias=False)  # every parameter projected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="runtime: full-rank parameters run transformers' own step, whose state holds a Python int "
-    "'step', which runtime/checkpoint.py refuses ('COAP checkpoints hold tensors only'); for the lead",
-)
 def test_resume_with_full_rank_parameters_under_transformers_adafactor():
+    """transformers' own step keeps an int ``step`` and an ``RMS`` float, so full-rank parameters of this
+    base run their compiled update (tensor-only state) and resume bit-identically too."""
     _resume_run(bias=True)
 
 
@@ -406,15 +402,16 @@ def _llama_closed_form(cfg, rank: int) -> tuple[int, int]:
 
     transformers, beta1 set, float32: a matrix m×n keeps exp_avg (m·n), exp_avg_sq_row (m) and
     exp_avg_sq_col (n); a vector keeps exp_avg and exp_avg_sq (2·d); its step is a Python int (0 tensor
-    bytes, as the plan counts it) and its RMS a 0-d tensor that the memory plan does not count (see
-    test_memory_plan_counts_transformers_rms below). COAP for a projected m×n matrix (M ≥ N, rank r):
-    P (N·r), exp_avg (M·r), the factored second moment of the M×r update (M + r) and the float32 step (1).
+    bytes, as the plan counts it; its 0-d ``RMS`` is not counted in the base column). COAP's full-rank
+    parameters keep the same moments plus a 4-byte float32 step (they run their compiled update: this
+    base's own state is not tensor-only). COAP for a projected m×n matrix (M ≥ N, rank r): P (N·r),
+    exp_avg (M·r), the factored second moment of the M×r update (M + r) and the float32 step (1).
     """
     d, f, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
     matrices = [(d, d)] * 4 + [(f, d), (f, d), (d, f)]  # q k v o, gate up (f×d), down (d×f)
     full = 2 * 4 * (v * d + v + d) + (2 * layers + 1) * 4 * 2 * d  # embedding, untied head, norms
     base = full + layers * sum(4 * (m * n + m + n) for m, n in matrices)
-    coap = full
+    coap = full + 4 * (2 + 2 * layers + 1)  # + a step per full-rank parameter
     for m, n in matrices:
         big, small = max(m, n), min(m, n)
         coap += layers * 4 * (small * rank + big * rank + big + rank + 1)
@@ -455,11 +452,7 @@ def test_memory_plan_equals_the_real_state_of_projected_parameters():
     assert real == planned == 4 * ((24 * 4 + 40 * 4 + 40 + 4 + 1) + (8 * 4 + 24 * 4 + 24 + 4 + 1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime/memory.py counts the captured states and a tensor 'step' only; transformers' eager "
-    "step (full-rank parameters) also keeps a 0-d float32 'RMS' (4 B per parameter); for the lead",
-)
-def test_memory_plan_counts_transformers_rms():
+def test_memory_plan_counts_full_rank_parameters_exactly():
+    """Full-rank parameters of this base hold their moments and a tensor step (no ``RMS``): plan == real."""
     real, planned = _real_vs_plan(bias=True)
     assert real == planned

@@ -192,7 +192,10 @@ def test_adafactor_is_transformers_adafactor_as_trainer_builds_it(tmp_path):
     ref_opt.step()
     for n, p in model.named_parameters():
         if id(p) in full:
-            assert torch.equal(p, names[n]), n
+            # transformers' Adafactor keeps an int step and an RMS float, so COAP runs its full-rank
+            # parameters through the compiled port (tensor-only state): equal to rounding (the port
+            # matches transformers to 4.4e-8 in float32, tests/test_hf_adafactor_adapter.py).
+            torch.testing.assert_close(p, names[n], rtol=1e-6, atol=1e-7, msg=n)
         else:
             assert not torch.equal(p, before[n]), n
     torch_ada = create_coap_optimizer(tiny_model(), args, base_optim=torch.optim.Adafactor)  # the alternative
@@ -333,8 +336,7 @@ def test_memory_plan_is_the_real_state_and_below_adamw(tmp_path):
     adamw.train()
     assert plan.base_bytes == _state_bytes(adamw.optimizer)  # the plan's AdamW column is AdamW's real state
     assert plan.total_bytes < 0.5 * plan.base_bytes
-    # optim_args reaches the storage: bf16 states, planned and held exactly, below the fp32 plan. (No
-    # warm-up: from lr = 0 the explicit-precision full-rank update is NaN, see the xfail test below.)
+    # optim_args reaches the storage: bf16 states, planned and held exactly, below the fp32 plan.
     args16 = training_args(
         tmp_path, max_steps=2, warmup_steps=0, optim_args=OPTIM_ARGS + ",state_precision=bf16"
     )
@@ -344,16 +346,14 @@ def test_memory_plan_is_the_real_state_and_below_adamw(tmp_path):
     assert plan16.total_bytes == _state_bytes(bf16.optimizer) < plan.total_bytes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NonFiniteGradientError,
-    reason="known runtime bug (reported): full-rank parameters that run their captured update (explicit "
-    "state_precision, or inside torch.compile) use torch's capturable Adam arithmetic, which divides by "
-    "-lr/bias_correction1; at lr = 0 (every HF warm-up's first step) a zero gradient entry gives 0/0 = NaN",
-)
 def test_state_precision_with_a_warmup_from_lr_zero(tmp_path):
+    """Full-rank parameters with an explicit precision run the derived update (lr in the numerator): a
+    warm-up from lr = 0 with zero gradient entries (unused embedding rows) stays finite. (torch's
+    capturable arithmetic divides by −lr/bias_correction1 and gave NaN here before.)"""
     args = training_args(tmp_path, max_steps=2, optim_args=OPTIM_ARGS + ",state_precision=bf16")
-    coap_trainer(tiny_model(), args).train()  # step 1 at lr 0 writes NaN into embed_tokens; step 2 refuses
+    trainer = coap_trainer(tiny_model(), args)
+    trainer.train()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
 # -- the README measurement --------------------------------------------------------------------------------

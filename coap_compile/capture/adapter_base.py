@@ -230,6 +230,10 @@ class Adapter:
     hypers: tuple[HyperInput, ...] = ()
     #: names of the hypers whose zero-ness selects a code path (structural)
     gates: frozenset[str] = frozenset()
+    #: whether the base's own ``step()`` keeps tensor-only state in the captured layout, so full-rank
+    #: parameters can run it (False: e.g. transformers' Adafactor keeps an int ``step`` and an ``RMS``
+    #: float; its full-rank parameters then run their compiled update instead)
+    native_full_rank: bool = True
 
     @property
     def function(self) -> Callable[..., Any]:

@@ -99,6 +99,7 @@ class HFAdafactorAdapter(Adapter):
         HyperInput("weight_decay", "weight_decay"),
     )
     gates = frozenset({"weight_decay"})
+    native_full_rank = False  # int ``step`` and an ``RMS`` float in transformers' state
 
     def __init__(self, cls: type[torch.optim.Optimizer] | None = None) -> None:
         self.cls = cls if cls is not None else hf_adafactor_class()

@@ -104,10 +104,15 @@ def expected_layout(opt, p: Tensor, group: dict) -> dict[str, tuple[int, ...]]:
     plan = opt._plans[p]
     hyper = opt._base_hyperparams(group)
     if not plan.projected:
-        captured = capture(opt._base_cls, hyper, dtype=p.dtype, ndim=p.ndim)
-        like = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        dtype = (
+            opt._captured_full[p].captured.dtype
+            if p in opt._captured_full and hasattr(opt._captured_full[p], "captured")
+            else p.dtype
+        )
+        captured = capture(opt._base_cls, hyper, dtype=dtype, ndim=p.ndim)
+        like = torch.empty(p.shape, dtype=dtype, device="meta")
         out = {k: tuple(v.shape) for k, v in init_states(captured, like).items()}
-        if base_keeps_step(opt._base_cls, opt._base_kwargs):
+        if base_keeps_step(opt._base_cls, opt._base_kwargs) or p in opt._captured_full:
             out["step"] = ()
         return out
     dtype = opt._state_dtype(p)

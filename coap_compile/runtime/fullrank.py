@@ -4,9 +4,14 @@ Eagerly, full-rank parameters run the *unmodified* torch optimizer (an inner ins
 optimizer's ``state``), so they match ``torch.optim`` bit for bit. Inside ``torch.compile`` that inner
 step would read Python floats from its ``param_groups`` (Dynamo guards on each, so a scheduler that
 cycles β₁ recompiles every step) and torch's optimizers insert a graph break of their own. There the
-full-rank update runs the captured graph instead, the same torch arithmetic as a functional graph::
+full-rank update runs the base's *derived* update instead, the compiled program of the projected path
+at the parameter's own shape (no projection)::
 
-    (p', s', k') = update(p, g, s, k, lr, h)      (the live scalars of the group, as for projected ones)
+    X = prologue(W, G)  (G, or G + λW);   (decay, D, s', k') = lowrank(W, X, s, k, lr, h);   W ← decay·W + D
+
+with the live scalars of the group, as for projected ones. The derived form (not torch's capturable
+arithmetic, which divides by ``lr``) is what runs, so a warm-up from ``lr = 0`` stays finite. A base
+that cannot be rewritten falls back to its captured graph.
 
 with the states in torch's layout and names, so eager and compiled steps can alternate and checkpoints
 are interchangeable. The one addition: a base that keeps no step counter (SGD) gets a ``step`` entry,
@@ -24,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..capture import CapturedUpdate, init_states, run_captured
+from ..compiler import CompiledBase
 from .precision import StateIO
 
 __all__ = ["ensure_full_state", "full_update_", "scalar_dtype_for_step"]
@@ -34,8 +40,11 @@ def scalar_dtype_for_step() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def ensure_full_state(state: dict, captured: CapturedUpdate, p: Tensor, io: StateIO | None = None) -> None:
+def ensure_full_state(
+    state: dict, program: CompiledBase | CapturedUpdate, p: Tensor, io: StateIO | None = None
+) -> None:
     """Create what torch would create on its first step (and ``step``), before the update."""
+    captured = program.captured if isinstance(program, CompiledBase) else program
     missing = [n for n in captured.state_names if not (io.keys_of(n) if io is not None else n in state)]
     if missing:
         fresh = init_states(captured, p.detach().to(captured.dtype))
@@ -49,16 +58,26 @@ def ensure_full_state(state: dict, captured: CapturedUpdate, p: Tensor, io: Stat
         state["step"] = torch.tensor(1.0 if started else 0.0, dtype=scalar_dtype_for_step())
 
 
-def full_update_(p: Tensor, state: dict, captured: CapturedUpdate, inputs, io: StateIO | None = None) -> None:
-    """One step of the captured update for a full-rank parameter, written back in place (through ``io``
-    when the states have a storage precision)."""
+def full_update_(
+    p: Tensor, state: dict, program: CompiledBase | CapturedUpdate, inputs, io: StateIO | None = None
+) -> None:
+    """One step of the derived (or captured) update for a full-rank parameter, written back in place
+    (through ``io`` when the states have a storage precision)."""
     k_t, lr_t, hypers = inputs
+    captured = program.captured if isinstance(program, CompiledBase) else program
     work = captured.dtype
     load = (lambda n: state[n]) if io is None else io.load
-    new_p, new_states, new_step = run_captured(
-        captured, p if p.dtype == work else p.to(work), p.grad if p.grad.dtype == work else p.grad.to(work),
-        [load(n) for n in captured.state_names], k_t, lr_t, hypers,
-    )  # fmt: skip
+    pw = p if p.dtype == work else p.to(work)
+    gw = p.grad if p.grad.dtype == work else p.grad.to(work)
+    states = [load(n) for n in captured.state_names]
+    if isinstance(program, CompiledBase):
+        prog = program.program
+        x = gw if prog.prologue is None else prog.prologue(pw, gw, k_t, lr_t, *hypers)
+        decay, delta, *rest = prog.lowrank(pw, x, *states, k_t, lr_t, *hypers)
+        new_states, new_step = rest[:-1], rest[-1]
+        new_p = pw * decay + delta
+    else:
+        new_p, new_states, new_step = run_captured(captured, pw, gw, states, k_t, lr_t, hypers)
     p.copy_(new_p)
     for n, v in zip(captured.state_names, new_states):
         if io is None:

@@ -51,8 +51,10 @@ import torch
 from torch import Tensor
 
 from ..capture import CapturedUpdate, capture, init_states, live_inputs
+from ..capture.trace import adapter_for
 from ..compiler import CompiledBase, compile_base
-from ..lowering.kernels import KernelPlan, kernel_plan
+from ..errors import UnsupportedOptimizerError
+from ..lowering.kernels import KernelPlan, StoredKernelPlan, kernel_plan, stored_kernel_plan
 from ..projection import ProjectionPolicy, get_policy
 from ..projection.tucker import core_shape
 from . import checkpoint
@@ -215,12 +217,13 @@ class CoapOptimizer(torch.optim.Optimizer):
         self._keys = [settings_key(g) for g in self.param_groups]
         self._programs: dict[tuple[int, torch.dtype, int], CompiledBase] = {}
         self._kernel_plans: dict[tuple[str, float], KernelPlan] = {}
-        self._full_programs: dict[tuple[int, torch.dtype, int], CapturedUpdate] = {}
+        self._stored_plans: dict[Tensor, StoredKernelPlan | None] = {}
+        self._full_programs: dict[tuple[int, torch.dtype, int], CompiledBase | CapturedUpdate] = {}
         self._work: list[tuple[int, bool, float, float]] = []
         self._work_params: list[Tensor] = []
         self._scalars: list[Tensor] = [torch.zeros(0, dtype=torch.float64) for _ in self.param_groups]
         self._io_specs: dict[Tensor, tuple] = {}
-        self._captured_full: dict[Tensor, CapturedUpdate] = {}  # full-rank params run by their capture
+        self._captured_full: dict[Tensor, CompiledBase | CapturedUpdate] = {}  # full-rank, derived update
         seed = 0
         for i, g in enumerate(self.param_groups):
             for p in g["params"]:
@@ -267,19 +270,26 @@ class CoapOptimizer(torch.optim.Optimizer):
             self._io_specs[p] = (storages, kinds, seed, {n: shapes[n] for n in names})
             return
         explicit = group.get("state_precision", "auto") != "auto"
-        if not explicit or (prec.states == "fp32" and p.dtype in (torch.float32, torch.float64)):
+        native = adapter_for(self._base_cls).native_full_rank
+        if native and (not explicit or (prec.states == "fp32" and p.dtype in (torch.float32, torch.float64))):
             return  # torch's own optimizer (its states in the weight dtype, its exact arithmetic)
-        captured = capture(self._base_cls, self._base_hyperparams(group), dtype=prec.work_dtype, ndim=p.ndim)
-        try:
-            program = compile_base(self._base_cls, self._base_hyperparams(group), prec.work_dtype).program
-            kinds = dict(program.state_kinds)
-        except Exception:  # a base that cannot be projected: its states' kinds are unknown
-            kinds = {}
-        like = torch.empty(p.shape, dtype=prec.work_dtype, device="meta")
+        program = self._full_program(group, prec.work_dtype if explicit else p.dtype, p.ndim)
+        captured = program.captured if isinstance(program, CompiledBase) else program
+        kinds = dict(program.program.state_kinds) if isinstance(program, CompiledBase) else {}
+        like = torch.empty(p.shape, dtype=captured.dtype, device="meta")
         shapes = {n: tuple(t.shape) for n, t in init_states(captured, like).items()}
         storages = {n: state_storage(prec, n, shapes[n], kinds.get(n, "other"), where) for n in shapes}
         self._io_specs[p] = (storages, kinds, seed, shapes)
-        self._captured_full[p] = captured
+        self._captured_full[p] = program
+
+    def _full_program(self, group: dict, dtype: torch.dtype, ndim: int) -> CompiledBase | CapturedUpdate:
+        """A full-rank parameter's update: the derived program at its own shape, else its captured graph
+        (a base the compiler cannot rewrite, e.g. one whose state reads the weight)."""
+        hyper = self._base_hyperparams(group)
+        try:
+            return compile_base(self._base_cls, hyper, dtype, ndim)
+        except UnsupportedOptimizerError:
+            return capture(self._base_cls, hyper, dtype=dtype, ndim=ndim)
 
     def _proj_dtype(self, p: Tensor) -> torch.dtype:
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
@@ -435,7 +445,9 @@ class CoapOptimizer(torch.optim.Optimizer):
         a compiled update that reads the vector sees new values without a recompile)."""
         for i, group in enumerate(self.param_groups):
             hypers = live_inputs(self._base_cls, self._base_hyperparams(group))
-            values = [group["lr"], *(h.read(group) for h in hypers)]
+            lr = group["lr"]
+            # lr=None: a base with its own relative step size (transformers' Adafactor, relative_step=True)
+            values = [0.0 if lr is None else lr, *(h.read(group) for h in hypers)]
             floats = []
             for name, v in zip(("lr", *(h.where for h in hypers)), values):
                 if isinstance(v, bool) or not isinstance(v, int | float | Tensor):
@@ -503,13 +515,13 @@ class CoapOptimizer(torch.optim.Optimizer):
                 if p in self._captured_full:
                     ensure_full_state(state, self._captured_full[p], p, self._io(p))
                 elif compiling and not self._plans[p].projected:
-                    hyper = self._base_hyperparams(group)
-                    cu = capture(self._base_cls, hyper, dtype=p.dtype, ndim=p.ndim)
-                    self._full_programs[(i, p.dtype, p.ndim)] = cu
-                    ensure_full_state(state, cu, p)
-        for p, i in due:
+                    program = self._full_program(group, p.dtype, p.ndim)
+                    self._full_programs[(i, p.dtype, p.ndim)] = program
+                    ensure_full_state(state, program, p)
+        for p, i in due:  # kernel epilogues registered outside any compiled region
             if self._use_kernels(p) and not self._plans[p].tucker:
-                self._kernel_plan(self._programs[self._program_key(p, i)], self.param_groups[i]["scale"])
+                kp = self._kernel_plan(self._programs[self._program_key(p, i)], self.param_groups[i]["scale"])
+                self._stored_plans[p] = None if kp is None else stored_kernel_plan(kp, self._io(p))
         return True
 
     def _projected_update(self, p: Tensor, state: dict, index: int, scale: float, ema_beta: float) -> None:
@@ -522,12 +534,13 @@ class CoapOptimizer(torch.optim.Optimizer):
                 scale=scale, ema_beta=ema_beta,
             )  # fmt: skip
             return
-        kernels = self._use_kernels(p) and self._fp32_states(p)
+        use = self._use_kernels(p)
+        splan = self._stored_plans.get(p) if use else None
+        kernels = use and (splan is not None or self._fp32_states(p))  # K2 alone when the middle is eager
         projected_update_(
             p, self._io(p), compiled, self._policies[index], dtype=dtype, inputs=self._inputs(state, index),
             scale=scale, ema_beta=ema_beta, transposed=self._plans[p].transposed, kernels=kernels,
-            kernel_plan=self._kernel_plan(compiled, scale) if kernels else None, backend=self._backend,
-            input_precision=self._precision,
+            kernel_plan=splan, backend=self._backend, input_precision=self._precision,
         )  # fmt: skip
 
     # -- reporting -------------------------------------------------------------------------------------

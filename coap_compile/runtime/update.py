@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..compiler import CompiledBase
 from ..lowering.eager import apply_reprojection_, run_lowrank
-from ..lowering.kernels import KernelPlan, fused_update_, reproject_update_
+from ..lowering.kernels import StoredKernelPlan, fused_update_stored_, reproject_update_
 from ..projection import ProjectionPolicy
 from .precision import StateIO
 from .refresh import canonical_input
@@ -44,7 +44,7 @@ def projected_update_(
     ema_beta: float,
     transposed: bool,
     kernels: bool,
-    kernel_plan: KernelPlan | None,
+    kernel_plan: StoredKernelPlan | None,
     backend: str,
     input_precision: str,
 ) -> None:
@@ -59,8 +59,8 @@ def projected_update_(
         g = p.grad
         if program.prologue is not None:
             g = program.prologue(p.to(dtype), p.grad.to(dtype), k_t, lr_t, *hypers)
-        fused_update_(
-            kernel_plan, p, g, proj, [state[n] for n in program.state_names], k_t + 1, lr_t, hypers,
+        fused_update_stored_(  # K1 reads/writes fp32, bf16 or int8 states in registers (kernels.stored)
+            kernel_plan, p, g, proj, state, k_t + 1, lr_t, hypers,
             transposed=transposed, backend=backend, input_precision=input_precision,
         )  # fmt: skip
         state["step"].add_(1.0)
