@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from transformers.optimization import Adafactor
 
 import coap_compile
-from coap_compile import CoapOptimizer, NonFiniteGradientError
+from coap_compile import CoapOptimizer
 from coap_compile.integrations.transformers import (
     base_optimizer_from_args,
     coap_optimizer_cls_and_kwargs,

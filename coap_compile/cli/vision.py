@@ -38,7 +38,6 @@ from coap_compile.cli.vision_train import (
     VisionConfig,
     VisionRun,
     adafactor_base,
-    conv_projection_available,
     load_vision_data,
     train_vision_run,
     vision_availability,
@@ -279,7 +278,7 @@ def _header(cfg: VisionConfig, data, names: list[str]) -> str:
     n = sum(p.numel() for p in model.parameters())
     convs = len(conv_weights_above_threshold(model))
     _, _, ada = adafactor_base(cfg.lr)
-    tucker = "Tucker projection," if conv_projection_available() else "no Tucker projection in this build;"
+    tucker = "Tucker projection,"
     return (
         f"data: {', '.join(data.sources)}: {data.train.shape[0]} train / {data.val.shape[0]} val patches "
         f"{cfg.patch_size}×{cfg.patch_size}×{cfg.channels}; model: UNet '{cfg.model}' {n:,} params, {convs} "
@@ -313,7 +312,6 @@ def _payload(meta, cfg, data, rows, runs, wall) -> dict[str, object]:
         "config": asdict(cfg),
         "unet_config": asdict(cfg.unet_config()),
         "adafactor_base": adafactor_base(cfg.lr)[2],
-        "conv_projection": conv_projection_available(),
         "data": {"sources": list(data.sources), "train": data.train.shape[0], "val": data.val.shape[0]},
         "summary": rows,
         "runs": [r.to_json() for rs in runs.values() for r in rs],

@@ -29,7 +29,6 @@ held in ``optimizer.state`` after training (:func:`coap_compile.cli.memory.measu
 
 from __future__ import annotations
 
-import inspect
 import math
 import statistics
 import time
@@ -60,7 +59,6 @@ __all__ = [
     "VisionRun",
     "adafactor_base",
     "build_vision_optimizer",
-    "conv_projection_available",
     "load_vision_data",
     "plan_state_bytes",
     "train_vision_run",
@@ -104,13 +102,6 @@ class VisionConfig:
         return MODEL_CONFIGS[self.model](in_channels=self.channels)
 
 
-def conv_projection_available() -> bool:
-    """Whether this build's ``coap_compile.optimize`` takes ``conv_rank_ratio`` (Tucker for 4-D weights)."""
-    import coap_compile
-
-    return "conv_rank_ratio" in inspect.signature(coap_compile.optimize).parameters
-
-
 def adafactor_base(lr: float) -> tuple[type[torch.optim.Optimizer], dict, str]:
     """``(class, kwargs, label)`` of the Adafactor base: transformers' with β₁ = 0.9 when installed."""
     try:
@@ -122,14 +113,8 @@ def adafactor_base(lr: float) -> tuple[type[torch.optim.Optimizer], dict, str]:
 
 
 def vision_availability() -> dict[str, str | None]:
-    """``{name: None if usable here, else why not}``."""
-    out: dict[str, str | None] = dict.fromkeys(VISION_OPTIMIZERS)
-    if not conv_projection_available():
-        out["coap"] = (
-            "needs Tucker projection of conv weights (coap_compile.optimize(conv_rank_ratio=...)), "
-            "which this build does not have"
-        )
-    return out
+    """``{name: None if usable here, else why not}`` (every vision optimizer is built in)."""
+    return dict.fromkeys(VISION_OPTIMIZERS)
 
 
 def build_vision_optimizer(name: str, model: nn.Module, cfg: VisionConfig) -> torch.optim.Optimizer:
@@ -147,7 +132,7 @@ def build_vision_optimizer(name: str, model: nn.Module, cfg: VisionConfig) -> to
         rank=cfg.rank, rank_ratio=cfg.rank_ratio, update_interval=cfg.update_interval,
         reproject_factor=cfg.reproject_factor,
     )  # fmt: skip
-    conv = {"conv_rank_ratio": cfg.conv_rank_ratio} if conv_projection_available() else {}
+    conv = {"conv_rank_ratio": cfg.conv_rank_ratio}
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), **adamw)
     if name == "coap":
@@ -161,8 +146,8 @@ def build_vision_optimizer(name: str, model: nn.Module, cfg: VisionConfig) -> to
 
 
 def plan_state_bytes(name: str, opt: torch.optim.Optimizer, cfg: VisionConfig) -> int:
-    """The memory plan's total: the optimizer's own (COAP rows), or the plan of the same base with
-    nothing projected, on a meta-device copy of the model (plain rows)."""
+    """The memory plan's total: the optimizer's own (COAP rows), or, for a plain optimizer, the planner's
+    count of what that base itself keeps (``base_bytes``), on a meta-device copy of the model."""
     plan = getattr(opt, "memory_plan", None)
     if plan is not None:
         return int(plan().total_bytes)
@@ -174,7 +159,7 @@ def plan_state_bytes(name: str, opt: torch.optim.Optimizer, cfg: VisionConfig) -
     if name == "adafactor":
         cls, kw, _ = adafactor_base(cfg.lr)
     group = [{"params": list(meta.parameters()), "project": False}]
-    return int(coap_compile.optimize(group, cls, **kw).memory_plan().total_bytes)
+    return int(coap_compile.optimize(group, cls, **kw).memory_plan().base_bytes)
 
 
 def load_vision_data(cfg: VisionConfig) -> PatchSet:
