@@ -217,18 +217,21 @@ def test_a_structural_change_recompiles_once_and_is_explained(cls, kw, key, valu
     assert f"{key} " in opt.explain() and "re-compiled" in opt.explain()
 
 
-def test_compiled_train_step_does_not_recompile_under_one_cycle():
+@pytest.mark.parametrize("lr_kind", ["tensor", "float"])
+def test_compiled_train_step_does_not_recompile_under_one_cycle(lr_kind):
     """``torch.compile(train_step, backend="coap")`` over 20 OneCycleLR steps (β₁ and lr change every
-    step; lr is a tensor filled in place): no new graph after the first step, projected and full-rank
-    parameters alike, and the result equals the eager run."""
+    step; a tensor lr is filled in place, a float one replaced): no new graph after the first step,
+    projected and full-rank parameters alike (the compiled region reads lr and β₁ from the optimizer's
+    own scalar vectors, never from ``param_groups``), and the result equals the eager run."""
     from test_runtime import TinyLM
     from torch._dynamo.utils import counters
 
     def setup():
         torch.manual_seed(0)
         model = TinyLM()
+        lr = torch.tensor(1e-2) if lr_kind == "tensor" else 1e-2
         opt = coap_compile.optimize(
-            model, torch.optim.AdamW, rank=8, update_interval=3, reproject_factor=2, lr=torch.tensor(1e-2)
+            model, torch.optim.AdamW, rank=8, update_interval=3, reproject_factor=2, lr=lr
         )
         return model, opt, _one_cycle(opt, 30)
 
