@@ -79,6 +79,7 @@ def variants(size: str) -> list[Variant]:
                 {"rank_ratio": 4.0, "target_modules": PAPER_TARGETS}),
         Variant("galore", "galore", at, "fp32", "fp32", mem.OURS, paper),
         Variant("flora", "flora", at, "fp32", "fp32", mem.OURS, paper),
+        Variant("dct", "dct", at, "fp32", "fp32", mem.OURS, paper),
         Variant("adamw", "adamw", "full", "bf16", "bf16 (torch)", mem.ADAMW_BF16),
         Variant("coap", "coap", at, "bf16", "bf16 (auto)", mem.COAP_BF16_AUTO, paper),
         Variant("coap-bf16", "coap", at, "bf16", "bf16", mem.COAP_BF16, paper),
@@ -88,7 +89,7 @@ def variants(size: str) -> list[Variant]:
 
 def _official_acc(v: Variant) -> mem.Accounting | None:
     """The reference accounting of the same setting (galore/flora have no official figure)."""
-    if v.policy in ("galore", "flora"):
+    if v.policy in ("galore", "flora", "dct"):
         return None
     return mem.OFFICIAL_8BIT if v.states == "int8" else mem.OFFICIAL
 
@@ -132,13 +133,21 @@ def _measure(v: Variant, size: str) -> tuple[int | None, str, dict[str, int]]:
 
 def _measure_real(v: Variant, size: str) -> int:
     """State bytes after one real CPU step with random gradients (allocates the model: small sizes only)."""
+    from coap_compile.projection.dct import clear_shared_bases
+
+    clear_shared_bases()  # count only the bases this run builds
     model = _model(size, v.weights, real=True)
     opt = build_optimizer(v.optimizer, model, lr=1e-3, **v.kwargs)
     gen = torch.Generator().manual_seed(0)
     for p in model.parameters():
         p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(p.dtype)
     opt.step()
-    return mem.measured_state_bytes(opt)
+    shared = 0
+    if v.policy == "dct":  # the bases shared by same-width matrices live outside optimizer.state
+        from coap_compile.projection.dct import shared_basis_builds
+
+        shared = sum(4 * n * n for (n, dtype, _dev) in shared_basis_builds() if dtype == torch.float32)
+    return mem.measured_state_bytes(opt) + shared
 
 
 def memory_rows(sizes: list[str], real_sizes: tuple[str, ...] = ()) -> list[dict[str, object]]:

@@ -179,6 +179,7 @@ class ParamRow:
     proj_elems: int
     extra_bytes: int = 0
     n_moments: int = 2
+    has_step: bool = True
 
     @property
     def state_elems(self) -> int:
@@ -196,7 +197,7 @@ class ParamRow:
         one = _moment_parts(self.moment_shape, self.storage(acc), acc)
         out = {k: self.n_moments * v for k, v in one.items()}
         out["elements"] += self.proj_elems * acc.proj
-        out["step"] = acc.step
+        out["step"] = acc.step if self.has_step else 0
         out["policy_extras"] = self.extra_bytes if acc.extras else 0
         return out
 
@@ -212,16 +213,20 @@ def closed_form_rows(
     rank_ratio: float | None = None,
     target_modules: Sequence[str] | None = None,
 ) -> list[ParamRow]:
-    """Per-parameter state for ``policy`` in ``{"adamw", "coap", "galore", "flora"}`` (AdamW base).
+    """Per-parameter state for ``policy`` in ``{"adamw", "coap", "galore", "flora", "dct"}`` (AdamW base).
 
-    All three projection policies keep ``P`` (``N×r``) in the state; they differ in how it is refreshed.
+    coap/galore/flora keep ``P`` (``N×r``) in the state; they differ in how it is refreshed. ``dct``
+    keeps ``r`` int64 column indices per matrix instead of ``P`` (``8·r`` bytes, counted as a policy
+    extra) and one float32 ``N×N`` DCT-II basis per distinct width ``N``, shared by every matrix of that
+    width: one extra row each (``[shared] dct N×N``, no step counter), counted where extras are.
     Which weights are projected follows :func:`~coap_compile.cli.optimizers.projected_linear_weights`.
     Works on meta-device models (only shapes are read).
     """
-    if policy not in ("adamw", "coap", "galore", "flora"):
+    if policy not in ("adamw", "coap", "galore", "flora", "dct"):
         raise ValueError(f"no closed form for optimizer {policy!r}")
     chosen = {} if policy == "adamw" else projected_linear_weights(model, rank, rank_ratio, target_modules)
     rows = []
+    widths: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -229,9 +234,16 @@ def closed_form_rows(
         if name in chosen:
             r = chosen[name]
             big, small = max(shape), min(shape)
-            rows.append(ParamRow(name, shape, r, (big, r), small * r, POLICY_EXTRA_BYTES.get(policy, 0)))
+            if policy == "dct":
+                widths.add(small)
+                rows.append(ParamRow(name, shape, r, (big, r), 0, 8 * r))
+            else:
+                rows.append(ParamRow(name, shape, r, (big, r), small * r, POLICY_EXTRA_BYTES.get(policy, 0)))
         else:
             rows.append(ParamRow(name, shape, None, shape, 0))
+    for n in sorted(widths):  # the shared bases (float32 whatever the accounting's state size)
+        name = f"[shared] dct {n}×{n}"
+        rows.append(ParamRow(name, (n, n), None, (0,), 0, 4 * n * n, n_moments=0, has_step=False))
     return rows
 
 
