@@ -81,7 +81,8 @@ def explain_optimizer(opt) -> str:
         out.append(f"  projected quantity: X = {_fmt(dec.x_expr)}   (x̃ = X P, M×r)")
         out.append("  derived low-rank update (k = completed steps):")
         for name in prog.state_names:
-            out.append(f"    {name}' = {_fmt(dec.new_states[name])}    [{prog.state_kinds[name]}]")
+            kind = prog.state_kinds[name] + (", adapter hint (checked)" if name in dec.hinted else "")
+            out.append(f"    {name}' = {_fmt(dec.new_states[name])}    [{kind}]")
         delta = dec.delta.xreplace({state_symbol(n, True): sympy.Symbol(n + "'") for n in prog.state_names})
         out.append(f"    D = {_fmt(delta)}")
         out.append(f"    W <- ({_fmt(dec.decay)}) * W + scale * D P^T")
