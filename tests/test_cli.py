@@ -440,3 +440,15 @@ def test_progress_bar_on_a_pipe_prints_deciles():
             bar.update(loss=1.0)
     lines = buf.getvalue().splitlines()
     assert len(lines) == 10 and lines[-1].split()[2] == "20/20"
+
+
+def test_bench_compile_smoke(tmp_path, capsys):
+    """``bench compile`` (whole-step compile measurement) on a one-layer model, eager rows only (seconds)."""
+    argv = ["bench", "compile", "--variants", "eager-adamw,eager-coap", "--steps", "4", "--layers", "1"]
+    argv += ["--dim", "64", "--heads", "2", "--ffn", "128", "--seq-len", "16", "--results-dir", str(tmp_path)]
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "compile_cpu.json").read_text())
+    rows = [(r["optimizer"], r["backend"]) for r in payload["rows"]]
+    assert rows == [("adamw", "eager"), ("coap", "eager")]
+    assert {"git_commit", "torch"} <= set(payload["metadata"])
+    assert "coap" in capsys.readouterr().out
