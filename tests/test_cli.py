@@ -365,7 +365,7 @@ def test_bench_memory_writes_exact_rows(tmp_path, capsys):
     data = json.loads((tmp_path / "memory.json").read_text())
     assert all(c["match"] for c in data["official_checks"])
     assert [(r["weights"], r["optimizer"]) for r in data["rows"]] == [
-        *[("fp32", n) for n in ("adamw", "coap", "coap", "coap", "galore", "flora")],
+        *[("fp32", n) for n in ("adamw", "coap", "coap", "coap", "galore", "flora", "dct")],
         *[("bf16", n) for n in ("adamw", "coap", "coap-bf16", "coap-int8")],
     ]
     for row in data["rows"]:  # every row measured (meta step or memory_plan) and equal to the closed form
