@@ -4,9 +4,12 @@
 per-parameter update as an FX graph, rewrites it so that each weight matrix's optimizer state lives in
 a low-rank space refreshed by COAP (correlation-aware projection, arXiv 2412.00071), and lowers it to
 eager torch (CPU) or generated Triton kernels (CUDA).
+
+``torch.compile(step, backend="coap")`` finds the backend through the package's
+``torch_dynamo_backends`` entry point (:mod:`.backend_entry`): importing this package imports no
+Dynamo or Inductor.
 """
 
-from . import backend as _backend  # noqa: F401  (import registers the torch.compile backend "coap")
 from .api import explain, optimize
 from .errors import NonFiniteGradientError, UnsupportedOptimizerError
 from .projection import CoapPolicy, FixedProjection, FloraPolicy, GaLorePolicy, ProjectionPolicy

@@ -34,6 +34,7 @@ def optimize(
     restore_state: bool = False,
     backend: str = "auto",
     check_finite: bool = True,
+    grouped: bool = True,
     input_precision: str = "ieee",
     conv_policy: Any = None,
     **base_kwargs: Any,
@@ -51,7 +52,7 @@ def optimize(
         base_optim: ``torch.optim.AdamW``, ``Adam``, ``Adafactor``, ``RMSprop``, ``SGD`` (momentum), or
             any optimizer whose update the compiler can rewrite (else ``UnsupportedOptimizerError``).
         rank, rank_ratio, correlation, state_precision, projection_precision, quant_block_size,
-            conv_rank_ratio: see :class:`~coap_compile.runtime.optimizer.CoapOptimizer`.
+            conv_rank_ratio, grouped: see :class:`~coap_compile.runtime.optimizer.CoapOptimizer`.
         target_modules: regular expressions (searched in module names) or ``callable(name, module)``
             selecting the modules whose 2-D weights are projected (model input only).
         **base_kwargs: the base optimizer's own arguments (``lr``, ``betas``, ``weight_decay`` …).
@@ -91,6 +92,7 @@ def optimize(
         restore_state=restore_state,
         backend=backend,
         check_finite=check_finite,
+        grouped=grouped,
         input_precision=input_precision,
         param_names=names,
         conv_policy=conv_policy,

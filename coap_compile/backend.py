@@ -13,7 +13,8 @@ Passes (in order):
   (``lr*step`` and ``step*lr``). Optimizer steps recompute many such scalars (bias corrections, ``lr·wd``)
   per parameter; AOT's CSE misses the swapped forms. The table is flushed at every node that may mutate.
 
-Importing this module registers the backend (idempotently; ``import coap_compile`` does it).
+Importing this module registers the backend (idempotently). ``import coap_compile`` does not import it: the
+package's ``torch_dynamo_backends`` entry point (:mod:`.backend_entry`) resolves ``backend="coap"`` lazily.
 """
 
 from __future__ import annotations

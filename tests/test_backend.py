@@ -36,6 +36,43 @@ def test_backend_is_registered_idempotently():
     assert lookup_backend("coap") is backend.coap_backend
 
 
+_LIGHT_IMPORT = """
+import sys, torch
+import coap_compile
+heavy = sorted(m for m in sys.modules if m.split(".")[:2] in (["torch", "_dynamo"], ["torch", "_inductor"]))
+assert not heavy, heavy[:5]
+assert "coap_compile.backend" not in sys.modules
+model = torch.nn.Linear(8, 8)
+opt = coap_compile.optimize(model, base_optim=torch.optim.AdamW, rank=2, lr=1e-2)
+model(torch.randn(4, 8)).square().sum().backward()
+opt.step()  # (torch.optim's own add_param_group imports Dynamo at the first construction: torch's cost)
+assert "coap_compile.backend" not in sys.modules
+"""
+
+_ENTRY_POINT = """
+import sys, torch
+from torch._dynamo.backends.registry import lookup_backend
+fn = torch.compile(lambda x: torch.sin(x) * 2.0, backend="coap")
+assert torch.allclose(fn(torch.ones(4)), torch.sin(torch.ones(4)) * 2.0)
+import coap_compile.backend as backend  # imported by the first compilation, registered once
+assert "coap_compile.backend" in sys.modules
+from coap_compile.backend_entry import coap
+assert lookup_backend("coap") in (backend.coap_backend, coap)
+"""
+
+
+@pytest.mark.parametrize("script", [_LIGHT_IMPORT, _ENTRY_POINT], ids=["light-import", "entry-point"])
+def test_import_is_light_and_the_backend_is_found_by_its_entry_point(script):
+    """``import coap_compile`` imports no Dynamo/Inductor, nor does an eager step import the backend;
+    ``backend="coap"`` resolves through the ``torch_dynamo_backends`` entry point without importing
+    ``coap_compile`` first (fresh interpreters: this process has Dynamo loaded already)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_pass_uuid_is_stable():
     a, b = CoapGraphPass(), CoapGraphPass()
     assert a.uuid() == b.uuid() == pickle.loads(pickle.dumps(a)).uuid()

@@ -46,13 +46,21 @@ PRECISIONS = {
 
 
 def _held_bytes(state: dict) -> int:
+    """Bytes of one parameter's state tensors: ``numel · element_size`` (a grouped update's states are
+    views of one buffer per group, runtime/grouped.py; :func:`_storage_bytes` checks there is no slack)."""
+    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def _storage_bytes(states) -> int:
+    """Bytes of every distinct storage the states hold (what the allocator really keeps)."""
     seen, total = set(), 0
-    for t in state.values():
-        if isinstance(t, torch.Tensor):
-            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
+    for state in states:
+        for t in state.values():
+            if isinstance(t, torch.Tensor):
+                key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                if key not in seen:
+                    seen.add(key)
+                    total += t.untyped_storage().nbytes()
     return total
 
 
@@ -78,6 +86,7 @@ def test_closed_form_equals_plan_and_real_state_per_parameter(config, precision)
     want = {r.name: r.bytes(acc) for r in rows}
     held = {name: _held_bytes(opt.state[p]) for name, p in params.items()}
     assert held == want
+    assert _storage_bytes(opt.state.values()) == sum(want.values())  # views: no hidden or shared slack
     if kwargs is not None:
         assert {r.name: r.state_bytes for r in opt.memory_plan().rows} == want
         assert opt.memory_plan().total_bytes == mem.total_bytes(rows, acc)

@@ -113,7 +113,10 @@ BAD_OPTIONS = [
     (["demo", "--rank", "0"], ["coap-compile demo: error:", "argument --rank", "positive integer", "got 0"]),
     (["demo", "--rank", "-4"], ["argument --rank", "got -4"]),
     (["demo", "--rank-ratio", "0.5"], ["argument --rank-ratio", "must be >= 1", "got 0.5"]),
-    (["demo", "--optimizers", "adamw,sgdx"], ["argument --optimizers", "'sgdx'", "adamw, coap, galore"]),
+    (
+        ["demo", "--optimizers", "adamw,sgdx"],
+        ["argument --optimizers", "'sgdx'", "adamw, adamw-foreach, coap, galore"],
+    ),
     (["demo", "--optimizers", "coap,coap"], ["argument --optimizers", "'coap' given twice"]),
     (["demo", "--steps", "0"], ["argument --steps", "positive integer", "got 0"]),
     (["demo", "--lr", "inf"], ["argument --lr", "positive finite", "got inf"]),
@@ -192,7 +195,7 @@ def test_output_folder_that_is_a_file_is_named(tmp_path, option, capsys):
 
 def test_unavailable_optimizer_names_the_option(monkeypatch, capsys):
     fake = {**availability(), "galore-torch": "galore-torch is not installed (test)"}
-    monkeypatch.setattr(cli_main, "availability", lambda: fake)
+    monkeypatch.setattr(cli_main, "availability", lambda names=None: fake)
     for argv in (["demo"], ["bench", "step"]):
         assert main([*argv, "--optimizers", "adamw,galore-torch"]) == 2
         line = _one_error_line(capsys)
@@ -201,7 +204,7 @@ def test_unavailable_optimizer_names_the_option(monkeypatch, capsys):
 
 def test_quality_with_no_available_optimizer_is_one_line(monkeypatch, corpus, capsys):
     fake = {**availability(), "galore-torch": "not installed (test)", "apollo-torch": "not installed (test)"}
-    monkeypatch.setattr(cli_quality, "availability", lambda: fake)
+    monkeypatch.setattr(cli_quality, "availability", lambda names=None: fake)
     argv = ["bench", "quality", "--optimizers", "galore-torch,apollo-torch", "--corpus", str(corpus)]
     assert main([*argv, *TINY_ARGS]) == 2
     line = _one_error_line(capsys)
@@ -394,6 +397,8 @@ def test_bench_step_and_quality_smoke(tmp_path, corpus, capsys):
                 "3",
                 "--warmup",
                 "1",
+                "--overhead",
+                "64x64x16",
                 "--results-dir",
                 str(tmp_path),
             ]
@@ -402,6 +407,11 @@ def test_bench_step_and_quality_smoke(tmp_path, corpus, capsys):
     )
     step = json.loads((tmp_path / "step_cpu.json").read_text())
     assert len(step["rows"]) == len(names.split(",")) and step["rows"][0]["median_ms"] > 0
+    over = {r["optimizer"]: r for r in step["overhead_rows"]}
+    assert {"adamw", "adamw-foreach", "coap", "coap-per-matrix"} <= set(over)
+    assert over["adamw"]["vs_adamw"] == 1.0 and over["coap"]["projected_matrices"] == 16
+    assert over["coap"]["per_matrix_us"] == pytest.approx(1e3 * over["coap"]["median_ms"] / 16)
+    assert (tmp_path / "step_overhead_cpu.csv").read_text().startswith("# timestamp_utc")
     assert (
         main(
             [

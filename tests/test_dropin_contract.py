@@ -18,7 +18,7 @@ from test_runtime import TinyLM, _train
 import coap_compile
 from coap_compile import UnsupportedOptimizerError
 from coap_compile.capture import capture_count
-from coap_compile.runtime import optimizer as runtime_optimizer
+from coap_compile.runtime import stepping as runtime_stepping
 
 
 def _build(base=torch.optim.AdamW, rank=8, seed=0, **kw):
@@ -242,13 +242,13 @@ def test_a_failing_later_update_leaves_it_and_later_parameters_unchanged(monkeyp
     """Documented (torch's behaviour): an exception raised inside a later parameter's update leaves the
     earlier ones updated; the failing one and everything after it are untouched. (At k = 3 no refresh is
     due; a refresh due at a failing step has been committed before the updates, see the runtime docs.)"""
-    model, opt = _build()
+    model, opt = _build(grouped=False)  # per matrix (the grouped path: the next test)
     _train(model, opt, 3)
     model(torch.randint(0, 50, (4, 9))).sum().backward()
     first, second = opt.projected_parameters()
     snap = _snapshot(model, opt)
     calls = []
-    real = runtime_optimizer.projected_update_
+    real = runtime_stepping.projected_update_
 
     def flaky(p, *a, **k):
         calls.append(p)
@@ -256,7 +256,7 @@ def test_a_failing_later_update_leaves_it_and_later_parameters_unchanged(monkeyp
             raise RuntimeError("injected")
         return real(p, *a, **k)
 
-    monkeypatch.setattr(runtime_optimizer, "projected_update_", flaky)
+    monkeypatch.setattr(runtime_stepping, "projected_update_", flaky)
     with pytest.raises(RuntimeError, match="injected"):
         opt.step()
     params, state, _ = snap
@@ -267,6 +267,30 @@ def test_a_failing_later_update_leaves_it_and_later_parameters_unchanged(monkeyp
     for p in model.parameters():  # full-rank ones run after the projected ones: untouched
         if p is not first and p is not second:
             assert torch.equal(p.detach(), by_id[id(p)])
+
+
+def test_a_failing_grouped_update_leaves_its_group_unchanged(monkeypatch):
+    """The grouped path computes a chunk of members completely (``X P`` and the elementwise pass) before
+    its first write, so a failure there (e.g. out of memory) leaves every member of the chunk unchanged."""
+    from coap_compile.runtime import grouped
+
+    model, opt = _build()
+    assert len(opt._groups) == 1 and set(opt._groups[0].members) == set(opt.projected_parameters())
+    _train(model, opt, 3)
+    model(torch.randint(0, 50, (4, 9))).sum().backward()
+    snap = _snapshot(model, opt)
+
+    def failing(*a, **k):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(grouped, "run_lowrank", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.step()
+    params, state, _ = snap
+    by_id = dict(zip((id(p) for p in model.parameters()), params))
+    for p in opt.projected_parameters():
+        assert torch.equal(p.detach(), by_id[id(p)])
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state[id(p)].items())
 
 
 def test_a_failing_refresh_changes_nothing(monkeypatch):

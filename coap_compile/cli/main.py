@@ -120,6 +120,15 @@ def _rank_args(p: argparse.ArgumentParser, default_ratio: float = 4.0) -> None:
     g.add_argument("--rank-ratio", type=_ratio, help=f"r = min(m, n) // RATIO (default {default_ratio:g})")
 
 
+def _overhead_cases(text: str) -> str:
+    from coap_compile.cli.overhead import OVERHEAD_CASES
+
+    bad = [c for c in text.split(",") if c.strip() and c.strip() not in OVERHEAD_CASES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown case {bad[0]!r}; choose from {', '.join(OVERHEAD_CASES)}")
+    return text
+
+
 def _common_train(p: argparse.ArgumentParser, *, steps: int, eval_every: int) -> None:
     p.add_argument(
         "--corpus", help="text file or folder of text files (default: this Python's stdlib .py files)"
@@ -223,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--repeat", type=_positive_int, default=None, help="timed steps (default 20; CUDA: do_bench ms, 100)"
+    )
+    s.add_argument(
+        "--overhead",
+        type=_overhead_cases,
+        default="demo,64x64x16",
+        help="whole-step overhead cases, comma-separated, or '' for none (default %(default)s)",
     )
     s.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
 
@@ -362,7 +377,7 @@ def _validate(args: argparse.Namespace) -> None:
         if not args.seeds:
             fail("--seeds: at least one seed is needed (comma-separated integers, e.g. 0,1,2)")
     if names and (args.command == "demo" or getattr(args, "bench", None) == "step"):
-        avail = availability()
+        avail = availability(names)
         for n in names:
             if avail[n] is not None:
                 fail(f"--optimizers: optimizer {n!r} is unavailable: {avail[n]}")

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from torch import nn
 __all__ = [
     "EXTERNAL",
     "OPTIMIZER_NAMES",
+    "BASELINES",
     "PROJECTED",
     "VARIANTS",
     "OptimizerSettings",
@@ -38,7 +40,7 @@ __all__ = [
 
 PROJECTED = ("coap", "galore", "flora")
 #: coap_compile.optimize keyword arguments of every projected name (the policy and its options).
-VARIANTS: dict[str, dict[str, str]] = {
+VARIANTS: dict[str, dict[str, object]] = {
     "coap": {"projection": "coap"},
     "galore": {"projection": "galore"},
     "flora": {"projection": "flora"},
@@ -47,13 +49,16 @@ VARIANTS: dict[str, dict[str, str]] = {
     "dct": {"projection": "dct"},
     "coap-bf16": {"projection": "coap", "state_precision": "bf16"},
     "coap-int8": {"projection": "coap", "state_precision": "int8"},
+    "coap-per-matrix": {"projection": "coap", "grouped": False},  # the ungrouped update (runtime/grouped.py)
 }
 EXTERNAL = {
     "galore-torch": "galore_torch",
     "apollo-torch": "apollo_torch",
     "adamw8bit-torchao": "torchao.optim",
 }
-OPTIMIZER_NAMES = ("adamw", *VARIANTS, *EXTERNAL)
+#: torch.optim.AdamW with its defaults for the device, and with ``foreach=True``.
+BASELINES = ("adamw", "adamw-foreach")
+OPTIMIZER_NAMES = (*BASELINES, *VARIANTS, *EXTERNAL)
 
 
 class UnknownOptimizerError(ValueError):
@@ -130,9 +135,14 @@ def projected_linear_weights(
     return chosen
 
 
-def availability() -> dict[str, str | None]:
-    """``{name: None if usable else the reason it is not}`` for every name in :data:`OPTIMIZER_NAMES`."""
-    status: dict[str, str | None] = {"adamw": None}
+def availability(names: Sequence[str] | None = None) -> dict[str, str | None]:
+    """``{name: None if usable else the reason it is not}`` for every name in :data:`OPTIMIZER_NAMES`.
+
+    External peers in ``names`` (all of them when ``None``) are imported to check them; the others are
+    only looked up (``importlib.util.find_spec``), so a command that does not ask for galore-torch or
+    apollo-torch never imports them (issue 14: +40 MiB when installed).
+    """
+    status: dict[str, str | None] = dict.fromkeys(BASELINES)
     try:
         import coap_compile
 
@@ -143,13 +153,15 @@ def availability() -> dict[str, str | None]:
     for name in VARIANTS:
         status[name] = reason
     for name, module in EXTERNAL.items():
+        hint = "pip install 'coap-compile[bench]'"
         try:
-            importlib.import_module(module)
+            if names is None or name in names:
+                importlib.import_module(module)
+            elif importlib.util.find_spec(module.partition(".")[0]) is None:  # a parent would be imported
+                raise ModuleNotFoundError(f"No module named {module!r}")
             status[name] = None
         except Exception as exc:
-            status[name] = (
-                f"{name} is not installed ({type(exc).__name__}: {exc}); pip install 'coap-compile[bench]'"
-            )
+            status[name] = f"{name} is not installed ({type(exc).__name__}: {exc}); {hint}"
     return status
 
 
@@ -226,13 +238,14 @@ def build_optimizer(
         scale=scale,
         target_modules=tuple(target_modules) if target_modules is not None else None,
     )
-    if name == "adamw":
+    if name in BASELINES:
         return torch.optim.AdamW(
-            model.parameters(), lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay
-        )
+            model.parameters(), lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay,
+            foreach=True if name == "adamw-foreach" else None,
+        )  # fmt: skip
     if s.rank is None and s.rank_ratio is None:
         raise ValueError(f"optimizer {name!r} needs a rank or a rank ratio")
-    reason = availability()[name]
+    reason = availability([name])[name]
     if reason is not None:
         raise UnknownOptimizerError(f"optimizer {name!r} is unavailable: {reason}")
     if name in EXTERNAL:

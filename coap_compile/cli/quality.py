@@ -89,8 +89,8 @@ def plot_quality(runs: dict[str, list[RunResult]], title: str):
 def run_quality(args: argparse.Namespace) -> int:
     """Train every available optimizer for every seed; print and write the summary."""
     model_cfg = model_config_from_args(args)
-    avail = availability()
     names = list(args.optimizers)
+    avail = availability([*names, *EXTERNAL] if getattr(args, "optimizers_default", False) else names)
     if getattr(args, "optimizers_default", False):
         names += [n for n in EXTERNAL if avail[n] is None]
     skipped = {n: avail[n] for n in dict.fromkeys((*names, *EXTERNAL)) if avail[n] is not None}

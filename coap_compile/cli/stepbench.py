@@ -31,6 +31,10 @@ correlation mode (``off``: SVD only), ``steady + galore-svd / T_u`` for ``galore
 ``steady + dct-gather + dct / T_u``, where ``steady`` is the ``dct`` optimizer's step if it was timed, else
 COAP's (the same two projection matmuls). Every row carries ``vs_adamw``: its median over AdamW's median step
 at the same shape, measured in the same run.
+
+**Overhead** (``--overhead``, default ``demo,64x64x16``; :mod:`.overhead`): a whole model's ``opt.step()``
+and the fixed cost per matrix, for AdamW (defaults and ``foreach``), COAP grouped and per matrix,
+galore-torch and apollo-torch, in one interleaved run.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import torch
 from torch import nn
 
 from coap_compile.cli.memory import measured_state_bytes
-from coap_compile.cli.optimizers import build_optimizer
+from coap_compile.cli.optimizers import BASELINES, build_optimizer
 
 __all__ = [
     "DEFAULT_SHAPES",
@@ -78,7 +82,7 @@ def make_step(
         layer.weight.copy_(torch.randn(m, n, generator=gen) * 0.02)
     layer = layer.to(device)
     layer.weight.grad = (torch.randn(m, n, generator=gen) * 1e-3).to(device)
-    opt = build_optimizer(optimizer, layer, rank=None if optimizer == "adamw" else rank, lr=1e-4)
+    opt = build_optimizer(optimizer, layer, rank=None if optimizer in BASELINES else rank, lr=1e-4)
     opt.step()
     return opt.step, opt
 
@@ -146,7 +150,7 @@ def step_rows(
             rows.append(
                 {
                     "shape": f"{m}x{n}",
-                    "rank": None if name == "adamw" else rank,
+                    "rank": None if name in BASELINES else rank,
                     "optimizer": name,
                     "median_ms": med,
                     "p20_ms": p20,
@@ -323,7 +327,7 @@ def run_step(args) -> int:
     print(format_table(rows, [(c, c) for c in cols]))
     refreshes: list[dict[str, object]] = []
     amortized: list[dict[str, object]] = []
-    if any(name != "adamw" for name in args.optimizers):
+    if any(name not in BASELINES for name in args.optimizers):
         adamw = {str(r["shape"]): float(r["median_ms"]) for r in rows if r["optimizer"] == "adamw"}
         warm, rep = (args.warmup, args.repeat) if cuda else (1, max(3, args.repeat // 4))
         refreshes = refresh_rows(shapes, adamw, device=args.device, warmup=warm, repeat=rep)
@@ -333,6 +337,23 @@ def run_step(args) -> int:
         cols = ["shape", "rank", "schedule", "amortized_ms", "vs_adamw", "steady_from"]
         print(format_table(amortized, [(c, c) for c in cols]))
         meta.update(refresh_warmup=warm, refresh_repeat=rep)
+    overhead: list[dict[str, object]] = []
+    cases = [c for c in (getattr(args, "overhead", None) or "").split(",") if c.strip()]
+    if cases:
+        from coap_compile.cli.overhead import overhead_rows
+
+        overhead = overhead_rows(cases, device=args.device, warmup=args.warmup if not cuda else 3)
+        cols = [
+            "case",
+            "optimizer",
+            "median_ms",
+            "p20_ms",
+            "p80_ms",
+            "per_matrix_us",
+            "vs_adamw",
+            "vs_galore_torch",
+        ]
+        print(format_table(overhead, [(c, c) for c in cols]))
     meta.update(warmup=args.warmup, repeat=args.repeat)
     tag = "cpu" if args.device == "cpu" else args.device.split(":")[0]
     out = Path(args.results_dir)
@@ -340,7 +361,12 @@ def run_step(args) -> int:
     written = [out / f"step_{tag}.csv"]
     if refreshes:
         written.append(write_csv(out / f"step_refresh_{tag}.csv", [*refreshes, *amortized], meta))
-    payload = {"meta": meta, "rows": rows, "refresh_rows": refreshes, "amortized_rows": amortized}
+    if overhead:
+        written.append(write_csv(out / f"step_overhead_{tag}.csv", overhead, meta))
+    payload = {
+        "meta": meta, "rows": rows, "refresh_rows": refreshes, "amortized_rows": amortized,
+        "overhead_rows": overhead,
+    }  # fmt: skip
     written.append(write_json(out / f"step_{tag}.json", payload))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

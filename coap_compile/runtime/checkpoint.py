@@ -65,6 +65,7 @@ _CONFIG = (
     "_backend",
     "_precision",
     "_check_finite",
+    "_grouped",
     "_events",
 )
 
@@ -307,6 +308,7 @@ def getstate(opt, state: dict[str, Any]) -> dict[str, Any]:
 
 def setstate(opt, config: dict[str, Any]) -> None:
     names = config.pop("names")
+    config.setdefault("_grouped", True)  # pickled before the grouped update existed
     for k, v in config.items():
         setattr(opt, k, v)
     opt._names = {id(opt.param_groups[gi]["params"][pi]): name for gi, pi, name in names}

@@ -29,7 +29,8 @@ class sharing this optimizer's ``state`` dict). The state is tensors only.
   raises for bad input changes nothing. A failure raised while a later parameter is being updated
   (out of memory, a kernel error) leaves earlier parameters updated, as torch's optimizers do: undoing
   them would need a copy of every weight; the failing parameter itself is left unchanged
-  (:mod:`.update`).
+  (:mod:`.update`). In a grouped update (:mod:`.grouped`) the unit is a chunk of a matrix group: it is
+  computed completely (``X P``, the elementwise pass) before its first write.
 * *Copies.* ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)`` give an optimizer that continues
   bit-identically; everything derived is rebuilt in ``__setstate__``.
 * *Checkpoints.* ``state_dict()`` is tensors only; ``load_state_dict`` checks the checkpoint against
@@ -44,23 +45,23 @@ without a first moment (RMSprop, Adafactor) get a low-rank EMA ``coap_exp_avg`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..capture import CapturedUpdate, capture, init_states, live_inputs
+from ..capture import CapturedUpdate, capture, init_states
 from ..capture.trace import adapter_for
 from ..compiler import CompiledBase, compile_base
 from ..errors import UnsupportedOptimizerError
-from ..lowering.kernels import KernelPlan, StoredKernelPlan, kernel_plan, stored_kernel_plan
+from ..lowering.kernels import KernelPlan, StoredKernelPlan, kernel_plan
 from ..projection import ProjectionPolicy, get_policy
 from ..projection.tucker import core_shape
 from . import checkpoint
-from .fullrank import ensure_full_state, full_update_
+from .eager_only import prime
+from .grouped import MatrixGroup, build_groups, explain_groups
 from .precision import StateIO, resolve_precision, state_storage, validate_precision
-from .refresh import plan_refresh
 from .selection import ParamPlan, plan_param
 from .settings import (
     CORRELATIONS,
@@ -74,14 +75,13 @@ from .settings import (
     validate_group,
     validate_projection_args,
 )
-from .tucker import plan_tucker_refresh, tucker_inits, tucker_update_
-from .update import projected_update_
-from .validate import check_gradients
+from .stepping import StepMixin, hyper_key
+from .tucker import tucker_inits
 
 __all__ = ["CoapOptimizer"]
 
 
-class CoapOptimizer(torch.optim.Optimizer):
+class CoapOptimizer(StepMixin, torch.optim.Optimizer):
     """COAP form of ``base_optim`` (see the module docstring). Build it with :func:`coap_compile.optimize`.
 
     Args:
@@ -108,6 +108,9 @@ class CoapOptimizer(torch.optim.Optimizer):
             (default: one with the group's ``update_interval``/``reproject_factor``/``restore_state``).
         backend: ``"auto"`` (Triton kernels for CUDA tensors when available), ``"eager"`` or ``"triton"``.
         check_finite: refuse (raise) a step whose gradients contain inf/NaN, before modifying anything.
+        grouped: update projected matrices with equal low-rank state shapes together (one elementwise
+            pass over stacked states; bit-identical to ``grouped=False`` on CPU; what falls back to the
+            per-matrix path, the layout and the measurements: :mod:`.grouped`).
         input_precision: ``tl.dot`` precision of the kernels' matmuls: ``"ieee"`` (default, float32
             accuracy, no tensor cores), ``"tf32x3"`` (≈ float32 accuracy on tensor cores) or ``"tf32"``
             (fastest, ≈1e-3 relative error per product; Adam's early sign-like steps amplify it).
@@ -136,6 +139,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         conv_policy: Any = None,
         backend: str = "auto",
         check_finite: bool = True,
+        grouped: bool = True,
         input_precision: str = "ieee",
         param_names: dict[int, str] | None = None,
         **base_kwargs: Any,
@@ -152,6 +156,8 @@ class CoapOptimizer(torch.optim.Optimizer):
             raise ValueError(f"correlation must be one of {CORRELATIONS}, got {correlation!r}")
         if input_precision not in PRECISIONS:
             raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
+        if not isinstance(grouped, bool):
+            raise TypeError(f"grouped must be a bool, got {grouped!r} ({type(grouped).__name__})")
         self._base_cls = base_optim
         self._base_kwargs = dict(base_kwargs)
         self._policy_instance = projection if isinstance(projection, ProjectionPolicy) else None
@@ -160,6 +166,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         self._backend = backend
         self._precision = input_precision
         self._check_finite = check_finite
+        self._grouped = grouped
         self._names = dict(param_names or {})
         self._conv_policy = conv_policy
         self._events: list[str] = []
@@ -224,6 +231,11 @@ class CoapOptimizer(torch.optim.Optimizer):
         self._scalars: list[Tensor] = [torch.zeros(0, dtype=torch.float64) for _ in self.param_groups]
         self._io_specs: dict[Tensor, tuple] = {}
         self._captured_full: dict[Tensor, CompiledBase | CapturedUpdate] = {}  # full-rank, derived update
+        self._checked: dict[Tensor, tuple] = {}  # state layouts plan_refresh found needing nothing
+        self._hyper_floats: dict[int, list[float]] = {}  # group -> the values now in _scalars[group]
+        self._hyper_memo: dict[int, tuple] = {}  # group -> (hyperparameter key, live inputs)
+        self._program_memo: dict[tuple, tuple] = {}  # program key -> (hyperparameter key, program)
+        self._scalar_views: list[tuple[Tensor, list[Tensor]] | None] = [None] * len(self.param_groups)
         seed = 0
         for i, g in enumerate(self.param_groups):
             for p in g["params"]:
@@ -238,6 +250,9 @@ class CoapOptimizer(torch.optim.Optimizer):
         self._inner = self._base_cls(inner_groups, **self._base_kwargs) if inner_groups else None
         if self._inner is not None:
             self._inner.state = self.state
+        self._work_groups: list[tuple[MatrixGroup, tuple, float, float]] = []  # (group, runs, scale, β)
+        build_groups(self)
+        prime()  # torch._dynamo already imported: _prepare's eager-only wrapper before any trace
 
     def _derive_storage(self, p: Tensor, group: dict, index: int, seed: int) -> None:
         """Which storage each state of ``p`` uses (:mod:`.precision`), and its program."""
@@ -308,8 +323,13 @@ class CoapOptimizer(torch.optim.Optimizer):
         is 2 for matrices (``M×r`` states), 4 for Tucker cores."""
         key = (group_index, dtype, ndim)
         hyper = self._base_hyperparams(self.param_groups[group_index])
-        new = compile_base(self._base_cls, hyper, dtype, ndim)
+        memo_key = hyper_key(hyper)
+        memo = self._program_memo.get(key)
         old = self._programs.get(key)
+        if memo is not None and memo[0] == memo_key and memo[1] is old:
+            return old  # the hyperparameters are the ones this program was looked up for
+        new = compile_base(self._base_cls, hyper, dtype, ndim)
+        self._program_memo[key] = (memo_key, new)
         if old is not new:
             if old is not None:
                 before, after = dict(old.captured.hyperparams), dict(new.captured.hyperparams)
@@ -319,10 +339,12 @@ class CoapOptimizer(torch.optim.Optimizer):
                 self._events.append(f"group {group_index} ({dtype}) re-compiled: {diff}")
             self._programs[key] = new
             if old is not None:  # the states may differ (amsgrad's max_exp_avg_sq): re-derive their storage
-                flat = [q for g in self.param_groups for q in g["params"]]
+                seeds = {id(q): j for j, q in enumerate(q for g in self.param_groups for q in g["params"])}
                 for q in self.param_groups[group_index]["params"]:
-                    if self._program_key(q, group_index) == key:
-                        self._derive_storage(q, self.param_groups[group_index], group_index, flat.index(q))
+                    if self._program_key(q, group_index) == key:  # (list.index would compare tensors)
+                        self._derive_storage(q, self.param_groups[group_index], group_index, seeds[id(q)])
+                build_groups(self)  # the packed state names may have changed
+                self._checked.clear()  # and the layouts plan_refresh accepted
         return new
 
     def _program_key(self, p: Tensor, group_index: int) -> tuple[int, torch.dtype, int] | None:
@@ -395,154 +417,6 @@ class CoapOptimizer(torch.optim.Optimizer):
             checkpoint.setstate(self, config)
             self._derive()
 
-    # -- the step --------------------------------------------------------------------------------------
-    def _check_grads(self) -> None:
-        check_gradients(self.param_groups, self._name, self._check_finite)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, found_inf: Tensor | None = None):
-        """One optimizer step. ``found_inf`` (GradScaler style): if nonzero the step is skipped.
-
-        Two phases, so that ``torch.compile`` of a training step traces the update without recompiling:
-        :meth:`_prepare` (not compiled: checks, live scalars, the refresh schedule, ``P`` refreshes
-        written in place) and the update itself (traceable: no host reads, no branches on the step).
-        Under ``torch.compile`` full-rank parameters run their captured update too (:mod:`.fullrank`).
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        compiling = torch.compiler.is_compiling()
-        if not self._prepare(found_inf, compiling):
-            return loss
-        # ``_work`` (built by _prepare) lists what to update; the compiled region never reads
-        # ``param_groups`` (Dynamo would guard on every value in a group it touches, β₁ included, and
-        # recompile whenever a scheduler changes one). The gradients are read before ``self.state``:
-        # Dynamo then guards them as tensors of ``_work_params``, not through the state dict's keys
-        # (weak references that a new gradient after ``zero_grad`` invalidates, recompiling each step).
-        params = self._work_params
-        grads = [p.grad for p in params]
-        for p, _g, (i, projected, scale, ema_beta) in zip(params, grads, self._work):
-            state = self.state[p]
-            if projected:
-                self._projected_update(p, state, i, scale, ema_beta)
-            elif p in self._captured_full:  # a storage precision: the captured update, load/store
-                full_update_(p, state, self._captured_full[p], self._inputs(state, i), self._io(p))
-            else:  # compiling: torch's layout, the captured update (fullrank module docstring)
-                full_update_(p, state, self._full_programs[(i, p.dtype, p.ndim)], self._inputs(state, i))
-        if self._inner is not None and not compiling:
-            self._inner.step()
-        return loss
-
-    def _inputs(self, state: dict, group_index: int) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """``(k, lr, hyperparameters)`` as 0-d float64 tensors (filled by :meth:`_fill_scalars`)."""
-        v = self._scalars[group_index]
-        k = state["step"].to(torch.float64) if "step" in state else torch.zeros((), dtype=torch.float64)
-        return k, v[0], [v[j] for j in range(1, v.numel())]
-
-    def _fill_scalars(self) -> None:
-        """Copy every group's lr and live hyperparameters into its persistent float64 vector (in place, so
-        a compiled update that reads the vector sees new values without a recompile)."""
-        for i, group in enumerate(self.param_groups):
-            hypers = live_inputs(self._base_cls, self._base_hyperparams(group))
-            lr = group["lr"]
-            # lr=None: a base with its own relative step size (transformers' Adafactor, relative_step=True)
-            values = [0.0 if lr is None else lr, *(h.read(group) for h in hypers)]
-            floats = []
-            for name, v in zip(("lr", *(h.where for h in hypers)), values):
-                if isinstance(v, bool) or not isinstance(v, int | float | Tensor):
-                    raise TypeError(f"{name} of param group {i} must be a number, got {v!r}")
-                floats.append(float(v))
-            if self._scalars[i].numel() != len(floats):
-                self._scalars[i] = torch.zeros(len(floats), dtype=torch.float64)
-            self._scalars[i].copy_(torch.tensor(floats, dtype=torch.float64))
-
-    @torch.compiler.disable
-    def _prepare(self, found_inf: Tensor | None, compiling: bool = False) -> bool:
-        """Skip on ``found_inf``; validate settings and gradients; live scalars; refresh ``P`` where due.
-
-        Nothing is written before every check has passed and every due refresh has been computed.
-        ``compiling``: the update is being traced by ``torch.compile`` (the full-rank parameters then
-        need their captured programs and their state created here).
-        """
-        if found_inf is not None and bool(found_inf.detach().cpu().any()):
-            return False
-        self._sync_settings()
-        self._check_grads()
-        due = [
-            (p, i) for i, g in enumerate(self.param_groups) for p in g["params"]
-            if p.grad is not None and self._plans[p].projected
-        ]  # fmt: skip
-        for p, i in due:
-            self._compiled(*self._program_key(p, i))  # the current signature (re-compiles once on a change)
-        self._fill_scalars()
-        commits = []
-        for p, i in due:
-            group, dtype, plan = self.param_groups[i], self._state_dtype(p), self._plans[p]
-            state, compiled = self.state[p], self._programs[self._program_key(p, i)]
-            if plan.tucker:
-                commit = plan_tucker_refresh(
-                    self._io(p), p, plan.ranks, compiled, self._tucker_policies[i], dtype=dtype,
-                    core=core_shape(p.shape, plan.ranks), inputs=self._inputs(state, i),
-                    restore=group["restore_state"],
-                )  # fmt: skip
-            else:
-                commit = plan_refresh(
-                    self._io(p), p, plan.rank, compiled, self._policies[i], dtype=dtype,
-                    proj_dtype=resolve_precision(group, p).proj_dtype, inputs=self._inputs(state, i),
-                    restore=group["restore_state"],
-                )  # fmt: skip
-            if commit is not None:
-                commits.append(commit)
-        for commit in commits:
-            commit()
-        if self._inner is not None:  # hyperparameters (lr schedules) reach the full-rank base optimizer
-            for i, j in self._inner_index.items():
-                self._inner.param_groups[j].update(self._base_hyperparams(self.param_groups[i]))
-        self._work, self._work_params = [], []
-        for i, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                projected = self._plans[p].projected
-                if projected or compiling or p in self._captured_full:
-                    scale, beta = float(group["scale"]), float(group["first_moment_beta"])
-                    self._work.append((i, projected, scale, beta))
-                    self._work_params.append(p)
-                # Create every entry here (the base optimizer fills full-rank ones lazily), so the state
-                # dict's size is fixed before the compiled update sees it: no recompile after step 1.
-                state = self.state[p]
-                if p in self._captured_full:
-                    ensure_full_state(state, self._captured_full[p], p, self._io(p))
-                elif compiling and not self._plans[p].projected:
-                    program = self._full_program(group, p.dtype, p.ndim)
-                    self._full_programs[(i, p.dtype, p.ndim)] = program
-                    ensure_full_state(state, program, p)
-        for p, i in due:  # kernel epilogues registered outside any compiled region
-            if self._use_kernels(p) and not self._plans[p].tucker:
-                kp = self._kernel_plan(self._programs[self._program_key(p, i)], self.param_groups[i]["scale"])
-                self._stored_plans[p] = None if kp is None else stored_kernel_plan(kp, self._io(p))
-        return True
-
-    def _projected_update(self, p: Tensor, state: dict, index: int, scale: float, ema_beta: float) -> None:
-        dtype = self._state_dtype(p)
-        compiled = self._programs[self._program_key(p, index)]
-        plan = self._plans[p]
-        if plan.tucker:
-            tucker_update_(
-                p, self._io(p), compiled, len(plan.ranks), dtype=dtype, inputs=self._inputs(state, index),
-                scale=scale, ema_beta=ema_beta,
-            )  # fmt: skip
-            return
-        use = self._use_kernels(p)
-        splan = self._stored_plans.get(p) if use else None
-        kernels = use and (splan is not None or self._fp32_states(p))  # K2 alone when the middle is eager
-        projected_update_(
-            p, self._io(p), compiled, self._policies[index], dtype=dtype, inputs=self._inputs(state, index),
-            scale=scale, ema_beta=ema_beta, transposed=self._plans[p].transposed, kernels=kernels,
-            kernel_plan=splan, backend=self._backend, input_precision=self._precision,
-        )  # fmt: skip
-
     # -- reporting -------------------------------------------------------------------------------------
     def memory_plan(self):
         """Exact optimizer-state bytes per parameter, planned from shapes (works on the meta device)."""
@@ -554,4 +428,5 @@ class CoapOptimizer(torch.optim.Optimizer):
         """What was captured, the roles, the derived low-rank update and the memory plan."""
         from ..explanation import explain_optimizer
 
-        return explain_optimizer(self)
+        marker = "\nmemory plan (optimizer-state bytes):"
+        return explain_optimizer(self).replace(marker, "\n" + explain_groups(self) + "\n" + marker, 1)

@@ -1,0 +1,115 @@
+"""``bench step`` overhead rows: a whole model's ``opt.step()`` and the fixed cost per matrix (issue 14).
+
+Two cases, each timed for every optimizer in one run, interleaved:
+
+* ``demo``: the demo LM (:func:`~coap_compile.models.demo_config`, 3.3 M parameters, 29 projected
+  weight matrices at ``rank_ratio=4``, the quality benchmark's setting), every parameter with a fixed
+  seeded gradient;
+* ``64x64x16``: sixteen independent 64×64 weights at rank 16, where the fixed cost per matrix
+  (Python, dispatch, small-kernel launches) dominates; ``per_matrix_us`` is the step over 16.
+
+Optimizers: ``adamw`` (torch's defaults for the device: on the CPU the single-tensor path),
+``adamw-foreach``, ``coap`` (grouped update, the default), ``coap-per-matrix`` (``grouped=False``),
+and ``galore-torch``/``apollo-torch`` when installed. Timing: ``rounds`` rounds; in each, every
+optimizer takes ``warmup`` untimed then ``repeat`` timed steps (``time.perf_counter`` around
+``opt.step()``; CUDA: synchronized); the row is the median and 20/80 % quantiles of all timed samples.
+An optimizer's steps continue across rounds, so the samples include the occasional refresh (one step in
+``update_interval``); the median is the steady step. ``vs_adamw`` and ``vs_galore_torch`` are ratios of
+medians measured in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from coap_compile.cli.optimizers import BASELINES, EXTERNAL, availability, build_optimizer
+from coap_compile.cli.stepbench import quantiles_ms
+
+__all__ = ["OVERHEAD_CASES", "OVERHEAD_OPTIMIZERS", "build_case", "overhead_rows"]
+
+OVERHEAD_CASES = ("demo", "64x64x16")
+OVERHEAD_OPTIMIZERS = ("adamw", "adamw-foreach", "coap", "coap-per-matrix", "galore-torch", "apollo-torch")
+
+
+def build_case(case: str, device: str, seed: int = 0) -> tuple[nn.Module, dict[str, float]]:
+    """The model of ``case`` with fixed seeded gradients, and its rank arguments."""
+    gen = torch.Generator().manual_seed(seed)
+    if case == "demo":
+        from coap_compile.models import build_llama, demo_config
+
+        model, ranks = build_llama(demo_config(), seed=seed), {"rank_ratio": 4.0}
+    elif case == "64x64x16":
+        model, ranks = nn.Sequential(*(nn.Linear(64, 64, bias=False) for _ in range(16))), {"rank": 16}
+    else:
+        raise ValueError(f"unknown overhead case {case!r}; choose from {', '.join(OVERHEAD_CASES)}")
+    model = model.to(device)
+    for p in model.parameters():
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
+    return model, ranks
+
+
+def _timed(opt: torch.optim.Optimizer, device: str, warmup: int, repeat: int) -> list[float]:
+    cuda = device.startswith("cuda")
+    for _ in range(warmup):
+        opt.step()
+    samples = []
+    for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def overhead_rows(
+    cases: Sequence[str] = OVERHEAD_CASES,
+    optimizers: Sequence[str] = OVERHEAD_OPTIMIZERS,
+    *,
+    device: str = "cpu",
+    warmup: int = 3,
+    repeat: int = 20,
+    rounds: int = 3,
+) -> list[dict[str, object]]:
+    """One row per (case, available optimizer); see the module docstring."""
+    avail = availability([n for n in optimizers if n in EXTERNAL])
+    names = [n for n in optimizers if avail[n] is None]
+    rows: list[dict[str, object]] = []
+    for case in cases:
+        opts, counts = {}, {}
+        for name in names:
+            model, ranks = build_case(case, device)
+            opt = build_optimizer(name, model, lr=1e-4, **({} if name in BASELINES else ranks))
+            opt.step()  # the initialising step (states, first P) is not timed
+            opts[name] = opt
+            counts[name] = len(opt.projected_parameters()) if hasattr(opt, "projected_parameters") else None
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(rounds):
+            for name in names:
+                samples[name] += _timed(opts[name], device, warmup, repeat)
+        med = {n: quantiles_ms(s) for n, s in samples.items()}
+        for name in names:
+            m, p20, p80 = med[name]
+            rows.append(
+                {
+                    "case": case,
+                    "optimizer": name,
+                    "median_ms": m,
+                    "p20_ms": p20,
+                    "p80_ms": p80,
+                    "per_matrix_us": 1e3 * m / 16 if case == "64x64x16" else None,
+                    "vs_adamw": m / med["adamw"][0] if "adamw" in med else None,
+                    "vs_galore_torch": m / med["galore-torch"][0] if "galore-torch" in med else None,
+                    "projected_matrices": counts[name],
+                    "device": device,
+                    "threads": torch.get_num_threads(),
+                }
+            )
+        del opts
+    return rows
