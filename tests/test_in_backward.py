@@ -242,7 +242,8 @@ def test_nonfinite_gradient_raises_and_leaves_that_parameter_untouched():
     assert all(torch.equal(before[k], opt.state[victim][k]) for k in before)
     # documented: the head's hook ran before the failure, so the head was stepped and stays stepped
     assert not torch.equal(model.lm_head.weight.detach(), weights["lm_head.weight"])
-    assert torch.equal(model.model.embed_tokens.weight.detach(), weights["model.embed_tokens.weight"])  # not reached
+    embed = model.model.embed_tokens.weight.detach()
+    assert torch.equal(embed, weights["model.embed_tokens.weight"])  # not reached
     opt.zero_grad()
     handle.reset()
     model.loss(b3).backward()  # training continues
@@ -282,7 +283,7 @@ def test_full_gradient_rule_agrees_with_plan_refresh():
     w = nn.Parameter(torch.randn(9, 6))
     opt = coap_compile.CoapOptimizer([w], torch.optim.AdamW, **KW)
     seen = []
-    for k in range(11):
+    for k in range(12):
         if k == 9:
             opt.param_groups[0]["rank"] = 2  # a re-base (needs X) at the next step
         w.grad = torch.randn(9, 6)
@@ -297,7 +298,8 @@ def test_full_gradient_rule_agrees_with_plan_refresh():
         assert need == (commit is not None), k
         seen.append(need)
         opt.step()
-    assert seen == [True, False, True, False, True, False, True, False, True, True, False]
+    # refreshes at even k (update_interval 2); k = 9: the re-base after the rank change
+    assert seen == [True, False, True, False, True, False, True, False, True, True, True, False]
     bias = nn.Parameter(torch.zeros(6))
     opt.add_param_group({"params": [bias]})
     assert accumulation_needs_full_gradient(opt, bias)  # full-rank: its base needs G
@@ -317,3 +319,33 @@ def test_argument_errors():
     frozen = nn.Linear(3, 3).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter that requires grad"):
         step_in_backward(frozen, opt)
+
+
+def test_scoped_step_leaves_the_rest_of_its_matrix_group_untouched():
+    """``_step_only([p])`` on a member of a matrix group (:mod:`coap_compile.runtime.grouped`) steps that
+    member alone, bit-identically to the grouped step, and reads no other gradient."""
+    gen = torch.Generator().manual_seed(0)
+    ws = [torch.randn(8, 6, generator=gen) for _ in range(3)]
+    grads = [[torch.randn(8, 6, generator=gen) for _ in range(3)] for _ in range(4)]
+
+    def make():
+        params = [nn.Parameter(w.clone()) for w in ws]
+        return params, coap_compile.CoapOptimizer(params, torch.optim.AdamW, **KW)
+
+    ref, ref_opt = make()
+    params, opt = make()
+    for s in range(4):
+        for p, q, g in zip(ref, params, grads[s]):
+            p.grad, q.grad = g.clone(), g.clone()
+        ref_opt.step()  # grouped from the second step on (states packed into one buffer)
+        others = [(q.detach().clone(), {k: v.clone() for k, v in opt.state[q].items()}) for q in params[1:]]
+        params[1].grad = torch.full((8, 6), float("nan"))  # would raise if the scoped step read it
+        opt._step_only([params[0]])
+        for q, (w, st) in zip(params[1:], others):
+            assert torch.equal(q, w) and all(torch.equal(st[k], opt.state[q][k]) for k in st)
+        params[1].grad = grads[s][1].clone()
+        opt._step_only(params[1:])
+    assert ref_opt._groups and len(ref_opt._groups[0].members) == 3  # the reference did step grouped
+    for p, q in zip(ref, params):
+        assert torch.equal(p, q)
+        assert all(torch.equal(ref_opt.state[p][k], opt.state[q][k]) for k in ref_opt.state[p])

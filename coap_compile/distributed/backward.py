@@ -136,7 +136,9 @@ def _hook(state: DdpStepHook, bucket: dist.GradBucket) -> torch.futures.Future[T
 
 
 # DDP checks the hook's annotations as objects; ``from __future__ import annotations`` made them strings.
-_hook.__annotations__ = {"state": DdpStepHook, "bucket": dist.GradBucket, "return": torch.futures.Future[Tensor]}
+_hook.__annotations__ = {
+    "state": DdpStepHook, "bucket": dist.GradBucket, "return": torch.futures.Future[Tensor]
+}
 
 
 def register_step_hook(ddp: DistributedDataParallel, optimizer: Any) -> DdpStepHook:
