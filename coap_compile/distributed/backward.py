@@ -34,11 +34,17 @@ under ``with ddp.no_sync():`` (no all-reduce, no hook: the full gradients accumu
 ``X P`` instead would change what is communicated (an all-reduce of ``M×r`` terms, a different
 algorithm), so ``step_in_backward(ddp, opt, accumulation_steps=N > 1)`` is refused.
 
-**Threads.** With gloo the future's callbacks run in the process group's worker threads, concurrently
-with autograd; a lock serialises the optimizer calls. A non-finite gradient raises
+**Threads and order.** With gloo the future's callbacks run in the process group's worker threads,
+concurrently with autograd, and buckets may complete in a different order on each rank; a lock
+serialises the optimizer calls and buckets step in bucket-index order (a reduced bucket waits for the
+lower indices; DDP's bucket assignment is the same on every rank). A non-finite gradient raises
 ``NonFiniteGradientError`` inside the callback: the future fails, and DDP re-raises it from
-``backward()`` (as a ``RuntimeError`` whose message contains the original); buckets already stepped stay
-stepped (see :mod:`coap_compile.runtime.inbackward`). Not supported: other comm hooks at the same time
+``backward()`` (a ``RuntimeError`` whose message contains the original). The reduced gradient is the
+same on every rank, so every rank stops at the same bucket: the buckets below it stay stepped (they
+cannot be undone, see :mod:`coap_compile.runtime.inbackward`), that bucket and the later ones do not
+step, and the replicas stay bit-identical (measured without the index order: rank 1 had stepped the
+embedding's bucket, rank 0 had not). Call ``optimizer.zero_grad()`` and continue.
+Not supported: other comm hooks at the same time
 (DDP accepts one), ``static_graph`` and ``find_unused_parameters`` are untested. DDP cannot unregister
 a comm hook: ``handle.remove()`` turns it into the plain averaging all-reduce (the default behaviour),
 and ``opt.step()`` steps again.
@@ -78,6 +84,10 @@ class DdpStepHook:
         self._lock = threading.Lock()
         self._stepped: list[Tensor] = []
         self._task: int | None = None  # the graph task whose end-of-backward callback is queued
+        self._generation = 0  # backward passes seen; a callback of an earlier one does nothing
+        self._failed = False  # a bucket of this backward pass raised: later buckets do not step
+        self._pending: dict[int, list[tuple[Tensor, Tensor]]] = {}  # reduced, waiting for lower indices
+        self._next = 0  # the bucket index that steps next
 
     def remove(self) -> None:
         """Stop stepping in the hook (DDP keeps the hook: it then only averages, DDP's default)."""
@@ -96,23 +106,41 @@ class DdpStepHook:
             return fut
         task = torch._C._current_graph_task_id()
         if task != self._task:  # once per backward pass, queued after DDP's own finalisation callback
-            self._task = task
+            with self._lock:
+                self._task = task
+                self._generation += 1
+                self._failed, self._pending, self._next, self._stepped = False, {}, 0, []
             _queue(self._after_ddp_finalize)
+        generation, index = self._generation, bucket.index()
 
         def step(reduced: torch.futures.Future[Tensor]) -> Tensor:
             buffer = reduced.value()
-            params, grads = bucket.parameters(), bucket.gradients()
             mine = self._owned()
-            owned = [(p, g) for p, g in zip(params, grads) if p in mine]
+            owned = [(p, g) for p, g in zip(bucket.parameters(), bucket.gradients()) if p in mine]
             with self._lock:
-                for p, g in owned:
-                    p.grad = g  # this parameter's view of the reduced bucket (its local grad is done)
-                self.optimizer._step_only([p for p, _ in owned])
-                self._stepped.extend(p for p, _ in owned)
-                self.buckets_stepped += 1
+                if generation == self._generation and not self._failed:
+                    self._pending[index] = owned
+                    self._drain()
             return buffer
 
         return fut.then(step)
+
+    def _drain(self) -> None:
+        """Step the reduced buckets in index order (under the lock). Buckets are the same on every rank,
+        so a bucket that raises (a non-finite reduced gradient: the same bits everywhere) stops every
+        rank at the same bucket, whatever order their all-reduces completed in."""
+        while self._next in self._pending:
+            owned = self._pending.pop(self._next)
+            self._next += 1
+            for p, g in owned:
+                p.grad = g  # this parameter's view of the reduced bucket (its local grad is done)
+            try:
+                self.optimizer._step_only([p for p, _ in owned])
+            except BaseException:
+                self._failed, self._pending = True, {}
+                raise
+            self._stepped.extend(p for p, _ in owned)
+            self.buckets_stepped += 1
 
     def _owned(self) -> set[Tensor]:
         return {p for g in self.optimizer.param_groups for p in g["params"]}
@@ -126,6 +154,11 @@ class DdpStepHook:
     def _clear_grads(self) -> None:
         self._task = None
         with self._lock:
+            if self._pending and not self._failed:  # not expected: every bucket has completed by now
+                raise RuntimeError(
+                    f"DDP step hook: buckets {sorted(self._pending)} completed but bucket {self._next} "
+                    "did not; their parameters were not stepped"
+                )
             for p in self._stepped:
                 p.grad = None
             self._stepped = []
