@@ -160,12 +160,12 @@ class InBackward:
         if proj.dtype != dtype:
             proj = proj.to(dtype)
         x, _ = canonical(p.grad)
-        term = x.to(proj.dtype) @ proj
+        x = x.to(proj.dtype)  # no copy for float32 gradients
         acc = self._acc.get(p)
         if acc is None:
-            self._acc[p] = term
+            self._acc[p] = x @ proj
         else:
-            acc.add_(term)
+            acc.addmm_(x, proj)  # in place: no M×r temporary next to the accumulators
         p.grad = None
 
     def _step(self, p: Tensor) -> None:
