@@ -54,6 +54,10 @@ of every weight, which in-backward updates exist to avoid). After such an error 
 count) before continuing. A deferred check of every gradient before any step would need all gradients
 alive at once, i.e. the normal path: use that when all-or-nothing steps matter.
 
+**Data parallel**: pass the ``DistributedDataParallel`` module itself (its communication hook steps
+after the all-reduce). Hooks on the bare module's parameters would run before DDP has reduced the
+gradient, stepping each replica with its local gradient.
+
 **Not available in-backward**: global gradient-norm clipping (``clip_grad_norm_`` needs every gradient
 before any step; after the backward it finds no gradients and does nothing) and ``GradScaler`` (its
 ``unscale_``/inf check run between backward and step). Use bf16 autocast, which needs no scaler. Step
