@@ -16,6 +16,11 @@ hooks fire does not matter. ``optimizer.step()`` in the loop then has nothing le
 gradient it would read was stepped and freed; it costs one pass over ``param_groups``), and the LR
 scheduler's "step() before lr_scheduler.step()" check is satisfied by the hooks' calls.
 
+**Cost** (demo model, batch 4×64, 1 thread, median of 50 steps, backward + step): 98.2 ms normal vs
+127.5 ms in-backward. Each hook runs the scoped step's checks and refresh planning (≈0.55 ms per
+parameter) and the per-matrix update: a scoped step cannot use the grouped update (:mod:`.grouped`),
+whose members are all ready only at the end of the backward pass.
+
 **Why a function and not an ``optimize()`` option.** Hooks belong to the model and the training loop:
 the same optimizer (built by ``optimize``, restored from a checkpoint, wrapped by Hugging Face) can be
 switched to in-backward updates and back (``handle.remove()``), and a ``DistributedDataParallel``
