@@ -189,7 +189,8 @@ def _layout_and_bytes(model, opt) -> dict:
 
 
 def _save(model, opt, path: str) -> None:
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.save(sd, checkpoint_id=path)
 
 
 def _resume(mesh, base: str, path: str, rows: slice) -> dict:
@@ -217,7 +218,8 @@ def _errors(mesh) -> dict[str, str]:
 
     catch("int8", lambda: _optimizer(_sharded(mesh), "adamw", state_precision="int8"))  # emb.weight first
     model = _sharded(mesh)
-    catch("int8_projected", lambda: coap_compile.optimize([model.up.weight], rank=RANK, state_precision="int8"))
+    up = [model.up.weight]
+    catch("int8_projected", lambda: coap_compile.optimize(up, rank=RANK, state_precision="int8"))
     catch("galore", lambda: _optimizer(_sharded(mesh), "adamw", projection="galore"))
     catch("dct", lambda: _optimizer(_sharded(mesh), "adamw", projection="dct"))
     catch("adafactor", lambda: coap_compile.optimize(_sharded(mesh), torch.optim.Adafactor, rank=RANK))
@@ -281,7 +283,8 @@ def _worker(path: str) -> dict:
         opt = _optimizer(model, "adamw")
         run = _train(model, opt, range(STEPS), _rows(world), _assert_proj_replicated)
         run["params"] = _full(model)
-        run["placements"] = tuple(model.up.weight.placements), tuple(opt.state[model.up.weight]["exp_avg"].placements)
+        w = model.up.weight
+        run["placements"] = tuple(w.placements), tuple(opt.state[w]["exp_avg"].placements)
         out["hsdp"] = run
     return out
 
