@@ -28,6 +28,8 @@ reduce-scatter. COAP keeps such a weight's update local on every shard:
   same collectives in the same order: the schedule is a function of the replicated step counter, and
   an empty shard or a zero gradient takes part like any other. ``P`` is computed from all-reduced
   values only, so it is bit-identical on every rank (gloo measurement in ``linalg``; tests assert it).
+  ``correlation="off"`` only skips the correlation steps (measured: 2 ranks equal the single-process
+  rows reference to 1.5e-7 in the loss, 5.6e-7 in the weights after 9 steps).
   Flora (a seeded Gaussian ``P``, no data) needs no collective at all. GaLore (an exact SVD of ``X``),
   DCT (column scores over all rows) and Tucker (mode products over the sharded ``C_out``) are refused,
   naming the parameter and the policy.
@@ -58,9 +60,29 @@ reduce-scatter. COAP keeps such a weight's update local on every shard:
   SGD with momentum, RMSprop, Adagrad, …). Bases whose update has reductions over the weight or its
   rows/columns (Adafactor's factored second moment, transformers Adafactor's RMS clipping) are refused.
 
+**Runtime wiring** (the optimizer only calls in): :func:`~coap_compile.runtime.selection.plan_param`
+puts DTensor weights on the rows side; :mod:`coap_compile.runtime.sharding` runs
+:func:`check_sharded`/:func:`shard_spec` when the plans are derived (projected weights, and full-rank
+ones with an explicit ``state_precision``; full-rank ones left to torch's own optimizer need nothing,
+torch handles DTensors); ``_prepare`` makes the :func:`local_param` views, refreshes go through
+:func:`init_basis`/:func:`refresh_basis`, ``_io`` wraps the state in :class:`ShardedState`,
+:mod:`coap_compile.runtime.checkpoint` cuts/wraps loaded row states (:func:`shard_value`), and sharded
+weights step per matrix (not in matrix groups: their states are DTensors). ``opt.comm_log = CommLog()``
+records every collective.
+
 Memory per rank (``memory_plan()``): the closed form of the single-process plan with ``M`` replaced by
 the local rows ``M_k = len(torch.chunk(range(m), W)[k])`` (``⌈m/W⌉`` for the first ranks, the rest on
-the last non-empty ranks, 0 after them) and ``P`` counted in full on every rank.
+the last non-empty ranks, 0 after them) and ``P`` counted in full on every rank. Since ``P`` is
+replicated, COAP saves memory per rank only while ``W < 2m(n − r)/(n r)`` (:mod:`.linalg`). LLaMA-1B
+projected weights at ``r = 512``, fp32 AdamW states per decoder layer per rank, COAP vs torch AdamW:
+W=1 117.3 vs 384.0 MiB, W=2 76.0 vs 192.0, W=4 55.3 vs 96.0, W=8 45.0 vs 48.0, W=16 39.8 vs 24.0.
+
+Bytes per refresh (:func:`~coap_compile.distributed.refresh_bytes`, fp32, per rank and weight):
+init/SVD ``4(2r² + rN)``, correlation ``4(2 + rN)``; between refreshes nothing. LLaMA-1B, r=512,
+W=8: a 2048×2048 weight 6.0 / 4.0 MiB (the naive port all-gathers ``X``: 2.0 MiB sent, 14.0 MiB
+received, a 16.0 MiB ``M×N`` copy held), the wide 2048×5461 down-projection 12.7 / 10.7 MiB (naive:
+5.3 sent, 37.3 received, 42.7 held). At ``r/m = 1/4`` the volume is of the naive port's order; what
+the layout removes is the gathered ``M×N`` copy and the full-size refresh on every rank.
 """
 
 from __future__ import annotations
