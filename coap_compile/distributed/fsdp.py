@@ -106,6 +106,7 @@ __all__ = [
     "PROJECTION_SIDES",
     "ShardSpec",
     "ShardedState",
+    "any_dtensor",
     "check_sharded",
     "grads_finite",
     "init_basis",
@@ -127,6 +128,15 @@ def is_dtensor(t: object) -> bool:
     """Whether ``t`` is a DTensor (without importing ``torch.distributed.tensor`` when nothing did)."""
     mod = sys.modules.get("torch.distributed.tensor")
     return mod is not None and isinstance(t, mod.DTensor)
+
+
+def any_dtensor(tensors: Sequence[object]) -> bool:
+    """Whether any of ``tensors`` is a DTensor (one module lookup: this runs on every step)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    if mod is None:
+        return False
+    cls = mod.DTensor
+    return any(isinstance(t, cls) for t in tensors)
 
 
 def local(t: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ def check_gradients(
             owners.append(p)
     if not check_finite or not grads:
         return
-    if any(map(fsdp.is_dtensor, grads)):  # FSDP2: every rank reaches the same verdict (one all-reduce)
+    if fsdp.any_dtensor(grads):  # FSDP2: every rank reaches the same verdict (one all-reduce)
         ok, index = fsdp.grads_finite(grads, comm)
         if not ok:
             where = "on another rank" if index is None else f"of parameter {name_of(owners[index])!r}"
