@@ -17,8 +17,8 @@ parameter's mesh and placements, ``P`` a plain tensor; per-rank state bytes = ``
 closed form with ``torch.chunk`` row counts; the collectives of every refresh against the closed forms
 of :mod:`coap_compile.distributed.comm`; a DCP checkpoint saved on 2 ranks resumed on 2 ranks
 (bit-identical) and on 4 (resharded); bf16 states (DTensors, replicated rounding streams, bit-identical
-resume); ``correlation="off"``; Flora; a single-process checkpoint loaded into an FSDP2 optimizer; clear errors
-for what is not supported; non-finite gradients refused on every rank together.
+resume); ``correlation="off"``; Flora; a single-process checkpoint loaded into an FSDP2 optimizer;
+clear errors for what is not supported; non-finite gradients refused on every rank together.
 """
 
 from __future__ import annotations
