@@ -46,10 +46,13 @@ def policy_keys(policy: ProjectionPolicy) -> tuple[str, ...]:
 
 
 def canonical_input(
-    p: Tensor, compiled: CompiledBase, dtype, k_t, lr_t, hypers, *, transposed: bool
+    p: Tensor, compiled: CompiledBase, dtype, k_t, lr_t, hypers, *, transposed: bool | None = None
 ) -> tuple[Tensor, bool]:
     """The ``M×N`` view ``X`` of the projected quantity (``G``, or e.g. ``G + λW``; ``Gᵀ`` when
-    ``transposed``, the plan's side), and ``transposed``."""
+    ``transposed``, the plan's side; None: the canonical side, ``Gᵀ`` for a wide weight), and
+    ``transposed``."""
+    if transposed is None:
+        transposed = p.shape[0] < p.shape[1]
     g = p.grad
     prologue = compiled.program.prologue
     if prologue is not None:
@@ -130,7 +133,7 @@ def plan_refresh(
     proj_dtype: torch.dtype,
     inputs: tuple[Tensor, Tensor, list[Tensor]],
     restore: bool,
-    transposed: bool,
+    transposed: bool | None = None,
     rows_side: bool = False,
     shard: fsdp.ShardSpec | None = None,
     comm: CommLog | None = None,
@@ -143,6 +146,8 @@ def plan_refresh(
     ``shard.group``)."""
     state, program = io.state, compiled.program
     k = int(state["step"].item()) if "step" in state else 0
+    if transposed is None:  # the canonical side (the plan's for projection_side="auto")
+        transposed = p.shape[0] < p.shape[1]
     rows = p.shape[1] if transposed else p.shape[0]  # M (local rows of a sharded weight)
 
     def fresh_basis(x: Tensor) -> dict[str, Tensor]:
