@@ -60,6 +60,13 @@ reduce-scatter. COAP keeps such a weight's update local on every shard:
   SGD with momentum, RMSprop, Adagrad, …). Bases whose update has reductions over the weight or its
   rows/columns (Adafactor's factored second moment, transformers Adafactor's RMS clipping) are refused.
 
+**Agreement with one process** is that of any reordering of the same arithmetic: on the test's tiny
+LM (well separated singular values) 2 and 4 ranks equal the rows reference to ≤ 7e-7 in the weights;
+on the demo LLaMA (d=256, 4 layers, r=64, 10 steps, random bytes) 1.5e-2, while the *same single
+process* accumulating the batch as two micro-batches differs from itself by 2.4e-2: the SVD refresh
+at k=8 turns ``P`` by 0.37 (relative) from rounding alone (nearly equal singular values), before
+any distribution.
+
 **Runtime wiring** (the optimizer only calls in): :func:`~coap_compile.runtime.selection.plan_param`
 puts DTensor weights on the rows side; :mod:`coap_compile.runtime.sharding` runs
 :func:`check_sharded`/:func:`shard_spec` when the plans are derived (projected weights, and full-rank
