@@ -30,6 +30,7 @@ def optimize(
     projection_precision: str = "auto",
     quant_block_size: int = 256,
     conv_rank_ratio: float | None = None,
+    projection_side: str = "auto",
     target_modules: TargetModules = None,
     restore_state: bool = False,
     backend: str = "auto",
@@ -52,7 +53,8 @@ def optimize(
         base_optim: ``torch.optim.AdamW``, ``Adam``, ``Adafactor``, ``RMSprop``, ``SGD`` (momentum), or
             any optimizer whose update the compiler can rewrite (else ``UnsupportedOptimizerError``).
         rank, rank_ratio, correlation, state_precision, projection_precision, quant_block_size,
-            conv_rank_ratio, grouped: see :class:`~coap_compile.runtime.optimizer.CoapOptimizer`.
+            conv_rank_ratio, projection_side, grouped: see
+            :class:`~coap_compile.runtime.optimizer.CoapOptimizer`.
         target_modules: regular expressions (searched in module names) or ``callable(name, module)``
             selecting the modules whose 2-D weights are projected (model input only).
         **base_kwargs: the base optimizer's own arguments (``lr``, ``betas``, ``weight_decay`` …).
@@ -89,6 +91,7 @@ def optimize(
         projection_precision=projection_precision,
         quant_block_size=quant_block_size,
         conv_rank_ratio=conv_rank_ratio,
+        projection_side=projection_side,
         restore_state=restore_state,
         backend=backend,
         check_finite=check_finite,

@@ -187,3 +187,27 @@ def test_a_broken_closed_form_fails_the_bench(monkeypatch, tmp_path, capsys):
     args = bench.argparse.Namespace(sizes="60m", real="", results_dir=str(tmp_path))
     assert bench.run_memory(args) == 1
     assert "MISMATCH" in capsys.readouterr().err
+
+
+def test_measured_bytes_count_the_inner_tensors_of_torchao_8bit_states():
+    """torchao's AdamW8bit keeps wrapper subclasses (no storage of their own): their int8 codes, float32
+    block scales and code maps are what is counted (the quality benchmark's torchao row)."""
+    torchao_optim = pytest.importorskip("torchao.optim")  # optional peer (extra "bench")
+    from coap_compile.cli.memory import measured_state_bytes
+
+    model = torch.nn.Linear(512, 512)  # weight: 8-bit (≥ 4096 elements), bias: float32 states
+    opt = torchao_optim.AdamW8bit(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 512)).sum().backward()
+    opt.step()
+    state = opt.state[model.weight]
+    inner = [getattr(state["exp_avg"], n) for n in state["exp_avg"].__tensor_flatten__()[0]]
+    codes, scales = 512 * 512, 512 * 512 // 256 * 4  # per moment: 1 B per element, a float32 per block
+    qmaps = {
+        t.untyped_storage().data_ptr(): t.nbytes
+        for s in (state["exp_avg"], state["exp_avg_sq"])
+        for t in (getattr(s, n) for n in s.__tensor_flatten__()[0])
+        if t.dtype == torch.float32 and t.numel() == 256
+    }
+    bias = 2 * 512 * 4
+    assert len(inner) == 3 and sum(qmaps.values()) == 2 * 256 * 4
+    assert measured_state_bytes(opt) == 2 * (codes + scales) + sum(qmaps.values()) + bias + 2 * 4  # + 2 steps

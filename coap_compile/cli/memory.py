@@ -279,7 +279,13 @@ def decompose(rows: Iterable[ParamRow], acc: Accounting) -> dict[str, dict[str, 
 
 
 def _tensors(obj: object) -> Iterable[Tensor]:
-    if isinstance(obj, Tensor):
+    if isinstance(obj, Tensor) and hasattr(obj, "__tensor_flatten__"):
+        # a wrapper subclass (torchao's OptimState8bit: int8 codes + scales + a code map) owns no storage
+        # of its own: count the plain tensors it is made of
+        names, _ = obj.__tensor_flatten__()
+        for name in names:
+            yield from _tensors(getattr(obj, name))
+    elif isinstance(obj, Tensor):
         yield obj
     elif isinstance(obj, Mapping):
         for v in obj.values():
@@ -294,7 +300,8 @@ def _tensors(obj: object) -> Iterable[Tensor]:
 def measured_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in ``optimizer.state`` (nested dicts/lists included), each storage counted once.
 
-    Projector objects of the external GaLore/APOLLO packages contribute their ``ortho_matrix``.
+    Projector objects of the external GaLore/APOLLO packages contribute their ``ortho_matrix``; a
+    traceable tensor subclass (torchao's 8-bit states) contributes its inner tensors.
 
     Works for meta tensors too (``numel × element_size``; no memory is touched).
     """

@@ -39,10 +39,11 @@ from torch import Tensor
 from ..capture import capture, init_states
 from ..capture.adapter_base import qualified_name
 from ..compiler import compile_base
+from ..distributed import fsdp
 from ..storage import convert_state
 from .memory import base_keeps_step
 from .precision import PRECISION_KEYS, StateIO
-from .selection import plan_param
+from .selection import canonical_dims, plan_param
 from .settings import EMA_KEY, make_policy
 
 __all__ = [
@@ -130,7 +131,7 @@ def expected_layout(opt, p: Tensor, group: dict) -> dict[str, tuple[int, ...]]:
         if compiled.program.first_moment is None and policy.needs_first_moment:
             out[EMA_KEY] = core
         return out
-    big, small = max(p.shape), min(p.shape)
+    big, small = canonical_dims(p.shape, plan.transposed)  # global M, N (a DTensor's shape is global)
     compiled = compile_base(opt._base_cls, hyper, dtype)
     policy = make_policy(group, opt._policy_instance)
     out = {k: tuple(s) for k, (s, _) in policy.state_layout(small, plan.rank, dtype).items()}
@@ -274,6 +275,13 @@ def _restore(opt, p: Tensor, saved: dict[str, Tensor]) -> dict[str, Tensor]:
             continue
         dtype = opt._proj_dtype(p) if key == "proj" else value.dtype
         out[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
+    spec = opt._shards.get(p)
+
+    def row(k: str) -> bool:  # a row-sharded state of an FSDP2 weight (not a rounding stream)
+        return spec is not None and logical_name(k) in names and not k.endswith(".rng")
+
+    if spec is not None:  # its local rows (a full plain tensor, e.g. a single-process checkpoint, is cut)
+        saved = {k: fsdp.local(fsdp.shard_value(spec, v)) if row(k) else v for k, v in saved.items()}
     for name in names & set(logical_layout(saved)):
         probe = StateIO(saved, io.storages, io.kinds, io.seed, io.shapes)
         if probe.matches(name):
@@ -283,6 +291,8 @@ def _restore(opt, p: Tensor, saved: dict[str, Tensor]) -> dict[str, Tensor]:
             kind = io.kinds.get(name, "other")
             converted = convert_state(saved, name, io.storages[name], kind, seed=io.seed)
             out.update({k: v.to(p.device) for k, v in converted.items()})
+    if spec is not None:
+        out = {k: spec.wrap(v) if row(k) else v for k, v in out.items()}
     return out
 
 
@@ -309,6 +319,7 @@ def getstate(opt, state: dict[str, Any]) -> dict[str, Any]:
 def setstate(opt, config: dict[str, Any]) -> None:
     names = config.pop("names")
     config.setdefault("_grouped", True)  # pickled before the grouped update existed
+    opt.comm_log = None  # a CommLog records one session's collectives: not configuration
     for k, v in config.items():
         setattr(opt, k, v)
     opt._names = {id(opt.param_groups[gi]["params"][pi]): name for gi, pi, name in names}

@@ -66,6 +66,7 @@ from torch import Tensor
 from ..compiler import CompiledBase
 from ..lowering.eager import apply_reprojection_, run_lowrank
 from ..projection import ProjectionPolicy
+from .selection import canonical_dims
 from .settings import EMA_KEY
 
 __all__ = [
@@ -114,6 +115,8 @@ def per_matrix_reason(opt, p: Tensor, index: int) -> str | None:
         return "Tucker-projected 4-D weight"
     if not opt._grouped:
         return "grouped=False"
+    if p in opt._shards:
+        return "FSDP2-sharded: DTensor states, refreshes over the shard group"
     if opt._use_kernels(p):
         return "kernel path: K1/K2 per matrix (a grouped launch needs a grid axis over the group)"
     if not opt._fp32_states(p):
@@ -133,7 +136,8 @@ def build_groups(opt) -> None:
             if per_matrix_reason(opt, p, i) is None:
                 dtype = opt._state_dtype(p)
                 names = tuple(opt._io_specs[p][0])
-                key = (i, max(p.shape), opt._plans[p].rank, dtype, p.dtype, p.device, names)
+                rows = canonical_dims(p.shape, opt._plans[p].transposed)[0]  # M (projection_side="rows")
+                key = (i, rows, opt._plans[p].rank, dtype, p.dtype, p.device, names)
                 by_key.setdefault(key, []).append(p)
     opt._groups, opt._group_of = [], {}
     for key, members in by_key.items():

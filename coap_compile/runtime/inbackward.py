@@ -78,7 +78,6 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import NonFiniteGradientError
-from ..projection import canonical
 from .optimizer import CoapOptimizer
 from .precision import resolve_precision
 from .refresh import policy_keys
@@ -168,7 +167,7 @@ class InBackward:
         proj = opt._policies[index].basis(opt.state[p])
         if proj.dtype != dtype:
             proj = proj.to(dtype)
-        x, _ = canonical(p.grad)
+        x = p.grad.t() if opt._plans[p].transposed else p.grad  # the orientation the update uses
         x = x.to(proj.dtype)  # no copy for float32 gradients
         acc = self._acc.get(p)
         if acc is None:
@@ -323,4 +322,10 @@ def step_in_backward(
         params.append(p)
     if not params:
         raise ValueError("model_or_params has no parameter that requires grad")
+    sharded = [optimizer._name(p) for p in params if p in getattr(optimizer, "_shards", {})]
+    if sharded:
+        raise ValueError(
+            f"parameters {sharded[:3]} are FSDP2-sharded (DTensor): in-backward updates support plain and "
+            "DistributedDataParallel parameters only (FSDP2 reduce-scatters after the hooks would run)"
+        )
     return InBackward(optimizer, params, accumulation_steps)

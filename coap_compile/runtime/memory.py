@@ -10,7 +10,10 @@ Per projected ``m×n`` weight (``M = max(m, n)``, ``N = min(m, n)``, rank ``r``,
 
 A Tucker-projected ``C_out×C_in×kh×kw`` weight: ``(C_out·r0 + C_in·r1)·b`` (the factors) plus each base
 state at the core's shape (``r0×r1×kh×kw``) plus the step. Every other parameter keeps exactly the base
-optimizer's state (``base_bytes``). Tensors a policy shares
+optimizer's state (``base_bytes``). The side is the plan's (``projection_side="rows"`` and FSDP2 weights:
+``M = m``, ``N = n``). For an FSDP2-sharded parameter every row counts this rank's bytes: ``M`` is its
+local row count (:mod:`coap_compile.distributed.fsdp`), ``P`` and ``step`` count in full, and
+``base_bytes`` is the base optimizer's state of the local shard. Tensors a policy shares
 between matrices (the DCT basis of each width ``N``: ``N²·b``) are one row each, counted once.
 """
 
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from ..capture import capture, init_states
+from ..distributed import fsdp
+from .selection import canonical_dims
 
 __all__ = ["MemoryPlan", "MemoryRow", "base_keeps_step", "base_state_bytes", "plan_memory"]
 
@@ -119,7 +124,8 @@ def plan_memory(opt) -> MemoryPlan:
         hyper = opt._base_hyperparams(group)
         for p in group["params"]:
             plan = opt._plans[p]
-            base, base_detail = base_state_bytes(opt._base_cls, hyper, opt._base_kwargs, p)
+            # an FSDP2 (DTensor) parameter: this rank's bytes, from its local shard's shape
+            base, base_detail = base_state_bytes(opt._base_cls, hyper, opt._base_kwargs, fsdp.local(p))
             spec = opt._io_specs.get(p)
             if not plan.projected:
                 if spec is None:  # torch's own optimizer
@@ -143,7 +149,7 @@ def plan_memory(opt) -> MemoryPlan:
                 name, shape, total = opt._name(p), tuple(p.shape), sum(detail.values())
                 rows.append(MemoryRow(name, shape, str(p.dtype), min(plan.ranks), total, base, detail))
                 continue
-            small = min(p.shape)
+            small = canonical_dims(p.shape, plan.transposed)[1]  # N (P is replicated under FSDP2)
             policy = opt._policies[i]
             detail = {}
             for k, (shape, sdt) in policy.state_layout(small, plan.rank, dtype).items():

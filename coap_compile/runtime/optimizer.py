@@ -54,21 +54,23 @@ from torch import Tensor
 from ..capture import CapturedUpdate, capture, init_states
 from ..capture.trace import adapter_for
 from ..compiler import CompiledBase, compile_base
+from ..distributed import fsdp
 from ..errors import UnsupportedOptimizerError
 from ..lowering.kernels import KernelPlan, StoredKernelPlan, kernel_plan
 from ..projection import ProjectionPolicy, get_policy
 from ..projection.tucker import core_shape
-from . import checkpoint
+from . import checkpoint, sharding
 from .eager_only import prime
 from .grouped import MatrixGroup, build_groups, explain_groups
 from .precision import StateIO, resolve_precision, state_storage, validate_precision
-from .selection import ParamPlan, plan_param
+from .selection import ParamPlan, canonical_dims, plan_param
 from .settings import (
     CORRELATIONS,
     EMA_KEY,
     PRECISIONS,
     PROJECTION_KEYS,
     check_conv_rank_ratio,
+    check_projection_side,
     make_policy,
     make_tucker_policy,
     settings_key,
@@ -104,6 +106,9 @@ class CoapOptimizer(StepMixin, torch.optim.Optimizer):
             (``"auto"``, ``"fp32"``, ``"bf16"``, ``"int8"``; rules and measurements in :mod:`.precision`).
         conv_rank_ratio: Tucker-project 4-D convolution weights with more than 9216 elements at the
             official ranks for ``ρ`` (:mod:`.selection`, :mod:`.tucker`); None keeps them full-rank.
+        projection_side: ``"auto"`` (``X = G`` for tall/square weights, ``Gᵀ`` for wide ones; FSDP2
+            weights always ``X = G``) or ``"rows"`` (``X = G`` for every weight, with the rows side's basis
+            convention: the single-process reference of an FSDP2 run; :mod:`coap_compile.distributed.fsdp`).
         conv_policy: a :class:`~coap_compile.projection.tucker.TuckerPolicy` instance for those weights
             (default: one with the group's ``update_interval``/``reproject_factor``/``restore_state``).
         backend: ``"auto"`` (Triton kernels for CUDA tensors when available), ``"eager"`` or ``"triton"``.
@@ -136,6 +141,7 @@ class CoapOptimizer(StepMixin, torch.optim.Optimizer):
         projection_precision: str = "auto",
         quant_block_size: int = 256,
         conv_rank_ratio: float | None = None,
+        projection_side: str = "auto",
         conv_policy: Any = None,
         backend: str = "auto",
         check_finite: bool = True,
@@ -152,6 +158,7 @@ class CoapOptimizer(StepMixin, torch.optim.Optimizer):
         probe = base_optim([torch.zeros(2, requires_grad=True)], **base_kwargs)  # base validates its own args
         validate_precision(state_precision, projection_precision, quant_block_size)
         check_conv_rank_ratio(conv_rank_ratio)
+        check_projection_side(projection_side)
         if correlation not in CORRELATIONS:
             raise ValueError(f"correlation must be one of {CORRELATIONS}, got {correlation!r}")
         if input_precision not in PRECISIONS:
@@ -170,6 +177,8 @@ class CoapOptimizer(StepMixin, torch.optim.Optimizer):
         self._names = dict(param_names or {})
         self._conv_policy = conv_policy
         self._events: list[str] = []
+        #: A :class:`~coap_compile.distributed.CommLog` records the FSDP2 collectives (None: not recorded).
+        self.comm_log = None
         defaults = dict(probe.defaults)
         defaults.update(
             rank=rank,
@@ -184,6 +193,7 @@ class CoapOptimizer(StepMixin, torch.optim.Optimizer):
             projection_precision=projection_precision,
             quant_block_size=quant_block_size,
             conv_rank_ratio=conv_rank_ratio,
+            projection_side=projection_side,
             projection=projection if isinstance(projection, str) else projection.name,
         )
         super().__init__(params, defaults)
@@ -236,6 +246,8 @@ class CoapOptimizer(StepMixin, torch.optim.Optimizer):
         self._hyper_memo: dict[int, tuple] = {}  # group -> (hyperparameter key, live inputs)
         self._program_memo: dict[tuple, tuple] = {}  # program key -> (hyperparameter key, program)
         self._scalar_views: list[tuple[Tensor, list[Tensor]] | None] = [None] * len(self.param_groups)
+        self._shards: dict[Tensor, fsdp.ShardSpec] = {}  # FSDP2 (DTensor) parameters COAP updates itself
+        self._locals: dict[Tensor, Tensor] = {}  # their local views during a step (fsdp.local_param)
         seed = 0
         for i, g in enumerate(self.param_groups):
             for p in g["params"]:
@@ -259,6 +271,8 @@ class CoapOptimizer(StepMixin, torch.optim.Optimizer):
         prec = resolve_precision(group, p)
         where = f"parameter {self._name(p)!r} (param group {index})"
         plan = self._plans[p]
+        if plan.projected and fsdp.is_dtensor(p):
+            sharding.derive_projected(self, p, index, plan, prec.states, where)
         if plan.tucker:
             compiled = self._compiled(index, self._state_dtype(p), 4)
             program = compiled.program
@@ -278,9 +292,10 @@ class CoapOptimizer(StepMixin, torch.optim.Optimizer):
             if program.first_moment is None and self._policies[index].needs_first_moment:
                 names.append(EMA_KEY)
                 kinds[EMA_KEY] = "first_moment"
-            inits = compiled.init_lowrank_states(max(p.shape), plan.rank, prec.work_dtype, "meta")
+            rows = canonical_dims(fsdp.local(p).shape, plan.transposed)[0]  # M (this rank's, when sharded)
+            inits = compiled.init_lowrank_states(rows, plan.rank, prec.work_dtype, "meta")
             shapes = {n: tuple(t.shape) for n, t in inits.items()}
-            shapes[EMA_KEY] = (max(p.shape), plan.rank)
+            shapes[EMA_KEY] = (rows, plan.rank)
             storages = {n: state_storage(prec, n, shapes[n], kinds[n], where) for n in names}
             self._io_specs[p] = (storages, kinds, seed, {n: shapes[n] for n in names})
             return
@@ -294,6 +309,8 @@ class CoapOptimizer(StepMixin, torch.optim.Optimizer):
         like = torch.empty(p.shape, dtype=captured.dtype, device="meta")
         shapes = {n: tuple(t.shape) for n, t in init_states(captured, like).items()}
         storages = {n: state_storage(prec, n, shapes[n], kinds.get(n, "other"), where) for n in shapes}
+        if fsdp.is_dtensor(p):  # its own update on the local shard: only if elementwise
+            sharding.derive_full_rank(self, p, program, prec.states, where)
         self._io_specs[p] = (storages, kinds, seed, shapes)
         self._captured_full[p] = program
 
@@ -312,7 +329,14 @@ class CoapOptimizer(StepMixin, torch.optim.Optimizer):
 
     def _io(self, p: Tensor) -> StateIO:
         storages, kinds, seed, shapes = self._io_specs[p]
-        return StateIO(self.state[p], storages, kinds, seed, shapes)
+        state = self.state[p]
+        if p in self._shards:  # local tensors in, DTensors stored (distributed.fsdp.ShardedState)
+            state = fsdp.ShardedState(state, self._shards[p], tuple(storages))
+        return StateIO(state, storages, kinds, seed, shapes)
+
+    def _local(self, p: Tensor) -> Tensor:
+        """``p``, or an FSDP2 weight's local rows with their gradient (made in ``_prepare``)."""
+        return self._locals.get(p, p)
 
     @staticmethod
     def _state_dtype(p: Tensor) -> torch.dtype:
@@ -384,6 +408,8 @@ class CoapOptimizer(StepMixin, torch.optim.Optimizer):
             validate_group(self.param_groups[i], i, self._policy_instance)
             for p in self.param_groups[i]["params"]:
                 new = plan_param(p, self.param_groups[i])
+                if self.state.get(p):
+                    sharding.check_side(self, p, i, self._plans.get(p, new), new)
                 if self.state.get(p) and new.projected != self._plans.get(p, new).projected:
                     raise ValueError(
                         f"parameter {self._name(p)!r} (param group {i}) already has "

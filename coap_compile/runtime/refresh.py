@@ -29,7 +29,9 @@ import torch
 from torch import Tensor
 
 from ..compiler import CompiledBase
-from ..projection import ProjectionPolicy, canonical
+from ..distributed import fsdp
+from ..distributed.comm import CommLog
+from ..projection import ProjectionPolicy
 from .precision import StateIO
 from .settings import EMA_KEY
 
@@ -43,13 +45,19 @@ def policy_keys(policy: ProjectionPolicy) -> tuple[str, ...]:
     return tuple(policy.state_layout(1, 1, torch.float32))
 
 
-def canonical_input(p: Tensor, compiled: CompiledBase, dtype, k_t, lr_t, hypers) -> tuple[Tensor, bool]:
-    """The canonical ``M×N`` view of the projected quantity ``X`` (``G``, or e.g. ``G + λW``)."""
+def canonical_input(
+    p: Tensor, compiled: CompiledBase, dtype, k_t, lr_t, hypers, *, transposed: bool | None = None
+) -> tuple[Tensor, bool]:
+    """The ``M×N`` view ``X`` of the projected quantity (``G``, or e.g. ``G + λW``; ``Gᵀ`` when
+    ``transposed``, the plan's side; None: the canonical side, ``Gᵀ`` for a wide weight), and
+    ``transposed``."""
+    if transposed is None:
+        transposed = p.shape[0] < p.shape[1]
     g = p.grad
     prologue = compiled.program.prologue
     if prologue is not None:
         g = prologue(p.to(dtype), g.to(dtype), k_t, lr_t, *hypers)
-    return canonical(g)
+    return (g.t() if transposed else g), transposed
 
 
 def lowrank_inits(compiled: CompiledBase, policy, rows: int, rank: int, dtype, device) -> dict[str, Tensor]:
@@ -125,15 +133,32 @@ def plan_refresh(
     proj_dtype: torch.dtype,
     inputs: tuple[Tensor, Tensor, list[Tensor]],
     restore: bool,
+    transposed: bool | None = None,
+    rows_side: bool = False,
+    shard: fsdp.ShardSpec | None = None,
+    comm: CommLog | None = None,
 ) -> Commit | None:
-    """Phase 1 for one projected parameter; returns its commit (None when nothing is due)."""
+    """Phase 1 for one projected parameter; returns its commit (None when nothing is due).
+
+    ``p`` is the local weight (an FSDP2 weight's local rows:
+    :func:`~coap_compile.distributed.fsdp.local_param`), ``transposed`` the plan's side; ``rows_side``
+    refreshes run through :mod:`coap_compile.distributed.fsdp` (its basis convention; collectives over
+    ``shard.group``)."""
     state, program = io.state, compiled.program
     k = int(state["step"].item()) if "step" in state else 0
-    rows = max(p.shape)  # M = max(m, n): the canonical row count
+    if transposed is None:  # the canonical side (the plan's for projection_side="auto")
+        transposed = p.shape[0] < p.shape[1]
+    rows = p.shape[1] if transposed else p.shape[0]  # M (local rows of a sharded weight)
+
+    def fresh_basis(x: Tensor) -> dict[str, Tensor]:
+        if rows_side:
+            return fsdp.init_basis(policy, x.to(dtype), rank, shard, comm)
+        return policy.init_state(x.to(dtype), rank)
+
     if not state:
-        x, _ = canonical_input(p, compiled, dtype, *inputs)
+        x, _ = canonical_input(p, compiled, dtype, *inputs, transposed=transposed)
         new = {"step": torch.zeros((), dtype=torch.float32)}
-        new.update(_policy_state(policy.init_state(x.to(dtype), rank), proj_dtype))
+        new.update(_policy_state(fresh_basis(x), proj_dtype))
         new.update(_stored(io, lowrank_inits(compiled, policy, rows, rank, dtype, p.device)))
 
         def commit_init() -> None:
@@ -150,8 +175,8 @@ def plan_refresh(
         or not proj_ok
         or any(io.keys_of(n) and not io.matches(n) for n in names)
     ):
-        x, _ = canonical_input(p, compiled, dtype, *inputs)
-        init = policy.init_state(x.to(dtype), rank)
+        x, _ = canonical_input(p, compiled, dtype, *inputs, transposed=transposed)
+        init = fresh_basis(x)
         same_basis = set(keys) <= state.keys() and policy.state_shape(state)[1] == rank
         if same_basis:  # only the storage precision changed: keep P, convert the states
             init = _working(state, keys, dtype)
@@ -177,11 +202,14 @@ def plan_refresh(
     refreshed: dict[str, Tensor] = {}
     changed = False
     if kind:
-        x, transposed = canonical_input(p, compiled, dtype, *inputs)
+        x, _ = canonical_input(p, compiled, dtype, *inputs, transposed=transposed)
         first_name = program.first_moment or (EMA_KEY if EMA_KEY in names else None)
         first = io.load(first_name) if first_name else None
         refreshed = _working(state, keys, dtype)
-        changed = policy.refresh(refreshed, x, k, first_moment=first, transposed=transposed)
+        if rows_side:
+            changed = fsdp.refresh_basis(policy, refreshed, x, k, first_moment=first, spec=shard, comm=comm)
+        else:
+            changed = policy.refresh(refreshed, x, k, first_moment=first, transposed=transposed)
     rank_now = policy.state_shape(state)[1]
 
     def commit_refresh() -> None:

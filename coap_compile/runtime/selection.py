@@ -27,10 +27,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed.fsdp import is_dtensor
 from ..projection.base import resolve_rank
 from ..projection.tucker import is_tucker_candidate, tucker_ranks
 
-__all__ = ["ParamPlan", "groups_from_model", "plan_param"]
+__all__ = ["ParamPlan", "canonical_dims", "groups_from_model", "plan_param"]
 
 TargetModules = Sequence[str] | Callable[[str, nn.Module], bool] | None
 
@@ -43,6 +44,7 @@ class ParamPlan:
     rank: int
     transposed: bool
     ranks: tuple[int, ...] = ()
+    rows_side: bool = False  # X = G whatever the aspect ratio (projection_side="rows", FSDP2 weights)
 
     @property
     def projected(self) -> bool:
@@ -53,8 +55,15 @@ class ParamPlan:
         return bool(self.ranks)
 
 
+def canonical_dims(shape, transposed: bool) -> tuple[int, int]:
+    """``(M, N)`` of the projected view ``X`` of an ``m×n`` weight (``X = Gᵀ`` when ``transposed``)."""
+    m, n = int(shape[0]), int(shape[1])
+    return (n, m) if transposed else (m, n)
+
+
 def plan_param(p: torch.Tensor, group: dict) -> ParamPlan:
-    """The plan for ``p`` under ``group``'s settings (``project``, ``rank``, ``rank_ratio``)."""
+    """The plan for ``p`` under ``group``'s settings (``project``, ``rank``, ``rank_ratio``,
+    ``projection_side``: ``"rows"``, and every FSDP2-sharded weight, take ``X = G``)."""
     force = group.get("project")
     if force is False:
         return ParamPlan(0, False)
@@ -66,6 +75,8 @@ def plan_param(p: torch.Tensor, group: dict) -> ParamPlan:
     r = resolve_rank(p.shape, group.get("rank"), group.get("rank_ratio"))
     if force is None and r >= min(p.shape):
         return ParamPlan(0, False)
+    if group.get("projection_side", "auto") == "rows" or is_dtensor(p):
+        return ParamPlan(r, False, rows_side=True)
     return ParamPlan(r, p.shape[0] < p.shape[1])
 
 

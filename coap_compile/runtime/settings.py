@@ -14,6 +14,7 @@ __all__ = [
     "PRECISIONS",
     "PROJECTION_KEYS",
     "check_conv_rank_ratio",
+    "check_projection_side",
     "make_policy",
     "make_tucker_policy",
     "settings_key",
@@ -36,6 +37,7 @@ PROJECTION_KEYS = (
     "projection_precision",
     "quant_block_size",
     "conv_rank_ratio",
+    "projection_side",
     "project",
 )
 CORRELATIONS = ("paper", "normalized", "off")
@@ -116,6 +118,7 @@ def validate_group(group: dict, index: int, policy_instance: ProjectionPolicy | 
         if not isinstance(group["restore_state"], bool):
             raise TypeError(f"restore_state must be a bool, got {group['restore_state']!r}")
         check_conv_rank_ratio(group.get("conv_rank_ratio"))
+        check_projection_side(group.get("projection_side", "auto"))
         project = group.get("project")
         if not (project is None or isinstance(project, bool)):
             raise ValueError(f"project must be None, True or False, got {project!r}")
@@ -126,6 +129,13 @@ def validate_group(group: dict, index: int, policy_instance: ProjectionPolicy | 
 def check_conv_rank_ratio(value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
         raise ValueError(f"conv_rank_ratio must be None or a positive number, got {value!r}")
+
+
+def check_projection_side(value: Any) -> None:
+    from ..distributed.fsdp import PROJECTION_SIDES
+
+    if not isinstance(value, str) or value not in PROJECTION_SIDES:
+        raise ValueError(f"projection_side must be one of {PROJECTION_SIDES}, got {value!r}")
 
 
 def make_tucker_policy(group: dict, instance: Any = None):

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..capture import live_inputs
+from ..distributed import fsdp
 from ..lowering.kernels import stored_kernel_plan
 from ..projection.tucker import core_shape
 from .eager_only import eager_only, prime
@@ -69,7 +70,7 @@ class StepMixin:
         groups = self.param_groups
         if self._scope is not None:  # only the parameters being stepped (group indices kept)
             groups = [{"params": [p for p in g["params"] if p in self._scope]} for g in groups]
-        check_gradients(groups, self._name, self._check_finite)
+        check_gradients(groups, self._name, self._check_finite, self.comm_log)
 
     def _step_only(self, params: Iterable[Tensor], lowrank: dict[Tensor, Tensor] | None = None) -> None:
         """``step()`` restricted to ``params`` (in-backward updates, :mod:`.inbackward`): other parameters
@@ -116,11 +117,13 @@ class StepMixin:
             if projected:
                 self._projected_update(p, state, i, scale, ema_beta)
             elif p in self._captured_full:  # a storage precision: the captured update, load/store
-                full_update_(p, state, self._captured_full[p], self._inputs(state, i), self._io(p))
+                io = self._io(p)
+                full_update_(self._local(p), io.state, self._captured_full[p], self._inputs(state, i), io)
             else:  # compiling: torch's layout, the captured update (fullrank module docstring)
                 full_update_(p, state, self._full_programs[(i, p.dtype, p.ndim)], self._inputs(state, i))
         for (mg, runs, scale, ema_beta), g in zip(groups, group_grads):
             self._grouped_update(mg, runs, g, scale, ema_beta, compiling)
+        self._locals = {}  # drop the FSDP2 local views (and their gradient references)
         if self._inner is not None and not compiling:
             if self._scope is None:
                 self._inner.step()
@@ -191,6 +194,7 @@ class StepMixin:
         self._sync_settings()
         self._check_grads()
         scope = self._scope
+        self._locals = {p: fsdp.local_param(p) for p in self._shards if p.grad is not None}
         due = [
             (p, i) for i, g in enumerate(self.param_groups) for p in g["params"]
             if p.grad is not None and self._plans[p].projected and (scope is None or p in scope)
@@ -214,9 +218,10 @@ class StepMixin:
                 if self._checked.get(p) == layout and not policy.refresh_kind(int(state["step"].item())):
                     continue  # the same tensors passed plan_refresh's layout checks; nothing due
                 commit = plan_refresh(
-                    self._io(p), p, plan.rank, compiled, policy, dtype=dtype,
+                    self._io(p), self._local(p), plan.rank, compiled, policy, dtype=dtype,
                     proj_dtype=resolve_precision(group, p).proj_dtype, inputs=self._inputs(state, i),
-                    restore=group["restore_state"],
+                    restore=group["restore_state"], transposed=plan.transposed, rows_side=plan.rows_side,
+                    shard=self._shards.get(p), comm=self.comm_log,
                 )  # fmt: skip
                 if commit is None:
                     self._checked[p] = layout
@@ -251,7 +256,8 @@ class StepMixin:
                 # dict's size is fixed before the compiled update sees it: no recompile after step 1.
                 state = self.state[p]
                 if p in self._captured_full:
-                    ensure_full_state(state, self._captured_full[p], p, self._io(p))
+                    io = self._io(p)  # (an FSDP2 parameter's io wraps new states as DTensors)
+                    ensure_full_state(io.state, self._captured_full[p], self._local(p), io)
                 elif compiling and not self._plans[p].projected:
                     program = self._full_program(group, p.dtype, p.ndim)
                     self._full_programs[(i, p.dtype, p.ndim)] = program
@@ -276,10 +282,10 @@ class StepMixin:
         splan = self._stored_plans.get(p) if use else None
         kernels = use and (splan is not None or self._fp32_states(p))  # K2 alone when the middle is eager
         projected_update_(
-            p, self._io(p), compiled, self._policies[index], dtype=dtype, inputs=self._inputs(state, index),
-            scale=scale, ema_beta=ema_beta, transposed=self._plans[p].transposed, kernels=kernels,
-            kernel_plan=splan, backend=self._backend, input_precision=self._precision,
-            x_extra=None if self._scope is None else self._scope.get(p),
+            self._local(p), self._io(p), compiled, self._policies[index], dtype=dtype,
+            inputs=self._inputs(state, index), scale=scale, ema_beta=ema_beta,
+            transposed=self._plans[p].transposed, kernels=kernels, kernel_plan=splan, backend=self._backend,
+            input_precision=self._precision, x_extra=None if self._scope is None else self._scope.get(p),
         )  # fmt: skip
 
     def _grouped_update(

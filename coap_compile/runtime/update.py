@@ -68,7 +68,7 @@ def projected_update_(
         )  # fmt: skip
         state["step"].add_(1.0)
         return
-    x, transposed = canonical_input(p, compiled, dtype, k_t, lr_t, hypers)
+    x, transposed = canonical_input(p, compiled, dtype, k_t, lr_t, hypers, transposed=transposed)
     w = p.t() if transposed else p
     x_proj = x.to(proj.dtype) @ proj
     if x_extra is not None:

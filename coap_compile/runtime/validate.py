@@ -7,14 +7,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..distributed import fsdp
 from ..errors import NonFiniteGradientError
 
 __all__ = ["all_finite", "check_gradients"]
 
 
-def check_gradients(param_groups: list[dict], name_of: Callable[[Tensor], str], check_finite: bool) -> None:
+def check_gradients(
+    param_groups: list[dict], name_of: Callable[[Tensor], str], check_finite: bool, comm=None
+) -> None:
     """Every gradient's layout, shape, dtype and device (and finiteness), before anything is written:
-    ``ValueError`` (or :class:`NonFiniteGradientError`) naming the parameter and what it has."""
+    ``ValueError`` (or :class:`NonFiniteGradientError`) naming the parameter and what it has. With
+    FSDP2 (DTensor) gradients the finiteness verdict is agreed by all ranks (``comm``: a CommLog)."""
     grads, owners = [], []
     for i, group in enumerate(param_groups):
         for p in group["params"]:
@@ -35,6 +39,15 @@ def check_gradients(param_groups: list[dict], name_of: Callable[[Tensor], str], 
             grads.append(g)
             owners.append(p)
     if not check_finite or not grads:
+        return
+    if fsdp.any_dtensor(grads):  # FSDP2: every rank reaches the same verdict (one all-reduce)
+        ok, index = fsdp.grads_finite(grads, comm)
+        if not ok:
+            where = "on another rank" if index is None else f"of parameter {name_of(owners[index])!r}"
+            raise NonFiniteGradientError(
+                f"a gradient {where} contains inf or NaN; nothing was modified on any rank. Pass found_inf= "
+                "(GradScaler style) to skip such steps instead, or check_finite=False to disable this check"
+            )
         return
     if not all_finite(grads):
         bad = next(p for p, g in zip(owners, grads) if not all_finite([g]))

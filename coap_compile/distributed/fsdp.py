@@ -1,0 +1,398 @@
+"""FSDP2 (``fully_shard``) parameters: the DTensor layer between the runtime and the row-sharded refreshes.
+
+Under FSDP2 every parameter is a ``DTensor`` sharded on dim 0 (``Shard(0)``, ``torch.chunk`` row blocks:
+``⌈m/W⌉`` rows per rank, the last ranks shorter or empty), and so is its gradient after the
+reduce-scatter. COAP keeps such a weight's update local on every shard:
+
+* **Side.** ``X = G`` (``m×n``, rows = the sharded dim) whatever the aspect ratio, so ``X P`` contracts
+  over the unsharded ``n`` and ``X̃ = X P``, the ``m×r`` moments and ``D Pᵀ`` are row-local (no
+  communication between refreshes). For a tall or square weight this is the canonical side; for a
+  wide one (``m < n``) ``P`` is ``n×r`` on the *larger* side (per-rank bytes ``4·(n r + 2⌈m/W⌉ r)``
+  for Adam; the analysis and the 7B example are in :mod:`coap_compile.distributed.linalg`). The
+  single-process optimizer takes the same side with ``projection_side="rows"`` (a param-group key):
+  that is the reference an FSDP2 run equals. ``"auto"`` (default) is the canonical side for plain
+  tensors and ``"rows"`` for sharded ones.
+* **Basis convention** of the rows side (single-process and sharded alike, so that they agree):
+  after an init or SVD refresh ``P' ← align_signs(P', ref)`` with ``ref = Ω`` (init) or the previous
+  ``P`` (SVD). The distributed QR (CholeskyQR2/TSQR: ``R`` with a positive diagonal) and the
+  single-process Householder QR give ``B`` up to row signs, so LAPACK may return singular vectors of
+  either sign; aligning removes that ambiguity and keeps a kept moment's coordinate pointing the same
+  way across a refresh (measured on the FSDP2 test's model: 11 of 24 columns flipped on the raw
+  single-process path at the first two SVD refreshes). ``align_signs`` keeps the singular-vector basis
+  (``align_rotation`` would replace it by the rotation closest to ``ref``, a different optimizer). The
+  default ``"auto"`` side of plain tensors is unchanged (no alignment).
+* **Refreshes** (:func:`init_basis`, :func:`refresh_basis`): the randomized range finder / low-cost SVD
+  (:func:`~coap_compile.distributed.linalg.orthogonal_basis`: two ``r×r`` Gram all-reduces and one
+  ``r×n`` all-reduce) and the correlation step (:mod:`coap_compile.distributed.correlation`: 2 scalars
+  and one ``n×r`` all-reduce), over the process group of the mesh's shard dim. Every rank issues the
+  same collectives in the same order: the schedule is a function of the replicated step counter, and
+  an empty shard or a zero gradient takes part like any other. ``P`` is computed from all-reduced
+  values only, so it is bit-identical on every rank (gloo measurement in ``linalg``; tests assert it).
+  ``correlation="off"`` only skips the correlation steps (measured: 2 ranks equal the single-process
+  rows reference to 1.5e-7 in the loss, 5.6e-7 in the weights after 9 steps).
+  Flora (a seeded Gaussian ``P``, no data) needs no collective at all. GaLore (an exact SVD of ``X``),
+  DCT (column scores over all rows) and Tucker (mode products over the sharded ``C_out``) are refused,
+  naming the parameter and the policy.
+* **States** of a sharded weight are DTensors with the weight's mesh and placements (global shape
+  ``m×r``, local rows = the weight's local rows), as torch's AdamW states are under FSDP2, so
+  ``torch.distributed.checkpoint`` saves, loads and reshards them. ``P`` (and ``step``, Flora's
+  ``seed``, a bf16 state's 16-byte rounding stream ``<name>.rng``) is a plain tensor, replicated: DCP
+  treats a plain tensor as replicated (written once after de-duplication, read whole by every rank), as
+  it does torch's ``step``; a ``Replicate()`` DTensor would add nothing for DCP and would have to be
+  unwrapped by every policy. The runtime sees a sharded weight through :func:`local_param` (its local
+  rows, with the local gradient) and :class:`ShardedState` (the state with DTensors shown as their
+  local tensors; new row states are wrapped on assignment), so the update and the refreshes are the
+  single-process code on local tensors.
+* **HSDP** (2-D mesh, placements ``(Replicate(), Shard(0))``) falls out: the refresh collectives run
+  over the shard dim's group; every replica group sees the same (all-reduced) gradient bits, so ``P``
+  is identical across replicas too. Other placements (``Shard(1)``, ``Partial``, tensor-parallel
+  ``_StridedShard``, a 1-D ``Replicate()``) are refused with the placements named.
+* **Precision.** int8 states are refused: a quantization block (``quant_block_size`` elements, 2-D
+  16×16 tiles at 256) would straddle shard boundaries, so the sharded codes/scales would differ from
+  the single-process ones and from those of another mesh size. bf16 states are supported: the stream
+  ``[seed, counter]`` is replicated (every rank stores each state once per step), the random bits of
+  element ``i`` are those of its *local* row-major index, so a rank's rounding is deterministic and a
+  resume on the same mesh is bit-identical; it equals the single-process bits on rank 0's rows only
+  (the other shards use the same unbiased rounding with other bits).
+* **check_finite** agrees across ranks: the local verdict is all-reduced (MIN of one int32 per mesh
+  dim) before anything is modified, so either every rank steps or every rank raises.
+* **Bases.** The low-rank update must be shard-local: elementwise derived programs (AdamW, Adam,
+  SGD with momentum, RMSprop, Adagrad, …). Bases whose update has reductions over the weight or its
+  rows/columns (Adafactor's factored second moment, transformers Adafactor's RMS clipping) are refused.
+
+**Agreement with one process** is that of any reordering of the same arithmetic: on the test's tiny
+LM (well separated singular values) 2 and 4 ranks equal the rows reference to ≤ 7e-7 in the weights;
+on the demo LLaMA (d=256, 4 layers, r=64, 10 steps, random bytes) 1.5e-2, while the *same single
+process* accumulating the batch as two micro-batches differs from itself by 2.4e-2: the SVD refresh
+at k=8 turns ``P`` by 0.37 (relative) from rounding alone (nearly equal singular values), before
+any distribution.
+
+**Runtime wiring** (the optimizer only calls in): :func:`~coap_compile.runtime.selection.plan_param`
+puts DTensor weights on the rows side; :mod:`coap_compile.runtime.sharding` runs
+:func:`check_sharded`/:func:`shard_spec` when the plans are derived (projected weights, and full-rank
+ones with an explicit ``state_precision``; full-rank ones left to torch's own optimizer need nothing,
+torch handles DTensors); ``_prepare`` makes the :func:`local_param` views, refreshes go through
+:func:`init_basis`/:func:`refresh_basis`, ``_io`` wraps the state in :class:`ShardedState`,
+:mod:`coap_compile.runtime.checkpoint` cuts/wraps loaded row states (:func:`shard_value`), and sharded
+weights step per matrix (not in matrix groups: their states are DTensors). ``opt.comm_log = CommLog()``
+records every collective.
+
+Memory per rank (``memory_plan()``): the closed form of the single-process plan with ``M`` replaced by
+the local rows ``M_k = len(torch.chunk(range(m), W)[k])`` (``⌈m/W⌉`` for the first ranks, the rest on
+the last non-empty ranks, 0 after them) and ``P`` counted in full on every rank. Since ``P`` is
+replicated, COAP saves memory per rank only while ``W < 2m(n − r)/(n r)`` (:mod:`.linalg`). LLaMA-1B
+projected weights at ``r = 512``, fp32 AdamW states per decoder layer per rank, COAP vs torch AdamW:
+W=1 117.3 vs 384.0 MiB, W=2 76.0 vs 192.0, W=4 55.3 vs 96.0, W=8 45.0 vs 48.0, W=16 39.8 vs 24.0.
+
+Bytes per refresh (:func:`~coap_compile.distributed.refresh_bytes`, fp32, per rank and weight):
+init/SVD ``4(2r² + rN)``, correlation ``4(2 + rN)``; between refreshes nothing. LLaMA-1B, r=512,
+W=8: a 2048×2048 weight 6.0 / 4.0 MiB (the naive port all-gathers ``X``: 2.0 MiB sent, 14.0 MiB
+received, a 16.0 MiB ``M×N`` copy held), the wide 2048×5461 down-projection 12.7 / 10.7 MiB (naive:
+5.3 sent, 37.3 received, 42.7 held). At ``r/m = 1/4`` the volume is of the naive port's order; what
+the layout removes is the gathered ``M×N`` copy and the full-size refresh on every rank.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..projection.coap import CoapPolicy
+from ..projection.flora import FloraPolicy
+from .comm import CommLog, all_reduce
+from .correlation import correlation_step, normalized_correlation_step
+from .linalg import align_signs, draw_omega, orthogonal_basis
+
+__all__ = [
+    "PROJECTION_SIDES",
+    "ShardSpec",
+    "ShardedState",
+    "any_dtensor",
+    "check_sharded",
+    "grads_finite",
+    "init_basis",
+    "is_dtensor",
+    "local",
+    "local_param",
+    "refresh_basis",
+    "shard_spec",
+    "shard_value",
+]
+
+#: Values of the ``projection_side`` argument / param-group key.
+PROJECTION_SIDES = ("auto", "rows")
+#: Policies whose refreshes run sharded (the rest are refused for sharded weights).
+SHARDED_POLICIES = (CoapPolicy, FloraPolicy)
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor (without importing ``torch.distributed.tensor`` when nothing did)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def any_dtensor(tensors: Sequence[object]) -> bool:
+    """Whether any of ``tensors`` is a DTensor (one module lookup: this runs on every step)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    if mod is None:
+        return False
+    cls = mod.DTensor
+    return any(isinstance(t, cls) for t in tensors)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local tensor of a DTensor (same storage), anything else as it is."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _placement_text(placements: Sequence[Any], mesh: Any) -> str:
+    return f"placements {tuple(placements)} on a mesh of shape {tuple(mesh.shape)}"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How one FSDP2 weight is sharded: ``rows`` global rows, this rank's ``local_rows`` from
+    ``row_offset``; ``group`` is the shard dim's process group (the refresh collectives)."""
+
+    mesh: Any
+    placements: tuple[Any, ...]
+    group: dist.ProcessGroup
+    rows: int
+    row_offset: int
+    local_rows: int
+
+    def wrap(self, value: Tensor) -> Tensor:
+        """A DTensor with the weight's mesh and placements whose local rows are ``value`` (no copy)."""
+        from torch.distributed.tensor import DTensor
+
+        if value.shape[0] != self.local_rows:
+            raise ValueError(
+                f"a row-sharded state needs {self.local_rows} local rows, got shape {tuple(value.shape)}"
+            )
+        shape = (self.rows, *value.shape[1:])
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(
+            value, self.mesh, self.placements, run_check=False, shape=torch.Size(shape), stride=stride
+        )
+
+
+def shard_spec(p: Tensor, where: str, *, matrix: bool = True) -> ShardSpec | None:
+    """The sharding of ``p`` (None for a plain tensor); ValueError for placements COAP cannot keep local.
+
+    Accepted: a 1-D mesh with ``(Shard(0),)`` (FSDP2) and a 2-D mesh with ``(Replicate(), Shard(0))``
+    (HSDP), for a 2-D weight (``matrix``) or any tensor with a dim 0 (a full-rank parameter whose update
+    COAP runs itself). ``where`` names the parameter in errors (``"parameter 'w' (param group 1)"``).
+    """
+    if not is_dtensor(p):
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    allowed = ((Shard(0),), (Replicate(), Shard(0)))
+    if placements not in allowed or (p.ndim != 2 if matrix else p.ndim < 1):
+        raise ValueError(
+            f"{where} is a DTensor with {_placement_text(placements, mesh)} and "
+            f"{p.ndim} dims; COAP updates FSDP2 weights sharded on dim 0 only (2-D weights when projected), "
+            "with placements (Shard(0),) on a 1-D mesh (fully_shard) or (Replicate(), Shard(0)) on a 2-D "
+            "mesh (HSDP). Tensor parallelism (Shard(1), _StridedShard) and replicated DTensors are not "
+            "supported: keep such parameters full-rank (a param group with project=False, "
+            "state_precision='auto')"
+        )
+    dim = mesh.ndim - 1
+    group = mesh.get_group(dim)
+    world, rank = mesh.size(dim), mesh.get_local_rank(dim)
+    rows = int(p.shape[0])
+    chunk = -(-rows // world)
+    start, stop = min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+    loc = p.to_local()
+    if loc.shape[0] != stop - start:
+        raise ValueError(
+            f"{where}: its local shard has {loc.shape[0]} rows, but torch.chunk of {rows} rows "
+            f"over {world} ranks gives rank {rank} {stop - start}; COAP needs FSDP2's even row chunks"
+        )
+    return ShardSpec(mesh, placements, group, rows, start, stop - start)
+
+
+def local_param(p: Tensor) -> Tensor:
+    """A view of ``p``'s local rows carrying the local gradient (``p`` itself for a plain tensor).
+
+    In-place writes to the view update the sharded weight. Call under ``no_grad``; the view (and its
+    reference to the gradient) is meant to be dropped after the step.
+    """
+    if not is_dtensor(p):
+        return p
+    loc = p.to_local()
+    view = loc.view(loc.shape)
+    if p.grad is not None:
+        view.grad = p.grad.to_local()
+    return view
+
+
+class ShardedState(MutableMapping):
+    """A sharded weight's state dict seen with local tensors.
+
+    Reading gives a DTensor's local tensor (same storage: in-place writes reach the DTensor); assigning
+    a tensor under a row-state key (``names``, and their storage keys except the ``.rng`` stream)
+    stores it wrapped by :meth:`ShardSpec.wrap`; every other value is stored as it is (replicated).
+    """
+
+    __slots__ = ("_names", "_spec", "_state")
+
+    def __init__(self, state: dict, spec: ShardSpec, names: Sequence[str]) -> None:
+        self._state, self._spec, self._names = state, spec, tuple(names)
+
+    def _row_key(self, key: str) -> bool:
+        if key.endswith(".rng"):
+            return False
+        return any(key == n or key.startswith(n + ".") for n in self._names)
+
+    def __getitem__(self, key: str) -> Any:
+        return local(self._state[key])
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if isinstance(value, Tensor) and not is_dtensor(value) and self._row_key(key):
+            value = self._spec.wrap(value)
+        self._state[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._state[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._state
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
+def shard_value(spec: ShardSpec, value: Tensor) -> Tensor:
+    """A saved row state as this rank's DTensor: a DTensor is kept, a full plain ``rows×…`` tensor (a
+    single-process checkpoint) is cut to this rank's rows and wrapped."""
+    if is_dtensor(value) or value.ndim == 0 or value.shape[0] != spec.rows:
+        return value
+    return spec.wrap(value[spec.row_offset : spec.row_offset + spec.local_rows].clone())
+
+
+def check_sharded(
+    where: str, *, policy: Any, tucker: bool, states: str, shard_local: bool, base: str
+) -> None:
+    """Refuse what cannot run on a row-sharded weight (module docstring), naming it (``where``: e.g.
+    ``"parameter 'w' (param group 1)"``) and the remedy."""
+    where = f"{where} is FSDP2-sharded;"
+    if policy is None:  # a full-rank parameter that COAP updates itself (an explicit state_precision)
+        base = f"{base} (full rank, state_precision={states!r})"
+    if tucker:
+        raise ValueError(
+            f"{where} Tucker projection of 4-D weights (conv_rank_ratio) is not supported under FSDP2 (its "
+            "mode products contract over the sharded C_out): set conv_rank_ratio=None or project=False"
+        )
+    if policy is not None and not isinstance(policy, SHARDED_POLICIES):
+        raise ValueError(
+            f"{where} projection={policy.name!r} ({type(policy).__name__}) has no sharded refresh; under "
+            "FSDP2 use projection='coap' or 'flora' (GaLore needs an exact SVD of the whole gradient, DCT "
+            "column scores over all rows)"
+        )
+    if states == "int8":
+        raise ValueError(
+            f"{where} state_precision='int8' is not supported under FSDP2: a quantization block would "
+            "straddle shard boundaries (codes and scales would depend on the mesh size); use 'bf16' or 'fp32'"
+        )
+    if not shard_local:
+        raise ValueError(
+            f"{where} the low-rank update of {base} has reductions over the weight (e.g. a factored "
+            "second moment or RMS clipping), which are not local to a row shard; under FSDP2 use an "
+            "elementwise base (AdamW, Adam, SGD with momentum, RMSprop), or for a full-rank parameter "
+            "state_precision='auto' (torch's own optimizer)"
+        )
+
+
+def init_basis(
+    policy: Any, x: Tensor, rank: int, spec: ShardSpec | None, comm: CommLog | None = None
+) -> dict[str, Tensor]:
+    """The rows side's init refresh (``policy.init_state`` with the basis convention of the module
+    docstring); ``x`` is the local ``M_k×N`` rows when ``spec`` is given."""
+    if not isinstance(policy, CoapPolicy):
+        return policy.init_state(x, rank)  # Flora: a function of the seed and the shape only
+    omega = draw_omega(x.shape[1], rank, policy.seed, x.device)
+    if spec is None:
+        p = policy.init_state(x, rank)["proj"]
+    else:
+        p = orthogonal_basis(x, rank, omega=omega, group=spec.group, comm=comm)
+    return {"proj": align_signs(p, omega).contiguous()}
+
+
+def refresh_basis(
+    policy: Any,
+    state: dict[str, Tensor],
+    x: Tensor,
+    k: int,
+    *,
+    first_moment: Tensor | None,
+    spec: ShardSpec | None,
+    comm: CommLog | None = None,
+) -> bool:
+    """The rows side's refresh at completed step ``k``, in place on ``state`` (working copies, as
+    ``policy.refresh``); returns True if ``P`` changed. ``x``/``first_moment`` are the local rows."""
+    kind = policy.refresh_kind(k)
+    if not isinstance(policy, CoapPolicy) or kind not in ("svd", "correlation"):
+        return policy.refresh(state, x, k, first_moment=first_moment, transposed=False)
+    p = state["proj"]
+    if kind == "svd":
+        old = p.clone()
+        if spec is None:
+            policy.refresh(state, x, k, first_moment=first_moment, transposed=False)
+        else:
+            p.copy_(orthogonal_basis(x, p.shape[1], omega=p, group=spec.group, comm=comm))
+        p.copy_(align_signs(p, old))
+        return True
+    if spec is None:
+        return policy.refresh(state, x, k, first_moment=first_moment, transposed=False)
+    if first_moment is None:
+        raise ValueError(f"the COAP correlation step at k={k} needs the low-rank first moment, got None")
+    common = {"global_rows": spec.rows, "transposed": False, "group": spec.group, "comm": comm}
+    if policy.correlation == "paper":
+        p.copy_(correlation_step(p, x, first_moment, **common))
+    else:
+        p.copy_(normalized_correlation_step(p, x, first_moment, angle=policy.correlation_angle, **common))
+    return True
+
+
+def _mesh_groups(t: Tensor) -> list[dist.ProcessGroup]:
+    mesh = t.device_mesh
+    return [mesh.get_group(d) for d in range(mesh.ndim)]
+
+
+def grads_finite(grads: Sequence[Tensor], comm: CommLog | None = None) -> tuple[bool, int | None]:
+    """``(every gradient on every rank is finite, index of this rank's first non-finite gradient)``.
+
+    The local verdict (one ``aminmax`` per gradient: min and max are finite iff every element is) is
+    summed as a count of failing ranks over each mesh dim of the DTensor gradients (in order of first
+    appearance, the same on every rank; one int32 per dim), so all ranks agree. Without DTensor
+    gradients no collective is issued.
+    """
+    bad: int | None = None
+    groups: list[dist.ProcessGroup] = []
+    device = None
+    for i, g in enumerate(grads):
+        if is_dtensor(g):
+            for grp in _mesh_groups(g):
+                if grp not in groups:
+                    groups.append(grp)
+            device = device or g.device
+            g = g.to_local()
+        if bad is None and g.numel() and not bool(torch.stack(torch.aminmax(g)).isfinite().all()):
+            bad = i
+    if not groups:
+        return bad is None, bad
+    failing = torch.tensor([0 if bad is None else 1], dtype=torch.int32, device=device)
+    for grp in groups:
+        all_reduce(failing, grp, comm, "finite_flag")
+    return int(failing.item()) == 0, bad
