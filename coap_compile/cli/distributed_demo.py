@@ -17,10 +17,13 @@ instead (:mod:`coap_compile.distributed.backward`: each bucket after its all-red
 clipping then, it needs every gradient first); other optimizers keep the normal path. At the end
 rank 0 gathers and prints, per rank, the optimizer-state bytes (counted tensors), the final training
 loss and whether the parameters equal rank 0's bit for bit, evaluates the validation loss, and writes
-``results_ddp.json`` (the metadata block of :mod:`.report`) to ``--out``.
+``results_<strategy>.json`` (the metadata block of :mod:`.report`) to ``--out``.
 
-``--strategy fsdp2`` is refused with a message naming the missing piece: the FSDP2 integration of
-the optimizer (``coap_compile.distributed.fsdp``, sharded low-rank states) is not part of this build.
+``--strategy fsdp2``: every decoder layer and then the model go through ``fully_shard`` on a 1-D
+mesh of all ranks (``Shard(0)`` DTensor parameters); COAP optimizers then take the rows side and keep
+their row states sharded (:mod:`coap_compile.distributed.fsdp`), so the printed state bytes are each
+rank's shard. There are no replicas to compare (the column shows ``-``); ``--in-backward`` is refused
+(FSDP2 reduce-scatters the gradients after the parameter hooks would run).
 """
 
 from __future__ import annotations
@@ -39,13 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["FSDP2_MISSING", "in_launcher", "launch", "run_distributed_demo", "worker"]
-
-FSDP2_MISSING = (
-    "--strategy fsdp2: the FSDP2 integration of the optimizer (coap_compile.distributed.fsdp: "
-    "Shard(0) parameters, low-rank states as DTensors, refreshes through collectives) is not in this "
-    "build; use --strategy ddp"
-)
+__all__ = ["in_launcher", "launch", "run_distributed_demo", "worker"]
 
 
 def in_launcher() -> bool:
@@ -74,11 +71,14 @@ def launch(args: argparse.Namespace) -> int:
 
 
 def run_distributed_demo(args: argparse.Namespace) -> int:
-    """Entry from the CLI: refuse ``fsdp2``, then launch (outside torchrun) or work (inside)."""
-    if args.strategy == "fsdp2":
+    """Entry from the CLI: launch (outside torchrun) or work (inside)."""
+    if args.strategy == "fsdp2" and args.in_backward:
         from coap_compile.cli.main import UsageError
 
-        raise UsageError(f"coap-compile demo: error: {FSDP2_MISSING}")
+        raise UsageError(
+            "coap-compile demo: error: --in-backward with --strategy fsdp2: FSDP2 reduce-scatters the "
+            "gradients after the parameter hooks would step; use --strategy ddp"
+        )
     return worker(args) if in_launcher() else launch(args)
 
 
@@ -89,7 +89,6 @@ def _loss(ddp: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def _train(name: str, args, model_cfg, corpus, device, rank: int) -> dict:
     import coap_compile
-    from coap_compile.cli.memory import measured_state_bytes
     from coap_compile.cli.optimizers import build_optimizer
     from coap_compile.cli.train import TrainConfig, _set_lr, evaluate, lr_factor
     from coap_compile.data import BatchSampler, validation_windows
@@ -97,12 +96,21 @@ def _train(name: str, args, model_cfg, corpus, device, rank: int) -> dict:
 
     cfg = TrainConfig()
     model = build_llama(model_cfg, seed=args.seed).to(device)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.strategy == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        ddp = fully_shard(model, mesh=mesh)  # Shard(0) DTensor parameters; COAP takes the rows side
+    else:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = build_optimizer(
         name, model, rank=args.rank, rank_ratio=args.rank_ratio, lr=args.lr, weight_decay=cfg.weight_decay,
         update_interval=cfg.update_interval, reproject_factor=cfg.reproject_factor,
     )  # fmt: skip
-    hooked = args.in_backward and isinstance(opt, coap_compile.CoapOptimizer)
+    hooked = args.in_backward and args.strategy == "ddp" and isinstance(opt, coap_compile.CoapOptimizer)
     if hooked:
         coap_compile.step_in_backward(ddp, opt)
     sampler = BatchSampler(corpus.train, args.batch_size, model_cfg.max_seq_len, seed=args.seed + 1000 * rank)
@@ -120,19 +128,37 @@ def _train(name: str, args, model_cfg, corpus, device, rank: int) -> dict:
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"{name}: the training loss became {losses[-1]} at step {step + 1}")
     wall = time.perf_counter() - t0
-    flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
-    ref = flat.clone()
-    dist.broadcast(ref, src=0)
-    val = None
-    if rank == 0:
-        windows = validation_windows(corpus.val, model_cfg.max_seq_len, cfg.eval_windows)
-        val = evaluate(model, windows, args.batch_size, device)
+    equal = None  # FSDP2: every rank holds its own shard, there is no replica to compare
+    if args.strategy == "ddp":
+        flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+        ref = flat.clone()
+        dist.broadcast(ref, src=0)
+        equal = bool(torch.equal(flat, ref))
+    windows = validation_windows(corpus.val, model_cfg.max_seq_len, cfg.eval_windows)
+    val = evaluate(model, windows, args.batch_size, device)  # every rank: FSDP2 all-gathers in forward
     k = max(1, len(losses) // 10)
     return {
-        "optimizer": name, "rank": rank, "in_backward": hooked, "state_bytes": measured_state_bytes(opt),
-        "train_loss": sum(losses[-k:]) / k, "val_loss": val, "equal_to_rank0": bool(torch.equal(flat, ref)),
+        "optimizer": name, "rank": rank, "in_backward": hooked, "state_bytes": _local_state_bytes(opt),
+        "train_loss": sum(losses[-k:]) / k, "val_loss": val if rank == 0 else None, "equal_to_rank0": equal,
         "wall_s": round(wall, 2),
     }  # fmt: skip
+
+
+def _local_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """This rank's optimizer-state bytes: a DTensor state counts its local shard (each storage once)."""
+    from torch.distributed.tensor import DTensor
+
+    seen, total = set(), 0
+    for entry in opt.state.values():
+        for t in entry.values() if isinstance(entry, dict) else ():
+            if isinstance(t, DTensor):
+                t = t.to_local()
+            if isinstance(t, torch.Tensor):
+                key = (str(t.device), t.untyped_storage().data_ptr())
+                if key not in seen:
+                    seen.add(key)
+                    total += t.untyped_storage().nbytes()
+    return total
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -162,15 +188,17 @@ def worker(args: argparse.Namespace) -> int:
             cols = [("optimizer", "optimizer"), ("rank", "rank"), ("in_backward", "in-backward"),
                     ("state_bytes", "state bytes"), ("train_loss", "train loss"), ("val_loss", "val loss"),
                     ("equal_to_rank0", "params == rank 0"), ("wall_s", "train s")]  # fmt: skip
-            print(f"\nDDP on {world} processes ({'nccl' if cuda else 'gloo'}), {args.steps} steps × batch "
+            backend = "nccl" if cuda else "gloo"
+            print(f"\n{args.strategy.upper()} on {world} processes ({backend}), {args.steps} steps × batch "
                   f"{args.batch_size} per rank:")  # fmt: skip
             shown = [{**r, "in_backward": str(r["in_backward"]), "equal_to_rank0": str(r["equal_to_rank0"])}
                      for r in rows]  # fmt: skip
             print(format_table(shown, cols))
             out = Path(args.out)
-            path = write_json(out / "results_ddp.json", {"meta": meta, "world_size": world, "rows": rows})
+            payload = {"meta": meta, "strategy": args.strategy, "world_size": world, "rows": rows}
+            path = write_json(out / f"results_{args.strategy}.json", payload)
             print(f"wrote {path}")
-        ok = all(r["equal_to_rank0"] for r in rows)
+        ok = all(r["equal_to_rank0"] is not False for r in rows)
         # Tear down together: DDP reducers (and their comm hooks) first, while the group is alive, then
         # the group once every rank is done with it. Before this (and before the step hook dropped its
         # reference to the DDP module), 4 of 12 launches of tests/test_demo_distributed.py after
