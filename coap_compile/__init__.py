@@ -13,6 +13,7 @@ Dynamo or Inductor.
 from .api import explain, optimize
 from .errors import NonFiniteGradientError, UnsupportedOptimizerError
 from .projection import CoapPolicy, FixedProjection, FloraPolicy, GaLorePolicy, ProjectionPolicy
+from .runtime.inbackward import step_in_backward
 from .runtime.optimizer import CoapOptimizer
 
 __version__ = "0.1.0"
@@ -28,4 +29,5 @@ __all__ = [
     "UnsupportedOptimizerError",
     "explain",
     "optimize",
+    "step_in_backward",
 ]

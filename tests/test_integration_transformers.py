@@ -139,10 +139,57 @@ def test_keyword_settings_conflicting_with_optim_args_are_refused(tmp_path):
         coap_optimizer_cls_and_kwargs(args, rnak=4)
 
 
-def test_layerwise_is_reserved(tmp_path):
-    args = training_args(tmp_path, optim_args=OPTIM_ARGS + ",layerwise=true")
-    with pytest.raises(NotImplementedError, match="in-backward"):
-        create_coap_optimizer(tiny_model(), args)
+LAYERWISE = OPTIM_ARGS + ",layerwise=true"
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({}, r"max_grad_norm=1.0 cannot clip by the global norm .* set max_grad_norm=0"),
+        ({"max_grad_norm": 0, "gradient_accumulation_steps": 2}, "gradient_accumulation_steps=2 is not"),
+    ],
+)
+def test_layerwise_refuses_what_it_cannot_honour(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        coap_optimizer_cls_and_kwargs(training_args(tmp_path, optim_args=LAYERWISE, **kw))
+
+
+def test_layerwise_trainer_is_bit_identical_and_resumes(tmp_path):
+    """``layerwise=true`` in a real Trainer: the gradients are stepped and freed inside backward, and the
+    run (8 steps, P refreshes at k = 2, 4, 6, cosine schedule) equals the same Trainer without
+    ``layerwise`` bit for bit; resuming it from checkpoint-4 equals the uninterrupted layer-wise run."""
+    def live_gradients(model) -> list[int]:  # sampled before the optimizer's hooks (registered later)
+        seen: list[int] = []
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(
+                lambda _: seen.append(sum(q.grad is not None for q in model.parameters()))
+            )
+        return seen
+
+    model, ref = tiny_model(), tiny_model()
+    alive, alive_ref = live_gradients(model), live_gradients(ref)
+    normal = coap_trainer(ref, training_args(tmp_path / "n", max_grad_norm=0))
+    normal.train()
+    args = training_args(
+        tmp_path / "a", max_grad_norm=0, optim_args=LAYERWISE, save_strategy="steps", save_steps=4
+    )
+    layerwise = coap_trainer(model, args)
+    layerwise.train()
+    assert isinstance(inner(layerwise.optimizer), CoapOptimizer)
+    n = len(list(model.parameters()))
+    assert len(alive) == len(alive_ref) == 8 * n
+    assert max(alive_ref) == n and max(alive) == 1  # one gradient at a time inside backward
+    for (n, a), b in zip(normal.model.named_parameters(), layerwise.model.parameters()):
+        assert torch.equal(a, b), n
+    sd_n, sd_l = inner(normal.optimizer).state_dict(), inner(layerwise.optimizer).state_dict()
+    assert sd_n["state"].keys() == sd_l["state"].keys()
+    for k, entry in sd_n["state"].items():
+        assert all(torch.equal(v, sd_l["state"][k][name]) for name, v in entry.items()), k
+    resumed_args = training_args(tmp_path / "b", max_grad_norm=0, optim_args=LAYERWISE)
+    resumed = coap_trainer(tiny_model(seed=1), resumed_args)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    for (n, a), b in zip(layerwise.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), n
 
 
 # -- base optimizer ------------------------------------------------------------------------------------

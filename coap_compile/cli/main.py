@@ -194,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="lm",
         help="lm: this LLaMA demo; vision: the conv denoiser (options: coap-compile demo --task vision -h)",
     )
+    g = demo.add_argument_group("distributed (torch.distributed.run; coap_compile.cli.distributed_demo)")
+    g.add_argument(
+        "--nproc", type=_positive_int, default=None, help="local processes (default 2 with --strategy)"
+    )
+    g.add_argument(
+        "--strategy", choices=["ddp", "fsdp2"], default=None, help="data parallelism (default ddp)"
+    )
+    g.add_argument(
+        "--in-backward", action="store_true", help="DDP: step COAP optimizers in the backward (no clipping)"
+    )
 
     bench = sub.add_parser("bench", help="benchmarks writing results files").add_subparsers(
         dest="bench", required=True, parser_class=_Parser
@@ -344,6 +354,10 @@ def _validate(args: argparse.Namespace) -> None:
             _check_folder("--" + option.replace("_", "-"), getattr(args, option), fail)
     if hasattr(args, "rank_ratio") and args.rank is None and args.rank_ratio is None:
         args.rank_ratio = 4.0
+    if args.command == "demo" and (args.nproc or args.strategy):
+        args.nproc, args.strategy = args.nproc or 2, args.strategy or "ddp"
+    elif getattr(args, "in_backward", False):
+        fail("--in-backward: needs --strategy ddp (the single-process demo clips gradients before the step)")
     names = getattr(args, "optimizers", None)
     if args.command == "bench" and args.bench == "memory":
         sizes = _check_list("--sizes", "model size", args.sizes, list(LLAMA_CONFIGS), fail, lower=True)
@@ -392,6 +406,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from coap_compile.cli.vision import run_bench
 
         return run_bench(args)
+    if args.command == "demo" and (args.strategy or _in_launcher()):
+        from coap_compile.cli.distributed_demo import run_distributed_demo
+
+        args.strategy = args.strategy or "ddp"
+        return run_distributed_demo(args)
     if args.command == "demo":
         from coap_compile.cli.demo import run_demo
 
@@ -410,6 +429,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         "compile": compilebench.run_compile,
     }
     return runners[args.bench](args)
+
+
+def _in_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun
 
 
 def _vision_demo(argv: list[str]) -> argparse.Namespace | None:

@@ -53,8 +53,19 @@ Checkpoints: ``Trainer`` saves ``optimizer.state_dict()`` (tensors only) and loa
 ``torch.load(weights_only=True)``; the LR scheduler (``LambdaLR``) and RNG states are its own. Resuming
 from ``checkpoint-k`` is bit-identical to the uninterrupted run (tests/test_integration_transformers.py).
 
-**Layer-wise (in-backward) variant: not implemented yet** — see :func:`_layerwise` (``optim_args``
-key ``layerwise``, reserved: ``layerwise=true`` raises ``NotImplementedError`` today).
+**Layer-wise (in-backward) variant**: ``optim_args="...,layerwise=true"`` steps every parameter inside
+the backward pass as soon as its gradient is ready and frees it
+(:func:`coap_compile.step_in_backward`), so the full-size gradients of all layers never coexist. The
+optimizer ``Trainer`` gets is the same ``CoapOptimizer`` (its ``step()`` then has nothing left to do):
+the LR scheduler, ``state_dict`` checkpoints and resume work as on the normal path, and the run is
+bit-identical to the same Trainer run without ``layerwise`` (tests/test_integration_transformers.py;
+transformers' own layer-wise GaLore instead builds one optimizer per parameter behind a dummy whose
+state dict is empty). Refused, each with a message naming the setting: ``max_grad_norm > 0`` (global
+clipping needs every gradient before any step: set ``max_grad_norm=0``), ``gradient_accumulation_steps
+> 1`` (the Trainer's last window of an epoch can be shorter than the others, and the hooks would count
+it wrong), ``fp16`` (GradScaler unscales between backward and step; use ``bf16``) and more than one
+process (the parameter hooks run before DDP's all-reduce; :mod:`coap_compile.distributed.backward`
+steps after it, in a custom loop).
 """
 
 from __future__ import annotations
@@ -84,7 +95,7 @@ __all__ = [
     "target_modules_from_args",
 ]
 
-#: ``optim_args`` keys and their types (``layerwise`` is reserved for the in-backward variant).
+#: ``optim_args`` keys and their types (``layerwise``, the in-backward variant, is handled apart).
 OPTIM_ARGS: dict[str, type] = {
     "rank": int,
     "rank_ratio": float,
@@ -294,6 +305,8 @@ def coap_optimizer_cls_and_kwargs(
     """
     parsed = parse_optim_args(args.optim_args)
     layerwise = bool(parsed.pop("layerwise", False))
+    if layerwise:
+        _check_layerwise(args)
     for key in settings:
         if key not in OPTIM_ARGS and key not in _SETTINGS:
             raise TypeError(
@@ -328,20 +341,36 @@ def create_coap_optimizer(model: nn.Module, args: TrainingArguments, **overrides
     return factory()(model, **kwargs)
 
 
-# -- layer-wise (in-backward) variant: the place it plugs in -------------------------------------------
-def _layerwise(opt: CoapOptimizer, model: nn.Module) -> torch.optim.Optimizer:
-    """RESERVED for the in-backward runtime API (``optim_args="layerwise=true"``).
+# -- layer-wise (in-backward) variant -------------------------------------------------------------------
+def _check_layerwise(args: TrainingArguments) -> None:
+    """The ``TrainingArguments`` that ``layerwise=true`` cannot honour (module docstring)."""
+    why = "optim_args layerwise=true steps each parameter inside the backward pass"
+    if args.max_grad_norm:
+        raise ValueError(
+            f"{why}, so TrainingArguments.max_grad_norm={args.max_grad_norm} cannot clip by the global norm "
+            "(it needs every gradient before any step): set max_grad_norm=0"
+        )
+    if args.gradient_accumulation_steps != 1:
+        raise ValueError(
+            f"{why}: TrainingArguments.gradient_accumulation_steps={args.gradient_accumulation_steps} is not "
+            "supported (Trainer's last window of an epoch may be shorter); use 1, or "
+            "coap_compile.step_in_backward(model, opt, accumulation_steps=N) in your own loop"
+        )
+    if args.fp16:
+        raise ValueError(
+            f"{why}: TrainingArguments.fp16=True needs a GradScaler between backward and step; use bf16"
+        )
+    if args.world_size != 1:
+        raise ValueError(
+            f"{why}: TrainingArguments.world_size={args.world_size}: its hooks would run before DDP's "
+            "all-reduce; use one process, or coap_compile.step_in_backward(ddp_model, opt) in your own loop"
+        )
 
-    Plan: build ``opt`` as above, then hand it to the runtime's in-backward API, which registers
-    ``register_post_accumulate_grad_hook`` per parameter and steps each parameter when its gradient is
-    complete *and* the accumulation window ends (the hook reads ``accelerate``'s
-    ``GradientState.sync_gradients``, which ``Trainer`` sets per micro-batch; transformers' own layer-wise
-    GaLore refuses gradient accumulation instead). Return the real ``CoapOptimizer`` in an
-    in-backward mode whose ``step()`` only finalises (so ``Trainer``'s scheduler, ``state_dict`` and
-    resume keep working, unlike transformers' ``LayerWiseDummyOptimizer`` whose state dict is empty).
-    ``max_grad_norm`` must then be 0 (a global norm needs every gradient first) unless the API clips.
-    """
-    raise NotImplementedError(
-        "optim_args layerwise=true: the layer-wise (in-backward) COAP variant needs the in-backward runtime "
-        "API, which is not in this version; drop layerwise (the regular COAP optimizer has the same states)"
-    )
+
+def _layerwise(opt: CoapOptimizer, model: nn.Module) -> CoapOptimizer:
+    """``opt`` stepping inside the backward pass of ``model`` (the hooks keep the handle alive; the
+    optimizer itself is unchanged, so ``Trainer``'s scheduler, checkpoints and resume see the usual one)."""
+    from ..runtime.inbackward import step_in_backward
+
+    step_in_backward(model, opt)
+    return opt

@@ -21,7 +21,7 @@ refresh due this step skips it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -61,9 +61,30 @@ def hyper_key(hyper: dict) -> tuple:
 class StepMixin:
     """``step`` and its helpers; the attributes it reads are set by ``CoapOptimizer._derive``."""
 
+    #: While set (:meth:`_step_only`), a step reads and writes only these parameters; a value is a
+    #: low-rank term added to ``X P`` (an accumulated ``Σ Xᵢ P``, :mod:`.inbackward`) or None.
+    _scope: dict[Tensor, Tensor | None] | None = None
+
     # -- the step --------------------------------------------------------------------------------------
     def _check_grads(self) -> None:
-        check_gradients(self.param_groups, self._name, self._check_finite, self.comm_log)
+        groups = self.param_groups
+        if self._scope is not None:  # only the parameters being stepped (group indices kept)
+            groups = [{"params": [p for p in g["params"] if p in self._scope]} for g in groups]
+        check_gradients(groups, self._name, self._check_finite, self.comm_log)
+
+    def _step_only(self, params: Iterable[Tensor], lowrank: dict[Tensor, Tensor] | None = None) -> None:
+        """``step()`` restricted to ``params`` (in-backward updates, :mod:`.inbackward`): other parameters
+        are not read, even when they hold gradients. ``lowrank[p]`` (``M×r``) is added to ``X P``.
+
+        Scoped parameters run the per-matrix path even when they belong to a matrix group
+        (:mod:`.grouped`: bit-identical on CPU, and their states are written in place, so the group's
+        buffers stay their storage): a group steps as one only when all its members are ready together.
+        """
+        self._scope = {p: (lowrank or {}).get(p) for p in params}
+        try:
+            self.step()
+        finally:
+            self._scope = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, found_inf: Tensor | None = None):
@@ -104,7 +125,17 @@ class StepMixin:
             self._grouped_update(mg, runs, g, scale, ema_beta, compiling)
         self._locals = {}  # drop the FSDP2 local views (and their gradient references)
         if self._inner is not None and not compiling:
-            self._inner.step()
+            if self._scope is None:
+                self._inner.step()
+            else:  # only the scoped full-rank parameters (the inner optimizer reads every p.grad)
+                lists = [g["params"] for g in self._inner.param_groups]
+                try:
+                    for g in self._inner.param_groups:
+                        g["params"] = [p for p in g["params"] if p in self._scope]
+                    self._inner.step()
+                finally:
+                    for g, ps in zip(self._inner.param_groups, lists):
+                        g["params"] = ps
         return loss
 
     def _inputs(self, state: dict, group_index: int) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -162,10 +193,11 @@ class StepMixin:
             return False
         self._sync_settings()
         self._check_grads()
+        scope = self._scope
         self._locals = {p: fsdp.local_param(p) for p in self._shards if p.grad is not None}
         due = [
             (p, i) for i, g in enumerate(self.param_groups) for p in g["params"]
-            if p.grad is not None and self._plans[p].projected
+            if p.grad is not None and self._plans[p].projected and (scope is None or p in scope)
         ]  # fmt: skip
         for key in dict.fromkeys(self._program_key(p, i) for p, i in due):
             self._compiled(*key)  # the current signature (re-compiles once on a change)
@@ -202,7 +234,9 @@ class StepMixin:
                 self._inner.param_groups[j].update(self._base_hyperparams(self.param_groups[i]))
         self._work, self._work_params, self._work_groups = [], [], []
         grouped: set[Tensor] = set()
-        for mg in self._groups:  # runs of members that step as one (everything else: per matrix, below)
+        # Runs of members that step as one (everything else: per matrix, below; a scoped step runs every
+        # parameter per matrix, see _step_only).
+        for mg in self._groups if scope is None else ():
             runs = ready(mg, [self.state[p] for p in mg.members])
             if runs:
                 group = self.param_groups[mg.index]
@@ -211,7 +245,7 @@ class StepMixin:
                 grouped.update(mg.members[k] for s, e in runs for k in range(s, e))
         for i, group in enumerate(self.param_groups):
             for p in group["params"]:
-                if p.grad is None or p in grouped:
+                if p.grad is None or p in grouped or (scope is not None and p not in scope):
                     continue
                 projected = self._plans[p].projected
                 if projected or compiling or p in self._captured_full:
@@ -251,7 +285,7 @@ class StepMixin:
             self._local(p), self._io(p), compiled, self._policies[index], dtype=dtype,
             inputs=self._inputs(state, index), scale=scale, ema_beta=ema_beta,
             transposed=self._plans[p].transposed, kernels=kernels, kernel_plan=splan, backend=self._backend,
-            input_precision=self._precision,
+            input_precision=self._precision, x_extra=None if self._scope is None else self._scope.get(p),
         )  # fmt: skip
 
     def _grouped_update(

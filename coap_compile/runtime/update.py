@@ -47,15 +47,18 @@ def projected_update_(
     kernel_plan: StoredKernelPlan | None,
     backend: str,
     input_precision: str,
+    x_extra: Tensor | None = None,
 ) -> None:
-    """One step of one projected weight (module docstring), in place."""
+    """One step of one projected weight (module docstring), in place. ``x_extra`` (``M×r``, optional) is
+    added to ``X P`` (gradient accumulation in projected form, :mod:`.inbackward`); the fused K1 path is
+    then skipped (it computes ``X P`` itself): the low-rank middle runs eagerly, K2 as usual."""
     program = compiled.program
     state = io.state
     k_t, lr_t, hypers = inputs
     proj = policy.basis(state)  # P itself (dense policies) or the gathered DCT columns
     if proj.dtype != dtype:  # P stored in bf16: products in float32
         proj = proj.to(dtype)
-    if kernels and kernel_plan is not None and EMA_KEY not in state:
+    if kernels and kernel_plan is not None and EMA_KEY not in state and x_extra is None:
         g = p.grad
         if program.prologue is not None:
             g = program.prologue(p.to(dtype), p.grad.to(dtype), k_t, lr_t, *hypers)
@@ -68,6 +71,8 @@ def projected_update_(
     x, transposed = canonical_input(p, compiled, dtype, k_t, lr_t, hypers, transposed=transposed)
     w = p.t() if transposed else p
     x_proj = x.to(proj.dtype) @ proj
+    if x_extra is not None:
+        x_proj = x_proj + x_extra
     stat_param = p if not program.decomposition.param_stats else p.to(dtype)
     decay, delta, new_states, new_step = run_lowrank(
         program, stat_param, x_proj, [io.load(n) for n in program.state_names], k_t, lr_t, hypers
