@@ -13,7 +13,6 @@ non-finite, exits with status 1 (one line, naming ``--lr`` for the latter).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -22,8 +21,18 @@ from pathlib import Path
 import torch
 
 from coap_compile.cli import compilebench
-from coap_compile.cli.demo import DEMO_DEFAULTS, add_model_args, model_config_from_args, positive_int
-from coap_compile.cli.optimizers import OPTIMIZER_NAMES, PROJECTED, UnknownOptimizerError, availability
+from coap_compile.cli.argtypes import (
+    _device,
+    _names,
+    _overhead_cases,
+    _positive_float,
+    _positive_int,
+    _rank_args,
+    _seed,
+    _seeds,
+)
+from coap_compile.cli.demo import DEMO_DEFAULTS, add_model_args, model_config_from_args
+from coap_compile.cli.optimizers import PROJECTED, UnknownOptimizerError, availability
 from coap_compile.cli.stepbench import parse_shapes
 from coap_compile.data import CorpusError, ImageDataError
 from coap_compile.models import LLAMA_CONFIGS
@@ -31,7 +40,6 @@ from coap_compile.models import LLAMA_CONFIGS
 __all__ = ["UsageError", "build_parser", "main"]
 
 PROG = "coap-compile"
-DEVICES = "cpu, cuda, cuda:N"
 
 
 class UsageError(ValueError):
@@ -41,92 +49,6 @@ class UsageError(ValueError):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
         raise UsageError(f"{self.prog}: error: {message}")
-
-
-_positive_int = positive_int
-
-
-def _ratio(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}") from None
-    if not v >= 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (rank = min dim / ratio), got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {v}")
-    return v
-
-
-def _device(text: str) -> str:
-    """``cpu``, ``cuda`` or ``cuda:N`` (whether CUDA is present is checked in :func:`_validate`)."""
-    name = text.strip().lower()
-    kind, colon, index = name.partition(":")
-    if name == "cpu" or (kind == "cuda" and (not colon or index.isdigit())):
-        return name
-    raise argparse.ArgumentTypeError(f"unknown device {text!r}; choose from {DEVICES}")
-
-
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}") from None
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {v}")
-    return v
-
-
-def _names(text: str) -> list[str]:
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    for n in names:
-        if n not in OPTIMIZER_NAMES:
-            raise argparse.ArgumentTypeError(
-                f"unknown optimizer {n!r} (choose from {', '.join(OPTIMIZER_NAMES)})"
-            )
-    if not names:
-        raise argparse.ArgumentTypeError(f"no optimizer given (choose from {', '.join(OPTIMIZER_NAMES)})")
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise argparse.ArgumentTypeError(f"optimizer {twice[0]!r} given twice in {text!r}")
-    return names
-
-
-def _seeds(text: str) -> list[int]:
-    seeds = []
-    for s in text.split(","):
-        if s.strip():
-            try:
-                seeds.append(_seed(s))
-            except argparse.ArgumentTypeError as exc:
-                raise argparse.ArgumentTypeError(f"seed {s.strip()!r} in {text!r}: {exc}") from None
-    twice = sorted({s for s in seeds if seeds.count(s) > 1})
-    if twice:
-        raise argparse.ArgumentTypeError(f"seed {twice[0]} given twice in {text!r}")
-    return seeds
-
-
-def _rank_args(p: argparse.ArgumentParser, default_ratio: float = 4.0) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--rank", type=_positive_int, help="projection rank r = min(RANK, min(m, n))")
-    g.add_argument("--rank-ratio", type=_ratio, help=f"r = min(m, n) // RATIO (default {default_ratio:g})")
-
-
-def _overhead_cases(text: str) -> str:
-    from coap_compile.cli.overhead import OVERHEAD_CASES
-
-    bad = [c for c in text.split(",") if c.strip() and c.strip() not in OVERHEAD_CASES]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown case {bad[0]!r}; choose from {', '.join(OVERHEAD_CASES)}")
-    return text
 
 
 def _common_train(p: argparse.ArgumentParser, *, steps: int, eval_every: int) -> None:

@@ -82,23 +82,27 @@ def _images(text: str) -> tuple[str, ...]:
 
 def add_vision_args(p: argparse.ArgumentParser, *, bench: bool) -> None:
     """The options of both vision commands (``bench``: several seeds and a results folder)."""
-    from coap_compile.cli import main as cli
+    from coap_compile.cli import argtypes
 
     d = VisionConfig()
     p.add_argument(
         "--steps",
-        type=cli._positive_int,
+        type=argtypes._positive_int,
         default=BENCH_STEPS if bench else DEMO_STEPS,
         help="optimizer steps per run (default %(default)s)",
     )
-    p.add_argument("--batch-size", type=cli._positive_int, default=d.batch_size, help="(default %(default)s)")
     p.add_argument(
-        "--lr", type=cli._positive_float, default=d.lr, help="shared peak lr (default %(default)s)"
+        "--batch-size", type=argtypes._positive_int, default=d.batch_size, help="(default %(default)s)"
     )
-    p.add_argument("--eval-every", type=cli._positive_int, default=d.eval_every, help="(default %(default)s)")
+    p.add_argument(
+        "--lr", type=argtypes._positive_float, default=d.lr, help="shared peak lr (default %(default)s)"
+    )
+    p.add_argument(
+        "--eval-every", type=argtypes._positive_int, default=d.eval_every, help="(default %(default)s)"
+    )
     p.add_argument(
         "--patch-size",
-        type=cli._positive_int,
+        type=argtypes._positive_int,
         default=d.patch_size,
         help="patch side, divisible by 2 (default %(default)s)",
     )
@@ -106,18 +110,23 @@ def add_vision_args(p: argparse.ArgumentParser, *, bench: bool) -> None:
     p.add_argument(
         "--model", choices=sorted(MODEL_CONFIGS), default=d.model, help="UNet size (default %(default)s)"
     )
-    p.add_argument("--rank", type=cli._positive_int, help="matrix rank r = min(RANK, min(m, n))")
+    p.add_argument("--rank", type=argtypes._positive_int, help="matrix rank r = min(RANK, min(m, n))")
     p.add_argument(
-        "--rank-ratio", type=cli._ratio, help=f"matrix rank min(m, n) // RATIO (default {d.rank_ratio:g})"
+        "--rank-ratio",
+        type=argtypes._ratio,
+        help=f"matrix rank min(m, n) // RATIO (default {d.rank_ratio:g})",
     )
     p.add_argument(
         "--conv-rank-ratio",
-        type=cli._ratio,
+        type=argtypes._ratio,
         default=d.conv_rank_ratio,
         help="Tucker ranks of the convs (default %(default)s)",
     )
     p.add_argument(
-        "--update-interval", type=cli._positive_int, default=d.update_interval, help="(default %(default)s)"
+        "--update-interval",
+        type=argtypes._positive_int,
+        default=d.update_interval,
+        help="(default %(default)s)",
     )
     p.add_argument("--images", type=_images, default=SAMPLE_IMAGES, help="comma-separated sample-data files")
     p.add_argument("--image-root", help="folder to read --images from (default: matplotlib's sample data)")
@@ -125,15 +134,17 @@ def add_vision_args(p: argparse.ArgumentParser, *, bench: bool) -> None:
                    help=f"comma-separated from {','.join(VISION_OPTIMIZERS)} (default: all available"
                    f"{'' if bench else '; demo: adamw,coap'})")  # fmt: skip
     p.add_argument(
-        "--device", type=cli._device, default="cpu", help="cpu, cuda or cuda:N (default %(default)s)"
+        "--device", type=argtypes._device, default="cpu", help="cpu, cuda or cuda:N (default %(default)s)"
     )
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, see docs; 0: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if bench:
-        p.add_argument("--seeds", type=cli._seeds, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
+        p.add_argument(
+            "--seeds", type=argtypes._seeds, default=[0, 1, 2], help="comma-separated (default 0,1,2)"
+        )
         p.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
     else:
-        p.add_argument("--seed", type=cli._seed, default=0, help="model init and data order (default 0)")
+        p.add_argument("--seed", type=argtypes._seed, default=0, help="model init and data order (default 0)")
         p.add_argument("--out", default="out/demo-vision", help="output folder (default %(default)s)")
 
 

@@ -1,0 +1,109 @@
+"""argparse value types of the command line (:mod:`.main`): each raises ``ArgumentTypeError`` with a
+message naming the value given and what is allowed, which ``main`` prints as one line (exit status 2)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from coap_compile.cli.demo import positive_int
+from coap_compile.cli.optimizers import OPTIMIZER_NAMES
+
+__all__ = [
+    "DEVICES",
+    "_device",
+    "_names",
+    "_overhead_cases",
+    "_positive_float",
+    "_positive_int",
+    "_rank_args",
+    "_ratio",
+    "_seed",
+    "_seeds",
+]
+
+DEVICES = "cpu, cuda, cuda:N"
+_positive_int = positive_int
+
+
+def _ratio(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}") from None
+    if not v >= 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (rank = min dim / ratio), got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {v}")
+    return v
+
+
+def _device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` (whether CUDA is present is checked in :func:`_validate`)."""
+    name = text.strip().lower()
+    kind, colon, index = name.partition(":")
+    if name == "cpu" or (kind == "cuda" and (not colon or index.isdigit())):
+        return name
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}; choose from {DEVICES}")
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {v}")
+    return v
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in OPTIMIZER_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"unknown optimizer {n!r} (choose from {', '.join(OPTIMIZER_NAMES)})"
+            )
+    if not names:
+        raise argparse.ArgumentTypeError(f"no optimizer given (choose from {', '.join(OPTIMIZER_NAMES)})")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"optimizer {twice[0]!r} given twice in {text!r}")
+    return names
+
+
+def _seeds(text: str) -> list[int]:
+    seeds = []
+    for s in text.split(","):
+        if s.strip():
+            try:
+                seeds.append(_seed(s))
+            except argparse.ArgumentTypeError as exc:
+                raise argparse.ArgumentTypeError(f"seed {s.strip()!r} in {text!r}: {exc}") from None
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"seed {twice[0]} given twice in {text!r}")
+    return seeds
+
+
+def _rank_args(p: argparse.ArgumentParser, default_ratio: float = 4.0) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rank", type=_positive_int, help="projection rank r = min(RANK, min(m, n))")
+    g.add_argument("--rank-ratio", type=_ratio, help=f"r = min(m, n) // RATIO (default {default_ratio:g})")
+
+
+def _overhead_cases(text: str) -> str:
+    from coap_compile.cli.overhead import OVERHEAD_CASES
+
+    bad = [c for c in text.split(",") if c.strip() and c.strip() not in OVERHEAD_CASES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown case {bad[0]!r}; choose from {', '.join(OVERHEAD_CASES)}")
+    return text
