@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable, Sequence
 
 from coap_compile.cli.demo import positive_int
 from coap_compile.cli.optimizers import OPTIMIZER_NAMES
@@ -20,6 +21,7 @@ __all__ = [
     "_ratio",
     "_seed",
     "_seeds",
+    "name_list",
 ]
 
 DEVICES = "cpu, cuda, cuda:N"
@@ -65,19 +67,27 @@ def _seed(text: str) -> int:
     return v
 
 
-def _names(text: str) -> list[str]:
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    for n in names:
-        if n not in OPTIMIZER_NAMES:
-            raise argparse.ArgumentTypeError(
-                f"unknown optimizer {n!r} (choose from {', '.join(OPTIMIZER_NAMES)})"
-            )
-    if not names:
-        raise argparse.ArgumentTypeError(f"no optimizer given (choose from {', '.join(OPTIMIZER_NAMES)})")
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise argparse.ArgumentTypeError(f"optimizer {twice[0]!r} given twice in {text!r}")
-    return names
+def name_list(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated list of distinct names from ``allowed`` (lower-cased)."""
+
+    def _names(text: str) -> list[str]:
+        names = [n.strip().lower() for n in text.split(",") if n.strip()]
+        for n in names:
+            if n not in allowed:
+                raise argparse.ArgumentTypeError(
+                    f"unknown optimizer {n!r} (choose from {', '.join(allowed)})"
+                )
+        if not names:
+            raise argparse.ArgumentTypeError(f"no optimizer given (choose from {', '.join(allowed)})")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise argparse.ArgumentTypeError(f"optimizer {twice[0]!r} given twice in {text!r}")
+        return names
+
+    return _names
+
+
+_names = name_list(OPTIMIZER_NAMES)
 
 
 def _seeds(text: str) -> list[int]:

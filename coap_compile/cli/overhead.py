@@ -20,14 +20,13 @@ medians measured in the same run.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from coap_compile.cli.optimizers import BASELINES, EXTERNAL, availability, build_optimizer
-from coap_compile.cli.stepbench import quantiles_ms
+from coap_compile.cli.stepbench import quantiles_ms, timed_samples
 
 __all__ = ["OVERHEAD_CASES", "OVERHEAD_OPTIMIZERS", "build_case", "overhead_rows"]
 
@@ -52,22 +51,6 @@ def build_case(case: str, device: str, seed: int = 0) -> tuple[nn.Module, dict[s
     return model, ranks
 
 
-def _timed(opt: torch.optim.Optimizer, device: str, warmup: int, repeat: int) -> list[float]:
-    cuda = device.startswith("cuda")
-    for _ in range(warmup):
-        opt.step()
-    samples = []
-    for _ in range(repeat):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        opt.step()
-        if cuda:
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - t0)
-    return samples
-
-
 def overhead_rows(
     cases: Sequence[str] = OVERHEAD_CASES,
     optimizers: Sequence[str] = OVERHEAD_OPTIMIZERS,
@@ -89,10 +72,11 @@ def overhead_rows(
             opt.step()  # the initialising step (states, first P) is not timed
             opts[name] = opt
             counts[name] = len(opt.projected_parameters()) if hasattr(opt, "projected_parameters") else None
+        sync = torch.cuda.synchronize if device.startswith("cuda") else None
         samples: dict[str, list[float]] = {n: [] for n in names}
         for _ in range(rounds):
             for name in names:
-                samples[name] += _timed(opts[name], device, warmup, repeat)
+                samples[name] += timed_samples(opts[name].step, warmup, repeat, sync)
         med = {n: quantiles_ms(s) for n, s in samples.items()}
         for name in names:
             m, p20, p80 = med[name]

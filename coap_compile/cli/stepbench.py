@@ -61,6 +61,7 @@ __all__ = [
     "step_rows",
     "time_cpu",
     "time_cuda",
+    "timed_samples",
 ]
 
 #: ``(m, n, rank)``: a LLaMA-130M attention matrix, a 350M MLP matrix, 1B attention and MLP matrices.
@@ -93,16 +94,28 @@ def quantiles_ms(samples_s: Sequence[float]) -> tuple[float, float, float]:
     return 1e3 * statistics.median(samples_s), qs[1], qs[7]
 
 
-def time_cpu(fn: Callable[[], None], warmup: int, repeat: int) -> tuple[float, float, float]:
-    """Median/p20/p80 milliseconds of ``repeat`` timed calls after ``warmup`` untimed ones."""
+def timed_samples(
+    fn: Callable[[], None], warmup: int, repeat: int, sync: Callable[[], None] | None = None
+) -> list[float]:
+    """Seconds of ``repeat`` calls (``time.perf_counter``) after ``warmup`` untimed ones; ``sync`` (e.g.
+    ``torch.cuda.synchronize``) is called before and after each timed call."""
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(repeat):
+        if sync is not None:
+            sync()
         t0 = time.perf_counter()
         fn()
+        if sync is not None:
+            sync()
         samples.append(time.perf_counter() - t0)
-    return quantiles_ms(samples)
+    return samples
+
+
+def time_cpu(fn: Callable[[], None], warmup: int, repeat: int) -> tuple[float, float, float]:
+    """Median/p20/p80 milliseconds of ``repeat`` timed calls after ``warmup`` untimed ones."""
+    return quantiles_ms(timed_samples(fn, warmup, repeat))
 
 
 def time_cuda(fn: Callable[[], None], warmup: int, repeat: int) -> tuple[float, float, float]:

@@ -59,20 +59,6 @@ MIB = 1024**2
 DEMO_STEPS, BENCH_STEPS = 150, 300
 
 
-def _names(text: str) -> list[str]:
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    for n in names:
-        if n not in VISION_OPTIMIZERS:
-            raise argparse.ArgumentTypeError(
-                f"unknown optimizer {n!r} (choose from {', '.join(VISION_OPTIMIZERS)})"
-            )
-    if not names or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(
-            f"give distinct names from {', '.join(VISION_OPTIMIZERS)}, got {text!r}"
-        )
-    return names
-
-
 def _images(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:
@@ -130,7 +116,7 @@ def add_vision_args(p: argparse.ArgumentParser, *, bench: bool) -> None:
     )
     p.add_argument("--images", type=_images, default=SAMPLE_IMAGES, help="comma-separated sample-data files")
     p.add_argument("--image-root", help="folder to read --images from (default: matplotlib's sample data)")
-    p.add_argument("--optimizers", type=_names, default=None,
+    p.add_argument("--optimizers", type=argtypes.name_list(VISION_OPTIMIZERS), default=None,
                    help=f"comma-separated from {','.join(VISION_OPTIMIZERS)} (default: all available"
                    f"{'' if bench else '; demo: adamw,coap'})")  # fmt: skip
     p.add_argument(
