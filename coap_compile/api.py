@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .projection import ProjectionPolicy
 from .runtime.optimizer import CoapOptimizer
 from .runtime.selection import TargetModules, groups_from_model
+from .runtime.settings import DEFAULTS
 
 __all__ = ["explain", "optimize"]
 
@@ -18,27 +18,10 @@ __all__ = ["explain", "optimize"]
 def optimize(
     model_or_params: nn.Module | Iterable,
     base_optim: type[torch.optim.Optimizer] = torch.optim.AdamW,
-    rank: int | None = 256,
+    rank: int | None = DEFAULTS.rank,
     *,
-    rank_ratio: float | None = None,
-    projection: str | ProjectionPolicy = "coap",
-    update_interval: int = 32,
-    reproject_factor: int = 5,
-    scale: float = 1.0,
-    correlation: str = "paper",
-    state_precision: str = "auto",
-    projection_precision: str = "auto",
-    quant_block_size: int = 256,
-    conv_rank_ratio: float | None = None,
-    projection_side: str = "auto",
     target_modules: TargetModules = None,
-    restore_state: bool = False,
-    backend: str = "auto",
-    check_finite: bool = True,
-    grouped: bool = True,
-    input_precision: str = "ieee",
-    conv_policy: Any = None,
-    **base_kwargs: Any,
+    **kwargs: Any,
 ) -> CoapOptimizer:
     """Compile ``base_optim`` into its COAP form for ``model_or_params``.
 
@@ -52,12 +35,16 @@ def optimize(
             projected; tied embedding weights are not), or parameters / parameter groups.
         base_optim: ``torch.optim.AdamW``, ``Adam``, ``Adafactor``, ``RMSprop``, ``SGD`` (momentum), or
             any optimizer whose update the compiler can rewrite (else ``UnsupportedOptimizerError``).
-        rank, rank_ratio, correlation, state_precision, projection_precision, quant_block_size,
-            conv_rank_ratio, projection_side, grouped: see
-            :class:`~coap_compile.runtime.optimizer.CoapOptimizer`.
+        rank: the projection rank (see :class:`~coap_compile.runtime.settings.CoapSettings`).
         target_modules: regular expressions (searched in module names) or ``callable(name, module)``
             selecting the modules whose 2-D weights are projected (model input only).
-        **base_kwargs: the base optimizer's own arguments (``lr``, ``betas``, ``weight_decay`` …).
+        **kwargs: COAP's settings (``rank_ratio``, ``projection``, ``update_interval``,
+            ``reproject_factor``, ``scale``, ``restore_state``, ``first_moment_beta``, ``correlation``,
+            ``state_precision``, ``projection_precision``, ``quant_block_size``, ``conv_rank_ratio``,
+            ``projection_side``; defaults and rules in :class:`~coap_compile.runtime.settings.CoapSettings`),
+            the options ``backend``, ``check_finite``, ``grouped``, ``input_precision``, ``conv_policy``
+            (:class:`~coap_compile.CoapOptimizer`), and the base optimizer's own arguments (``lr``,
+            ``betas``, ``weight_decay`` …).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
@@ -77,30 +64,7 @@ def optimize(
                 "with 'project': True/False"
             )
         groups = model_or_params
-    return CoapOptimizer(
-        groups,
-        base_optim,
-        rank=rank,
-        rank_ratio=rank_ratio,
-        projection=projection,
-        update_interval=update_interval,
-        reproject_factor=reproject_factor,
-        scale=scale,
-        correlation=correlation,
-        state_precision=state_precision,
-        projection_precision=projection_precision,
-        quant_block_size=quant_block_size,
-        conv_rank_ratio=conv_rank_ratio,
-        projection_side=projection_side,
-        restore_state=restore_state,
-        backend=backend,
-        check_finite=check_finite,
-        grouped=grouped,
-        input_precision=input_precision,
-        param_names=names,
-        conv_policy=conv_policy,
-        **base_kwargs,
-    )
+    return CoapOptimizer(groups, base_optim, rank=rank, param_names=names, **kwargs)
 
 
 def explain(optimizer: CoapOptimizer, *, file=None) -> str:

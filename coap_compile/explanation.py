@@ -8,6 +8,7 @@ import sympy
 
 from .capture import LIVE
 from .passes.decompose import GRAD, LR, PARAM, K, X, state_symbol
+from .runtime.grouped import explain_groups
 
 __all__ = ["explain_optimizer"]
 
@@ -29,79 +30,88 @@ def _value(v) -> str:
     return f"{float(v):g}" if not isinstance(v, (tuple, list)) else repr(v)
 
 
-def explain_optimizer(opt) -> str:
-    out = []
-    projected = opt.projected_parameters()
-    g0 = opt.param_groups[0]
-    out.append(
-        f"coap_compile: {opt._base_cls.__qualname__} -> COAP "
+def _header(opt) -> list[str]:
+    """The settings line, the projected count and the Tucker weights."""
+    projected, g0 = opt.projected_parameters(), opt.param_groups[0]
+    out = [
+        f"coap_compile: {opt.config.base.__qualname__} -> COAP "
         f"(projection={g0['projection']}, rank={g0['rank']}, rank_ratio={g0['rank_ratio']}, "
         f"update_interval={g0['update_interval']}, reproject_factor={g0['reproject_factor']}, "
-        f"scale={g0['scale']})"
-    )
-    out.append(f"projected parameters: {len(projected)} of {len(opt._plans)}")
-    tucker = [p for p in projected if opt._plans[p].tucker]
+        f"scale={g0['scale']})",
+        f"projected parameters: {len(projected)} of {len(opt.plan.layouts)}",
+    ]
+    tucker = [p for p in projected if opt.layout(p).ranks]
     if tucker:
         out.append(
             f"Tucker-projected 4-D weights: {len(tucker)} (conv_rank_ratio; contractions and the elementwise "
             "middle run as torch ops on every device)"
         )
-        for p in tucker:
-            out.append(f"  {opt._name(p)} {tuple(p.shape)}: ranks {opt._plans[p].ranks}")
-    programs = sorted(opt._programs.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2]))
+        out += [f"  {opt.param_name(p)} {tuple(p.shape)}: ranks {opt.layout(p).ranks}" for p in tucker]
+    return out
+
+
+def _program(gi: int, dtype, ndim: int, compiled, group: dict) -> list[str]:
+    """One compiled program: the captured graph, its signature and live inputs, the derived update."""
+    cap, prog, unit = compiled.captured, compiled.program, compiled.unit
+    ops = Counter(
+        str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
+        for n in cap.graph_module.graph.nodes
+        if n.op == "call_function"
+    )
+    out = [
+        f"\n[group {gi}, {dtype}{', Tucker core (4-D)' if ndim == 4 else ''}] captured {cap.optimizer}: "
+        f"{sum(ops.values())} aten ops " + ", ".join(f"{k}x{v}" for k, v in sorted(ops.items()))
+    ]
+    fixed = [(k, v) for k, v in cap.hyperparams if v != LIVE and not (isinstance(v, tuple) and LIVE in v)]
+    out.append(
+        "  structural (the signature; a change re-compiles once): "
+        + (", ".join(f"{k}={v!r}" for k, v in fixed) or "none")
+    )
+    live = ", ".join(
+        f"{h.name}{'' if h.where == h.name else '=' + h.where}={_value(h.read(group))}" for h in cap.hypers
+    )
+    out.append(
+        f"  live inputs (read from param_groups at every step): lr={_value(group['lr'])}, {live}".rstrip(", ")
+    )
+    facts = unit.facts["graph_facts"]
+    out.append("  roles: " + ", ".join(f"{r}={n}" for n, r in facts.roles.items()))
+    dec = prog.decomposition
+    out.append(f"  projected quantity: X = {_fmt(dec.x_expr)}   (x̃ = X P, M×r)")
+    out.append("  derived low-rank update (k = completed steps):")
+    for name in prog.state_names:
+        kind = prog.state_kinds[name] + (", adapter hint (checked)" if name in dec.hinted else "")
+        out.append(f"    {name}' = {_fmt(dec.new_states[name])}    [{kind}]")
+    delta = dec.delta.xreplace({state_symbol(n, True): sympy.Symbol(n + "'") for n in prog.state_names})
+    out.append(f"    D = {_fmt(delta)}")
+    out.append(f"    W <- ({_fmt(dec.decay)}) * W + scale * D P^T")
+    if dec.param_stats:
+        out.append(f"    0-d statistics of the full weight: {sorted(dec.param_stats)}")
+    if prog.epilogue is not None:
+        out.append("  kernel epilogue (hoisted scalars per step, then elementwise body):")
+        out += [f"    {s} = {_fmt(e)}" for s, e in prog.epilogue.scalars]
+        out += [f"    {s} = {_fmt(e)}" for s, e in prog.epilogue.body]
+    else:
+        out.append(
+            f"  {prog.n_phases} phases (reductions on the projected matrix): low-rank middle runs eagerly"
+        )
+    first = prog.first_moment or "coap_exp_avg (extra low-rank EMA of x̃)"
+    out.append(f"  correlation step reads: {first}")
+    out.append("  passes: " + ", ".join(f"{n} {t * 1e3:.0f}ms" for n, t, _ in unit.log))
+    return out
+
+
+def explain_optimizer(opt) -> str:
+    """The report of :meth:`~coap_compile.CoapOptimizer.explain`, from the optimizer's public interface:
+    header, one section per compiled program, re-compilations, the grouped update, the memory plan."""
+    out = _header(opt)
+    programs = sorted(opt.plan.programs().items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2]))
     for (gi, dtype, ndim), compiled in programs:
-        cap, prog, unit = compiled.captured, compiled.program, compiled.unit
-        ops = Counter(
-            str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
-            for n in cap.graph_module.graph.nodes
-            if n.op == "call_function"
-        )
-        out.append(
-            f"\n[group {gi}, {dtype}{', Tucker core (4-D)' if ndim == 4 else ''}] captured {cap.optimizer}: "
-            f"{sum(ops.values())} aten ops " + ", ".join(f"{k}x{v}" for k, v in sorted(ops.items()))
-        )
-        group = opt.param_groups[gi]
-        fixed = [(k, v) for k, v in cap.hyperparams if v != LIVE and not (isinstance(v, tuple) and LIVE in v)]
-        out.append(
-            "  structural (the signature; a change re-compiles once): "
-            + (", ".join(f"{k}={v!r}" for k, v in fixed) or "none")
-        )
-        live = ", ".join(
-            f"{h.name}{'' if h.where == h.name else '=' + h.where}={_value(h.read(group))}"
-            for h in cap.hypers
-        )
-        out.append(
-            f"  live inputs (read from param_groups at every step): lr={_value(group['lr'])}, {live}".rstrip(
-                ", "
-            )
-        )
-        facts = unit.facts["graph_facts"]
-        out.append("  roles: " + ", ".join(f"{r}={n}" for n, r in facts.roles.items()))
-        dec = prog.decomposition
-        out.append(f"  projected quantity: X = {_fmt(dec.x_expr)}   (x̃ = X P, M×r)")
-        out.append("  derived low-rank update (k = completed steps):")
-        for name in prog.state_names:
-            kind = prog.state_kinds[name] + (", adapter hint (checked)" if name in dec.hinted else "")
-            out.append(f"    {name}' = {_fmt(dec.new_states[name])}    [{kind}]")
-        delta = dec.delta.xreplace({state_symbol(n, True): sympy.Symbol(n + "'") for n in prog.state_names})
-        out.append(f"    D = {_fmt(delta)}")
-        out.append(f"    W <- ({_fmt(dec.decay)}) * W + scale * D P^T")
-        if dec.param_stats:
-            out.append(f"    0-d statistics of the full weight: {sorted(dec.param_stats)}")
-        if prog.epilogue is not None:
-            out.append("  kernel epilogue (hoisted scalars per step, then elementwise body):")
-            out += [f"    {s} = {_fmt(e)}" for s, e in prog.epilogue.scalars]
-            out += [f"    {s} = {_fmt(e)}" for s, e in prog.epilogue.body]
-        else:
-            out.append(
-                f"  {prog.n_phases} phases (reductions on the projected matrix): low-rank middle runs eagerly"
-            )
-        first = prog.first_moment or "coap_exp_avg (extra low-rank EMA of x̃)"
-        out.append(f"  correlation step reads: {first}")
-        out.append("  passes: " + ", ".join(f"{n} {t * 1e3:.0f}ms" for n, t, _ in unit.log))
-    if opt._events:
+        out += _program(gi, dtype, ndim, compiled, opt.param_groups[gi])
+    if opt.events:
         out.append("\nre-compilations (structural hyperparameters changed):")
-        out += [f"  {e}" for e in opt._events]
+        out += [f"  {e}" for e in opt.events]
+    grouped = opt.config.options.grouped
+    out.append("\n" + explain_groups(opt.plan.matrix_groups, opt.plan.alone(grouped), grouped))
     out.append("\nmemory plan (optimizer-state bytes):")
     out.append(str(opt.memory_plan()))
     return "\n".join(out)

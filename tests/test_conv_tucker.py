@@ -68,7 +68,7 @@ def test_full_rank_tucker_equals_the_base(base, kw, make, tol):
         [{"params": [big]}, {"params": [w], "project": False}], base, rank=8, conv_rank_ratio=1,
         conv_policy=FixedTucker(make), **kw,
     )  # fmt: skip
-    assert opt._plans[big].ranks == (40, 32) and not opt._plans[w].projected
+    assert opt.layout(big).ranks == (40, 32) and not opt.layout(w).projected
     ref = base([big_ref, w_ref], **kw)
     for k in range(6):
         g1, g2 = randn(10 + k, *big.shape), randn(20 + k, *w.shape)
@@ -107,7 +107,7 @@ def _train(net, opt, steps, seed=0):
 def test_selection_ranks_threshold_and_exact_memory():
     net = _convnet()
     opt = coap_compile.optimize(net, torch.optim.AdamW, rank=8, conv_rank_ratio=4, lr=1e-3)
-    plans = {name: opt._plans[p] for name, p in net.named_parameters()}
+    plans = {name: opt.layout(p) for name, p in net.named_parameters()}
     assert not plans["0.weight"].projected  # numel 9216 is not > 9216
     assert plans["2.weight"].ranks == (32, 32)  # 64 // √4
     assert plans["4.weight"].ranks == (32,)  # single mode: 128 // 4
@@ -120,7 +120,7 @@ def test_selection_ranks_threshold_and_exact_memory():
     assert row.state_bytes == 4 * (2 * 64 * 32 + 2 * 32 * 32 * 9) + 4
     assert row.base_bytes == 4 * 2 * 64 * 64 * 9 + 4
     plain = coap_compile.optimize(_convnet(), torch.optim.AdamW, rank=8, lr=1e-3)  # conv_rank_ratio=None
-    assert not any(plain._plans[p].tucker for p in plain.projected_parameters())
+    assert not any(plain.layout(p).ranks for p in plain.projected_parameters())
     assert "Tucker-projected 4-D weights: 2" in opt.explain()
 
 

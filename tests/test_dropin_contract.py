@@ -188,7 +188,7 @@ def test_bad_group_values_raise_like_keyword_arguments(key, value, exc, match):
     opt = coap_compile.optimize([w], torch.optim.AdamW, rank=4)
     with pytest.raises(exc, match=match + r".*\(param group 1\)"):  # in add_param_group
         opt.add_param_group({"params": [v], key: value})
-    assert len(opt.param_groups) == 1 and len(opt._plans) == 1  # the bad group was not kept
+    assert len(opt.param_groups) == 1 and len(opt.plan.layouts) == 1  # the bad group was not kept
     w.grad = randn(2, 12, 8)
     opt.step()
     before = (w.detach().clone(), {k: t.clone() for k, t in opt.state[w].items()})
@@ -275,7 +275,9 @@ def test_a_failing_grouped_update_leaves_its_group_unchanged(monkeypatch):
     from coap_compile.runtime import grouped
 
     model, opt = _build()
-    assert len(opt._groups) == 1 and set(opt._groups[0].members) == set(opt.projected_parameters())
+    assert len(opt.plan.matrix_groups) == 1 and set(opt.plan.matrix_groups[0].members) == set(
+        opt.projected_parameters()
+    )
     _train(model, opt, 3)
     model(torch.randint(0, 50, (4, 9))).sum().backward()
     snap = _snapshot(model, opt)
@@ -299,7 +301,7 @@ def test_a_failing_refresh_changes_nothing(monkeypatch):
     _train(model, opt, 2)  # k = 2: the next step refreshes (update_interval = 2)
     model(torch.randint(0, 50, (4, 9))).sum().backward()
     snap = _snapshot(model, opt)
-    policy = opt._policies[1]
+    policy = opt.layout(opt.param_groups[1]["params"][0]).policy
     real, calls = policy.refresh, []
 
     def flaky(*a, **k):

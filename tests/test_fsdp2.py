@@ -596,7 +596,7 @@ def test_rows_side_grouped_is_bit_identical_to_per_matrix():
         model = TinyLM()
         opt = _optimizer(model, "adamw", grouped=grouped)
         run = _train(model, opt, range(5), slice(None))
-        out.append((run, dict(model.named_parameters()), len(opt._groups)))
+        out.append((run, dict(model.named_parameters()), len(opt.plan.matrix_groups)))
     (a, pa, groups), (b, pb, _) = out
     assert groups == 1  # down.weight (16×32) and back.weight (16×6): M = 16 on the rows side
     assert a["losses"] == b["losses"]

@@ -77,7 +77,7 @@ def test_grouped_is_bit_identical_to_per_matrix(seed, base, projection, scale):
     """13 steps (init, correlation steps at k = 3, 9, low-cost SVDs at 6, 12 for COAP) with lr and the
     first beta/momentum edited every step: weights and every state tensor are equal bit for bit."""
     pa, oa, pb, ob = _pair(seed, base, projection=projection, scale=scale)
-    assert [len(g.members) for g in oa._groups] == [6] and ob._groups == []
+    assert [len(g.members) for g in oa.plan.matrix_groups] == [6] and ob.plan.matrix_groups == ()
     for step in range(13):
         for opt in (oa, ob):
             group = opt.param_groups[0]
@@ -90,7 +90,7 @@ def test_grouped_is_bit_identical_to_per_matrix(seed, base, projection, scale):
         _grads(pb, seed, step)
         oa.step()
         ob.step()
-        assert [runs for _, runs, _, _ in oa._work_groups] == [((0, 6),)]
+        assert [runs for _, runs in oa.grouped_runs] == [((0, 6),)]
     _assert_same(pa, oa, pb, ob)
 
 
@@ -114,15 +114,17 @@ def test_states_are_views_of_one_buffer_and_bytes_are_unchanged():
         _grads(pb, 1, step)
         oa.step()
         ob.step()
-    group = oa._groups[0]
+    group = oa.plan.matrix_groups[0]
     for name in ("exp_avg", "exp_avg_sq"):
-        buf = group.buffers[name]
+        buf = oa.state[group.members[0]][name]._base  # the group's K×M×r buffer
         assert buf.shape == (6, 24, RANK) and buf.is_contiguous()
         for k, p in enumerate(group.members):
             view = oa.state[p][name]
             assert view.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
             assert view.data_ptr() == buf[k].data_ptr() and view.shape == (24, RANK)
-    assert group.steps.shape == (6,) and all(oa.state[p]["step"].ndim == 0 for p in group.members)
+    assert oa.state[group.members[0]]["step"]._base.shape == (6,) and all(
+        oa.state[p]["step"].ndim == 0 for p in group.members
+    )
     assert measured_state_bytes(oa) == measured_state_bytes(ob) == oa.memory_plan().total_bytes
 
 
@@ -155,7 +157,7 @@ def test_checkpoints_are_interchangeable(direction):
             _grads(ps, 5, step)
             o.step()
     if dst_grouped:
-        assert o_dst._work_groups  # the loaded (unpacked) states were packed and stepped as a group
+        assert o_dst.grouped_runs  # the loaded (unpacked) states were packed and stepped as a group
     _assert_same(p_dst, o_dst, p_ref, o_ref)
 
 
@@ -174,7 +176,7 @@ def test_copies_continue_bit_identically(how):
         _grads(pc, 7, step)
         oa.step()
         oc.step()
-    assert oc._work_groups
+    assert oc.grouped_runs
     _assert_same(pa, oa, pc, oc)
 
 
@@ -189,11 +191,11 @@ def test_missing_gradient_and_unequal_steps_split_the_group_into_runs():
         oa.step()
         ob.step()
         want = ((0, 6),) if step < 2 else ((0, 1), (2, 6)) if step < 4 else ((0, 1), (1, 2), (2, 6))
-        assert [runs for _, runs, _, _ in oa._work_groups] == [want], step
+        assert [runs for _, runs in oa.grouped_runs] == [want], step
         if step == 6:
             for opt in (oa, ob):
                 opt.param_groups[0]["rank"] = 3  # re-base at the next step: new buffers, packed again
-    assert oa._groups[0].buffers["exp_avg"].shape == (6, 24, 3)
+    assert oa.state[oa.plan.matrix_groups[0].members[0]]["exp_avg"]._base.shape == (6, 24, 3)
     _assert_same(pa, oa, pb, ob)
 
 
@@ -208,7 +210,7 @@ def test_structural_change_rebuilds_groups_bit_identically():
         _grads(pb, 13, step)
         oa.step()
         ob.step()
-    assert "max_exp_avg_sq" in oa._groups[0].buffers and oa._work_groups
+    assert "max_exp_avg_sq" in oa.plan.matrix_groups[0].names and oa.grouped_runs
     _assert_same(pa, oa, pb, ob)
 
 
@@ -241,7 +243,7 @@ def test_nonfinite_gradient_modifies_nothing_with_groups():
 def test_cases_that_run_per_matrix(kw, reason):
     params = _params(19)
     opt = _build(params, **kw)
-    assert opt._groups == []
+    assert opt.plan.matrix_groups == ()
     assert reason in opt.explain()
 
 
@@ -249,7 +251,7 @@ def test_adafactor_keeps_per_matrix_semantics():
     params = _params(23)
     groups = [{"params": params[:-1], "project": True}, {"params": params[-1:]}]
     opt = coap_compile.optimize(groups, torch.optim.Adafactor, rank=RANK, lr=1e-2)
-    assert opt._groups == []
+    assert opt.plan.matrix_groups == ()
     assert "reductions" in opt.explain()
 
 
@@ -295,7 +297,7 @@ def test_compiled_train_step_with_groups_does_not_recompile():
         fc()
         if i == 1:  # step 0 initializes per matrix, step 1 is the first grouped one
             first = counters["stats"]["unique_graphs"]
-    assert oc._work_groups and first > 0
+    assert oc.grouped_runs and first > 0
     assert counters["stats"]["unique_graphs"] == first, dict(counters["stats"])
     # aot_eager replays the same aten ops; observed equal to ~1e-7 relative (re-ordered scalar math).
     for a, b in zip(pc, pe):
@@ -325,7 +327,7 @@ def test_a_failing_chunk_leaves_it_and_later_members_unchanged(monkeypatch):
     monkeypatch.setattr(grouped_mod, "run_lowrank", flaky)
     with pytest.raises(RuntimeError, match="injected"):
         oa.step()
-    members = oa._groups[0].members
+    members = oa.plan.matrix_groups[0].members
     for k, p in enumerate(members):
         changed = not torch.equal(p.detach(), before[_idx(pa, p)])
         assert changed == (k < 2), k

@@ -19,8 +19,8 @@ import coap_compile
 from coap_compile import NonFiniteGradientError
 from coap_compile.models import build_llama, demo_config
 from coap_compile.runtime.inbackward import accumulation_needs_full_gradient, step_in_backward
-from coap_compile.runtime.precision import resolve_precision
 from coap_compile.runtime.refresh import plan_refresh
+from coap_compile.runtime.schedule import due
 
 CFG = demo_config(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_seq_len=12)
 KW = {"rank": 4, "update_interval": 2, "reproject_factor": 2, "lr": 1e-2}
@@ -299,13 +299,9 @@ def test_full_gradient_rule_agrees_with_plan_refresh():
             opt.param_groups[0]["rank"] = 2  # a re-base (needs X) at the next step
         w.grad = torch.randn(9, 6)
         need = accumulation_needs_full_gradient(opt, w)
-        opt._fill_scalars()
-        group, compiled = opt.param_groups[0], opt._compiled(*opt._program_key(w, 0))
-        commit = plan_refresh(
-            opt._io(w), w, opt._plans[w].rank, compiled, opt._policies[0], dtype=torch.float32,
-            proj_dtype=resolve_precision(group, w).proj_dtype, inputs=opt._inputs(opt.state[w], 0),
-            restore=False,
-        )  # fmt: skip
+        layout = opt.sync_plan().layouts[w]
+        io = opt.state_io(w)
+        commit = plan_refresh(layout, w, io, due(layout, opt.state[w], io), opt.live_inputs(w))
         assert need == (commit is not None), k
         seen.append(need)
         opt.step()
@@ -351,12 +347,14 @@ def test_scoped_step_leaves_the_rest_of_its_matrix_group_untouched():
         ref_opt.step()  # grouped from the second step on (states packed into one buffer)
         others = [(q.detach().clone(), {k: v.clone() for k, v in opt.state[q].items()}) for q in params[1:]]
         params[1].grad = torch.full((8, 6), float("nan"))  # would raise if the scoped step read it
-        opt._step_only([params[0]])
+        opt.step_subset([params[0]])
         for q, (w, st) in zip(params[1:], others):
             assert torch.equal(q, w) and all(torch.equal(st[k], opt.state[q][k]) for k in st)
         params[1].grad = grads[s][1].clone()
-        opt._step_only(params[1:])
-    assert ref_opt._groups and len(ref_opt._groups[0].members) == 3  # the reference did step grouped
+        opt.step_subset(params[1:])
+    assert (
+        ref_opt.plan.matrix_groups and len(ref_opt.plan.matrix_groups[0].members) == 3
+    )  # the reference did step grouped
     for p, q in zip(ref, params):
         assert torch.equal(p, q)
         assert all(torch.equal(ref_opt.state[p][k], opt.state[q][k]) for k in ref_opt.state[p])

@@ -199,7 +199,7 @@ def test_base_optimizer_is_built_from_training_arguments(tmp_path):
         torch.optim.AdamW, dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.05)
     )
     opt = create_coap_optimizer(tiny_model(), args)
-    assert opt._base_cls is torch.optim.AdamW
+    assert opt.config.base is torch.optim.AdamW
     for g in opt.param_groups:
         assert (g["lr"], g["betas"], g["eps"], g["fused"]) == (3e-3, (0.8, 0.95), 1e-7, None)
     ada = training_args(tmp_path, optim="adafactor")
@@ -217,7 +217,7 @@ def test_adafactor_is_transformers_adafactor_as_trainer_builds_it(tmp_path):
     args = training_args(tmp_path, optim="adafactor")
     model, ref = tiny_model(), tiny_model()
     opt = create_coap_optimizer(model, args)
-    assert opt._base_cls is Adafactor
+    assert opt.config.base is Adafactor
     for g in opt.param_groups:
         flags = (g["lr"], g["scale_parameter"], g["relative_step"], g["warmup_init"])
         assert flags == (3e-3, False, False, False)
@@ -246,7 +246,7 @@ def test_adafactor_is_transformers_adafactor_as_trainer_builds_it(tmp_path):
         else:
             assert not torch.equal(p, before[n]), n
     torch_ada = create_coap_optimizer(tiny_model(), args, base_optim=torch.optim.Adafactor)  # the alternative
-    assert torch_ada._base_cls is torch.optim.Adafactor
+    assert torch_ada.config.base is torch.optim.Adafactor
     assert {g["lr"] for g in torch_ada.param_groups} == {3e-3}
 
 

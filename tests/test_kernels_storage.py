@@ -396,11 +396,13 @@ def test_matches_runtime_eager_path(base, cfg, r, launches):
     for t, x in enumerate(xs, start=1):
         we.grad = x.clone()
         with torch.no_grad():
+            layout = SimpleNamespace(  # the fields projected_update_ reads of a ParamLayout
+                program=compiled, policy=policy, work_dtype=torch.float32, transposed=False, kernels=None,
+                settings=SimpleNamespace(scale=1.0, first_moment_beta=0.9),
+            )
             projected_update_(
-                we, StateIO(se, storages, kinds, 7, shapes), compiled, policy, dtype=torch.float32,
-                inputs=(se["step"].to(F64), lr, hypers), scale=1.0, ema_beta=0.9, transposed=False,
-                kernels=False, kernel_plan=None, backend="eager", input_precision="ieee",
-            )  # fmt: skip
+                layout, we, StateIO(se, storages, kinds, 7, shapes), (se["step"].to(F64), lr, hypers)
+            )
             # the kernel branch the runtime must take for these states (lowering/kernels.py docstring)
             fused_update_stored_(
                 splan, wk, x, p_mat, sk, sk["step"].to(F64) + 1, lr, hypers,

@@ -190,17 +190,21 @@ def test_bf16_weights_keep_their_lowrank_state_dtype_after_load(precision, dtype
 def test_model_selection_rules():
     model = TinyLM(vocab=50, d=24, ff=40, tied=True)
     opt = coap_compile.optimize(model, torch.optim.AdamW, rank=8)
-    names = {opt._name(p) for p in opt.projected_parameters()}
+    names = {opt.param_name(p) for p in opt.projected_parameters()}
     assert names == {"up.weight", "down.weight"}  # the tied head/embedding stays full rank
     opt = coap_compile.optimize(model, torch.optim.AdamW, rank=30)  # min dim 24 ≤ 30: nothing projected
     assert opt.projected_parameters() == []
     opt = coap_compile.optimize(model, torch.optim.AdamW, rank=30, target_modules=[r"^up$"])
-    assert {opt._name(p) for p in opt.projected_parameters()} == {"up.weight"}  # rank clamped to 24
+    assert {opt.param_name(p) for p in opt.projected_parameters()} == {"up.weight"}  # rank clamped to 24
     opt = coap_compile.optimize(model, torch.optim.AdamW, rank=8, target_modules=lambda n, m: n == "down")
-    assert {opt._name(p) for p in opt.projected_parameters()} == {"down.weight"}
+    assert {opt.param_name(p) for p in opt.projected_parameters()} == {"down.weight"}
     untied = TinyLM(tied=False)
     opt = coap_compile.optimize(untied, torch.optim.AdamW, rank_ratio=4)
-    assert {opt._name(p) for p in opt.projected_parameters()} == {"up.weight", "down.weight", "head.weight"}
+    assert {opt.param_name(p) for p in opt.projected_parameters()} == {
+        "up.weight",
+        "down.weight",
+        "head.weight",
+    }
 
 
 @pytest.mark.parametrize(
@@ -252,7 +256,7 @@ def test_param_groups_and_per_group_hyperparameters():
     opt.step()
     assert torch.equal(b.detach(), b0)  # lr 0 in group 1
     # betas differ between the groups, but they are live inputs: one signature, one compiled program
-    programs = opt._programs
+    programs = opt.plan.programs()
     assert len(programs) == 2 and programs[(0, torch.float32, 2)] is programs[(1, torch.float32, 2)]
 
 

@@ -7,7 +7,7 @@ communication hook (``ddp.register_comm_hook``). For every gradient bucket DDP h
    by the world size, then an asynchronous sum all-reduce of the flat bucket buffer), and
 2. when that all-reduce's future completes, points each of the bucket's parameters' ``.grad`` at its
    view of the reduced buffer and runs the optimizer's step restricted to those parameters
-   (``CoapOptimizer._step_only``: the same checks, refreshes, compiled update and full-rank base
+   (``CoapOptimizer.step_subset``: the same checks, refreshes, compiled update and full-rank base
    optimizer as ``opt.step()``).
 
 At the end of the backward pass (an autograd-engine callback that runs after DDP's own finalisation) the
@@ -137,7 +137,7 @@ class DdpStepHook:
             for p, g in owned:
                 p.grad = g  # this parameter's view of the reduced bucket (its local grad is done)
             try:
-                self.optimizer._step_only([p for p, _ in owned])
+                self.optimizer.step_subset([p for p, _ in owned])
             except BaseException:
                 self._failed, self._pending = True, {}
                 raise

@@ -103,32 +103,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..projection.coap import CoapPolicy
-from ..projection.flora import FloraPolicy
+from ..projection.base import Comm
+from ..projection.linalg import OMEGA_SEED, draw_omega
 from .comm import CommLog, all_reduce
 from .correlation import correlation_step, normalized_correlation_step
-from .linalg import align_signs, draw_omega, orthogonal_basis
+from .linalg import orthogonal_basis
 
 __all__ = [
-    "PROJECTION_SIDES",
+    "ShardComm",
     "ShardSpec",
     "ShardedState",
     "any_dtensor",
     "check_sharded",
     "grads_finite",
-    "init_basis",
     "is_dtensor",
     "local",
     "local_param",
-    "refresh_basis",
     "shard_spec",
     "shard_value",
 ]
-
-#: Values of the ``projection_side`` argument / param-group key.
-PROJECTION_SIDES = ("auto", "rows")
-#: Policies whose refreshes run sharded (the rest are refused for sharded weights).
-SHARDED_POLICIES = (CoapPolicy, FloraPolicy)
 
 
 def is_dtensor(t: object) -> bool:
@@ -294,7 +287,7 @@ def check_sharded(
             f"{where} Tucker projection of 4-D weights (conv_rank_ratio) is not supported under FSDP2 (its "
             "mode products contract over the sharded C_out): set conv_rank_ratio=None or project=False"
         )
-    if policy is not None and not isinstance(policy, SHARDED_POLICIES):
+    if policy is not None and not policy.supports_sharding:
         raise ValueError(
             f"{where} projection={policy.name!r} ({type(policy).__name__}) has no sharded refresh; under "
             "FSDP2 use projection='coap' or 'flora' (GaLore needs an exact SVD of the whole gradient, DCT "
@@ -314,55 +307,36 @@ def check_sharded(
         )
 
 
-def init_basis(
-    policy: Any, x: Tensor, rank: int, spec: ShardSpec | None, comm: CommLog | None = None
-) -> dict[str, Tensor]:
-    """The rows side's init refresh (``policy.init_state`` with the basis convention of the module
-    docstring); ``x`` is the local ``M_k×N`` rows when ``spec`` is given."""
-    if not isinstance(policy, CoapPolicy):
-        return policy.init_state(x, rank)  # Flora: a function of the seed and the shape only
-    omega = draw_omega(x.shape[1], rank, policy.seed, x.device)
-    if spec is None:
-        p = policy.init_state(x, rank)["proj"]
-    else:
-        p = orthogonal_basis(x, rank, omega=omega, group=spec.group, comm=comm)
-    return {"proj": align_signs(p, omega).contiguous()}
+class ShardComm(Comm):
+    """The FSDP2 row shard of one weight as a policy's :class:`~coap_compile.projection.Comm`: the
+    low-cost SVD (:func:`~coap_compile.distributed.linalg.orthogonal_basis`: two ``r×r`` Gram all-reduces
+    and one ``r×N``) and the correlation step (:mod:`coap_compile.distributed.correlation`: 2 scalars and
+    one ``N×r`` all-reduce) over ``spec.group``, with the rows side's aligned basis convention. The
+    policy's code is the single-process code (module docstring, "Refreshes")."""
 
+    sharded = True
 
-def refresh_basis(
-    policy: Any,
-    state: dict[str, Tensor],
-    x: Tensor,
-    k: int,
-    *,
-    first_moment: Tensor | None,
-    spec: ShardSpec | None,
-    comm: CommLog | None = None,
-) -> bool:
-    """The rows side's refresh at completed step ``k``, in place on ``state`` (working copies, as
-    ``policy.refresh``); returns True if ``P`` changed. ``x``/``first_moment`` are the local rows."""
-    kind = policy.refresh_kind(k)
-    if not isinstance(policy, CoapPolicy) or kind not in ("svd", "correlation"):
-        return policy.refresh(state, x, k, first_moment=first_moment, transposed=False)
-    p = state["proj"]
-    if kind == "svd":
-        old = p.clone()
-        if spec is None:
-            policy.refresh(state, x, k, first_moment=first_moment, transposed=False)
-        else:
-            p.copy_(orthogonal_basis(x, p.shape[1], omega=p, group=spec.group, comm=comm))
-        p.copy_(align_signs(p, old))
-        return True
-    if spec is None:
-        return policy.refresh(state, x, k, first_moment=first_moment, transposed=False)
-    if first_moment is None:
-        raise ValueError(f"the COAP correlation step at k={k} needs the low-rank first moment, got None")
-    common = {"global_rows": spec.rows, "transposed": False, "group": spec.group, "comm": comm}
-    if policy.correlation == "paper":
-        p.copy_(correlation_step(p, x, first_moment, **common))
-    else:
-        p.copy_(normalized_correlation_step(p, x, first_moment, angle=policy.correlation_angle, **common))
-    return True
+    def __init__(self, spec: ShardSpec, log: CommLog | None = None) -> None:
+        super().__init__(aligned=True)
+        self.spec, self.log = spec, log
+
+    def basis(self, x: Tensor, rank: int, *, omega: Tensor | None = None, seed: int = OMEGA_SEED) -> Tensor:
+        if omega is None:
+            omega = draw_omega(x.shape[1], rank, seed, x.device)
+        return orthogonal_basis(x, rank, omega=omega, group=self.spec.group, comm=self.log)
+
+    def correlation_step(
+        self, p: Tensor, x: Tensor, m: Tensor, *, transposed: bool, angle: float | None
+    ) -> Tensor:
+        common = {
+            "global_rows": self.spec.rows,
+            "transposed": transposed,
+            "group": self.spec.group,
+            "comm": self.log,
+        }
+        if angle is None:
+            return correlation_step(p, x, m, **common)
+        return normalized_correlation_step(p, x, m, angle=angle, **common)
 
 
 def _mesh_groups(t: Tensor) -> list[dist.ProcessGroup]:

@@ -85,7 +85,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..projection.linalg import OMEGA_SEED, check_positive_int, work_dtype
+from ..projection.linalg import OMEGA_SEED, align_signs, check_positive_int, draw_omega, work_dtype
 from .comm import CommLog, all_gather, all_reduce, broadcast, group_rank, group_size
 from .correlation import correlation_loss_and_grad, correlation_step, normalized_correlation_step
 
@@ -151,15 +151,6 @@ def cholesky_qr(y: Tensor, *, group: dist.ProcessGroup | None = None, comm: Comm
     return _tsqr(y, group, comm)
 
 
-def draw_omega(n: int, rank: int, seed: int, device: torch.device) -> Tensor:
-    """The initial test matrix: ``N×r`` standard normal float32 from a private generator seeded ``seed``.
-
-    The same draw as :func:`coap_compile.projection.linalg.orthogonal_basis` makes, on every rank.
-    """
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    return torch.randn(n, rank, generator=gen, dtype=torch.float32, device=device)
-
-
 def orthogonal_basis(
     x: Tensor,
     rank: int,
@@ -201,20 +192,6 @@ def orthogonal_basis(
     if src is not None:
         broadcast(p, src, group, comm, "p")
     return p
-
-
-def align_signs(p: Tensor, reference: Tensor) -> Tensor:
-    """``P`` with each column ``j`` negated where ``⟨reference_j, P_j⟩ < 0`` (a new tensor).
-
-    Makes the sign of a refreshed basis follow the previous ``P`` (or ``Ω``), so that results that
-    differ only in the QR/SVD sign conventions agree.
-    """
-    if p.shape != reference.shape:
-        raise ValueError(
-            f"p and reference must have the same shape, got {tuple(p.shape)} and {tuple(reference.shape)}"
-        )
-    dots = (p * reference.to(p.dtype)).sum(0)
-    return p * torch.where(dots < 0, -1.0, 1.0).to(p.dtype)
 
 
 def align_rotation(p: Tensor, reference: Tensor) -> Tensor:

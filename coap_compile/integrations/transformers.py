@@ -78,9 +78,8 @@ from torch import nn
 
 from ..errors import UnsupportedOptimizerError
 from ..runtime.optimizer import CoapOptimizer
-from ..runtime.precision import validate_precision
 from ..runtime.selection import TargetModules, groups_from_model
-from ..runtime.settings import validate_projection_args
+from ..runtime.settings import CoapSettings
 
 if TYPE_CHECKING:  # transformers stays optional: imported only inside the functions that need it
     from transformers import TrainingArguments
@@ -111,10 +110,6 @@ _RESERVED = {"layerwise": bool}
 _GALORE_NAMES = {"update_proj_gap": "update_interval", "proj_type": None, "scale_type": None, "proj": None}
 #: keyword settings that may be given in Python (``overrides``) besides the optim_args keys.
 _SETTINGS = ("restore_state", "first_moment_beta", "backend", "check_finite", "input_precision")
-_DEFAULTS: dict[str, Any] = dict(
-    rank=256, rank_ratio=None, update_interval=32, reproject_factor=5, scale=1.0, projection="coap",
-    first_moment_beta=0.9, state_precision="auto", projection_precision="auto", quant_block_size=256,
-)  # fmt: skip
 _ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused")
 _ADAFACTOR_NAMES = ("adafactor",)
 
@@ -164,15 +159,8 @@ def parse_optim_args(text: str | None) -> dict[str, Any]:
         if key in out:
             raise ValueError(f"optim_args: key {key!r} given twice in {text!r}")
         out[key] = _convert(key, value, allowed[key])
-    settings = {**_DEFAULTS, **out}
     try:
-        validate_projection_args(
-            settings["rank"], settings["rank_ratio"], settings["projection"], settings["update_interval"],
-            settings["reproject_factor"], settings["scale"], settings["first_moment_beta"],
-        )  # fmt: skip
-        validate_precision(
-            settings["state_precision"], settings["projection_precision"], settings["quant_block_size"]
-        )
+        CoapSettings(**{k: v for k, v in out.items() if k in OPTIM_ARGS})  # the defaults and rules
     except (TypeError, ValueError) as exc:
         raise ValueError(f"optim_args {text!r}: {exc}") from None
     return out

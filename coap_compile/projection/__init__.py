@@ -1,6 +1,6 @@
 """Projection policies: which low-rank subspace a matrix's optimizer state lives in, and when it changes."""
 
-from .base import Layout, ProjectionPolicy, RefreshKind, canonical, resolve_rank
+from .base import LOCAL, ROWS, Comm, Layout, ProjectionPolicy, RefreshKind, canonical, resolve_rank
 from .coap import CORRELATION_MODES, CoapPolicy, correlation_step, restore_moments
 from .correlation import DEFAULT_ANGLE, correlation_grad, normalized_correlation_step
 from .dct import DctPolicy, dct_basis, select_columns, shared_basis, shared_basis_builds
@@ -19,8 +19,11 @@ from .registry import POLICIES, get_policy
 __all__ = [
     "CORRELATION_MODES",
     "DEFAULT_ANGLE",
+    "LOCAL",
     "POLICIES",
+    "ROWS",
     "CoapPolicy",
+    "Comm",
     "DctPolicy",
     "FixedProjection",
     "FloraPolicy",

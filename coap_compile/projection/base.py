@@ -35,9 +35,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .linalg import restore_moments
+from .correlation import correlation_step, normalized_correlation_step
+from .linalg import OMEGA_SEED, orthogonal_basis, restore_moments
 
-__all__ = ["Layout", "ProjectionPolicy", "RefreshKind", "canonical", "resolve_rank"]
+__all__ = ["LOCAL", "ROWS", "Comm", "Layout", "ProjectionPolicy", "RefreshKind", "canonical", "resolve_rank"]
 
 RefreshKind = str  # one of "init", "correlation", "svd", "resample", "select", or "" (no refresh)
 
@@ -67,11 +68,57 @@ def resolve_rank(shape: tuple[int, ...] | torch.Size, rank: int | None, rank_rat
     return min(int(rank), small)
 
 
+class Comm:
+    """Where the rows of ``X`` live, and the products a refresh computes over them.
+
+    A policy's :meth:`~ProjectionPolicy.init_state` and :meth:`~ProjectionPolicy.refresh` take one; the
+    policy code is the same sharded or not. This base class is the single process: every sum over the
+    rows of ``X`` is local. :data:`LOCAL` is the canonical side (the official code's arithmetic);
+    :data:`ROWS` is the rows side's single-process reference (``projection_side="rows"``), whose bases
+    follow the *aligned* convention: after an init or SVD refresh each column's sign follows ``Ω`` or the
+    previous ``P`` (:func:`~.linalg.align_signs`), since a sharded QR fixes other signs than LAPACK's.
+    :class:`coap_compile.distributed.fsdp.ShardComm` is the FSDP2 row shard: the same two products with
+    their sums all-reduced over the shard group.
+
+    Attributes:
+        sharded: the rows are split over ranks (a policy without sharded refreshes refuses it).
+        aligned: the aligned basis convention above.
+    """
+
+    sharded = False
+
+    def __init__(self, *, aligned: bool = False) -> None:
+        self.aligned = aligned
+
+    def basis(self, x: Tensor, rank: int, *, omega: Tensor | None = None, seed: int = OMEGA_SEED) -> Tensor:
+        """The low-cost SVD / randomized range finder of ``X`` (:func:`~.linalg.orthogonal_basis`)."""
+        return orthogonal_basis(x, rank, omega=omega, seed=seed)
+
+    def correlation_step(
+        self, p: Tensor, x: Tensor, m: Tensor, *, transposed: bool, angle: float | None
+    ) -> Tensor:
+        """COAP's correlation step (``angle=None``: the paper's; else the normalized step of ``angle``)."""
+        if angle is None:
+            return correlation_step(p, x, m, transposed=transposed)
+        return normalized_correlation_step(p, x, m, transposed=transposed, angle=angle)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(aligned={self.aligned})"
+
+
+#: One process, canonical side (the default).
+LOCAL = Comm()
+#: One process, the rows side's aligned basis convention (``projection_side="rows"``).
+ROWS = Comm(aligned=True)
+
+
 class ProjectionPolicy(abc.ABC):
     """One way of choosing and refreshing ``P``. Subclasses are registered by ``name``.
 
     Contract (all methods see the canonical orientation, see the module docstring):
 
+    * ``comm`` (a :class:`Comm`) says where the rows of ``X`` live; a policy whose refreshes cannot run on
+      row shards sets ``supports_sharding = False`` and is refused for sharded weights.
     * :meth:`init_state` builds the state at ``k = 0`` from the first gradient ``X`` (dense policies: a dict
       containing ``"proj"``, ``N×r`` float32 — float64 for float64 ``X`` — on ``X``'s device).
     * :meth:`refresh_kind` is the schedule: which refresh (if any) happens at completed-step count ``k``.
@@ -84,16 +131,25 @@ class ProjectionPolicy(abc.ABC):
     name: ClassVar[str]
     #: True if :meth:`refresh` reads the first moment (the correlation-aware step does).
     needs_first_moment: ClassVar[bool] = False
+    #: True if :meth:`init_state` and :meth:`refresh` run on row shards (a sharded :class:`Comm`).
+    supports_sharding: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def init_state(self, x: Tensor, rank: int) -> dict[str, Tensor]: ...
+    def init_state(self, x: Tensor, rank: int, comm: Comm = LOCAL) -> dict[str, Tensor]: ...
 
     @abc.abstractmethod
     def refresh_kind(self, k: int) -> RefreshKind: ...
 
     @abc.abstractmethod
     def refresh(
-        self, state: dict[str, Tensor], x: Tensor, k: int, *, first_moment: Tensor | None, transposed: bool
+        self,
+        state: dict[str, Tensor],
+        x: Tensor,
+        k: int,
+        *,
+        first_moment: Tensor | None,
+        transposed: bool,
+        comm: Comm = LOCAL,
     ) -> bool: ...
 
     def basis(self, state: dict[str, Tensor]) -> Tensor:

@@ -65,16 +65,15 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .base import ProjectionPolicy, RefreshKind
+from .base import LOCAL, Comm, ProjectionPolicy, RefreshKind
 from .correlation import (
     CORRELATION_LR,
     CORRELATION_MAX_NORM,
     COSINE_EPS,
     DEFAULT_ANGLE,
     correlation_step,
-    normalized_correlation_step,
 )
-from .linalg import OMEGA_SEED, check_positive_int, orthogonal_basis, restore_moments
+from .linalg import OMEGA_SEED, align_signs, check_positive_int, draw_omega, restore_moments
 
 __all__ = [
     "CORRELATION_LR",
@@ -110,6 +109,7 @@ class CoapPolicy(ProjectionPolicy):
 
     name: ClassVar[str] = "coap"
     needs_first_moment: ClassVar[bool] = True
+    supports_sharding: ClassVar[bool] = True  # through a sharded Comm (coap_compile.distributed.fsdp)
 
     def __init__(
         self,
@@ -147,8 +147,13 @@ class CoapPolicy(ProjectionPolicy):
             f"correlation_angle={self.correlation_angle!r})"
         )
 
-    def init_state(self, x: Tensor, rank: int) -> dict[str, Tensor]:
-        return {"proj": orthogonal_basis(x, rank, seed=self.seed)}
+    def init_state(self, x: Tensor, rank: int, comm: Comm = LOCAL) -> dict[str, Tensor]:
+        """``P = orthogonal_basis(X, r)`` with the seeded ``Ω``; with an aligned ``comm`` (the rows side,
+        :class:`~.base.Comm`) each column's sign then follows ``Ω``."""
+        p = comm.basis(x, rank, seed=self.seed)
+        if comm.aligned:
+            p = align_signs(p, draw_omega(x.shape[1], rank, self.seed, x.device)).contiguous()
+        return {"proj": p}
 
     def refresh_kind(self, k: int) -> RefreshKind:
         if k == 0:
@@ -160,25 +165,34 @@ class CoapPolicy(ProjectionPolicy):
         return "" if self.correlation == "off" else "correlation"
 
     def refresh(
-        self, state: dict[str, Tensor], x: Tensor, k: int, *, first_moment: Tensor | None, transposed: bool
+        self,
+        state: dict[str, Tensor],
+        x: Tensor,
+        k: int,
+        *,
+        first_moment: Tensor | None,
+        transposed: bool,
+        comm: Comm = LOCAL,
     ) -> bool:
+        """The refresh due at ``k`` in place: the init basis, the low-cost SVD seeded with the current
+        ``P`` (signs aligned to it with an aligned ``comm``), or the correlation step."""
         kind = self.refresh_kind(k)
         p = state["proj"]
         if kind == "":
             return False
         if kind == "init":
-            p.copy_(orthogonal_basis(x, p.shape[1], seed=self.seed))
+            p.copy_(self.init_state(x, p.shape[1], comm)["proj"])
         elif kind == "svd":
-            p.copy_(orthogonal_basis(x, p.shape[1], omega=p))
+            old = p.clone() if comm.aligned else None
+            p.copy_(comm.basis(x, p.shape[1], omega=p))
+            if old is not None:
+                p.copy_(align_signs(p, old))
         else:
             if first_moment is None:
                 raise ValueError(
                     f"the COAP correlation step at k={k} needs the low-rank first moment, "
                     "got first_moment=None"
                 )
-            if self.correlation == "paper":
-                p.copy_(correlation_step(p, x, first_moment, transposed=transposed))
-            else:
-                angle = self.correlation_angle
-                p.copy_(normalized_correlation_step(p, x, first_moment, transposed=transposed, angle=angle))
+            angle = None if self.correlation == "paper" else self.correlation_angle
+            p.copy_(comm.correlation_step(p, x, first_moment, transposed=transposed, angle=angle))
         return True

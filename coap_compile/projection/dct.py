@@ -44,7 +44,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Layout, ProjectionPolicy, RefreshKind
+from .base import LOCAL, Comm, Layout, ProjectionPolicy, RefreshKind
 from .linalg import check_positive_int, work_dtype
 
 __all__ = [
@@ -156,7 +156,7 @@ class DctPolicy(ProjectionPolicy):
     def __repr__(self) -> str:
         return f"DctPolicy(update_interval={self.update_interval}, restore_state={self.restore_state})"
 
-    def init_state(self, x: Tensor, rank: int) -> dict[str, Tensor]:
+    def init_state(self, x: Tensor, rank: int, comm: Comm = LOCAL) -> dict[str, Tensor]:
         n, dtype = x.shape[1], work_dtype(x)
         index = select_columns(x, shared_basis(n, dtype, x.device), rank)
         return {"dct_index": index, "dct_basis_key": torch.empty(0, n, dtype=dtype, device=x.device)}
@@ -167,7 +167,14 @@ class DctPolicy(ProjectionPolicy):
         return "select" if k % self.update_interval == 0 else ""
 
     def refresh(
-        self, state: dict[str, Tensor], x: Tensor, k: int, *, first_moment: Tensor | None, transposed: bool
+        self,
+        state: dict[str, Tensor],
+        x: Tensor,
+        k: int,
+        *,
+        first_moment: Tensor | None,
+        transposed: bool,
+        comm: Comm = LOCAL,
     ) -> bool:
         kind = self.refresh_kind(k)
         if kind == "":

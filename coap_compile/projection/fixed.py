@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import ProjectionPolicy, RefreshKind
+from .base import LOCAL, Comm, ProjectionPolicy, RefreshKind
 from .linalg import work_dtype
 
 __all__ = ["FixedProjection", "MakeProj"]
@@ -36,7 +36,7 @@ class FixedProjection(ProjectionPolicy):
     def __repr__(self) -> str:
         return f"FixedProjection(make_proj={self.make_proj!r})"
 
-    def init_state(self, x: Tensor, rank: int) -> dict[str, Tensor]:
+    def init_state(self, x: Tensor, rank: int, comm: Comm = LOCAL) -> dict[str, Tensor]:
         n, dtype = x.shape[1], work_dtype(x)
         proj = self.make_proj(n, rank, dtype, x.device)
         if tuple(proj.shape) != (n, rank):
@@ -47,6 +47,13 @@ class FixedProjection(ProjectionPolicy):
         return "init" if k == 0 else ""
 
     def refresh(
-        self, state: dict[str, Tensor], x: Tensor, k: int, *, first_moment: Tensor | None, transposed: bool
+        self,
+        state: dict[str, Tensor],
+        x: Tensor,
+        k: int,
+        *,
+        first_moment: Tensor | None,
+        transposed: bool,
+        comm: Comm = LOCAL,
     ) -> bool:
         return False

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import ProjectionPolicy, RefreshKind
+from .base import LOCAL, Comm, ProjectionPolicy, RefreshKind
 from .linalg import check_positive_int, gaussian_basis, work_dtype
 
 __all__ = ["FloraPolicy"]
@@ -29,6 +29,7 @@ class FloraPolicy(ProjectionPolicy):
 
     name: ClassVar[str] = "flora"
     needs_first_moment: ClassVar[bool] = False
+    supports_sharding: ClassVar[bool] = True  # P is a function of the seed and the shape: no collective
 
     def __init__(self, resample_every: int = 200, seed: int = 0) -> None:
         self.resample_every = check_positive_int("resample_every", resample_every)
@@ -37,7 +38,7 @@ class FloraPolicy(ProjectionPolicy):
     def __repr__(self) -> str:
         return f"FloraPolicy(resample_every={self.resample_every}, seed={self.seed})"
 
-    def init_state(self, x: Tensor, rank: int) -> dict[str, Tensor]:
+    def init_state(self, x: Tensor, rank: int, comm: Comm = LOCAL) -> dict[str, Tensor]:
         proj = gaussian_basis(x.shape[1], rank, self.seed, dtype=work_dtype(x), device=x.device)
         return {"proj": proj, "seed": torch.tensor(self.seed, dtype=torch.int64, device=x.device)}
 
@@ -52,7 +53,14 @@ class FloraPolicy(ProjectionPolicy):
         return "resample" if k % self.resample_every == 0 else ""
 
     def refresh(
-        self, state: dict[str, Tensor], x: Tensor, k: int, *, first_moment: Tensor | None, transposed: bool
+        self,
+        state: dict[str, Tensor],
+        x: Tensor,
+        k: int,
+        *,
+        first_moment: Tensor | None,
+        transposed: bool,
+        comm: Comm = LOCAL,
     ) -> bool:
         if self.refresh_kind(k) == "":
             return False

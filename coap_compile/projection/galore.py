@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .base import ProjectionPolicy, RefreshKind
+from .base import LOCAL, Comm, ProjectionPolicy, RefreshKind
 from .linalg import check_positive_int, top_right_singular_vectors
 
 __all__ = ["GaLorePolicy"]
@@ -33,7 +33,7 @@ class GaLorePolicy(ProjectionPolicy):
     def __repr__(self) -> str:
         return f"GaLorePolicy(update_gap={self.update_gap})"
 
-    def init_state(self, x: Tensor, rank: int) -> dict[str, Tensor]:
+    def init_state(self, x: Tensor, rank: int, comm: Comm = LOCAL) -> dict[str, Tensor]:
         return {"proj": top_right_singular_vectors(x, rank)}
 
     def refresh_kind(self, k: int) -> RefreshKind:
@@ -42,7 +42,14 @@ class GaLorePolicy(ProjectionPolicy):
         return "svd" if k % self.update_gap == 0 else ""
 
     def refresh(
-        self, state: dict[str, Tensor], x: Tensor, k: int, *, first_moment: Tensor | None, transposed: bool
+        self,
+        state: dict[str, Tensor],
+        x: Tensor,
+        k: int,
+        *,
+        first_moment: Tensor | None,
+        transposed: bool,
+        comm: Comm = LOCAL,
     ) -> bool:
         if self.refresh_kind(k) == "":
             return False

@@ -16,7 +16,9 @@ from torch import Tensor
 
 __all__ = [
     "OMEGA_SEED",
+    "align_signs",
     "check_positive_int",
+    "draw_omega",
     "gaussian_basis",
     "largest_principal_angle",
     "orthogonal_basis",
@@ -51,6 +53,29 @@ def _check_rank(x: Tensor, rank: int) -> None:
         raise ValueError(
             f"rank must be in [1, {x.shape[1]}] for a matrix of shape {tuple(x.shape)}, got rank={rank}"
         )
+
+
+def draw_omega(n: int, rank: int, seed: int, device: torch.device) -> Tensor:
+    """The initial test matrix: ``N×r`` standard normal float32 from a private generator seeded ``seed``.
+
+    The same draw as :func:`orthogonal_basis` makes (on every rank of a sharded refresh).
+    """
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.randn(n, rank, generator=gen, dtype=torch.float32, device=device)
+
+
+def align_signs(p: Tensor, reference: Tensor) -> Tensor:
+    """``P`` with each column ``j`` negated where ``⟨reference_j, P_j⟩ < 0`` (a new tensor).
+
+    Makes the sign of a refreshed basis follow the previous ``P`` (or ``Ω``), so that results that
+    differ only in the QR/SVD sign conventions agree.
+    """
+    if p.shape != reference.shape:
+        raise ValueError(
+            f"p and reference must have the same shape, got {tuple(p.shape)} and {tuple(reference.shape)}"
+        )
+    dots = (p * reference.to(p.dtype)).sum(0)
+    return p * torch.where(dots < 0, -1.0, 1.0).to(p.dtype)
 
 
 def orthogonal_basis(x: Tensor, rank: int, omega: Tensor | None = None, seed: int = OMEGA_SEED) -> Tensor:

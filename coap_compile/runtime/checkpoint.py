@@ -24,8 +24,11 @@ a gradient, so a faithful migration cannot happen at load time.
 If torch's own loading then fails anyway, the previous groups and state are restored.
 
 **Copies** (``copy.deepcopy``, ``pickle``, ``torch.save(opt)``): ``__getstate__`` adds the
-configuration torch's ``Optimizer.__getstate__`` drops (base class and arguments, policy instance,
-backend, precision, names by position); everything else is derived again on unpickling.
+configuration torch's ``Optimizer.__getstate__`` drops (the :class:`~.plan.OptimizerConfig`, with
+parameter names by position, and the re-compilation events); the plan is derived again on unpickling.
+
+Everything here reads the optimizer through its public interface (``opt.config``, ``opt.layout(p)``,
+``opt.state_io(p)``, ``opt.sync_plan``).
 """
 
 from __future__ import annotations
@@ -40,11 +43,14 @@ from ..capture import capture, init_states
 from ..capture.adapter_base import qualified_name
 from ..compiler import compile_base
 from ..distributed import fsdp
+from ..projection.tucker import core_shape
 from ..storage import convert_state
+from .layout import Kind, kind_of
 from .memory import base_keeps_step
+from .plan import OptimizerConfig
 from .precision import PRECISION_KEYS, StateIO
-from .selection import canonical_dims, plan_param
-from .settings import EMA_KEY, make_policy
+from .selection import canonical_dims
+from .settings import EMA_KEY, CoapSettings, OptimizerOptions
 
 __all__ = [
     "add_metadata",
@@ -58,21 +64,10 @@ __all__ = [
 ]
 
 FORMAT = 1
-_CONFIG = (
-    "_base_cls",
-    "_base_kwargs",
-    "_policy_instance",
-    "_conv_policy",
-    "_backend",
-    "_precision",
-    "_check_finite",
-    "_grouped",
-    "_events",
-)
 
 
 def add_metadata(opt, sd: dict[str, Any]) -> dict[str, Any]:
-    sd["coap"] = {"format": FORMAT, "base": qualified_name(opt._base_cls)}
+    sd["coap"] = {"format": FORMAT, "base": qualified_name(opt.config.base)}
     return sd
 
 
@@ -99,48 +94,43 @@ def logical_layout(state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
     return out
 
 
-def expected_layout(opt, p: Tensor, group: dict) -> dict[str, tuple[int, ...]]:
-    """Logical state names and shapes ``p`` has after a step, under ``group``'s hyperparameters and this
-    optimizer's projection plan for ``p`` (storage keys such as ``exp_avg.q8`` are precision details,
-    see :func:`logical_layout`)."""
-    plan = opt._plans[p]
-    hyper = opt._base_hyperparams(group)
-    if not plan.projected:
-        dtype = (
-            opt._captured_full[p].captured.dtype
-            if p in opt._captured_full and hasattr(opt._captured_full[p], "captured")
-            else p.dtype
-        )
-        captured = capture(opt._base_cls, hyper, dtype=dtype, ndim=p.ndim)
+def expected_layout(opt, p: Tensor, group: dict, index: int = 0) -> dict[str, tuple[int, ...]]:
+    """Logical state names and shapes ``p`` has after a step, under ``group``'s hyperparameters and COAP
+    settings (validated: ValueError naming the setting and the group) and this optimizer's layout of
+    ``p`` (kind, rank, side; storage keys such as ``exp_avg.q8`` are precision details, see
+    :func:`logical_layout`)."""
+    config, lay = opt.config, opt.layout(p)
+    settings = CoapSettings.from_group(group, index, config.policy_instance)
+    hyper = {k: v for k, v in group.items() if k != "params" and k not in CoapSettings.__dataclass_fields__}
+    if not lay.projected:
+        dtype = lay.program.captured.dtype if hasattr(lay.program, "captured") else p.dtype
+        captured = capture(config.base, hyper, dtype=dtype, ndim=p.ndim)
         like = torch.empty(p.shape, dtype=dtype, device="meta")
         out = {k: tuple(v.shape) for k, v in init_states(captured, like).items()}
-        if base_keeps_step(opt._base_cls, opt._base_kwargs) or p in opt._captured_full:
+        if base_keeps_step(config.base, config.base_kwargs) or lay.kind is Kind.DERIVED:
             out["step"] = ()
         return out
-    dtype = opt._state_dtype(p)
-    if plan.tucker:
-        from ..projection.tucker import core_shape
-        from .settings import make_tucker_policy
-
-        compiled = compile_base(opt._base_cls, hyper, dtype, 4)
-        policy = make_tucker_policy(group, opt._conv_policy)
-        core = core_shape(p.shape, plan.ranks)
-        out = {k: tuple(s_) for k, (s_, _) in policy.state_layout(tuple(p.shape), plan.ranks, dtype).items()}
+    dtype = lay.work_dtype
+    if lay.kind is Kind.TUCKER:
+        compiled = compile_base(config.base, hyper, dtype, 4)
+        policy = settings.tucker_policy(config.conv_policy)
+        core = core_shape(p.shape, lay.ranks)
+        out = {k: tuple(s_) for k, (s_, _) in policy.state_layout(tuple(p.shape), lay.ranks, dtype).items()}
         out.update({k: tuple(v.shape) for k, v in compiled.init_core_states(core, dtype, "meta").items()})
         out["step"] = ()
         if compiled.program.first_moment is None and policy.needs_first_moment:
             out[EMA_KEY] = core
         return out
-    big, small = canonical_dims(p.shape, plan.transposed)  # global M, N (a DTensor's shape is global)
-    compiled = compile_base(opt._base_cls, hyper, dtype)
-    policy = make_policy(group, opt._policy_instance)
-    out = {k: tuple(s) for k, (s, _) in policy.state_layout(small, plan.rank, dtype).items()}
+    big, small = canonical_dims(p.shape, lay.transposed)  # global M, N (a DTensor's shape is global)
+    compiled = compile_base(config.base, hyper, dtype)
+    policy = settings.policy(config.policy_instance)
+    out = {k: tuple(s) for k, (s, _) in policy.state_layout(small, lay.rank, dtype).items()}
     out.update(
-        {k: tuple(v.shape) for k, v in compiled.init_lowrank_states(big, plan.rank, dtype, "meta").items()}
+        {k: tuple(v.shape) for k, v in compiled.init_lowrank_states(big, lay.rank, dtype, "meta").items()}
     )
     out["step"] = ()
     if compiled.program.first_moment is None and policy.needs_first_moment:
-        out[EMA_KEY] = (big, plan.rank)
+        out[EMA_KEY] = (big, lay.rank)
     return out
 
 
@@ -154,13 +144,14 @@ def validate(opt, sd: dict[str, Any]) -> None:
             f"the checkpoint has param groups of sizes {[len(s['params']) for s in saved]}, this optimizer "
             f"{[len(g['params']) for g in groups]}"
         )
-    ours = qualified_name(opt._base_cls)
+    config = opt.config
+    ours = qualified_name(config.base)
     meta = sd.get("coap")
     if meta is None and not all("projection" in s and "rank" in s for s in saved):
         raise ValueError(
             "the checkpoint has no COAP settings (no 'coap' entry, no 'rank'/'projection' in its param "
             "groups): it was saved by a plain torch.optim optimizer. Its full-rank moments cannot be "
-            f"loaded into COAP-{opt._base_cls.__name__}, whose projected weights keep low-rank states in a "
+            f"loaded into COAP-{config.base.__name__}, whose projected weights keep low-rank states in a "
             "basis computed from a gradient; resume it with the optimizer that saved it, or start the "
             "COAP optimizer fresh"
         )
@@ -184,45 +175,47 @@ def validate(opt, sd: dict[str, Any]) -> None:
             bad = [k for k, v in got.items() if v is None]
             if bad:
                 raise ValueError(
-                    f"parameter {opt._name(p)!r} (param group {i}): the checkpoint holds non-tensor state "
+                    f"parameter {opt.param_name(p)!r} (param group {i}): the checkpoint holds non-tensor "
+                    "state "
                     f"{bad}; COAP checkpoints hold tensors only"
                 )
-            want = expected_layout(opt, p, merged)
-            if not opt._plans[p].projected and not base_keeps_step(opt._base_cls, opt._base_kwargs):
+            want = expected_layout(opt, p, merged, i)
+            if not opt.layout(p).projected and not base_keeps_step(config.base, config.base_kwargs):
                 got.pop("step", None)  # torch's SGD keeps none; a compiled or low-precision run adds one
                 want.pop("step", None)
             if got != want and first_mismatch is None:
                 first_mismatch = (i, p, got, want, merged)
     if first_mismatch is not None:
         i, p, got, want, merged = first_mismatch
-        plan = opt._plans[p]
-        saved_plan = plan_param(p, merged)
-        what = f"rank {plan.rank}" if plan.projected else "full rank"
+        lay = opt.layout(p)
+        saved_settings = CoapSettings.from_group(merged, i, config.policy_instance)
+        saved_rank_rule = kind_of(p, saved_settings)[1]
+        what = f"rank {lay.rank}" if lay.projected else "full rank"
         hint = ""
         saved_rank = got["proj"][-1] if "proj" in got else got["dct_index"][0] if "dct_index" in got else None
-        if plan.projected and saved_rank is not None and saved_rank != plan.rank:
+        if lay.projected and saved_rank is not None and saved_rank != lay.rank:
             hint = (
                 f"; the checkpoint's states have rank {saved_rank} (its settings "
-                f"rank={merged.get('rank')}, rank_ratio={merged.get('rank_ratio')} give {saved_plan.rank}): "
+                f"rank={merged.get('rank')}, rank_ratio={merged.get('rank_ratio')} give {saved_rank_rule}): "
                 "build the optimizer with "
                 "that rank to resume it"
             )
         raise ValueError(
-            f"parameter {opt._name(p)!r} (param group {i}): the checkpoint holds {_describe(got)}; this "
-            f"optimizer (COAP-{opt._base_cls.__name__}, {what}) expects {_describe(want)}{hint}"
+            f"parameter {opt.param_name(p)!r} (param group {i}): the checkpoint holds {_describe(got)}; this "
+            f"optimizer (COAP-{config.base.__name__}, {what}) expects {_describe(want)}{hint}"
         )
 
 
 def _refuse_base(opt, sd: dict[str, Any], theirs: str, ours: str) -> None:
     """The checkpoint is another base's: name both, and the first parameter's states against ours."""
     detail = ""
-    for g, s in zip(opt.param_groups, sd["param_groups"]):
+    for i, (g, s) in enumerate(zip(opt.param_groups, sd["param_groups"])):
         for p, idx in zip(g["params"], s["params"]):
             st = sd["state"].get(idx)
             if st:
-                want = expected_layout(opt, p, g)  # this optimizer's own settings (theirs may not fit)
+                want = expected_layout(opt, p, g, i)  # this optimizer's own settings (theirs may not fit)
                 detail = (
-                    f" (parameter {opt._name(p)!r}: the checkpoint holds {', '.join(sorted(st))}; this "
+                    f" (parameter {opt.param_name(p)!r}: the checkpoint holds {', '.join(sorted(st))}; this "
                     f"optimizer expects {', '.join(sorted(want))})"
                 )
                 break
@@ -230,7 +223,7 @@ def _refuse_base(opt, sd: dict[str, Any], theirs: str, ours: str) -> None:
             break
     raise ValueError(
         f"the checkpoint was saved by COAP-{theirs.rsplit('.', 1)[-1]} ({theirs}); this optimizer is "
-        f"COAP-{opt._base_cls.__name__} ({ours}){detail}"
+        f"COAP-{opt.config.base.__name__} ({ours}){detail}"
     )
 
 
@@ -251,31 +244,32 @@ def load(opt, sd: dict[str, Any], torch_load: Callable[[dict], None]) -> None:
         torch_load(body)
         for g, old in zip(opt.param_groups, groups):
             g.update({k: old[k] for k in PRECISION_KEYS if k in old})
-        opt._derive()
+        opt.sync_plan(force=True)
         params = [p for g in opt.param_groups for p in g["params"]]
         saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
         for p, idx in zip(params, saved_ids):
-            if p in opt._io_specs and idx in sd["state"]:
+            if opt.layout(p).states is not None and idx in sd["state"]:
                 opt.state[p] = _restore(opt, p, sd["state"][idx])
     except Exception:
         opt.param_groups[:] = groups
         opt.state.clear()
         opt.state.update(state)
-        opt._derive()
+        opt.sync_plan(force=True)
         raise
 
 
 def _restore(opt, p: Tensor, saved: dict[str, Tensor]) -> dict[str, Tensor]:
     """``p``'s state rebuilt from the saved tensors: own-stored states in this optimizer's precision."""
-    io = opt._io(p)
+    lay = opt.layout(p)
+    io = opt.state_io(p)
     names = set(io.storages)
     out: dict[str, Tensor] = {}
     for key, value in saved.items():
         if logical_name(key) in names:
             continue
-        dtype = opt._proj_dtype(p) if key == "proj" else value.dtype
+        dtype = lay.precision.proj_dtype if key == "proj" else value.dtype
         out[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
-    spec = opt._shards.get(p)
+    spec = lay.shard
 
     def row(k: str) -> bool:  # a row-sharded state of an FSDP2 weight (not a rounding stream)
         return spec is not None and logical_name(k) in names and not k.endswith(".rng")
@@ -305,21 +299,23 @@ def logical_name(key: str) -> str:
 
 def getstate(opt, state: dict[str, Any]) -> dict[str, Any]:
     """torch's ``__getstate__`` plus this optimizer's configuration (names by position, not by id)."""
-    names = [
-        (gi, pi, opt._names[id(p)])
-        for gi, g in enumerate(opt.param_groups)
-        for pi, p in enumerate(g["params"])
-        if id(p) in opt._names
-    ]
-    config = {k: getattr(opt, k) for k in _CONFIG}
-    config["names"] = names
-    return {**state, "_coap_config": config}
+    config = opt.config
+    ids = {id(p): (gi, pi) for gi, g in enumerate(opt.param_groups) for pi, p in enumerate(g["params"])}
+    names = [(*ids[i], name) for i, name in config.names.items() if i in ids]
+    saved = {
+        "base": config.base, "base_kwargs": dict(config.base_kwargs),
+        "policy_instance": config.policy_instance, "conv_policy": config.conv_policy,
+        "options": config.options, "names": names, "events": list(opt.events),
+    }  # fmt: skip
+    return {**state, "_coap_config": saved}
 
 
-def setstate(opt, config: dict[str, Any]) -> None:
-    names = config.pop("names")
-    config.setdefault("_grouped", True)  # pickled before the grouped update existed
-    opt.comm_log = None  # a CommLog records one session's collectives: not configuration
-    for k, v in config.items():
-        setattr(opt, k, v)
-    opt._names = {id(opt.param_groups[gi]["params"][pi]): name for gi, pi, name in names}
+def setstate(opt, saved: dict[str, Any]) -> tuple[OptimizerConfig, list[str]]:
+    """The configuration and events of a pickled optimizer (its ``param_groups`` already restored)."""
+    groups = opt.param_groups
+    names = {id(groups[gi]["params"][pi]): name for gi, pi, name in saved["names"]}
+    config = OptimizerConfig(
+        saved["base"], saved["base_kwargs"], saved["policy_instance"], saved["conv_policy"],
+        saved.get("options", OptimizerOptions()), names,
+    )  # fmt: skip
+    return config, list(saved.get("events", []))

@@ -59,18 +59,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..compiler import CompiledBase
 from ..lowering.eager import apply_reprojection_, run_lowrank
-from ..projection import ProjectionPolicy
 from .selection import canonical_dims
 from .settings import EMA_KEY
 
 __all__ = [
     "CHUNK_BYTES",
+    "GroupBuffers",
     "MatrixGroup",
     "build_groups",
     "chunk_members",
@@ -85,14 +85,11 @@ __all__ = [
 CHUNK_BYTES = 512 * 1024
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class MatrixGroup:
-    """``K ≥ 2`` projected matrices of param group ``index`` sharing ``rows × rank`` states (docstring).
-
-    ``names`` are the packed low-rank states (the program's, then ``coap_exp_avg`` if kept);
-    ``buffers[name]`` is ``K×M×r``, ``steps`` the ``K`` step counters; ``views[name][k]`` is member
-    ``k``'s entry (``"step"`` included). Buffers are allocated by :func:`pack_` at the first step.
-    """
+    """``K ≥ 2`` projected matrices of param group ``index`` sharing ``rows × rank`` states (docstring):
+    the group's layout, rebuilt with the parameters' layouts. ``names`` are the packed low-rank states
+    (the program's, then ``coap_exp_avg`` if kept); ``key`` is what members share."""
 
     index: int
     members: tuple[Tensor, ...]
@@ -100,78 +97,88 @@ class MatrixGroup:
     rows: int
     rank: int
     names: tuple[str, ...]
+    dtype: torch.dtype
+    program: Any
+    policy: Any
+    scale: float
+    ema_beta: float
     key: tuple = ()
+
+
+@dataclass(eq=False)
+class GroupBuffers:
+    """The storage of one :class:`MatrixGroup`: ``buffers[name]`` is ``K×M×r``, ``steps`` the ``K`` step
+    counters, ``views[name][k]`` member ``k``'s entry (``"step"`` included); allocated by :func:`pack_`
+    at the first grouped step, dropped (re-packed on the next step) when the layouts are rebuilt."""
+
     buffers: dict[str, Tensor] = field(default_factory=dict)
     steps: Tensor | None = None
     views: dict[str, list[Tensor]] = field(default_factory=dict)
 
 
-def per_matrix_reason(opt, p: Tensor, index: int) -> str | None:
-    """Why projected matrix ``p`` of param group ``index`` cannot join a group (None: it can)."""
-    plan = opt._plans[p]
-    if not plan.projected:
+def per_matrix_reason(layout, grouped: bool) -> str | None:
+    """Why the parameter of ``layout`` cannot join a matrix group (None: it can)."""
+    from .layout import Kind
+
+    if not layout.projected:
         return "full rank"
-    if plan.tucker:
+    if layout.kind is Kind.TUCKER:
         return "Tucker-projected 4-D weight"
-    if not opt._grouped:
+    if not grouped:
         return "grouped=False"
-    if p in opt._shards:
+    if layout.shard is not None:
         return "FSDP2-sharded: DTensor states, refreshes over the shard group"
-    if opt._use_kernels(p):
+    if layout.kernels is not None:
         return "kernel path: K1/K2 per matrix (a grouped launch needs a grid axis over the group)"
-    if not opt._fp32_states(p):
+    if not layout.states.all_fp32:
         return "bf16/int8 state storage: one rounding stream per parameter"
-    program = opt._programs[(index, opt._state_dtype(p), 2)].program
+    program = layout.program.program
     if program.epilogue is None or program.decomposition.param_stats:
         return "reductions or weight statistics in the derived update: per-matrix semantics"
     return None
 
 
-def build_groups(opt) -> None:
-    """``opt._groups`` (groups of ≥ 2, members in parameter order) and ``opt._group_of``, from the plans:
-    members share param group, ``M``, rank, state and weight dtype, device and state names."""
+def build_groups(layouts: dict[Tensor, Any], grouped: bool) -> tuple[MatrixGroup, ...]:
+    """Matrix groups (≥ 2 members, in parameter order) from the layouts: members share param group,
+    ``M``, rank, state and weight dtype, device and state names."""
     by_key: dict[tuple, list[Tensor]] = {}
-    for i, g in enumerate(opt.param_groups):
-        for p in g["params"]:
-            if per_matrix_reason(opt, p, i) is None:
-                dtype = opt._state_dtype(p)
-                names = tuple(opt._io_specs[p][0])
-                rows = canonical_dims(p.shape, opt._plans[p].transposed)[0]  # M (projection_side="rows")
-                key = (i, rows, opt._plans[p].rank, dtype, p.dtype, p.device, names)
-                by_key.setdefault(key, []).append(p)
-    opt._groups, opt._group_of = [], {}
+    for p, lay in layouts.items():
+        if per_matrix_reason(lay, grouped) is None:
+            names = tuple(lay.states.storages)
+            rows = canonical_dims(p.shape, lay.transposed)[0]  # M (projection_side="rows": m)
+            key = (lay.group, rows, lay.rank, lay.work_dtype, p.dtype, p.device, names)
+            by_key.setdefault(key, []).append(p)
+    out = []
     for key, members in by_key.items():
         if len(members) < 2:
             continue  # a group of one is the per-matrix path
-        transposed = tuple(opt._plans[p].transposed for p in members)
-        group = MatrixGroup(key[0], tuple(members), transposed, key[1], key[2], key[6], key)
-        opt._groups.append(group)
-        opt._group_of.update(dict.fromkeys(members, group))
+        first = layouts[members[0]]
+        transposed = tuple(layouts[p].transposed for p in members)
+        out.append(MatrixGroup(
+            key[0], tuple(members), transposed, key[1], key[2], key[6], key[3], first.program, first.policy,
+            float(first.settings.scale), float(first.settings.first_moment_beta), key,
+        ))  # fmt: skip
+    return tuple(out)
 
 
-def explain_groups(opt) -> str:
-    """The grouped-update section of ``explain()``: the groups, and why the other matrices run alone."""
-    n = len(opt._groups)
-    lines = [f"grouped update: {n} group{'s' if n != 1 else ''} (grouped={opt._grouped}; runtime/grouped.py)"]
-    for mg in opt._groups:
+def explain_groups(groups: Sequence[MatrixGroup], alone: dict[str, int], grouped: bool) -> str:
+    """The grouped-update section of ``explain()``: the groups, and why the other matrices (``alone``:
+    reason → count) run alone."""
+    n = len(groups)
+    lines = [f"grouped update: {n} group{'s' if n != 1 else ''} (grouped={grouped}; runtime/grouped.py)"]
+    for mg in groups:
         device = mg.members[0].device
-        chunk = chunk_members(mg, torch.empty((), dtype=mg.key[3]).element_size(), device, False)
+        chunk = chunk_members(mg, torch.empty((), dtype=mg.dtype).element_size(), device, False)
         lines.append(
-            f"  param group {mg.index}: {len(mg.members)} matrices, states {mg.rows}x{mg.rank} {mg.key[3]} "
+            f"  param group {mg.index}: {len(mg.members)} matrices, states {mg.rows}x{mg.rank} {mg.dtype} "
             f"on {device}: X P and D P^T per member (torch.mm / addmm_, on CUDA too), one elementwise "
             f"pass per {min(chunk, len(mg.members))} members"
         )
-    alone: dict[str, int] = {}
-    for i, g in enumerate(opt.param_groups):
-        for p in g["params"]:
-            if opt._plans[p].projected and p not in opt._group_of:
-                reason = per_matrix_reason(opt, p, i) or "no other matrix with its state shape"
-                alone[reason] = alone.get(reason, 0) + 1
     lines += [f"  per matrix: {c} ({reason})" for reason, c in sorted(alone.items())]
     return "\n".join(lines)
 
 
-def _repack(group: MatrixGroup, name: str, current: list[Tensor], states: Sequence[dict]) -> bool:
+def _repack(group: GroupBuffers, name: str, current: list[Tensor], states: Sequence[dict]) -> bool:
     like = current[0]
     if any(c.shape != like.shape or c.dtype != like.dtype or c.device != like.device for c in current):
         return False
@@ -201,10 +208,10 @@ def _repack(group: MatrixGroup, name: str, current: list[Tensor], states: Sequen
     return True
 
 
-def pack_(group: MatrixGroup, states: Sequence[dict]) -> bool:
+def pack_(layout: MatrixGroup, group: GroupBuffers, states: Sequence[dict]) -> bool:
     """Make every member's packed entries views of the group's buffers (copying entries that are not);
     False if some member lacks one (its first step has not happened yet), leaving everything as is."""
-    names = (*group.names, "step")
+    names = (*layout.names, "step")
     if any(n not in st for st in states for n in names):
         return False
     for name in names:
@@ -217,70 +224,66 @@ def pack_(group: MatrixGroup, states: Sequence[dict]) -> bool:
     return True
 
 
-def ready(group: MatrixGroup, states: Sequence[dict]) -> list[tuple[int, int]]:
+def ready(layout: MatrixGroup, group: GroupBuffers, states: Sequence[dict]) -> list[tuple[int, int]]:
     """The runs ``[s, e)`` of members that step as one this step: maximal ranges of consecutive members
     that have a gradient and equal step counters (their bias corrections are one set of scalars).
     Empty when the states are not packed yet (the first step initializes them per matrix)."""
-    if not pack_(group, states):
+    if not pack_(layout, group, states):
         return []
     ks = group.steps.tolist()  # one host read (the counters live on the CPU, as torch keeps them)
     runs: list[tuple[int, int]] = []
     start = None
-    for k, p in enumerate(group.members):
+    for k, p in enumerate(layout.members):
         if start is not None and (p.grad is None or ks[k] != ks[start]):
             runs.append((start, k))
             start = None
         if start is None and p.grad is not None:
             start = k
     if start is not None:
-        runs.append((start, len(group.members)))
+        runs.append((start, len(layout.members)))
     return runs
 
 
-def chunk_members(group: MatrixGroup, itemsize: int, device: torch.device, compiling: bool) -> int:
+def chunk_members(layout: MatrixGroup, itemsize: int, device: torch.device, compiling: bool) -> int:
     """Members per elementwise pass: on CPU as many as keep one state slice within :data:`CHUNK_BYTES`
     (module docstring: a pass over cache-sized slices is 2-4× faster than one over the whole group);
     the whole group on other devices and in a traced step (Inductor fuses the pass into one loop)."""
     if compiling or device.type != "cpu":
-        return len(group.members)
-    return max(1, CHUNK_BYTES // (group.rows * group.rank * itemsize))
+        return len(layout.members)
+    return max(1, CHUNK_BYTES // (layout.rows * layout.rank * itemsize))
 
 
 def grouped_update_(
-    group: MatrixGroup,
+    layout: MatrixGroup,
+    group: GroupBuffers,
     runs: Sequence[tuple[int, int]],
     grads: Sequence[Tensor | None],
     states: Sequence[dict],
-    compiled: CompiledBase,
-    policy: ProjectionPolicy,
+    scalars: tuple[Tensor, list[Tensor]],
     *,
-    dtype: torch.dtype,
-    inputs: tuple[Tensor, list[Tensor]],
-    scale: float,
-    ema_beta: float,
     compiling: bool,
 ) -> None:
-    """One step of the members in ``runs`` (:func:`ready`; module docstring), in place. ``inputs`` are
+    """One step of the members in ``runs`` (:func:`ready`; module docstring), in place. ``scalars`` are
     the group's ``(lr, h)``; ``grads`` were read before the states (the compiled-region contract). Each
     chunk of members is computed completely before its first write (weights, then states and steps)."""
-    lr_t, hypers = inputs
+    lr_t, hypers = scalars
     chunk = chunk_members(
-        group, torch.empty((), dtype=dtype).element_size(), group.members[0].device, compiling
+        layout, torch.empty((), dtype=layout.dtype).element_size(), layout.members[0].device, compiling
     )
     for first, end in runs:
         k_t = group.steps[first].to(torch.float64)
         for s in range(first, end, chunk):
             _chunk_update_(
-                group, s, min(s + chunk, end), grads, states, compiled.program, policy, dtype,
-                (k_t, lr_t, hypers), scale, ema_beta, compiling,
-            )  # fmt: skip
+                layout, group, s, min(s + chunk, end), grads, states, (k_t, lr_t, hypers), compiling
+            )
 
 
-def _chunk_update_(group, s, e, grads, states, program, policy, dtype, inputs, scale, ema_beta, compiling):
+def _chunk_update_(layout, group, s, e, grads, states, inputs, compiling):
     k_t, lr_t, hypers = inputs
-    members, bufs = group.members, group.buffers
+    program, policy, dtype = layout.program.program, layout.policy, layout.dtype
+    members, bufs = layout.members, group.buffers
     projs, xs = [], []
-    for p, g, st, tr in zip(members[s:e], grads[s:e], states[s:e], group.transposed[s:e]):
+    for p, g, st, tr in zip(members[s:e], grads[s:e], states[s:e], layout.transposed[s:e]):
         proj = policy.basis(st)
         projs.append(proj if proj.dtype == dtype else proj.to(dtype))
         x = g if program.prologue is None else program.prologue(p.to(dtype), g.to(dtype), k_t, lr_t, *hypers)
@@ -288,19 +291,19 @@ def _chunk_update_(group, s, e, grads, states, program, policy, dtype, inputs, s
     if compiling:  # traced: a stack of products (Inductor writes them in place)
         x_proj = torch.stack([x @ proj for x, proj in zip(xs, projs)])
     else:
-        x_proj = torch.empty((e - s, group.rows, group.rank), dtype=dtype, device=xs[0].device)
+        x_proj = torch.empty((e - s, layout.rows, layout.rank), dtype=dtype, device=xs[0].device)
         for k, (x, proj) in enumerate(zip(xs, projs)):
             torch.mm(x, proj, out=x_proj[k])
     olds = [bufs[n][s:e] for n in program.state_names]
     decay, delta, new_states, new_step = run_lowrank(program, members[s], x_proj, olds, k_t, lr_t, hypers)
     if not compiling and isinstance(decay, Tensor):
         decay = float(decay)  # one host read per chunk (apply_reprojection_ would read it per member)
-    for k, (p, tr) in enumerate(zip(members[s:e], group.transposed[s:e])):
-        apply_reprojection_(p.t() if tr else p, decay, delta[k], projs[k], scale)
+    for k, (p, tr) in enumerate(zip(members[s:e], layout.transposed[s:e])):
+        apply_reprojection_(p.t() if tr else p, decay, delta[k], projs[k], layout.scale)
     for old, value in zip(olds, new_states):
         if value is not old:
             old.copy_(value)
     group.steps[s:e].copy_(new_step)
     if EMA_KEY in bufs:
         ema = bufs[EMA_KEY][s:e]
-        ema.copy_(torch.lerp(ema, x_proj, 1.0 - ema_beta))
+        ema.copy_(torch.lerp(ema, x_proj, 1.0 - layout.ema_beta))

@@ -3,7 +3,7 @@
 ``handle = coap_compile.step_in_backward(model, opt)`` registers a ``register_post_accumulate_grad_hook``
 on every parameter of ``model`` that ``opt`` (a :class:`~.optimizer.CoapOptimizer`) owns. When autograd
 has accumulated ``p.grad`` the hook runs the optimizer's own step restricted to ``p``
-(``CoapOptimizer._step_only``: the same checks, refresh schedule, compiled update, inner base
+(``CoapOptimizer.step_subset``: the same checks, refresh schedule, compiled update, inner base
 optimizer for full-rank parameters) and sets ``p.grad = None``, so the full-size gradients of all layers
 never coexist: the live gradient bytes peak at the largest single gradient instead of their sum.
 
@@ -78,9 +78,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import NonFiniteGradientError
+from .layout import Kind
 from .optimizer import CoapOptimizer
-from .precision import resolve_precision
-from .refresh import policy_keys
+from .schedule import Need, due
 from .validate import all_finite, check_gradients
 
 __all__ = ["InBackward", "accumulation_needs_full_gradient", "step_in_backward"]
@@ -140,7 +140,7 @@ class InBackward:
     # -- hooks -----------------------------------------------------------------------------------------
     def _hook(self, p: Tensor) -> None:
         if self.accumulation_steps == 1:
-            self.optimizer._step_only([p])
+            self.optimizer.step_subset([p])
             p.grad = None
             return
         task = torch._C._current_graph_task_id()
@@ -161,13 +161,12 @@ class InBackward:
     def _accumulate(self, p: Tensor) -> None:
         """``A ← A + X P`` for this micro-batch (the gradient checked first), then free the gradient."""
         opt = self.optimizer
-        check_gradients([{"params": [p]}], opt._name, opt._check_finite)
-        index = _group_index(opt, p)
-        dtype = opt._state_dtype(p)
-        proj = opt._policies[index].basis(opt.state[p])
-        if proj.dtype != dtype:
-            proj = proj.to(dtype)
-        x = p.grad.t() if opt._plans[p].transposed else p.grad  # the orientation the update uses
+        check_gradients([{"params": [p]}], opt.param_name, opt.config.options.check_finite)
+        layout = opt.layout(p)
+        proj = layout.policy.basis(opt.state[p])
+        if proj.dtype != layout.work_dtype:
+            proj = proj.to(layout.work_dtype)
+        x = p.grad.t() if layout.transposed else p.grad  # the orientation the update uses
         x = x.to(proj.dtype)  # no copy for float32 gradients
         acc = self._acc.get(p)
         if acc is None:
@@ -181,16 +180,16 @@ class InBackward:
         opt = self.optimizer
         extra = self._acc.get(p)
         if extra is not None:
-            if opt._check_finite and not all_finite([extra]):  # finite terms can still overflow
+            if opt.config.options.check_finite and not all_finite([extra]):  # finite terms can overflow
                 raise NonFiniteGradientError(
-                    f"the accumulated projected gradient of parameter {opt._name(p)!r} (shape "
+                    f"the accumulated projected gradient of parameter {opt.param_name(p)!r} (shape "
                     f"{tuple(p.shape)}) overflowed to inf/NaN; nothing was modified"
                 )
             if p.grad is None:  # unused in the boundary micro-batch: X = 0 (+ c(W) through the prologue)
                 p.grad = torch.zeros_like(p)
-            opt._step_only([p], {p: extra})
+            opt.step_subset([p], {p: extra})
         elif p.grad is not None:
-            opt._step_only([p])
+            opt.step_subset([p])
         p.grad = None
         self._acc.pop(p, None)
         self._lowrank.pop(p, None)
@@ -211,13 +210,6 @@ class InBackward:
         self._lowrank.clear()
 
 
-def _group_index(opt: CoapOptimizer, p: Tensor) -> int:
-    for i, g in enumerate(opt.param_groups):
-        if any(q is p for q in g["params"]):
-            return i
-    raise ValueError(f"parameter {opt._name(p)!r} is not in the optimizer's param_groups any more")
-
-
 def _prologue_is_additive(compiled, inputs: tuple, dtype: torch.dtype) -> bool:
     """Whether ``prologue(W, G) = G + c(W)``: checked at random probes (two gradients, one weight)."""
     gen = torch.Generator().manual_seed(0)
@@ -234,35 +226,23 @@ def accumulation_needs_full_gradient(
     opt: CoapOptimizer, p: Tensor, memo: dict[int, bool] | None = None
 ) -> bool:
     """Whether ``p``'s next step needs the full summed ``X`` (module docstring's list), i.e. whether it
-    must accumulate its full gradient. Mirrors :func:`.refresh.plan_refresh`'s conditions (what it would
-    commit without reading ``X``: nothing); ``tests/test_in_backward.py`` cross-checks the two."""
-    opt._sync_settings()
-    plan = opt._plans.get(p)
-    if plan is None or not plan.projected or plan.tucker:
+    must accumulate its full gradient: :func:`.schedule.due` (the same answer the step acts on) says
+    ``FULL``, or ``p`` is not a projected matrix, or its prologue is not ``G + c(W)``."""
+    opt.sync_plan()
+    layout = opt.plan.layouts.get(p)
+    if layout is None or layout.kind is not Kind.MATRIX:
         return True
-    index = _group_index(opt, p)
     state = opt.state.get(p)
     if not state or "step" not in state:
         return True
-    policy = opt._policies[index]
-    if policy.refresh_kind(int(state["step"].item())):
+    if due(layout, state, opt.state_io(p)).need is Need.FULL:
         return True
-    keys = policy_keys(policy)
-    if not set(keys) <= state.keys() or policy.state_shape(state)[1] != plan.rank:
-        return True
-    group = opt.param_groups[index]
-    if "proj" in keys and state["proj"].dtype != resolve_precision(group, p).proj_dtype:
-        return True
-    io = opt._io(p)
-    if any(io.keys_of(n) and not io.matches(n) for n in io.storages):
-        return True
-    compiled = opt._compiled(*opt._program_key(p, index))
+    compiled = layout.program
     if compiled.program.prologue is None:
         return False
     memo = {} if memo is None else memo
-    if id(compiled) not in memo:
-        opt._fill_scalars()  # the live inputs (a freshly loaded optimizer has not filled them yet)
-        memo[id(compiled)] = _prologue_is_additive(compiled, opt._inputs(state, index), opt._state_dtype(p))
+    if id(compiled) not in memo:  # the live inputs (a freshly loaded optimizer has not filled them yet)
+        memo[id(compiled)] = _prologue_is_additive(compiled, opt.live_inputs(p), layout.work_dtype)
     return not memo[id(compiled)]
 
 
@@ -315,14 +295,14 @@ def step_in_backward(
             continue
         if p not in owned:
             raise ValueError(
-                f"parameter {optimizer._name(p)!r} (shape {tuple(p.shape)}) requires grad but is not in "
+                f"parameter {optimizer.param_name(p)!r} (shape {tuple(p.shape)}) requires grad but is not in "
                 "the optimizer's param_groups: pass the optimizer that owns it, or only its parameters"
             )
         seen.add(p)
         params.append(p)
     if not params:
         raise ValueError("model_or_params has no parameter that requires grad")
-    sharded = [optimizer._name(p) for p in params if p in getattr(optimizer, "_shards", {})]
+    sharded = [optimizer.param_name(p) for p in params if optimizer.layout(p).shard is not None]
     if sharded:
         raise ValueError(
             f"parameters {sharded[:3]} are FSDP2-sharded (DTensor): in-backward updates support plain and "

@@ -26,6 +26,8 @@ import torch
 
 from ..capture import capture, init_states
 from ..distributed import fsdp
+from .layout import Kind
+from .scalars import base_hyperparams
 from .selection import canonical_dims
 
 __all__ = ["MemoryPlan", "MemoryRow", "base_keeps_step", "base_state_bytes", "plan_memory"]
@@ -116,54 +118,37 @@ def plan_memory(opt) -> MemoryPlan:
     """One row per parameter (and per shared tensor); each state is counted by its storage's exact closed
     form (:meth:`coap_compile.storage.StateStorage.nbytes`: fp32 4 B/element, bf16 2 B (+16 B of rounding
     stream), int8 1 B + a float32 scale per block (+16 B)), ``P`` at its precision."""
-    from .precision import resolve_precision
-
+    config = opt.config
     rows = []
     shared: dict[str, tuple[tuple[int, ...], torch.dtype, str]] = {}  # counted once per key and device
-    for i, group in enumerate(opt.param_groups):
-        hyper = opt._base_hyperparams(group)
-        for p in group["params"]:
-            plan = opt._plans[p]
-            # an FSDP2 (DTensor) parameter: this rank's bytes, from its local shard's shape
-            base, base_detail = base_state_bytes(opt._base_cls, hyper, opt._base_kwargs, fsdp.local(p))
-            spec = opt._io_specs.get(p)
-            if not plan.projected:
-                if spec is None:  # torch's own optimizer
-                    row = MemoryRow(opt._name(p), tuple(p.shape), str(p.dtype), 0, base, base, base_detail)
-                    rows.append(row)
-                    continue
-                storages, kinds, _, shapes = spec
-                detail = {n: stg.nbytes(shapes[n], kinds.get(n, "other")) for n, stg in storages.items()}
-                detail["step"] = 4
-                total = sum(detail.values())
-                rows.append(MemoryRow(opt._name(p), tuple(p.shape), str(p.dtype), 0, total, base, detail))
-                continue
-            dtype = opt._state_dtype(p)
-            prec = resolve_precision(group, p)
-            storages, kinds, _, shapes = spec
-            if plan.tucker:  # factors U0 (C_out×r0), U1 (C_in×r1) + core-shaped states
-                layout = opt._tucker_policies[i].state_layout(tuple(p.shape), plan.ranks, dtype)
-                detail = {k: _nbytes(s_, d) for k, (s_, d) in layout.items()}
-                detail.update({n: stg.nbytes(shapes[n], kinds[n]) for n, stg in storages.items()})
-                detail["step"] = 4
-                name, shape, total = opt._name(p), tuple(p.shape), sum(detail.values())
-                rows.append(MemoryRow(name, shape, str(p.dtype), min(plan.ranks), total, base, detail))
-                continue
-            small = canonical_dims(p.shape, plan.transposed)[1]  # N (P is replicated under FSDP2)
-            policy = opt._policies[i]
-            detail = {}
-            for k, (shape, sdt) in policy.state_layout(small, plan.rank, dtype).items():
-                detail[k] = _nbytes(shape, prec.proj_dtype if k == "proj" else sdt)
-            for key, (shape, sdt) in policy.shared_state_layout(small, dtype).items():
-                shared.setdefault(f"{key} on {p.device}", (shape, sdt, str(p.device)))
-            for n, stg in storages.items():
-                detail[n] = stg.nbytes(shapes[n], kinds[n])
-            detail["step"] = 4
-            rows.append(
-                MemoryRow(
-                    opt._name(p), tuple(p.shape), str(p.dtype), plan.rank, sum(detail.values()), base, detail
-                )
-            )
+    for p, lay in opt.plan.layouts.items():
+        hyper = base_hyperparams(opt.param_groups[lay.group])
+        # an FSDP2 (DTensor) parameter: this rank's bytes, from its local shard's shape
+        base, base_detail = base_state_bytes(config.base, hyper, config.base_kwargs, fsdp.local(p))
+        name, shape = opt.param_name(p), tuple(p.shape)
+        if lay.kind is Kind.TORCH:  # torch's own optimizer
+            rows.append(MemoryRow(name, shape, str(p.dtype), 0, base, base, base_detail))
+            continue
+        spec = lay.states
+        detail = {
+            n: stg.nbytes(spec.shapes[n], spec.kinds.get(n, "other")) for n, stg in spec.storages.items()
+        }
+        detail["step"] = 4
+        rank = 0
+        if lay.kind is Kind.TUCKER:  # factors U0 (C_out×r0), U1 (C_in×r1) + core-shaped states
+            layout = lay.policy.state_layout(shape, lay.ranks, lay.work_dtype)
+            detail = {**{k: _nbytes(s_, d) for k, (s_, d) in layout.items()}, **detail}
+            rank = min(lay.ranks)
+        elif lay.kind is Kind.MATRIX:
+            small = canonical_dims(p.shape, lay.transposed)[1]  # N (P is replicated under FSDP2)
+            extra = {}
+            for k, (s_, sdt) in lay.policy.state_layout(small, lay.rank, lay.work_dtype).items():
+                extra[k] = _nbytes(s_, lay.precision.proj_dtype if k == "proj" else sdt)
+            for key, (s_, sdt) in lay.policy.shared_state_layout(small, lay.work_dtype).items():
+                shared.setdefault(f"{key} on {p.device}", (s_, sdt, str(p.device)))
+            detail = {**extra, **detail}
+            rank = lay.rank
+        rows.append(MemoryRow(name, shape, str(p.dtype), rank, sum(detail.values()), base, detail))
     for key, (shape, sdt, _dev) in sorted(shared.items()):  # e.g. the DCT basis shared by same-width matrices
         b = _nbytes(shape, sdt)
         rows.append(MemoryRow(f"[shared] {key}", tuple(shape), str(sdt), 0, b, 0, {key: b}))

@@ -40,35 +40,19 @@ from torch import Tensor
 
 from ..storage import FP32Storage, StateStorage, get_storage, stored_precision
 from ..storage.base import numel
-from ..storage.int8 import DEFAULT_BLOCK_SIZE, check_block_size
 
 __all__ = [
     "PRECISION_KEYS",
     "Precision",
-    "STATE_PRECISIONS",
     "StateIO",
     "physical_precision",
     "resolve_precision",
     "state_storage",
-    "validate_precision",
 ]
 
-STATE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
-PROJECTION_PRECISIONS = ("auto", "fp32", "bf16")
 PRECISION_KEYS = ("state_precision", "projection_precision", "quant_block_size")
 #: int8 keeps smaller tensors in float32 (their scales would cost as much as they save).
 INT8_MIN_NUMEL = 4096
-
-
-def validate_precision(state_precision, projection_precision, quant_block_size) -> None:
-    """ValueError/TypeError naming the argument, its value and what is allowed."""
-    if state_precision not in STATE_PRECISIONS:
-        raise ValueError(f"state_precision must be one of {STATE_PRECISIONS}, got {state_precision!r}")
-    if projection_precision not in PROJECTION_PRECISIONS:
-        raise ValueError(
-            f"projection_precision must be one of {PROJECTION_PRECISIONS}, got {projection_precision!r}"
-        )
-    check_block_size(quant_block_size)  # "quant_block_size must be a power of two in [16, 4096], got …"
 
 
 @dataclass(frozen=True)
@@ -81,16 +65,17 @@ class Precision:
     work_dtype: torch.dtype  # float64 for float64 weights, float32 otherwise
 
 
-def resolve_precision(group: dict, p: Tensor) -> Precision:
+def resolve_precision(settings, p: Tensor) -> Precision:
+    """The precisions of ``p`` under a group's :class:`~.settings.CoapSettings` (module docstring rules)."""
     work = torch.float64 if p.dtype == torch.float64 else torch.float32
-    states = group.get("state_precision", "auto")
+    states = settings.state_precision
     if states == "auto":
         states = "bf16" if p.dtype in (torch.bfloat16, torch.float16) else "fp32"
-    proj = group.get("projection_precision", "auto")
+    proj = settings.projection_precision
     if proj == "auto":
         proj = "bf16" if states in ("bf16", "int8") else "fp32"
     proj_dtype = work if proj == "fp32" else torch.bfloat16
-    return Precision(states, proj_dtype, group.get("quant_block_size", DEFAULT_BLOCK_SIZE), work)
+    return Precision(states, proj_dtype, settings.quant_block_size, work)
 
 
 @functools.cache

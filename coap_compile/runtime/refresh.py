@@ -1,8 +1,8 @@
 """Refreshes of ``P``, two-phase so that a step that raises leaves every state as it was.
 
 Phase 1 (:func:`plan_refresh`, per projected parameter with a gradient) computes what the schedule
-asks for at the parameter's completed-step count ``k`` without writing anything, and returns a
-*commit* closure; phase 2 runs all commits. Kinds:
+(:mod:`.schedule`) finds due at the parameter's completed-step count ``k`` without writing anything,
+and returns a *commit* closure; phase 2 runs all commits. Actions:
 
 * ``init`` (no state yet): ``P = policy.init(X)``, fresh low-rank base states, ``step = 0``;
 * ``rebase`` (the state's rank, projection policy or storage precision no longer matches the group's
@@ -29,20 +29,16 @@ import torch
 from torch import Tensor
 
 from ..compiler import CompiledBase
-from ..distributed import fsdp
-from ..distributed.comm import CommLog
 from ..projection import ProjectionPolicy
+from .inits import lowrank_inits
+from .layout import ParamLayout
 from .precision import StateIO
+from .schedule import Due, policy_keys, step_count
 from .settings import EMA_KEY
 
-__all__ = ["canonical_input", "lowrank_inits", "plan_refresh", "policy_keys"]
+__all__ = ["canonical_input", "plan_refresh"]
 
 Commit = Callable[[], None]
-
-
-def policy_keys(policy: ProjectionPolicy) -> tuple[str, ...]:
-    """The state entries a policy owns (``proj``, Flora's ``seed``, DCT's ``dct_index`` …)."""
-    return tuple(policy.state_layout(1, 1, torch.float32))
 
 
 def canonical_input(
@@ -58,14 +54,6 @@ def canonical_input(
     if prologue is not None:
         g = prologue(p.to(dtype), g.to(dtype), k_t, lr_t, *hypers)
     return (g.t() if transposed else g), transposed
-
-
-def lowrank_inits(compiled: CompiledBase, policy, rows: int, rank: int, dtype, device) -> dict[str, Tensor]:
-    """Initial values (float32/64) of the low-rank states, ``coap_exp_avg`` included when needed."""
-    states = compiled.init_lowrank_states(rows, rank, dtype, device)
-    if compiled.program.first_moment is None and policy.needs_first_moment:
-        states[EMA_KEY] = torch.zeros((rows, rank), dtype=dtype, device=device)
-    return states
 
 
 def _stored(io: StateIO, values: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -122,117 +110,113 @@ def _map_moments(program, state: dict, old_p: Tensor | None, new_p: Tensor, init
     return out
 
 
-def plan_refresh(
-    io: StateIO,
-    p: Tensor,
-    rank: int,
-    compiled: CompiledBase,
-    policy: ProjectionPolicy,
-    *,
-    dtype: torch.dtype,
-    proj_dtype: torch.dtype,
-    inputs: tuple[Tensor, Tensor, list[Tensor]],
-    restore: bool,
-    transposed: bool | None = None,
-    rows_side: bool = False,
-    shard: fsdp.ShardSpec | None = None,
-    comm: CommLog | None = None,
-) -> Commit | None:
-    """Phase 1 for one projected parameter; returns its commit (None when nothing is due).
+def plan_refresh(layout: ParamLayout, p: Tensor, io: StateIO, due: Due, inputs, comm=None) -> Commit | None:
+    """Phase 1 for one projected matrix: the commit of what :func:`.schedule.due` found (None: nothing).
 
-    ``p`` is the local weight (an FSDP2 weight's local rows:
-    :func:`~coap_compile.distributed.fsdp.local_param`), ``transposed`` the plan's side; ``rows_side``
-    refreshes run through :mod:`coap_compile.distributed.fsdp` (its basis convention; collectives over
-    ``shard.group``)."""
-    state, program = io.state, compiled.program
-    k = int(state["step"].item()) if "step" in state else 0
-    if transposed is None:  # the canonical side (the plan's for projection_side="auto")
-        transposed = p.shape[0] < p.shape[1]
-    rows = p.shape[1] if transposed else p.shape[0]  # M (local rows of a sharded weight)
+    ``p`` is the local weight with its gradient (an FSDP2 weight's local rows:
+    :func:`~coap_compile.distributed.fsdp.local_param`); the policy's refreshes run over ``layout.comm``
+    (the rows side's aligned convention, collectives over the shard group); ``comm`` is that context
+    (default ``layout.comm()``: no collective log)."""
+    comm = layout.comm() if comm is None else comm
+    if due.action == "init":
+        return _plan_init(layout, p, io, inputs, comm)
+    if due.action == "rebase":
+        return _plan_rebase(layout, p, io, inputs, comm)
+    if due.action in ("refresh", "fixup"):
+        return _plan_refresh(layout, p, io, due, inputs, comm)
+    return None
 
-    def fresh_basis(x: Tensor) -> dict[str, Tensor]:
-        if rows_side:
-            return fsdp.init_basis(policy, x.to(dtype), rank, shard, comm)
-        return policy.init_state(x.to(dtype), rank)
 
-    if not state:
-        x, _ = canonical_input(p, compiled, dtype, *inputs, transposed=transposed)
-        new = {"step": torch.zeros((), dtype=torch.float32)}
-        new.update(_policy_state(fresh_basis(x), proj_dtype))
-        new.update(_stored(io, lowrank_inits(compiled, policy, rows, rank, dtype, p.device)))
+def _rows(layout: ParamLayout, p: Tensor) -> int:
+    return p.shape[1] if layout.transposed else p.shape[0]  # M (local rows of a sharded weight)
 
-        def commit_init() -> None:
-            state.clear()
-            state.update(new)
 
-        return commit_init
+def _x(layout: ParamLayout, p: Tensor, inputs) -> Tensor:
+    return canonical_input(p, layout.program, layout.work_dtype, *inputs, transposed=layout.transposed)[0]
+
+
+def _plan_init(layout: ParamLayout, p: Tensor, io: StateIO, inputs, comm) -> Commit:
+    """``P = policy.init(X)``, fresh low-rank states, ``step = 0``."""
+    state, dtype = io.state, layout.work_dtype
+    x = _x(layout, p, inputs)
+    new = {"step": torch.zeros((), dtype=torch.float32)}
+    new.update(_policy_state(layout.policy.init_state(x.to(dtype), layout.rank, comm),
+                             layout.precision.proj_dtype))  # fmt: skip
+    new.update(_stored(io, lowrank_inits(layout.program, layout.policy, _rows(layout, p), layout.rank, dtype,
+                                         p.device)))  # fmt: skip
+
+    def commit_init() -> None:
+        state.clear()
+        state.update(new)
+
+    return commit_init
+
+
+def _plan_rebase(layout: ParamLayout, p: Tensor, io: StateIO, inputs, comm) -> Commit:
+    """A new basis at the layout's rank (or, when only the storage precision changed, the same ``P``),
+    the moments mapped into it and stored in the current precision."""
+    state, dtype, policy, rank = io.state, layout.work_dtype, layout.policy, layout.rank
     keys = policy_keys(policy)
-    names = tuple(io.storages)
-    proj_ok = "proj" not in keys or state.get("proj", torch.empty(0)).dtype == proj_dtype
-    if (
-        not set(keys) <= state.keys()
-        or policy.state_shape(state)[1] != rank
-        or not proj_ok
-        or any(io.keys_of(n) and not io.matches(n) for n in names)
-    ):
-        x, _ = canonical_input(p, compiled, dtype, *inputs, transposed=transposed)
-        init = fresh_basis(x)
-        same_basis = set(keys) <= state.keys() and policy.state_shape(state)[1] == rank
-        if same_basis:  # only the storage precision changed: keep P, convert the states
-            init = _working(state, keys, dtype)
-        mapped = _map_moments(
-            program, state, _old_basis(state, policy, keys), policy.basis(init),
-            lowrank_inits(compiled, policy, rows, rank, dtype, p.device),
-        )  # fmt: skip
-        rebased = {**_policy_state(init, proj_dtype), **_stored(io, mapped)}
+    x = _x(layout, p, inputs)
+    init = policy.init_state(x.to(dtype), rank, comm)
+    same_basis = set(keys) <= state.keys() and policy.state_shape(state)[1] == rank
+    if same_basis:  # only the storage precision changed: keep P, convert the states
+        init = _working(state, keys, dtype)
+    mapped = _map_moments(
+        layout.program.program, state, _old_basis(state, policy, keys), policy.basis(init),
+        lowrank_inits(layout.program, policy, _rows(layout, p), rank, dtype, p.device),
+    )  # fmt: skip
+    rebased = {**_policy_state(init, layout.precision.proj_dtype), **_stored(io, mapped)}
 
-        def commit_rebase() -> None:
-            step = state["step"]
-            state.clear()
-            state.update({"step": step, **rebased})
+    def commit_rebase() -> None:
+        step = state["step"]
+        state.clear()
+        state.update({"step": step, **rebased})
 
-        return commit_rebase
-    present = {n for n in names if io.keys_of(n)}
-    extra = set(names) - present
-    owned = {"step", *keys} | {k_ for n in present for k_ in io.keys_of(n)}
-    obsolete = set(state) - owned
-    kind = policy.refresh_kind(k)
-    if not (kind or extra or obsolete):
-        return None
+    return commit_rebase
+
+
+def _plan_refresh(layout: ParamLayout, p: Tensor, io: StateIO, due: Due, inputs, comm) -> Commit:
+    """The policy's refresh on working copies (committed with ``copy_``), ``restore_state``'s moment map,
+    and the states a new compiled signature adds or drops."""
+    state, dtype, policy = io.state, layout.work_dtype, layout.policy
+    program, keys, names = layout.program.program, policy_keys(policy), tuple(io.storages)
     refreshed: dict[str, Tensor] = {}
     changed = False
-    if kind:
-        x, _ = canonical_input(p, compiled, dtype, *inputs, transposed=transposed)
+    if due.kind:
+        x = _x(layout, p, inputs)
         first_name = program.first_moment or (EMA_KEY if EMA_KEY in names else None)
         first = io.load(first_name) if first_name else None
         refreshed = _working(state, keys, dtype)
-        if rows_side:
-            changed = fsdp.refresh_basis(policy, refreshed, x, k, first_moment=first, spec=shard, comm=comm)
-        else:
-            changed = policy.refresh(refreshed, x, k, first_moment=first, transposed=transposed)
+        changed = policy.refresh(
+            refreshed, x, step_count(state), first_moment=first, transposed=layout.transposed, comm=comm
+        )
+    restore = layout.settings.restore_state and changed
     rank_now = policy.state_shape(state)[1]
 
     def commit_refresh() -> None:
-        old = policy.snapshot(_working(state, keys, dtype)) if restore and changed else None
+        old = policy.snapshot(_working(state, keys, dtype)) if restore else None
         for key, value in refreshed.items():
             state[key].copy_(value)
         if old is not None:
-            kinds = program.state_kinds
-            first = [n for n in program.state_names if kinds[n] == "first_moment"] + (
-                [EMA_KEY] if EMA_KEY in names else []
-            )
-            second = [n for n in program.state_names if kinds[n] == "second_moment"]
-            values = {n: io.load(n).clone() for n in (*first, *second)}
-            current = _working(state, keys, dtype)
-            policy.remap_moments(
-                old, current, first=[values[n] for n in first], second=[values[n] for n in second]
-            )
-            for n, v in values.items():
-                io.store_(n, v)
-        for name in obsolete:
+            _restore_moments(program, policy, io, old, _working(state, keys, dtype))
+        for name in due.obsolete:
             del state[name]
-        if extra:
-            inits = lowrank_inits(compiled, policy, rows, rank_now, dtype, p.device)
-            state.update(_stored(io, {n: inits[n] for n in extra}))
+        if due.extra:
+            inits = lowrank_inits(layout.program, policy, _rows(layout, p), rank_now, dtype, p.device)
+            state.update(_stored(io, {n: inits[n] for n in due.extra}))
 
     return commit_refresh
+
+
+def _restore_moments(program, policy: ProjectionPolicy, io: StateIO, old: dict, current: dict) -> None:
+    """``restore_state``: the first and second moments mapped from ``old``'s basis to ``current``'s."""
+    kinds, names = program.state_kinds, tuple(io.storages)
+    first = [n for n in program.state_names if kinds[n] == "first_moment"] + (
+        [EMA_KEY] if EMA_KEY in names else []
+    )
+    second = [n for n in program.state_names if kinds[n] == "second_moment"]
+    values = {n: io.load(n).clone() for n in (*first, *second)}
+    policy.remap_moments(old, current, first=[values[n] for n in first], second=[values[n] for n in second])
+    for n, v in values.items():
+        io.store_(n, v)

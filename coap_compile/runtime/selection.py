@@ -8,7 +8,8 @@ searched in the module name, or a callable ``(name, module) -> bool``) replaces 
 2-D weights of the matching modules are projected, with the rank clamped to their smaller dimension.
 
 Given parameters or parameter groups, a 2-D parameter is projected by the same size rule; a group's
-``"project": True/False`` forces the choice for its parameters.
+``"project": True/False`` forces the choice for its parameters (the per-parameter decision:
+:func:`coap_compile.runtime.layout.kind_of`).
 
 4-D convolution weights (``C_out×C_in×kh×kw``) are Tucker-projected when the group sets
 ``conv_rank_ratio`` ``ρ`` and the weight has more than 9216 elements (the official size threshold,
@@ -22,62 +23,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from ..distributed.fsdp import is_dtensor
-from ..projection.base import resolve_rank
-from ..projection.tucker import is_tucker_candidate, tucker_ranks
-
-__all__ = ["ParamPlan", "canonical_dims", "groups_from_model", "plan_param"]
+__all__ = ["canonical_dims", "groups_from_model"]
 
 TargetModules = Sequence[str] | Callable[[str, nn.Module], bool] | None
-
-
-@dataclass(frozen=True)
-class ParamPlan:
-    """How one parameter is optimized: ``rank > 0`` for a projected matrix, ``ranks`` (one per projected
-    mode) for a Tucker-projected 4-D weight, neither for a full-rank (base optimizer) parameter."""
-
-    rank: int
-    transposed: bool
-    ranks: tuple[int, ...] = ()
-    rows_side: bool = False  # X = G whatever the aspect ratio (projection_side="rows", FSDP2 weights)
-
-    @property
-    def projected(self) -> bool:
-        return self.rank > 0 or bool(self.ranks)
-
-    @property
-    def tucker(self) -> bool:
-        return bool(self.ranks)
 
 
 def canonical_dims(shape, transposed: bool) -> tuple[int, int]:
     """``(M, N)`` of the projected view ``X`` of an ``m×n`` weight (``X = Gᵀ`` when ``transposed``)."""
     m, n = int(shape[0]), int(shape[1])
     return (n, m) if transposed else (m, n)
-
-
-def plan_param(p: torch.Tensor, group: dict) -> ParamPlan:
-    """The plan for ``p`` under ``group``'s settings (``project``, ``rank``, ``rank_ratio``,
-    ``projection_side``: ``"rows"``, and every FSDP2-sharded weight, take ``X = G``)."""
-    force = group.get("project")
-    if force is False:
-        return ParamPlan(0, False)
-    ratio = group.get("conv_rank_ratio")
-    if p.ndim == 4 and ratio is not None and is_tucker_candidate(p.shape):
-        return ParamPlan(0, False, tucker_ranks(p.shape, ratio))
-    if p.ndim != 2:
-        return ParamPlan(0, False)
-    r = resolve_rank(p.shape, group.get("rank"), group.get("rank_ratio"))
-    if force is None and r >= min(p.shape):
-        return ParamPlan(0, False)
-    if group.get("projection_side", "auto") == "rows" or is_dtensor(p):
-        return ParamPlan(r, False, rows_side=True)
-    return ParamPlan(r, p.shape[0] < p.shape[1])
 
 
 def _matcher(target_modules: TargetModules) -> Callable[[str, nn.Module], bool] | None:

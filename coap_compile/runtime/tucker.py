@@ -26,23 +26,13 @@ import torch
 from torch import Tensor
 
 from ..compiler import CompiledBase
-from ..projection.tucker import TuckerPolicy, tucker_project, tucker_project_back
+from ..projection.tucker import core_shape, tucker_project, tucker_project_back
+from .inits import tucker_inits
 from .precision import StateIO
+from .schedule import factor_keys, step_count
 from .settings import EMA_KEY
 
-__all__ = ["factor_keys", "plan_tucker_refresh", "tucker_inits", "tucker_update_"]
-
-
-def factor_keys(n_modes: int) -> tuple[str, ...]:
-    return tuple(f"proj{i}" for i in range(n_modes))
-
-
-def tucker_inits(compiled: CompiledBase, policy: TuckerPolicy, core, dtype, device) -> dict[str, Tensor]:
-    """Initial values of the core-shaped states (``coap_exp_avg`` too when the base has no first moment)."""
-    states = compiled.init_core_states(core, dtype, device)
-    if compiled.program.first_moment is None and policy.needs_first_moment:
-        states[EMA_KEY] = torch.zeros(core, dtype=dtype, device=device)
-    return states
+__all__ = ["plan_tucker_refresh", "tucker_update_"]
 
 
 def _input(p: Tensor, compiled: CompiledBase, dtype, inputs) -> Tensor:
@@ -66,61 +56,73 @@ def _remap(old: Sequence[Tensor], new: Sequence[Tensor], value: Tensor, kind: st
     return tucker_project(tucker_project_back(value.clamp_min(0).sqrt(), old), new).square()
 
 
-def plan_tucker_refresh(
-    io: StateIO,
-    p: Tensor,
-    ranks: tuple[int, ...],
-    compiled: CompiledBase,
-    policy: TuckerPolicy,
-    *,
-    dtype: torch.dtype,
-    core: tuple[int, ...],
-    inputs,
-    restore: bool,
-) -> Callable[[], None] | None:
-    """Phase 1 for one Tucker-projected weight (module docstring); returns its commit or None."""
-    state, program = io.state, compiled.program
-    keys = factor_keys(len(ranks))
-    names = tuple(io.storages)
-    kinds = {n: ("first_moment" if n == EMA_KEY else program.state_kinds.get(n, "other")) for n in names}
-    if not state:
-        new = {"step": torch.zeros((), dtype=torch.float32)}
-        new.update(policy.init_state(_input(p, compiled, dtype, inputs), ranks))
-        new.update(_stored(io, tucker_inits(compiled, policy, core, dtype, p.device)))
+def plan_tucker_refresh(layout, p: Tensor, io: StateIO, due, inputs, comm=None) -> Callable[[], None] | None:
+    """Phase 1 for one Tucker-projected weight (module docstring): the commit of what
+    :func:`.schedule.due` found, or None."""
+    if due.action == "init":
+        return _plan_init(layout, p, io, inputs)
+    if due.action == "rebase":
+        return _plan_rebase(layout, p, io, inputs)
+    if due.action == "refresh":
+        return _plan_refresh(layout, p, io, due, inputs)
+    return None
 
-        def commit_init() -> None:
-            state.clear()
-            state.update(new)
 
-        return commit_init
-    if (
-        any(k not in state for k in keys)
-        or tuple(state[k].shape[1] for k in keys) != tuple(ranks)
-        or any(io.keys_of(n) and not io.matches(n) for n in names)
-    ):
-        new_factors = policy.init_state(_input(p, compiled, dtype, inputs), ranks)
-        old = [state[k] for k in sorted(k for k in state if k.startswith("proj"))]
-        inits = tucker_inits(compiled, policy, core, dtype, p.device)
-        mapped = {}
-        for n, init in inits.items():
-            ok = io.keys_of(n) and kinds[n] != "other" and len(old) == len(keys)
-            mapped[n] = _remap(old, [new_factors[k] for k in keys], io.load(n), kinds[n]) if ok else init
-        rebased = {**new_factors, **_stored(io, mapped)}
+def _kinds(layout, names) -> dict[str, str]:
+    program = layout.program.program
+    return {n: ("first_moment" if n == EMA_KEY else program.state_kinds.get(n, "other")) for n in names}
 
-        def commit_rebase() -> None:
-            step = state["step"]
-            state.clear()
-            state.update({"step": step, **rebased})
 
-        return commit_rebase
-    k = int(state["step"].item())
-    kind = policy.refresh_kind(k)
-    if not kind:
-        return None
+def _plan_init(layout, p: Tensor, io: StateIO, inputs) -> Callable[[], None]:
+    state, compiled, dtype = io.state, layout.program, layout.work_dtype
+    new = {"step": torch.zeros((), dtype=torch.float32)}
+    new.update(layout.policy.init_state(_input(p, compiled, dtype, inputs), layout.ranks))
+    core = core_shape(p.shape, layout.ranks)
+    new.update(_stored(io, tucker_inits(compiled, layout.policy, core, dtype, p.device)))
+
+    def commit_init() -> None:
+        state.clear()
+        state.update(new)
+
+    return commit_init
+
+
+def _plan_rebase(layout, p: Tensor, io: StateIO, inputs) -> Callable[[], None]:
+    """New factors at the layout's ranks, the moments mapped into them."""
+    state, compiled, dtype, policy = io.state, layout.program, layout.work_dtype, layout.policy
+    keys = factor_keys(len(layout.ranks))
+    kinds = _kinds(layout, tuple(io.storages))
+    new_factors = policy.init_state(_input(p, compiled, dtype, inputs), layout.ranks)
+    old = [state[k] for k in sorted(k for k in state if k.startswith("proj"))]
+    inits = tucker_inits(compiled, policy, core_shape(p.shape, layout.ranks), dtype, p.device)
+    mapped = {}
+    for n, init in inits.items():
+        ok = io.keys_of(n) and kinds[n] != "other" and len(old) == len(keys)
+        mapped[n] = _remap(old, [new_factors[k] for k in keys], io.load(n), kinds[n]) if ok else init
+    rebased = {**new_factors, **_stored(io, mapped)}
+
+    def commit_rebase() -> None:
+        step = state["step"]
+        state.clear()
+        state.update({"step": step, **rebased})
+
+    return commit_rebase
+
+
+def _plan_refresh(layout, p: Tensor, io: StateIO, due, inputs) -> Callable[[], None]:
+    """The policy's refresh on copies of the factors, committed with ``copy_`` (moments remapped with
+    ``restore_state``)."""
+    state, compiled, dtype, policy = io.state, layout.program, layout.work_dtype, layout.policy
+    program, names = compiled.program, tuple(io.storages)
+    keys = factor_keys(len(layout.ranks))
+    kinds = _kinds(layout, names)
     first_name = program.first_moment or (EMA_KEY if EMA_KEY in names else None)
     refreshed = {key: state[key].clone() for key in keys}
     first = io.load(first_name) if first_name else None
-    changed = policy.refresh(refreshed, _input(p, compiled, dtype, inputs), k, first_moment=first)
+    changed = policy.refresh(
+        refreshed, _input(p, compiled, dtype, inputs), step_count(state), first_moment=first
+    )
+    restore = layout.settings.restore_state
 
     def commit_refresh() -> None:
         old = [state[key].clone() for key in keys] if restore and changed else None
@@ -135,19 +137,11 @@ def plan_tucker_refresh(
     return commit_refresh
 
 
-def tucker_update_(
-    p: Tensor,
-    io: StateIO,
-    compiled: CompiledBase,
-    n_modes: int,
-    *,
-    dtype: torch.dtype,
-    inputs,
-    scale: float,
-    ema_beta: float,
-) -> None:
+def tucker_update_(layout, p: Tensor, io: StateIO, inputs) -> None:
     """One step of one Tucker-projected weight (module docstring), in place; the weight is written
     before the states, as for matrices."""
+    compiled, dtype, n_modes = layout.program, layout.work_dtype, len(layout.ranks)
+    scale, ema_beta = float(layout.settings.scale), float(layout.settings.first_moment_beta)
     program, state = compiled.program, io.state
     k_t, lr_t, hypers = inputs
     factors = [state[key] for key in factor_keys(n_modes)]

@@ -21,10 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..compiler import CompiledBase
 from ..lowering.eager import apply_reprojection_, run_lowrank
 from ..lowering.kernels import StoredKernelPlan, fused_update_stored_, reproject_update_
-from ..projection import ProjectionPolicy
+from .layout import ParamLayout
 from .precision import StateIO
 from .refresh import canonical_input
 from .settings import EMA_KEY
@@ -33,25 +32,24 @@ __all__ = ["projected_update_"]
 
 
 def projected_update_(
+    layout: ParamLayout,
     p: Tensor,
     io: StateIO,
-    compiled: CompiledBase,
-    policy: ProjectionPolicy,
-    *,
-    dtype: torch.dtype,
     inputs: tuple[Tensor, Tensor, list[Tensor]],
-    scale: float,
-    ema_beta: float,
-    transposed: bool,
-    kernels: bool,
-    kernel_plan: StoredKernelPlan | None,
-    backend: str,
-    input_precision: str,
+    *,
+    kernel_plan: StoredKernelPlan | None = None,
     x_extra: Tensor | None = None,
 ) -> None:
-    """One step of one projected weight (module docstring), in place. ``x_extra`` (``M×r``, optional) is
-    added to ``X P`` (gradient accumulation in projected form, :mod:`.inbackward`); the fused K1 path is
-    then skipped (it computes ``X P`` itself): the low-rank middle runs eagerly, K2 as usual."""
+    """One step of one projected weight (module docstring), in place: ``p`` (the local weight with its
+    gradient), its states through ``io``, the live scalars ``(k, lr, h)``. ``kernel_plan`` is the
+    registered K1 epilogue when the layout runs the kernels. ``x_extra`` (``M×r``, optional) is added to
+    ``X P`` (gradient accumulation in projected form, :mod:`.inbackward`); the fused K1 path is then
+    skipped (it computes ``X P`` itself): the low-rank middle runs eagerly, K2 as usual."""
+    compiled, policy, dtype = layout.program, layout.policy, layout.work_dtype
+    transposed, scale = layout.transposed, float(layout.settings.scale)
+    ema_beta = float(layout.settings.first_moment_beta)
+    kernels = layout.kernels is not None and (kernel_plan is not None or layout.states.all_fp32)
+    backend, input_precision = layout.kernels or ("eager", "ieee")
     program = compiled.program
     state = io.state
     k_t, lr_t, hypers = inputs

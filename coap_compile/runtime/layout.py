@@ -1,0 +1,250 @@
+"""One frozen record per parameter: everything the runtime derives from ``(parameter, group, settings)``.
+
+:func:`build_layout` is the only place that decides how a parameter is optimized. Its result, a
+:class:`ParamLayout`, is immutable; the optimizer rebuilds every layout when ``param_groups`` change (a
+COAP key, the group's parameters, or a structural hyperparameter that selects another compiled
+program, :mod:`.plan`) and never patches one. Step, refreshes, checkpoint validation, the memory plan,
+``explain()``, in-backward accumulation and sharding all read layouts (``opt.layout(p)``).
+
+**Kinds** (:class:`Kind`)::
+
+    MATRIX   a projected 2-D weight: P (N×r), M×r states          (X = G, or Gᵀ on the canonical side)
+    TUCKER   a Tucker-projected 4-D weight: factors, core states   (conv_rank_ratio, large kernels)
+    TORCH    full rank, torch's own optimizer (its exact arithmetic, its state layout)
+    DERIVED  full rank, the derived (or captured) update with a storage precision (state_precision set)
+
+Selection (which parameters are projected, the ranks, the side) is :func:`kind_of`; the rules are those
+of :mod:`.selection` (size rule, ``project`` forcing, Tucker thresholds) and :mod:`.precision` (which
+storage each state gets). ``seed`` is the parameter's position over all groups: it seeds the
+stochastic-rounding stream of its states.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..capture import CapturedUpdate, capture, init_states
+from ..capture.trace import adapter_for
+from ..compiler import CompiledBase, compile_base
+from ..distributed import fsdp
+from ..errors import UnsupportedOptimizerError
+from ..projection import LOCAL, ROWS, Comm, ProjectionPolicy, resolve_rank
+from ..projection.tucker import core_shape, is_tucker_candidate, tucker_ranks
+from ..storage import StateStorage
+from .inits import tucker_inits
+from .precision import Precision, StateIO, resolve_precision, state_storage
+from .selection import canonical_dims
+from .settings import EMA_KEY, CoapSettings
+
+__all__ = ["Kind", "ParamLayout", "StateSpec", "build_layout", "full_program", "kind_of", "state_dtype"]
+
+
+class Kind(enum.Enum):
+    """How a parameter is optimized (module docstring)."""
+
+    MATRIX = "projected matrix"
+    TUCKER = "Tucker-projected 4-D weight"
+    TORCH = "full rank, torch's own optimizer"
+    DERIVED = "full rank, the derived update with a storage precision"
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """The states a parameter's update reads and writes: their storages, compiler kinds and logical
+    shapes, and the rounding seed (a :class:`~.precision.StateIO` over a state dict via :meth:`io`)."""
+
+    storages: Mapping[str, StateStorage]
+    kinds: Mapping[str, str]
+    shapes: Mapping[str, tuple[int, ...]]
+    seed: int
+
+    def io(self, state: Any) -> StateIO:
+        return StateIO(state, self.storages, self.kinds, self.seed, self.shapes)
+
+    @property
+    def all_fp32(self) -> bool:
+        """Every state stored fp32 (what the fused K1 kernel and the grouped update read)."""
+        return all(stg.name == "fp32" for stg in self.storages.values())
+
+
+@dataclass(frozen=True, eq=False)
+class ParamLayout:
+    """Everything derived for one parameter (module docstring). ``rank``/``ranks``/``transposed``/``policy``
+    are meaningful for the projected kinds; ``program`` is the compiled base update for MATRIX/TUCKER
+    (the group's current signature) and the full-rank update for DERIVED; ``states`` is None for TORCH.
+    ``kernels`` is ``(backend, input_precision)`` when the generated kernels update this parameter."""
+
+    name: str
+    group: int
+    kind: Kind
+    settings: CoapSettings
+    precision: Precision
+    rank: int = 0
+    ranks: tuple[int, ...] = ()
+    transposed: bool = False
+    rows_side: bool = False
+    policy: Any = None
+    program: Any = None
+    states: StateSpec | None = None
+    shard: fsdp.ShardSpec | None = None
+    kernels: tuple[str, str] | None = None
+    seed: int = 0
+    ndim: int = 2  # of the program's states: 2 for matrices, 4 for Tucker cores, the weight's for full rank
+
+    @property
+    def projected(self) -> bool:
+        return self.kind in (Kind.MATRIX, Kind.TUCKER)
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """The dtype the update computes in (float64 for float64 weights, float32 otherwise)."""
+        return self.precision.work_dtype
+
+    def comm(self, log: Any = None) -> Comm:
+        """What the policy's refreshes run over: the FSDP2 shard group (collectives recorded in ``log``,
+        a :class:`~coap_compile.distributed.CommLog`), the rows side's aligned convention, or one process."""
+        if self.shard is not None:
+            return fsdp.ShardComm(self.shard, log)
+        return ROWS if self.rows_side else LOCAL
+
+    @property
+    def where(self) -> str:
+        return f"parameter {self.name!r} (param group {self.group})"
+
+
+def state_dtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def kind_of(p: Tensor, settings: CoapSettings) -> tuple[Kind, int, tuple[int, ...], bool, bool]:
+    """``(kind, rank, ranks, transposed, rows_side)`` by the selection rules (:mod:`.selection`), before
+    the storage decides between TORCH and DERIVED (returned as TORCH here)."""
+    if settings.project is False:
+        return Kind.TORCH, 0, (), False, False
+    ratio = settings.conv_rank_ratio
+    if p.ndim == 4 and ratio is not None and is_tucker_candidate(p.shape):
+        return Kind.TUCKER, 0, tucker_ranks(p.shape, ratio), False, False
+    if p.ndim != 2:
+        return Kind.TORCH, 0, (), False, False
+    r = resolve_rank(p.shape, settings.rank, settings.rank_ratio)
+    if settings.project is None and r >= min(p.shape):
+        return Kind.TORCH, 0, (), False, False
+    if settings.projection_side == "rows" or fsdp.is_dtensor(p):
+        return Kind.MATRIX, r, (), False, True
+    return Kind.MATRIX, r, (), p.shape[0] < p.shape[1], False
+
+
+def full_program(base: type, hyper: dict, dtype: torch.dtype, ndim: int) -> CompiledBase | CapturedUpdate:
+    """A full-rank parameter's update: the derived program at its own shape, else its captured graph
+    (a base the compiler cannot rewrite, e.g. one whose state reads the weight)."""
+    try:
+        return compile_base(base, hyper, dtype, ndim)
+    except UnsupportedOptimizerError:
+        return capture(base, hyper, dtype=dtype, ndim=ndim)
+
+
+def _spec(prec: Precision, names, kinds: dict, shapes: dict, seed: int, where: str) -> StateSpec:
+    storages = {n: state_storage(prec, n, shapes[n], kinds.get(n, "other"), where) for n in names}
+    return StateSpec(
+        MappingProxyType(storages), MappingProxyType(dict(kinds)),
+        MappingProxyType({n: tuple(shapes[n]) for n in names}), seed,
+    )  # fmt: skip
+
+
+def _shard_local(program: Any) -> bool:
+    """Whether a derived program's update is elementwise (no reductions, no weight statistics), so it
+    gives the same result on a row shard as on the whole weight (the grouped update's criterion too)."""
+    return program is not None and program.epilogue is not None and not program.decomposition.param_stats
+
+
+def build_layout(
+    p: Tensor,
+    index: int,
+    group: dict,
+    settings: CoapSettings,
+    *,
+    base: type,
+    hyper: dict,
+    name: str,
+    seed: int,
+    policy: ProjectionPolicy,
+    tucker_policy: Any,
+    backend: str,
+    input_precision: str,
+) -> ParamLayout:
+    """The layout of ``p`` in param group ``index`` (module docstring). ``hyper`` are the group's base
+    hyperparameters (they select the compiled program); compiling here makes an unsupported base fail
+    at construction. Raises ValueError naming the parameter for what cannot run (FSDP2 limits, int8 on
+    a state that is not an EMA)."""
+    kind, rank, ranks, transposed, rows_side = kind_of(p, settings)
+    prec = resolve_precision(settings, p)
+    where = f"parameter {name!r} (param group {index})"
+    common = {"name": name, "group": index, "settings": settings, "precision": prec, "seed": seed}
+    ndim = {Kind.TUCKER: 4, Kind.MATRIX: 2}.get(kind, p.ndim)
+    if kind is Kind.TUCKER:
+        program = compile_base(base, hyper, prec.work_dtype, 4)
+        if fsdp.is_dtensor(p):
+            fsdp.check_sharded(where, policy=None, tucker=True, states=prec.states, shard_local=False,
+                               base=base.__name__)  # fmt: skip
+        kinds = dict(program.program.state_kinds)
+        kinds.setdefault(EMA_KEY, "first_moment")
+        inits = tucker_inits(program, tucker_policy, core_shape(p.shape, ranks), prec.work_dtype, "meta")
+        shapes = {n: tuple(t.shape) for n, t in inits.items()}
+        states = _spec(prec, list(shapes), kinds, shapes, seed, where)
+        return ParamLayout(**common, kind=kind, ranks=ranks, policy=tucker_policy, program=program,
+                           states=states, ndim=ndim)  # fmt: skip
+    if kind is Kind.MATRIX:
+        program = compile_base(base, hyper, prec.work_dtype, 2)
+        shard = None
+        if fsdp.is_dtensor(p):
+            fsdp.check_sharded(where, policy=policy, tucker=False, states=prec.states,
+                               shard_local=_shard_local(program.program), base=base.__name__)  # fmt: skip
+            shard = fsdp.shard_spec(p, where)
+        kinds = dict(program.program.state_kinds)
+        names = list(program.program.state_names)
+        if program.program.first_moment is None and policy.needs_first_moment:
+            names.append(EMA_KEY)
+            kinds[EMA_KEY] = "first_moment"
+        rows = canonical_dims(fsdp.local(p).shape, transposed)[0]  # M (this rank's, when sharded)
+        shapes = {n: tuple(t.shape) for n, t in program.init_lowrank_states(rows, rank, prec.work_dtype,
+                                                                            "meta").items()}  # fmt: skip
+        shapes[EMA_KEY] = (rows, rank)
+        kernels = None
+        if (
+            p.dtype in (torch.float32, torch.bfloat16)
+            and backend != "eager"
+            and (backend == "triton" or p.is_cuda)
+        ):
+            kernels = (backend, input_precision)
+        return ParamLayout(
+            **common, kind=kind, rank=rank, transposed=transposed, rows_side=rows_side, policy=policy,
+            program=program, states=_spec(prec, names, kinds, shapes, seed, where), shard=shard,
+            kernels=kernels, ndim=ndim,
+        )  # fmt: skip
+    explicit = settings.state_precision != "auto"
+    native = adapter_for(base).native_full_rank
+    if native and (not explicit or (prec.states == "fp32" and p.dtype in (torch.float32, torch.float64))):
+        return ParamLayout(
+            **common, kind=Kind.TORCH, ndim=ndim
+        )  # torch's own optimizer, its exact arithmetic
+    program = full_program(base, hyper, prec.work_dtype if explicit else p.dtype, p.ndim)
+    captured = program.captured if isinstance(program, CompiledBase) else program
+    kinds = dict(program.program.state_kinds) if isinstance(program, CompiledBase) else {}
+    like = torch.empty(p.shape, dtype=captured.dtype, device="meta")
+    shapes = {n: tuple(t.shape) for n, t in init_states(captured, like).items()}
+    shard = None
+    if fsdp.is_dtensor(p):  # its own update on the local shard: only if elementwise
+        prog = program.program if isinstance(program, CompiledBase) else None
+        fsdp.check_sharded(where, policy=None, tucker=False, states=prec.states,
+                           shard_local=_shard_local(prog),
+                           base=base.__name__)  # fmt: skip
+        shard = fsdp.shard_spec(p, where, matrix=False)
+    return ParamLayout(**common, kind=Kind.DERIVED, program=program, ndim=ndim,
+                       states=_spec(prec, list(shapes), kinds, shapes, seed, where), shard=shard)  # fmt: skip
