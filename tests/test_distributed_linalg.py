@@ -247,7 +247,11 @@ def test_cholesky_qr_check_catches_silent_loss_of_orthogonality():
     dev = float((q1.t() @ q1 - eye).norm())
     r2 = torch.linalg.cholesky(q1.t() @ q1).t()  # succeeds too
     q_plain = torch.linalg.solve_triangular(r2, q1, upper=True, left=False)
-    assert dev > ORTHOGONALITY_TOLERANCE and float((q_plain.t() @ q_plain - eye).norm()) > 1.0  # seen: 3.2
+    # The premise: plain CholeskyQR2 returns a clearly non-orthonormal Q without an error. How far off
+    # depends on the LAPACK build and the CPU's kernels: ‖QᵀQ − I‖ seen 3.2 on one machine, 0.88 on
+    # another (2026-12-07, same torch 2.13 wheel); either is far above the tolerance the check uses.
+    assert dev > ORTHOGONALITY_TOLERANCE
+    assert float((q_plain.t() @ q_plain - eye).norm()) > ORTHOGONALITY_TOLERANCE
     log = CommLog()
     q = cholesky_qr(y, comm=log)  # one process: the same code, collectives are identities
     assert log.qr_paths == ["tsqr-pass2"] and float((q.t() @ q - eye).norm()) < 1e-5

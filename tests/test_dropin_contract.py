@@ -18,7 +18,7 @@ from test_runtime import TinyLM, _train
 import coap_compile
 from coap_compile import UnsupportedOptimizerError
 from coap_compile.capture import capture_count
-from coap_compile.runtime import stepping as runtime_stepping
+from coap_compile.runtime import step as runtime_step
 
 
 def _build(base=torch.optim.AdamW, rank=8, seed=0, **kw):
@@ -248,7 +248,7 @@ def test_a_failing_later_update_leaves_it_and_later_parameters_unchanged(monkeyp
     first, second = opt.projected_parameters()
     snap = _snapshot(model, opt)
     calls = []
-    real = runtime_stepping.projected_update_
+    real = runtime_step.projected_update_
 
     def flaky(p, *a, **k):
         calls.append(p)
@@ -256,7 +256,7 @@ def test_a_failing_later_update_leaves_it_and_later_parameters_unchanged(monkeyp
             raise RuntimeError("injected")
         return real(p, *a, **k)
 
-    monkeypatch.setattr(runtime_stepping, "projected_update_", flaky)
+    monkeypatch.setattr(runtime_step, "projected_update_", flaky)
     with pytest.raises(RuntimeError, match="injected"):
         opt.step()
     params, state, _ = snap

@@ -21,7 +21,8 @@ reduce-scatter. COAP keeps such a weight's update local on every shard:
   single-process path at the first two SVD refreshes). ``align_signs`` keeps the singular-vector basis
   (``align_rotation`` would replace it by the rotation closest to ``ref``, a different optimizer). The
   default ``"auto"`` side of plain tensors is unchanged (no alignment).
-* **Refreshes** (:func:`init_basis`, :func:`refresh_basis`): the randomized range finder / low-cost SVD
+* **Refreshes** (the policy's own code run over a :class:`ShardComm`, the communication context of
+  :class:`~coap_compile.projection.Comm`): the randomized range finder / low-cost SVD
   (:func:`~coap_compile.distributed.linalg.orthogonal_basis`: two ``r×r`` Gram all-reduces and one
   ``r×n`` all-reduce) and the correlation step (:mod:`coap_compile.distributed.correlation`: 2 scalars
   and one ``n×r`` all-reduce), over the process group of the mesh's shard dim. Every rank issues the
@@ -67,12 +68,13 @@ process* accumulating the batch as two micro-batches differs from itself by 2.4e
 at k=8 turns ``P`` by 0.37 (relative) from rounding alone (nearly equal singular values), before
 any distribution.
 
-**Runtime wiring** (the optimizer only calls in): :func:`~coap_compile.runtime.selection.plan_param`
-puts DTensor weights on the rows side; :mod:`coap_compile.runtime.sharding` runs
-:func:`check_sharded`/:func:`shard_spec` when the plans are derived (projected weights, and full-rank
-ones with an explicit ``state_precision``; full-rank ones left to torch's own optimizer need nothing,
-torch handles DTensors); ``_prepare`` makes the :func:`local_param` views, refreshes go through
-:func:`init_basis`/:func:`refresh_basis`, ``_io`` wraps the state in :class:`ShardedState`,
+**Runtime wiring** (the optimizer only calls in): :func:`~coap_compile.runtime.layout.kind_of` puts
+DTensor weights on the rows side; :func:`~coap_compile.runtime.layout.build_layout` runs
+:func:`check_sharded`/:func:`shard_spec` (projected weights, and full-rank ones with an explicit
+``state_precision``; full-rank ones left to torch's own optimizer need nothing, torch handles DTensors)
+and records the spec in the parameter's layout; the step makes the :func:`local_param` views, the
+layout's ``comm()`` is a :class:`ShardComm` for the policy's refreshes, ``opt.state_io(p)`` wraps the
+state in :class:`ShardedState`,
 :mod:`coap_compile.runtime.checkpoint` cuts/wraps loaded row states (:func:`shard_value`), and sharded
 weights step per matrix (not in matrix groups: their states are DTensors). ``opt.comm_log = CommLog()``
 records every collective.

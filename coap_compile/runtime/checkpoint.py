@@ -313,6 +313,15 @@ def getstate(opt, state: dict[str, Any]) -> dict[str, Any]:
 def setstate(opt, saved: dict[str, Any]) -> tuple[OptimizerConfig, list[str]]:
     """The configuration and events of a pickled optimizer (its ``param_groups`` already restored)."""
     groups = opt.param_groups
+    if "_base_cls" in saved:  # pickled before the runtime redesign (private attribute names)
+        options = OptimizerOptions(
+            saved["_backend"], saved["_check_finite"], saved.get("_grouped", True), saved["_precision"]
+        )
+        saved = {
+            "base": saved["_base_cls"], "base_kwargs": saved["_base_kwargs"],
+            "policy_instance": saved["_policy_instance"], "conv_policy": saved["_conv_policy"],
+            "options": options, "names": saved["names"], "events": saved.get("_events", []),
+        }  # fmt: skip
     names = {id(groups[gi]["params"][pi]): name for gi, pi, name in saved["names"]}
     config = OptimizerConfig(
         saved["base"], saved["base_kwargs"], saved["policy_instance"], saved["conv_policy"],

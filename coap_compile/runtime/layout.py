@@ -164,10 +164,22 @@ def _shard_local(program: Any) -> bool:
     return program is not None and program.epilogue is not None and not program.decomposition.param_stats
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What :func:`build_layout` passes to the builder of each kind."""
+
+    p: Tensor
+    settings: CoapSettings
+    base: type
+    hyper: dict
+    prec: Precision
+    where: str
+    common: dict
+
+
 def build_layout(
     p: Tensor,
     index: int,
-    group: dict,
     settings: CoapSettings,
     *,
     base: type,
@@ -187,54 +199,70 @@ def build_layout(
     prec = resolve_precision(settings, p)
     where = f"parameter {name!r} (param group {index})"
     common = {"name": name, "group": index, "settings": settings, "precision": prec, "seed": seed}
-    ndim = {Kind.TUCKER: 4, Kind.MATRIX: 2}.get(kind, p.ndim)
+    ctx = _Context(p, settings, base, hyper, prec, where, common)
     if kind is Kind.TUCKER:
-        program = compile_base(base, hyper, prec.work_dtype, 4)
-        if fsdp.is_dtensor(p):
-            fsdp.check_sharded(where, policy=None, tucker=True, states=prec.states, shard_local=False,
-                               base=base.__name__)  # fmt: skip
-        kinds = dict(program.program.state_kinds)
-        kinds.setdefault(EMA_KEY, "first_moment")
-        inits = tucker_inits(program, tucker_policy, core_shape(p.shape, ranks), prec.work_dtype, "meta")
-        shapes = {n: tuple(t.shape) for n, t in inits.items()}
-        states = _spec(prec, list(shapes), kinds, shapes, seed, where)
-        return ParamLayout(**common, kind=kind, ranks=ranks, policy=tucker_policy, program=program,
-                           states=states, ndim=ndim)  # fmt: skip
+        return _tucker(ctx, ranks, tucker_policy)
     if kind is Kind.MATRIX:
-        program = compile_base(base, hyper, prec.work_dtype, 2)
-        shard = None
-        if fsdp.is_dtensor(p):
-            fsdp.check_sharded(where, policy=policy, tucker=False, states=prec.states,
-                               shard_local=_shard_local(program.program), base=base.__name__)  # fmt: skip
-            shard = fsdp.shard_spec(p, where)
-        kinds = dict(program.program.state_kinds)
-        names = list(program.program.state_names)
-        if program.program.first_moment is None and policy.needs_first_moment:
-            names.append(EMA_KEY)
-            kinds[EMA_KEY] = "first_moment"
-        rows = canonical_dims(fsdp.local(p).shape, transposed)[0]  # M (this rank's, when sharded)
-        shapes = {n: tuple(t.shape) for n, t in program.init_lowrank_states(rows, rank, prec.work_dtype,
-                                                                            "meta").items()}  # fmt: skip
-        shapes[EMA_KEY] = (rows, rank)
         kernels = None
-        if (
-            p.dtype in (torch.float32, torch.bfloat16)
-            and backend != "eager"
-            and (backend == "triton" or p.is_cuda)
+        if p.dtype in (torch.float32, torch.bfloat16) and (
+            backend == "triton" or (backend == "auto" and p.is_cuda)
         ):
             kernels = (backend, input_precision)
-        return ParamLayout(
-            **common, kind=kind, rank=rank, transposed=transposed, rows_side=rows_side, policy=policy,
-            program=program, states=_spec(prec, names, kinds, shapes, seed, where), shard=shard,
-            kernels=kernels, ndim=ndim,
-        )  # fmt: skip
-    explicit = settings.state_precision != "auto"
-    native = adapter_for(base).native_full_rank
+        return _matrix(ctx, rank, transposed, rows_side, policy, kernels)
+    return _full_rank(ctx)
+
+
+def _tucker(ctx: _Context, ranks: tuple[int, ...], policy: Any) -> ParamLayout:
+    """A Tucker-projected 4-D weight: the program compiled for 4-D cores, the core-shaped states."""
+    p, prec = ctx.p, ctx.prec
+    program = compile_base(ctx.base, ctx.hyper, prec.work_dtype, 4)
+    if fsdp.is_dtensor(p):
+        fsdp.check_sharded(ctx.where, policy=None, tucker=True, states=prec.states, shard_local=False,
+                           base=ctx.base.__name__)  # fmt: skip
+    kinds = dict(program.program.state_kinds)
+    kinds.setdefault(EMA_KEY, "first_moment")
+    inits = tucker_inits(program, policy, core_shape(p.shape, ranks), prec.work_dtype, "meta")
+    shapes = {n: tuple(t.shape) for n, t in inits.items()}
+    states = _spec(prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where)
+    return ParamLayout(**ctx.common, kind=Kind.TUCKER, ranks=ranks, policy=policy, program=program,
+                       states=states, ndim=4)  # fmt: skip
+
+
+def _matrix(ctx: _Context, rank: int, transposed: bool, rows_side: bool, policy, kernels) -> ParamLayout:
+    """A projected matrix: ``M×r`` states (``coap_exp_avg`` too for a first-moment-less base under a policy
+    that reads one); an FSDP2 weight gets its shard spec after the sharding checks."""
+    p, prec = ctx.p, ctx.prec
+    program = compile_base(ctx.base, ctx.hyper, prec.work_dtype, 2)
+    shard = None
+    if fsdp.is_dtensor(p):
+        fsdp.check_sharded(ctx.where, policy=policy, tucker=False, states=prec.states,
+                           shard_local=_shard_local(program.program), base=ctx.base.__name__)  # fmt: skip
+        shard = fsdp.shard_spec(p, ctx.where)
+    kinds = dict(program.program.state_kinds)
+    names = list(program.program.state_names)
+    if program.program.first_moment is None and policy.needs_first_moment:
+        names.append(EMA_KEY)
+        kinds[EMA_KEY] = "first_moment"
+    rows = canonical_dims(fsdp.local(p).shape, transposed)[0]  # M (this rank's, when sharded)
+    inits = program.init_lowrank_states(rows, rank, prec.work_dtype, "meta")
+    shapes = {n: tuple(t.shape) for n, t in inits.items()}
+    shapes[EMA_KEY] = (rows, rank)
+    states = _spec(prec, names, kinds, shapes, ctx.common["seed"], ctx.where)
+    return ParamLayout(
+        **ctx.common, kind=Kind.MATRIX, rank=rank, transposed=transposed, rows_side=rows_side, policy=policy,
+        program=program, states=states, shard=shard, kernels=kernels, ndim=2,
+    )  # fmt: skip
+
+
+def _full_rank(ctx: _Context) -> ParamLayout:
+    """TORCH (torch's own optimizer, its exact arithmetic) unless an explicit ``state_precision`` (or a
+    base torch cannot run as is) asks for the derived update with a storage (DERIVED)."""
+    p, prec = ctx.p, ctx.prec
+    explicit = ctx.settings.state_precision != "auto"
+    native = adapter_for(ctx.base).native_full_rank
     if native and (not explicit or (prec.states == "fp32" and p.dtype in (torch.float32, torch.float64))):
-        return ParamLayout(
-            **common, kind=Kind.TORCH, ndim=ndim
-        )  # torch's own optimizer, its exact arithmetic
-    program = full_program(base, hyper, prec.work_dtype if explicit else p.dtype, p.ndim)
+        return ParamLayout(**ctx.common, kind=Kind.TORCH, ndim=p.ndim)
+    program = full_program(ctx.base, ctx.hyper, prec.work_dtype if explicit else p.dtype, p.ndim)
     captured = program.captured if isinstance(program, CompiledBase) else program
     kinds = dict(program.program.state_kinds) if isinstance(program, CompiledBase) else {}
     like = torch.empty(p.shape, dtype=captured.dtype, device="meta")
@@ -242,9 +270,10 @@ def build_layout(
     shard = None
     if fsdp.is_dtensor(p):  # its own update on the local shard: only if elementwise
         prog = program.program if isinstance(program, CompiledBase) else None
-        fsdp.check_sharded(where, policy=None, tucker=False, states=prec.states,
-                           shard_local=_shard_local(prog),
-                           base=base.__name__)  # fmt: skip
-        shard = fsdp.shard_spec(p, where, matrix=False)
-    return ParamLayout(**common, kind=Kind.DERIVED, program=program, ndim=ndim,
-                       states=_spec(prec, list(shapes), kinds, shapes, seed, where), shard=shard)  # fmt: skip
+        fsdp.check_sharded(ctx.where, policy=None, tucker=False, states=prec.states,
+                           shard_local=_shard_local(prog), base=ctx.base.__name__)  # fmt: skip
+        shard = fsdp.shard_spec(p, ctx.where, matrix=False)
+    states = _spec(prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where)
+    return ParamLayout(
+        **ctx.common, kind=Kind.DERIVED, program=program, ndim=p.ndim, states=states, shard=shard
+    )

@@ -100,7 +100,7 @@ def build_plan(config: OptimizerConfig, param_groups: list[dict]) -> RuntimePlan
         policy, tucker = s.policy(config.policy_instance), s.tucker_policy(config.conv_policy)
         for p in g["params"]:
             layouts[p] = build_layout(
-                p, i, g, s, base=config.base, hyper=hyper, name=config.name_of(p), seed=seed, policy=policy,
+                p, i, s, base=config.base, hyper=hyper, name=config.name_of(p), seed=seed, policy=policy,
                 tucker_policy=tucker, backend=config.options.backend,
                 input_precision=config.options.input_precision,
             )  # fmt: skip
