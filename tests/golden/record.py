@@ -20,21 +20,29 @@ bit-identical on CPU, so the ungrouped entries cost nothing. The checkpoints' ow
 
 * the refresh schedule, from the recorded ``P`` (``proj``, ``proj0``/``proj1`` for Tucker, ``dct_index``)
   of every projected parameter after every step: with ``update_interval=2, reproject_factor=3`` over 12
-  steps, ``P`` changes only at the refresh steps of the policy (COAP: correlation ``k = 2, 4, 8, 10``,
-  SVD ``k = 6``; GaLore/Flora/DCT: every even ``k > 0``), and it does change at the SVD (COAP) and at
-  each resample (Flora) in every configuration; the run prints, per configuration, the steps at which
-  ``P`` changed and the largest change ``max|ΔP|`` at the correlation steps and at the SVD (observed: in
-  fp32, the paper's correlation steps move ``P`` by ≈1e-7…1e-5, the SVD by ≈1; with a bf16 ``P`` (bf16/int8
-  states) the correlation steps are below half an ulp and leave ``P`` unchanged, so only the SVD moves it);
+  steps, ``P`` changes only at the refresh steps of the policy (COAP and Tucker: correlation steps at
+  ``k = 2, 4, 8, 10``, low-cost SVD at ``k = 6``; GaLore/Flora/DCT: every even ``k > 0``), COAP's SVD at
+  ``k = 6`` changes it in every COAP configuration, and Flora resamples at every even ``k > 0``. The run
+  prints, per configuration, the steps at which ``P`` changed and, for COAP, the largest ``max|ΔP|`` of
+  the correlation steps and of the SVD. Observed (commit of ``meta``): with an fp32 ``P``, ``P`` changes
+  at k = 2, 4, 6, 8, 10 in every configuration, the paper's correlation steps by 5e-6…2e-5 and the SVD by
+  ≈1; with a bf16 ``P`` (``projection_precision="auto"`` under bf16/int8 states) most correlation steps
+  fall below half an ulp and only the SVD moves it (exceptions: adam-l2 bf16 at k = 2, Adafactor int8 at
+  k = 8, 10, the Tucker factors); GaLore, Flora and DCT change ``P`` (or the DCT indices) at every even
+  ``k > 0``. Edits (``policy`` None) are printed, not checked;
 * the continuation from each old-format checkpoint equals the uninterrupted run, bit for bit;
 * both FSDP2 ranks hold the same ``P`` (it is replicated) after the 12 steps.
 
 **Refused combinations** (the construction raises; listed in ``trajectories.pt["refused"]`` and checked
-to be still refused by the test): RMSprop with momentum and ``state_precision="int8"`` — ``ValueError:
+to be still refused by the test): RMSprop with momentum and ``state_precision="int8"`` (recorded for
+``rmsprop-momentum/coap/int8/grouped``, the only int8 entry of that base) — ``ValueError:
 state_precision='int8' quantizes moment-like EMA states only; parameter 'tall.weight' (param group 1) has
-state 'momentum_buffer' of shape (256, 16) that the compiler classifies as 'other' …`` (both grouped
-settings). Every other base × policy × precision combination is accepted. Not recorded because not
-supported under FSDP2 (``coap_compile/distributed/fsdp.py``): int8, GaLore, DCT, Tucker and Adafactor.
+state 'momentum_buffer' of shape (256, 16) that the compiler classifies as 'other' (not s' = a·s + b·x or
+a·s + b·x²), so it cannot share a block scale safely: use state_precision='bf16' (or 'fp32')``. Every other
+base × policy × precision combination is accepted. Not recorded because refused under FSDP2
+(``coap_compile/distributed/fsdp.py``, ``tests/test_fsdp2.py``): int8, GaLore, DCT, Tucker and Adafactor.
+Not recorded because it fails (a library limitation, see ``configs.other_cases``): switching
+``state_precision`` mid-run on full-rank parameters that run torch's own optimizer.
 """
 
 from __future__ import annotations
