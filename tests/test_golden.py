@@ -20,6 +20,10 @@ singular subspace, may legitimately differ across LAPACK builds, and the weights
 and integer bookkeeping (step counters, Flora seeds, rounding streams, DCT indices) exactly; int8 codes
 by the norm like floating states. The same torch on another CPU (``meta["cpu_capability"]``) may also
 round differently; the failure message names both.
+
+The goldens record the behaviour of the library at ``meta["commit"]``; a change that makes this file fail
+changed that behaviour. Re-recording (``python -m tests.golden.record``) is for new configurations or a new
+torch, on the unmodified library, never to make a change pass.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _close(key: str, a: torch.Tensor, b: torch.Tensor) -> bool:
     """Another torch version: the tolerances of the module docstring."""
-    if not (a.is_floating_point() or key.endswith(".q8")):
+    if key.endswith("/step") or not (a.is_floating_point() or key.endswith(".q8")):
         return torch.equal(a, b)  # step counters, seeds, rounding streams, DCT indices
     a, b = a.double(), b.double()
     if key.startswith("param/") or key.split("/", 1)[-1].startswith("param/"):  # FSDP keys: rank<r>/param/…
