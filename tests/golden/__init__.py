@@ -1,0 +1,1 @@
+"""Golden trajectories of the optimizer (configurations, recorder and recorded data); see record.py."""
