@@ -17,6 +17,7 @@ from .base import (
     get_storage,
     load_any,
     register_storage,
+    storage_class_of,
     storage_names,
     stored_precision,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "kernel_block_m",
     "load_any",
     "register_storage",
+    "storage_class_of",
     "storage_names",
     "stored_precision",
 ]

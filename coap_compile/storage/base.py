@@ -20,6 +20,12 @@ The layout is self-describing: :func:`load_any` reads any precision from its key
 what checkpoint conversion (:func:`convert_state`) uses. Every storage computes in float32 (``fp32``
 may be asked for float64, the project's float64-weight convention).
 
+**Ownership, from the registry.** Each registered storage class says from the keys and dtypes whether its
+layout holds a state (classmethod ``owns(stored, name)``; by default the value key ``name + value_suffix``
+has one of its ``value_dtypes``) and reads a state it owns whatever configuration wrote it
+(``load_owned``). :func:`stored_precision`, :func:`load_any` and :func:`convert_state` dispatch through
+the registry (:func:`storage_class_of`), so this module names no other format.
+
 The interface (one instance per configuration; the instances are stateless, all state is in the dict):
 
 * ``zeros(name, shape, device, kind, *, seed=0) -> dict``: a fresh all-zero state;
@@ -55,6 +61,7 @@ __all__ = [
     "load_any",
     "numel",
     "register_storage",
+    "storage_class_of",
     "storage_names",
     "stored_precision",
 ]
@@ -63,6 +70,8 @@ __all__ = [
 KINDS = ("first_moment", "second_moment", "other")
 
 _REGISTRY: dict[str, type[StateStorage]] = {}
+#: what is derived from the registry (cleared by :func:`register_storage`).
+_DERIVED: dict[str, tuple] = {}
 
 
 def numel(shape: Sequence[int]) -> int:
@@ -112,6 +121,25 @@ class StateStorage(ABC):
 
     #: the registry name (``"fp32"``, ``"bf16"``, ``"int8"``).
     name: ClassVar[str]
+    #: suffix of the key holding the state's values (or codes): ``""`` is the state's own name.
+    value_suffix: ClassVar[str] = ""
+    #: dtypes the value key may have in this layout (what the default :meth:`owns` checks).
+    value_dtypes: ClassVar[tuple[torch.dtype, ...]] = ()
+
+    @classmethod
+    def owns(cls, stored: dict[str, Tensor], name: str) -> bool:
+        """Whether this class's layout holds state ``name`` in ``stored`` (from its keys and dtypes).
+
+        Default: the value key ``name + value_suffix`` is a tensor of one of :attr:`value_dtypes`. The
+        registry asks the classes with a suffixed value key first (:func:`storage_class_of`)."""
+        t = stored.get(name + cls.value_suffix)
+        return isinstance(t, Tensor) and t.dtype in cls.value_dtypes
+
+    @classmethod
+    def load_owned(cls, stored: dict[str, Tensor], name: str) -> Tensor:
+        """The float32 value of state ``name``, which this class :meth:`owns` in ``stored``, whatever
+        configuration of the class wrote it (the default instance's :meth:`load`)."""
+        return cls().load(stored, name)
 
     @abstractmethod
     def zeros(
@@ -156,6 +184,7 @@ def register_storage(cls: type[StateStorage]) -> type[StateStorage]:
     if name in _REGISTRY and _REGISTRY[name] is not cls:
         raise ValueError(f"a state storage named {name!r} is already registered ({_REGISTRY[name].__name__})")
     _REGISTRY[name] = cls
+    _DERIVED.clear()
     return cls
 
 
@@ -181,30 +210,34 @@ def get_storage(precision: str | StateStorage, **options: Any) -> StateStorage:
     return _REGISTRY[precision](**options)
 
 
-def stored_precision(stored: dict[str, Tensor], name: str) -> str:
-    """Which precision's layout holds state ``name`` in ``stored`` (from its keys and dtypes)."""
-    if f"{name}.q8" in stored:
-        return "int8"
+def storage_class_of(stored: dict[str, Tensor], name: str) -> type[StateStorage]:
+    """The registered class whose layout holds state ``name`` in ``stored`` (:meth:`StateStorage.owns`).
+
+    Classes with a suffixed value key (int8's ``name.q8``) are asked first, then the others in
+    registration order; a KeyError when ``stored`` has no such state, a ValueError when its tensor has a
+    dtype no storage uses."""
+    if "owners" not in _DERIVED:  # suffixed value keys first; a stable sort keeps registration order
+        _DERIVED["owners"] = tuple(sorted(_REGISTRY.values(), key=lambda c: not c.value_suffix))
+    for cls in _DERIVED["owners"]:
+        if cls.owns(stored, name):
+            return cls
     t = stored.get(name)
     if isinstance(t, Tensor):
-        if t.dtype == torch.bfloat16:
-            return "bf16"
-        if t.dtype in (torch.float32, torch.float64):
-            return "fp32"
-        raise ValueError(
-            f"state {name!r} has dtype {t.dtype}; stored states are float32/float64/bfloat16/int8"
+        dtypes = "/".join(
+            dict.fromkeys(str(d).removeprefix("torch.") for c in _REGISTRY.values() for d in c.value_dtypes)
         )
+        raise ValueError(f"state {name!r} has dtype {t.dtype}; stored states are {dtypes}")
     raise KeyError(f"no state {name!r} in the stored keys {sorted(stored)}")
+
+
+def stored_precision(stored: dict[str, Tensor], name: str) -> str:
+    """Which precision's layout holds state ``name`` in ``stored`` (from its keys and dtypes)."""
+    return storage_class_of(stored, name).name
 
 
 def load_any(stored: dict[str, Tensor], name: str) -> Tensor:
     """The float32 value of state ``name`` whatever precision stored it (float64 stays float64)."""
-    precision = stored_precision(stored, name)
-    if precision == "int8":
-        from .int8 import Int8Storage
-
-        return Int8Storage(min_numel=0).load(stored, name)
-    return stored[name] if precision == "fp32" else stored[name].float()
+    return storage_class_of(stored, name).load_owned(stored, name)
 
 
 def convert_state(
@@ -233,6 +266,11 @@ class FP32Storage(StateStorage):
     """
 
     name = "fp32"
+    value_dtypes = (torch.float32, torch.float64)
+
+    @classmethod
+    def load_owned(cls, stored, name):
+        return stored[name]  # float64 stays float64, not a copy
 
     def __init__(self, dtype: torch.dtype = torch.float32):
         if dtype not in (torch.float32, torch.float64):

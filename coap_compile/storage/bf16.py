@@ -84,6 +84,11 @@ class Bf16Storage(StateStorage):
     """bfloat16 states (module docstring). ``rounding``: ``"nearest"`` or ``"stochastic"``."""
 
     name = "bf16"
+    value_dtypes = (torch.bfloat16,)
+
+    @classmethod
+    def load_owned(cls, stored, name):
+        return stored[name].float()
 
     def __init__(self, rounding: str = DEFAULT_ROUNDING):
         if rounding not in ROUNDINGS:

@@ -282,6 +282,19 @@ class Int8Storage(StateStorage):
     """
 
     name = "int8"
+    #: the codes, at the state's logical shape (int8: signed map, uint8: unsigned map).
+    value_suffix = ".q8"
+    value_dtypes = (torch.int8, torch.uint8)
+
+    @classmethod
+    def owns(cls, stored, name):
+        """The codes key ``name.q8`` is present (its dtype is checked by :meth:`load`); a small state kept
+        float32 (``numel < min_numel``) is in the fp32 layout."""
+        return name + cls.value_suffix in stored
+
+    @classmethod
+    def load_owned(cls, stored, name):
+        return cls(min_numel=0).load(stored, name)
 
     def __init__(
         self,
@@ -362,11 +375,11 @@ class Int8Storage(StateStorage):
             )
         return codes, absmax, lay, code_map(codes.dtype == torch.int8, self.style)
 
-    @staticmethod
-    def _kept_fp32(stored: dict[str, Tensor], name: str) -> bool:
+    @classmethod
+    def _kept_fp32(cls, stored: dict[str, Tensor], name: str) -> bool:
         """Whether ``name`` is a small state this storage kept in float32 (no codes, a float32 tensor)."""
         t = stored.get(name)
-        return f"{name}.q8" not in stored and isinstance(t, Tensor) and t.dtype == torch.float32
+        return not cls.owns(stored, name) and isinstance(t, Tensor) and t.dtype == torch.float32
 
     def load(self, stored, name):
         if self._kept_fp32(stored, name):
