@@ -20,11 +20,17 @@ The layout is self-describing: :func:`load_any` reads any precision from its key
 what checkpoint conversion (:func:`convert_state`) uses. Every storage computes in float32 (``fp32``
 may be asked for float64, the project's float64-weight convention).
 
-**Ownership, from the registry.** Each registered storage class says from the keys and dtypes whether its
-layout holds a state (classmethod ``owns(stored, name)``; by default the value key ``name + value_suffix``
-has one of its ``value_dtypes``) and reads a state it owns whatever configuration wrote it
-(``load_owned``). :func:`stored_precision`, :func:`load_any` and :func:`convert_state` dispatch through
-the registry (:func:`storage_class_of`), so this module names no other format.
+**Key scheme, from the registry.** Each storage class declares its own key suffixes (class attributes):
+``value_suffix`` (the key of the values or codes: ``""`` for the state's own name, ``".q8"`` for int8),
+``companion_suffixes`` (bookkeeping keys of the state: int8 scales ``".absmax"``, rounding streams
+``".rng"``) and ``replicated_suffixes`` (the companions not laid out by the state's rows: the ``".rng"``
+stream, which FSDP2 keeps whole while values, codes and scales are row-sharded), and a classmethod
+``owns(stored, name)`` that says from the keys and dtypes whether its layout holds state ``name``. The
+functions below derive everything from the registered classes, so no module outside ``storage`` needs
+the suffixes: :func:`stored_precision` / :func:`load_any` / :func:`convert_state` dispatch through the
+owning class; :func:`logical_name` (``exp_avg.q8``, ``exp_avg.absmax``, ``exp_avg.rng`` → ``exp_avg``),
+:func:`is_companion`, :func:`is_replicated_key` and :func:`logical_layout` (``{logical name: shape}``)
+read a state dict key by key.
 
 The interface (one instance per configuration; the instances are stateless, all state is in the dict):
 
@@ -58,7 +64,11 @@ __all__ = [
     "check_kind",
     "convert_state",
     "get_storage",
+    "is_companion",
+    "is_replicated_key",
     "load_any",
+    "logical_layout",
+    "logical_name",
     "numel",
     "register_storage",
     "storage_class_of",
@@ -70,7 +80,7 @@ __all__ = [
 KINDS = ("first_moment", "second_moment", "other")
 
 _REGISTRY: dict[str, type[StateStorage]] = {}
-#: what is derived from the registry (cleared by :func:`register_storage`).
+#: what the key-scheme functions derive from the registry (cleared by :func:`register_storage`).
 _DERIVED: dict[str, tuple] = {}
 
 
@@ -125,6 +135,11 @@ class StateStorage(ABC):
     value_suffix: ClassVar[str] = ""
     #: dtypes the value key may have in this layout (what the default :meth:`owns` checks).
     value_dtypes: ClassVar[tuple[torch.dtype, ...]] = ()
+    #: suffixes of the state's bookkeeping keys besides its values (scales, rounding streams).
+    companion_suffixes: ClassVar[tuple[str, ...]] = ()
+    #: the companions not laid out by the state's rows (one per state, e.g. a rounding stream), which a
+    #: row-sharded state keeps whole (replicated); a subset of :attr:`companion_suffixes`.
+    replicated_suffixes: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def owns(cls, stored: dict[str, Tensor], name: str) -> bool:
@@ -176,13 +191,48 @@ class StateStorage(ABC):
         return f"{type(self).__name__}()"
 
 
+def _check_suffixes(cls: type[StateStorage]) -> None:
+    """The key suffixes ``cls`` declares are well-formed and keep one role across the registry."""
+    value, companions, replicated = cls.value_suffix, cls.companion_suffixes, cls.replicated_suffixes
+    if not isinstance(value, str) or (value and not value.startswith(".")):
+        raise TypeError(f"{cls.__name__}.value_suffix must be '' or a str starting with '.', got {value!r}")
+    for attr, suffixes in (("companion_suffixes", companions), ("replicated_suffixes", replicated)):
+        if not isinstance(suffixes, tuple) or not all(
+            isinstance(x, str) and x[1:] and x[0] == "." for x in suffixes
+        ):
+            raise TypeError(
+                f"{cls.__name__}.{attr} must be a tuple of str starting with '.', got {suffixes!r}"
+            )
+    if not set(replicated) <= set(companions):
+        raise ValueError(f"{cls.__name__}.replicated_suffixes {replicated} are not all companion_suffixes")
+    values = {value} | {c.value_suffix for c in _REGISTRY.values() if c.name != cls.name}
+    bookkeeping = set(companions).union(
+        *(c.companion_suffixes for c in _REGISTRY.values() if c.name != cls.name)
+    )
+    if values & bookkeeping:
+        raise ValueError(
+            f"{cls.__name__}: key suffixes {sorted(values & bookkeeping)} would name values and bookkeeping"
+        )
+    for other in _REGISTRY.values():
+        both = set(companions) & set(other.companion_suffixes)
+        if other.name != cls.name and any(
+            (x in replicated) != (x in other.replicated_suffixes) for x in both
+        ):
+            raise ValueError(
+                f"{cls.__name__} and {other.__name__} disagree on which of {sorted(both)} is replicated"
+            )
+
+
 def register_storage(cls: type[StateStorage]) -> type[StateStorage]:
-    """Class decorator: register ``cls`` under ``cls.name`` (a second class with the same name is refused)."""
+    """Class decorator: register ``cls`` under ``cls.name`` (a second class with the same name is refused).
+
+    Its key suffixes join the registry's key scheme (:func:`logical_name` and friends)."""
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"{cls.__name__}.name must be a non-empty str, got {name!r}")
     if name in _REGISTRY and _REGISTRY[name] is not cls:
         raise ValueError(f"a state storage named {name!r} is already registered ({_REGISTRY[name].__name__})")
+    _check_suffixes(cls)
     _REGISTRY[name] = cls
     _DERIVED.clear()
     return cls
@@ -255,6 +305,50 @@ def convert_state(
     if isinstance(dst, FP32Storage):
         return {name: value.to(dst.dtype, copy=True)}
     return dst.from_value(name, value.float(), kind, seed=seed)
+
+
+def _suffixes(attr: str) -> tuple[str, ...]:
+    """The registered classes' ``attr`` suffixes (``"value_suffix"``: the non-empty ones), longest first."""
+    if attr not in _DERIVED:
+        found: set[str] = set()
+        for cls in _REGISTRY.values():
+            v = getattr(cls, attr)
+            found.update((v,) if isinstance(v, str) else v)
+        _DERIVED[attr] = tuple(sorted(found - {""}, key=lambda x: (-len(x), x)))
+    return _DERIVED[attr]
+
+
+def logical_name(key: str) -> str:
+    """The logical state a state-dict key belongs to: ``exp_avg.q8`` (codes), ``exp_avg.absmax`` (scales)
+    and ``exp_avg.rng`` (rounding stream) are ``exp_avg``; any other key (``exp_avg``, ``step``, ``proj``)
+    is its own name."""
+    for suffix in _suffixes("value_suffix") + _suffixes("companion_suffixes"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def is_companion(key: str) -> bool:
+    """Whether ``key`` is bookkeeping of a logical state (scales, rounding stream), not values or codes."""
+    return key.endswith(_suffixes("companion_suffixes"))
+
+
+def is_replicated_key(key: str) -> bool:
+    """Whether ``key`` is per-state bookkeeping not laid out by the state's rows (the ``.rng`` stream), which
+    stays whole when the state's values, codes and scales are row-sharded (FSDP2)."""
+    return key.endswith(_suffixes("replicated_suffixes"))
+
+
+def logical_layout(state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
+    """A state dict's logical names and shapes, whatever precision stored them: ``exp_avg.q8`` (int8
+    codes, at the logical shape) is ``exp_avg``, companions (scales, rounding streams) are left out; a
+    non-tensor value (e.g. a Python ``step``) maps to None."""
+    out: dict[str, tuple[int, ...] | None] = {}
+    for k, v in state.items():
+        if is_companion(k):
+            continue
+        out[logical_name(k)] = tuple(v.shape) if isinstance(v, Tensor) else None
+    return out
 
 
 @register_storage
