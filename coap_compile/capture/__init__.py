@@ -1,6 +1,7 @@
 """Capture stage: a base optimizer's per-parameter update as a functional, shape-generic aten FX graph.
 
-See :mod:`coap_compile.capture.trace` for the graph contract.
+See :mod:`coap_compile.capture.tracing` for the graph contract, :mod:`coap_compile.capture.trace` for
+the cached front end.
 """
 
 from coap_compile.capture.adapter_base import LIVE, HyperInput

@@ -47,6 +47,7 @@ from coap_compile.capture.adapter_base import (
     mark_live,
     normalize_value,
 )
+from coap_compile.capture.tracing import trace_plan
 from coap_compile.errors import UnsupportedOptimizerError
 
 __all__ = ["GenericAdapter"]
@@ -147,11 +148,10 @@ class GenericAdapter(Adapter):
 
     def _choose_live(self, hp: Mapping[str, Any], cands: tuple[HyperInput, ...]) -> tuple[HyperInput, ...]:
         """All candidates if ``step()`` traces with them as tensors, else a greedy subset (docstring)."""
-        from coap_compile.capture.trace import probe_trace  # circular: trace imports this module
 
         def traces(live: tuple[HyperInput, ...]) -> bool:
             try:
-                probe_trace(self, mark_live(hp, live), live, hp)
+                self._probe(mark_live(hp, live), live, hp)
             except UnsupportedOptimizerError:
                 return False
             return True
@@ -164,6 +164,11 @@ class GenericAdapter(Adapter):
             if traces((*chosen, h)):
                 chosen = (*chosen, h)
         return chosen
+
+    def _probe(self, struct: dict[str, Any], live: tuple[HyperInput, ...], values: Mapping[str, Any]) -> None:
+        """Trace once at the canonical 2-D float32 shape (raises :class:`UnsupportedOptimizerError`)."""
+        plan = self.plan(struct, torch.float32, 2, live, values=values)
+        trace_plan(plan, canonical_shape(2), torch.float32, self.optimizer)
 
     def _ctor_kwargs(self, hp: Mapping[str, Any], values: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Constructor arguments: ``hp`` with live markers replaced by ``values`` (the capture-time

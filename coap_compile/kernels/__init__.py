@@ -1,26 +1,16 @@
 """Generated Triton kernels for the projected (COAP) update, their eager twins and custom ops.
 
-Importable without Triton: :data:`HAS_TRITON` says whether it is installed; the eager functions and the
-custom ops (which then always take the eager path) work either way. See :mod:`.launch` for the math,
-:mod:`.codegen` for the kernel templates and traffic model, :mod:`.ops` for ``torch.ops.coap_compile``,
-:mod:`.variants` / :mod:`.stored` for the storage variants of K1 (bf16 and int8 states).
+Importable without Triton: :data:`HAS_TRITON` (from :mod:`.env`) says whether it is installed; the eager
+functions and the custom ops (which then always take the eager path) work either way. See :mod:`.launch`
+for the math, :mod:`.codegen` for the kernel templates and traffic model, :mod:`.ops` for
+``torch.ops.coap_compile``, :mod:`.variants` / :mod:`.stored` for the storage variants of K1 (bf16 and
+int8 states).
 """
 
 from __future__ import annotations
 
-import importlib.util
-
-
-def _has_triton() -> bool:
-    try:
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None
-        return False
-
-
-HAS_TRITON: bool = _has_triton()
-
-from coap_compile.kernels.launch import (  # noqa: E402
+from coap_compile.kernels.env import HAS_TRITON
+from coap_compile.kernels.launch import (
     INPUT_PRECISIONS,
     eager_project_back_update_,
     eager_projected_update_,
@@ -29,7 +19,7 @@ from coap_compile.kernels.launch import (  # noqa: E402
     project_back_update_,
     projected_lowrank_,
 )
-from coap_compile.kernels.ops import (  # noqa: E402
+from coap_compile.kernels.ops import (
     fused_projected_update,
     get_epilogue,
     get_kernel,
@@ -37,7 +27,7 @@ from coap_compile.kernels.ops import (  # noqa: E402
     register_epilogue,
     register_variant,
 )
-from coap_compile.kernels.variants import FP32, KernelVariant, StateMode, mode_of  # noqa: E402
+from coap_compile.kernels.variants import FP32, KernelVariant, StateMode, mode_of
 
 __all__ = [
     "FP32",

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from coap_compile.ir import Epilogue
-from coap_compile.kernels import cache, launch
+from coap_compile.kernels import cache, env, launch
 from coap_compile.kernels.variants import KernelVariant, StateMode
 
 __all__ = [
@@ -118,9 +118,7 @@ def _triton_usable(device: torch.device, backend: str, input_precision: str) -> 
         raise ValueError(f"input_precision must be one of {launch.INPUT_PRECISIONS}, got {input_precision!r}")
     if backend == "eager" or (backend == "auto" and device.type != "cuda"):
         return False
-    from coap_compile.kernels import HAS_TRITON
-
-    if not HAS_TRITON:
+    if not env.HAS_TRITON:
         _warn_once("triton is not installed")
         return False
     if device.type == "cpu":

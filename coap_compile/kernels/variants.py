@@ -97,11 +97,14 @@ class StateMode:
         return f"{t}_{self.style}" if self.precision == "int8" and self.style != "decade" else t
 
     def suffixes(self) -> tuple[str, ...]:
-        """State-dict key suffixes of a state ``s`` in op order: ``s`` + suffix (module docstring)."""
+        """State-dict key suffixes of a state ``s`` in op order: ``s`` + suffix (module docstring; the
+        storage classes declare them)."""
         if self.precision == "fp32":
-            return ("",)
-        rng = (".rng",) if self.stochastic else ()
-        return ("", *rng) if self.precision == "bf16" else (".q8", ".absmax", *rng)
+            return (FP32Storage.value_suffix,)
+        if self.precision == "bf16":
+            return (Bf16Storage.value_suffix, *((Bf16Storage.rng_suffix,) if self.stochastic else ()))
+        rng = (Int8Storage.rng_suffix,) if self.stochastic else ()
+        return (Int8Storage.value_suffix, Int8Storage.scale_suffix, *rng)
 
     def keys(self, name: str) -> tuple[str, ...]:
         return tuple(name + s for s in self.suffixes())

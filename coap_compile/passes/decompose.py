@@ -185,81 +185,19 @@ def _try_candidate(
     graph, facts: GraphFacts, cand: str, base_leaves, opaque_pred, val_ndim, hypers: tuple[sympy.Symbol, ...],
     hints: Mapping[str, str] | None = None,
 ) -> Decomposition:  # fmt: skip
+    """The decomposition with node ``cand`` pinned to the projection point ``x``, or :class:`_Reject`.
+
+    Checks 1–4 of the module docstring in this order: the opaque nodes (:func:`_parameter_statistics`),
+    the new states (:func:`_state_updates`), then ``p' = decay·p + Δ`` (:func:`_weight_update`); the
+    first failure is the rejection. The states are then classified and the adapter's hints applied."""
     scalars = SCALARS | frozenset(hypers)
-    leaves = dict(base_leaves)
-    leaves[cand] = X
-    ex = translate(graph, leaves, opaque_pred)
-    state_outs = dict(
-        zip([r.split(":", 1)[1] for r in facts.roles.values() if r.startswith("state:")], facts.outputs[1:-1])
+    ex, ex_new, state_outs = _pinned_expressions(graph, facts, cand, base_leaves, opaque_pred)
+    deps = _opaque_dependencies(graph, ex)
+    param_stats = _parameter_statistics(deps, tuple(state_outs), val_ndim)
+    new_states = _state_updates(graph, ex, state_outs, scalars, deps)
+    decay, delta, scalar_like = _weight_update(
+        graph, ex, ex_new[facts.outputs[0]], facts.outputs[0], scalars, deps, param_stats, val_ndim
     )
-    state_order = [r.split(":", 1)[1] for r in facts.roles.values() if r.startswith("state:")]
-    leaves_new = dict(leaves)
-    for name in state_order:
-        out = state_outs[name]
-        if facts.kinds.get(out) != "placeholder" and out != cand:
-            leaves_new[out] = state_symbol(name, new=True)
-    ex_new = translate(graph, leaves_new, opaque_pred)
-
-    # Which symbols each opaque node ultimately depends on (through its operands).
-    deps: dict[str, set] = {}
-    for node in graph.nodes:
-        if ex.get(node.name) is not None and str(ex[node.name]) == f"o_{node.name}":
-            syms: set = set()
-            for a in node.all_input_nodes:
-                syms |= _expand_deps(ex[a.name], deps)
-            deps[node.name] = syms
-    opaque_names = set(deps)
-    param_stats = set()
-    for name, syms in deps.items():
-        if GRAD in syms:
-            raise _Reject(name, "reads the raw gradient instead of the projected quantity")
-        if PARAM in syms:
-            if val_ndim(name) != 0 or syms & ({X} | {state_symbol(s) for s in state_order}):
-                raise _Reject(
-                    name, "combines the weight with the gradient or a state outside a 0-d statistic"
-                )
-            param_stats.add(name)
-
-    def check_free(e, out_name, what):
-        full = _expand_deps(e, deps)
-        if GRAD in full:
-            raise _Reject(out_name, f"{what} reads the gradient other than through the projected quantity")
-
-    new_states = {}
-    for name in state_order:
-        e = _blend_scalar_piecewise(ex[state_outs[name]], scalars)
-        check_free(e, state_outs[name], f"state {name!r}")
-        if PARAM in e.free_symbols:
-            raise _Reject(
-                _first_param_mixer(graph, ex, state_outs[name], scalars),
-                f"state {name!r} depends elementwise on the weight, so it cannot live in the low-rank space",
-            )
-        new_states[name] = e
-    p_new = _blend_scalar_piecewise(ex_new[facts.outputs[0]], scalars)
-    if sympy.diff(p_new, PARAM, 2) != 0:
-        raise _Reject(
-            _first_param_mixer(graph, ex, facts.outputs[0], scalars),
-            "the new weight is not affine in the weight",
-        )
-    decay = sympy.diff(p_new, PARAM)
-    scalar_like = (
-        scalars
-        | {sympy.Symbol(f"o_{n}") for n in param_stats}
-        | {
-            sympy.Symbol(f"o_{n}")
-            for n in opaque_names
-            if val_ndim(n) == 0 and not (deps[n] - scalars - {PARAM})
-        }
-    )
-    if not decay.free_symbols <= scalar_like:
-        raise _Reject(facts.outputs[0], f"the weight multiplier {decay} is not a scalar")
-    delta = sympy.together(p_new.subs(PARAM, 0))
-    check_free(delta, facts.outputs[0], "the update")
-    if PARAM in delta.free_symbols:
-        raise _Reject(
-            _first_param_mixer(graph, ex, facts.outputs[0], scalars),
-            "the update direction depends on the weight",
-        )
     scalar_syms = set(scalar_like)
     kinds = {name: _classify_state(name, e, scalar_syms) for name, e in new_states.items()}
     hinted = _apply_hints(kinds, hints or {}, new_states, scalar_syms, deps, state_outs)
@@ -276,6 +214,110 @@ def _try_candidate(
         hypers=hypers,
         hinted=hinted,
     )
+
+
+def _pinned_expressions(
+    graph, facts: GraphFacts, cand: str, base_leaves, opaque_pred
+) -> tuple[dict[str, sympy.Expr], dict[str, sympy.Expr], dict[str, str]]:
+    """``(ex, ex_new, state_outs)``: every node's expression with ``cand`` pinned to ``x``; the same with
+    each new-state output (other than a placeholder or ``cand``) pinned to its symbol ``<state>_new``
+    (so ``p'`` may read the new states, as Adam's ``p' = p − lr·m'/(√v' + ε)`` does); and each state's
+    output node, by state name in placeholder order."""
+    leaves = dict(base_leaves)
+    leaves[cand] = X
+    ex = translate(graph, leaves, opaque_pred)
+    state_order = [r.split(":", 1)[1] for r in facts.roles.values() if r.startswith("state:")]
+    state_outs = dict(zip(state_order, facts.outputs[1:-1]))
+    leaves_new = dict(leaves)
+    for name in state_order:
+        out = state_outs[name]
+        if facts.kinds.get(out) != "placeholder" and out != cand:
+            leaves_new[out] = state_symbol(name, new=True)
+    return ex, translate(graph, leaves_new, opaque_pred), state_outs
+
+
+def _opaque_dependencies(graph, ex: dict[str, sympy.Expr]) -> dict[str, set]:
+    """For each opaque node ``o_<name>`` of ``ex``: the leaf symbols it ultimately depends on (through its
+    operands, opaque operands expanded recursively)."""
+    deps: dict[str, set] = {}
+    for node in graph.nodes:
+        if ex.get(node.name) is not None and str(ex[node.name]) == f"o_{node.name}":
+            syms: set = set()
+            for a in node.all_input_nodes:
+                syms |= _expand_deps(ex[a.name], deps)
+            deps[node.name] = syms
+    return deps
+
+
+def _parameter_statistics(deps: dict[str, set], states: tuple[str, ...], val_ndim) -> set[str]:
+    """The opaque nodes that are 0-d statistics of the full weight (check 4: they read ``param`` but not
+    ``x`` or a state); an opaque node reading the raw gradient is rejected (check 1)."""
+    param_stats = set()
+    for name, syms in deps.items():
+        if GRAD in syms:
+            raise _Reject(name, "reads the raw gradient instead of the projected quantity")
+        if PARAM in syms:
+            if val_ndim(name) != 0 or syms & ({X} | {state_symbol(s) for s in states}):
+                raise _Reject(
+                    name, "combines the weight with the gradient or a state outside a 0-d statistic"
+                )
+            param_stats.add(name)
+    return param_stats
+
+
+def _check_free(e: sympy.Expr, deps: dict[str, set], out_name: str, what: str) -> None:
+    """Check 1 for ``e``: it reads ``grad`` only through ``x`` (opaque nodes expanded)."""
+    if GRAD in _expand_deps(e, deps):
+        raise _Reject(out_name, f"{what} reads the gradient other than through the projected quantity")
+
+
+def _state_updates(
+    graph, ex: dict[str, sympy.Expr], state_outs: dict[str, str], scalars: frozenset, deps: dict[str, set]
+) -> dict[str, sympy.Expr]:
+    """Each state's new value ``s'`` (scalar-condition ``Piecewise`` blended), checked free of ``grad``
+    (check 1) and of ``param`` (check 2: a state read elementwise from the weight cannot be low-rank)."""
+    new_states = {}
+    for name, out in state_outs.items():
+        e = _blend_scalar_piecewise(ex[out], scalars)
+        _check_free(e, deps, out, f"state {name!r}")
+        if PARAM in e.free_symbols:
+            raise _Reject(
+                _first_param_mixer(graph, ex, out, scalars),
+                f"state {name!r} depends elementwise on the weight, so it cannot live in the low-rank space",
+            )
+        new_states[name] = e
+    return new_states
+
+
+def _weight_update(
+    graph, ex, p_expr: sympy.Expr, out: str, scalars: frozenset, deps: dict[str, set], param_stats: set[str],
+    val_ndim,
+) -> tuple[sympy.Expr, sympy.Expr, set]:  # fmt: skip
+    """``(decay, Δ, scalar-like symbols)`` of the new weight ``p' = p_expr`` (check 3).
+
+    ``∂²p'/∂p² = 0`` (affine in the weight); ``decay = ∂p'/∂p`` may read only scalar-like symbols: the
+    per-step scalars, the parameter statistics and 0-d opaque nodes of scalars (and the weight);
+    ``Δ = p'|_{p=0}`` must read ``grad`` only through ``x`` and not the weight at all."""
+    p_new = _blend_scalar_piecewise(p_expr, scalars)
+    if sympy.diff(p_new, PARAM, 2) != 0:
+        raise _Reject(
+            _first_param_mixer(graph, ex, out, scalars), "the new weight is not affine in the weight"
+        )
+    decay = sympy.diff(p_new, PARAM)
+    scalar_like = (
+        scalars
+        | {sympy.Symbol(f"o_{n}") for n in param_stats}
+        | {sympy.Symbol(f"o_{n}") for n in deps if val_ndim(n) == 0 and not (deps[n] - scalars - {PARAM})}
+    )
+    if not decay.free_symbols <= scalar_like:
+        raise _Reject(out, f"the weight multiplier {decay} is not a scalar")
+    delta = sympy.together(p_new.subs(PARAM, 0))
+    _check_free(delta, deps, out, "the update")
+    if PARAM in delta.free_symbols:
+        raise _Reject(
+            _first_param_mixer(graph, ex, out, scalars), "the update direction depends on the weight"
+        )
+    return decay, delta, scalar_like
 
 
 def _expand_deps(e: sympy.Expr, deps: dict[str, set]) -> set:

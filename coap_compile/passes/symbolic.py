@@ -64,73 +64,95 @@ _REL = {
 }
 
 
+#: ops that pass their first operand through unchanged (copies, aliases, dtype casts).
+_IDENTITY_OPS = (
+    aten.clone.default,
+    aten.detach.default,
+    aten.alias.default,
+    aten._to_copy.default,
+    aten.lift_fresh_copy.default,
+)
+
+#: constant fills (:func:`_fill_rule`).
+_FILLS = ("zeros_like", "zeros", "ones_like", "ones", "full", "full_like")
+
+#: ``op name -> rule(a, α, v)``: the pointwise ops of the module table, ``a(i)`` the translated operand
+#: ``i``, ``α``/``v`` the node's ``alpha``/``value`` (1 when absent).
+_POINTWISE: dict[str, Callable[[Callable[[int], Expr], object, object], Expr]] = {
+    "add": lambda a, alpha, value: a(0) + alpha * a(1),
+    "sub": lambda a, alpha, value: a(0) - alpha * a(1),
+    "rsub": lambda a, alpha, value: a(1) - alpha * a(0),
+    "mul": lambda a, alpha, value: a(0) * a(1),
+    "neg": lambda a, alpha, value: -a(0),
+    "reciprocal": lambda a, alpha, value: 1 / a(0),
+    "sqrt": lambda a, alpha, value: sympy.sqrt(a(0)),
+    "rsqrt": lambda a, alpha, value: 1 / sympy.sqrt(a(0)),
+    "pow": lambda a, alpha, value: a(0) ** a(1),
+    "lerp": lambda a, alpha, value: a(0) + a(2) * (a(1) - a(0)),
+    "addcmul": lambda a, alpha, value: a(0) + value * a(1) * a(2),
+    "addcdiv": lambda a, alpha, value: a(0) + value * a(1) / a(2),
+    "abs": lambda a, alpha, value: sympy.Abs(a(0)),
+    "sign": lambda a, alpha, value: sympy.sign(a(0)),
+    "exp": lambda a, alpha, value: sympy.exp(a(0)),
+    "log": lambda a, alpha, value: sympy.log(a(0)),
+    "maximum": lambda a, alpha, value: sympy.Max(a(0), a(1)),
+    "minimum": lambda a, alpha, value: sympy.Min(a(0), a(1)),
+    "square": lambda a, alpha, value: a(0) ** 2,
+    "where": lambda a, alpha, value: sympy.Piecewise((a(1), a(0)), (a(2), True)),
+    "fma": lambda a, alpha, value: a(0) * a(1) + a(2),
+    "scalar_tensor": lambda a, alpha, value: a(0),
+}
+
+
 def _rule(node: torch.fx.Node, a: Callable[[int], Expr]) -> Expr | None:
-    """The sympy meaning of one node given its translated operands ``a(i)``; None if opaque."""
+    """The sympy meaning of one node given its translated operands ``a(i)``; None if opaque.
+
+    In this order: identities (:data:`_IDENTITY_OPS`; ``copy(dst, src) = src``), true division
+    ``a / b`` (a ``rounding_mode`` makes it opaque), clamps (:func:`_clamp_rule`), comparisons
+    (:data:`_REL`), constant fills (:func:`_fill_rule`), then the pointwise table :data:`_POINTWISE`."""
     t = node.target
-    packet = getattr(t, "overloadpacket", None)
-    op = getattr(packet, "__name__", "")
-    alpha = _kw(node, "alpha", 2, 1)
-    value = _kw(node, "value", 3, 1)
-    if t in (
-        aten.clone.default,
-        aten.detach.default,
-        aten.alias.default,
-        aten._to_copy.default,
-        aten.lift_fresh_copy.default,
-    ):
+    if t in _IDENTITY_OPS:
         return a(0)
     if t is aten.copy.default:
         return a(1)
-    table: dict[str, Callable[[], Expr]] = {
-        "add": lambda: a(0) + alpha * a(1),
-        "sub": lambda: a(0) - alpha * a(1),
-        "rsub": lambda: a(1) - alpha * a(0),
-        "mul": lambda: a(0) * a(1),
-        "neg": lambda: -a(0),
-        "reciprocal": lambda: 1 / a(0),
-        "sqrt": lambda: sympy.sqrt(a(0)),
-        "rsqrt": lambda: 1 / sympy.sqrt(a(0)),
-        "pow": lambda: a(0) ** a(1),
-        "lerp": lambda: a(0) + a(2) * (a(1) - a(0)),
-        "addcmul": lambda: a(0) + value * a(1) * a(2),
-        "addcdiv": lambda: a(0) + value * a(1) / a(2),
-        "abs": lambda: sympy.Abs(a(0)),
-        "sign": lambda: sympy.sign(a(0)),
-        "exp": lambda: sympy.exp(a(0)),
-        "log": lambda: sympy.log(a(0)),
-        "maximum": lambda: sympy.Max(a(0), a(1)),
-        "minimum": lambda: sympy.Min(a(0), a(1)),
-        "square": lambda: a(0) ** 2,
-        "where": lambda: sympy.Piecewise((a(1), a(0)), (a(2), True)),
-        "fma": lambda: a(0) * a(1) + a(2),
-        "scalar_tensor": lambda: a(0),
-    }
+    op = getattr(getattr(t, "overloadpacket", None), "__name__", "")
     if op == "div" and _kw(node, "rounding_mode", 2, None) is None:
         return a(0) / a(1)
     if op in ("clamp", "clamp_min", "clamp_max"):
-        lo = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
-        hi = node.kwargs.get("max", node.args[2] if len(node.args) > 2 else None)
-        if op == "clamp_max":
-            lo, hi = None, lo
-
-        def conv(v):
-            if v is None:
-                return None
-            if isinstance(v, torch.fx.Node):
-                return a(1 if v is node.args[1] else 2)
-            return sympy.sympify(v)
-
-        return _clamp(a(0), conv(lo), conv(hi))
+        return _clamp_rule(node, op, a)
     if op in _REL:
         return _REL[op](a(0), a(1))
+    if op in _FILLS:
+        return _fill_rule(node, op)
+    rule = _POINTWISE.get(op)
+    return rule(a, _kw(node, "alpha", 2, 1), _kw(node, "value", 3, 1)) if rule is not None else None
+
+
+def _clamp_rule(node: torch.fx.Node, op: str, a: Callable[[int], Expr]) -> Expr:
+    """``clamp(a, lo, hi) = Min(Max(a, lo), hi)``, ``clamp_min(a, lo) = Max(a, lo)``, ``clamp_max(a, hi) =
+    Min(a, hi)``; a bound is a number or a tensor operand (then its translation), or absent."""
+    lo = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
+    hi = node.kwargs.get("max", node.args[2] if len(node.args) > 2 else None)
+    if op == "clamp_max":
+        lo, hi = None, lo
+
+    def conv(v):
+        if v is None:
+            return None
+        if isinstance(v, torch.fx.Node):
+            return a(1 if v is node.args[1] else 2)
+        return sympy.sympify(v)
+
+    return _clamp(a(0), conv(lo), conv(hi))
+
+
+def _fill_rule(node: torch.fx.Node, op: str) -> Expr:
+    """The constant of a fill: ``zeros*`` → 0, ``ones*`` → 1, ``full*(…, v)`` → ``v``."""
     if op in ("zeros_like", "zeros"):
         return sympy.Integer(0)
     if op in ("ones_like", "ones"):
         return sympy.Integer(1)
-    if op in ("full", "full_like"):
-        return sympy.sympify(node.args[1])
-    rule = table.get(op)
-    return rule() if rule is not None else None
+    return sympy.sympify(node.args[1])
 
 
 def translate(

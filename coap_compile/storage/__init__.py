@@ -1,9 +1,10 @@
 """Optimizer-state storage precisions: ``fp32``, ``bf16`` (round-to-nearest or stochastic) and ``int8``
 (blockwise dynamic quantization), plus the Triton helper sources for the generated kernels.
 
-See :mod:`.base` for the interface and the key scheme, :mod:`.bf16`, :mod:`.int8` and :mod:`.codemap` for
-the formats, their error bounds and the measurements behind their defaults, and :mod:`.triton_src` for
-the kernel-side helpers.
+See :mod:`.base` for the interface, the registry and the key scheme (:func:`logical_name`,
+:func:`is_companion`, :func:`is_replicated_key`, :func:`logical_layout`: what a state-dict key is, derived
+from the registered classes), :mod:`.bf16`, :mod:`.int8` and :mod:`.codemap` for the formats, their error
+bounds and the measurements behind their defaults, and :mod:`.triton_src` for the kernel-side helpers.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ from .base import (
     check_kind,
     convert_state,
     get_storage,
+    is_companion,
+    is_replicated_key,
     load_any,
+    logical_layout,
+    logical_name,
     register_storage,
+    storage_class_of,
     storage_names,
     stored_precision,
 )
@@ -38,9 +44,14 @@ __all__ = [
     "code_map",
     "convert_state",
     "get_storage",
+    "is_companion",
+    "is_replicated_key",
     "kernel_block_m",
     "load_any",
+    "logical_layout",
+    "logical_name",
     "register_storage",
+    "storage_class_of",
     "storage_names",
     "stored_precision",
 ]

@@ -20,6 +20,18 @@ The layout is self-describing: :func:`load_any` reads any precision from its key
 what checkpoint conversion (:func:`convert_state`) uses. Every storage computes in float32 (``fp32``
 may be asked for float64, the project's float64-weight convention).
 
+**Key scheme, from the registry.** Each storage class declares its own key suffixes (class attributes):
+``value_suffix`` (the key of the values or codes: ``""`` for the state's own name, ``".q8"`` for int8),
+``companion_suffixes`` (bookkeeping keys of the state: int8 scales ``".absmax"``, rounding streams
+``".rng"``) and ``replicated_suffixes`` (the companions not laid out by the state's rows: the ``".rng"``
+stream, which FSDP2 keeps whole while values, codes and scales are row-sharded), and a classmethod
+``owns(stored, name)`` that says from the keys and dtypes whether its layout holds state ``name``. The
+functions below derive everything from the registered classes, so no module outside ``storage`` needs
+the suffixes: :func:`stored_precision` / :func:`load_any` / :func:`convert_state` dispatch through the
+owning class; :func:`logical_name` (``exp_avg.q8``, ``exp_avg.absmax``, ``exp_avg.rng`` → ``exp_avg``),
+:func:`is_companion`, :func:`is_replicated_key` and :func:`logical_layout` (``{logical name: shape}``)
+read a state dict key by key.
+
 The interface (one instance per configuration; the instances are stateless, all state is in the dict):
 
 * ``zeros(name, shape, device, kind, *, seed=0) -> dict``: a fresh all-zero state;
@@ -52,9 +64,14 @@ __all__ = [
     "check_kind",
     "convert_state",
     "get_storage",
+    "is_companion",
+    "is_replicated_key",
     "load_any",
+    "logical_layout",
+    "logical_name",
     "numel",
     "register_storage",
+    "storage_class_of",
     "storage_names",
     "stored_precision",
 ]
@@ -63,6 +80,8 @@ __all__ = [
 KINDS = ("first_moment", "second_moment", "other")
 
 _REGISTRY: dict[str, type[StateStorage]] = {}
+#: what the key-scheme functions derive from the registry (cleared by :func:`register_storage`).
+_DERIVED: dict[str, tuple] = {}
 
 
 def numel(shape: Sequence[int]) -> int:
@@ -112,6 +131,30 @@ class StateStorage(ABC):
 
     #: the registry name (``"fp32"``, ``"bf16"``, ``"int8"``).
     name: ClassVar[str]
+    #: suffix of the key holding the state's values (or codes): ``""`` is the state's own name.
+    value_suffix: ClassVar[str] = ""
+    #: dtypes the value key may have in this layout (what the default :meth:`owns` checks).
+    value_dtypes: ClassVar[tuple[torch.dtype, ...]] = ()
+    #: suffixes of the state's bookkeeping keys besides its values (scales, rounding streams).
+    companion_suffixes: ClassVar[tuple[str, ...]] = ()
+    #: the companions not laid out by the state's rows (one per state, e.g. a rounding stream), which a
+    #: row-sharded state keeps whole (replicated); a subset of :attr:`companion_suffixes`.
+    replicated_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def owns(cls, stored: dict[str, Tensor], name: str) -> bool:
+        """Whether this class's layout holds state ``name`` in ``stored`` (from its keys and dtypes).
+
+        Default: the value key ``name + value_suffix`` is a tensor of one of :attr:`value_dtypes`. The
+        registry asks the classes with a suffixed value key first (:func:`storage_class_of`)."""
+        t = stored.get(name + cls.value_suffix)
+        return isinstance(t, Tensor) and t.dtype in cls.value_dtypes
+
+    @classmethod
+    def load_owned(cls, stored: dict[str, Tensor], name: str) -> Tensor:
+        """The float32 value of state ``name``, which this class :meth:`owns` in ``stored``, whatever
+        configuration of the class wrote it (the default instance's :meth:`load`)."""
+        return cls().load(stored, name)
 
     @abstractmethod
     def zeros(
@@ -148,14 +191,50 @@ class StateStorage(ABC):
         return f"{type(self).__name__}()"
 
 
+def _check_suffixes(cls: type[StateStorage]) -> None:
+    """The key suffixes ``cls`` declares are well-formed and keep one role across the registry."""
+    value, companions, replicated = cls.value_suffix, cls.companion_suffixes, cls.replicated_suffixes
+    if not isinstance(value, str) or (value and not value.startswith(".")):
+        raise TypeError(f"{cls.__name__}.value_suffix must be '' or a str starting with '.', got {value!r}")
+    for attr, suffixes in (("companion_suffixes", companions), ("replicated_suffixes", replicated)):
+        if not isinstance(suffixes, tuple) or not all(
+            isinstance(x, str) and x[1:] and x[0] == "." for x in suffixes
+        ):
+            raise TypeError(
+                f"{cls.__name__}.{attr} must be a tuple of str starting with '.', got {suffixes!r}"
+            )
+    if not set(replicated) <= set(companions):
+        raise ValueError(f"{cls.__name__}.replicated_suffixes {replicated} are not all companion_suffixes")
+    values = {value} | {c.value_suffix for c in _REGISTRY.values() if c.name != cls.name}
+    bookkeeping = set(companions).union(
+        *(c.companion_suffixes for c in _REGISTRY.values() if c.name != cls.name)
+    )
+    if values & bookkeeping:
+        raise ValueError(
+            f"{cls.__name__}: key suffixes {sorted(values & bookkeeping)} would name values and bookkeeping"
+        )
+    for other in _REGISTRY.values():
+        both = set(companions) & set(other.companion_suffixes)
+        if other.name != cls.name and any(
+            (x in replicated) != (x in other.replicated_suffixes) for x in both
+        ):
+            raise ValueError(
+                f"{cls.__name__} and {other.__name__} disagree on which of {sorted(both)} is replicated"
+            )
+
+
 def register_storage(cls: type[StateStorage]) -> type[StateStorage]:
-    """Class decorator: register ``cls`` under ``cls.name`` (a second class with the same name is refused)."""
+    """Class decorator: register ``cls`` under ``cls.name`` (a second class with the same name is refused).
+
+    Its key suffixes join the registry's key scheme (:func:`logical_name` and friends)."""
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"{cls.__name__}.name must be a non-empty str, got {name!r}")
     if name in _REGISTRY and _REGISTRY[name] is not cls:
         raise ValueError(f"a state storage named {name!r} is already registered ({_REGISTRY[name].__name__})")
+    _check_suffixes(cls)
     _REGISTRY[name] = cls
+    _DERIVED.clear()
     return cls
 
 
@@ -181,30 +260,34 @@ def get_storage(precision: str | StateStorage, **options: Any) -> StateStorage:
     return _REGISTRY[precision](**options)
 
 
-def stored_precision(stored: dict[str, Tensor], name: str) -> str:
-    """Which precision's layout holds state ``name`` in ``stored`` (from its keys and dtypes)."""
-    if f"{name}.q8" in stored:
-        return "int8"
+def storage_class_of(stored: dict[str, Tensor], name: str) -> type[StateStorage]:
+    """The registered class whose layout holds state ``name`` in ``stored`` (:meth:`StateStorage.owns`).
+
+    Classes with a suffixed value key (int8's ``name.q8``) are asked first, then the others in
+    registration order; a KeyError when ``stored`` has no such state, a ValueError when its tensor has a
+    dtype no storage uses."""
+    if "owners" not in _DERIVED:  # suffixed value keys first; a stable sort keeps registration order
+        _DERIVED["owners"] = tuple(sorted(_REGISTRY.values(), key=lambda c: not c.value_suffix))
+    for cls in _DERIVED["owners"]:
+        if cls.owns(stored, name):
+            return cls
     t = stored.get(name)
     if isinstance(t, Tensor):
-        if t.dtype == torch.bfloat16:
-            return "bf16"
-        if t.dtype in (torch.float32, torch.float64):
-            return "fp32"
-        raise ValueError(
-            f"state {name!r} has dtype {t.dtype}; stored states are float32/float64/bfloat16/int8"
+        dtypes = "/".join(
+            dict.fromkeys(str(d).removeprefix("torch.") for c in _REGISTRY.values() for d in c.value_dtypes)
         )
+        raise ValueError(f"state {name!r} has dtype {t.dtype}; stored states are {dtypes}")
     raise KeyError(f"no state {name!r} in the stored keys {sorted(stored)}")
+
+
+def stored_precision(stored: dict[str, Tensor], name: str) -> str:
+    """Which precision's layout holds state ``name`` in ``stored`` (from its keys and dtypes)."""
+    return storage_class_of(stored, name).name
 
 
 def load_any(stored: dict[str, Tensor], name: str) -> Tensor:
     """The float32 value of state ``name`` whatever precision stored it (float64 stays float64)."""
-    precision = stored_precision(stored, name)
-    if precision == "int8":
-        from .int8 import Int8Storage
-
-        return Int8Storage(min_numel=0).load(stored, name)
-    return stored[name] if precision == "fp32" else stored[name].float()
+    return storage_class_of(stored, name).load_owned(stored, name)
 
 
 def convert_state(
@@ -224,6 +307,50 @@ def convert_state(
     return dst.from_value(name, value.float(), kind, seed=seed)
 
 
+def _suffixes(attr: str) -> tuple[str, ...]:
+    """The registered classes' ``attr`` suffixes (``"value_suffix"``: the non-empty ones), longest first."""
+    if attr not in _DERIVED:
+        found: set[str] = set()
+        for cls in _REGISTRY.values():
+            v = getattr(cls, attr)
+            found.update((v,) if isinstance(v, str) else v)
+        _DERIVED[attr] = tuple(sorted(found - {""}, key=lambda x: (-len(x), x)))
+    return _DERIVED[attr]
+
+
+def logical_name(key: str) -> str:
+    """The logical state a state-dict key belongs to: ``exp_avg.q8`` (codes), ``exp_avg.absmax`` (scales)
+    and ``exp_avg.rng`` (rounding stream) are ``exp_avg``; any other key (``exp_avg``, ``step``, ``proj``)
+    is its own name."""
+    for suffix in _suffixes("value_suffix") + _suffixes("companion_suffixes"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def is_companion(key: str) -> bool:
+    """Whether ``key`` is bookkeeping of a logical state (scales, rounding stream), not values or codes."""
+    return key.endswith(_suffixes("companion_suffixes"))
+
+
+def is_replicated_key(key: str) -> bool:
+    """Whether ``key`` is per-state bookkeeping not laid out by the state's rows (the ``.rng`` stream), which
+    stays whole when the state's values, codes and scales are row-sharded (FSDP2)."""
+    return key.endswith(_suffixes("replicated_suffixes"))
+
+
+def logical_layout(state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
+    """A state dict's logical names and shapes, whatever precision stored them: ``exp_avg.q8`` (int8
+    codes, at the logical shape) is ``exp_avg``, companions (scales, rounding streams) are left out; a
+    non-tensor value (e.g. a Python ``step``) maps to None."""
+    out: dict[str, tuple[int, ...] | None] = {}
+    for k, v in state.items():
+        if is_companion(k):
+            continue
+        out[logical_name(k)] = tuple(v.shape) if isinstance(v, Tensor) else None
+    return out
+
+
 @register_storage
 class FP32Storage(StateStorage):
     """Full precision: the state is one float32 tensor under its own name (float64 if asked).
@@ -233,6 +360,11 @@ class FP32Storage(StateStorage):
     """
 
     name = "fp32"
+    value_dtypes = (torch.float32, torch.float64)
+
+    @classmethod
+    def load_owned(cls, stored, name):
+        return stored[name]  # float64 stays float64, not a copy
 
     def __init__(self, dtype: torch.dtype = torch.float32):
         if dtype not in (torch.float32, torch.float64):

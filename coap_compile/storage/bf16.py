@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from .base import StateStorage, _check_shape, _check_value, _get, check_kind, numel, register_storage
-from .rng import mix_seed, random_bits, stream_key_tensor
+from .rng import RNG_SUFFIX, mix_seed, random_bits, stream_key_tensor
 
 __all__ = ["DEFAULT_ROUNDING", "ROUNDINGS", "STUDY_RESULTS", "Bf16Storage", "round_bf16_stochastic"]
 
@@ -84,6 +84,15 @@ class Bf16Storage(StateStorage):
     """bfloat16 states (module docstring). ``rounding``: ``"nearest"`` or ``"stochastic"``."""
 
     name = "bf16"
+    value_dtypes = (torch.bfloat16,)
+    #: stochastic rounding's ``[seed, counter]`` (:mod:`.rng`): one per state, replicated when sharded.
+    rng_suffix = RNG_SUFFIX
+    companion_suffixes = (RNG_SUFFIX,)
+    replicated_suffixes = (RNG_SUFFIX,)
+
+    @classmethod
+    def load_owned(cls, stored, name):
+        return stored[name].float()
 
     def __init__(self, rounding: str = DEFAULT_ROUNDING):
         if rounding not in ROUNDINGS:
@@ -98,7 +107,9 @@ class Bf16Storage(StateStorage):
         check_kind(kind)
         out = {name: torch.zeros(_check_shape(shape), dtype=torch.bfloat16, device=device)}
         if self.stochastic:
-            out[f"{name}.rng"] = torch.tensor([mix_seed(seed, name), 0], dtype=torch.int64, device=device)
+            out[name + self.rng_suffix] = torch.tensor(
+                [mix_seed(seed, name), 0], dtype=torch.int64, device=device
+            )
         return out
 
     def load(self, stored, name):
@@ -113,7 +124,7 @@ class Bf16Storage(StateStorage):
         if not self.stochastic:
             t.copy_(value)
             return
-        rng = _get(stored, f"{name}.rng", "bf16 (stochastic rounding)")
+        rng = _get(stored, name + self.rng_suffix, "bf16 (stochastic rounding)")
         key = stream_key_tensor(rng)
         flat, src = t.view(-1), value.reshape(-1).float()
         n = flat.numel()

@@ -72,7 +72,7 @@ from torch import Tensor
 
 from .base import StateStorage, _check_shape, _check_value, _get, check_kind, numel, register_storage
 from .codemap import DEFAULT_STYLE, STYLES, CodeMap, code_map
-from .rng import mix_seed, random_bits, stream_key_tensor
+from .rng import RNG_SUFFIX, mix_seed, random_bits, stream_key_tensor
 
 __all__ = [
     "CHUNK",
@@ -282,6 +282,25 @@ class Int8Storage(StateStorage):
     """
 
     name = "int8"
+    #: the codes, at the state's logical shape (int8: signed map, uint8: unsigned map).
+    value_suffix = ".q8"
+    value_dtypes = (torch.int8, torch.uint8)
+    #: the float32 per-block scales (``layout(shape).grid``, block rows × block columns).
+    scale_suffix = ".absmax"
+    #: stochastic rounding's ``[seed, counter]`` (:mod:`.rng`): one per state, replicated when sharded.
+    rng_suffix = RNG_SUFFIX
+    companion_suffixes = (scale_suffix, RNG_SUFFIX)
+    replicated_suffixes = (RNG_SUFFIX,)
+
+    @classmethod
+    def owns(cls, stored, name):
+        """The codes key ``name.q8`` is present (its dtype is checked by :meth:`load`); a small state kept
+        float32 (``numel < min_numel``) is in the fp32 layout."""
+        return name + cls.value_suffix in stored
+
+    @classmethod
+    def load_owned(cls, stored, name):
+        return cls(min_numel=0).load(stored, name)
 
     def __init__(
         self,
@@ -339,16 +358,18 @@ class Int8Storage(StateStorage):
             return {name: torch.zeros(dims, dtype=torch.float32, device=device)}
         cm = self.code_map_for(kind)
         out = {
-            f"{name}.q8": torch.zeros(dims, dtype=cm.code_dtype, device=device),
-            f"{name}.absmax": torch.zeros(self.layout(dims).grid, dtype=torch.float32, device=device),
+            name + self.value_suffix: torch.zeros(dims, dtype=cm.code_dtype, device=device),
+            name + self.scale_suffix: torch.zeros(self.layout(dims).grid, dtype=torch.float32, device=device),
         }
         if self.stochastic:
-            out[f"{name}.rng"] = torch.tensor([mix_seed(seed, name), 0], dtype=torch.int64, device=device)
+            out[name + self.rng_suffix] = torch.tensor(
+                [mix_seed(seed, name), 0], dtype=torch.int64, device=device
+            )
         return out
 
     def _parts(self, stored: dict[str, Tensor], name: str) -> tuple[Tensor, Tensor, BlockLayout, CodeMap]:
-        codes = _get(stored, f"{name}.q8", "int8")
-        absmax = _get(stored, f"{name}.absmax", "int8")
+        codes = _get(stored, name + self.value_suffix, "int8")
+        absmax = _get(stored, name + self.scale_suffix, "int8")
         if codes.dtype not in (torch.int8, torch.uint8):
             raise ValueError(f"int8 state {name!r}: codes must be int8/uint8, got {codes.dtype}")
         lay = self.layout(tuple(codes.shape))
@@ -362,11 +383,11 @@ class Int8Storage(StateStorage):
             )
         return codes, absmax, lay, code_map(codes.dtype == torch.int8, self.style)
 
-    @staticmethod
-    def _kept_fp32(stored: dict[str, Tensor], name: str) -> bool:
+    @classmethod
+    def _kept_fp32(cls, stored: dict[str, Tensor], name: str) -> bool:
         """Whether ``name`` is a small state this storage kept in float32 (no codes, a float32 tensor)."""
         t = stored.get(name)
-        return f"{name}.q8" not in stored and isinstance(t, Tensor) and t.dtype == torch.float32
+        return not cls.owns(stored, name) and isinstance(t, Tensor) and t.dtype == torch.float32
 
     def load(self, stored, name):
         if self._kept_fp32(stored, name):
@@ -383,7 +404,7 @@ class Int8Storage(StateStorage):
             return
         codes, absmax, lay, cm = self._parts(stored, name)
         _check_value(name, value, codes)
-        rng = _get(stored, f"{name}.rng", "int8 (stochastic rounding)") if self.stochastic else None
+        rng = _get(stored, name + self.rng_suffix, "int8 (stochastic rounding)") if self.stochastic else None
         key = stream_key_tensor(rng) if rng is not None else None
         quantize_(value, codes, absmax, lay, cm, floor=not cm.signed, key=key)
         if rng is not None:

@@ -31,9 +31,21 @@ import zlib
 import torch
 from torch import Tensor
 
-__all__ = ["M32", "fmix32", "fmix32_int", "mix_seed", "random_bits", "stream_key", "stream_key_tensor"]
+__all__ = [
+    "M32",
+    "RNG_SUFFIX",
+    "fmix32",
+    "fmix32_int",
+    "mix_seed",
+    "random_bits",
+    "stream_key",
+    "stream_key_tensor",
+]
 
 M32 = 0xFFFFFFFF
+#: key suffix of a state's ``[seed, counter]`` tensor in a state dict (``exp_avg.rng``); one per state,
+#: not laid out by the state's rows (see :attr:`coap_compile.storage.StateStorage.replicated_suffixes`).
+RNG_SUFFIX = ".rng"
 PHI = 0x9E3779B9
 _C1, _C2, _CNT = 0x85EBCA6B, 0xC2B2AE35, 0x5BD1E995
 
