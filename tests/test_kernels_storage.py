@@ -365,8 +365,10 @@ def test_random_inputs_three_steps(case, r, seed):
         _step(splan, wk, x, p, sk, t, lr, hypers, "triton")
         _step(splan, we, x, p, se, t, lr, hypers, "eager")
         counts = _compare(sk, se, f"{base} {cfg} r={r} seed={seed} step {t}", fresh=False, chain=t)
-        # W relative to the update: observed ≤ 3.4e-6 without a differing code, ≤ 3.2e-4 with one.
-        tol = 1e-5 if not any(counts.values()) else 2e-3
+        # W relative to the update: observed ≤ 3.4e-6 without a differing code on an AMD EPYC, ≤ 1.05e-5 on
+        # an Intel Xeon (AVX-512: torch's GEMM sums in another order than the interpreter's); ≤ 3.2e-4 with
+        # a differing code. 3e-5 stays an order below what one differing code gives.
+        tol = 3e-5 if not any(counts.values()) else 2e-3
         err = float((wk - we).norm() / (we - w).norm().clamp_min(1e-30))
         assert err <= tol, f"{base} {cfg} r={r} seed={seed} step {t}: W differs by {err:.2e} of the update"
 
@@ -412,7 +414,7 @@ def test_matches_runtime_eager_path(base, cfg, r, launches):
         assert len(launches) == 2 * t
         assert torch.equal(sk["step"], se["step"])
         counts = _compare(sk, se, f"{base} {cfg} r={r} step {t}", fresh=False, chain=t)
-        tol = 1e-5 if not any(counts.values()) else 2e-3  # as in test_random_inputs_three_steps
+        tol = 3e-5 if not any(counts.values()) else 2e-3  # as in test_random_inputs_three_steps
         err = float((wk - we).detach().norm() / (we - w0).detach().norm())
         assert err <= tol, f"{base} {cfg} r={r} step {t}: W differs by {err:.2e} of the update"
 

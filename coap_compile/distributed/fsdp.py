@@ -107,6 +107,7 @@ from torch import Tensor
 
 from ..projection.base import Comm
 from ..projection.linalg import OMEGA_SEED, draw_omega
+from ..storage import is_replicated_key
 from .comm import CommLog, all_reduce
 from .correlation import correlation_step, normalized_correlation_step
 from .linalg import orthogonal_basis
@@ -243,7 +244,7 @@ class ShardedState(MutableMapping):
         self._state, self._spec, self._names = state, spec, tuple(names)
 
     def _row_key(self, key: str) -> bool:
-        if key.endswith(".rng"):
+        if is_replicated_key(key):  # a rounding stream: replicated, not laid out by rows
             return False
         return any(key == n or key.startswith(n + ".") for n in self._names)
 

@@ -44,7 +44,7 @@ from ..capture.adapter_base import qualified_name
 from ..compiler import compile_base
 from ..distributed import fsdp
 from ..projection.tucker import core_shape
-from ..storage import convert_state
+from ..storage import convert_state, is_replicated_key, logical_layout, logical_name
 from .layout import Kind, kind_of
 from .memory import base_keeps_step
 from .plan import OptimizerConfig
@@ -79,26 +79,11 @@ def _describe(layout: dict[str, tuple[int, ...]]) -> str:
     return ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(layout.items())) or "no state"
 
 
-_AUX = (".rng", ".absmax")  # storage bookkeeping of a logical state (stochastic-rounding stream, scales)
-
-
-def logical_layout(state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
-    """A saved state's logical names and shapes, whatever precision stored them: ``exp_avg.q8`` (int8
-    codes) is ``exp_avg``, scales and rounding streams are left out; a non-tensor maps to None."""
-    out: dict[str, tuple[int, ...] | None] = {}
-    for k, v in state.items():
-        if any(k.endswith(a) for a in _AUX):
-            continue
-        name = k[: -len(".q8")] if k.endswith(".q8") else k
-        out[name] = tuple(v.shape) if isinstance(v, Tensor) else None
-    return out
-
-
 def expected_layout(opt, p: Tensor, group: dict, index: int = 0) -> dict[str, tuple[int, ...]]:
     """Logical state names and shapes ``p`` has after a step, under ``group``'s hyperparameters and COAP
     settings (validated: ValueError naming the setting and the group) and this optimizer's layout of
-    ``p`` (kind, rank, side; storage keys such as ``exp_avg.q8`` are precision details, see
-    :func:`logical_layout`)."""
+    ``p`` (kind, rank, side; physical storage keys are precision details, see
+    :func:`coap_compile.storage.logical_layout`)."""
     config, lay = opt.config, opt.layout(p)
     settings = CoapSettings.from_group(group, index, config.policy_instance)
     hyper = {k: v for k, v in group.items() if k != "params" and k not in CoapSettings.__dataclass_fields__}
@@ -272,7 +257,7 @@ def _restore(opt, p: Tensor, saved: dict[str, Tensor]) -> dict[str, Tensor]:
     spec = lay.shard
 
     def row(k: str) -> bool:  # a row-sharded state of an FSDP2 weight (not a rounding stream)
-        return spec is not None and logical_name(k) in names and not k.endswith(".rng")
+        return spec is not None and logical_name(k) in names and not is_replicated_key(k)
 
     if spec is not None:  # its local rows (a full plain tensor, e.g. a single-process checkpoint, is cut)
         saved = {k: fsdp.local(fsdp.shard_value(spec, v)) if row(k) else v for k, v in saved.items()}
@@ -288,13 +273,6 @@ def _restore(opt, p: Tensor, saved: dict[str, Tensor]) -> dict[str, Tensor]:
     if spec is not None:
         out = {k: spec.wrap(v) if row(k) else v for k, v in out.items()}
     return out
-
-
-def logical_name(key: str) -> str:
-    for suffix in (".q8", *_AUX):
-        if key.endswith(suffix):
-            return key[: -len(suffix)]
-    return key
 
 
 def getstate(opt, state: dict[str, Any]) -> dict[str, Any]:
