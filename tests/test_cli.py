@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from coap_compile.cli import main as cli_main
-from coap_compile.cli import memory as mem
-from coap_compile.cli import quality as cli_quality
-from coap_compile.cli.bench import PAPER_TARGETS, memory_rows
-from coap_compile.cli.main import main
-from coap_compile.cli.optimizers import availability, build_optimizer, projected_linear_weights
-from coap_compile.cli.progress import Progress
-from coap_compile.data import min_single_file_bytes
-from coap_compile.models import build_llama, demo_config
+from coap_lab.cli import main as cli_main
+from coap_lab.cli import memory as mem
+from coap_lab.cli import quality as cli_quality
+from coap_lab.cli.bench import PAPER_TARGETS, memory_rows
+from coap_lab.cli.main import main
+from coap_lab.cli.optimizers import availability, build_optimizer, projected_linear_weights
+from coap_lab.cli.progress import Progress
+from coap_lab.data import min_single_file_bytes
+from coap_lab.models import build_llama, demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = demo_config(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_seq_len=32)
@@ -309,7 +309,7 @@ def test_too_short_folder_names_the_split(tmp_path, capsys):
 def test_python_dash_m_entry_point_reports_one_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "coap_compile", "demo", "--rank", "0"],
+        [sys.executable, "-m", "coap_lab", "demo", "--rank", "0"],
         capture_output=True,
         text=True,
         cwd=ROOT,

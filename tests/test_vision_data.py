@@ -1,4 +1,4 @@
-"""Vision task: matplotlib sample-image patches (coap_compile.data.images) and the DDPM UNet."""
+"""Vision task: matplotlib sample-image patches (coap_lab.data.images) and the DDPM UNet."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from coap_compile.data.images import (
+from coap_lab.data.images import (
     SAMPLE_IMAGES,
     ImageDataError,
     image_grid,
     load_patches,
     load_sample_image,
 )
-from coap_compile.models.unet import (
+from coap_lab.models.unet import (
     DDPMSchedule,
     UNetConfig,
     build_unet,

@@ -21,7 +21,7 @@ for both sides, so in the canonical orientation it runs along dim 1 when not tra
 ``transposed``.
 
 **The angle θ of the normalized step** (``DEFAULT_ANGLE`` = 30°) was chosen with
-:func:`coap_compile.projection.study.main`: the gradients of the demo model (d = 256, 4 layers, AdamW, lr 3e-3
+:func:`coap_lab.studies.projection.main`: the gradients of the demo model (d = 256, 4 layers, AdamW, lr 3e-3
 with warm-up and cosine, batch 8 × 128 bytes, seed 0), layers 0 and 3 (14 matrices, r = 64 by rank ratio 4),
 112 steps replayed through each schedule with ``T_u = 16``, ``λ = 5`` (correlation steps at k = 16, 32, 48,
 64, 96, SVD at 80) and an Adam first moment (β₁ = 0.9). ``residual`` = mean ``‖X − X P Pᵀ‖²/‖X‖²`` over all

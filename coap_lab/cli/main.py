@@ -1,6 +1,6 @@
 """Command line: ``coap-compile {demo, bench memory|quality|step|kernels|compile, optimizers}``.
 
-Also available as ``python -m coap_compile``.
+Also available as ``python -m coap_lab``.
 
 User errors (a bad option value, an unknown optimizer, a missing, empty or too short corpus, CUDA
 asked for but absent) exit with status 2 and one line on stderr, never a traceback. The line names the
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from coap_compile.cli import compilebench
-from coap_compile.cli.argtypes import (
+from coap_lab.cli import compilebench
+from coap_lab.cli.argtypes import (
     _device,
     _names,
     _overhead_cases,
@@ -31,11 +31,11 @@ from coap_compile.cli.argtypes import (
     _seed,
     _seeds,
 )
-from coap_compile.cli.demo import DEMO_DEFAULTS, add_model_args, model_config_from_args
-from coap_compile.cli.optimizers import PROJECTED, UnknownOptimizerError, availability
-from coap_compile.cli.stepbench import parse_shapes
-from coap_compile.data import CorpusError, ImageDataError
-from coap_compile.models import LLAMA_CONFIGS
+from coap_lab.cli.demo import DEMO_DEFAULTS, add_model_args, model_config_from_args
+from coap_lab.cli.optimizers import PROJECTED, UnknownOptimizerError, availability
+from coap_lab.cli.stepbench import parse_shapes
+from coap_lab.data import CorpusError, ImageDataError
+from coap_lab.models import LLAMA_CONFIGS
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="lm",
         help="lm: this LLaMA demo; vision: the conv denoiser (options: coap-compile demo --task vision -h)",
     )
-    g = demo.add_argument_group("distributed (torch.distributed.run; coap_compile.cli.distributed_demo)")
+    g = demo.add_argument_group("distributed (torch.distributed.run; coap_lab.cli.distributed_demo)")
     g.add_argument(
         "--nproc", type=_positive_int, default=None, help="local processes (default 2 with --strategy)"
     )
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compilebench.add_parser(bench, _positive_int, _device)
 
-    from coap_compile.cli.vision import add_vision_args
+    from coap_lab.cli.vision import add_vision_args
 
     add_vision_args(
         bench.add_parser("vision", help="conv denoiser on matplotlib's sample images: 5 optimizers × seeds"),
@@ -259,7 +259,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"{prog}: error: {message}")
 
     if getattr(args, "task", None) == "vision" or getattr(args, "bench", None) == "vision":
-        from coap_compile.cli.vision import validate_args
+        from coap_lab.cli.vision import validate_args
 
         return validate_args(args, fail)
     _check_device(args, fail)
@@ -289,7 +289,7 @@ def _validate(args: argparse.Namespace) -> None:
             if size not in sizes:
                 fail(f"--real: size {size!r} is not among --sizes {args.sizes!r}")
     if args.command == "bench" and args.bench == "kernels":
-        from coap_compile.cli.kernelbench import VARIANTS
+        from coap_lab.cli.kernelbench import VARIANTS
 
         if args.cases:
             try:
@@ -321,27 +321,27 @@ def _validate(args: argparse.Namespace) -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo" and args.task == "vision":
-        from coap_compile.cli.vision import run_demo as run_vision_demo
+        from coap_lab.cli.vision import run_demo as run_vision_demo
 
         return run_vision_demo(args)
     if getattr(args, "bench", None) == "vision":
-        from coap_compile.cli.vision import run_bench
+        from coap_lab.cli.vision import run_bench
 
         return run_bench(args)
     if args.command == "demo" and (args.strategy or _in_launcher()):
-        from coap_compile.cli.distributed_demo import run_distributed_demo
+        from coap_lab.cli.distributed_demo import run_distributed_demo
 
         args.strategy = args.strategy or "ddp"
         return run_distributed_demo(args)
     if args.command == "demo":
-        from coap_compile.cli.demo import run_demo
+        from coap_lab.cli.demo import run_demo
 
         return run_demo(args)
     if args.command == "optimizers":
         for name, why in availability().items():
             print(f"{name:14} {'ok' if why is None else 'unavailable: ' + why}")
         return 0
-    from coap_compile.cli import bench, kernelbench, quality, stepbench
+    from coap_lab.cli import bench, kernelbench, quality, stepbench
 
     runners = {
         "memory": bench.run_memory,
@@ -359,7 +359,7 @@ def _in_launcher() -> bool:
 
 def _vision_demo(argv: list[str]) -> argparse.Namespace | None:
     """``demo --task vision …`` parsed with the vision demo's own options (None for other commands)."""
-    from coap_compile.cli.vision import parse_demo_argv
+    from coap_lab.cli.vision import parse_demo_argv
 
     return parse_demo_argv(argv, _Parser)
 

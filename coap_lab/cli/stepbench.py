@@ -46,8 +46,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from coap_compile.cli.memory import measured_state_bytes
-from coap_compile.cli.optimizers import BASELINES, build_optimizer
+from coap_lab.cli.memory import measured_state_bytes
+from coap_lab.cli.optimizers import BASELINES, build_optimizer
 
 __all__ = [
     "DEFAULT_SHAPES",
@@ -326,7 +326,7 @@ def run_step(args) -> int:
     """``bench step``: print the table and write ``step_<device>.{csv,json}`` under ``args.results_dir``."""
     from pathlib import Path
 
-    from coap_compile.cli.report import format_table, metadata, write_csv, write_json
+    from coap_lab.cli.report import format_table, metadata, write_csv, write_json
 
     shapes = parse_shapes(args.shapes) if args.shapes else list(DEFAULT_SHAPES)
     cuda = args.device.startswith("cuda")
@@ -353,7 +353,7 @@ def run_step(args) -> int:
     overhead: list[dict[str, object]] = []
     cases = [c for c in (getattr(args, "overhead", None) or "").split(",") if c.strip()]
     if cases:
-        from coap_compile.cli.overhead import overhead_rows
+        from coap_lab.cli.overhead import overhead_rows
 
         overhead = overhead_rows(cases, device=args.device, warmup=args.warmup if not cuda else 3)
         cols = [
