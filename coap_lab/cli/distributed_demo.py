@@ -42,6 +42,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from coap_lab.cli.checks import UsageError
+
 __all__ = ["in_launcher", "launch", "run_distributed_demo", "worker"]
 
 
@@ -73,8 +75,6 @@ def launch(args: argparse.Namespace) -> int:
 def run_distributed_demo(args: argparse.Namespace) -> int:
     """Entry from the CLI: launch (outside torchrun) or work (inside)."""
     if args.strategy == "fsdp2" and args.in_backward:
-        from coap_lab.cli.main import UsageError
-
         raise UsageError(
             "coap-compile demo: error: --in-backward with --strategy fsdp2: FSDP2 reduce-scatters the "
             "gradients after the parameter hooks would step; use --strategy ddp"

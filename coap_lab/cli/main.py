@@ -31,6 +31,7 @@ from coap_lab.cli.argtypes import (
     _seed,
     _seeds,
 )
+from coap_lab.cli.checks import UsageError, check_device, check_folder, check_list
 from coap_lab.cli.demo import DEMO_DEFAULTS, add_model_args, model_config_from_args
 from coap_lab.cli.optimizers import PROJECTED, UnknownOptimizerError, availability
 from coap_lab.cli.stepbench import parse_shapes
@@ -40,10 +41,6 @@ from coap_lab.models import LLAMA_CONFIGS
 __all__ = ["UsageError", "build_parser", "main"]
 
 PROG = "coap-compile"
-
-
-class UsageError(ValueError):
-    """A bad command-line value; reported as one line with exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -203,54 +200,6 @@ def _prog(args: argparse.Namespace) -> str:
     return " ".join([PROG, args.command, *([args.bench] if args.command == "bench" else [])])
 
 
-def _given(args: argparse.Namespace, option: str) -> bool:
-    """Whether ``option`` was on the command line (not a default)."""
-    return any(a == option or a.startswith(option + "=") for a in getattr(args, "argv", []))
-
-
-def _check_device(args: argparse.Namespace, fail) -> None:
-    device = getattr(args, "device", None)
-    if device is None or device == "cpu":
-        return
-    how = "" if _given(args, "--device") else " (the default)"
-    if not torch.cuda.is_available():
-        fail(
-            f"--device {device}{how}: CUDA is not available on this machine "
-            f"(torch {torch.__version__}); use --device cpu"
-        )
-    index = int(device.partition(":")[2] or 0)
-    count = torch.cuda.device_count()
-    if index >= count:
-        fail(
-            f"--device {device}: this machine has {count} CUDA device{'s' * (count != 1)} "
-            f"(cuda:0..cuda:{count - 1})"
-        )
-
-
-def _check_folder(option: str, path: str, fail) -> None:
-    """``path`` is a folder, or can be created as one, and is writable."""
-    target = Path(path)
-    if target.exists() and not target.is_dir():
-        fail(f"{option} {path}: exists and is not a folder")
-    ancestor = target
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        fail(f"{option} {path}: {ancestor} is a file, so the folder cannot be created")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        fail(f"{option} {path}: {ancestor} is not writable")
-
-
-def _check_list(option: str, what: str, text: str, allowed: Sequence[str], fail, lower: bool = False):
-    """Comma-separated values of ``option`` (blanks dropped), each in ``allowed``; returns them."""
-    values = [v.strip().lower() if lower else v.strip() for v in text.split(",") if v.strip()]
-    for v in values:
-        if v not in allowed:
-            where = f" in {text!r}" if len(values) > 1 else ""
-            fail(f"{option}: unknown {what} {v!r}{where}; choose from {', '.join(allowed)}")
-    return values
-
-
 def _validate(args: argparse.Namespace) -> None:
     """Checks that need more than one option or the machine; raise :class:`UsageError` naming the option."""
     prog = _prog(args)
@@ -262,7 +211,7 @@ def _validate(args: argparse.Namespace) -> None:
         from coap_lab.cli.vision import validate_args
 
         return validate_args(args, fail)
-    _check_device(args, fail)
+    check_device(args, fail)
     if hasattr(args, "dim"):
         try:
             model_config_from_args(args)
@@ -273,7 +222,7 @@ def _validate(args: argparse.Namespace) -> None:
         fail(f"--corpus {corpus}: not found (give a text file or a folder of text files)")
     for option in ("out", "results_dir"):
         if getattr(args, option, None) is not None:
-            _check_folder("--" + option.replace("_", "-"), getattr(args, option), fail)
+            check_folder("--" + option.replace("_", "-"), getattr(args, option), fail)
     if hasattr(args, "rank_ratio") and args.rank is None and args.rank_ratio is None:
         args.rank_ratio = 4.0
     if args.command == "demo" and (args.nproc or args.strategy):
@@ -282,10 +231,10 @@ def _validate(args: argparse.Namespace) -> None:
         fail("--in-backward: needs --strategy ddp (the single-process demo clips gradients before the step)")
     names = getattr(args, "optimizers", None)
     if args.command == "bench" and args.bench == "memory":
-        sizes = _check_list("--sizes", "model size", args.sizes, list(LLAMA_CONFIGS), fail, lower=True)
+        sizes = check_list("--sizes", "model size", args.sizes, list(LLAMA_CONFIGS), fail, lower=True)
         if not sizes:
             fail(f"--sizes: no model size given; choose from {', '.join(LLAMA_CONFIGS)}")
-        for size in _check_list("--real", "model size", args.real, list(LLAMA_CONFIGS), fail, lower=True):
+        for size in check_list("--real", "model size", args.real, list(LLAMA_CONFIGS), fail, lower=True):
             if size not in sizes:
                 fail(f"--real: size {size!r} is not among --sizes {args.sizes!r}")
     if args.command == "bench" and args.bench == "kernels":
@@ -296,9 +245,9 @@ def _validate(args: argparse.Namespace) -> None:
                 parse_shapes(args.cases)
             except ValueError as exc:
                 fail(f"--cases: {exc}")
-        variants = _check_list("--variants", "variant", args.variants or "", list(VARIANTS), fail)
+        variants = check_list("--variants", "variant", args.variants or "", list(VARIANTS), fail)
         args.variants = ",".join(variants) or None  # blanks dropped: kernelbench splits on commas
-        dtypes = _check_list("--dtypes", "dtype", args.dtypes, ["fp32", "bf16"], fail)
+        dtypes = check_list("--dtypes", "dtype", args.dtypes, ["fp32", "bf16"], fail)
         if not dtypes:
             fail("--dtypes: no dtype given; choose from fp32, bf16")
         args.dtypes = ",".join(dtypes)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from coap_lab.cli.optimizers import BASELINES, EXTERNAL, availability, build_optimizer
-from coap_lab.cli.stepbench import quantiles_ms, timed_samples
+from coap_lab.cli.timing import quantiles_ms, timed_samples
 
 __all__ = ["OVERHEAD_CASES", "OVERHEAD_OPTIMIZERS", "build_case", "overhead_rows"]
 

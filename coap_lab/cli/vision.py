@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from coap_lab.cli.checks import check_device, check_folder
 from coap_lab.cli.report import format_table, metadata, save_figure, write_csv, write_json
 from coap_lab.cli.vision_train import (
     MODEL_CONFIGS,
@@ -163,12 +164,10 @@ def parse_demo_argv(
 
 def validate_args(args: argparse.Namespace, fail) -> None:
     """Cross-option checks (device, folders, patch size, optimizer availability); ``fail(message)``."""
-    from coap_lab.cli import main as cli
-
-    cli._check_device(args, fail)
+    check_device(args, fail)
     for option in ("out", "results_dir"):
         if getattr(args, option, None) is not None:
-            cli._check_folder("--" + option.replace("_", "-"), getattr(args, option), fail)
+            check_folder("--" + option.replace("_", "-"), getattr(args, option), fail)
     levels = len(MODEL_CONFIGS[args.model]().channel_mults)
     if args.patch_size % 2 ** (levels - 1):
         fail(
