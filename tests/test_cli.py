@@ -322,6 +322,47 @@ def test_python_dash_m_entry_point_reports_one_line():
     ]
 
 
+def test_library_entry_point_points_at_the_cli():
+    """``python -m coap_compile`` is no command line (the library imports nothing of coap_lab): it says where
+    the CLI is and exits 2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "coap_compile", "demo"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "coap-compile" in proc.stderr and "python -m coap_lab" in proc.stderr
+
+
+VISION_NEEDS = "error: the vision task (matplotlib's sample images, vision.png) needs matplotlib"
+
+
+@pytest.mark.parametrize(
+    ("argv", "what"),
+    [
+        (["demo"], "coap-compile demo: error: the demo's plot (demo.png) needs matplotlib"),
+        (["bench", "quality"], "coap-compile bench quality: error: bench quality's plot (quality.png) needs"),
+        (["demo", "--task", "vision"], "coap-compile demo: " + VISION_NEEDS),
+        (["bench", "vision"], "coap-compile bench vision: " + VISION_NEEDS),
+    ],
+)
+def test_plotting_commands_without_matplotlib_say_how_to_get_it(argv, what, tmp_path, monkeypatch, capsys):
+    """matplotlib is the optional ``demo`` extra: a command that plots refuses up front, in one line."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    folder = ["--results-dir" if argv[0] == "bench" else "--out", str(tmp_path)]
+    assert main([*argv, "--device", "cpu", *folder]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(what) and "pip install 'coap-compile[demo]'" in line, line
+
+
+def test_commands_without_plots_run_without_matplotlib(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["optimizers"]) == 0
+    assert "coap " in capsys.readouterr().out
+
+
 def test_closed_form_equals_real_adamw_state_on_meta():
     model = build_llama("60m", device="meta")
     opt = build_optimizer("adamw", model, lr=1e-3)

@@ -38,6 +38,21 @@ def patches():
 # ---------------------------------------------------------------------------------------- data
 
 
+def test_default_images_without_matplotlib_say_how_to_get_it(monkeypatch):
+    """The default images come with matplotlib (the ``demo`` extra); without it, one clear error."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.cbook", None)
+    with pytest.raises(ImageDataError, match=r"matplotlib, which is not installed; .*coap-compile\[demo\]"):
+        load_sample_image("grace_hopper.jpg")
+    from coap_lab.cli.report import pyplot
+
+    with pytest.raises(ModuleNotFoundError, match=r"plotting needs matplotlib.*coap-compile\[demo\]"):
+        pyplot()
+
+
+
 @pytest.mark.parametrize("name", SAMPLE_IMAGES)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_sample_image_loads(name, channels):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from coap_lab.cli.report import format_table, metadata, save_figure, write_json
+from coap_lab.cli.report import format_table, metadata, pyplot, save_figure, write_json
 from coap_lab.cli.train import RunResult, TrainConfig, load_training_corpus, train_run
 from coap_lab.models import LlamaConfig, demo_config
 
@@ -126,10 +126,7 @@ COLUMNS = [
 
 def plot_runs(groups: dict[str, list[RunResult]], title: str):
     """Loss curves (train EMA thin, validation thick) and a state-memory bar per optimizer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2.2, 1]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

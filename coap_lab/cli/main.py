@@ -31,7 +31,7 @@ from coap_lab.cli.argtypes import (
     _seed,
     _seeds,
 )
-from coap_lab.cli.checks import UsageError, check_device, check_folder, check_list
+from coap_lab.cli.checks import UsageError, check_device, check_folder, check_list, require_matplotlib
 from coap_lab.cli.demo import DEMO_DEFAULTS, add_model_args, model_config_from_args
 from coap_lab.cli.optimizers import PROJECTED, UnknownOptimizerError, availability
 from coap_lab.cli.stepbench import parse_shapes
@@ -229,6 +229,10 @@ def _validate(args: argparse.Namespace) -> None:
         args.nproc, args.strategy = args.nproc or 2, args.strategy or "ddp"
     elif getattr(args, "in_backward", False):
         fail("--in-backward: needs --strategy ddp (the single-process demo clips gradients before the step)")
+    if args.command == "demo" and not (args.strategy or _in_launcher()):
+        require_matplotlib("the demo's plot (demo.png)", fail)
+    if args.command == "bench" and args.bench == "quality":
+        require_matplotlib("bench quality's plot (quality.png)", fail)
     names = getattr(args, "optimizers", None)
     if args.command == "bench" and args.bench == "memory":
         sizes = check_list("--sizes", "model size", args.sizes, list(LLAMA_CONFIGS), fail, lower=True)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from coap_lab.cli.checks import check_device, check_folder
-from coap_lab.cli.report import format_table, metadata, save_figure, write_csv, write_json
+from coap_lab.cli.checks import check_device, check_folder, require_matplotlib
+from coap_lab.cli.report import format_table, metadata, pyplot, save_figure, write_csv, write_json
 from coap_lab.cli.vision_train import (
     MODEL_CONFIGS,
     VISION_OPTIMIZERS,
@@ -165,6 +165,7 @@ def parse_demo_argv(
 def validate_args(args: argparse.Namespace, fail) -> None:
     """Cross-option checks (device, folders, patch size, optimizer availability); ``fail(message)``."""
     check_device(args, fail)
+    require_matplotlib("the vision task (matplotlib's sample images, vision.png)", fail)
     for option in ("out", "results_dir"):
         if getattr(args, option, None) is not None:
             check_folder("--" + option.replace("_", "-"), getattr(args, option), fail)
@@ -228,10 +229,7 @@ COLUMNS = [
 
 def plot_vision(runs: dict[str, list[VisionRun]], title: str):
     """Validation curves (mean over seeds, band min..max) and state bytes beside denoised samples."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from coap_lab.data import image_grid
 
