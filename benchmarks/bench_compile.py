@@ -7,7 +7,7 @@ Usage::
     python benchmarks/bench_compile.py --layers 2 --dim 128  # a reduced model
     python benchmarks/bench_compile.py --variants eager-coap,coap-coap,inductor-coap
 
-Same code as ``coap-compile bench compile`` (:mod:`coap_compile.cli.compilebench`: graphs, graph breaks and
+Same code as ``coap-compile bench compile`` (:mod:`coap_lab.cli.compilebench`: graphs, graph breaks and
 their reasons, compile time, steady step time, recompiles after step 1 under a changing tensor-lr schedule);
 results go to ``benchmarks/results/compile_<device>.{csv,json}`` with machine, versions and commit.
 """

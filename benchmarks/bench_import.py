@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coap_compile.cli.report import metadata, write_json
+from coap_lab.cli.report import metadata, write_json
 
 PROBE = """
 import sys, time, json

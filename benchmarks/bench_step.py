@@ -7,9 +7,9 @@ Usage::
                                                          # (= coap-compile bench kernels)
     python benchmarks/bench_step.py --shapes 2048x5461:512 --optimizers adamw,coap,galore
 
-The timing code lives in :mod:`coap_compile.cli.stepbench` (``time_cpu`` / ``time_cuda`` share
-``make_step`` and ``step_rows``), so the CPU and CUDA numbers come from the same setup; results go to
-``benchmarks/results/step_<device>.{csv,json}``.
+The timing code lives in :mod:`coap_lab.cli.stepbench` (``make_step``, ``step_rows``) and
+:mod:`coap_lab.cli.timing` (``time_cpu`` / ``time_cuda``), so the CPU and CUDA numbers come from the same
+setup; results go to ``benchmarks/results/step_<device>.{csv,json}``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,6 @@ if __name__ == "__main__":
     status = run_bench("step")
     if status == 0 and "cuda" in " ".join(sys.argv[1:]):
         # On a GPU also run the kernel benchmark: fused AdamW vs eager/Inductor low-rank vs the generated
-        # kernels at LLaMA-1B shapes, each with its floor (coap_compile.cli.kernelbench).
+        # kernels at LLaMA-1B shapes, each with its floor (coap_lab.cli.kernelbench).
         status = run_bench("kernels", [])
     sys.exit(status)

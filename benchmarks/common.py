@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from coap_compile.cli.main import main  # noqa: E402
-from coap_compile.cli.report import metadata  # noqa: E402
+from coap_lab.cli.main import main  # noqa: E402
+from coap_lab.cli.report import metadata  # noqa: E402
 
 __all__ = ["RESULTS", "metadata", "run_bench"]
 

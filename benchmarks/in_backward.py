@@ -1,7 +1,7 @@
 """Peak live gradient bytes: normal path vs in-backward updates vs in-backward + projected accumulation.
 
 Usage: ``python benchmarks/in_backward.py [--models demo,60m] [--micro 4] [--seq 32] [--results-dir D]``
-writes ``benchmarks/results/in_backward.{csv,json}`` (the metadata block of :mod:`coap_compile.cli.report`).
+writes ``benchmarks/results/in_backward.{csv,json}`` (the metadata block of :mod:`coap_lab.cli.report`).
 
 What is counted: the bytes of every live ``p.grad`` plus the in-backward accumulators ``Σ Xᵢ P``,
 sampled in a ``register_post_accumulate_grad_hook`` registered before the in-backward hooks (so it runs
@@ -41,8 +41,8 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 import coap_compile  # noqa: E402
-from coap_compile.cli.report import format_table, metadata, write_csv, write_json  # noqa: E402
-from coap_compile.models import LLAMA_CONFIGS, PAPER_RANKS, build_llama, demo_config  # noqa: E402
+from coap_lab.cli.report import format_table, metadata, write_csv, write_json  # noqa: E402
+from coap_lab.models import LLAMA_CONFIGS, PAPER_RANKS, build_llama, demo_config  # noqa: E402
 
 __all__ = ["LiveGradientBytes", "closed_forms", "main", "measure"]
 

@@ -141,9 +141,9 @@ def regression(variants: list[str], steps: int = 4000, seed: int = 0) -> dict:
 def llama(variants: list[str], steps: int = 500, seed: int = 0, moments: Path | None = None) -> dict:
     """Tiny LLaMA (d=128, 2 layers, seq 64, batch 16) on the stdlib corpus, reference COAP-AdamW
     (q/k/v/o/gate/up/down projected at rank_ratio 4 → r = 32), lr 3e-3 warm-up + cosine, wd 0."""
-    from coap_compile.data import BatchSampler, load_corpus, validation_windows
-    from coap_compile.models import build_llama, demo_config
     from coap_compile.reference import CoapAdamW
+    from coap_lab.data import BatchSampler, load_corpus, validation_windows
+    from coap_lab.models import build_llama, demo_config
 
     cfg = demo_config(hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4, max_seq_len=64)
     corpus = load_corpus(max_bytes=4_000_000)

@@ -1,4 +1,4 @@
-"""The closed forms of ``coap_compile.cli.memory`` for bf16 / int8 / fp32 states against the library.
+"""The closed forms of ``coap_lab.cli.memory`` for bf16 / int8 / fp32 states against the library.
 
 Three independent sides are compared by exact integer equality: the closed form (written from the
 documented rules, never calling the storage code), the library's ``memory_plan()`` and the tensors
@@ -18,11 +18,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import coap_compile
-from coap_compile.cli import bench
-from coap_compile.cli import memory as mem
-from coap_compile.cli.bench import PAPER_TARGETS, MemoryMismatchError, memory_rows, official_comparisons
-from coap_compile.models import build_llama, demo_config
 from coap_compile.storage import get_storage
+from coap_lab.cli import bench
+from coap_lab.cli import memory as mem
+from coap_lab.cli.bench import PAPER_TARGETS, MemoryMismatchError, memory_rows, official_comparisons
+from coap_lab.models import build_llama, demo_config
 
 #: A: mlp moments 700×6 = 4200 (int8, C = 6), attention 64×6 (float32: < 4096), embeddings 256×64.
 #: B: mlp moments 512×8 and embeddings/head 256×16: exactly 4096 elements each (int8), norms of 16.
@@ -193,7 +193,7 @@ def test_measured_bytes_count_the_inner_tensors_of_torchao_8bit_states():
     """torchao's AdamW8bit keeps wrapper subclasses (no storage of their own): their int8 codes, float32
     block scales and code maps are what is counted (the quality benchmark's torchao row)."""
     torchao_optim = pytest.importorskip("torchao.optim")  # optional peer (extra "bench")
-    from coap_compile.cli.memory import measured_state_bytes
+    from coap_lab.cli.memory import measured_state_bytes
 
     model = torch.nn.Linear(512, 512)  # weight: 8-bit (≥ 4096 elements), bias: float32 states
     opt = torchao_optim.AdamW8bit(model.parameters(), lr=1e-3)

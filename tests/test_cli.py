@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from coap_compile.cli import main as cli_main
-from coap_compile.cli import memory as mem
-from coap_compile.cli import quality as cli_quality
-from coap_compile.cli.bench import PAPER_TARGETS, memory_rows
-from coap_compile.cli.main import main
-from coap_compile.cli.optimizers import availability, build_optimizer, projected_linear_weights
-from coap_compile.cli.progress import Progress
-from coap_compile.data import min_single_file_bytes
-from coap_compile.models import build_llama, demo_config
+from coap_lab.cli import main as cli_main
+from coap_lab.cli import memory as mem
+from coap_lab.cli import quality as cli_quality
+from coap_lab.cli.bench import PAPER_TARGETS, memory_rows
+from coap_lab.cli.main import main
+from coap_lab.cli.optimizers import availability, build_optimizer, projected_linear_weights
+from coap_lab.cli.progress import Progress
+from coap_lab.data import min_single_file_bytes
+from coap_lab.models import build_llama, demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = demo_config(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_seq_len=32)
@@ -309,7 +309,7 @@ def test_too_short_folder_names_the_split(tmp_path, capsys):
 def test_python_dash_m_entry_point_reports_one_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "coap_compile", "demo", "--rank", "0"],
+        [sys.executable, "-m", "coap_lab", "demo", "--rank", "0"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -320,6 +320,47 @@ def test_python_dash_m_entry_point_reports_one_line():
     assert proc.stderr.strip().splitlines() == [
         "coap-compile demo: error: argument --rank: must be a positive integer, got 0"
     ]
+
+
+def test_library_entry_point_points_at_the_cli():
+    """``python -m coap_compile`` is no command line (the library imports nothing of coap_lab): it says where
+    the CLI is and exits 2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "coap_compile", "demo"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "coap-compile" in proc.stderr and "python -m coap_lab" in proc.stderr
+
+
+VISION_NEEDS = "error: the vision task (matplotlib's sample images, vision.png) needs matplotlib"
+
+
+@pytest.mark.parametrize(
+    ("argv", "what"),
+    [
+        (["demo"], "coap-compile demo: error: the demo's plot (demo.png) needs matplotlib"),
+        (["bench", "quality"], "coap-compile bench quality: error: bench quality's plot (quality.png) needs"),
+        (["demo", "--task", "vision"], "coap-compile demo: " + VISION_NEEDS),
+        (["bench", "vision"], "coap-compile bench vision: " + VISION_NEEDS),
+    ],
+)
+def test_plotting_commands_without_matplotlib_say_how_to_get_it(argv, what, tmp_path, monkeypatch, capsys):
+    """matplotlib is the optional ``demo`` extra: a command that plots refuses up front, in one line."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    folder = ["--results-dir" if argv[0] == "bench" else "--out", str(tmp_path)]
+    assert main([*argv, "--device", "cpu", *folder]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(what) and "pip install 'coap-compile[demo]'" in line, line
+
+
+def test_commands_without_plots_run_without_matplotlib(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["optimizers"]) == 0
+    assert "coap " in capsys.readouterr().out
 
 
 def test_closed_form_equals_real_adamw_state_on_meta():

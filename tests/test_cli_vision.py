@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from coap_compile.cli.main import build_parser, main
-from coap_compile.cli.vision import parse_demo_argv
-from coap_compile.cli.vision_train import (
+from coap_lab.cli.main import build_parser, main
+from coap_lab.cli.vision import parse_demo_argv
+from coap_lab.cli.vision_train import (
     VisionConfig,
     adafactor_base,
     load_vision_data,
@@ -60,7 +60,7 @@ def test_vision_demo_end_to_end(tmp_path, capsys):
     assert payload["meta"]["command"].startswith("coap-compile demo --task vision")
     rows = _rows(payload["summary"])
     assert list(rows) == names
-    from coap_compile.models import UNet
+    from coap_lab.models import UNet
 
     with torch.device("meta"):
         n_params = len(list(UNet(VisionConfig(model="smoke").unet_config()).parameters()))
@@ -129,7 +129,7 @@ def test_tucker_row_projects_the_large_convs(tmp_path):
     ]
     assert main(argv) == 0
     row = json.loads((tmp_path / "results.json").read_text())["summary"][0]
-    from coap_compile.models import build_unet, conv_weights_above_threshold
+    from coap_lab.models import build_unet, conv_weights_above_threshold
 
     convs = conv_weights_above_threshold(build_unet(VisionConfig(model="smoke").unet_config()))
     assert len(convs) == 6 and row["projected"] == 7 + len(convs)  # 7 Linear weights + the Tucker convs

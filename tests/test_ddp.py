@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import coap_compile
-from coap_compile.distributed import run_distributed
+from coap_lab.launch import run_distributed
 
 VOCAB, DIM, HIDDEN, SEQ, BATCH_PER_RANK, WORLD = 40, 16, 32, 7, 4, 2
 STEPS = 20

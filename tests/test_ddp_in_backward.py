@@ -17,8 +17,8 @@ from test_ddp import BATCH_PER_RANK, OPT_KW, TinyLM, _global_batch, _loss
 from torch.nn.parallel import DistributedDataParallel
 
 import coap_compile
-from coap_compile.distributed import run_distributed
 from coap_compile.distributed.backward import DdpStepHook
+from coap_lab.launch import run_distributed
 
 WORLD, STEPS, MICRO = 2, 9, 2
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from coap_compile.cli.main import main
-from coap_compile.cli.memory import plan_total_bytes
-from coap_compile.cli.optimizers import build_optimizer
-from coap_compile.models import build_llama, demo_config
+from coap_lab.cli.main import main
+from coap_lab.cli.memory import plan_total_bytes
+from coap_lab.cli.optimizers import build_optimizer
+from coap_lab.models import build_llama, demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = ["--dim", "32", "--heads", "2", "--ffn", "64", "--seq-len", "32"]
@@ -29,9 +29,9 @@ SHAPE = ["--dim", "32", "--heads", "2", "--ffn", "64", "--seq-len", "32"]
 
 def _launch(tmp_path, options: list[str]) -> dict:
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text((ROOT / "coap_compile" / "cli" / "main.py").read_text())  # ≈20 kB of text
+    corpus.write_text((ROOT / "coap_lab" / "cli" / "main.py").read_text())  # ≈20 kB of text
     cmd = [
-        sys.executable, "-m", "coap_compile", "demo", "--nproc", "2", *options, "--steps", "4",
+        sys.executable, "-m", "coap_lab", "demo", "--nproc", "2", *options, "--steps", "4",
         "--batch-size", "2", *SHAPE, "--corpus", str(corpus), "--out", str(tmp_path / "out"), "--quiet",
         "--device", "cpu",
     ]  # fmt: skip

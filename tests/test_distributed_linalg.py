@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 
 from coap_compile.distributed import (
     CommLog,
-    DistributedRunError,
     align_rotation,
     align_signs,
     assert_replicated,
@@ -38,13 +37,13 @@ from coap_compile.distributed import (
     normalized_correlation_step,
     orthogonal_basis,
     refresh_bytes,
-    run_distributed,
 )
 from coap_compile.distributed.linalg import ORTHOGONALITY_TOLERANCE
 from coap_compile.projection import correlation_step as sp_correlation_step
 from coap_compile.projection import normalized_correlation_step as sp_normalized_step
 from coap_compile.projection import orthogonal_basis as sp_orthogonal_basis
 from coap_compile.projection.linalg import OMEGA_SEED
+from coap_lab.launch import DistributedRunError, run_distributed
 
 WORLD_SIZES = (2, 4)
 TIMEOUT = 60.0

@@ -44,8 +44,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import coap_compile
-from coap_compile.distributed import CommLog, assert_replicated, fsdp, refresh_bytes, run_distributed
+from coap_compile.distributed import CommLog, assert_replicated, fsdp, refresh_bytes
 from coap_compile.errors import NonFiniteGradientError
+from coap_lab.launch import run_distributed
 
 VOCAB, DIM, HIDDEN, NARROW, SEQ, BATCH = 40, 16, 32, 6, 7, 8
 STEPS, SAVE_AT, RANK = 9, 5, 4

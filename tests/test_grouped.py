@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import coap_compile
 from coap_compile import NonFiniteGradientError
-from coap_compile.cli.memory import measured_state_bytes
 from coap_compile.runtime import grouped as grouped_mod
+from coap_lab.cli.memory import measured_state_bytes
 
 #: (m, n) of the projected matrices: six share M = 24 (three 24×16, two transposed 16×24, one of width
 #: 12), one (30×16) is alone.

@@ -420,7 +420,7 @@ def _llama_closed_form(cfg, rank: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize(("size", "rank", "saved"), [("350m", 256, 0.496), ("1b", 512, 0.545)])
 def test_memory_plan_llama_shows_the_saving_against_transformers_adafactor(size, rank, saved):
-    from coap_compile.models import LLAMA_CONFIGS, build_llama
+    from coap_lab.models import LLAMA_CONFIGS, build_llama
 
     cfg = LLAMA_CONFIGS[size]
     model = build_llama(cfg, device="meta")

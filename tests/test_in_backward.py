@@ -17,10 +17,10 @@ from torch import nn
 
 import coap_compile
 from coap_compile import NonFiniteGradientError
-from coap_compile.models import build_llama, demo_config
 from coap_compile.runtime.inbackward import accumulation_needs_full_gradient, step_in_backward
 from coap_compile.runtime.refresh import plan_refresh
 from coap_compile.runtime.schedule import due
+from coap_lab.models import build_llama, demo_config
 
 CFG = demo_config(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_seq_len=12)
 KW = {"rank": 4, "update_interval": 2, "reproject_factor": 2, "lr": 1e-2}

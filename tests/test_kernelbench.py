@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 
-from coap_compile.cli.kernelbench import floors
-from coap_compile.cli.main import main
+from coap_lab.cli.kernelbench import floors
+from coap_lab.cli.main import main
 
 
 def test_floors_follow_the_traffic_model():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coap_compile.data import BatchSampler, CorpusError, load_corpus, validation_windows
-from coap_compile.data.corpus import default_corpus_root, list_corpus_files
-from coap_compile.models import LLAMA_CONFIGS, LlamaConfig, build_llama, demo_config
+from coap_lab.data import BatchSampler, CorpusError, load_corpus, validation_windows
+from coap_lab.data.corpus import default_corpus_root, list_corpus_files
+from coap_lab.models import LLAMA_CONFIGS, LlamaConfig, build_llama, demo_config
 
 TINY = demo_config(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=16)
 

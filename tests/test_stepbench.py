@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from coap_compile.cli.stepbench import amortized_rows, refresh_fns, refresh_rows, run_step
 from coap_compile.projection import largest_principal_angle
+from coap_lab.cli.stepbench import amortized_rows, refresh_fns, refresh_rows, run_step
 
 KINDS = [
     "correlation-paper",

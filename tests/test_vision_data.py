@@ -1,4 +1,4 @@
-"""Vision task: matplotlib sample-image patches (coap_compile.data.images) and the DDPM UNet."""
+"""Vision task: matplotlib sample-image patches (coap_lab.data.images) and the DDPM UNet."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from coap_compile.data.images import (
+from coap_lab.data.images import (
     SAMPLE_IMAGES,
     ImageDataError,
     image_grid,
     load_patches,
     load_sample_image,
 )
-from coap_compile.models.unet import (
+from coap_lab.models.unet import (
     DDPMSchedule,
     UNetConfig,
     build_unet,
@@ -36,6 +36,21 @@ def patches():
 
 
 # ---------------------------------------------------------------------------------------- data
+
+
+def test_default_images_without_matplotlib_say_how_to_get_it(monkeypatch):
+    """The default images come with matplotlib (the ``demo`` extra); without it, one clear error."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.cbook", None)
+    with pytest.raises(ImageDataError, match=r"matplotlib, which is not installed; .*coap-compile\[demo\]"):
+        load_sample_image("grace_hopper.jpg")
+    from coap_lab.cli.report import pyplot
+
+    with pytest.raises(ModuleNotFoundError, match=r"plotting needs matplotlib.*coap-compile\[demo\]"):
+        pyplot()
+
 
 
 @pytest.mark.parametrize("name", SAMPLE_IMAGES)

@@ -1,22 +1,21 @@
-"""Distributed COAP building blocks: row-sharded refresh linear algebra and a local test launcher.
+"""Distributed COAP building blocks: row-sharded refresh linear algebra and counted collectives.
 
 * :mod:`.linalg`: low-cost SVD / randomized range finder (CholeskyQR2 with a TSQR fallback), the
   side-choice analysis for FSDP2 ``Shard(0)`` parameters, :func:`align_signs`, :func:`align_rotation`,
   :func:`assert_replicated`.
 * :mod:`.correlation`: the correlation step with hand-derived gradients (all-reduced ``N×r`` + scalars).
 * :mod:`.comm`: counted collectives (:class:`CommLog`) and the closed-form bytes per refresh.
-* :mod:`.launch`: :func:`run_distributed`, ``world_size`` gloo processes for tests and examples.
+
+The local test launcher (``run_distributed``: ``world_size`` gloo processes) is :mod:`coap_lab.launch`.
 """
 
 from .comm import CommLog, CommRecord, naive_gather_bytes, refresh_bytes
 from .correlation import correlation_loss_and_grad, correlation_step, normalized_correlation_step
-from .launch import DistributedRunError, run_distributed
 from .linalg import align_rotation, align_signs, assert_replicated, cholesky_qr, draw_omega, orthogonal_basis
 
 __all__ = [
     "CommLog",
     "CommRecord",
-    "DistributedRunError",
     "align_rotation",
     "align_signs",
     "assert_replicated",
@@ -28,5 +27,4 @@ __all__ = [
     "normalized_correlation_step",
     "orthogonal_basis",
     "refresh_bytes",
-    "run_distributed",
 ]

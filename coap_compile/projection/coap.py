@@ -20,13 +20,15 @@ the normalized step's math). The official code takes the cosine along dim 1 of t
 for both sides, so in the canonical orientation it runs along dim 1 when not transposed and along dim 0 when
 ``transposed``.
 
-**The angle θ of the normalized step** (``DEFAULT_ANGLE`` = 30°) was chosen with
-:func:`coap_compile.projection.study.main`: the gradients of the demo model (d = 256, 4 layers, AdamW, lr 3e-3
-with warm-up and cosine, batch 8 × 128 bytes, seed 0), layers 0 and 3 (14 matrices, r = 64 by rank ratio 4),
-112 steps replayed through each schedule with ``T_u = 16``, ``λ = 5`` (correlation steps at k = 16, 32, 48,
-64, 96, SVD at 80) and an Adam first moment (β₁ = 0.9). ``residual`` = mean ``‖X − X P Pᵀ‖²/‖X‖²`` over all
-steps and matrices, ``loss`` = mean ``residual·(1 − c̄)`` (COAP's correlation loss made scale-free), angles in
-degrees (median over refreshes and matrices; largest / mean principal angle)::
+**The angle θ of the normalized step** (``DEFAULT_ANGLE`` = 30°) was chosen with the study
+:func:`coap_lab.studies.projection.main` (``coap_lab/studies/projection.py`` in this repository, on the demo
+side, outside the library; ``python -m coap_lab.studies.projection`` prints the table below): the gradients of
+the demo model (d = 256, 4 layers, AdamW, lr 3e-3 with warm-up and cosine, batch 8 × 128 bytes, seed 0),
+layers 0 and 3 (14 matrices, r = 64 by rank ratio 4), 112 steps replayed through each schedule with
+``T_u = 16``, ``λ = 5`` (correlation steps at k = 16, 32, 48, 64, 96, SVD at 80) and an Adam first moment
+(β₁ = 0.9). ``residual`` = mean ``‖X − X P Pᵀ‖²/‖X‖²`` over all steps and matrices, ``loss`` = mean
+``residual·(1 − c̄)`` (COAP's correlation loss made scale-free), angles in degrees (median over refreshes and
+matrices; largest / mean principal angle)::
 
     schedule           correlation step: largest / mean    SVD refresh: largest / mean   loss    residual
     paper              6.3e-09 / 4.9e-10                   85.86 / 49.47                 0.3131  0.3074

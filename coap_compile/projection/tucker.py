@@ -24,9 +24,9 @@ factors) until the relative error ``‖G − Ĝ‖/‖G‖`` (computed directly,
 which cancels in float32) changes by less than ``tol`` or after ``max_sweeps`` sweeps. HOOI is
 monotone: no sweep increases the error. Single-mode HOOI is the truncated SVD (no sweeps run).
 Defaults ``max_sweeps=10`` (tensorly: 100) and ``tol=1e-4``, from a measurement (float32, ρ = 2): on the
-14 projected conv gradients of the vision UNet (``models/unet.py``, 64–256 channels) HOOI met ``tol``
-after 0–2 sweeps, with the same error as after 100 sweeps to 4 digits (e.g. init 0.0404, then 0.0402 for
-both); on an i.i.d. Gaussian 64×64×3×3 tensor (no structure, the worst case) it took 6 sweeps (ρ = 2,
+14 projected conv gradients of the vision UNet (``coap_lab/models/unet.py``, 64–256 channels) HOOI met
+``tol`` after 0–2 sweeps, with the same error as after 100 sweeps to 4 digits (e.g. init 0.0404, then 0.0402
+for both); on an i.i.d. Gaussian 64×64×3×3 tensor (no structure, the worst case) it took 6 sweeps (ρ = 2,
 error 0.5559 vs 0.5557 after 100) or hit the cap (ρ = 4, 0.7316 vs 0.7314). 10 sweeps bound the cost
 (one sweep of a 256×256×3×3 gradient: 55 ms on 2 CPU cores) at a loss below 0.05 % of the error.
 Signs: each column is flipped so its largest-magnitude entry is positive (tensorly's ``svd_flip``

@@ -50,23 +50,12 @@ from torch import Tensor
 from .base import StateStorage, _check_shape, _check_value, _get, check_kind, numel, register_storage
 from .rng import RNG_SUFFIX, mix_seed, random_bits, stream_key_tensor
 
-__all__ = ["DEFAULT_ROUNDING", "ROUNDINGS", "STUDY_RESULTS", "Bf16Storage", "round_bf16_stochastic"]
+__all__ = ["DEFAULT_ROUNDING", "ROUNDINGS", "Bf16Storage", "round_bf16_stochastic"]
 
 ROUNDINGS = ("nearest", "stochastic")
 DEFAULT_ROUNDING = "stochastic"
 #: elements per chunk of the eager stochastic rounding (bounds its int64 temporaries to ~128 MiB).
 CHUNK = 1 << 22
-#: the numbers of the module docstring (``benchmarks/storage_study.py``), for reports.
-STUDY_RESULTS: dict[str, object] = {
-    "stagnation_g1": {"rn_frozen_after_step": 256, "rn_vhat": {1000: 0.395, 3000: 0.263}, "sr_vhat": 1.000},
-    "stagnation_noisy": {"rn_vhat": {1000: 1.057, 3000: 1.303}, "sr_vhat": {1000: 1.0007, 3000: 1.0004}},
-    "regression_excess_risk": {"fp32": 1.58e-3, "bf16-sr": 1.58e-3, "bf16-rn": 0.645e-3},
-    "llama_val_loss": {
-        "seed0": {"fp32": 1.6478, "bf16-rn": 1.6470, "bf16-sr": 1.6434},
-        "seed1": {"fp32": 1.6547, "bf16-sr": 1.6539},
-    },
-    "adam_direction_rel_l2": {"bf16-rn": 0.0019},
-}
 
 
 def round_bf16_stochastic(x: Tensor, bits: Tensor) -> Tensor:

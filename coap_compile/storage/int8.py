@@ -33,7 +33,7 @@ counter per store. Work is done per tensor in slabs of whole block rows (≤ :da
 the float32/int64 temporaries are bounded by a slab, never a copy of all states. Non-finite inputs are
 not supported (the optimizer refuses non-finite gradients first): a NaN makes its block's scale NaN.
 
-Decisions (``benchmarks/storage_study.py``; 2-core CPU VM, torch 2.13; :data:`STUDY_RESULTS`):
+Decisions (``benchmarks/storage_study.py``; 2-core CPU VM, torch 2.13):
 
 * **Second moment: unsigned map with the positive floor** (``second_moment_map="unsigned"``). On the
   moments of a tiny-LLaMA COAP run after 500 steps (``int8``: 21 tensor pairs, 165k elements, low-rank
@@ -77,7 +77,6 @@ from .rng import RNG_SUFFIX, mix_seed, random_bits, stream_key_tensor
 __all__ = [
     "CHUNK",
     "DEFAULT_BLOCK_SIZE",
-    "STUDY_RESULTS",
     "BlockLayout",
     "Int8Storage",
     "block_layout",
@@ -96,21 +95,6 @@ CHUNK = 1 << 22
 SECOND_MOMENT_MAPS = ("unsigned", "signed")
 ROUNDINGS = ("nearest", "stochastic")
 DEFAULT_ROUNDING = "stochastic"
-#: the numbers of the module docstring (``benchmarks/storage_study.py``), for reports.
-STUDY_RESULTS: dict[str, object] = {
-    "adam_direction_rel_l2": {
-        "unsigned_v": 0.0195, "signed_v": 0.0252, "log_map": 0.0324, "flat_256": 0.0195,
-        "block_64": 0.0145, "block_1024": 0.0226, "block_4096": 0.0254,
-    },
-    "heavy_tailed_direction_rel_l2": {"floor": 0.74, "no_floor": 8.5e5, "signed": 2.1e6},
-    "regression_excess_risk": {
-        "fp32": 1.58e-3, "int8-sr": 1.58e-3, "int8-nearest": 2.30e-3, "int8-nearest-signed-v": 2.48e-3,
-    },
-    "llama_val_loss": {
-        "seed0": {"fp32": 1.6478, "int8-sr": 1.6431, "int8-nearest": 1.6460, "int8-nearest-signed-v": 1.6161},
-        "seed1": {"fp32": 1.6547, "int8-sr": 1.6374, "int8-nearest-signed-v": 1.6552},
-    },
-}  # fmt: skip
 
 
 def check_block_size(quant_block_size: object) -> int:

@@ -1,9 +1,9 @@
 """Data for the demo and the benchmarks: byte-level corpora with a deterministic split, and image patches
-of matplotlib's sample images for the vision task (:mod:`coap_compile.data.images`)."""
+of matplotlib's sample images for the vision task (:mod:`coap_lab.data.images`)."""
 
 from __future__ import annotations
 
-from coap_compile.data.corpus import (
+from coap_lab.data.corpus import (
     BatchSampler,
     Corpus,
     CorpusError,
@@ -12,7 +12,7 @@ from coap_compile.data.corpus import (
     required_bytes,
     validation_windows,
 )
-from coap_compile.data.images import (
+from coap_lab.data.images import (
     SAMPLE_IMAGES,
     ImageDataError,
     PatchSet,

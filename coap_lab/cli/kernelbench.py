@@ -177,8 +177,8 @@ def run_kernels(args) -> int:
     """``bench kernels``: check and time, print a table, write ``kernels_<device>.{csv,json}``."""
     from pathlib import Path
 
-    from coap_compile.cli.report import format_table, metadata, write_csv, write_json
-    from coap_compile.cli.stepbench import parse_shapes
+    from coap_lab.cli.report import format_table, metadata, write_csv, write_json
+    from coap_lab.cli.stepbench import parse_shapes
 
     meta = metadata(args.device, args.argv)
     cases = tuple(parse_shapes(args.cases)) if args.cases else DEFAULT_CASES

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["format_table", "metadata", "save_figure", "write_csv", "write_json"]
+from coap_lab.cli.checks import MATPLOTLIB_HINT
+
+__all__ = ["format_table", "metadata", "pyplot", "save_figure", "write_csv", "write_json"]
 
 
 def _cpu_model() -> str:
@@ -138,6 +140,21 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, object]], meta: Mapping[st
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend. matplotlib is the optional ``demo`` extra:
+    without it this raises a ``ModuleNotFoundError`` that says how to install it."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            f"plotting needs matplotlib, which is not installed; {MATPLOTLIB_HINT}", name="matplotlib"
+        ) from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: Path) -> Path:

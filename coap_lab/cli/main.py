@@ -1,6 +1,6 @@
 """Command line: ``coap-compile {demo, bench memory|quality|step|kernels|compile, optimizers}``.
 
-Also available as ``python -m coap_compile``.
+Also available as ``python -m coap_lab``.
 
 User errors (a bad option value, an unknown optimizer, a missing, empty or too short corpus, CUDA
 asked for but absent) exit with status 2 and one line on stderr, never a traceback. The line names the
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from coap_compile.cli import compilebench
-from coap_compile.cli.argtypes import (
+from coap_lab.cli import compilebench
+from coap_lab.cli.argtypes import (
     _device,
     _names,
     _overhead_cases,
@@ -31,19 +31,16 @@ from coap_compile.cli.argtypes import (
     _seed,
     _seeds,
 )
-from coap_compile.cli.demo import DEMO_DEFAULTS, add_model_args, model_config_from_args
-from coap_compile.cli.optimizers import PROJECTED, UnknownOptimizerError, availability
-from coap_compile.cli.stepbench import parse_shapes
-from coap_compile.data import CorpusError, ImageDataError
-from coap_compile.models import LLAMA_CONFIGS
+from coap_lab.cli.checks import UsageError, check_device, check_folder, check_list, require_matplotlib
+from coap_lab.cli.demo import DEMO_DEFAULTS, add_model_args, model_config_from_args
+from coap_lab.cli.optimizers import PROJECTED, UnknownOptimizerError, availability
+from coap_lab.cli.stepbench import parse_shapes
+from coap_lab.data import CorpusError, ImageDataError
+from coap_lab.models import LLAMA_CONFIGS
 
 __all__ = ["UsageError", "build_parser", "main"]
 
 PROG = "coap-compile"
-
-
-class UsageError(ValueError):
-    """A bad command-line value; reported as one line with exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="lm",
         help="lm: this LLaMA demo; vision: the conv denoiser (options: coap-compile demo --task vision -h)",
     )
-    g = demo.add_argument_group("distributed (torch.distributed.run; coap_compile.cli.distributed_demo)")
+    g = demo.add_argument_group("distributed (torch.distributed.run; coap_lab.cli.distributed_demo)")
     g.add_argument(
         "--nproc", type=_positive_int, default=None, help="local processes (default 2 with --strategy)"
     )
@@ -187,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compilebench.add_parser(bench, _positive_int, _device)
 
-    from coap_compile.cli.vision import add_vision_args
+    from coap_lab.cli.vision import add_vision_args
 
     add_vision_args(
         bench.add_parser("vision", help="conv denoiser on matplotlib's sample images: 5 optimizers × seeds"),
@@ -203,54 +200,6 @@ def _prog(args: argparse.Namespace) -> str:
     return " ".join([PROG, args.command, *([args.bench] if args.command == "bench" else [])])
 
 
-def _given(args: argparse.Namespace, option: str) -> bool:
-    """Whether ``option`` was on the command line (not a default)."""
-    return any(a == option or a.startswith(option + "=") for a in getattr(args, "argv", []))
-
-
-def _check_device(args: argparse.Namespace, fail) -> None:
-    device = getattr(args, "device", None)
-    if device is None or device == "cpu":
-        return
-    how = "" if _given(args, "--device") else " (the default)"
-    if not torch.cuda.is_available():
-        fail(
-            f"--device {device}{how}: CUDA is not available on this machine "
-            f"(torch {torch.__version__}); use --device cpu"
-        )
-    index = int(device.partition(":")[2] or 0)
-    count = torch.cuda.device_count()
-    if index >= count:
-        fail(
-            f"--device {device}: this machine has {count} CUDA device{'s' * (count != 1)} "
-            f"(cuda:0..cuda:{count - 1})"
-        )
-
-
-def _check_folder(option: str, path: str, fail) -> None:
-    """``path`` is a folder, or can be created as one, and is writable."""
-    target = Path(path)
-    if target.exists() and not target.is_dir():
-        fail(f"{option} {path}: exists and is not a folder")
-    ancestor = target
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        fail(f"{option} {path}: {ancestor} is a file, so the folder cannot be created")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        fail(f"{option} {path}: {ancestor} is not writable")
-
-
-def _check_list(option: str, what: str, text: str, allowed: Sequence[str], fail, lower: bool = False):
-    """Comma-separated values of ``option`` (blanks dropped), each in ``allowed``; returns them."""
-    values = [v.strip().lower() if lower else v.strip() for v in text.split(",") if v.strip()]
-    for v in values:
-        if v not in allowed:
-            where = f" in {text!r}" if len(values) > 1 else ""
-            fail(f"{option}: unknown {what} {v!r}{where}; choose from {', '.join(allowed)}")
-    return values
-
-
 def _validate(args: argparse.Namespace) -> None:
     """Checks that need more than one option or the machine; raise :class:`UsageError` naming the option."""
     prog = _prog(args)
@@ -259,10 +208,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"{prog}: error: {message}")
 
     if getattr(args, "task", None) == "vision" or getattr(args, "bench", None) == "vision":
-        from coap_compile.cli.vision import validate_args
+        from coap_lab.cli.vision import validate_args
 
         return validate_args(args, fail)
-    _check_device(args, fail)
+    check_device(args, fail)
     if hasattr(args, "dim"):
         try:
             model_config_from_args(args)
@@ -273,32 +222,36 @@ def _validate(args: argparse.Namespace) -> None:
         fail(f"--corpus {corpus}: not found (give a text file or a folder of text files)")
     for option in ("out", "results_dir"):
         if getattr(args, option, None) is not None:
-            _check_folder("--" + option.replace("_", "-"), getattr(args, option), fail)
+            check_folder("--" + option.replace("_", "-"), getattr(args, option), fail)
     if hasattr(args, "rank_ratio") and args.rank is None and args.rank_ratio is None:
         args.rank_ratio = 4.0
     if args.command == "demo" and (args.nproc or args.strategy):
         args.nproc, args.strategy = args.nproc or 2, args.strategy or "ddp"
     elif getattr(args, "in_backward", False):
         fail("--in-backward: needs --strategy ddp (the single-process demo clips gradients before the step)")
+    if args.command == "demo" and not (args.strategy or _in_launcher()):
+        require_matplotlib("the demo's plot (demo.png)", fail)
+    if args.command == "bench" and args.bench == "quality":
+        require_matplotlib("bench quality's plot (quality.png)", fail)
     names = getattr(args, "optimizers", None)
     if args.command == "bench" and args.bench == "memory":
-        sizes = _check_list("--sizes", "model size", args.sizes, list(LLAMA_CONFIGS), fail, lower=True)
+        sizes = check_list("--sizes", "model size", args.sizes, list(LLAMA_CONFIGS), fail, lower=True)
         if not sizes:
             fail(f"--sizes: no model size given; choose from {', '.join(LLAMA_CONFIGS)}")
-        for size in _check_list("--real", "model size", args.real, list(LLAMA_CONFIGS), fail, lower=True):
+        for size in check_list("--real", "model size", args.real, list(LLAMA_CONFIGS), fail, lower=True):
             if size not in sizes:
                 fail(f"--real: size {size!r} is not among --sizes {args.sizes!r}")
     if args.command == "bench" and args.bench == "kernels":
-        from coap_compile.cli.kernelbench import VARIANTS
+        from coap_lab.cli.kernelbench import VARIANTS
 
         if args.cases:
             try:
                 parse_shapes(args.cases)
             except ValueError as exc:
                 fail(f"--cases: {exc}")
-        variants = _check_list("--variants", "variant", args.variants or "", list(VARIANTS), fail)
+        variants = check_list("--variants", "variant", args.variants or "", list(VARIANTS), fail)
         args.variants = ",".join(variants) or None  # blanks dropped: kernelbench splits on commas
-        dtypes = _check_list("--dtypes", "dtype", args.dtypes, ["fp32", "bf16"], fail)
+        dtypes = check_list("--dtypes", "dtype", args.dtypes, ["fp32", "bf16"], fail)
         if not dtypes:
             fail("--dtypes: no dtype given; choose from fp32, bf16")
         args.dtypes = ",".join(dtypes)
@@ -321,27 +274,27 @@ def _validate(args: argparse.Namespace) -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo" and args.task == "vision":
-        from coap_compile.cli.vision import run_demo as run_vision_demo
+        from coap_lab.cli.vision import run_demo as run_vision_demo
 
         return run_vision_demo(args)
     if getattr(args, "bench", None) == "vision":
-        from coap_compile.cli.vision import run_bench
+        from coap_lab.cli.vision import run_bench
 
         return run_bench(args)
     if args.command == "demo" and (args.strategy or _in_launcher()):
-        from coap_compile.cli.distributed_demo import run_distributed_demo
+        from coap_lab.cli.distributed_demo import run_distributed_demo
 
         args.strategy = args.strategy or "ddp"
         return run_distributed_demo(args)
     if args.command == "demo":
-        from coap_compile.cli.demo import run_demo
+        from coap_lab.cli.demo import run_demo
 
         return run_demo(args)
     if args.command == "optimizers":
         for name, why in availability().items():
             print(f"{name:14} {'ok' if why is None else 'unavailable: ' + why}")
         return 0
-    from coap_compile.cli import bench, kernelbench, quality, stepbench
+    from coap_lab.cli import bench, kernelbench, quality, stepbench
 
     runners = {
         "memory": bench.run_memory,
@@ -359,7 +312,7 @@ def _in_launcher() -> bool:
 
 def _vision_demo(argv: list[str]) -> argparse.Namespace | None:
     """``demo --task vision …`` parsed with the vision demo's own options (None for other commands)."""
-    from coap_compile.cli.vision import parse_demo_argv
+    from coap_lab.cli.vision import parse_demo_argv
 
     return parse_demo_argv(argv, _Parser)
 

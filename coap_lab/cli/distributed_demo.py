@@ -1,12 +1,12 @@
 """``coap-compile demo --nproc N --strategy ddp``: the demo model trained data-parallel on N processes.
 
 Launching is torch's: run outside a torch elastic launch, the command re-runs itself as
-``python -m torch.distributed.run --standalone --nproc-per-node N -m coap_compile demo ...`` (same
+``python -m torch.distributed.run --standalone --nproc-per-node N -m coap_lab demo ...`` (same
 options) and returns its exit status; inside one (``torchrun`` sets ``LOCAL_RANK``/``WORLD_SIZE``) it
 is a worker. Several machines: start ``torchrun`` on each yourself, e.g. on every node::
 
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m coap_compile demo --strategy ddp --optimizers coap
+        -m coap_lab demo --strategy ddp --optimizers coap
 
 Each worker joins the process group (``env://``; gloo on CPU, nccl on CUDA with
 ``cuda:LOCAL_RANK``), builds the demo model from the same seed, wraps it in
@@ -42,6 +42,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from coap_lab.cli.checks import UsageError
+
 __all__ = ["in_launcher", "launch", "run_distributed_demo", "worker"]
 
 
@@ -60,7 +62,7 @@ def launch(args: argparse.Namespace) -> int:
         skip = a == "--nproc"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-        "-m", "coap_compile", *argv,
+        "-m", "coap_lab", *argv,
     ]  # fmt: skip
     env = dict(os.environ)
     if args.device == "cpu":  # one intra-op pool per worker sharing the cores, not N full pools
@@ -73,8 +75,6 @@ def launch(args: argparse.Namespace) -> int:
 def run_distributed_demo(args: argparse.Namespace) -> int:
     """Entry from the CLI: launch (outside torchrun) or work (inside)."""
     if args.strategy == "fsdp2" and args.in_backward:
-        from coap_compile.cli.main import UsageError
-
         raise UsageError(
             "coap-compile demo: error: --in-backward with --strategy fsdp2: FSDP2 reduce-scatters the "
             "gradients after the parameter hooks would step; use --strategy ddp"
@@ -99,10 +99,10 @@ def _loss(ddp: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def _train(name: str, args, model_cfg, corpus, device, rank: int) -> dict:
     import coap_compile
-    from coap_compile.cli.optimizers import build_optimizer
-    from coap_compile.cli.train import TrainConfig, _set_lr, evaluate, lr_factor
-    from coap_compile.data import BatchSampler, validation_windows
-    from coap_compile.models import build_llama
+    from coap_lab.cli.optimizers import build_optimizer
+    from coap_lab.cli.train import TrainConfig, _set_lr, evaluate, lr_factor
+    from coap_lab.data import BatchSampler, validation_windows
+    from coap_lab.models import build_llama
 
     cfg = TrainConfig()
     model = build_llama(model_cfg, seed=args.seed).to(device)
@@ -173,9 +173,9 @@ def _local_state_bytes(opt: torch.optim.Optimizer) -> int:
 
 def worker(args: argparse.Namespace) -> int:
     """One torchrun worker: train, gather per-rank numbers to rank 0, print and write them there."""
-    from coap_compile.cli.demo import model_config_from_args
-    from coap_compile.cli.report import format_table, metadata, write_json
-    from coap_compile.cli.train import load_training_corpus
+    from coap_lab.cli.demo import model_config_from_args
+    from coap_lab.cli.report import format_table, metadata, write_json
+    from coap_lab.cli.train import load_training_corpus
 
     local = int(os.environ["LOCAL_RANK"])
     cuda = args.device.startswith("cuda")

@@ -2,7 +2,7 @@
 
 Train the small DDPM UNet on patches of matplotlib's sample images (no download) with AdamW, COAP-AdamW
 (Tucker on the convs), COAP-Adafactor (transformers' base when installed), the GaLore policy and full-rank
-Adafactor (:mod:`coap_compile.cli.vision_train`), and report per optimizer: optimizer-state bytes (the
+Adafactor (:mod:`coap_lab.cli.vision_train`), and report per optimizer: optimizer-state bytes (the
 memory plan and the bytes really held), median step time, final validation loss (mean ± std over the
 seeds) and a PNG with the validation curves, the state memory and denoised samples (clean, noised to
 ``t``, and each optimizer's one-step denoising ``x̂₀``).
@@ -10,7 +10,7 @@ seeds) and a PNG with the validation curves, the state memory and denoised sampl
 * ``demo --task vision`` (one seed; default ``adamw`` + ``coap``, or ``coap-adafactor`` when this build
   has no Tucker projection) → ``--out`` (``vision.png``, ``results.json``, ``table.txt``);
 * ``bench vision`` (all available optimizers × ``--seeds``) → ``--results-dir``
-  (``vision.{json,csv,png}``, with the metadata block of :func:`coap_compile.cli.report.metadata`).
+  (``vision.{json,csv,png}``, with the metadata block of :func:`coap_lab.cli.report.metadata`).
 
 Threads: on the CPU the command sets ``torch.set_num_threads(--threads)``, default 1. Measured on this
 project's 2-core machine under load (other jobs running, load average 3.4–6.1), AdamW training step of
@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from coap_compile.cli.report import format_table, metadata, save_figure, write_csv, write_json
-from coap_compile.cli.vision_train import (
+from coap_lab.cli.checks import check_device, check_folder, require_matplotlib
+from coap_lab.cli.report import format_table, metadata, pyplot, save_figure, write_csv, write_json
+from coap_lab.cli.vision_train import (
     MODEL_CONFIGS,
     VISION_OPTIMIZERS,
     VisionConfig,
@@ -42,7 +43,7 @@ from coap_compile.cli.vision_train import (
     train_vision_run,
     vision_availability,
 )
-from coap_compile.data import SAMPLE_IMAGES
+from coap_lab.data import SAMPLE_IMAGES
 
 __all__ = [
     "add_vision_args",
@@ -68,7 +69,7 @@ def _images(text: str) -> tuple[str, ...]:
 
 def add_vision_args(p: argparse.ArgumentParser, *, bench: bool) -> None:
     """The options of both vision commands (``bench``: several seeds and a results folder)."""
-    from coap_compile.cli import argtypes
+    from coap_lab.cli import argtypes
 
     d = VisionConfig()
     p.add_argument(
@@ -163,12 +164,11 @@ def parse_demo_argv(
 
 def validate_args(args: argparse.Namespace, fail) -> None:
     """Cross-option checks (device, folders, patch size, optimizer availability); ``fail(message)``."""
-    from coap_compile.cli import main as cli
-
-    cli._check_device(args, fail)
+    check_device(args, fail)
+    require_matplotlib("the vision task (matplotlib's sample images, vision.png)", fail)
     for option in ("out", "results_dir"):
         if getattr(args, option, None) is not None:
-            cli._check_folder("--" + option.replace("_", "-"), getattr(args, option), fail)
+            check_folder("--" + option.replace("_", "-"), getattr(args, option), fail)
     levels = len(MODEL_CONFIGS[args.model]().channel_mults)
     if args.patch_size % 2 ** (levels - 1):
         fail(
@@ -229,12 +229,9 @@ COLUMNS = [
 
 def plot_vision(runs: dict[str, list[VisionRun]], title: str):
     """Validation curves (mean over seeds, band min..max) and state bytes beside denoised samples."""
-    import matplotlib
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from coap_compile.data import image_grid
+    from coap_lab.data import image_grid
 
     fig = plt.figure(figsize=(15, 5))
     grid = fig.add_gridspec(1, 3, width_ratios=[2.0, 1.0, 2.2])
@@ -268,7 +265,7 @@ def plot_vision(runs: dict[str, list[VisionRun]], title: str):
 
 def _header(cfg: VisionConfig, data, names: list[str]) -> str:
     ucfg = cfg.unet_config()
-    from coap_compile.models import UNet, conv_weights_above_threshold
+    from coap_lab.models import UNet, conv_weights_above_threshold
 
     with torch.device("meta"):
         model = UNet(ucfg)

@@ -17,7 +17,7 @@ policies side by side, each with its own ``P`` and an Adam-style first moment ``
 :func:`demo_gradients` yields the gradient stream of the demo model trained with plain AdamW (so the stream
 is the same for every policy). The numbers behind ``DEFAULT_ANGLE`` come from::
 
-    python -c "from coap_compile.projection.study import main; main()"   # 112 steps, T_u = 16
+    python -m coap_lab.studies.projection   # 112 steps, T_u = 16
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor
 
-from .base import ProjectionPolicy, canonical, resolve_rank
-from .linalg import principal_angles
+from coap_compile.projection import ProjectionPolicy, canonical, principal_angles, resolve_rank
 
 __all__ = ["demo_gradients", "main", "subspace_study"]
 
@@ -102,9 +101,8 @@ def demo_gradients(
     Batch 8 × 128 bytes of the standard library's ``.py`` files, lr with linear warm-up then cosine to 10 %,
     gradient clipping at 1 (the quality benchmark's recipe).
     """
-    from ..data import BatchSampler, load_corpus
-    from ..models import build_llama
-    from ..models.llama import demo_config
+    from coap_lab.data import BatchSampler, load_corpus
+    from coap_lab.models import build_llama, demo_config
 
     cfg = demo_config()
     model = build_llama(cfg, seed=seed)
@@ -132,8 +130,7 @@ def main(
 ) -> None:
     """Print the study table for the paper step, the SVD-only schedule, normalized steps at ``angles_deg`` and
     DCT, all refreshing every ``update_interval`` steps (``reproject_factor`` 5)."""
-    from .coap import CoapPolicy
-    from .dct import DctPolicy
+    from coap_compile.projection import CoapPolicy, DctPolicy
 
     def coap(**kw) -> CoapPolicy:
         return CoapPolicy(update_interval=update_interval, **kw)
@@ -152,3 +149,7 @@ def main(
     print(f"{'policy':<18}" + "".join(f"{k:>20}" for k in keys))
     for r in rows:
         print(f"{r['policy']:<18}" + "".join(f"{r.get(k, float('nan')):>20.4g}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()

@@ -89,7 +89,7 @@ def _positive_float(text: str) -> float:
 
 def add_parser(bench, positive_int: Callable[[str], int], device: Callable[[str], str]) -> None:
     """Register ``bench compile`` on the ``bench`` sub-parsers (with the CLI's shared argument types)."""
-    from coap_compile.cli.demo import add_model_args
+    from coap_lab.cli.demo import add_model_args
 
     c = bench.add_parser("compile", help="whole-train-step torch.compile: graphs, breaks, compile/step time")
     dflt = " (default %(default)s)"
@@ -131,8 +131,8 @@ def measure_variant(name: str, model_cfg, args: argparse.Namespace) -> tuple[dic
     """Run ``args.steps`` training steps of variant ``name``; returns ``(row, per-step losses)``."""
     from torch._dynamo.utils import counters
 
-    from coap_compile.cli.train import lr_factor
-    from coap_compile.models import build_llama
+    from coap_lab.cli.train import lr_factor
+    from coap_lab.models import build_llama
 
     backend, kind = VARIANTS[name]
     device = torch.device(args.device)
@@ -212,8 +212,8 @@ def _worker(name: str, model_cfg, args: argparse.Namespace, cache_dir: str):
 
 def run_compile(args: argparse.Namespace) -> int:
     """``bench compile``: print the table; write ``compile_<device>.{csv,json}`` in ``args.results_dir``."""
-    from coap_compile.cli.demo import model_config_from_args
-    from coap_compile.cli.report import format_table, metadata, write_csv, write_json
+    from coap_lab.cli.demo import model_config_from_args
+    from coap_lab.cli.report import format_table, metadata, write_csv, write_json
 
     meta = metadata(args.device, getattr(args, "argv", None))
     meta["torch_threads"] = args.threads or meta["torch_threads"]

@@ -1,6 +1,6 @@
 """``coap-compile bench quality``: final validation loss of several optimizers over several seeds.
 
-The demo model and data (:mod:`coap_compile.cli.train`); every optimizer of a seed starts from the same
+The demo model and data (:mod:`coap_lab.cli.train`); every optimizer of a seed starts from the same
 weights and sees the same batches. Reported: final validation loss mean, standard deviation, min and
 max over the seeds, plus state bytes and median step time.
 """
@@ -14,10 +14,10 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from coap_compile.cli.demo import model_config_from_args
-from coap_compile.cli.optimizers import EXTERNAL, UnknownOptimizerError, availability
-from coap_compile.cli.report import format_table, metadata, save_figure, write_csv, write_json
-from coap_compile.cli.train import RunResult, TrainConfig, load_training_corpus, train_run
+from coap_lab.cli.demo import model_config_from_args
+from coap_lab.cli.optimizers import EXTERNAL, UnknownOptimizerError, availability
+from coap_lab.cli.report import format_table, metadata, pyplot, save_figure, write_csv, write_json
+from coap_lab.cli.train import RunResult, TrainConfig, load_training_corpus, train_run
 
 __all__ = ["plot_quality", "quality_rows", "run_quality"]
 
@@ -47,10 +47,7 @@ def quality_rows(runs: dict[str, list[RunResult]]) -> list[dict[str, object]]:
 
 def plot_quality(runs: dict[str, list[RunResult]], title: str):
     """Validation curves (mean over seeds, min–max band) and final loss mean ± std per optimizer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -7,8 +7,8 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 
-from coap_compile.cli.demo import positive_int
-from coap_compile.cli.optimizers import OPTIMIZER_NAMES
+from coap_lab.cli.demo import positive_int
+from coap_lab.cli.optimizers import OPTIMIZER_NAMES
 
 __all__ = [
     "DEVICES",
@@ -111,7 +111,7 @@ def _rank_args(p: argparse.ArgumentParser, default_ratio: float = 4.0) -> None:
 
 
 def _overhead_cases(text: str) -> str:
-    from coap_compile.cli.overhead import OVERHEAD_CASES
+    from coap_lab.cli.overhead import OVERHEAD_CASES
 
     bad = [c for c in text.split(",") if c.strip() and c.strip() not in OVERHEAD_CASES]
     if bad:

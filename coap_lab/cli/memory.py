@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from coap_compile.cli.optimizers import projected_linear_weights
+from coap_lab.cli.optimizers import projected_linear_weights
 
 __all__ = [
     "ADAMW_BF16",
@@ -219,7 +219,7 @@ def closed_form_rows(
     keeps ``r`` int64 column indices per matrix instead of ``P`` (``8·r`` bytes, counted as a policy
     extra) and one float32 ``N×N`` DCT-II basis per distinct width ``N``, shared by every matrix of that
     width: one extra row each (``[shared] dct N×N``, no step counter), counted where extras are.
-    Which weights are projected follows :func:`~coap_compile.cli.optimizers.projected_linear_weights`.
+    Which weights are projected follows :func:`~coap_lab.cli.optimizers.projected_linear_weights`.
     Works on meta-device models (only shapes are read).
     """
     if policy not in ("adamw", "coap", "galore", "flora", "dct"):

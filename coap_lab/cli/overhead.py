@@ -2,7 +2,7 @@
 
 Two cases, each timed for every optimizer in one run, interleaved:
 
-* ``demo``: the demo LM (:func:`~coap_compile.models.demo_config`, 3.3 M parameters, 29 projected
+* ``demo``: the demo LM (:func:`~coap_lab.models.demo_config`, 3.3 M parameters, 29 projected
   weight matrices at ``rank_ratio=4``, the quality benchmark's setting), every parameter with a fixed
   seeded gradient;
 * ``64x64x16``: sixteen independent 64×64 weights at rank 16, where the fixed cost per matrix
@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from coap_compile.cli.optimizers import BASELINES, EXTERNAL, availability, build_optimizer
-from coap_compile.cli.stepbench import quantiles_ms, timed_samples
+from coap_lab.cli.optimizers import BASELINES, EXTERNAL, availability, build_optimizer
+from coap_lab.cli.timing import quantiles_ms, timed_samples
 
 __all__ = ["OVERHEAD_CASES", "OVERHEAD_OPTIMIZERS", "build_case", "overhead_rows"]
 
@@ -38,7 +38,7 @@ def build_case(case: str, device: str, seed: int = 0) -> tuple[nn.Module, dict[s
     """The model of ``case`` with fixed seeded gradients, and its rank arguments."""
     gen = torch.Generator().manual_seed(seed)
     if case == "demo":
-        from coap_compile.models import build_llama, demo_config
+        from coap_lab.models import build_llama, demo_config
 
         model, ranks = build_llama(demo_config(), seed=seed), {"rank_ratio": 4.0}
     elif case == "64x64x16":

@@ -33,11 +33,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:  # numpy comes with matplotlib (the demo extra); imported where used
+    import numpy as np
 
 __all__ = ["SAMPLE_IMAGES", "ImageDataError", "PatchSet", "image_grid", "load_patches", "load_sample_image"]
 
@@ -58,12 +61,20 @@ class ImageDataError(ValueError):
 def _sample_path(name: str, root: str | Path | None) -> Path:
     if root is not None:
         return Path(root) / name
-    import matplotlib.cbook
+    try:
+        import matplotlib.cbook
+    except ImportError:
+        raise ImageDataError(
+            f"sample image {name!r}: the default images come with matplotlib, which is not installed; "
+            "install the demo extra (pip install 'coap-compile[demo]') or pass a folder of images (root=)"
+        ) from None
 
     return Path(matplotlib.cbook.get_sample_data(name, asfileobj=False))
 
 
 def _read(name: str, path: Path) -> np.ndarray:
+    import numpy as np
+
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".ima.gz") else path.suffix.lower()
     if suffix == ".ima.gz":
         raw = np.frombuffer(gzip.decompress(path.read_bytes()), dtype=np.uint16)
@@ -88,6 +99,8 @@ def load_sample_image(name: str, *, channels: int = 1, root: str | Path | None =
     ``root`` replaces matplotlib's ``sample_data`` folder (for tests). Raises :class:`ImageDataError`
     naming the file when it is missing or cannot be decoded.
     """
+    import numpy as np
+
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     path = _sample_path(name, root)
@@ -138,6 +151,8 @@ class PatchSet:
 
 
 def _downscale(img: np.ndarray, max_side: int | None) -> Tensor:
+    import numpy as np
+
     t = torch.from_numpy(np.ascontiguousarray(img)).to(torch.float64)
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
     h, w = t.shape[1:]
@@ -222,6 +237,8 @@ def load_patches(
 def image_grid(rows: Sequence[Tensor], *, pad: int = 2) -> np.ndarray:
     """Tile rows of patches (each ``N×C×s×s`` in ``[-1, 1]``, same N) into one ``H×W×3`` float image in
     ``[0, 1]`` (for ``matplotlib.image.imsave``); e.g. rows = (clean, noisy, denoised)."""
+    import numpy as np
+
     if not rows:
         raise ValueError("image_grid needs at least one row of patches")
     n, c, s, _ = rows[0].shape

@@ -1,7 +1,7 @@
 """The vision task's optimizers and training loop (``coap-compile demo --task vision``, ``bench vision``).
 
-Task: DDPM noise prediction (:mod:`coap_compile.models.unet`) on patches of matplotlib's sample images
-(:mod:`coap_compile.data.images`), ``loss = mean((ε_θ(x_t, t) − ε)²)``. Every run of a seed starts from
+Task: DDPM noise prediction (:mod:`coap_lab.models.unet`) on patches of matplotlib's sample images
+(:mod:`coap_lab.data.images`), ``loss = mean((ε_θ(x_t, t) − ε)²)``. Every run of a seed starts from
 the same weights (``build_unet(cfg, seed=seed)``) and sees the same batches, timesteps and noise (one
 ``torch.Generator`` seeded with ``seed + 1``); the learning rate follows the same warm-up + cosine
 schedule; validation uses fixed ``t`` and noise per patch (generator seed 12345), so every optimizer
@@ -24,7 +24,7 @@ Optimizers (:data:`VISION_OPTIMIZERS`), one shared ``lr`` (not tuned per optimiz
 
 State bytes are reported twice: the library's memory plan (``memory_plan()``; for the plain optimizers the
 plan of the same base with nothing projected, on a meta-device copy of the model) and the bytes really
-held in ``optimizer.state`` after training (:func:`coap_compile.cli.memory.measured_state_bytes`).
+held in ``optimizer.state`` after training (:func:`coap_lab.cli.memory.measured_state_bytes`).
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from coap_compile.cli.memory import measured_state_bytes
-from coap_compile.cli.progress import Progress
-from coap_compile.cli.train import lr_factor
-from coap_compile.data import SAMPLE_IMAGES, PatchSet, load_patches
-from coap_compile.models import (
+from coap_lab.cli.memory import measured_state_bytes
+from coap_lab.cli.progress import Progress
+from coap_lab.cli.train import lr_factor
+from coap_lab.data import SAMPLE_IMAGES, PatchSet, load_patches
+from coap_lab.models import (
     DDPMSchedule,
     UNet,
     UNetConfig,
@@ -163,7 +163,7 @@ def plan_state_bytes(name: str, opt: torch.optim.Optimizer, cfg: VisionConfig) -
 
 
 def load_vision_data(cfg: VisionConfig) -> PatchSet:
-    """The patches (raises :class:`~coap_compile.data.ImageDataError` naming a missing/unreadable image)."""
+    """The patches (raises :class:`~coap_lab.data.ImageDataError` naming a missing/unreadable image)."""
     return load_patches(
         size=cfg.patch_size, channels=cfg.channels, images=cfg.images, root=cfg.image_root, seed=0
     )

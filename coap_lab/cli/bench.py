@@ -4,7 +4,7 @@ Models are built on the meta device (nothing allocated), with float32 weights an
 bfloat16 weights (``build_llama(size, device="meta").to(torch.bfloat16)``). Every measured number
 (``opt.memory_plan().total_bytes``, or the real state after a meta-device step where the optimizer can
 take one, and the state after one real CPU step for the ``--real`` sizes) is compared with the closed
-form of :mod:`coap_compile.cli.memory` by exact integer equality; a mismatch exits with status 1, naming
+form of :mod:`coap_lab.cli.memory` by exact integer equality; a mismatch exits with status 1, naming
 the first parameter whose bytes differ.
 
 Rows per size: AdamW fp32; COAP fp32 at the paper rank on attn+mlp, on every Linear and at rank ratio 4;
@@ -14,7 +14,7 @@ is against AdamW in the same weight dtype, ``saved vs fp32`` against fp32 AdamW.
 
 The official comparisons (:func:`official_comparisons`) put this library's own bytes next to the
 reference's printed figures and split the difference exactly into steps, rounding streams, int8 scales
-and float32-kept small tensors (:func:`coap_compile.cli.memory.decompose`).
+and float32-kept small tensors (:func:`coap_lab.cli.memory.decompose`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from coap_compile.cli import memory as mem
-from coap_compile.cli.optimizers import availability, build_optimizer
-from coap_compile.cli.report import format_table, metadata, write_csv, write_json
-from coap_compile.models import LLAMA_CONFIGS, PAPER_RANKS, build_llama
+from coap_lab.cli import memory as mem
+from coap_lab.cli.optimizers import availability, build_optimizer
+from coap_lab.cli.report import format_table, metadata, write_csv, write_json
+from coap_lab.models import LLAMA_CONFIGS, PAPER_RANKS, build_llama
 
 __all__ = ["PAPER_TARGETS", "MemoryMismatchError", "Variant", "memory_rows", "official_comparisons",
            "run_memory", "variants"]  # fmt: skip
@@ -55,7 +55,7 @@ class MemoryMismatchError(AssertionError):
 class Variant:
     """One measured configuration: ``optimizer`` (a :func:`build_optimizer` name), the closed form's
     ``policy``, ``weights`` (``"fp32"``/``"bf16"``), ``states`` (how the moments are stored) and the
-    closed form's :class:`~coap_compile.cli.memory.Accounting`."""
+    closed form's :class:`~coap_lab.cli.memory.Accounting`."""
 
     optimizer: str
     policy: str

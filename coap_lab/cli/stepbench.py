@@ -39,15 +39,14 @@ galore-torch and apollo-torch, in one interleaved run.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from coap_compile.cli.memory import measured_state_bytes
-from coap_compile.cli.optimizers import BASELINES, build_optimizer
+from coap_lab.cli.memory import measured_state_bytes
+from coap_lab.cli.optimizers import BASELINES, build_optimizer
+from coap_lab.cli.timing import quantiles_ms, time_cpu, time_cuda, timed_samples
 
 __all__ = [
     "DEFAULT_SHAPES",
@@ -86,58 +85,6 @@ def make_step(
     opt = build_optimizer(optimizer, layer, rank=None if optimizer in BASELINES else rank, lr=1e-4)
     opt.step()
     return opt.step, opt
-
-
-def quantiles_ms(samples_s: Sequence[float]) -> tuple[float, float, float]:
-    """(median, 20 %, 80 %) of ``samples_s`` seconds, in milliseconds."""
-    qs = statistics.quantiles([1e3 * s for s in samples_s], n=10, method="inclusive")
-    return 1e3 * statistics.median(samples_s), qs[1], qs[7]
-
-
-def timed_samples(
-    fn: Callable[[], None], warmup: int, repeat: int, sync: Callable[[], None] | None = None
-) -> list[float]:
-    """Seconds of ``repeat`` calls (``time.perf_counter``) after ``warmup`` untimed ones; ``sync`` (e.g.
-    ``torch.cuda.synchronize``) is called before and after each timed call."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        if sync is not None:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        samples.append(time.perf_counter() - t0)
-    return samples
-
-
-def time_cpu(fn: Callable[[], None], warmup: int, repeat: int) -> tuple[float, float, float]:
-    """Median/p20/p80 milliseconds of ``repeat`` timed calls after ``warmup`` untimed ones."""
-    return quantiles_ms(timed_samples(fn, warmup, repeat))
-
-
-def time_cuda(fn: Callable[[], None], warmup: int, repeat: int) -> tuple[float, float, float]:
-    """Median/p20/p80 milliseconds on CUDA: ``triton.testing.do_bench`` if available, else CUDA events."""
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if do_bench is not None:
-        med, p20, p80 = do_bench(fn, warmup=warmup, rep=repeat, quantiles=[0.5, 0.2, 0.8])
-        return float(med), float(p20), float(p80)
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return quantiles_ms(samples)
 
 
 def step_rows(
@@ -326,7 +273,7 @@ def run_step(args) -> int:
     """``bench step``: print the table and write ``step_<device>.{csv,json}`` under ``args.results_dir``."""
     from pathlib import Path
 
-    from coap_compile.cli.report import format_table, metadata, write_csv, write_json
+    from coap_lab.cli.report import format_table, metadata, write_csv, write_json
 
     shapes = parse_shapes(args.shapes) if args.shapes else list(DEFAULT_SHAPES)
     cuda = args.device.startswith("cuda")
@@ -353,7 +300,7 @@ def run_step(args) -> int:
     overhead: list[dict[str, object]] = []
     cases = [c for c in (getattr(args, "overhead", None) or "").split(",") if c.strip()]
     if cases:
-        from coap_compile.cli.overhead import overhead_rows
+        from coap_lab.cli.overhead import overhead_rows
 
         overhead = overhead_rows(cases, device=args.device, warmup=args.warmup if not cuda else 3)
         cols = [

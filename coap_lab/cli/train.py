@@ -1,13 +1,13 @@
 """The training loop shared by ``coap-compile demo`` and ``bench quality``.
 
 Every run of a comparison uses the same model initialisation (``build_llama(cfg, seed=seed)``), the
-same batches in the same order (:class:`~coap_compile.data.BatchSampler` seeded with ``seed``), the
+same batches in the same order (:class:`~coap_lab.data.BatchSampler` seeded with ``seed``), the
 same learning-rate schedule (linear warm-up, then cosine to ``min_lr_ratio · lr``) and the same
 validation windows; only the optimizer differs.
 
 :func:`load_training_corpus` reads ``--corpus`` and checks, before any model is built, that it holds
 enough text for ``--seq-len``; its messages name both options, the sizes found and the sizes needed
-(``T + 2`` training and ``T + 1`` validation bytes, :func:`coap_compile.data.required_bytes`; the batch
+(``T + 2`` training and ``T + 1`` validation bytes, :func:`coap_lab.data.required_bytes`; the batch
 size does not enter because windows are drawn with replacement).
 """
 
@@ -24,10 +24,10 @@ from typing import TextIO
 import torch
 from torch import Tensor
 
-from coap_compile.cli.memory import measured_state_bytes, plan_total_bytes
-from coap_compile.cli.optimizers import build_optimizer
-from coap_compile.cli.progress import Progress
-from coap_compile.data import (
+from coap_lab.cli.memory import measured_state_bytes, plan_total_bytes
+from coap_lab.cli.optimizers import build_optimizer
+from coap_lab.cli.progress import Progress
+from coap_lab.data import (
     BatchSampler,
     Corpus,
     CorpusError,
@@ -36,7 +36,7 @@ from coap_compile.data import (
     required_bytes,
     validation_windows,
 )
-from coap_compile.models import LlamaConfig, LlamaForCausalLM, build_llama
+from coap_lab.models import LlamaConfig, LlamaForCausalLM, build_llama
 
 __all__ = [
     "RunResult",
@@ -152,7 +152,7 @@ def check_corpus_fits(corpus: Corpus, seq_len: int, path: str | Path | None = No
 
 
 def load_training_corpus(path: str | Path | None, seq_len: int, *, log: TextIO | None = None) -> Corpus:
-    """:func:`~coap_compile.data.load_corpus` for the CLI: errors name ``--corpus`` (and ``--seq-len``
+    """:func:`~coap_lab.data.load_corpus` for the CLI: errors name ``--corpus`` (and ``--seq-len``
     when it is too short, :func:`check_corpus_fits`); a folder's skipped suffixes get a one-line note."""
     try:
         corpus = load_corpus(path)

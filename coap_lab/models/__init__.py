@@ -1,9 +1,9 @@
 """Models used by the demo and the benchmarks: a LLaMA-style causal LM and its size configs, and a small
-DDPM UNet noise-prediction model with its schedule, loss and samplers (:mod:`coap_compile.models.unet`)."""
+DDPM UNet noise-prediction model with its schedule, loss and samplers (:mod:`coap_lab.models.unet`)."""
 
 from __future__ import annotations
 
-from coap_compile.models.llama import (
+from coap_lab.models.llama import (
     LLAMA_CONFIGS,
     PAPER_RANKS,
     LlamaConfig,
@@ -11,7 +11,7 @@ from coap_compile.models.llama import (
     build_llama,
     demo_config,
 )
-from coap_compile.models.unet import (
+from coap_lab.models.unet import (
     DDPMSchedule,
     UNet,
     UNetConfig,

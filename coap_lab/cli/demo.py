@@ -1,7 +1,7 @@
 """``coap-compile demo``: AdamW vs COAP-AdamW on a small byte-level LLaMA, side by side.
 
 Both runs start from the same initial weights, see the same batches in the same order and use the
-same learning-rate schedule (see :mod:`coap_compile.cli.train`); only the optimizer differs. The
+same learning-rate schedule (see :mod:`coap_lab.cli.train`); only the optimizer differs. The
 default corpus is the running Python's standard library (``.py`` files), so the demo needs no download.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from coap_compile.cli.report import format_table, metadata, save_figure, write_json
-from coap_compile.cli.train import RunResult, TrainConfig, load_training_corpus, train_run
-from coap_compile.models import LlamaConfig, demo_config
+from coap_lab.cli.report import format_table, metadata, pyplot, save_figure, write_json
+from coap_lab.cli.train import RunResult, TrainConfig, load_training_corpus, train_run
+from coap_lab.models import LlamaConfig, demo_config
 
 __all__ = [
     "DEMO_DEFAULTS",
@@ -126,10 +126,7 @@ COLUMNS = [
 
 def plot_runs(groups: dict[str, list[RunResult]], title: str):
     """Loss curves (train EMA thin, validation thick) and a state-memory bar per optimizer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2.2, 1]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -214,7 +211,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _count(cfg: LlamaConfig) -> int:
-    from coap_compile.models import build_llama
+    from coap_lab.models import build_llama
 
     return sum(p.numel() for p in build_llama(cfg, device="meta").parameters())
 
