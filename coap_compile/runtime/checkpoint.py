@@ -119,8 +119,8 @@ def expected_layout(opt, p: Tensor, group: dict, index: int = 0) -> dict[str, tu
     return out
 
 
-def validate(opt, sd: dict[str, Any]) -> None:
-    """Raise ``ValueError`` if ``sd`` cannot be loaded into ``opt`` (module docstring); change nothing."""
+def _check_shape(opt, sd: Any) -> None:
+    """A state dict with as many groups, and parameters per group, as this optimizer (as torch checks)."""
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise ValueError("load_state_dict expects a dict with 'state' and 'param_groups' (from state_dict())")
     groups, saved = opt.param_groups, sd["param_groups"]
@@ -129,6 +129,12 @@ def validate(opt, sd: dict[str, Any]) -> None:
             f"the checkpoint has param groups of sizes {[len(s['params']) for s in saved]}, this optimizer "
             f"{[len(g['params']) for g in groups]}"
         )
+
+
+def validate(opt, sd: dict[str, Any]) -> None:
+    """Raise ``ValueError`` if ``sd`` cannot be loaded into ``opt`` (module docstring); change nothing."""
+    _check_shape(opt, sd)
+    groups, saved = opt.param_groups, sd["param_groups"]
     config = opt.config
     ours = qualified_name(config.base)
     meta = sd.get("coap")
@@ -161,8 +167,7 @@ def validate(opt, sd: dict[str, Any]) -> None:
             if bad:
                 raise ValueError(
                     f"parameter {opt.param_name(p)!r} (param group {i}): the checkpoint holds non-tensor "
-                    "state "
-                    f"{bad}; COAP checkpoints hold tensors only"
+                    f"state {bad}; COAP checkpoints hold tensors only"
                 )
             want = expected_layout(opt, p, merged, i)
             if not opt.layout(p).projected and not base_keeps_step(config.base, config.base_kwargs):
@@ -171,24 +176,26 @@ def validate(opt, sd: dict[str, Any]) -> None:
             if got != want and first_mismatch is None:
                 first_mismatch = (i, p, got, want, merged)
     if first_mismatch is not None:
-        i, p, got, want, merged = first_mismatch
-        lay = opt.layout(p)
-        saved_settings = CoapSettings.from_group(merged, i, config.policy_instance)
-        saved_rank_rule = kind_of(p, saved_settings)[1]
-        what = f"rank {lay.rank}" if lay.projected else "full rank"
-        hint = ""
-        saved_rank = got["proj"][-1] if "proj" in got else got["dct_index"][0] if "dct_index" in got else None
-        if lay.projected and saved_rank is not None and saved_rank != lay.rank:
-            hint = (
-                f"; the checkpoint's states have rank {saved_rank} (its settings "
-                f"rank={merged.get('rank')}, rank_ratio={merged.get('rank_ratio')} give {saved_rank_rule}): "
-                "build the optimizer with "
-                "that rank to resume it"
-            )
-        raise ValueError(
-            f"parameter {opt.param_name(p)!r} (param group {i}): the checkpoint holds {_describe(got)}; this "
-            f"optimizer (COAP-{config.base.__name__}, {what}) expects {_describe(want)}{hint}"
+        _refuse_layout(opt, *first_mismatch)
+
+
+def _refuse_layout(opt, i: int, p: Tensor, got: dict, want: dict, merged: dict) -> None:
+    """The first parameter whose saved states do not fit: both layouts, and the rank hint."""
+    config, lay = opt.config, opt.layout(p)
+    saved_rank_rule = kind_of(p, CoapSettings.from_group(merged, i, config.policy_instance))[1]
+    what = f"rank {lay.rank}" if lay.projected else "full rank"
+    hint = ""
+    saved_rank = got["proj"][-1] if "proj" in got else got["dct_index"][0] if "dct_index" in got else None
+    if lay.projected and saved_rank is not None and saved_rank != lay.rank:
+        hint = (
+            f"; the checkpoint's states have rank {saved_rank} (its settings "
+            f"rank={merged.get('rank')}, rank_ratio={merged.get('rank_ratio')} give {saved_rank_rule}): "
+            "build the optimizer with that rank to resume it"
         )
+    raise ValueError(
+        f"parameter {opt.param_name(p)!r} (param group {i}): the checkpoint holds {_describe(got)}; this "
+        f"optimizer (COAP-{config.base.__name__}, {what}) expects {_describe(want)}{hint}"
+    )
 
 
 def _refuse_base(opt, sd: dict[str, Any], theirs: str, ours: str) -> None:

@@ -283,6 +283,13 @@ def step_in_backward(
         from ..distributed.backward import register_step_hook
 
         return register_step_hook(model_or_params, optimizer)
+    params = _owned_params(model_or_params, optimizer)
+    return InBackward(optimizer, params, accumulation_steps)
+
+
+def _owned_params(model_or_params: nn.Module | Iterable[Tensor], optimizer: CoapOptimizer) -> list[Tensor]:
+    """The parameters to hook: those of ``model_or_params`` that require grad, each owned by
+    ``optimizer`` and not FSDP2-sharded (ValueError/TypeError naming the first that is not)."""
     if isinstance(model_or_params, Tensor):
         raise TypeError("model_or_params must be a module or an iterable of parameters, got a single tensor")
     raw = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
@@ -308,4 +315,4 @@ def step_in_backward(
             f"parameters {sharded[:3]} are FSDP2-sharded (DTensor): in-backward updates support plain and "
             "DistributedDataParallel parameters only (FSDP2 reduce-scatters after the hooks would run)"
         )
-    return InBackward(optimizer, params, accumulation_steps)
+    return params
