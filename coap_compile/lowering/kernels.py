@@ -21,7 +21,7 @@ ends up as one eager ``io.load → update → io.store_`` leaves it (bit for bit
 agree; see ``tests/test_kernels_storage.py`` for the measured agreement). When every state is fp32 the
 stored plan has the plain epilogue's id and the state names as keys: the call is exactly
 :func:`fused_update_`. Runtime use (computed outside the compiled region, e.g. next to the kernel plan in
-``CoapOptimizer._prepare``, and cached per parameter)::
+the step's eager phase (``runtime/step.py``), and cached per parameter)::
 
     splan = stored_kernel_plan(kernel_plan(ep, scale), io)   # None: some state has no K1 (float64, …)
     fused_update_stored_(splan, p, g, proj, io.state, k + 1, lr, hypers,

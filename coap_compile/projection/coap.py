@@ -82,6 +82,8 @@ __all__ = [
     "CORRELATION_MAX_NORM",
     "CORRELATION_MODES",
     "COSINE_EPS",
+    "REPROJECT_FACTOR",
+    "UPDATE_INTERVAL",
     "CoapPolicy",
     "correlation_step",
     "restore_moments",
@@ -89,6 +91,12 @@ __all__ = [
 
 #: Values of ``CoapPolicy(correlation=...)``.
 CORRELATION_MODES = ("paper", "normalized", "off")
+
+
+#: COAP's schedule as the paper and the official code use it: ``T_u`` and ``λ`` (the defaults of every
+#: policy and of :class:`coap_compile.runtime.settings.CoapSettings`).
+UPDATE_INTERVAL = 32
+REPROJECT_FACTOR = 5
 
 
 class CoapPolicy(ProjectionPolicy):
@@ -115,8 +123,8 @@ class CoapPolicy(ProjectionPolicy):
 
     def __init__(
         self,
-        update_interval: int = 32,
-        reproject_factor: int = 5,
+        update_interval: int = UPDATE_INTERVAL,
+        reproject_factor: int = REPROJECT_FACTOR,
         restore_state: bool = False,
         seed: int = OMEGA_SEED,
         correlation: str = "paper",

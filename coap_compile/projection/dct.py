@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from .base import LOCAL, Comm, Layout, ProjectionPolicy, RefreshKind
+from .coap import UPDATE_INTERVAL
 from .linalg import check_positive_int, work_dtype
 
 __all__ = [
@@ -149,7 +150,7 @@ class DctPolicy(ProjectionPolicy):
     name: ClassVar[str] = "dct"
     needs_first_moment: ClassVar[bool] = False
 
-    def __init__(self, update_interval: int = 32, restore_state: bool = False) -> None:
+    def __init__(self, update_interval: int = UPDATE_INTERVAL, restore_state: bool = False) -> None:
         self.update_interval = check_positive_int("update_interval", update_interval)
         self.restore_state = bool(restore_state)
 

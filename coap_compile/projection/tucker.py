@@ -82,7 +82,7 @@ import torch
 from torch import Tensor
 
 from .base import RefreshKind
-from .coap import CORRELATION_LR, CORRELATION_MAX_NORM, COSINE_EPS
+from .coap import CORRELATION_LR, CORRELATION_MAX_NORM, COSINE_EPS, REPROJECT_FACTOR, UPDATE_INTERVAL
 from .linalg import check_positive_int, work_dtype
 
 __all__ = [
@@ -329,8 +329,8 @@ class TuckerPolicy:
 
     def __init__(
         self,
-        update_interval: int = 32,
-        reproject_factor: int = 5,
+        update_interval: int = UPDATE_INTERVAL,
+        reproject_factor: int = REPROJECT_FACTOR,
         restore_state: bool = False,
         max_sweeps: int = HOOI_MAX_SWEEPS,
         tol: float = HOOI_TOL,

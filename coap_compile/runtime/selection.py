@@ -77,7 +77,7 @@ def groups_from_model(model: nn.Module, target_modules: TargetModules) -> tuple[
             continue
         seen.add(id(p))
         if id(p) not in chosen:
-            # 4-D (convolution) weights: the size and conv_rank_ratio rule of plan_param decides
+            # 4-D (convolution) weights: the size and conv_rank_ratio rule of layout.kind_of decides
             (auto if p.ndim == 4 else full).append(p)
         else:
             (forced if chosen[id(p)] else auto).append(p)

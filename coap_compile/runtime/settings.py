@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..projection import POLICIES, ProjectionPolicy, get_policy
-from ..storage.int8 import check_block_size
+from ..projection.coap import REPROJECT_FACTOR, UPDATE_INTERVAL
+from ..storage.int8 import DEFAULT_BLOCK_SIZE, check_block_size
 
 __all__ = [
     "BACKENDS",
@@ -93,15 +94,15 @@ class CoapSettings:
     rank: int | None = 256
     rank_ratio: float | None = None
     projection: str = "coap"
-    update_interval: int = 32
-    reproject_factor: int = 5
+    update_interval: int = UPDATE_INTERVAL
+    reproject_factor: int = REPROJECT_FACTOR
     scale: float = 1.0
     restore_state: bool = False
     first_moment_beta: float = 0.9
     correlation: str = "paper"
     state_precision: str = "auto"
     projection_precision: str = "auto"
-    quant_block_size: int = 256
+    quant_block_size: int = DEFAULT_BLOCK_SIZE
     conv_rank_ratio: float | None = None
     projection_side: str = "auto"
     project: bool | None = None
