@@ -55,6 +55,8 @@ reduce-scatter. COAP keeps such a weight's update local on every shard:
   element ``i`` are those of its *local* row-major index, so a rank's rounding is deterministic and a
   resume on the same mesh is bit-identical; it equals the single-process bits on rank 0's rows only
   (the other shards use the same unbiased rounding with other bits).
+* **Settings agree across ranks**: the settings that decide the collectives are checked equal across
+  each shard group at a plan's first step (one 8-byte digest all-gather: :mod:`.agreement`).
 * **check_finite** agrees across ranks: the local verdict is all-reduced (MIN of one int32 per mesh
   dim) before anything is modified, so either every rank steps or every rank raises.
 * **Bases.** The low-rank update must be shard-local: elementwise derived programs (AdamW, Adam,
@@ -122,6 +124,7 @@ __all__ = [
     "is_dtensor",
     "local",
     "local_param",
+    "shard_group",
     "shard_spec",
     "shard_value",
 ]
@@ -213,6 +216,12 @@ def shard_spec(p: Tensor, where: str, *, matrix: bool = True) -> ShardSpec | Non
             f"over {world} ranks gives rank {rank} {stop - start}; COAP needs FSDP2's even row chunks"
         )
     return ShardSpec(mesh, placements, group, rows, start, stop - start)
+
+
+def shard_group(p: Tensor) -> dist.ProcessGroup:
+    """The process group of a DTensor's last mesh dim (the shard dim under FSDP2 and HSDP)."""
+    mesh = p.device_mesh
+    return mesh.get_group(mesh.ndim - 1)
 
 
 def local_param(p: Tensor) -> Tensor:

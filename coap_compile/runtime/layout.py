@@ -118,6 +118,22 @@ class ParamLayout:
     def where(self) -> str:
         return f"parameter {self.name!r} (param group {self.group})"
 
+    def collective_settings(self) -> tuple[tuple[str, Any], ...]:
+        """What decides this parameter's collectives (and its replicated ``P``) under FSDP2, as
+        ``(setting, value)`` pairs, checked equal across a shard group
+        (:mod:`~coap_compile.distributed.agreement`)."""
+        s, prec = self.settings, self.precision
+        out = [("state_precision", prec.states), ("projection_precision", str(prec.proj_dtype)),
+               ("quant_block_size", prec.block), ("kind", self.kind.name),
+               ("rows", self.shard.rows if self.shard is not None else None)]  # fmt: skip
+        if self.projected:
+            side = "rows" if self.rows_side else ("columns" if self.transposed else "canonical")
+            out += [("rank", self.rank), ("ranks", self.ranks), ("side", side),
+                    ("update_interval", s.update_interval), ("reproject_factor", s.reproject_factor),
+                    ("projection", getattr(self.policy, "name", None)),
+                    ("correlation", s.correlation)]  # fmt: skip
+        return tuple(out)
+
 
 def state_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
