@@ -81,12 +81,14 @@ state in :class:`ShardedState`,
 weights step per matrix (not in matrix groups: their states are DTensors). ``opt.comm_log = CommLog()``
 records every collective.
 
-Memory per rank (``memory_plan()``): the closed form of the single-process plan with ``M`` replaced by
-the local rows ``M_k = len(torch.chunk(range(m), W)[k])`` (``⌈m/W⌉`` for the first ranks, the rest on
-the last non-empty ranks, 0 after them) and ``P`` counted in full on every rank. Since ``P`` is
-replicated, COAP saves memory per rank only while ``W < 2m(n − r)/(n r)`` (:mod:`.linalg`). LLaMA-1B
-projected weights at ``r = 512``, fp32 AdamW states per decoder layer per rank, COAP vs torch AdamW:
-W=1 117.3 vs 384.0 MiB, W=2 76.0 vs 192.0, W=4 55.3 vs 96.0, W=8 45.0 vs 48.0, W=16 39.8 vs 24.0.
+Memory per rank (``memory_plan()``; ``memory_plan(world_size=W, rank=k)`` plans any ``W`` from shapes,
+e.g. on a meta-device model: :mod:`coap_compile.runtime.memory`): the closed form of the single-process
+plan with ``M`` replaced by the local rows ``M_k = len(torch.chunk(range(m), W)[k])`` (``⌈m/W⌉`` for the
+first ranks, the rest on the last non-empty ranks, 0 after them) and ``P`` counted in full on every rank.
+Since ``P`` is replicated, COAP saves memory per rank only while ``W < 2m(n − r)/(n r)``
+(:mod:`.linalg`). LLaMA-1B projected weights at ``r = 512``, fp32 AdamW states per decoder layer per
+rank, COAP vs torch AdamW: W=1 117.3 vs 384.0 MiB, W=2 76.0 vs 192.0, W=4 55.3 vs 96.0, W=8 45.0 vs 48.0,
+W=16 39.8 vs 24.0.
 
 Bytes per refresh (:func:`~coap_compile.distributed.refresh_bytes`, fp32, per rank and weight):
 init/SVD ``4(2r² + rN)``, correlation ``4(2 + rN)``; between refreshes nothing. LLaMA-1B, r=512,

@@ -43,7 +43,10 @@ from .precision import Precision, StateIO, resolve_precision, state_storage
 from .selection import canonical_dims
 from .settings import EMA_KEY, CoapSettings
 
-__all__ = ["Kind", "ParamLayout", "StateSpec", "build_layout", "full_program", "kind_of", "state_dtype"]
+__all__ = [
+    "Kind", "ParamLayout", "StateSpec", "build_layout", "check_fsdp", "full_program", "kind_of",
+    "state_dtype",
+]  # fmt: skip
 
 
 class Kind(enum.Enum):
@@ -172,6 +175,17 @@ def _spec(prec: Precision, names, kinds: dict, shapes: dict, seed: int, where: s
         MappingProxyType(storages), MappingProxyType(dict(kinds)),
         MappingProxyType({n: tuple(shapes[n]) for n in names}), seed,
     )  # fmt: skip
+
+
+def check_fsdp(lay: ParamLayout, base: type) -> None:
+    """Refuse (ValueError naming the parameter) a layout that could not run FSDP2-sharded: the checks
+    :func:`build_layout` runs on a DTensor, for a plain parameter's layout (the per-rank memory plan)."""
+    if lay.kind is Kind.TORCH:
+        return
+    program = lay.program.program if isinstance(lay.program, CompiledBase) else None
+    fsdp.check_sharded(lay.where, policy=lay.policy if lay.kind is Kind.MATRIX else None,
+                       tucker=lay.kind is Kind.TUCKER, states=lay.precision.states,
+                       shard_local=_shard_local(program), base=base.__name__)  # fmt: skip
 
 
 def _shard_local(program: Any) -> bool:
