@@ -442,7 +442,10 @@ def test_bytes_per_refresh_equal_the_closed_forms(runs, world):
                 kind = REFRESH.get(step)
                 labels = [lab for _, lab, _ in records]
                 assert labels.count("finite_flag") == 1  # one int32 per step on a 1-D mesh
-                refresh = [(op, lab, b) for op, lab, b in records if lab != "finite_flag"]
+                # the settings check: one 8-byte digest all-gather at the plan's first step (one shard group)
+                assert labels.count("settings_digest") == (1 if step == 0 else 0), (base, step)
+                quiet = ("finite_flag", "settings_digest")
+                refresh = [(op, lab, b) for op, lab, b in records if lab not in quiet]
                 if kind is None:
                     assert refresh == [], (base, step)  # no communication between refreshes
                     continue

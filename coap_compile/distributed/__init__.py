@@ -4,6 +4,7 @@
   side-choice analysis for FSDP2 ``Shard(0)`` parameters, :func:`align_signs`, :func:`align_rotation`,
   :func:`assert_replicated`.
 * :mod:`.correlation`: the correlation step with hand-derived gradients (all-reduced ``N×r`` + scalars).
+* :mod:`.agreement`: the settings that decide collectives checked equal across each shard group.
 * :mod:`.comm`: counted collectives (:class:`CommLog`) and the closed-form bytes per refresh.
 
 The local test launcher (``run_distributed``: ``world_size`` gloo processes) is :mod:`coap_lab.launch`.

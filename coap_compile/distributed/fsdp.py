@@ -55,6 +55,8 @@ reduce-scatter. COAP keeps such a weight's update local on every shard:
   element ``i`` are those of its *local* row-major index, so a rank's rounding is deterministic and a
   resume on the same mesh is bit-identical; it equals the single-process bits on rank 0's rows only
   (the other shards use the same unbiased rounding with other bits).
+* **Settings agree across ranks**: the settings that decide the collectives are checked equal across
+  each shard group at a plan's first step (one 8-byte digest all-gather: :mod:`.agreement`).
 * **check_finite** agrees across ranks: the local verdict is all-reduced (MIN of one int32 per mesh
   dim) before anything is modified, so either every rank steps or every rank raises.
 * **Bases.** The low-rank update must be shard-local: elementwise derived programs (AdamW, Adam,
@@ -79,12 +81,14 @@ state in :class:`ShardedState`,
 weights step per matrix (not in matrix groups: their states are DTensors). ``opt.comm_log = CommLog()``
 records every collective.
 
-Memory per rank (``memory_plan()``): the closed form of the single-process plan with ``M`` replaced by
-the local rows ``M_k = len(torch.chunk(range(m), W)[k])`` (``⌈m/W⌉`` for the first ranks, the rest on
-the last non-empty ranks, 0 after them) and ``P`` counted in full on every rank. Since ``P`` is
-replicated, COAP saves memory per rank only while ``W < 2m(n − r)/(n r)`` (:mod:`.linalg`). LLaMA-1B
-projected weights at ``r = 512``, fp32 AdamW states per decoder layer per rank, COAP vs torch AdamW:
-W=1 117.3 vs 384.0 MiB, W=2 76.0 vs 192.0, W=4 55.3 vs 96.0, W=8 45.0 vs 48.0, W=16 39.8 vs 24.0.
+Memory per rank (``memory_plan()``; ``memory_plan(world_size=W, rank=k)`` plans any ``W`` from shapes,
+e.g. on a meta-device model: :mod:`coap_compile.runtime.memory`): the closed form of the single-process
+plan with ``M`` replaced by the local rows ``M_k = len(torch.chunk(range(m), W)[k])`` (``⌈m/W⌉`` for the
+first ranks, the rest on the last non-empty ranks, 0 after them) and ``P`` counted in full on every rank.
+Since ``P`` is replicated, COAP saves memory per rank only while ``W < 2m(n − r)/(n r)``
+(:mod:`.linalg`). LLaMA-1B projected weights at ``r = 512``, fp32 AdamW states per decoder layer per
+rank, COAP vs torch AdamW: W=1 117.3 vs 384.0 MiB, W=2 76.0 vs 192.0, W=4 55.3 vs 96.0, W=8 45.0 vs 48.0,
+W=16 39.8 vs 24.0.
 
 Bytes per refresh (:func:`~coap_compile.distributed.refresh_bytes`, fp32, per rank and weight):
 init/SVD ``4(2r² + rN)``, correlation ``4(2 + rN)``; between refreshes nothing. LLaMA-1B, r=512,
@@ -122,6 +126,7 @@ __all__ = [
     "is_dtensor",
     "local",
     "local_param",
+    "shard_group",
     "shard_spec",
     "shard_value",
 ]
@@ -213,6 +218,12 @@ def shard_spec(p: Tensor, where: str, *, matrix: bool = True) -> ShardSpec | Non
             f"over {world} ranks gives rank {rank} {stop - start}; COAP needs FSDP2's even row chunks"
         )
     return ShardSpec(mesh, placements, group, rows, start, stop - start)
+
+
+def shard_group(p: Tensor) -> dist.ProcessGroup:
+    """The process group of a DTensor's last mesh dim (the shard dim under FSDP2 and HSDP)."""
+    mesh = p.device_mesh
+    return mesh.get_group(mesh.ndim - 1)
 
 
 def local_param(p: Tensor) -> Tensor:

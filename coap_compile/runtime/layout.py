@@ -43,7 +43,10 @@ from .precision import Precision, StateIO, resolve_precision, state_storage
 from .selection import canonical_dims
 from .settings import EMA_KEY, CoapSettings
 
-__all__ = ["Kind", "ParamLayout", "StateSpec", "build_layout", "full_program", "kind_of", "state_dtype"]
+__all__ = [
+    "Kind", "ParamLayout", "StateSpec", "build_layout", "check_fsdp", "full_program", "kind_of",
+    "state_dtype",
+]  # fmt: skip
 
 
 class Kind(enum.Enum):
@@ -118,6 +121,22 @@ class ParamLayout:
     def where(self) -> str:
         return f"parameter {self.name!r} (param group {self.group})"
 
+    def collective_settings(self) -> tuple[tuple[str, Any], ...]:
+        """What decides this parameter's collectives (and its replicated ``P``) under FSDP2, as
+        ``(setting, value)`` pairs, checked equal across a shard group
+        (:mod:`~coap_compile.distributed.agreement`)."""
+        s, prec = self.settings, self.precision
+        out = [("state_precision", prec.states), ("projection_precision", str(prec.proj_dtype)),
+               ("quant_block_size", prec.block), ("kind", self.kind.name),
+               ("rows", self.shard.rows if self.shard is not None else None)]  # fmt: skip
+        if self.projected:
+            side = "rows" if self.rows_side else ("columns" if self.transposed else "canonical")
+            out += [("rank", self.rank), ("ranks", self.ranks), ("side", side),
+                    ("update_interval", s.update_interval), ("reproject_factor", s.reproject_factor),
+                    ("projection", getattr(self.policy, "name", None)),
+                    ("correlation", s.correlation)]  # fmt: skip
+        return tuple(out)
+
 
 def state_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -156,6 +175,17 @@ def _spec(prec: Precision, names, kinds: dict, shapes: dict, seed: int, where: s
         MappingProxyType(storages), MappingProxyType(dict(kinds)),
         MappingProxyType({n: tuple(shapes[n]) for n in names}), seed,
     )  # fmt: skip
+
+
+def check_fsdp(lay: ParamLayout, base: type) -> None:
+    """Refuse (ValueError naming the parameter) a layout that could not run FSDP2-sharded: the checks
+    :func:`build_layout` runs on a DTensor, for a plain parameter's layout (the per-rank memory plan)."""
+    if lay.kind is Kind.TORCH:
+        return
+    program = lay.program.program if isinstance(lay.program, CompiledBase) else None
+    fsdp.check_sharded(lay.where, policy=lay.policy if lay.kind is Kind.MATRIX else None,
+                       tucker=lay.kind is Kind.TUCKER, states=lay.precision.states,
+                       shard_local=_shard_local(program), base=base.__name__)  # fmt: skip
 
 
 def _shard_local(program: Any) -> bool:

@@ -13,8 +13,21 @@ state at the core's shape (``r0×r1×kh×kw``) plus the step. Every other parame
 optimizer's state (``base_bytes``). The side is the plan's (``projection_side="rows"`` and FSDP2 weights:
 ``M = m``, ``N = n``). For an FSDP2-sharded parameter every row counts this rank's bytes: ``M`` is its
 local row count (:mod:`coap_compile.distributed.fsdp`), ``P`` and ``step`` count in full, and
-``base_bytes`` is the base optimizer's state of the local shard. Tensors a policy shares
+``base_bytes`` is the base optimizer's state of the local shard (full-rank states with a storage
+precision too: their row count is the local one). Tensors a policy shares
 between matrices (the DCT basis of each width ``N``: ``N²·b``) are one row each, counted once.
+
+**Any world size** (``plan_memory(opt, world_size=W, rank=k)``, ``opt.memory_plan(world_size=W)``): the
+same closed form with ``M_k = len(torch.chunk(range(m), W)[k])`` (:func:`local_rows`) for every dim-0
+row of every parameter, on the rows side, from the unsharded (e.g. meta-device) model: per projected
+weight and rank ``k``, Adam-type states::
+
+    bytes_k = n·r·b_P  +  K·M_k·r·b  +  4        (K moments; P replicated, so n·r·b_P on every rank)
+    torch AdamW: 2·M_k·n·b + 4                    (the base on the local shard)
+
+so COAP holds less than AdamW per rank only while ``W < K·m(n − r)/(n·r)`` (roughly): the replicated
+``P`` stops the saving from growing with ``W``. Exact against gloo runs at W = 2 and 4
+(``tests/test_fsdp2_memory.py``); the LLaMA-1B/7B table is in the README (``coap_lab.cli.fsdp_memory``).
 """
 
 from __future__ import annotations
@@ -26,11 +39,13 @@ import torch
 
 from ..capture import capture, init_states
 from ..distributed import fsdp
-from .layout import Kind
+from .layout import Kind, check_fsdp
 from .scalars import base_hyperparams
 from .selection import canonical_dims
 
-__all__ = ["MemoryPlan", "MemoryRow", "base_keeps_step", "base_state_bytes", "plan_memory"]
+__all__ = [
+    "MemoryPlan", "MemoryRow", "base_keeps_step", "base_state_bytes", "local_rows", "plan_memory",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -114,42 +129,92 @@ def base_state_bytes(
     return sum(detail.values()), detail
 
 
-def plan_memory(opt) -> MemoryPlan:
+def local_rows(rows: int, world_size: int, rank: int) -> int:
+    """Rows of ``rank`` when ``rows`` are cut into FSDP2's ``torch.chunk`` blocks over ``world_size``
+    ranks: ``⌈rows/W⌉`` for the first ranks, the rest on the last non-empty rank, 0 after it."""
+    chunk = -(-rows // world_size)
+    return max(0, min(rows, (rank + 1) * chunk) - min(rows, rank * chunk))
+
+
+def _check_world(world_size: int | None, rank: int) -> None:
+    if world_size is None:
+        return
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1 (ranks of the FSDP2 shard dim), got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+
+
+def _here(p: torch.Tensor, lay, world_size: int | None, rank: int) -> int | None:
+    """This rank's rows of ``p`` (None: not sharded, count the whole tensor)."""
+    if p.ndim == 0 or (world_size is None and lay.shard is None):
+        return None
+    if world_size is None:
+        return lay.shard.local_rows
+    return local_rows(int(p.shape[0]), world_size, rank)
+
+
+def plan_memory(opt, *, world_size: int | None = None, rank: int = 0) -> MemoryPlan:
     """One row per parameter (and per shared tensor); each state is counted by its storage's exact closed
     form (:meth:`coap_compile.storage.StateStorage.nbytes`: fp32 4 B/element, bf16 2 B (+16 B of rounding
-    stream), int8 1 B + a float32 scale per block (+16 B)), ``P`` at its precision."""
+    stream), int8 1 B + a float32 scale per block (+16 B)), ``P`` at its precision.
+
+    ``world_size=W``: the bytes rank ``rank`` would hold if every parameter were FSDP2-sharded on ``W``
+    ranks (``fully_shard``: dim 0 cut by ``torch.chunk``; for HSDP, ``W`` is the shard dim's size),
+    from shapes alone (meta models work): projected weights on the rows side (``P`` ``n×r`` in full,
+    states ``M_k×r``), full-rank states at the local shard's shape, torch's own optimizer on the local
+    shard as ``base_bytes``. What FSDP2 refuses (int8 states, Tucker, GaLore/DCT, non-elementwise bases)
+    raises the same ValueError the sharded optimizer would. Without ``world_size``, an FSDP2-sharded
+    optimizer's plan is this rank's bytes (its mesh, its rank)."""
+    _check_world(world_size, rank)
     config = opt.config
     rows = []
     shared: dict[str, tuple[tuple[int, ...], torch.dtype, str]] = {}  # counted once per key and device
     for p, lay in opt.plan.layouts.items():
+        if world_size is not None and not fsdp.is_dtensor(p):
+            check_fsdp(lay, config.base)
+        here = _here(p, lay, world_size, rank)
         hyper = base_hyperparams(opt.param_groups[lay.group])
-        # an FSDP2 (DTensor) parameter: this rank's bytes, from its local shard's shape
-        base, base_detail = base_state_bytes(config.base, hyper, config.base_kwargs, fsdp.local(p))
+        shape_here = tuple(fsdp.local(p).shape) if here is None else (here, *p.shape[1:])
+        like = torch.empty(shape_here, dtype=p.dtype, device="meta")
+        base, base_detail = base_state_bytes(config.base, hyper, config.base_kwargs, like)
         name, shape = opt.param_name(p), tuple(p.shape)
         if lay.kind is Kind.TORCH:  # torch's own optimizer
             rows.append(MemoryRow(name, shape, str(p.dtype), 0, base, base, base_detail))
             continue
-        spec = lay.states
-        detail = {
-            n: stg.nbytes(spec.shapes[n], spec.kinds.get(n, "other")) for n, stg in spec.storages.items()
-        }
-        detail["step"] = 4
-        rank = 0
-        if lay.kind is Kind.TUCKER:  # factors U0 (C_out×r0), U1 (C_in×r1) + core-shaped states
-            layout = lay.policy.state_layout(shape, lay.ranks, lay.work_dtype)
-            detail = {**{k: _nbytes(s_, d) for k, (s_, d) in layout.items()}, **detail}
-            rank = min(lay.ranks)
-        elif lay.kind is Kind.MATRIX:
-            small = canonical_dims(p.shape, lay.transposed)[1]  # N (P is replicated under FSDP2)
-            extra = {}
-            for k, (s_, sdt) in lay.policy.state_layout(small, lay.rank, lay.work_dtype).items():
-                extra[k] = _nbytes(s_, lay.precision.proj_dtype if k == "proj" else sdt)
-            for key, (s_, sdt) in lay.policy.shared_state_layout(small, lay.work_dtype).items():
-                shared.setdefault(f"{key} on {p.device}", (s_, sdt, str(p.device)))
-            detail = {**extra, **detail}
-            rank = lay.rank
-        rows.append(MemoryRow(name, shape, str(p.dtype), rank, sum(detail.values()), base, detail))
+        rows_side = lay.rows_side or here is not None
+        detail, rank_ = _state_detail(p, lay, here, rows_side, shared)
+        rows.append(MemoryRow(name, shape, str(p.dtype), rank_, sum(detail.values()), base, detail))
     for key, (shape, sdt, _dev) in sorted(shared.items()):  # e.g. the DCT basis shared by same-width matrices
         b = _nbytes(shape, sdt)
         rows.append(MemoryRow(f"[shared] {key}", tuple(shape), str(sdt), 0, b, 0, {key: b}))
     return MemoryPlan(tuple(rows))
+
+
+def _state_detail(p, lay, here: int | None, rows_side: bool, shared: dict) -> tuple[dict[str, int], int]:
+    """Bytes per state key of one COAP-updated parameter (``here``: its rows on this rank, module
+    docstring), and its rank (0: full rank)."""
+    spec, shape = lay.states, tuple(p.shape)
+    if lay.kind is Kind.MATRIX:
+        full_rows = canonical_dims(fsdp.local(p).shape, lay.transposed)[0]  # the rows of the spec's shapes
+    else:
+        full_rows = shape[0] if shape else None  # a full-rank spec has the parameter's (global) shape
+    detail = {}
+    for n, stg in spec.storages.items():
+        s_ = spec.shapes[n]
+        if here is not None and s_ and s_[0] == full_rows:  # a row state: this rank's rows
+            s_ = (here, *s_[1:])
+        detail[n] = stg.nbytes(s_, spec.kinds.get(n, "other"))
+    detail["step"] = 4
+    if lay.kind is Kind.TUCKER:  # factors U0 (C_out×r0), U1 (C_in×r1) + core-shaped states
+        layout = lay.policy.state_layout(shape, lay.ranks, lay.work_dtype)
+        return {**{k: _nbytes(s_, d) for k, (s_, d) in layout.items()}, **detail}, min(lay.ranks)
+    if lay.kind is not Kind.MATRIX:
+        return detail, 0
+    small = shape[1] if rows_side else canonical_dims(shape, lay.transposed)[1]  # N (P: n×r in full)
+    extra = {}
+    for k, (s_, sdt) in lay.policy.state_layout(small, lay.rank, lay.work_dtype).items():
+        extra[k] = _nbytes(s_, lay.precision.proj_dtype if k == "proj" else sdt)
+    for key, (s_, sdt) in lay.policy.shared_state_layout(small, lay.work_dtype).items():
+        shared.setdefault(f"{key} on {p.device}", (s_, sdt, str(p.device)))
+    return {**extra, **detail}, lay.rank

@@ -344,11 +344,12 @@ class CoapOptimizer(torch.optim.Optimizer):
             self._install(build_plan(self._config, self.param_groups))
 
     # -- reporting -------------------------------------------------------------------------------------
-    def memory_plan(self):
-        """Exact optimizer-state bytes per parameter, planned from shapes (works on the meta device)."""
+    def memory_plan(self, *, world_size: int | None = None, rank: int = 0):
+        """Exact optimizer-state bytes per parameter, planned from shapes (works on the meta device);
+        ``world_size=W``: rank ``rank``'s bytes under FSDP2 on ``W`` ranks (:func:`.memory.plan_memory`)."""
         from .memory import plan_memory
 
-        return plan_memory(self)
+        return plan_memory(self, world_size=world_size, rank=rank)
 
     def explain(self) -> str:
         """What was captured, the roles, the derived low-rank update, the grouped update, the memory plan."""

@@ -6,7 +6,9 @@ recompiling:
 1. :meth:`StepRunner.prepare` (always eager: :func:`.eager_only`), in phases:
 
    * **validate**: ``found_inf`` (skip the step), settings (the plan is rebuilt when ``param_groups``
-     changed: :mod:`.plan`), gradients (layout, shape, dtype, device, finiteness: :mod:`.validate`);
+     changed: :mod:`.plan`; under FSDP2 the settings that decide collectives are checked equal across
+     each shard group at a plan's first step: :mod:`coap_compile.distributed.agreement`), gradients
+     (layout, shape, dtype, device, finiteness: :mod:`.validate`);
    * **schedule**: what is due for each projected parameter with a gradient (:mod:`.schedule`), and the
      live scalars (:mod:`.scalars`);
    * **refresh**: every due refresh computed, then all committed (:mod:`.refresh`, :mod:`.tucker`): a
@@ -31,6 +33,7 @@ from typing import Any
 from torch import Tensor
 
 from ..distributed import fsdp
+from ..distributed.agreement import check_settings_agree
 from ..lowering.kernels import KernelPlan, kernel_plan, stored_kernel_plan
 from .fullrank import ensure_full_state, full_update_
 from .grouped import GroupBuffers, grouped_update_, ready
@@ -62,6 +65,7 @@ class StepRunner:
         self.locals: dict[Tensor, Tensor] = {}
         self.work: list[tuple[Tensor, Any]] = []
         self.work_groups: list[tuple[Any, tuple]] = []
+        self.agreed = False  # the collective settings checked across the shard groups (once per plan)
         inner_groups, self.inner_index = [], {}
         for i, g in enumerate(opt.param_groups):
             full = [p for p in g["params"] if plan.layouts[p].kind is Kind.TORCH]
@@ -85,6 +89,8 @@ class StepRunner:
         refresh, build the work list. ``keys`` are the groups' :func:`.scalars.hyper_key`; ``compiling``:
         the update is being traced (full-rank parameters then need their captured programs and their state
         created here)."""
+        if not self.agreed:
+            self._agree(opt)
         self._validate(opt)
         due_now = self._schedule(opt, keys)
         self._refresh(opt, due_now)
@@ -94,6 +100,17 @@ class StepRunner:
         self._work_list(opt, compiling)
         for p, _ in due_now:  # kernel epilogues registered outside any compiled region
             self._register_kernels(opt, p)
+
+    def _agree(self, opt: Any) -> None:
+        """The collective settings of the DTensor parameters (those left to torch's own optimizer too: a
+        different ``state_precision`` or ``project`` moves one between kinds) equal across each shard
+        group (one digest all-gather per group, :mod:`coap_compile.distributed.agreement`), before
+        anything is modified."""
+        sharded = [(p, lay) for p, lay in self.plan.layouts.items() if fsdp.is_dtensor(p)]
+        entries = [(lay.name, lay.collective_settings(), fsdp.shard_group(p)) for p, lay in sharded]
+        device = sharded[0][0].device if sharded else "cpu"
+        check_settings_agree(entries, opt.comm_log, device)
+        self.agreed = True
 
     def _validate(self, opt: Any) -> None:
         groups = opt.param_groups
