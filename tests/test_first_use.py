@@ -81,7 +81,8 @@ def test_tied_head_named_in_target_modules_warns_naming_it():
     assert [opt.param_name(p) for p in opt.projected_parameters()] == ["body.weight"]
     assert len(caught) == 1
     msg = str(caught[0].message)
-    assert "projects 1 parameter of the 2" in msg and "'head.weight': an embedding weight, or a head tied" in msg
+    assert "projects 1 parameter of the 2" in msg
+    assert "'head.weight': an embedding weight, or a head tied" in msg
 
 
 def test_huggingface_path_refuses_with_the_same_check(tmp_path):

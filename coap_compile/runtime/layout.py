@@ -18,10 +18,11 @@ of :mod:`.selection` (size rule, ``project`` forcing, Tucker thresholds) and :mo
 storage each state gets). One more rule needs the compiled program, so :func:`build_layout` applies it: a
 base whose update keeps **no per-parameter state** under the group's hyperparameters (``SGD`` without
 momentum) is not projected, even with ``project=True``: projecting it would add ``P`` and the policy's
-EMA (0 → 262,148 B for a 256×256 weight at rank 128, measured) and confine its update to a rank-``r`` subspace, for nothing
-saved. Such a layout keeps that stateless program, so a later structural edit (momentum becoming
-nonzero) selects another program and rebuilds the plan, which then projects it. A full-rank layout
-says why in :attr:`ParamLayout.reason` (``explain()`` and :func:`.selection.shortfall` print it).
+EMA (0 → 262,148 B for a 256×256 weight at rank 128, measured) and confine its update to a rank-``r``
+subspace, for nothing saved. Such a layout keeps that stateless program, so a later structural edit
+(momentum becoming nonzero) selects another program and rebuilds the plan, which then projects it. A
+full-rank layout says why in :attr:`ParamLayout.reason` (``explain()`` and :func:`.selection.shortfall`
+print it).
 
 ``seed`` is the parameter's position over all groups: it seeds the
 stochastic-rounding stream of its states.

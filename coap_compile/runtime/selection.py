@@ -172,9 +172,8 @@ def shortfall(opt: Any, selection: Selection | None = None) -> str | None:
         return None
     asked = len({id(p) for p in forced} | ({id(p) for p in offered} if not projected else set()))
     asked += len(selection.excluded) if selection is not None else 0
-    head = (
-        f"coap_compile projects {len(projected)} parameter{'s' if len(projected) != 1 else ''}"
-        + (f" of the {asked} it was asked to project" if asked else "")
+    head = f"coap_compile projects {len(projected)} parameter{'s' if len(projected) != 1 else ''}" + (
+        f" of the {asked} it was asked to project" if asked else ""
     )
     return head + ":\n  " + "\n  ".join(lines)
 
