@@ -139,7 +139,11 @@ def kind_of(p: Tensor, settings: CoapSettings) -> tuple[Kind, int, tuple[int, ..
     before the storage decides between TORCH and DERIVED (returned as TORCH here, with ``reason``: why the
     parameter is not projected, and the fix)."""
     if settings.project is False:
-        return Kind.TORCH, 0, (), False, False, "its param group sets project=False"
+        why = (
+            "project=False in its param group (optimize(model) puts embeddings, heads tied to them and "
+            "weights outside nn.Linear or target_modules there)"
+        )
+        return Kind.TORCH, 0, (), False, False, why
     ratio = settings.conv_rank_ratio
     if p.ndim == 4 and ratio is not None and is_tucker_candidate(p.shape):
         return Kind.TUCKER, 0, tucker_ranks(p.shape, ratio), False, False, ""
