@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from .runtime.optimizer import CoapOptimizer
-from .runtime.selection import TargetModules, groups_from_model
+from .runtime.selection import TargetModules, select, shortfall
 from .runtime.settings import DEFAULTS
 
 __all__ = ["explain", "optimize"]
@@ -36,8 +37,13 @@ def optimize(
         base_optim: ``torch.optim.AdamW``, ``Adam``, ``Adafactor``, ``RMSprop``, ``SGD`` (momentum), or
             any optimizer whose update the compiler can rewrite (else ``UnsupportedOptimizerError``).
         rank: the projection rank (see :class:`~coap_compile.runtime.settings.CoapSettings`).
-        target_modules: regular expressions (searched in module names) or ``callable(name, module)``
-            selecting the modules whose 2-D weights are projected (model input only).
+        target_modules: regular expressions (searched in module and parameter names) or
+            ``callable(name, module)`` selecting the modules whose 2-D parameters are projected, or the
+            parameters themselves (model input only; :mod:`coap_compile.runtime.selection`).
+
+    Warns (one ``UserWarning`` naming each reason and its fix) when fewer parameters are projected than
+    asked: ``target_modules`` matched nothing or a tied head, the rank is not below ``min(m, n)`` of any
+    candidate, or the base keeps no per-parameter state (:func:`~coap_compile.runtime.selection.shortfall`).
         **kwargs: COAP's settings (``rank_ratio``, ``projection``, ``update_interval``,
             ``reproject_factor``, ``scale``, ``restore_state``, ``first_moment_beta``, ``correlation``,
             ``state_precision``, ``projection_precision``, ``quant_block_size``, ``conv_rank_ratio``,
@@ -53,8 +59,10 @@ def optimize(
         1
     """
     names: dict[int, str] = {}
+    selection = None
     if isinstance(model_or_params, nn.Module):
-        groups, names = groups_from_model(model_or_params, target_modules)
+        selection = select(model_or_params, target_modules)
+        groups, names = selection.groups, selection.names
         if not groups:
             raise ValueError("the model has no trainable parameters")
     else:
@@ -64,7 +72,11 @@ def optimize(
                 "with 'project': True/False"
             )
         groups = model_or_params
-    return CoapOptimizer(groups, base_optim, rank=rank, param_names=names, **kwargs)
+    opt = CoapOptimizer(groups, base_optim, rank=rank, param_names=names, **kwargs)
+    message = shortfall(opt, selection)
+    if message is not None:
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return opt
 
 
 def explain(optimizer: CoapOptimizer, *, file=None) -> str:

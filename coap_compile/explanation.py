@@ -31,7 +31,8 @@ def _value(v) -> str:
 
 
 def _header(opt) -> list[str]:
-    """The settings line, the projected count and the Tucker weights."""
+    """The settings line, the projected count, why the other weights (2-D and more) stay full-rank, and the
+    Tucker weights."""
     projected, g0 = opt.projected_parameters(), opt.param_groups[0]
     out = [
         f"coap_compile: {opt.config.base.__qualname__} -> COAP "
@@ -40,6 +41,13 @@ def _header(opt) -> list[str]:
         f"scale={g0['scale']})",
         f"projected parameters: {len(projected)} of {len(opt.plan.layouts)}",
     ]
+    why: dict[str, list[str]] = {}
+    for p, lay in opt.plan.layouts.items():
+        if not lay.projected and p.ndim >= 2:  # 1-D tensors (biases, norms) are never projected
+            why.setdefault(lay.reason, []).append(opt.param_name(p))
+    for reason, names in why.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        out.append(f"  full rank ({len(names)}: {shown}): {reason}")
     tucker = [p for p in projected if opt.layout(p).ranks]
     if tucker:
         out.append(

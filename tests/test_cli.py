@@ -503,3 +503,31 @@ def test_bench_compile_smoke(tmp_path, capsys):
     assert rows == [("adamw", "eager"), ("coap", "eager")]
     assert {"git_commit", "torch"} <= set(payload["metadata"])
     assert "coap" in capsys.readouterr().out
+
+
+def test_optimizers_list_is_aligned(capsys):
+    assert main(["optimizers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    starts = {len(line) - len(line.split(maxsplit=1)[1]) for line in lines}
+    assert len(lines) > 5 and len(starts) == 1, lines  # every status starts in the same column
+
+
+def test_vision_demo_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--task", "vision", "-h"])
+    out = capsys.readouterr().out
+    assert "The vision demo:" in out and "``" not in out and ":mod:" not in out
+
+
+@pytest.mark.parametrize("bench", ["memory", "quality", "step", "kernels", "compile", "vision"])
+def test_bench_results_default_outside_the_source_tree(bench):
+    from coap_lab.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", bench])
+    assert args.results_dir == "coap_results"  # relative to the current directory, not benchmarks/results
+
+
+def test_bench_memory_writes_to_coap_results_in_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "memory", "--sizes", "60m", "--real", ""]) == 0
+    assert (tmp_path / "coap_results" / "memory.json").is_file()

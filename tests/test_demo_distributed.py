@@ -41,7 +41,10 @@ def _launch(tmp_path, options: list[str]) -> dict:
     assert "torch.distributed.run --standalone --nproc-per-node 2" in proc.stderr
     strategy = options[options.index("--strategy") + 1]
     assert f"{strategy.upper()} on 2 processes (gloo)" in proc.stdout
-    return json.loads((tmp_path / "out" / f"results_{strategy}.json").read_text())
+    name = f"results_{strategy}{'_in_backward' if '--in-backward' in options else ''}.json"
+    others = {p.name for p in (tmp_path / "out").glob("results_*.json")} - {name}
+    assert not others, others  # an --in-backward run does not overwrite the plain run's results_ddp.json
+    return json.loads((tmp_path / "out" / name).read_text())
 
 
 def test_ddp_demo_two_workers(tmp_path):

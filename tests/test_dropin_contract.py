@@ -352,7 +352,10 @@ def test_generic_probe_uses_the_users_arguments():
         ref.step()
     # fp32, a re-associated (1 − lr·decay)·W − lr·G: observed ≤ 6e-8.
     torch.testing.assert_close(w.detach(), w_ref.detach(), rtol=1e-6, atol=1e-7)
-    assert "decay=0.5" in opt.explain()  # a live input read from the group
+    # NeedsDecay keeps no per-parameter state, so it runs its own step, not projected (runtime/layout.py);
+    # deciding that compiled its update on a probe built with decay=0.5 (without it construction raises)
+    assert opt.projected_parameters() == []
+    assert "NeedsDecay keeps no per-parameter state" in opt.explain()
 
 
 class IntStepSGD(torch.optim.Optimizer):

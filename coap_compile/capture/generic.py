@@ -96,6 +96,17 @@ def _describe(v: Any) -> str:
     return f"a {type(v).__name__}"
 
 
+def _relative(v: Any, like: Tensor) -> str:
+    """A state described against the parameter (not by the probe parameter's own shape)."""
+    if not isinstance(v, Tensor):
+        return f"a {type(v).__name__}"
+    if v.dim() == 0:
+        return f"a 0-d tensor (one {v.dtype} number per parameter)"
+    if v.shape != like.shape:
+        return f"a {v.dim()}-d tensor of another shape than the parameter (a factored or reduced state)"
+    return f"a parameter-shaped tensor of dtype {v.dtype}, not the parameter's {like.dtype}"
+
+
 class GenericAdapter(Adapter):
     """Adapter for any ``torch.optim.Optimizer`` subclass, via its public ``step()``."""
 
@@ -199,7 +210,7 @@ class GenericAdapter(Adapter):
             raise
         except Exception as exc:
             raise UnsupportedOptimizerError(
-                self.optimizer, f"a real step on a dummy parameter failed: {type(exc).__name__}: {exc}"
+                self.optimizer, f"its step on a probe parameter failed: {type(exc).__name__}: {exc}"
             ) from exc
         st = recorded[p]
         return st.first, dict(st)
@@ -223,8 +234,8 @@ class GenericAdapter(Adapter):
             if not ok:
                 raise UnsupportedOptimizerError(
                     self.optimizer,
-                    f"state {key!r} is {_describe(value)}; only parameter-shaped tensors of the parameter's "
-                    f"dtype and a 0-d 'step' are supported (parameter: {tuple(like.shape)}, {like.dtype})",
+                    f"its per-parameter state {key!r} is {_relative(value, like)}; only states shaped and "
+                    "typed like the parameter, and a 0-d 'step', are supported",
                 )
             v0 = first.get(key)
             flat = v0.reshape(-1) if isinstance(v0, Tensor) else None

@@ -127,9 +127,8 @@ def _build(
         if alt.code != gm.code:
             raise UnsupportedOptimizerError(
                 name,
-                f"the traced update depends on the parameter's shape (graphs traced at "
-                f"{canonical_shape(ndim)} and {alternate_shape(ndim)} differ: "
-                f"{_first_difference(gm.code, alt.code)})",
+                "the base optimizer's update depends on the parameter's shape (its graphs traced on two "
+                f"probe parameters differ: {_first_difference(gm.code, alt.code)})",
             )
     gm.meta["coap_init_states"] = plan.init
     unknown = sorted(set(plan.state_kinds) - set(plan.state_names))

@@ -27,7 +27,10 @@ What is read from ``TrainingArguments`` (the fields transformers' GaLore/APOLLO 
   a string → a regular expression ``re.fullmatch``-ed against module names; a list → each entry an exact
   name, a substring of the name, or a fullmatch regex (``transformers.trainer_utils.
   check_target_module_exists``). Matched ``nn.Linear`` modules are projected (rank clamped to
-  ``min(m, n)``), other matched modules are ignored as GaLore does; matching nothing is an error.
+  ``min(m, n)``), other matched modules are ignored as GaLore does. Projecting nothing of what was
+  selected (no match, or only a tied head) raises ``ValueError`` (transformers' GaLore route refuses a
+  target that matches nothing); projecting fewer than selected warns. Both say why with the message of
+  :func:`coap_compile.runtime.selection.shortfall`, the check ``optimize()`` warns with.
 * ``optim_args``: ``"key=value,..."`` with the keys of :data:`OPTIM_ARGS` (``rank``, ``rank_ratio``,
   ``update_interval``, ``reproject_factor``, ``scale``, ``projection``, ``state_precision``,
   ``projection_precision``, ``quant_block_size``), parsed strictly: an unknown
@@ -71,6 +74,7 @@ steps after it, in a custom loop).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -78,7 +82,7 @@ from torch import nn
 
 from ..errors import UnsupportedOptimizerError
 from ..runtime.optimizer import CoapOptimizer
-from ..runtime.selection import TargetModules, groups_from_model
+from ..runtime.selection import TargetModules, select, shortfall
 from ..runtime.settings import CoapSettings
 
 if TYPE_CHECKING:  # transformers stays optional: imported only inside the functions that need it
@@ -242,10 +246,8 @@ class CoapOptimizerFactory:
         weight_decay: float,
         layerwise: bool = False,
     ) -> CoapOptimizer:
-        groups, names = groups_from_model(model, target_modules)
-        if target_modules is not None and not any(g.get("project") for g in groups):
-            spec = getattr(target_modules, "spec", target_modules)
-            raise ValueError(f"optim_target_modules={spec!r} matched no nn.Linear module of the model")
+        selection = select(model, target_modules)
+        groups, names = selection.groups, selection.names
         decay = _decay_names(model)
         by_id = {id(p): n for n, p in model.named_parameters()}
         split = []
@@ -266,6 +268,11 @@ class CoapOptimizerFactory:
                     "scaled by RMS(W))"
                 ) from exc
             raise
+        message = shortfall(opt, selection)  # the check optimize() warns with
+        if message is not None:
+            if target_modules is not None and not opt.projected_parameters():
+                raise ValueError(message)  # as transformers' GaLore route refuses a target matching nothing
+            warnings.warn(message, UserWarning, stacklevel=2)
         return _layerwise(opt, model) if layerwise else opt
 
 

@@ -15,7 +15,16 @@ program, :mod:`.plan`) and never patches one. Step, refreshes, checkpoint valida
 
 Selection (which parameters are projected, the ranks, the side) is :func:`kind_of`; the rules are those
 of :mod:`.selection` (size rule, ``project`` forcing, Tucker thresholds) and :mod:`.precision` (which
-storage each state gets). ``seed`` is the parameter's position over all groups: it seeds the
+storage each state gets). One more rule needs the compiled program, so :func:`build_layout` applies it: a
+base whose update keeps **no per-parameter state** under the group's hyperparameters (``SGD`` without
+momentum) is not projected, even with ``project=True``: projecting it would add ``P`` and the policy's
+EMA (0 → 262,148 B for a 256×256 weight at rank 128, measured) and confine its update to a rank-``r``
+subspace, for nothing saved. Such a layout keeps that stateless program, so a later structural edit
+(momentum becoming nonzero) selects another program and rebuilds the plan, which then projects it. A
+full-rank layout says why in :attr:`ParamLayout.reason` (``explain()`` and :func:`.selection.shortfall`
+print it).
+
+``seed`` is the parameter's position over all groups: it seeds the
 stochastic-rounding stream of its states.
 """
 
@@ -82,7 +91,8 @@ class ParamLayout:
     """Everything derived for one parameter (module docstring). ``rank``/``ranks``/``transposed``/``policy``
     are meaningful for the projected kinds; ``program`` is the compiled base update for MATRIX/TUCKER
     (the group's current signature) and the full-rank update for DERIVED; ``states`` is None for TORCH.
-    ``kernels`` is ``(backend, input_precision)`` when the generated kernels update this parameter."""
+    ``kernels`` is ``(backend, input_precision)`` when the generated kernels update this parameter.
+    ``reason`` says why a full-rank (TORCH/DERIVED) parameter is not projected, with the fix."""
 
     name: str
     group: int
@@ -100,6 +110,7 @@ class ParamLayout:
     kernels: tuple[str, str] | None = None
     seed: int = 0
     ndim: int = 2  # of the program's states: 2 for matrices, 4 for Tucker cores, the weight's for full rank
+    reason: str = ""
 
     @property
     def projected(self) -> bool:
@@ -142,22 +153,50 @@ def state_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def kind_of(p: Tensor, settings: CoapSettings) -> tuple[Kind, int, tuple[int, ...], bool, bool]:
-    """``(kind, rank, ranks, transposed, rows_side)`` by the selection rules (:mod:`.selection`), before
-    the storage decides between TORCH and DERIVED (returned as TORCH here)."""
+def kind_of(p: Tensor, settings: CoapSettings) -> tuple[Kind, int, tuple[int, ...], bool, bool, str]:
+    """``(kind, rank, ranks, transposed, rows_side, reason)`` by the selection rules (:mod:`.selection`),
+    before the storage decides between TORCH and DERIVED (returned as TORCH here, with ``reason``: why the
+    parameter is not projected, and the fix)."""
     if settings.project is False:
-        return Kind.TORCH, 0, (), False, False
+        why = (
+            "project=False in its param group (optimize(model) puts embeddings, heads tied to them and "
+            "weights outside nn.Linear or target_modules there)"
+        )
+        return Kind.TORCH, 0, (), False, False, why
     ratio = settings.conv_rank_ratio
     if p.ndim == 4 and ratio is not None and is_tucker_candidate(p.shape):
-        return Kind.TUCKER, 0, tucker_ranks(p.shape, ratio), False, False
+        return Kind.TUCKER, 0, tucker_ranks(p.shape, ratio), False, False, ""
     if p.ndim != 2:
-        return Kind.TORCH, 0, (), False, False
+        why = (
+            f"a {p.ndim}-D tensor (2-D weights are projected, and 4-D convolution weights with "
+            "conv_rank_ratio above the Tucker size threshold)"
+        )
+        return Kind.TORCH, 0, (), False, False, why
     r = resolve_rank(p.shape, settings.rank, settings.rank_ratio)
     if settings.project is None and r >= min(p.shape):
-        return Kind.TORCH, 0, (), False, False
+        return Kind.TORCH, 0, (), False, False, _size_reason(p, settings, r)
     if settings.projection_side == "rows" or fsdp.is_dtensor(p):
-        return Kind.MATRIX, r, (), False, True
-    return Kind.MATRIX, r, (), p.shape[0] < p.shape[1], False
+        return Kind.MATRIX, r, (), False, True, ""
+    return Kind.MATRIX, r, (), p.shape[0] < p.shape[1], False, ""
+
+
+def _size_reason(p: Tensor, settings: CoapSettings, r: int) -> str:
+    small = min(p.shape)
+    if settings.rank_ratio is not None:
+        return (
+            f"rank_ratio={settings.rank_ratio} gives rank {r}, not below min(m, n) = {small} (the rank is "
+            "min(m, n) / rank_ratio: use rank_ratio > 1)"
+        )
+    return f"rank={settings.rank} is not below min(m, n) = {small} (use a rank below {small}, or rank_ratio)"
+
+
+def _stateless_reason(base: type, hyper: dict) -> str:
+    knobs = ", ".join(f"{k}={hyper[k]}" for k in ("momentum",) if k in hyper)
+    return (
+        f"{base.__name__} keeps no per-parameter state{f' with {knobs}' if knobs else ''}: there is nothing "
+        "to compress, and a projection would confine its update to a subspace (it runs torch's own step; "
+        "a base with state, e.g. SGD with momentum > 0, is projected)"
+    )
 
 
 def full_program(base: type, hyper: dict, dtype: torch.dtype, ndim: int) -> CompiledBase | CapturedUpdate:
@@ -225,27 +264,40 @@ def build_layout(
     hyperparameters (they select the compiled program); compiling here makes an unsupported base fail
     at construction. Raises ValueError naming the parameter for what cannot run (FSDP2 limits, int8 on
     a state that is not an EMA)."""
-    kind, rank, ranks, transposed, rows_side = kind_of(p, settings)
+    kind, rank, ranks, transposed, rows_side, reason = kind_of(p, settings)
     prec = resolve_precision(settings, p)
     where = f"parameter {name!r} (param group {index})"
     common = {"name": name, "group": index, "settings": settings, "precision": prec, "seed": seed}
     ctx = _Context(p, settings, base, hyper, prec, where, common)
+    if kind is Kind.TORCH:
+        return _full_rank(ctx, reason)
+    program = _compile(ctx, 4 if kind is Kind.TUCKER else 2, p.shape)
+    if not program.program.state_names:  # no per-parameter state: nothing to project (module docstring)
+        return _full_rank(ctx, _stateless_reason(base, hyper), program)
     if kind is Kind.TUCKER:
-        return _tucker(ctx, ranks, tucker_policy)
-    if kind is Kind.MATRIX:
-        kernels = None
-        if p.dtype in (torch.float32, torch.bfloat16) and (
-            backend == "triton" or (backend == "auto" and p.is_cuda)
-        ):
-            kernels = (backend, input_precision)
-        return _matrix(ctx, rank, transposed, rows_side, policy, kernels)
-    return _full_rank(ctx)
+        return _tucker(ctx, ranks, tucker_policy, program)
+    kernels = None
+    if p.dtype in (torch.float32, torch.bfloat16) and (
+        backend == "triton" or (backend == "auto" and p.is_cuda)
+    ):
+        kernels = (backend, input_precision)
+    return _matrix(ctx, rank, transposed, rows_side, policy, kernels, program)
 
 
-def _tucker(ctx: _Context, ranks: tuple[int, ...], policy: Any) -> ParamLayout:
+def _compile(ctx: _Context, ndim: int, shape) -> CompiledBase:
+    """The base program for ``ndim``-D states; a refusal names the user's parameter (the compiler's
+    message speaks of the base optimizer's update, which it captures on a probe parameter)."""
+    try:
+        return compile_base(ctx.base, ctx.hyper, ctx.prec.work_dtype, ndim)
+    except UnsupportedOptimizerError as exc:
+        raise UnsupportedOptimizerError(
+            exc.optimizer, f"{exc.reason} (needed for {ctx.where}, shape {tuple(shape)})", node=exc.node
+        ) from exc
+
+
+def _tucker(ctx: _Context, ranks: tuple[int, ...], policy: Any, program: CompiledBase) -> ParamLayout:
     """A Tucker-projected 4-D weight: the program compiled for 4-D cores, the core-shaped states."""
     p, prec = ctx.p, ctx.prec
-    program = compile_base(ctx.base, ctx.hyper, prec.work_dtype, 4)
     if fsdp.is_dtensor(p):
         fsdp.check_sharded(ctx.where, policy=None, tucker=True, states=prec.states, shard_local=False,
                            base=ctx.base.__name__)  # fmt: skip
@@ -258,11 +310,12 @@ def _tucker(ctx: _Context, ranks: tuple[int, ...], policy: Any) -> ParamLayout:
                        states=states, ndim=4)  # fmt: skip
 
 
-def _matrix(ctx: _Context, rank: int, transposed: bool, rows_side: bool, policy, kernels) -> ParamLayout:
+def _matrix(
+    ctx: _Context, rank: int, transposed: bool, rows_side: bool, policy, kernels, program: CompiledBase
+) -> ParamLayout:
     """A projected matrix: ``M×r`` states (``coap_exp_avg`` too for a first-moment-less base under a policy
     that reads one); an FSDP2 weight gets its shard spec after the sharding checks."""
     p, prec = ctx.p, ctx.prec
-    program = compile_base(ctx.base, ctx.hyper, prec.work_dtype, 2)
     shard = None
     if fsdp.is_dtensor(p):
         fsdp.check_sharded(ctx.where, policy=policy, tucker=False, states=prec.states,
@@ -284,14 +337,15 @@ def _matrix(ctx: _Context, rank: int, transposed: bool, rows_side: bool, policy,
     )  # fmt: skip
 
 
-def _full_rank(ctx: _Context) -> ParamLayout:
+def _full_rank(ctx: _Context, reason: str, stateless: CompiledBase | None = None) -> ParamLayout:
     """TORCH (torch's own optimizer, its exact arithmetic) unless an explicit ``state_precision`` (or a
-    base torch cannot run as is) asks for the derived update with a storage (DERIVED)."""
+    base torch cannot run as is) asks for the derived update with a storage (DERIVED). ``stateless``: the
+    projected program that has no states (kept on a TORCH layout: a structural edit then rebuilds)."""
     p, prec = ctx.p, ctx.prec
     explicit = ctx.settings.state_precision != "auto"
     native = adapter_for(ctx.base).native_full_rank
     if native and (not explicit or (prec.states == "fp32" and p.dtype in (torch.float32, torch.float64))):
-        return ParamLayout(**ctx.common, kind=Kind.TORCH, ndim=p.ndim)
+        return ParamLayout(**ctx.common, kind=Kind.TORCH, ndim=p.ndim, reason=reason, program=stateless)
     program = full_program(ctx.base, ctx.hyper, prec.work_dtype if explicit else p.dtype, p.ndim)
     captured = program.captured if isinstance(program, CompiledBase) else program
     kinds = dict(program.program.state_kinds) if isinstance(program, CompiledBase) else {}
@@ -305,5 +359,6 @@ def _full_rank(ctx: _Context) -> ParamLayout:
         shard = fsdp.shard_spec(p, ctx.where, matrix=False)
     states = _spec(prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where)
     return ParamLayout(
-        **ctx.common, kind=Kind.DERIVED, program=program, ndim=p.ndim, states=states, shard=shard
-    )
+        **ctx.common, kind=Kind.DERIVED, program=program, ndim=p.ndim, states=states, shard=shard,
+        reason=reason,
+    )  # fmt: skip

@@ -18,6 +18,8 @@ import torch
 
 __all__ = [
     "MATPLOTLIB_HINT",
+    "RESULTS_DIR",
+    "RESULTS_HELP",
     "UsageError",
     "check_device",
     "check_folder",
@@ -26,6 +28,12 @@ __all__ = [
     "matplotlib_missing",
     "require_matplotlib",
 ]
+
+#: Where ``bench`` commands write unless ``--results-dir`` says otherwise: a folder of the current directory,
+#: never the source tree's committed ``benchmarks/results`` (regenerating those files passes
+#: ``--results-dir benchmarks/results`` explicitly, as ``benchmarks/*.py`` and the README's commands do).
+RESULTS_DIR = "coap_results"
+RESULTS_HELP = "output folder (default ./coap_results; the committed results: benchmarks/results)"
 
 #: How to get matplotlib, quoted by every error about its absence.
 MATPLOTLIB_HINT = "install the demo extra: pip install 'coap-compile[demo]' (or pip install matplotlib)"

@@ -54,6 +54,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from coap_lab.cli.checks import RESULTS_DIR, RESULTS_HELP
+
 __all__ = ["VARIANTS", "add_parser", "measure_variant", "run_compile"]
 
 #: name -> (torch.compile backend or None for eager, optimizer)
@@ -105,7 +107,7 @@ def add_parser(bench, positive_int: Callable[[str], int], device: Callable[[str]
     c.add_argument("--reproject-factor", type=positive_int, default=2, help="COAP λ (default %(default)s)")
     c.add_argument("--seed", type=int, default=0, help="weights and batches (default %(default)s)")
     c.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
-    c.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
+    c.add_argument("--results-dir", default=RESULTS_DIR, help=RESULTS_HELP)
     add_model_args(c)
 
 

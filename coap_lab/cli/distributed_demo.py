@@ -17,7 +17,8 @@ instead (:mod:`coap_compile.distributed.backward`: each bucket after its all-red
 clipping then, it needs every gradient first); other optimizers keep the normal path. At the end
 rank 0 gathers and prints, per rank, the optimizer-state bytes (counted tensors), the final training
 loss and whether the parameters equal rank 0's bit for bit, evaluates the validation loss, and writes
-``results_<strategy>.json`` (the metadata block of :mod:`.report`) to ``--out``.
+``results_<strategy>.json`` (``results_ddp_in_backward.json`` with ``--in-backward``; the metadata block of
+:mod:`.report`) to ``--out``.
 
 ``--strategy fsdp2``: every decoder layer and then the model go through ``fully_shard`` on a 1-D
 mesh of all ranks (``Shard(0)`` DTensor parameters); COAP optimizers then take the rows side and keep
@@ -206,7 +207,8 @@ def worker(args: argparse.Namespace) -> int:
             print(format_table(shown, cols))
             out = Path(args.out)
             payload = {"meta": meta, "strategy": args.strategy, "world_size": world, "rows": rows}
-            path = write_json(out / f"results_{args.strategy}.json", payload)
+            suffix = "_in_backward" if args.in_backward else ""  # its own file: not the plain run's
+            path = write_json(out / f"results_{args.strategy}{suffix}.json", payload)
             print(f"wrote {path}")
         ok = all(r["equal_to_rank0"] is not False for r in rows)
         # Tear down together: DDP reducers (and their comm hooks) first, while the group is alive, then

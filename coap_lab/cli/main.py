@@ -31,7 +31,15 @@ from coap_lab.cli.argtypes import (
     _seed,
     _seeds,
 )
-from coap_lab.cli.checks import UsageError, check_device, check_folder, check_list, require_matplotlib
+from coap_lab.cli.checks import (
+    RESULTS_DIR,
+    RESULTS_HELP,
+    UsageError,
+    check_device,
+    check_folder,
+    check_list,
+    require_matplotlib,
+)
 from coap_lab.cli.demo import DEMO_DEFAULTS, add_model_args, model_config_from_args
 from coap_lab.cli.optimizers import PROJECTED, UnknownOptimizerError, availability
 from coap_lab.cli.stepbench import parse_shapes
@@ -139,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sizes that also take one real CPU step to measure allocated state "
         "(default %(default)s; '' for none)",
     )
-    m.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
+    m.add_argument("--results-dir", default=RESULTS_DIR, help=RESULTS_HELP)
 
     q = bench.add_parser("quality", help="final validation loss over seeds for each optimizer")
     _common_train(q, steps=300, eval_every=50)
@@ -150,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated (default adamw,coap,galore,flora + galore-torch,apollo-torch if installed)",
     )
     q.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
-    q.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
+    q.add_argument("--results-dir", default=RESULTS_DIR, help=RESULTS_HELP)
 
     s = bench.add_parser("step", help="optimizer.step() time at a few matrix shapes")
     s.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
@@ -168,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="demo,64x64x16",
         help="whole-step overhead cases, comma-separated, or '' for none (default %(default)s)",
     )
-    s.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
+    s.add_argument("--results-dir", default=RESULTS_DIR, help=RESULTS_HELP)
 
     k = bench.add_parser(
         "kernels",
@@ -180,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k.add_argument("--dtypes", default="fp32,bf16", help="weight dtypes (default %(default)s)")
     k.add_argument("--variants", default=None, help="comma-separated subset of the variants (default all)")
-    k.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
+    k.add_argument("--results-dir", default=RESULTS_DIR, help=RESULTS_HELP)
 
     compilebench.add_parser(bench, _positive_int, _device)
 
@@ -291,8 +299,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_demo(args)
     if args.command == "optimizers":
-        for name, why in availability().items():
-            print(f"{name:14} {'ok' if why is None else 'unavailable: ' + why}")
+        status = availability()
+        width = max(map(len, status)) + 2
+        for name, why in status.items():
+            print(f"{name:{width}}{'ok' if why is None else 'unavailable: ' + why}")
         return 0
     from coap_lab.cli import bench, kernelbench, quality, stepbench
 

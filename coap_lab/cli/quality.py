@@ -45,19 +45,48 @@ def quality_rows(runs: dict[str, list[RunResult]]) -> list[dict[str, object]]:
     return rows
 
 
+def replot_quality(results_dir: str | Path) -> Path:
+    """Redraw ``quality.png`` of a results folder from its ``quality.json`` (no training: the committed
+    figures follow a change of :func:`plot_quality`)."""
+    import dataclasses
+    import json
+
+    folder = Path(results_dir)
+    payload = json.loads((folder / "quality.json").read_text())
+    fields = {f.name for f in dataclasses.fields(RunResult)}
+    runs: dict[str, list[RunResult]] = {}
+    for r in payload["runs"]:
+        runs.setdefault(r["optimizer"], []).append(RunResult(**{k: v for k, v in r.items() if k in fields}))
+    cfg = payload["train_config"]
+    rank_txt = f"rank {cfg['rank']}" if cfg["rank_ratio"] is None else f"rank ratio {cfg['rank_ratio']:g}"
+    seeds = sorted({r.seed for rs in runs.values() for r in rs})
+    title = f"quality: {rank_txt}, {cfg['steps']} steps, seeds {seeds}"
+    return save_figure(plot_quality(runs, title), folder / "quality.png")
+
+
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
 def plot_quality(runs: dict[str, list[RunResult]], title: str):
     """Validation curves (mean over seeds, min–max band) and final loss mean ± std per optimizer."""
     plt = pyplot()
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (ax, bx) = plt.subplots(
+        1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [2, 1]}, layout="constrained"
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     rows = quality_rows(runs)
     for i, (name, rs) in enumerate(runs.items()):
         c = colors[i % len(colors)]
         steps = rs[0].val_steps
         per_step = list(zip(*(r.val_loss for r in rs)))
-        ax.plot(steps, [statistics.fmean(v) for v in per_step], color=c, lw=2, marker="o", ms=3, label=name)
-        ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=c, alpha=0.15)
+        # curves that nearly coincide (coap and coap-svd-only) stay visible: own dash and marker, drawn
+        # thinner the later they come, so an earlier curve shows around a later one
+        style = dict(ls=LINE_STYLES[i % len(LINE_STYLES)], marker=MARKERS[i % len(MARKERS)], ms=4)
+        ax.plot(steps, [statistics.fmean(v) for v in per_step], color=c, lw=max(1.0, 2.6 - 0.3 * i),
+                label=name, zorder=3 + i, **style)  # fmt: skip
+        ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=c, alpha=0.12)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title("validation loss: mean over seeds, band = min..max")
@@ -78,7 +107,7 @@ def plot_quality(runs: dict[str, list[RunResult]], title: str):
         bx.text(x, r["val_max"], f"{r['state_mib']:.1f} MiB", ha="center", va="bottom", fontsize=8)
     bx.set_ylabel("final validation loss (mean ± std)")
     bx.set_title("final loss; label = optimizer state")
-    bx.tick_params(axis="x", rotation=30)
+    bx.set_xticks(range(len(names)), names, rotation=35, ha="right", rotation_mode="anchor")
     fig.suptitle(title)
     return fig
 

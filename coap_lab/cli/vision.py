@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from coap_lab.cli.checks import check_device, check_folder, require_matplotlib
+from coap_lab.cli.checks import RESULTS_DIR, RESULTS_HELP, check_device, check_folder, require_matplotlib
 from coap_lab.cli.report import format_table, metadata, pyplot, save_figure, write_csv, write_json
 from coap_lab.cli.vision_train import (
     MODEL_CONFIGS,
@@ -123,16 +123,27 @@ def add_vision_args(p: argparse.ArgumentParser, *, bench: bool) -> None:
     p.add_argument(
         "--device", type=argtypes._device, default="cpu", help="cpu, cuda or cuda:N (default %(default)s)"
     )
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, see docs; 0: torch's)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (default 1, faster under load; 0: torch's)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if bench:
         p.add_argument(
             "--seeds", type=argtypes._seeds, default=[0, 1, 2], help="comma-separated (default 0,1,2)"
         )
-        p.add_argument("--results-dir", default="benchmarks/results", help="(default %(default)s)")
+        p.add_argument("--results-dir", default=RESULTS_DIR, help=RESULTS_HELP)
     else:
         p.add_argument("--seed", type=argtypes._seed, default=0, help="model init and data order (default 0)")
         p.add_argument("--out", default="out/demo-vision", help="output folder (default %(default)s)")
+
+
+#: ``demo --task vision -h``: plain text (argparse prints it as is, so no reST markup).
+DEMO_DESCRIPTION = (
+    "The vision demo: train a small conv denoiser (a DDPM UNet) on patches of matplotlib's sample images "
+    "with AdamW and COAP-AdamW (Tucker-projected convolutions) from the same initial weights, then print "
+    "optimizer-state memory, step time and validation loss, and write vision.png, results.json and "
+    "table.txt to --out. coap-compile bench vision runs every optimizer over several seeds."
+)
 
 
 def parse_demo_argv(
@@ -152,9 +163,7 @@ def parse_demo_argv(
             rest.append(a)
     if task != "vision":
         return None
-    p = parser_class(
-        prog="coap-compile demo", description="The vision demo (" + __doc__.splitlines()[0] + ")"
-    )
+    p = parser_class(prog="coap-compile demo", description=DEMO_DESCRIPTION)
     p.add_argument("--task", choices=["vision"], default="vision")
     add_vision_args(p, bench=False)
     args = p.parse_args(rest)
@@ -233,7 +242,7 @@ def plot_vision(runs: dict[str, list[VisionRun]], title: str):
 
     from coap_lab.data import image_grid
 
-    fig = plt.figure(figsize=(15, 5))
+    fig = plt.figure(figsize=(16, 5.2), layout="constrained")  # room for the tiles' row labels
     grid = fig.add_gridspec(1, 3, width_ratios=[2.0, 1.0, 2.2])
     ax, bx, cx = (fig.add_subplot(grid[0, i]) for i in range(3))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -257,6 +266,7 @@ def plot_vision(runs: dict[str, list[VisionRun]], title: str):
     side = clean.shape[-1] + 2  # image_grid pads by 2
     cx.imshow(image_grid([clean, noisy, *(runs[n][0].denoised[2] for n in names)]))
     cx.set_yticks([2 + (i + 0.5) * side for i in range(2 + len(names))], ["clean x₀", "noisy x_t", *names])
+    cx.tick_params(axis="y", length=0, pad=6)
     cx.set_xticks([])
     cx.set_title("one-step denoising x̂₀ of validation patches")
     fig.suptitle(title)
