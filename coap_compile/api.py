@@ -59,18 +59,18 @@ def optimize(
         1
     """
     names: dict[int, str] = {}
-    selection = None
+    selection = None  # what the model's selection asked for (model input only)
     if isinstance(model_or_params, nn.Module):
         selection = select(model_or_params, target_modules)
         groups, names = selection.groups, selection.names
         if not groups:
             raise ValueError("the model has no trainable parameters")
+    elif target_modules is not None:
+        raise TypeError(
+            "target_modules selects modules of a model; pass an nn.Module, or use param groups "
+            "with 'project': True/False"
+        )
     else:
-        if target_modules is not None:
-            raise TypeError(
-                "target_modules selects modules of a model; pass an nn.Module, or use param groups "
-                "with 'project': True/False"
-            )
         groups = model_or_params
     opt = CoapOptimizer(groups, base_optim, rank=rank, param_names=names, **kwargs)
     message = shortfall(opt, selection)
