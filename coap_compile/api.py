@@ -41,9 +41,6 @@ def optimize(
             ``callable(name, module)`` selecting the modules whose 2-D parameters are projected, or the
             parameters themselves (model input only; :mod:`coap_compile.runtime.selection`).
 
-    Warns (one ``UserWarning`` naming each reason and its fix) when fewer parameters are projected than
-    asked: ``target_modules`` matched nothing or a tied head, the rank is not below ``min(m, n)`` of any
-    candidate, or the base keeps no per-parameter state (:func:`~coap_compile.runtime.selection.shortfall`).
         **kwargs: COAP's settings (``rank_ratio``, ``projection``, ``update_interval``,
             ``reproject_factor``, ``scale``, ``restore_state``, ``first_moment_beta``, ``correlation``,
             ``state_precision``, ``projection_precision``, ``quant_block_size``, ``conv_rank_ratio``,
@@ -51,6 +48,10 @@ def optimize(
             the options ``backend``, ``check_finite``, ``grouped``, ``input_precision``, ``conv_policy``
             (:class:`~coap_compile.CoapOptimizer`), and the base optimizer's own arguments (``lr``,
             ``betas``, ``weight_decay`` …).
+
+    Warns (one ``UserWarning`` naming each reason and its fix) when fewer parameters are projected than
+    asked: ``target_modules`` matched nothing or a tied head, the rank is not below ``min(m, n)`` of any
+    candidate, or the base keeps no per-parameter state (:func:`~coap_compile.runtime.selection.shortfall`).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
