@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,demo]'
 	touch $(STAMP)
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint gpu-check gpu-check-dry-run
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -23,3 +23,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The offline GPU check (README "GPU checks"): the machine's own python and torch, no venv, no downloads.
+GPU_PY ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) -m coap_lab.gpucheck $(ARGS)
+
+gpu-check-dry-run:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) -m coap_lab.gpucheck --dry-run $(ARGS)

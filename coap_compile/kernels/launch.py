@@ -21,7 +21,21 @@ arithmetic. An all-fp32 variant is exactly the plain epilogue (same kernel, same
 
 ``input_precision`` (per kernel) selects the ``tl.dot`` arithmetic for fp32 operands:
 
-* ``"ieee"`` (default): fp32 FMA-exact products; the result matches torch fp32 matmul (~1e-7 relative).
+* ``"auto"`` (the optimizer's default; :func:`resolve_input_precision`): torch's convention, read at
+  every launch (users set it after building the optimizer) and mapped through a cache keyed by the
+  setting. bf16 operands (K1: a bf16 gradient ``X``; K2: a bf16 weight ``W``) → ``"bf16"``; fp32 ones
+  follow ``torch.get_float32_matmul_precision()`` (:data:`AUTO_PRECISION`): ``"highest"`` →
+  ``"ieee"``, ``"high"`` → ``"tf32"``, ``"medium"`` → ``"bf16"``. ``"high"`` maps to ``"tf32"``, not
+  ``"tf32x3"``: ``"high"`` is what makes torch's own CUDA fp32 matmuls run single-pass TF32, so the
+  kernels then make the same accuracy/speed trade as every other matmul of the user's model; a user
+  who wants ≈fp32 accuracy on tensor cores asks for ``"tf32x3"`` explicitly. Torch ≥ 2.9's per-backend
+  API (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, after which the legacy getter raises)
+  is read as the same three levels. Floors, H100 (SXM: 3.35 TB/s, dense 67 fp32 FMA / 495 TF32 /
+  989 bf16 TFLOP/s), fp32 4096×4096 weight, r = 512: the two projection GEMMs are
+  2 · 2·4096·4096·512 = 34.4 GFLOP → ≈ 514 µs at strict fp32 (``"ieee"``), ≈ 70 µs TF32, ≈ 35 µs bf16,
+  against ≈ 57 µs to stream the bytes (read ``G``, read + write ``W``: 3 · 64 MiB at 3.35 TB/s): only
+  TF32/bf16 keep the step near its memory floor; ``"ieee"`` makes it ≈ 9× slower than that floor.
+* ``"ieee"`` (the kernels' default): fp32 FMA-exact products; matches torch fp32 matmul (~1e-7 relative).
 * ``"tf32x3"``: three tf32 tensor-core passes (split operands), ≈ fp32 accuracy, 3× tf32's MMA work.
 * ``"tf32"``: opt-in, fastest; 10-bit mantissa operands. Adam-like updates behave like ``sign(g)`` early
   on, so entries of ``g`` near zero flip: after 5 steps the weight update is off by ≈5–7 % of its size
@@ -57,6 +71,7 @@ from coap_compile.kernels import cache, codegen, stored
 from coap_compile.kernels.variants import KernelVariant
 
 __all__ = [
+    "AUTO_PRECISION",
     "INPUT_PRECISIONS",
     "eager_project_back_update_",
     "eager_projected_update_",
@@ -64,10 +79,47 @@ __all__ = [
     "fused_projected_update_",
     "project_back_update_",
     "projected_lowrank_",
+    "resolve_input_precision",
+    "torch_matmul_precision",
 ]
 
-INPUT_PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
+INPUT_PRECISIONS = ("auto", "ieee", "tf32x3", "tf32", "bf16")
+#: ``"auto"`` for fp32 operands: ``torch.get_float32_matmul_precision()`` → ``tl.dot`` arithmetic.
+AUTO_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
+#: torch ≥ 2.9's per-backend values (``torch.backends.cuda.matmul.fp32_precision``) as the three levels.
+_BACKEND_LEVEL = {"ieee": "highest", "tf32": "high", "bf16": "medium"}
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def torch_matmul_precision() -> str:
+    """torch's global float32 matmul precision: ``"highest"``, ``"high"`` or ``"medium"`` (about 1 µs).
+
+    ``torch.get_float32_matmul_precision()``; when the user set torch ≥ 2.9's per-backend API that getter
+    raises ("mix of the legacy and new APIs"), and ``torch.backends.cuda.matmul.fp32_precision`` (or the
+    generic ``torch.backends.fp32_precision`` when that is ``"none"``) is read instead."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        matmul = torch.backends.cuda.matmul.fp32_precision
+        if matmul == "none":
+            matmul = torch.backends.fp32_precision
+        return _BACKEND_LEVEL.get(matmul, "highest")
+
+
+def resolve_input_precision(input_precision: str, operand_dtype: torch.dtype) -> str:
+    """The ``tl.dot`` arithmetic a launch uses: ``input_precision`` itself, or for ``"auto"`` the mapping
+    of the module docstring (bf16 operands → ``"bf16"``, else :data:`AUTO_PRECISION` of torch's setting),
+    read now (so a later ``torch.set_float32_matmul_precision`` applies) and cached by the setting."""
+    if input_precision != "auto":
+        return input_precision
+    return _resolve_auto(torch_matmul_precision(), operand_dtype)
+
+
+@functools.cache
+def _resolve_auto(level: str, operand_dtype: torch.dtype) -> str:
+    if operand_dtype in (torch.bfloat16, torch.float16):
+        return "bf16"
+    return AUTO_PRECISION.get(level, "ieee")
 
 
 def _k1_kernel(ep: Epilogue | KernelVariant) -> Any:
@@ -114,9 +166,10 @@ def _check_block(name: str, v: int) -> int:
     return v
 
 
-def _dot_meta(input_precision: str) -> dict[str, Any]:
+def _dot_meta(input_precision: str, operand_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     if input_precision not in INPUT_PRECISIONS:
         raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    input_precision = resolve_input_precision(input_precision, operand_dtype)
     if input_precision == "bf16":
         return {"BF16_DOT": True, "INPUT_PRECISION": "ieee"}
     return {"BF16_DOT": False, "INPUT_PRECISION": input_precision}
@@ -245,7 +298,7 @@ def projected_lowrank_(
         _k1_kernel(epilogue), grid, x, p, d, c if c.numel() else d, *args, m, n, r,
         *x.stride(), *p.stride(), *d.stride(), *s0.stride(),
         BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
-        **_dot_meta(input_precision),
+        **_dot_meta(input_precision, x.dtype),
     )  # fmt: skip
     if variant is not None:
         stored.advance_rng_(variant, groups)
@@ -273,7 +326,7 @@ def project_back_update_(
         *w_view.stride(), *d.stride(), *p.stride(),
         HAS_DECAY=dec is not None, W_BF16=w_view.dtype == torch.bfloat16,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
-        **_dot_meta(input_precision),
+        **_dot_meta(input_precision, w_view.dtype),
     )  # fmt: skip
 
 

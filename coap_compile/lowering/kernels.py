@@ -7,8 +7,12 @@ Per projected weight and step, with ``t = k + 1``::
     K2: W ← c_decay · W + scale · D Pᵀ          # one matmul + epilogue (in place)
 
 The scalar prologue is an FX graph emitted from the epilogue's sympy scalars, so it is traceable by
-``torch.compile`` and never reads a value back to the host. Updates with reductions (Adafactor) have
-no epilogue: their low-rank middle runs eagerly and only K2 is a kernel (:func:`reproject_update_`).
+``torch.compile`` and never reads a value back to the host. ``c`` (computed from the live scalars, which
+are CPU tensors) goes to ``W``'s device with ``non_blocking=True``: a blocking host-to-device copy makes
+PyTorch synchronize the stream after it, one device sync per parameter and step; the non-blocking copy
+from pageable memory is staged by the driver before the call returns (safe to reuse the source).
+Updates with reductions (Adafactor) have no epilogue: their low-rank
+middle runs eagerly and only K2 is a kernel (:func:`reproject_update_`).
 
 **State storage** (bf16 / int8 states, :mod:`coap_compile.kernels.variants`). The storage is part of the
 lowering, the derived epilogue is unchanged: :func:`stored_kernel_plan` maps a parameter's state
@@ -106,7 +110,7 @@ def fused_update_(
 ) -> None:
     from ..kernels.ops import fused_projected_update
 
-    c = plan.scalars(t, lr, *hypers).to(w.device)
+    c = plan.scalars(t, lr, *hypers).to(w.device, non_blocking=True)
     fused_projected_update(
         w,
         g,
@@ -190,7 +194,7 @@ def fused_update_stored_(
     scales and rng counters end as one eager load → update → ``store_`` leaves them. ``proj`` float32."""
     from ..kernels.ops import fused_projected_update
 
-    c = splan.plan.scalars(t, lr, *hypers).to(w.device)
+    c = splan.plan.scalars(t, lr, *hypers).to(w.device, non_blocking=True)
     fused_projected_update(
         w,
         g,
@@ -219,7 +223,7 @@ def reproject_update_(
     from ..kernels.ops import project_back_update
 
     if isinstance(decay, Tensor):
-        decay_t = decay.to(device=w.device, dtype=torch.float32).reshape(1)
+        decay_t = decay.to(device=w.device, dtype=torch.float32, non_blocking=True).reshape(1)
     elif decay == 1.0:
         decay_t = None
     else:

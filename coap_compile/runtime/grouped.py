@@ -224,13 +224,16 @@ def pack_(layout: MatrixGroup, group: GroupBuffers, states: Sequence[dict]) -> b
     return True
 
 
-def ready(layout: MatrixGroup, group: GroupBuffers, states: Sequence[dict]) -> list[tuple[int, int]]:
+def ready(
+    layout: MatrixGroup, group: GroupBuffers, states: Sequence[dict], counters
+) -> list[tuple[int, int]]:
     """The runs ``[s, e)`` of members that step as one this step: maximal ranges of consecutive members
-    that have a gradient and equal step counters (their bias corrections are one set of scalars).
+    that have a gradient and equal step counts (their bias corrections are one set of scalars), taken
+    from ``counters`` (:class:`.counters.StepCounters`: host-side, no read in a steady step).
     Empty when the states are not packed yet (the first step initializes them per matrix)."""
     if not pack_(layout, group, states):
         return []
-    ks = group.steps.tolist()  # one host read (the counters live on the CPU, as torch keeps them)
+    ks = [counters.count(p, st) if p.grad is not None else -1 for p, st in zip(layout.members, states)]
     runs: list[tuple[int, int]] = []
     start = None
     for k, p in enumerate(layout.members):

@@ -235,7 +235,7 @@ def accumulation_needs_full_gradient(
     state = opt.state.get(p)
     if not state or "step" not in state:
         return True
-    if due(layout, state, opt.state_io(p)).need is Need.FULL:
+    if due(layout, state, opt.state_io(p), opt.step_count(p)).need is Need.FULL:
         return True
     compiled = layout.program
     if compiled.program.prologue is None:

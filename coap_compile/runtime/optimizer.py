@@ -194,6 +194,11 @@ class CoapOptimizer(torch.optim.Optimizer):
             state = fsdp.ShardedState(state, lay.shard, tuple(lay.states.storages))
         return lay.states.io(state)
 
+    def step_count(self, p: Tensor) -> int:
+        """``p``'s completed steps (``state["step"]``), from the host-side counters: no host read while
+        the step tensor is the one this optimizer last wrote (:mod:`.counters`)."""
+        return self._runner.counters.count(p, self.state[p]) if p in self.state else 0
+
     def live_inputs(self, p: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         """``(k, lr, hyperparameters)`` of ``p`` as its update reads them (0-d float64), filled now."""
         keys = [hyper_key(base_hyperparams(g)) for g in self.param_groups]
@@ -293,6 +298,14 @@ class CoapOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None, *, found_inf: Tensor | None = None):
         """One optimizer step. ``found_inf`` (GradScaler style): if nonzero the step is skipped.
 
+        Host syncs: a steady step reads one value back, the finiteness verdict of the gradients
+        (``check_finite``); none with ``check_finite=False``. ``found_inf`` replaces that check (it *is*
+        the verdict, computed by the caller from the same gradients): it is read once (``.any()`` on the
+        host) and the gradients are not checked again. Not reading it would need every write of the
+        step (weights, states, counters) masked on the device by ``found_inf``, and host-side step
+        counters that cannot know whether the step happened; GradScaler itself reads ``found_inf``
+        before calling ``step()``. The refresh schedule reads no counter (:mod:`.counters`).
+
         Two phases (:mod:`.step`): :meth:`_prepare` (never traced: checks, live scalars, the refresh
         schedule, refreshes written in place) and the update (traceable: no host reads, no branches on
         the step). Under ``torch.compile`` full-rank parameters run their captured update (:mod:`.fullrank`).
@@ -312,11 +325,11 @@ class CoapOptimizer(torch.optim.Optimizer):
     @eager_only
     def _prepare(self, found_inf: Tensor | None, compiling: bool = False) -> bool:
         """Skip on ``found_inf``; the settings check (rebuilding the plan if needed); the runner's phases."""
-        if found_inf is not None and bool(found_inf.detach().cpu().any()):
+        if found_inf is not None and bool(found_inf.detach().cpu().any()):  # the step's one host read
             return False
         keys = [hyper_key(base_hyperparams(g)) for g in self.param_groups]
         self.sync_plan(keys)
-        self._runner.prepare(self, keys, compiling)
+        self._runner.prepare(self, keys, compiling, check_finite=found_inf is None)
         return True
 
     # -- checkpoints and copies ------------------------------------------------------------------------

@@ -90,13 +90,15 @@ def _stale(layout: ParamLayout, state: dict, io) -> bool:
     return "proj" in keys and state["proj"].dtype != layout.precision.proj_dtype
 
 
-def due(layout: ParamLayout, state: dict, io) -> Due:
-    """What the next step of a projected parameter must do before its update (module docstring)."""
+def due(layout: ParamLayout, state: dict, io, k: int | None = None) -> Due:
+    """What the next step of a projected parameter must do before its update (module docstring).
+    ``k``: its completed steps when the caller knows them (:class:`.counters.StepCounters`, no host
+    read), else read from ``state["step"]``."""
     if not state:
         return Due("init")
     if _stale(layout, state, io):
         return Due("rebase")
-    kind = layout.policy.refresh_kind(step_count(state))
+    kind = layout.policy.refresh_kind(step_count(state) if k is None else k)
     if layout.kind is Kind.TUCKER:
         return Due("refresh", kind) if kind else NOTHING_DUE
     names = tuple(layout.states.storages)

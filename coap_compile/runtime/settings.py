@@ -42,7 +42,9 @@ __all__ = [
 
 CORRELATIONS = ("paper", "normalized", "off")
 BACKENDS = ("auto", "eager", "triton")
-INPUT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+#: ``"auto"``: torch's float32 matmul precision, read at each launch
+#: (:func:`coap_compile.kernels.launch.resolve_input_precision`).
+INPUT_PRECISIONS = ("auto", "ieee", "tf32x3", "tf32", "bf16")
 STATE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 PROJECTION_PRECISIONS = ("auto", "fp32", "bf16")
 #: ``"auto"``: the canonical side (``X = G`` tall, ``Gᵀ`` wide; FSDP2 weights ``X = G``);
@@ -227,13 +229,16 @@ class OptimizerOptions:
         backend: ``"auto"`` (Triton kernels for CUDA tensors when available), ``"eager"`` or ``"triton"``.
         check_finite: refuse (raise) a step whose gradients contain inf/NaN, before modifying anything.
         grouped: update projected matrices with equal low-rank state shapes together (:mod:`.grouped`).
-        input_precision: ``tl.dot`` precision of the kernels' matmuls (``"ieee"``, ``"tf32x3"``, ``"tf32"``).
+        input_precision: ``tl.dot`` precision of the kernels' matmuls: ``"auto"`` (torch's global float32
+            matmul precision, read at each launch: ``"highest"`` → ``"ieee"``, ``"high"`` → ``"tf32"``,
+            ``"medium"`` → ``"bf16"``; bf16 weights → ``"bf16"``), ``"ieee"``, ``"tf32x3"``, ``"tf32"``,
+            ``"bf16"`` (:mod:`coap_compile.kernels.launch`).
     """
 
     backend: str = "auto"
     check_finite: bool = True
     grouped: bool = True
-    input_precision: str = "ieee"
+    input_precision: str = "auto"
 
     def __post_init__(self) -> None:
         _one_of("backend", self.backend, BACKENDS)

@@ -35,13 +35,14 @@ from torch import Tensor
 from ..distributed import fsdp
 from ..distributed.agreement import check_settings_agree
 from ..lowering.kernels import KernelPlan, kernel_plan, stored_kernel_plan
+from .counters import StepCounters
 from .fullrank import ensure_full_state, full_update_
 from .grouped import GroupBuffers, grouped_update_, ready
 from .layout import Kind, full_program
 from .plan import RuntimePlan
 from .refresh import plan_refresh
 from .scalars import LiveScalars, base_hyperparams
-from .schedule import NOTHING_DUE, due, step_count
+from .schedule import NOTHING_DUE, due
 from .tucker import plan_tucker_refresh, tucker_update_
 from .update import projected_update_
 from .validate import check_gradients
@@ -58,6 +59,8 @@ class StepRunner:
         self.scalars = LiveScalars(config.base, len(opt.param_groups))
         self.buffers = {id(mg): GroupBuffers() for mg in plan.matrix_groups}
         self.checked: dict[Tensor, tuple] = {}
+        self.counters = StepCounters()
+        self.traced = False  # the last update ran inside a compiled region
         self.kernel_plans: dict[tuple, KernelPlan | None] = {}
         self.stored_plans: dict[Tensor, Any] = {}
         self.full_programs: dict[tuple, Any] = {}
@@ -84,14 +87,17 @@ class StepRunner:
         return self.scope is None or p in self.scope
 
     # -- phase 1 ---------------------------------------------------------------------------------------
-    def prepare(self, opt: Any, keys: list[tuple], compiling: bool = False) -> None:
+    def prepare(
+        self, opt: Any, keys: list[tuple], compiling: bool = False, check_finite: bool = True
+    ) -> None:
         """The eager phases after the settings check (module docstring): validate the gradients, schedule,
         refresh, build the work list. ``keys`` are the groups' :func:`.scalars.hyper_key`; ``compiling``:
         the update is being traced (full-rank parameters then need their captured programs and their state
-        created here)."""
+        created here); ``check_finite=False``: the caller gave ``found_inf`` (no second finiteness read)."""
+        self.counters.settle(traced=self.traced)  # a traced update's counters: accepted now
         if not self.agreed:
             self._agree(opt)
-        self._validate(opt)
+        self._validate(opt, check_finite)
         due_now = self._schedule(opt, keys)
         self._refresh(opt, due_now)
         if self.inner is not None:  # hyperparameters (lr schedules) reach the full-rank base optimizer
@@ -112,11 +118,12 @@ class StepRunner:
         check_settings_agree(entries, opt.comm_log, device)
         self.agreed = True
 
-    def _validate(self, opt: Any) -> None:
+    def _validate(self, opt: Any, check_finite: bool) -> None:
         groups = opt.param_groups
         if self.scope is not None:  # only the parameters being stepped (group indices kept)
             groups = [{"params": [p for p in g["params"] if p in self.scope]} for g in groups]
-        check_gradients(groups, opt.param_name, opt.config.options.check_finite, opt.comm_log)
+        check = check_finite and opt.config.options.check_finite
+        check_gradients(groups, opt.param_name, check, opt.comm_log)
         self.locals = {
             p: fsdp.local_param(p)
             for p, lay in self.plan.layouts.items()
@@ -131,11 +138,12 @@ class StepRunner:
             if p.grad is None or not lay.projected or not self.in_scope(p):
                 continue
             state = opt.state[p]
-            layout_key = tuple((k, id(v)) for k, v in state.items())
-            if self.checked.get(p) == layout_key and not lay.policy.refresh_kind(step_count(state)):
+            k = self.counters.count(p, state)  # host-side: no read in a steady step (.counters)
+            layout_key = tuple((name, id(v)) for name, v in state.items())
+            if self.checked.get(p) == layout_key and not lay.policy.refresh_kind(k):
                 out.append((p, NOTHING_DUE))  # the same tensors passed the checks; nothing due
                 continue
-            d = due(lay, state, opt.state_io(p))
+            d = due(lay, state, opt.state_io(p), k)
             if not d.action and lay.kind is Kind.MATRIX:
                 self.checked[p] = layout_key
             out.append((p, d))
@@ -162,17 +170,23 @@ class StepRunner:
         sees a state dict of fixed size: no recompile after step 1)."""
         self.work, self.work_groups = [], []
         grouped: set[Tensor] = set()
+        counters = self.counters
         for mg in self.plan.matrix_groups if self.scope is None else ():
-            runs = ready(mg, self.buffers[id(mg)], [opt.state[p] for p in mg.members])
+            states = [opt.state[p] for p in mg.members]
+            runs = ready(mg, self.buffers[id(mg)], states, counters)
             if runs:
                 self.work_groups.append((mg, tuple(runs)))
                 grouped.update(mg.members[k] for s, e in runs for k in range(s, e))
+        for p in grouped:
+            counters.expect(p, opt.state[p], counters.count(p, opt.state[p]))
         for p, lay in self.plan.layouts.items():
             if p.grad is None or p in grouped or not self.in_scope(p):
                 continue
             if lay.projected or compiling or lay.kind is Kind.DERIVED:
                 self.work.append((p, lay))
             state = opt.state[p]
+            if lay.projected:  # the update advances its counter (an init committed step = 0)
+                counters.expect(p, state, counters.count(p, state))
             if lay.kind is Kind.DERIVED:
                 io = opt.state_io(p)  # (an FSDP2 parameter's io wraps new states as DTensors)
                 ensure_full_state(io.state, lay.program, self.local(p), io)
@@ -225,6 +239,9 @@ class StepRunner:
                 self.scalars.group_inputs(mg.index), compiling=compiling,
             )  # fmt: skip
         self.locals = {}  # drop the FSDP2 local views (and their gradient references)
+        self.traced = compiling
+        if not compiling:
+            self.counters.settle(traced=True)  # completed: the written counters advanced by one
         if self.inner is not None and not compiling:
             self._inner_step()
 
