@@ -301,7 +301,10 @@ class CoapOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        compiling = torch.compiler.is_compiling()
+        # Dynamo traces *this* thread (constant True in its trace, False eagerly). Not
+        # torch.compiler.is_compiling(): a process-wide flag, True in every thread while any thread runs
+        # a torch.compile session, so a concurrent eager step would take the traced path (issue 21).
+        compiling = torch.compiler.is_dynamo_compiling()
         if not compiling:
             prime()  # Dynamo imported since: make _prepare's disabled wrapper before any trace
         if not self._prepare(found_inf, compiling):
