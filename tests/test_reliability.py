@@ -101,3 +101,96 @@ def test_rank_ratio_below_one_with_project_true_fails_at_construction():
         coap_compile.optimize([group], torch.optim.AdamW, rank=4)
     opt = coap_compile.optimize([{**group, "rank_ratio": 1.0}], torch.optim.AdamW, rank=4)  # r = 12: fine
     assert opt.layout(w).rank == 12
+
+
+# -- item 3: checkpoints validated like keyword arguments and like the storage expects ---------------------
+
+BAD_SETTINGS = [
+    ("scale", math.inf, ValueError, "scale must be a finite number, got inf"),
+    ("rank", -5, ValueError, "rank must be a positive int, got -5"),
+    ("update_interval", 0, ValueError, "update_interval must be a positive int, got 0"),
+    ("first_moment_beta", 1.5, ValueError, r"first_moment_beta must be in \[0, 1\)"),
+    ("restore_state", "False", TypeError, "restore_state must be a bool"),
+    ("correlation", "fast", ValueError, "correlation must be one of"),
+    ("projection_side", "cols", ValueError, "projection_side must be one of"),
+    ("rank_ratio", -1.0, ValueError, "rank_ratio must be a positive number"),
+    ("betas", (NAN, 0.999), ValueError, "Invalid beta parameter at index 0"),
+    ("lr", -1.0, ValueError, "Invalid learning rate"),
+    ("eps", 10**30, ValueError, "OverflowError"),
+    ("weight_decay", "0.1", TypeError, "weight_decay='0.1'"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "exc", "match"), BAD_SETTINGS, ids=lambda v: str(v)[:16])
+def test_a_checkpoint_with_a_bad_setting_is_refused_unchanged(key, value, exc, match):
+    model, opt = _build()
+    _train(model, opt, 3)
+    sd = opt.state_dict()
+    sd["param_groups"][0][key] = value
+    snap = _snapshot(model, opt)
+    with pytest.raises(exc, match=f"the checkpoint's settings are refused: .*{match}"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(model, opt, snap)
+    _train(model, opt, 1)  # still usable
+
+
+def _linear_opt(precision: str):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 256)  # weight 256×64, rank 16: M×r states of 4096 elements (int8 quantizes)
+    opt = coap_compile.optimize(model, torch.optim.AdamW, rank=16, lr=1e-2, state_precision=precision)
+    for k in range(2):
+        opt.zero_grad()
+        model(torch.randn(8, 64, generator=torch.Generator().manual_seed(k))).square().mean().backward()
+        opt.step()
+    return model, opt
+
+
+def _set(key, value):
+    def edit(st):
+        st[key] = value(st[key]) if callable(value) else value
+
+    return edit
+
+
+def _drop(key):
+    return lambda st: st.pop(key)
+
+
+#: (precision, parameter, edit, state named, message)
+CORRUPT = [
+    ("int8", "weight", _drop("exp_avg.absmax"), "exp_avg", "needs key 'exp_avg.absmax'"),
+    ("int8", "weight", _set("exp_avg.q8", lambda t: t.float()), "exp_avg", "float32 .* expects torch.int8"),
+    ("int8", "weight", _drop("exp_avg_sq.rng"), "exp_avg_sq", "needs key 'exp_avg_sq.rng'"),
+    ("int8", "weight", _set("exp_avg.absmax", lambda t: -t), "exp_avg", "negative block scales"),
+    ("int8", "weight", _set("exp_avg.absmax", lambda t: t[:1]), "exp_avg", "expects torch.float32"),
+    ("int8", "weight", _set("proj", lambda t: t.clone().fill_(NAN)), "proj", "inf/NaN"),
+    ("int8", "weight", _set("step", torch.tensor(NAN)), "step", "finite integer count"),
+    ("int8", "weight", _set("step", torch.tensor(-1.0)), "step", "finite integer count"),
+    ("int8", "weight", _set("step", torch.tensor(2.5)), "step", "finite integer count"),
+    ("int8", "bias", _set("step", torch.tensor(-3.0)), "step", "finite integer count"),  # the full-rank bias
+    ("fp32", "weight", _set("exp_avg", lambda t: t.double()), "exp_avg", "float64 .* expects torch.float32"),
+    ("fp32", "weight", _set("exp_avg_sq", lambda t: t.clone().fill_(math.inf)), "exp_avg_sq", "inf/NaN"),
+    ("fp32", "bias", _set("exp_avg", lambda t: t.clone().fill_(NAN)), "exp_avg", "inf/NaN"),  # torch's state
+    ("fp32", "weight", _set("step", torch.tensor(math.inf)), "step", "finite integer count"),
+    ("bf16", "weight", _drop("exp_avg.rng"), "exp_avg", "needs key 'exp_avg.rng'"),
+    ("bf16", "weight", _set("exp_avg.rng", lambda t: t.float()), "exp_avg", "float32 .* expects torch.int64"),
+    ("bf16", "bias", _set("exp_avg", lambda t: t.clone().fill_(NAN)), "exp_avg", "inf/NaN"),  # DERIVED bias
+]
+
+
+@pytest.mark.parametrize(("precision", "name", "edit", "state", "match"), CORRUPT)
+def test_a_corrupt_checkpoint_tensor_is_refused_naming_it(precision, name, edit, state, match):
+    model, opt = _linear_opt(precision)
+    sd = opt.state_dict()
+    sd["state"] = {i: dict(s) for i, s in sd["state"].items()}
+    params = [opt.param_name(p) for g in opt.param_groups for p in g["params"]]
+    edit(sd["state"][[i for g in sd["param_groups"] for i in g["params"]][params.index(name)]])
+    snap = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=f"parameter '{name}' .*state '{state}'.*{match}"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(model, opt, snap)
+    opt.load_state_dict(opt.state_dict())  # an intact checkpoint still loads, and the optimizer steps
+    opt.zero_grad()
+    model(torch.randn(8, 64)).square().mean().backward()
+    opt.step()
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
