@@ -18,6 +18,9 @@ from test_runtime import _train
 import coap_compile
 from coap_compile import compiler
 from coap_compile.capture import trace
+from coap_compile.runtime.fullrank import restored_full_state
+from coap_compile.runtime.layout import Kind
+from coap_compile.storage import load_any, logical_layout
 
 NAN = float("nan")
 
@@ -194,3 +197,79 @@ def test_a_corrupt_checkpoint_tensor_is_refused_naming_it(precision, name, edit,
     model(torch.randn(8, 64)).square().mean().backward()
     opt.step()
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# -- item 2: state_precision edited mid-training, in a group that also holds full-rank parameters ---------
+
+PRECISIONS = ["fp32", "bf16", "int8", "auto"]
+
+
+class _Mixed(torch.nn.Module):
+    """One group: a projected 256×64 weight, a small full-rank bias (int8 keeps it fp32) and a full-rank
+    vector of 4096 elements (int8 quantizes its states)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(256, 64, generator=gen) / 8)
+        self.bias = torch.nn.Parameter(torch.zeros(256))
+        self.gain = torch.nn.Parameter(torch.ones(4096))
+
+    def forward(self, x):
+        return (x @ self.weight.t() + self.bias).square().mean() + (self.gain * x.sum()).square().mean()
+
+
+def _mixed(precision: str):
+    model = _Mixed()
+    opt = coap_compile.CoapOptimizer(
+        [{"params": list(model.parameters())}], torch.optim.AdamW, rank=16, lr=1e-2,
+        state_precision=precision, param_names={id(p): n for n, p in model.named_parameters()},
+    )  # fmt: skip
+    return model, opt
+
+
+def _mixed_step(model, opt, k: int, bad: bool = False) -> None:
+    opt.zero_grad()
+    model(torch.randn(8, 64, generator=torch.Generator().manual_seed(k))).backward()
+    if bad:
+        model.gain.grad[0] = NAN
+
+
+@pytest.mark.parametrize("after", PRECISIONS)
+@pytest.mark.parametrize("before", PRECISIONS)
+def test_state_precision_edit_converts_every_kind_of_parameter_atomically(before, after):
+    model, opt = _mixed(before)
+    for k in range(2):
+        _mixed_step(model, opt, k)
+        opt.step()
+    checkpoint = opt.state_dict()
+    opt.param_groups[0]["state_precision"] = after
+    _mixed_step(model, opt, 2, bad=True)  # a refused step converts nothing
+    snap = _snapshot(model, opt)
+    with pytest.raises(coap_compile.NonFiniteGradientError):
+        opt.step()
+    _assert_unchanged(model, opt, snap)
+    for k in range(3, 6):
+        _mixed_step(model, opt, k)
+        opt.step()  # every later step works (it used to raise on each)
+    for p in model.parameters():
+        assert bool(torch.isfinite(p).all())
+    # The states have the new precision's layout: an optimizer built with it accepts the checkpoint as is.
+    _, fresh = _mixed(after)
+    fresh.load_state_dict(opt.state_dict())
+    for p, q in zip(opt.param_groups[0]["params"], fresh.param_groups[0]["params"]):
+        assert sorted(opt.state[p]) == sorted(fresh.state[q]), opt.param_name(p)
+
+    if after in ("fp32", "auto"):  # to fp32 (float32 weights): the full-rank conversion is exact
+        _, again = _mixed(before)
+        again.load_state_dict(checkpoint)
+        again.param_groups[0]["state_precision"] = after
+        again.sync_plan()
+        for p, state in again.state.items():
+            lay = again.layout(p)
+            if lay.projected:
+                continue
+            io = again.state_io(p) if lay.kind is Kind.DERIVED else None
+            new = restored_full_state(state, p, io) or state
+            for n in logical_layout(new):
+                assert torch.equal(load_any(new, n).float(), load_any(state, n).float()), (lay.name, n)
