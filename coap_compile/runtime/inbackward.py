@@ -50,13 +50,36 @@ does; on the other steps (``update_interval − 1`` of every ``update_interval``
 The decision is made at a weight's first micro-batch of each window. Checkpoint at boundaries: the
 accumulators ``A`` are not part of ``state_dict`` (the normal path does not save gradients either).
 
+**Windows** (issue 21; before, each of these drifted silently):
+
+* *Closed early.* ``optimizer.step()`` before the ``N``-th backward (an epoch's end after 3 of 4
+  micro-batches) closes the window and **steps on what it has** (an optimizer step pre-hook: every weight
+  of the window steps on its partial sum, as the normal path's ``step()`` would), and the next window
+  starts at micro-batch 0. Chosen over raising because it is what the same loop does without the hooks,
+  so a loop written for the normal path keeps its meaning (before, the count carried over and every
+  later iteration stepped twice: counters 1, 2, 3, 5, 7, 9).
+* *Counted once per user backward.* A backward is counted at the end of its autograd graph task. A
+  re-entrant backward (``torch.utils.checkpoint(..., use_reentrant=True)``: the checkpoint's backward
+  calls ``torch.autograd.backward`` inside the user's) runs a nested graph task that ends first, and the
+  user's task id is not reachable from it, so it cannot be attributed to the user's backward: a hook
+  that fires in a nested task is **refused** (RuntimeError naming the parameter and ``use_reentrant``;
+  detected from the stack: an engine entry above an autograd Function's ``backward``). The
+  non-re-entrant mode runs in the user's graph task and is exact; with ``accumulation_steps=1`` nothing
+  is counted and re-entrant checkpointing works.
+* ``remove()`` *inside a window* raises, naming it (step or ``reset()`` first), instead of dropping the
+  accumulators; leaving the context manager on an exception resets and removes.
+* *A backward that raised* (a non-finite gradient, an error in a step) breaks the window: the next hook
+  and ``optimizer.step()`` refuse (RuntimeError naming the failure) until ``reset()``, so nothing of the
+  broken window is carried into the next one.
+
 **Finiteness** (``check_finite=True``): every micro-batch's gradient is checked before it is
 accumulated or stepped; a non-finite one raises :class:`~coap_compile.NonFiniteGradientError` from
 ``backward()`` and that parameter, its state and its accumulator are left unchanged. **Parameters
 already stepped in the same backward pass stay stepped: they cannot be undone** (that would need a copy
 of every weight, which in-backward updates exist to avoid). After such an error call
 ``optimizer.zero_grad()`` and ``handle.reset()`` (drops the window's accumulators and restarts the
-count) before continuing. A deferred check of every gradient before any step would need all gradients
+count) before continuing; with ``accumulation_steps > 1`` the hooks refuse to run until then. A
+deferred check of every gradient before any step would need all gradients
 alive at once, i.e. the normal path: use that when all-or-nothing steps matter.
 
 **Data parallel**: pass the ``DistributedDataParallel`` module itself (its communication hook steps
@@ -65,8 +88,8 @@ gradient, stepping each replica with its local gradient.
 
 **Not available in-backward**: global gradient-norm clipping (``clip_grad_norm_`` needs every gradient
 before any step; after the backward it finds no gradients and does nothing) and ``GradScaler`` (its
-``unscale_``/inf check run between backward and step). Use bf16 autocast, which needs no scaler. Step
-only at accumulation boundaries (``optimizer.step()`` steps whatever still holds a gradient, as always).
+``unscale_``/inf check run between backward and step). Use bf16 autocast, which needs no scaler.
+``optimizer.step()`` inside a window closes it (above).
 """
 
 from __future__ import annotations
