@@ -11,8 +11,9 @@
    ``step``, calls ``opt.step()`` and returns ``(p, *state values, step')``; ``step' = state["step"]``
    if the class keeps one, else ``step + 1``. The instance is built outside the trace because
    constructors validate ``lr`` with Python comparisons. ``foreach=False``, ``capturable=True``,
-   ``differentiable=False`` are forced when the class has them, and ``torch.compiler.is_compiling`` is
-   patched so that torch's capturable / ``_get_value`` paths keep the step a tensor.
+   ``differentiable=False`` are forced when the class has them, and ``torch.compiler.is_compiling`` reads
+   True in the tracing thread only (:func:`~.tracing.forced_compiling`) so that torch's capturable /
+   ``_get_value`` paths keep the step a tensor.
 3. **Shape check.** The graph is traced at two shapes and must be identical (see ``trace._build``).
 4. **Live hyperparameters.** Every float-valued entry (and float element of a tuple entry, such as
    ``betas[0]``) is a candidate live input: the traced ``step()`` reads it as a 0-d tensor from
@@ -26,7 +27,6 @@
 from __future__ import annotations
 
 import inspect
-import unittest.mock
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
@@ -47,7 +47,7 @@ from coap_compile.capture.adapter_base import (
     mark_live,
     normalize_value,
 )
-from coap_compile.capture.tracing import trace_plan
+from coap_compile.capture.tracing import forced_compiling, trace_plan
 from coap_compile.errors import UnsupportedOptimizerError
 
 __all__ = ["GenericAdapter"]
@@ -204,7 +204,7 @@ class GenericAdapter(Adapter):
                     recorded[q][k] = v
             opt.state = recorded
             p.grad = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-            with unittest.mock.patch("torch.compiler.is_compiling", return_value=True):
+            with forced_compiling():
                 opt.step()
         except UnsupportedOptimizerError:
             raise

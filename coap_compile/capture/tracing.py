@@ -17,14 +17,20 @@ Graph contract: placeholders ``(param, grad, *states, step, lr, *hypers)`` with 
 ``meta["hyper_name"]``); ``step`` is the number of completed steps (0 on the first update), ``lr`` and
 each live hyperparameter (β₁, ε, …, see :mod:`.adapter_base`) a 0-d tensor, all float64
 (:func:`scalar_dtype`); the output is the tuple ``(new_param, *new_states, step + 1)``.
+
+**Threads.** A plan with ``patch_compiling`` is traced with ``torch.compiler.is_compiling()`` reading True
+(torch's capturable path). :func:`forced_compiling` makes it read True *in the tracing thread only*: a
+patch of the module attribute (``unittest.mock.patch``, before issue 21) was seen by every thread, so an
+optimizer stepping in another thread while this one captured took torch's compile-time branches (6 of 16
+concurrent pairs differed from the sequential run; ``tests/test_threads.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import traceback
-import unittest.mock
 
 import torch
 from torch import Tensor
@@ -35,7 +41,7 @@ from coap_compile.capture.adapter_base import UpdatePlan
 from coap_compile.capture.graph_clean import clean_functional_graph
 from coap_compile.errors import UnsupportedOptimizerError
 
-__all__ = ["RESERVED_NAMES", "scalar_dtype", "trace_plan"]
+__all__ = ["RESERVED_NAMES", "forced_compiling", "scalar_dtype", "trace_plan"]
 
 #: Placeholder names the graph contract reserves (a state or hyperparameter may not use them).
 RESERVED_NAMES = frozenset({"param", "grad", "step", "lr", "x", "k", "g", "t", "D"})
@@ -87,6 +93,38 @@ def _failure_reason(exc: BaseException) -> str:
     return reason
 
 
+_FORCED = threading.local()  # .depth: nesting of forced_compiling() in this thread
+_PATCH_LOCK = threading.Lock()
+_PATCH: list = []  # [torch's own is_compiling, number of threads inside forced_compiling()]
+
+
+def _is_compiling_here() -> bool:
+    """``torch.compiler.is_compiling`` while some thread is in :func:`forced_compiling`."""
+    return getattr(_FORCED, "depth", 0) > 0 or _PATCH[0]()
+
+
+@contextlib.contextmanager
+def forced_compiling():
+    """``torch.compiler.is_compiling()`` reads True in the calling thread, and unchanged in every other
+    (module docstring, "Threads"). The module attribute is replaced by a thread-aware function while any
+    thread is inside, and restored when the last one leaves."""
+    with _PATCH_LOCK:
+        if not _PATCH:
+            _PATCH[:] = [torch.compiler.is_compiling, 0]
+            torch.compiler.is_compiling = _is_compiling_here
+        _PATCH[1] += 1
+    _FORCED.depth = getattr(_FORCED, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _FORCED.depth -= 1
+        with _PATCH_LOCK:
+            _PATCH[1] -= 1
+            if _PATCH[1] == 0:
+                torch.compiler.is_compiling = _PATCH[0]
+                _PATCH.clear()
+
+
 def trace_plan(
     plan: UpdatePlan, shape: tuple[int, ...], dtype: torch.dtype, name: str
 ) -> torch.fx.GraphModule:
@@ -111,11 +149,7 @@ def trace_plan(
         return tuple(o.to(r.dtype) if isinstance(o, Tensor) else o for o, r in zip(out, refs))
 
     fn = functionalize(lambda *a: update(*a), remove="mutations_and_views")
-    patch = (
-        unittest.mock.patch("torch.compiler.is_compiling", return_value=True)
-        if plan.patch_compiling
-        else contextlib.nullcontext()
-    )
+    patch = forced_compiling() if plan.patch_compiling else contextlib.nullcontext()
     try:
         with patch:
             raw = make_fx(fn, tracing_mode="fake")(*example)

@@ -38,12 +38,13 @@ algorithm), so ``step_in_backward(ddp, opt, accumulation_steps=N > 1)`` is refus
 concurrently with autograd, and buckets may complete in a different order on each rank; a lock
 serialises the optimizer calls and buckets step in bucket-index order (a reduced bucket waits for the
 lower indices; DDP's bucket assignment is the same on every rank). A non-finite gradient raises
-``NonFiniteGradientError`` inside the callback: the future fails, and DDP re-raises it from
-``backward()`` (a ``RuntimeError`` whose message contains the original). The reduced gradient is the
-same on every rank, so every rank stops at the same bucket: the buckets below it stay stepped (they
-cannot be undone, see :mod:`coap_compile.runtime.inbackward`), that bucket and the later ones do not
-step, and the replicas stay bit-identical (measured without the index order: rank 1 had stepped the
-embedding's bucket, rank 0 had not). Call ``optimizer.zero_grad()`` and continue.
+``NonFiniteGradientError`` inside the callback; the hook keeps it (the future still completes: a failed
+future would reach the user as DDP's ``RuntimeError`` wrapping the message) and raises it from the
+end-of-backward callback, so ``backward()`` raises the ``NonFiniteGradientError`` itself. The reduced
+gradient is the same on every rank, so every rank stops at the same bucket: the buckets below it stay
+stepped (they cannot be undone, see :mod:`coap_compile.runtime.inbackward`), that bucket and the later
+ones do not step, and the replicas stay bit-identical (measured without the index order: rank 1 had
+stepped the embedding's bucket, rank 0 had not). Call ``optimizer.zero_grad()`` and continue.
 Not supported: other comm hooks at the same time
 (DDP accepts one), ``static_graph`` and ``find_unused_parameters`` are untested. DDP cannot unregister
 a comm hook: ``handle.remove()`` turns it into the plain averaging all-reduce (the default behaviour),
@@ -88,6 +89,7 @@ class DdpStepHook:
         self._task: int | None = None  # the graph task whose end-of-backward callback is queued
         self._generation = 0  # backward passes seen; a callback of an earlier one does nothing
         self._failed = False  # a bucket of this backward pass raised: later buckets do not step
+        self._error: BaseException | None = None  # what it raised, re-raised at the end of the backward
         self._pending: dict[int, list[tuple[Tensor, Tensor]]] = {}  # reduced, waiting for lower indices
         self._next = 0  # the bucket index that steps next
 
@@ -112,6 +114,7 @@ class DdpStepHook:
                 self._task = task
                 self._generation += 1
                 self._failed, self._pending, self._next, self._stepped = False, {}, 0, []
+                self._error = None
             _queue(self._after_ddp_finalize)
         generation, index = self._generation, bucket.index()
 
@@ -138,9 +141,9 @@ class DdpStepHook:
                 p.grad = g  # this parameter's view of the reduced bucket (its local grad is done)
             try:
                 self.optimizer.step_subset([p for p, _ in owned])
-            except BaseException:
-                self._failed, self._pending = True, {}
-                raise
+            except Exception as exc:  # kept for the end of the backward (module docstring)
+                self._failed, self._pending, self._error = True, {}, exc
+                return
             self._stepped.extend(p for p, _ in owned)
             self.buckets_stepped += 1
 
@@ -164,6 +167,9 @@ class DdpStepHook:
             for p in self._stepped:
                 p.grad = None
             self._stepped = []
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def _hook(state: DdpStepHook, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:

@@ -53,7 +53,7 @@ def apply_reprojection_(
 
 
 def _decay_add_(w: Tensor, decay: Tensor | float, delta: Tensor, proj: Tensor, scale: float) -> None:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():  # Dynamo traces this thread
         w.mul_(decay).add_(delta @ proj.t(), alpha=scale)
     else:
         w.addmm_(delta, proj.t(), beta=float(decay), alpha=scale)

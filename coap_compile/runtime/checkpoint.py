@@ -9,13 +9,20 @@ optimizer as it was, still usable):
 1. the number of groups and of parameters per group (as torch does);
 2. that it is a COAP checkpoint of the same base optimizer (``"coap"`` entry; a checkpoint without it
    and without COAP keys in its groups is a plain ``torch.optim`` one, see below);
-3. per group: the same projection policy;
+3. per group: the same projection policy, and the checkpoint's values validated as keyword arguments are
+   (:class:`~.settings.CoapSettings`: ``scale=inf``, ``rank=-5`` …; the base hyperparameters by the base
+   class itself, :mod:`.hyper`), for every group, with or without saved state;
 4. per parameter with saved state: the state names and shapes against what this optimizer expects
    for the checkpoint's hyperparameters (as torch, a checkpoint's hyperparameters, lr or amsgrad alike,
    replace the current ones). Low-rank shapes come from *this* optimizer's rank, so a rank mismatch is
    refused, naming both ranks: rank decides memory, and silently adopting the checkpoint's would undo
    the user's choice; rebuild with the checkpoint's rank to resume it (or change ``group["rank"]``
-   after loading to re-base ``P``).
+   after loading to re-base ``P``);
+5. per parameter, the saved tensors as the step reads them (:func:`_check_tensors`): ``step`` a finite
+   integer ``≥ 0``, ``P`` and the other floating states finite, each own-stored state laid out as its
+   storage expects (:meth:`coap_compile.storage.StateStorage.validate`: int8 codes with their dtype, scales
+   and rounding stream present, no float64 value in a float32 storage …). A refusal is a ValueError
+   naming the parameter and the state.
 
 A **plain torch.optim checkpoint** (full-rank ``exp_avg`` of every weight) is refused with that
 explanation rather than converted: projecting its full moments needs ``P``, which COAP computes from
@@ -33,6 +40,7 @@ Everything here reads the optimizer through its public interface (``opt.config``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +52,8 @@ from ..capture.adapter_base import qualified_name
 from ..compiler import compile_base
 from ..distributed import fsdp
 from ..projection.tucker import core_shape
-from ..storage import convert_state, is_replicated_key, logical_layout, logical_name
+from ..storage import convert_state, is_replicated_key, load_any, logical_layout, logical_name
+from .hyper import check_base_hyperparams
 from .layout import Kind, kind_of
 from .memory import base_keeps_step
 from .plan import OptimizerConfig
@@ -158,6 +167,11 @@ def validate(opt, sd: dict[str, Any]) -> None:
             )
         kept = {k: g[k] for k in PRECISION_KEYS if k in g}  # this optimizer's storage, not the checkpoint's
         merged = {**g, **{k: v for k, v in s.items() if k != "params"}, **kept, "params": g["params"]}
+        try:  # the checkpoint's values, as keyword arguments are checked (COAP's keys, then the base's)
+            CoapSettings.from_group(merged, i, config.policy_instance)
+            check_base_hyperparams(config.base, merged, i)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"the checkpoint's settings are refused: {exc}") from None
         for p, idx in zip(g["params"], s["params"]):
             st = sd["state"].get(idx)
             if not st:
@@ -175,8 +189,52 @@ def validate(opt, sd: dict[str, Any]) -> None:
                 want.pop("step", None)
             if got != want and first_mismatch is None:
                 first_mismatch = (i, p, got, want, merged)
+            elif got == want:
+                _check_tensors(opt, p, i, st)
     if first_mismatch is not None:
         _refuse_layout(opt, *first_mismatch)
+
+
+def _check_tensors(opt, p: Tensor, i: int, st: dict[str, Tensor]) -> None:
+    """The saved tensors of ``p`` as the step will read them (ValueError naming the parameter and the
+    state): ``step`` a finite integer count ``≥ 0``; ``P`` and every other floating state finite; each
+    own-stored state as its storage lays it out (:meth:`~coap_compile.storage.StateStorage.validate`:
+    dtypes, shapes, companions such as int8 scales and rounding streams), or, saved in another precision
+    (converted on load), readable at its logical shape."""
+    lay = opt.layout(p)
+    where = f"parameter {opt.param_name(p)!r} (param group {i})"
+    spec = lay.states
+    storages = spec.storages if spec is not None else {}
+    for key, t in st.items():
+        if logical_name(key) in storages:
+            continue
+        if key == "step":
+            v = float(t.double().reshape(-1)[0]) if t.numel() == 1 else math.nan
+            if not (math.isfinite(v) and v >= 0 and v == math.floor(v)):
+                raise ValueError(f"{where}: state 'step' must be one finite integer count >= 0, got {t!r}")
+        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: state {key!r} holds inf/NaN")
+    if spec is None:
+        return
+    io = StateIO(st, storages, spec.kinds, spec.seed, spec.shapes)
+    for name, storage in storages.items():
+        if not io.keys_of(name):
+            continue
+        try:
+            if lay.shard is not None:  # row-sharded (DTensor) values: their finiteness only
+                value = load_any(st, name)
+            elif io.matches(name):
+                storage.validate(st, name, spec.shapes[name], spec.kinds.get(name, "other"))
+                continue
+            else:
+                value = load_any(st, name)
+                if tuple(value.shape) != tuple(spec.shapes[name]):
+                    raise ValueError(f"its value is {tuple(value.shape)}, expected {spec.shapes[name]}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError("its value holds inf/NaN")
+        except (KeyError, ValueError, RuntimeError) as exc:
+            detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise ValueError(f"{where}: state {name!r}: {detail}") from None
 
 
 def _refuse_layout(opt, i: int, p: Tensor, got: dict, want: dict, merged: dict) -> None:

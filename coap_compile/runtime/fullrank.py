@@ -21,6 +21,15 @@ With an explicit ``state_precision`` (``bf16``, ``int8``, or ``fp32`` for low-pr
 full-rank parameter always runs this captured update, in float32 (float64 for float64 weights), on its
 states loaded through a :class:`~coap_compile.runtime.precision.StateIO` and stored back, one parameter
 at a time (an 8-bit AdamW does the same).
+
+**Changing ``state_precision`` mid-training** moves a full-rank parameter between the two layouts (TORCH:
+torch's names, plain tensors in the weight's dtype; DERIVED: the storage's keys) or between storages.
+:func:`restored_full_state` gives its states in the new layout, as checkpoint loading converts them
+(:func:`coap_compile.storage.convert_state`: to fp32 or torch's layout exactly, to bf16/int8 one
+rounding/quantization, as one step's store); the step computes every conversion after validating its
+input and commits them with the refreshes (:mod:`.step`), so an edit is applied atomically to every kind
+of parameter in the group (before issue 21 the projected states were re-based and the full-rank ones
+left in the old layout: every later step raised).
 """
 
 from __future__ import annotations
@@ -30,9 +39,10 @@ from torch import Tensor
 
 from ..capture import CapturedUpdate, init_states, run_captured
 from ..compiler import CompiledBase
+from ..storage import convert_state, load_any, logical_layout, logical_name
 from .precision import StateIO
 
-__all__ = ["ensure_full_state", "full_update_", "scalar_dtype_for_step"]
+__all__ = ["ensure_full_state", "full_update_", "restored_full_state", "scalar_dtype_for_step"]
 
 
 def scalar_dtype_for_step() -> torch.dtype:
@@ -85,3 +95,30 @@ def full_update_(
         else:
             io.store_(n, v)
     state["step"].copy_(new_step)
+
+
+def restored_full_state(state: dict, p: Tensor, io: StateIO | None) -> dict | None:
+    """``state`` of a full-rank ``p`` in its layout's form (module docstring): torch's (``io`` None: each
+    state one tensor of ``p``'s dtype) or ``io``'s storages; None when it already is (or is empty). New
+    tensors; ``state`` is not modified."""
+    if not state:
+        return None
+    if io is None:
+        names = [n for n in logical_layout(state) if n != "step"]
+        bad = [
+            n for n in names
+            if [k for k in state if logical_name(k) == n] != [n]
+            or (state[n].is_floating_point() and state[n].dtype != p.dtype)
+        ]  # fmt: skip
+        if not bad:
+            return None
+        out = {k: v for k, v in state.items() if logical_name(k) not in bad}
+        out.update({n: load_any(state, n).to(p.dtype, copy=True) for n in bad})
+        return out
+    bad = [n for n in io.storages if io.keys_of(n) and not io.matches(n)]
+    if not bad:
+        return None
+    out = {k: v for k, v in state.items() if logical_name(k) not in bad}
+    for n in bad:
+        out.update(convert_state(state, n, io.storages[n], io.kinds.get(n, "other"), seed=io.seed))
+    return out

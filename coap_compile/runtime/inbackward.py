@@ -50,13 +50,36 @@ does; on the other steps (``update_interval − 1`` of every ``update_interval``
 The decision is made at a weight's first micro-batch of each window. Checkpoint at boundaries: the
 accumulators ``A`` are not part of ``state_dict`` (the normal path does not save gradients either).
 
+**Windows** (issue 21; before, each of these drifted silently):
+
+* *Closed early.* ``optimizer.step()`` before the ``N``-th backward (an epoch's end after 3 of 4
+  micro-batches) closes the window and **steps on what it has** (an optimizer step pre-hook: every weight
+  of the window steps on its partial sum, as the normal path's ``step()`` would), and the next window
+  starts at micro-batch 0. Chosen over raising because it is what the same loop does without the hooks,
+  so a loop written for the normal path keeps its meaning (before, the count carried over and every
+  later iteration stepped twice: counters 1, 2, 3, 5, 7, 9).
+* *Counted once per user backward.* A backward is counted at the end of its autograd graph task. A
+  re-entrant backward (``torch.utils.checkpoint(..., use_reentrant=True)``: the checkpoint's backward
+  calls ``torch.autograd.backward`` inside the user's) runs a nested graph task that ends first, and the
+  user's task id is not reachable from it, so it cannot be attributed to the user's backward: a hook
+  that fires in a nested task is **refused** (RuntimeError naming the parameter and ``use_reentrant``;
+  detected from the stack: an engine entry above an autograd Function's ``backward``). The
+  non-re-entrant mode runs in the user's graph task and is exact; with ``accumulation_steps=1`` nothing
+  is counted and re-entrant checkpointing works.
+* ``remove()`` *inside a window* raises, naming it (step or ``reset()`` first), instead of dropping the
+  accumulators; leaving the context manager on an exception resets and removes.
+* *A backward that raised* (a non-finite gradient, an error in a step) breaks the window: the next hook
+  and ``optimizer.step()`` refuse (RuntimeError naming the failure) until ``reset()``, so nothing of the
+  broken window is carried into the next one.
+
 **Finiteness** (``check_finite=True``): every micro-batch's gradient is checked before it is
 accumulated or stepped; a non-finite one raises :class:`~coap_compile.NonFiniteGradientError` from
 ``backward()`` and that parameter, its state and its accumulator are left unchanged. **Parameters
 already stepped in the same backward pass stay stepped: they cannot be undone** (that would need a copy
 of every weight, which in-backward updates exist to avoid). After such an error call
 ``optimizer.zero_grad()`` and ``handle.reset()`` (drops the window's accumulators and restarts the
-count) before continuing. A deferred check of every gradient before any step would need all gradients
+count) before continuing; with ``accumulation_steps > 1`` the hooks refuse to run until then. A
+deferred check of every gradient before any step would need all gradients
 alive at once, i.e. the normal path: use that when all-or-nothing steps matter.
 
 **Data parallel**: pass the ``DistributedDataParallel`` module itself (its communication hook steps
@@ -65,12 +88,13 @@ gradient, stepping each replica with its local gradient.
 
 **Not available in-backward**: global gradient-norm clipping (``clip_grad_norm_`` needs every gradient
 before any step; after the backward it finds no gradients and does nothing) and ``GradScaler`` (its
-``unscale_``/inf check run between backward and step). Use bf16 autocast, which needs no scaler. Step
-only at accumulation boundaries (``optimizer.step()`` steps whatever still holds a gradient, as always).
+``unscale_``/inf check run between backward and step). Use bf16 autocast, which needs no scaler.
+``optimizer.step()`` inside a window closes it (above).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -107,13 +131,25 @@ class InBackward:
         self._lowrank: dict[Tensor, bool] = {}  # weight -> accumulates X P (True) or G (False), per window
         self._task: int | None = None  # graph task of the backward being counted
         self._additive: dict[int, bool] = {}  # id(program) -> its prologue is G + c(W)
+        self._failed: str | None = None  # why the window broke (a raising backward); cleared by reset()
+        self._own_step = False  # inside this handle's own step_subset calls
         self._handles: list[RemovableHandle] = [
             p.register_post_accumulate_grad_hook(self._hook) for p in params
         ]
+        if accumulation_steps > 1:
+            self._handles.append(optimizer.register_step_pre_hook(self._before_user_step))
 
     # -- public ----------------------------------------------------------------------------------------
     def remove(self) -> None:
-        """Remove the hooks (the optimizer then steps in ``optimizer.step()`` again) and drop accumulators."""
+        """Remove the hooks (the optimizer then steps in ``optimizer.step()`` again). Inside an accumulation
+        window (micro-batches counted or accumulators held) it raises instead, naming the window: call it at
+        a boundary, after ``optimizer.step()`` (which steps what the window holds) or after ``reset()``."""
+        if self._pending():
+            raise RuntimeError(
+                f"remove() inside an accumulation window ({self._window()}) would drop its accumulated "
+                "gradients: call optimizer.step() first (it steps what the window holds), or reset() to "
+                "drop them, then remove()"
+            )
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -121,11 +157,13 @@ class InBackward:
 
     def reset(self) -> None:
         """Drop the accumulators of the current window and restart the micro-batch count (after an error
-        inside a backward pass). Full gradients accumulated by autograd are cleared by ``zero_grad``."""
+        inside a backward pass: required then, the next backward refuses to run the hooks until it is
+        called). Full gradients accumulated by autograd are cleared by ``zero_grad``."""
         self._acc.clear()
         self._lowrank.clear()
         self.micro_batch = 0
         self._task = None
+        self._failed = None
 
     def accumulator_bytes(self) -> int:
         """Bytes of the live low-rank accumulators ``Σ Xᵢ P``."""
@@ -134,19 +172,70 @@ class InBackward:
     def __enter__(self) -> InBackward:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:  # leaving on an error: the window is dropped, not reported again
+            self.reset()
         self.remove()
+
+    def _pending(self) -> bool:
+        return bool(self.micro_batch or self._acc or self._lowrank)
+
+    def _window(self) -> str:
+        return f"micro-batch {self.micro_batch + 1} of {self.accumulation_steps}"
+
+    def _before_user_step(self, _opt: object, *_: object) -> None:
+        """``optimizer.step()`` called by the training loop inside a window (an epoch's end after fewer
+        than ``N`` micro-batches): the window closes here and steps on what it has (module docstring)."""
+        if self._own_step or not self._pending():
+            return
+        if self._failed is not None:
+            raise RuntimeError(
+                f"the accumulation window broke ({self._failed}); call optimizer.zero_grad() and "
+                "handle.reset() before stepping"
+            )
+        self._flush()
 
     # -- hooks -----------------------------------------------------------------------------------------
     def _hook(self, p: Tensor) -> None:
         if self.accumulation_steps == 1:
-            self.optimizer.step_subset([p])
+            self._step_subset([p])
             p.grad = None
             return
+        if self._failed is not None:
+            raise RuntimeError(
+                f"the accumulation window broke ({self._failed}); call optimizer.zero_grad() and "
+                "handle.reset() before the next backward pass"
+            )
+        try:
+            self._count(p)
+            self._accumulate_or_step(p)
+        except BaseException as exc:
+            if self._failed is None:
+                self._failed = f"{type(exc).__name__} in {self._window()}"
+            raise
+
+    def _count(self, p: Tensor) -> None:
+        """Count each user backward once: an engine callback at the end of its graph task. A hook that fires
+        in a nested graph task (a re-entrant backward, ``torch.utils.checkpoint(..., use_reentrant=True)``)
+        is refused: its task ends before the user's, so it would be counted as a backward of its own."""
         task = torch._C._current_graph_task_id()
-        if task != self._task:  # the first hooked parameter of this backward: count it at its end
-            self._task = task
-            _engine_callback(self._end_of_backward)
+        if task == self._task:
+            return
+        if _reentrant():
+            raise RuntimeError(
+                f"parameter {self.optimizer.param_name(p)!r}'s gradient comes from a re-entrant backward "
+                "(torch.utils.checkpoint(..., use_reentrant=True)) inside an in-backward accumulation "
+                "window: it cannot be counted once per backward pass. Use use_reentrant=False (same memory) "
+                "or accumulation_steps=1"
+            )
+        if self._task is not None:  # the previous backward never reached its end (it raised)
+            raise RuntimeError(
+                f"the previous backward pass of the accumulation window did not finish ({self._window()})"
+            )
+        self._task = task
+        _engine_callback(self._end_of_backward)
+
+    def _accumulate_or_step(self, p: Tensor) -> None:
         if self.micro_batch < self.accumulation_steps - 1:
             lowrank = self._lowrank.get(p)
             if lowrank is None:
@@ -187,27 +276,59 @@ class InBackward:
                 )
             if p.grad is None:  # unused in the boundary micro-batch: X = 0 (+ c(W) through the prologue)
                 p.grad = torch.zeros_like(p)
-            opt.step_subset([p], {p: extra})
+            self._step_subset([p], {p: extra})
         elif p.grad is not None:
-            opt.step_subset([p])
+            self._step_subset([p])
         p.grad = None
         self._acc.pop(p, None)
         self._lowrank.pop(p, None)
+
+    def _step_subset(self, params: list[Tensor], lowrank: dict[Tensor, Tensor] | None = None) -> None:
+        self._own_step = True
+        try:
+            self.optimizer.step_subset(params, lowrank)
+        finally:
+            self._own_step = False
 
     def _end_of_backward(self) -> None:
         self._task = None
         if self.micro_batch < self.accumulation_steps - 1:
             self.micro_batch += 1
             return
-        self.micro_batch = 0
-        # Weights that took part in the window but not in its last backward pass step now, as the normal
-        # path steps every parameter that holds a gradient at the boundary.
-        for p in [q for q in self.params if q in self._lowrank or q in self._acc]:
-            self._step(p)
-        for p in self.params:
-            if p.grad is not None:
+        self._flush()
+
+    def _flush(self) -> None:
+        """Close the window: every weight that took part in it and every parameter holding a gradient
+        steps now, as the normal path steps every parameter that holds a gradient at the boundary."""
+        try:
+            for p in [q for q in self.params if q in self._lowrank or q in self._acc]:
                 self._step(p)
+            for p in self.params:
+                if p.grad is not None:
+                    self._step(p)
+        except BaseException as exc:
+            self._failed = f"{type(exc).__name__} at the end of {self._window()}"
+            raise
+        self.micro_batch = 0
         self._lowrank.clear()
+
+
+def _reentrant() -> bool:
+    """Whether this hook runs in a backward started from inside another backward's node (a custom
+    Function's backward calling ``torch.autograd.backward``: re-entrant checkpointing): the Python stack
+    holds an engine entry (``_engine_run_backward``) above a ``BackwardCFunction.apply`` frame."""
+    frame, engine = sys._getframe(1), False
+    while frame is not None:
+        name = frame.f_code.co_name
+        if name == "_engine_run_backward":
+            engine = True
+        elif engine and name == "apply" and frame.f_code.co_filename.endswith(_FUNCTION_FILE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_FUNCTION_FILE = "/".join(("torch", "autograd", "function.py"))
 
 
 def _prologue_is_additive(compiled, inputs: tuple, dtype: torch.dtype) -> bool:

@@ -276,6 +276,12 @@ def build_layout(
         return _full_rank(ctx, _stateless_reason(base, hyper), program)
     if kind is Kind.TUCKER:
         return _tucker(ctx, ranks, tucker_policy, program)
+    if rank > min(p.shape):  # rank_ratio < 1 with project=True (rank itself is clamped)
+        raise ValueError(
+            f"rank_ratio={settings.rank_ratio!r} gives {where} of shape {tuple(p.shape)} rank {rank} > "
+            f"min(m, n) = {min(p.shape)}; a projected weight needs rank_ratio >= 1 (project=True forces "
+            "the projection)"
+        )
     kernels = None
     if p.dtype in (torch.float32, torch.bfloat16) and (
         backend == "triton" or (backend == "auto" and p.is_cuda)

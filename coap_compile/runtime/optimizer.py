@@ -67,6 +67,7 @@ from torch import Tensor
 from ..projection import ProjectionPolicy
 from . import checkpoint
 from .eager_only import eager_only, prime
+from .hyper import check_base_hyperparams, lr_token
 from .layout import Kind, ParamLayout
 from .plan import OptimizerConfig, RuntimePlan, build_plan, program_changes
 from .precision import StateIO
@@ -249,6 +250,9 @@ class CoapOptimizer(torch.optim.Optimizer):
         scope = self._runner.scope if self._plan is not None else None
         self._plan = plan
         self._hyper_seen = list(plan.hyper_keys)
+        self._values_seen = [  # build_plan checked them
+            (k, lr_token(g.get("lr"))) for k, g in zip(plan.hyper_keys, self.param_groups)
+        ]
         self._runner = StepRunner(self, plan)
         self._runner.scope = scope
         prime()  # torch._dynamo already imported: _prepare's eager-only wrapper before any trace
@@ -314,7 +318,10 @@ class CoapOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        compiling = torch.compiler.is_compiling()
+        # Dynamo traces *this* thread (constant True in its trace, False eagerly). Not
+        # torch.compiler.is_compiling(): a process-wide flag, True in every thread while any thread runs
+        # a torch.compile session, so a concurrent eager step would take the traced path (issue 21).
+        compiling = torch.compiler.is_dynamo_compiling()
         if not compiling:
             prime()  # Dynamo imported since: make _prepare's disabled wrapper before any trace
         if not self._prepare(found_inf, compiling):
@@ -328,9 +335,23 @@ class CoapOptimizer(torch.optim.Optimizer):
         if found_inf is not None and bool(found_inf.detach().cpu().any()):  # the step's one host read
             return False
         keys = [hyper_key(base_hyperparams(g)) for g in self.param_groups]
+        self._check_values(keys)
         self.sync_plan(keys)
         self._runner.prepare(self, keys, compiling, check_finite=found_inf is None)
         return True
+
+    def _check_values(self, keys: list[tuple]) -> None:
+        """The base hyperparameters of every group whose values changed since their last check (``keys``:
+        the groups' :func:`~.scalars.hyper_key`), checked by the base class itself before anything is
+        written (:mod:`.hyper`); ValueError/TypeError naming the group."""
+        seen = self._values_seen
+        if len(seen) != len(self.param_groups):
+            seen[:] = [None] * len(self.param_groups)
+        for i, g in enumerate(self.param_groups):
+            key = (keys[i], lr_token(g.get("lr")))
+            if key != seen[i]:
+                check_base_hyperparams(self._config.base, g, i)
+                seen[i] = key
 
     # -- checkpoints and copies ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

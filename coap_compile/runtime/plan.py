@@ -28,6 +28,7 @@ from ..capture import CapturedUpdate
 from ..compiler import CompiledBase, compile_base
 from ..projection import ProjectionPolicy
 from .grouped import MatrixGroup, build_groups, per_matrix_reason
+from .hyper import check_base_hyperparams
 from .layout import Kind, ParamLayout, build_layout, full_program
 from .scalars import base_hyperparams, hyper_key
 from .settings import CoapSettings, OptimizerOptions, raw_key
@@ -89,10 +90,13 @@ class RuntimePlan:
 
 
 def build_plan(config: OptimizerConfig, param_groups: list[dict]) -> RuntimePlan:
-    """The plan of ``param_groups`` (module docstring). Validates every group's settings first."""
+    """The plan of ``param_groups`` (module docstring). Validates every group's settings first: COAP's
+    keys (:class:`~.settings.CoapSettings`) and the base hyperparameters (:mod:`.hyper`)."""
     settings = tuple(
         CoapSettings.from_group(g, i, config.policy_instance) for i, g in enumerate(param_groups)
     )
+    for i, g in enumerate(param_groups):
+        check_base_hyperparams(config.base, g, i)
     layouts: dict[Tensor, ParamLayout] = {}
     seed = 0
     for i, (g, s) in enumerate(zip(param_groups, settings)):

@@ -82,7 +82,7 @@ class LiveScalars:
         """``(lr, hyperparameters)``: 0-d views of the group's vector (made once per vector eagerly; a
         traced step indexes in the graph)."""
         v = self.vectors[group_index]
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():  # this thread is traced (not any thread: issue 21)
             return v[0], [v[j] for j in range(1, v.numel())]
         cached = self._views[group_index]
         if cached is None or cached[0] is not v:

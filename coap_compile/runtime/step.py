@@ -27,6 +27,7 @@ epilogues, and torch's inner optimizer for full-rank parameters. It is rebuilt w
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,7 +37,7 @@ from ..distributed import fsdp
 from ..distributed.agreement import check_settings_agree
 from ..lowering.kernels import KernelPlan, kernel_plan, stored_kernel_plan
 from .counters import StepCounters
-from .fullrank import ensure_full_state, full_update_
+from .fullrank import ensure_full_state, full_update_, restored_full_state
 from .grouped import GroupBuffers, grouped_update_, ready
 from .layout import Kind, full_program
 from .plan import RuntimePlan
@@ -69,6 +70,7 @@ class StepRunner:
         self.work: list[tuple[Tensor, Any]] = []
         self.work_groups: list[tuple[Any, tuple]] = []
         self.agreed = False  # the collective settings checked across the shard groups (once per plan)
+        self.full_checked: set[Tensor] = set()  # full-rank parameters whose state has this plan's layout
         inner_groups, self.inner_index = [], {}
         for i, g in enumerate(opt.param_groups):
             full = [p for p in g["params"] if plan.layouts[p].kind is Kind.TORCH]
@@ -150,8 +152,9 @@ class StepRunner:
         return out
 
     def _refresh(self, opt: Any, due_now: list[tuple[Tensor, Any]]) -> None:
-        """Compute every due refresh, then commit them all (nothing written if one raises)."""
-        commits = []
+        """Compute every due refresh and full-rank layout change, then commit them all (nothing written if
+        one raises)."""
+        commits = self._full_rank_conversions(opt)
         for p, d in due_now:
             if not d.action:
                 continue
@@ -163,6 +166,25 @@ class StepRunner:
                 commits.append(commit)
         for commit in commits:
             commit()
+
+    def _full_rank_conversions(self, opt: Any) -> list:
+        """Commits moving full-rank states into this plan's layout (a ``state_precision`` edit:
+        :func:`.fullrank.restored_full_state`), each checked once per plan."""
+        commits = []
+        for p, lay in self.plan.layouts.items():
+            if lay.projected or p in self.full_checked or not self.in_scope(p):
+                continue
+            io = opt.state_io(p) if lay.kind is Kind.DERIVED else None
+            new = restored_full_state(opt.state[p], p, io) if lay.shard is None else None
+            if lay.shard is not None and any(io.keys_of(n) and not io.matches(n) for n in io.storages):
+                raise ValueError(
+                    f"{lay.where}: state_precision={lay.settings.state_precision!r} changes the storage of "
+                    "its FSDP2-sharded full-rank states; choose state_precision before its first step"
+                )
+            if new is not None:
+                commits.append(functools.partial(_replace, opt.state[p], new))
+            self.full_checked.add(p)
+        return commits
 
     def _work_list(self, opt: Any, compiling: bool) -> None:
         """What :meth:`update` steps: runs of matrix groups ready as one (not in a scoped step), then
@@ -262,3 +284,8 @@ class StepRunner:
 def scoped(params: Iterable[Tensor], lowrank: dict[Tensor, Tensor] | None) -> dict[Tensor, Tensor | None]:
     """The scope of a restricted step: each parameter and its low-rank term (or None)."""
     return {p: (lowrank or {}).get(p) for p in params}
+
+
+def _replace(state: dict, new: dict) -> None:
+    state.clear()
+    state.update(new)

@@ -39,7 +39,9 @@ The interface (one instance per configuration; the instances are stateless, all 
   copy; treat it as read-only or write it back with ``store_``);
 * ``store_(stored, name, value)``: round/quantize ``value`` *into the existing tensors* (no reallocation;
   the same tensor objects before and after);
-* ``nbytes(shape, kind) -> int``: exact bytes of ``zeros(...)`` (closed form, shapes only: meta-safe).
+* ``nbytes(shape, kind) -> int``: exact bytes of ``zeros(...)`` (closed form, shapes only: meta-safe);
+* ``validate(stored, name, shape, kind)``: ValueError unless ``stored`` holds the state as ``zeros`` lays
+  it out (keys, dtypes, shapes, companions, finite values): what checkpoint loading checks.
 
 ``kind`` is the compiler's classification of the state (``passes.decompose``): ``"first_moment"``
 (``s' = a·s + b·x``, signed), ``"second_moment"`` (``s' = a·s + b·x²``, non-negative) or ``"other"``.
@@ -178,6 +180,33 @@ class StateStorage(ABC):
     def keys(self, name: str, shape: Sequence[int], kind: str = "other") -> tuple[str, ...]:
         """The keys :meth:`zeros` creates for ``name`` (from shapes only)."""
         return tuple(self.zeros(name, shape, "meta", kind))
+
+    def validate(
+        self, stored: dict[str, Tensor], name: str, shape: Sequence[int], kind: str = "other"
+    ) -> None:
+        """Raise ``ValueError`` (naming the key and what this storage expects) unless ``stored`` holds
+        state ``name`` of logical ``shape`` exactly as :meth:`zeros` lays it out: every key present (values
+        or codes, and companions such as int8 scales and rounding streams), no other key of the state,
+        each with the expected dtype and shape, floating tensors finite. Checkpoint loading calls it
+        before anything changes (:mod:`coap_compile.runtime.checkpoint`); formats add their own rules."""
+        want = self.zeros(name, shape, "meta", kind)
+        have = [k for k in stored if k == name or k.startswith(name + ".")]
+        extra = sorted(set(have) - set(want))
+        if extra:
+            raise ValueError(
+                f"keys {extra} are not part of {self.name} state {name!r} (expected {sorted(want)})"
+            )
+        for key, like in want.items():
+            t = stored.get(key)
+            if not isinstance(t, Tensor):
+                raise ValueError(f"{self.name} state {name!r} needs key {key!r}, found keys {sorted(have)}")
+            if t.dtype != like.dtype or tuple(t.shape) != tuple(like.shape):
+                raise ValueError(
+                    f"{key!r} is {t.dtype} {tuple(t.shape)}; {self.name} storage expects {like.dtype} "
+                    f"{tuple(like.shape)}"
+                )
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{key!r} holds inf/NaN")
 
     def from_value(
         self, name: str, value: Tensor, kind: str = "other", *, seed: int = 0

@@ -351,6 +351,17 @@ class Int8Storage(StateStorage):
             )
         return out
 
+    def validate(self, stored, name, shape, kind="other"):
+        """The base rules (codes, scales and rounding stream present with their dtypes and shapes), and
+        scales ``≥ 0`` (an absmax), a rounding counter ``≥ 0``."""
+        super().validate(stored, name, shape, kind)
+        scales = stored.get(name + self.scale_suffix)
+        if scales is not None and bool((scales < 0).any()):
+            raise ValueError(f"{name + self.scale_suffix!r} holds negative block scales (an absmax is >= 0)")
+        rng = stored.get(name + self.rng_suffix)
+        if rng is not None and int(rng[1]) < 0:
+            raise ValueError(f"{name + self.rng_suffix!r} has a negative counter {int(rng[1])}")
+
     def _parts(self, stored: dict[str, Tensor], name: str) -> tuple[Tensor, Tensor, BlockLayout, CodeMap]:
         codes = _get(stored, name + self.value_suffix, "int8")
         absmax = _get(stored, name + self.scale_suffix, "int8")
