@@ -75,18 +75,30 @@ from .correlation import (
     DEFAULT_ANGLE,
     correlation_step,
 )
-from .linalg import OMEGA_SEED, align_signs, check_positive_int, draw_omega, restore_moments
+from .linalg import (
+    BASES,
+    OMEGA_SEED,
+    align_signs,
+    check_positive_int,
+    draw_omega,
+    drop_null,
+    orient,
+    restore_moments,
+)
 
 __all__ = [
     "CORRELATION_LR",
     "CORRELATION_MAX_NORM",
     "CORRELATION_MODES",
+    "DEFAULT_BASIS",
     "COSINE_EPS",
     "CoapPolicy",
     "correlation_step",
     "restore_moments",
 ]
 
+#: Default of ``CoapPolicy(basis=...)`` / ``CoapSettings.basis`` (the measurement is in the module docstring).
+DEFAULT_BASIS = "signs"
 #: Values of ``CoapPolicy(correlation=...)``.
 CORRELATION_MODES = ("paper", "normalized", "off")
 
@@ -121,7 +133,11 @@ class CoapPolicy(ProjectionPolicy):
         seed: int = OMEGA_SEED,
         correlation: str = "paper",
         correlation_angle: float = DEFAULT_ANGLE,
+        basis: str = DEFAULT_BASIS,
     ) -> None:
+        if not isinstance(basis, str) or basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}, got basis={basis!r}")
+        self.basis_rule = basis
         self.update_interval = check_positive_int("update_interval", update_interval)
         self.reproject_factor = check_positive_int("reproject_factor", reproject_factor)
         self.restore_state = bool(restore_state)
@@ -146,16 +162,27 @@ class CoapPolicy(ProjectionPolicy):
         return (
             f"CoapPolicy(update_interval={self.update_interval}, reproject_factor={self.reproject_factor}, "
             f"restore_state={self.restore_state}, seed={self.seed}, correlation={self.correlation!r}, "
-            f"correlation_angle={self.correlation_angle!r})"
+            f"correlation_angle={self.correlation_angle!r}, basis={self.basis_rule!r})"
         )
 
     def init_state(self, x: Tensor, rank: int, comm: Comm = LOCAL) -> dict[str, Tensor]:
-        """``P = orthogonal_basis(X, r)`` with the seeded ``Ω``; with an aligned ``comm`` (the rows side,
-        :class:`~.base.Comm`) each column's sign then follows ``Ω``."""
-        p = comm.basis(x, rank, seed=self.seed)
-        if comm.aligned:
+        """``P = orthogonal_basis(X, r)`` with the seeded ``Ω``, each column's sign following ``Ω``
+        (``basis="official"``: LAPACK's signs, except on the rows side, :class:`~.base.Comm`), null
+        directions zeroed (:func:`~.linalg.drop_null`; not with ``"official"``)."""
+        p, sv = comm.basis_sv(x, rank, seed=self.seed)
+        if self.basis_rule != "official" or comm.aligned:
             p = align_signs(p, draw_omega(x.shape[1], rank, self.seed, x.device)).contiguous()
-        return {"proj": p}
+        return {"proj": self._drop_null(p, sv, x.shape)}
+
+    def _drop_null(self, p: Tensor, sv: Tensor | None, shape) -> Tensor:
+        return p if self.basis_rule == "official" else drop_null(p, sv, shape)
+
+    def orientation(self, comm: Comm) -> str:
+        """The :func:`~.linalg.orient` rule of an SVD refresh: ``basis``, and signs on the rows side
+        whatever ``basis`` (its sharded QR fixes other signs than LAPACK's; FSDP2 equals its reference)."""
+        if self.basis_rule == "official":
+            return "signs" if comm.aligned else "official"
+        return self.basis_rule
 
     def refresh_kind(self, k: int) -> RefreshKind:
         if k == 0:
@@ -185,10 +212,8 @@ class CoapPolicy(ProjectionPolicy):
         if kind == "init":
             p.copy_(self.init_state(x, p.shape[1], comm)["proj"])
         elif kind == "svd":
-            old = p.clone() if comm.aligned else None
-            p.copy_(comm.basis(x, p.shape[1], omega=p))
-            if old is not None:
-                p.copy_(align_signs(p, old))
+            new, sv = comm.basis_sv(x, p.shape[1], omega=p)
+            p.copy_(orient(self._drop_null(new, sv, x.shape), p, self.orientation(comm)))
         else:
             if first_moment is None:
                 raise ValueError(
@@ -196,5 +221,10 @@ class CoapPolicy(ProjectionPolicy):
                     "got first_moment=None"
                 )
             angle = None if self.correlation == "paper" else self.correlation_angle
-            p.copy_(comm.correlation_step(p, x, first_moment, transposed=transposed, angle=angle))
+            live = p.abs().amax(0) > 0
+            if bool(live.all()):
+                p.copy_(comm.correlation_step(p, x, first_moment, transposed=transposed, angle=angle))
+            elif bool(live.any()):  # null directions stay null until the next SVD refresh
+                f = first_moment[:, live]
+                p[:, live] = comm.correlation_step(p[:, live], x, f, transposed=transposed, angle=angle)
         return True
