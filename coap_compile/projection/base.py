@@ -73,10 +73,11 @@ class Comm:
 
     A policy's :meth:`~ProjectionPolicy.init_state` and :meth:`~ProjectionPolicy.refresh` take one; the
     policy code is the same sharded or not. This base class is the single process: every sum over the
-    rows of ``X`` is local. :data:`LOCAL` is the canonical side (the official code's arithmetic);
+    rows of ``X`` is local. :data:`LOCAL` is the canonical side (the official code's arithmetic; how its
+    refreshed bases are oriented is the policy's ``basis`` option, :func:`~.linalg.orient`);
     :data:`ROWS` is the rows side's single-process reference (``projection_side="rows"``), whose bases
-    follow the *aligned* convention: after an init or SVD refresh each column's sign follows ``Ω`` or the
-    previous ``P`` (:func:`~.linalg.align_signs`), since a sharded QR fixes other signs than LAPACK's.
+    are *aligned* whatever ``basis`` says: after an init or SVD refresh each column's sign follows ``Ω`` or
+    the previous ``P`` (:func:`~.linalg.align_signs`), since a sharded QR fixes other signs than LAPACK's.
     :class:`coap_compile.distributed.fsdp.ShardComm` is the FSDP2 row shard: the same two products with
     their sums all-reduced over the shard group.
 

@@ -58,6 +58,32 @@ The lower subspace residual of the normalized step did not turn into a lower los
 "paper" (more than one standard deviation), and "paper" equals "off" within 0.003, as its 6e-9° turn
 predicts. The default stays ``"paper"``: the published algorithm, as good as any mode measured here, and its
 cost is the correlation refresh measured in ``bench step`` (no dearer than the SVD refresh).
+
+**Basis continuity** (``basis``, issue 19). The moments are kept across a refresh (``restore_state=False``),
+so the orientation of the new basis matters: a column whose sign flips reverses its direction's momentum,
+and LAPACK fixes no signs. ``basis="signs"`` (default) flips each column of an SVD refresh onto its
+predecessor and the init's onto ``Ω`` (:func:`~.linalg.align_signs`); ``"rotation"`` takes the Procrustes
+basis of the new span closest to the old ``P`` (:func:`~.linalg.align_rotation`); ``"official"`` leaves
+LAPACK's signs (the official code, bit for bit; on the rows side the signs stay aligned, the FSDP2
+convention). Measured with the setup of ``tests/test_stable_refresh.py``'s property (one ulp on
+one entry of the gradient at the SVD refresh ``k = 24``, 100 AdamW steps, ``r = 16``, ``T_u = 8``, ``λ = 3``,
+shapes 64×48, 48×96, 96×96 × seeds 0–2; relative change of the accumulated update, max / median over
+the 9 runs, 2-core Xeon)::
+
+    official   0.26     / 4.5e-6      (48×96 seeds 1, 2: 0.15, 0.23 — flipped columns)
+    signs      9.8e-6   / 4.2e-6
+    rotation   2.2e-6   / 1.7e-6
+
+Both meet the 1e-3 target. ``"signs"`` is the default: it keeps the singular-vector coordinates in which
+Adam normalises per coordinate (the paper's basis; a rotation mixes coordinates whose second moments
+differ) and it is already the rows side's convention, so FSDP2 needs no change. The training-quality
+comparison of the two on the demo LM is recorded with ``bench quality`` (optimizers ``coap``,
+``coap-rotation``, ``coap-official``) where the README's *Results* say.
+
+**Null directions** (:func:`~.linalg.drop_null`): at the init and every SVD refresh, columns whose singular
+value is ``≤ ε·σ₁·max(M, N)`` are zeroed (not with ``"official"``, nor on the rows side, whose sharded range
+finder returns no singular values); correlation steps move the live columns only, so the null ones stay
+zero until the next SVD refresh recomputes them from the gradient.
 """
 
 from __future__ import annotations

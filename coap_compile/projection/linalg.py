@@ -122,7 +122,8 @@ def orient(p: Tensor, reference: Tensor, basis: str) -> Tensor:
     ref = reference.to(p.dtype)
     if ref.shape[1] != p.shape[1]:
         r = p.shape[1]
-        ref = ref[:, :r] if ref.shape[1] > r else torch.cat([ref, ref.new_zeros(ref.shape[0], r - ref.shape[1])], 1)
+        pad = ref.new_zeros(ref.shape[0], max(r - ref.shape[1], 0))
+        ref = ref[:, :r] if ref.shape[1] > r else torch.cat([ref, pad], 1)
     if basis == "signs":
         return align_signs(p, ref).contiguous()
     live = p.abs().amax(0) > 0
