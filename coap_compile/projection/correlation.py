@@ -173,12 +173,19 @@ def correlation_step(
     return p.detach() - lr * grad
 
 
-def _safe_inputs(x: Tensor, first_moment: Tensor) -> tuple[Tensor, Tensor, float]:
+#: ``max|X|·√(M·N)`` above which the normalized step rescales ``X`` (and ``F``): ``HᵀH`` then stays ``≲ 2⁶⁴``.
+NORMALIZED_LIMIT = 2.0**16
+
+
+def _safe_inputs(x: Tensor, first_moment: Tensor, limit: float | None = None) -> tuple[Tensor, Tensor, float]:
     """``(X / s, F / s_F, s)``: both rescaled by powers of two when their Gram products could overflow
     (:func:`~.linalg.overflow_scale`; 1 for training-scale inputs, which then run unchanged). ``c̄`` is
     invariant to the scale of ``F`` and ``X``, ``E`` scales by ``s²``: ``∇L(X, F) = s² ∇L(X/s, F/s_F)``
-    (up to the cosine's ``ε = 1e-8`` clamps, which only matter for rows of norm ``< 1e-8·s``)."""
-    sx, sf = overflow_scale(x), overflow_scale(first_moment)
+    (up to the cosine's ``ε = 1e-8`` clamps, which only matter for rows of norm ``< 1e-8·s``).
+    ``F`` is bounded by ``max|F|·√(M r) ≤ 2¹⁶`` (the cosine's derivative forms ``‖F‖³‖X‖``: measured, an
+    unscaled ``F`` of ``2⁴⁰`` made it overflow to 0 and the step's direction 12 % off)."""
+    # F is rescaled to the small bound always: d2 forms ‖F‖³‖X‖ (the cosine's derivative).
+    sx, sf = overflow_scale(x, limit), overflow_scale(first_moment, NORMALIZED_LIMIT)
     if sx != 1.0:
         x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32) / sx
     if sf != 1.0:
@@ -201,7 +208,8 @@ def normalized_correlation_step(
     p = p.detach()
     if p.shape[1] >= p.shape[0]:
         return p.clone()
-    x, first_moment, _ = _safe_inputs(x, first_moment)  # the step is invariant to the scale of ∇L
+    # The step is invariant to the scale of ∇L, which HᵀH raises to the 4th power of ‖X‖²: rescale early.
+    x, first_moment, _ = _safe_inputs(x, first_moment, NORMALIZED_LIMIT)
     grad, s = _grad_and_gram(p, x, first_moment, transposed)
     ptg = p.t() @ grad
     h = grad - p @ ptg

@@ -156,15 +156,18 @@ def null_columns(sv: Tensor, shape: tuple[int, int]) -> Tensor:
 #: ``X`` is rescaled by a power of two before products that can overflow when ``max|X|·√(M·N)`` exceeds this
 #: (``‖X‖²_F`` and ``(X P)ᵀ(X P)`` stay below ``finfo.max / 2¹⁶``). Below it nothing is rescaled, so the
 #: arithmetic (and every recorded trajectory) is unchanged for training-scale gradients.
-def overflow_scale(x: Tensor) -> float:
+def overflow_scale(x: Tensor, limit: float | None = None) -> float:
     """A power of two ``s`` such that ``X / s`` is safe for the Gram products of the refreshes, or 1.0.
 
     Exact: dividing by a power of two changes no mantissa (barring subnormals), so ``X / s`` is ``X``'s
-    values at another exponent; the callers undo ``s`` where the result is not scale-invariant.
+    values at another exponent; the callers undo ``s`` where the result is not scale-invariant. ``limit``
+    replaces the bound on ``max|X|·√(M·N)`` (the normalized correlation step forms ``HᵀH ∝ ‖X‖⁸``-sized
+    products and uses ``2¹⁶``).
     """
     if x.numel() == 0:
         return 1.0
-    limit = math.sqrt(torch.finfo(work_dtype(x)).max) / 2.0**8
+    if limit is None:
+        limit = math.sqrt(torch.finfo(work_dtype(x)).max) / 2.0**8
     amax = float(x.detach().abs().amax()) * math.sqrt(x.numel())
     if not math.isfinite(amax) or amax <= limit:
         return 1.0
