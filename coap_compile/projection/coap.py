@@ -76,9 +76,9 @@ the 9 runs, 2-core Xeon)::
 
 Both meet the 1e-3 target. ``"signs"`` is the default: it keeps the singular-vector coordinates in which
 Adam normalises per coordinate (the paper's basis; a rotation mixes coordinates whose second moments
-differ) and it is already the rows side's convention, so FSDP2 needs no change. The training-quality
-comparison of the two on the demo LM is recorded with ``bench quality`` (optimizers ``coap``,
-``coap-rotation``, ``coap-official``) where the README's *Results* say.
+differ) and it is already the rows side's convention, so FSDP2 needs no change. Not yet measured: their
+training quality on the demo LM (``bench quality --tune-lr`` with ``coap``, ``coap-rotation``,
+``coap-official``; the demo LM ran at 7.6 s/step on the shared 2-core CPU where this was decided).
 
 **Null directions** (:func:`~.linalg.drop_null`): at the init and every SVD refresh, columns whose singular
 value is ``≤ ε·σ₁·max(M, N)`` are zeroed (not with ``"official"``, nor on the rows side, whose sharded range
