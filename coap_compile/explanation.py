@@ -10,7 +10,7 @@ from .capture import LIVE
 from .passes.decompose import GRAD, LR, PARAM, K, X, state_symbol
 from .runtime.grouped import explain_groups
 
-__all__ = ["explain_optimizer"]
+__all__ = ["effective_ranks", "explain_optimizer"]
 
 
 def _fmt(e: sympy.Expr) -> str:
@@ -108,6 +108,22 @@ def _program(gi: int, dtype, ndim: int, compiled, group: dict) -> list[str]:
     return out
 
 
+def effective_ranks(opt) -> list[str]:
+    """Projected matrices whose basis has null directions (zero columns of ``P``, dropped because their
+    singular value was numerically zero at the last init or refresh, :func:`~.projection.linalg.drop_null`):
+    ``name (shape): effective rank e of r``. Empty when every basis is full (or before the first step)."""
+    out = []
+    for p in opt.projected_parameters():
+        lay, state = opt.layout(p), opt.state.get(p, {})
+        if lay.ranks or "proj" not in state:  # Tucker factors, or not stepped yet
+            continue
+        basis = lay.policy.basis(state)
+        live = int((basis.abs().amax(0) > 0).sum())
+        if live < basis.shape[1]:
+            out.append(f"  {opt.param_name(p)} {tuple(p.shape)}: effective rank {live} of {basis.shape[1]}")
+    return out
+
+
 def explain_optimizer(opt) -> str:
     """The report of :meth:`~coap_compile.CoapOptimizer.explain`, from the optimizer's public interface:
     header, one section per compiled program, re-compilations, the grouped update, the memory plan."""
@@ -115,6 +131,10 @@ def explain_optimizer(opt) -> str:
     programs = sorted(opt.plan.programs().items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2]))
     for (gi, dtype, ndim), compiled in programs:
         out += _program(gi, dtype, ndim, compiled, opt.param_groups[gi])
+    low = effective_ranks(opt)
+    if low:
+        out.append("\neffective rank below r (null directions get no update until the next SVD refresh):")
+        out += low
     if opt.events:
         out.append("\nre-compilations (structural hyperparameters changed):")
         out += [f"  {e}" for e in opt.events]

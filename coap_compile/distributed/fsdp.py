@@ -19,8 +19,9 @@ reduce-scatter. COAP keeps such a weight's update local on every shard:
   either sign; aligning removes that ambiguity and keeps a kept moment's coordinate pointing the same
   way across a refresh (measured on the FSDP2 test's model: 11 of 24 columns flipped on the raw
   single-process path at the first two SVD refreshes). ``align_signs`` keeps the singular-vector basis
-  (``align_rotation`` would replace it by the rotation closest to ``ref``, a different optimizer). The
-  default ``"auto"`` side of plain tensors is unchanged (no alignment).
+  (``align_rotation`` would replace it by the rotation closest to ``ref``, a different optimizer). Since
+  issue 19 the ``"auto"`` side aligns too (the policies' ``basis`` option, default ``"signs"``); the rows
+  side keeps its sign alignment even under ``basis="official"``.
 * **Refreshes** (the policy's own code run over a :class:`ShardComm`, the communication context of
   :class:`~coap_compile.projection.Comm`): the randomized range finder / low-cost SVD
   (:func:`~coap_compile.distributed.linalg.orthogonal_basis`: two ``r×r`` Gram all-reduces and one

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .correlation import correlation_step, normalized_correlation_step
-from .linalg import OMEGA_SEED, orthogonal_basis, restore_moments
+from .linalg import OMEGA_SEED, orthogonal_basis, orthogonal_basis_sv, restore_moments
 
 __all__ = ["LOCAL", "ROWS", "Comm", "Layout", "ProjectionPolicy", "RefreshKind", "canonical", "resolve_rank"]
 
@@ -73,10 +73,11 @@ class Comm:
 
     A policy's :meth:`~ProjectionPolicy.init_state` and :meth:`~ProjectionPolicy.refresh` take one; the
     policy code is the same sharded or not. This base class is the single process: every sum over the
-    rows of ``X`` is local. :data:`LOCAL` is the canonical side (the official code's arithmetic);
+    rows of ``X`` is local. :data:`LOCAL` is the canonical side (the official code's arithmetic; how its
+    refreshed bases are oriented is the policy's ``basis`` option, :func:`~.linalg.orient`);
     :data:`ROWS` is the rows side's single-process reference (``projection_side="rows"``), whose bases
-    follow the *aligned* convention: after an init or SVD refresh each column's sign follows ``Ω`` or the
-    previous ``P`` (:func:`~.linalg.align_signs`), since a sharded QR fixes other signs than LAPACK's.
+    are *aligned* whatever ``basis`` says: after an init or SVD refresh each column's sign follows ``Ω`` or
+    the previous ``P`` (:func:`~.linalg.align_signs`), since a sharded QR fixes other signs than LAPACK's.
     :class:`coap_compile.distributed.fsdp.ShardComm` is the FSDP2 row shard: the same two products with
     their sums all-reduced over the shard group.
 
@@ -93,6 +94,17 @@ class Comm:
     def basis(self, x: Tensor, rank: int, *, omega: Tensor | None = None, seed: int = OMEGA_SEED) -> Tensor:
         """The low-cost SVD / randomized range finder of ``X`` (:func:`~.linalg.orthogonal_basis`)."""
         return orthogonal_basis(x, rank, omega=omega, seed=seed)
+
+    def basis_sv(
+        self, x: Tensor, rank: int, *, omega: Tensor | None = None, seed: int = OMEGA_SEED
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`basis` and its singular values (for the null directions,
+        :func:`~.linalg.null_columns`), or None where they are not computed: the rows side (FSDP2's
+        sharded range finder and its single-process reference :data:`ROWS`, kept equal) does not drop
+        null directions yet."""
+        if self.sharded or self.aligned:
+            return self.basis(x, rank, omega=omega, seed=seed), None
+        return orthogonal_basis_sv(x, rank, omega=omega, seed=seed)
 
     def correlation_step(
         self, p: Tensor, x: Tensor, m: Tensor, *, transposed: bool, angle: float | None

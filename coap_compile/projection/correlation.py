@@ -63,6 +63,8 @@ import math
 import torch
 from torch import Tensor
 
+from .linalg import overflow_scale
+
 __all__ = [
     "CORRELATION_LR",
     "CORRELATION_MAX_NORM",
@@ -160,11 +162,35 @@ def correlation_step(
     ``∇`` is :func:`correlation_grad` (no autograd, no ``.grad`` buffer, works under ``no_grad``). ``P`` is
     not modified.
     """
+    x, first_moment, sx = _safe_inputs(x, first_moment)
     grad = correlation_grad(p, x, first_moment, transposed=transposed)
+    if sx != 1.0:  # ∇L(X) = s²·∇L(X / s): clip the true gradient, in float64 scalars (no overflow)
+        true_norm = sx * sx * float(grad.double().norm())
+        return p.detach() - (lr * sx * sx * min(1.0, max_norm / (true_norm + 1e-6))) * grad
     coef = max_norm / (float(grad.norm()) + 1e-6)
     if coef < 1.0:
         grad = grad * coef
     return p.detach() - lr * grad
+
+
+#: ``max|X|·√(M·N)`` above which the normalized step rescales ``X`` (and ``F``): ``HᵀH`` then stays ``≲ 2⁶⁴``.
+NORMALIZED_LIMIT = 2.0**16
+
+
+def _safe_inputs(x: Tensor, first_moment: Tensor, limit: float | None = None) -> tuple[Tensor, Tensor, float]:
+    """``(X / s, F / s_F, s)``: both rescaled by powers of two when their Gram products could overflow
+    (:func:`~.linalg.overflow_scale`; 1 for training-scale inputs, which then run unchanged). ``c̄`` is
+    invariant to the scale of ``F`` and ``X``, ``E`` scales by ``s²``: ``∇L(X, F) = s² ∇L(X/s, F/s_F)``
+    (up to the cosine's ``ε = 1e-8`` clamps, which only matter for rows of norm ``< 1e-8·s``).
+    ``F`` is bounded by ``max|F|·√(M r) ≤ 2¹⁶`` (the cosine's derivative forms ``‖F‖³‖X‖``: measured, an
+    unscaled ``F`` of ``2⁴⁰`` made it overflow to 0 and the step's direction 12 % off)."""
+    # F is rescaled to the small bound always: d2 forms ‖F‖³‖X‖ (the cosine's derivative).
+    sx, sf = overflow_scale(x, limit), overflow_scale(first_moment, NORMALIZED_LIMIT)
+    if sx != 1.0:
+        x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32) / sx
+    if sf != 1.0:
+        first_moment = first_moment.detach().float() / sf
+    return x, first_moment, sx
 
 
 def normalized_correlation_step(
@@ -182,6 +208,8 @@ def normalized_correlation_step(
     p = p.detach()
     if p.shape[1] >= p.shape[0]:
         return p.clone()
+    # The step is invariant to the scale of ∇L, which HᵀH raises to the 4th power of ‖X‖²: rescale early.
+    x, first_moment, _ = _safe_inputs(x, first_moment, NORMALIZED_LIMIT)
     grad, s = _grad_and_gram(p, x, first_moment, transposed)
     ptg = p.t() @ grad
     h = grad - p @ ptg

@@ -8,6 +8,7 @@ RNG is never consumed: random draws come from private, seeded ``torch.Generator`
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -16,9 +17,17 @@ from torch import Tensor
 
 __all__ = [
     "OMEGA_SEED",
+    "BASES",
+    "align_rotation",
     "align_signs",
+    "null_columns",
+    "orient",
+    "orthogonal_basis_sv",
+    "overflow_scale",
+    "top_right_singular_vectors_sv",
     "check_positive_int",
     "draw_omega",
+    "drop_null",
     "gaussian_basis",
     "largest_principal_angle",
     "orthogonal_basis",
@@ -27,6 +36,10 @@ __all__ = [
     "top_right_singular_vectors",
     "work_dtype",
 ]
+
+#: Values of the ``basis`` option of the policies (``CoapSettings.basis``): how a refreshed basis is oriented
+#: against the previous one (:func:`orient`). ``"official"`` leaves LAPACK's signs (the official code).
+BASES = ("signs", "rotation", "official")
 
 #: Seed of the random test matrix Ω of the first randomized SVD (the official code's constant).
 OMEGA_SEED = 3407
@@ -78,6 +91,106 @@ def align_signs(p: Tensor, reference: Tensor) -> Tensor:
     return p * torch.where(dots < 0, -1.0, 1.0).to(p.dtype)
 
 
+def align_rotation(p: Tensor, reference: Tensor) -> Tensor:
+    """The orthonormal basis of ``span(p)`` closest to ``reference`` in Frobenius norm (a new tensor).
+
+    ``p`` must have orthonormal columns (``N×r``). With ``U Σ Vᵀ = svd(pᵀ reference)`` the result is
+    ``p U Vᵀ`` (orthogonal Procrustes). It is unchanged when ``p`` is replaced by ``p Q`` for any
+    orthogonal ``Q`` (column signs, rotations inside repeated singular values), provided ``pᵀ reference``
+    is nonsingular (no direction of the new subspace orthogonal to the reference).
+    """
+    if p.shape != reference.shape:
+        raise ValueError(
+            f"p and reference must have the same shape, got {tuple(p.shape)} and {tuple(reference.shape)}"
+        )
+    u, _, vh = torch.linalg.svd(p.mT @ reference.to(p.dtype))
+    return (p @ (u @ vh)).contiguous()
+
+
+def orient(p: Tensor, reference: Tensor, basis: str) -> Tensor:
+    """``p`` oriented against ``reference`` by the rule ``basis`` (:data:`BASES`): ``"signs"``
+    (:func:`align_signs`), ``"rotation"`` (:func:`align_rotation`), ``"official"`` (``p`` unchanged).
+
+    A reference of another rank (a rank change) is cut or zero-padded to ``p``'s columns: a new
+    direction with no old counterpart keeps its sign (signs) or is the Procrustes completion (rotation).
+    Null columns of ``p`` (all zero, :func:`null_columns`) stay zero.
+    """
+    if basis == "official":
+        return p
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    ref = reference.to(p.dtype)
+    if ref.shape[1] != p.shape[1]:
+        r = p.shape[1]
+        pad = ref.new_zeros(ref.shape[0], max(r - ref.shape[1], 0))
+        ref = ref[:, :r] if ref.shape[1] > r else torch.cat([ref, pad], 1)
+    if basis == "signs":
+        return align_signs(p, ref).contiguous()
+    live = p.abs().amax(0) > 0
+    if bool(live.all()):
+        return align_rotation(p, ref)
+    out = torch.zeros_like(p)
+    out[:, live] = align_rotation(p[:, live], ref[:, live])
+    return out
+
+
+#: ``c`` of the null-direction threshold ``σᵢ ≤ c·ε·σ₁·max(M, N)`` (:func:`null_columns`).
+NULL_FACTOR = 1.0
+
+
+def null_columns(sv: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Boolean mask of the basis directions whose singular value is numerically zero:
+    ``σᵢ ≤ c·ε·σ₁·max(M, N)`` (``ε`` the working dtype's machine epsilon, ``c`` = :data:`NULL_FACTOR`).
+
+    That bound is the backward error of the SVD of an ``M×N`` matrix in floating point (Golub–Van Loan
+    §8.6: computed ``σᵢ`` are exact for a matrix within ``≈ ε·‖X‖₂·max(M, N)``), so a direction below it
+    is rounding noise: it carries no signal, and Adam would divide that noise by its own square root and
+    move the weight a full learning-rate step along it (issue 19: 19.5 % of the first update outside
+    the gradient's row space at batch 8, rank 64). A zero gradient (``σ₁ = 0``) has every direction null.
+    """
+    eps = torch.finfo(sv.dtype).eps
+    top = sv.amax() if sv.numel() else sv.new_zeros(())
+    return (sv <= NULL_FACTOR * eps * max(int(shape[0]), int(shape[1])) * top) & (top > 0)
+
+
+#: ``X`` is rescaled by a power of two before products that can overflow when ``max|X|·√(M·N)`` exceeds this
+#: (``‖X‖²_F`` and ``(X P)ᵀ(X P)`` stay below ``finfo.max / 2¹⁶``). Below it nothing is rescaled, so the
+#: arithmetic (and every recorded trajectory) is unchanged for training-scale gradients.
+def overflow_scale(x: Tensor, limit: float | None = None) -> float:
+    """A power of two ``s`` such that ``X / s`` is safe for the Gram products of the refreshes, or 1.0.
+
+    Exact: dividing by a power of two changes no mantissa (barring subnormals), so ``X / s`` is ``X``'s
+    values at another exponent; the callers undo ``s`` where the result is not scale-invariant. ``limit``
+    replaces the bound on ``max|X|·√(M·N)`` (the normalized correlation step forms ``HᵀH ∝ ‖X‖⁸``-sized
+    products and uses ``2¹⁶``).
+    """
+    if x.numel() == 0:
+        return 1.0
+    if limit is None:
+        limit = math.sqrt(torch.finfo(work_dtype(x)).max) / 2.0**8
+    amax = float(x.detach().abs().amax()) * math.sqrt(x.numel())
+    if not math.isfinite(amax) or amax <= limit:
+        return 1.0
+    return 2.0 ** math.ceil(math.log2(amax / limit))
+
+
+def drop_null(p: Tensor, sv: Tensor | None, shape) -> Tensor:
+    """``P`` with the columns :func:`null_columns` finds in ``sv`` set to zero (``sv`` None: ``P``).
+
+    A zero column gives ``X̃ = X P`` a zero column: its moments stay zero and the update has no component
+    along it (the effective rank is the number of nonzero columns; the memory stays planned at ``r``).
+    The next SVD refresh recomputes every column from the gradient then, so the rank regrows.
+    """
+    if sv is None:
+        return p
+    mask = null_columns(sv, shape)
+    if not bool(mask.any()):
+        return p
+    out = p.clone()
+    out[:, mask] = 0
+    return out
+
+
 def orthogonal_basis(x: Tensor, rank: int, omega: Tensor | None = None, seed: int = OMEGA_SEED) -> Tensor:
     """Randomized range finder followed by a small SVD ("low-cost SVD", spec §3).
 
@@ -101,9 +214,24 @@ def orthogonal_basis(x: Tensor, rank: int, omega: Tensor | None = None, seed: in
     because the private generator never touches global state. No oversampling, no power iterations and
     no sign normalisation, exactly like the official code.
     """
+    return orthogonal_basis_sv(x, rank, omega=omega, seed=seed)[0]
+
+
+def orthogonal_basis_sv(
+    x: Tensor, rank: int, omega: Tensor | None = None, seed: int = OMEGA_SEED
+) -> tuple[Tensor, Tensor]:
+    """:func:`orthogonal_basis` and the singular values ``Σ`` of ``B`` (descending, ``P``'s column order;
+    they approximate ``X``'s top singular values, and decide the null directions, :func:`null_columns`).
+
+    An ``X`` whose Gram products could overflow is divided by :func:`overflow_scale` first (``P`` is
+    invariant to the scale of ``X``; ``Σ`` is scaled back).
+    """
     _check_rank(x, rank)
     dtype = work_dtype(x)
     a = x.to(dtype)
+    s = overflow_scale(a)
+    if s != 1.0:
+        a = a / s
     if omega is None:
         gen = torch.Generator(device=x.device).manual_seed(int(seed))
         omega = torch.randn(x.shape[1], rank, generator=gen, dtype=torch.float32, device=x.device)
@@ -112,8 +240,8 @@ def orthogonal_basis(x: Tensor, rank: int, omega: Tensor | None = None, seed: in
     y = a @ omega.to(dtype)
     q = torch.linalg.qr(y, mode="reduced").Q
     b = q.t() @ a
-    vh = torch.linalg.svd(b, full_matrices=False).Vh
-    return vh.t().contiguous()
+    _, sv, vh = torch.linalg.svd(b, full_matrices=False)
+    return vh.t().contiguous(), sv * s
 
 
 def top_right_singular_vectors(x: Tensor, rank: int) -> Tensor:
@@ -121,9 +249,17 @@ def top_right_singular_vectors(x: Tensor, rank: int) -> Tensor:
 
     ``X = U Σ Vh`` (thin SVD, ``torch.linalg.svd(full_matrices=False)``), ``P = Vh[:r]ᵀ``.
     """
+    return top_right_singular_vectors_sv(x, rank)[0]
+
+
+def top_right_singular_vectors_sv(x: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """:func:`top_right_singular_vectors` and the top-``rank`` singular values (overflow-safe like
+    :func:`orthogonal_basis_sv`)."""
     _check_rank(x, rank)
-    vh = torch.linalg.svd(x.to(work_dtype(x)), full_matrices=False).Vh
-    return vh[:rank].t().contiguous()
+    a = x.to(work_dtype(x))
+    s = overflow_scale(a)
+    _, sv, vh = torch.linalg.svd(a / s if s != 1.0 else a, full_matrices=False)
+    return vh[:rank].t().contiguous(), sv[:rank] * s
 
 
 def gaussian_basis(n: int, rank: int, seed: int, *, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -121,6 +121,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         quant_block_size: int = _D.quant_block_size,
         conv_rank_ratio: float | None = _D.conv_rank_ratio,
         projection_side: str = _D.projection_side,
+        basis: str = _D.basis,
         conv_policy: Any = None,
         backend: str = _O.backend,
         check_finite: bool = _O.check_finite,
@@ -140,7 +141,7 @@ class CoapOptimizer(torch.optim.Optimizer):
             restore_state=restore_state, first_moment_beta=first_moment_beta, correlation=correlation,
             state_precision=state_precision, projection_precision=projection_precision,
             quant_block_size=quant_block_size, conv_rank_ratio=conv_rank_ratio,
-            projection_side=projection_side,
+            projection_side=projection_side, basis=basis,
         )  # fmt: skip
         options = OptimizerOptions(backend, check_finite, grouped, input_precision)
         probe = base_optim([torch.zeros(2, requires_grad=True)], **base_kwargs)  # base validates its own args

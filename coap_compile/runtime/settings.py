@@ -22,11 +22,13 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..projection import POLICIES, ProjectionPolicy, get_policy
-from ..projection.coap import REPROJECT_FACTOR, UPDATE_INTERVAL
+from ..projection.coap import DEFAULT_BASIS, REPROJECT_FACTOR, UPDATE_INTERVAL
+from ..projection.linalg import BASES
 from ..storage.int8 import DEFAULT_BLOCK_SIZE, check_block_size
 
 __all__ = [
     "BACKENDS",
+    "BASES",
     "CORRELATIONS",
     "DEFAULTS",
     "EMA_KEY",
@@ -91,6 +93,10 @@ class CoapSettings:
         conv_rank_ratio: Tucker-project large 4-D convolution weights (None: full rank).
         projection_side: ``"auto"`` or ``"rows"`` (:data:`PROJECTION_SIDES`).
         project: a group key only: ``True``/``False`` force the choice, ``None`` the size rule.
+        basis: how a refreshed basis is oriented against the previous one, and whether null directions
+            are dropped (``"signs"``, ``"rotation"``; ``"official"`` reproduces the official code exactly:
+            LAPACK's signs, every direction kept). COAP and GaLore policies; measurement and rules in
+            :mod:`coap_compile.projection.coap`.
     """
 
     rank: int | None = 256
@@ -108,6 +114,7 @@ class CoapSettings:
     conv_rank_ratio: float | None = None
     projection_side: str = "auto"
     project: bool | None = None
+    basis: str = DEFAULT_BASIS
 
     def __post_init__(self) -> None:
         _positive_int("rank", self.rank, allow_none=True)
@@ -143,6 +150,7 @@ class CoapSettings:
         ):
             raise ValueError(f"conv_rank_ratio must be None or a positive number, got {ratio!r}")
         _one_of("projection_side", self.projection_side, PROJECTION_SIDES)
+        _one_of("basis", self.basis, BASES)
         if not (self.project is None or isinstance(self.project, bool)):
             raise ValueError(f"project must be None, True or False, got {self.project!r}")
 
@@ -187,11 +195,12 @@ class CoapSettings:
                 "reproject_factor": self.reproject_factor,
                 "restore_state": self.restore_state,
                 "correlation": self.correlation,
+                "basis": self.basis,
             }
         elif self.projection == "dct":
             kwargs = {"update_interval": self.update_interval, "restore_state": self.restore_state}
         elif self.projection == "galore":
-            kwargs = {"update_gap": self.update_interval}
+            kwargs = {"update_gap": self.update_interval, "basis": self.basis}
         elif self.projection == "flora":
             kwargs = {"resample_every": self.update_interval}
         return get_policy(self.projection, **kwargs)

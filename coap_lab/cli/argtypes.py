@@ -20,6 +20,7 @@ __all__ = [
     "_rank_args",
     "_ratio",
     "_seed",
+    "_lr_grid",
     "_seeds",
     "name_list",
 ]
@@ -102,6 +103,27 @@ def _seeds(text: str) -> list[int]:
     if twice:
         raise argparse.ArgumentTypeError(f"seed {twice[0]} given twice in {text!r}")
     return seeds
+
+
+def _lr_grid(text: str) -> list[float]:
+    """``--lr-grid``: comma-separated positive finite learning rates, at least two, no repeats."""
+    out = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        what = f"learning rate {part.strip()!r} in {text!r}"
+        try:
+            v = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what}: not a number") from None
+        if not (v > 0 and v < float("inf")):
+            raise argparse.ArgumentTypeError(f"{what}: must be > 0 and finite")
+        if v in out:
+            raise argparse.ArgumentTypeError(f"learning rate {v:g} given twice in {text!r}")
+        out.append(v)
+    if len(out) < 2:
+        raise argparse.ArgumentTypeError(f"--lr-grid needs at least two learning rates, got {text!r}")
+    return out
 
 
 def _rank_args(p: argparse.ArgumentParser, default_ratio: float = 4.0) -> None:

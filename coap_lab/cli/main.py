@@ -23,6 +23,7 @@ import torch
 from coap_lab.cli import compilebench
 from coap_lab.cli.argtypes import (
     _device,
+    _lr_grid,
     _names,
     _overhead_cases,
     _positive_float,
@@ -158,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated (default adamw,coap,galore,flora + galore-torch,apollo-torch if installed)",
     )
     q.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
+    q.add_argument(
+        "--tune-lr",
+        action="store_true",
+        help="per optimizer: run --lr-grid with the first seed, keep the lr with the lowest final validation "
+        "loss, then run every seed at that lr (the table reports each optimizer at its own best lr)",
+    )
+    q.add_argument(
+        "--lr-grid", type=_lr_grid, default=[1e-3, 3e-3, 1e-2], help="with --tune-lr (default 1e-3,3e-3,1e-2)"
+    )
     q.add_argument("--results-dir", default=RESULTS_DIR, help=RESULTS_HELP)
 
     s = bench.add_parser("step", help="optimizer.step() time at a few matrix shapes")

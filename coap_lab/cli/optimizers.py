@@ -6,7 +6,8 @@
 * ``coap-normalized`` / ``coap-svd-only``: COAP with ``correlation="normalized"`` (a fixed-angle,
   scale-invariant correlation step) or ``"off"`` (low-cost SVD refreshes only); ``dct``: the DCT
   column-selection policy (indices only); ``coap-bf16`` / ``coap-int8``: COAP with bf16 / blockwise 8-bit
-  states (and ``P`` in bf16), every parameter's states included;
+  states, every parameter's states included; ``coap-official`` / ``galore-official``: ``basis="official"``
+  (the official refresh: LAPACK's signs, null directions kept); ``coap-rotation``: ``basis="rotation"``;
 * ``galore-torch`` / ``apollo-torch``: the external reference packages (``pip install
   'coap-compile[bench]'``), used only when importable; they project the same matrices as
   ``coap_compile.optimize`` would (:func:`projected_linear_weights`);
@@ -50,6 +51,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "coap-bf16": {"projection": "coap", "state_precision": "bf16"},
     "coap-int8": {"projection": "coap", "state_precision": "int8"},
     "coap-per-matrix": {"projection": "coap", "grouped": False},  # the ungrouped update (runtime/grouped.py)
+    # basis="official": LAPACK's signs at every refresh, null directions kept (the official code, issue 19)
+    "coap-official": {"projection": "coap", "basis": "official"},
+    "coap-rotation": {"projection": "coap", "basis": "rotation"},
+    "galore-official": {"projection": "galore", "basis": "official"},
 }
 EXTERNAL = {
     "galore-torch": "galore_torch",

@@ -3,6 +3,11 @@
 The demo model and data (:mod:`coap_lab.cli.train`); every optimizer of a seed starts from the same
 weights and sees the same batches. Reported: final validation loss mean, standard deviation, min and
 max over the seeds, plus state bytes and median step time.
+
+``--tune-lr``: each optimizer first runs ``--lr-grid`` at the first seed; the lr with the lowest final
+validation loss is kept (that run is the table's first seed) and the other seeds run at it, so every row
+is its optimizer at its own best lr (columns ``lr`` and ``grid``: ``lr:loss`` of every grid point). The
+selection uses the same validation split the table reports (a small demo; say so next to the numbers).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from coap_lab.cli.optimizers import EXTERNAL, UnknownOptimizerError, availabilit
 from coap_lab.cli.report import format_table, metadata, pyplot, save_figure, write_csv, write_json
 from coap_lab.cli.train import RunResult, TrainConfig, load_training_corpus, train_run
 
-__all__ = ["plot_quality", "quality_rows", "run_quality"]
+__all__ = ["plot_quality", "quality_rows", "run_quality", "tune_lr"]
 
 MIB = 1024**2
 
@@ -112,6 +117,20 @@ def plot_quality(runs: dict[str, list[RunResult]], title: str):
     return fig
 
 
+def tune_lr(names, model_cfg, corpus, base: TrainConfig, lrs, seed: int, quiet: bool):
+    """The learning-rate grid of every optimizer at one seed: ``(grid, best, runs)`` with
+    ``grid[name][lr]`` the final validation loss, ``best[name]`` the lr of the lowest one (ties: the
+    smaller lr) and ``runs[name]`` that run (reused as the first seed of the tuned table)."""
+    grid: dict[str, dict[float, float]] = {n: {} for n in names}
+    kept: dict[str, dict[float, RunResult]] = {n: {} for n in names}
+    for n in names:
+        for lr in lrs:
+            r = train_run(n, model_cfg, corpus, replace(base, seed=seed, lr=lr), progress=not quiet)
+            grid[n][lr], kept[n][lr] = r.final_val_loss, r
+    best = {n: min(grid[n], key=lambda lr, n=n: (grid[n][lr], lr)) for n in names}
+    return grid, best, {n: kept[n][best[n]] for n in names}
+
+
 def run_quality(args: argparse.Namespace) -> int:
     """Train every available optimizer for every seed; print and write the summary."""
     model_cfg = model_config_from_args(args)
@@ -140,12 +159,24 @@ def run_quality(args: argparse.Namespace) -> int:
     meta = metadata(base.device, getattr(args, "argv", None))  # at the start: the code that actually runs
     corpus = load_training_corpus(args.corpus, model_cfg.max_seq_len)
     t0 = time.perf_counter()
+    grid: dict[str, dict[float, float]] = {}
+    best_lr = {n: base.lr for n in names}
     runs: dict[str, list[RunResult]] = {n: [] for n in names}
-    for seed in args.seeds:
+    if getattr(args, "tune_lr", False):
+        lrs, seed0 = args.lr_grid, args.seeds[0]
+        grid, best_lr, first = tune_lr(names, model_cfg, corpus, base, lrs, seed0, args.quiet)
         for n in names:
-            runs[n].append(train_run(n, model_cfg, corpus, replace(base, seed=seed), progress=not args.quiet))
+            runs[n].append(first[n])
+    for seed in args.seeds[1:] if grid else args.seeds:
+        for n in names:
+            cfg = replace(base, seed=seed, lr=best_lr[n])
+            runs[n].append(train_run(n, model_cfg, corpus, cfg, progress=not args.quiet))
     wall = time.perf_counter() - t0
     rows = quality_rows(runs)
+    if grid:
+        for row in rows:
+            row["lr"] = best_lr[row["optimizer"]]
+            row["grid"] = " ".join(f"{lr:g}:{v:.4f}" for lr, v in grid[row["optimizer"]].items())
     print(format_table(rows, [(k, k) for k in rows[0]]))
     meta["finished_utc"] = metadata(base.device)["timestamp_utc"]
     out = Path(args.results_dir)
@@ -161,6 +192,7 @@ def run_quality(args: argparse.Namespace) -> int:
         "corpus": corpus.describe(),
         "skipped": skipped,
         "summary": rows,
+        "lr_grid": {n: {f"{lr:g}": v for lr, v in g.items()} for n, g in grid.items()} or None,
         "runs": [r.to_json() for rs in runs.values() for r in rs],
     }
     write_json(out / "quality.json", payload)
