@@ -39,6 +39,7 @@ from .plan import RuntimePlan
 from .refresh import plan_refresh
 from .scalars import LiveScalars, base_hyperparams
 from .schedule import NOTHING_DUE, due, step_count
+from .threads import intra_op_threads, step_threads
 from .tucker import plan_tucker_refresh, tucker_update_
 from .update import projected_update_
 from .validate import check_gradients
@@ -62,6 +63,7 @@ class StepRunner:
         self.locals: dict[Tensor, Tensor] = {}
         self.work: list[tuple[Tensor, Any]] = []
         self.work_groups: list[tuple[Any, tuple]] = []
+        self.threads = step_threads(plan.layouts)  # intra-op threads of an eager CPU step (.threads)
         inner_groups, self.inner_index = [], {}
         for i, g in enumerate(opt.param_groups):
             full = [p for p in g["params"] if plan.layouts[p].kind is Kind.TORCH]
@@ -84,7 +86,11 @@ class StepRunner:
         """The eager phases after the settings check (module docstring): validate the gradients, schedule,
         refresh, build the work list. ``keys`` are the groups' :func:`.scalars.hyper_key`; ``compiling``:
         the update is being traced (full-rank parameters then need their captured programs and their state
-        created here)."""
+        created here). A small CPU step runs single-threaded (:mod:`.threads`)."""
+        with intra_op_threads(self.threads):
+            self._prepare(opt, keys, compiling)
+
+    def _prepare(self, opt: Any, keys: list[tuple], compiling: bool) -> None:
         self._validate(opt)
         due_now = self._schedule(opt, keys)
         self._refresh(opt, due_now)
@@ -184,7 +190,15 @@ class StepRunner:
     def update(self, opt: Any, compiling: bool) -> None:
         """The traceable update of everything :meth:`prepare` listed (module docstring). The gradients
         are read before ``opt.state``: Dynamo then guards them as tensors of the work list, not through
-        the state dict's keys (weak references that a new gradient after ``zero_grad`` invalidates)."""
+        the state dict's keys (weak references that a new gradient after ``zero_grad`` invalidates).
+        Eagerly, a small CPU step runs single-threaded (:mod:`.threads`)."""
+        if compiling:
+            self._update(opt, compiling)
+            return
+        with intra_op_threads(self.threads):
+            self._update(opt, compiling)
+
+    def _update(self, opt: Any, compiling: bool) -> None:
         grads = [p.grad for p, _ in self.work]
         group_grads = [[p.grad for p in mg.members] for mg, _ in self.work_groups]
         for (p, lay), _g in zip(self.work, grads):
