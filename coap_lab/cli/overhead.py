@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from coap_compile.runtime.threads import intra_op_threads
 from coap_lab.cli.optimizers import BASELINES, EXTERNAL, availability, build_optimizer
 from coap_lab.cli.timing import quantiles_ms, timed_samples
 
@@ -59,16 +60,19 @@ class _Floor:
 
     def __init__(self, case: str, device: str) -> None:
         from coap_lab.cli.optimizers import projected_linear_weights
-        from coap_lab.cli.stepbench import gemm_floor_fn
+        from coap_lab.cli.stepbench import floor_threads, gemm_floor_fn
 
         model, ranks = build_case(case, device)
         shapes = dict(model.named_parameters())
         chosen = projected_linear_weights(model, ranks.get("rank"), ranks.get("rank_ratio"))
         self.fns = [gemm_floor_fn(*shapes[n].shape, r, device) for n, r in chosen.items()]
+        dims = [(*shapes[n].shape, r) for n, r in chosen.items()]
+        self.threads = floor_threads(dims) if device == "cpu" else None
 
     def step(self) -> None:
-        for fn in self.fns:
-            fn()
+        with intra_op_threads(self.threads):  # the model's thread count in COAP's step
+            for fn in self.fns:
+                fn()
 
 
 def overhead_rows(
