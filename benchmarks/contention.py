@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from coap_compile.runtime import threads
 from coap_lab.cli.optimizers import build_optimizer
 from coap_lab.cli.overhead import build_case
 from coap_lab.cli.report import format_table, metadata, write_csv, write_json
@@ -43,10 +44,14 @@ def build(name: str):
     if name.startswith("adamw"):
         opt = build_optimizer("adamw", model, lr=1e-4)
         return opt if name == "adamw" else OneThread(opt)
-    opt = build_optimizer("coap" if name == "coap-torch-threads" else name, model, lr=1e-4, **ranks)
-    opt.step()  # the initialising step; the plan and its runner exist from here on
-    if name == "coap-torch-threads":
-        opt._runner.threads = None
+    saved = threads.SMALL_GEMM_MACS
+    if name == "coap-torch-threads":  # every matrix "large": the plan keeps torch's thread count
+        threads.SMALL_GEMM_MACS = 0
+    try:
+        opt = build_optimizer("coap" if name == "coap-torch-threads" else name, model, lr=1e-4, **ranks)
+        opt.step()  # (construction built the plan and its runner: the thread rule was read there)
+    finally:
+        threads.SMALL_GEMM_MACS = saved
     return opt
 
 

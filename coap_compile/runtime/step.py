@@ -17,6 +17,9 @@ recompiling:
    ``param_groups``): one updater per kind (:mod:`.update` matrices, :mod:`.grouped`, :mod:`.tucker`,
    :mod:`.fullrank`), then torch's own optimizer for the TORCH-kind parameters.
 
+Both phases of an eager step run with one intra-op thread when every matrix of the plan is small and on the
+CPU (:mod:`.threads`: OpenMP fork/join per small op collapses when another process takes a core).
+
 The runner holds what a step mutates besides the optimizer's ``state``: the scalar vectors, the matrix
 groups' buffers, the schedule's cache of state layouts found needing nothing (a parameter whose state
 tensors passed the checks and has no refresh due skips :func:`.schedule.due`'s checks), registered kernel
