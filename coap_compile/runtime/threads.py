@@ -15,14 +15,15 @@ engineers, load 12-14; medians):
   rounds): COAP fp32 4134 ms on 2 threads vs 138 ms on 1; bf16 states 11006 vs 520 ms; torch AdamW
   4475 vs 62 ms.
 
-So a step whose every GEMM is small runs with **one intra-op thread** (:func:`step_threads`): its ops
-are too small for a second thread to pay back much on idle cores (the issue's quiet AMD figures: the
-whole COAP step 17.3 ms on 2 threads vs 24.6 ms on 1), and under contention the single thread is 30×
-faster. The threshold :data:`SMALL_GEMM_MACS` (``M·N·r`` of the largest projection GEMM, and the size of
-the largest parameter for the full-rank ones) is 2^26 multiply-adds, about 1 ms of one core's GEMM
-(65 GMAC/s measured above): beyond it a region's fork/join is a small part of the op. Larger models
-keep torch's setting. The scope is restored on exit (exceptions included); traced steps
-(``torch.compile``) are left alone (Inductor's generated code has its own parallel loops).
+So a step whose every GEMM is small runs with **one intra-op thread** (:func:`step_threads`). The trade: on
+idle cores a second thread saves up to about 30 % of such a step (issue 20's quiet AMD figures for the demo
+model's whole COAP step: 17.3 ms on 2 threads, 24.6 ms on 1; not measurable on the shared Xeon, never idle),
+while with a core taken the single thread is 30× faster (above): a bounded loss against a collapse. The
+threshold :data:`SMALL_GEMM_MACS` (``M·N·r`` of the largest projection GEMM, and the size of the largest
+parameter for the full-rank ones) is 2^26 multiply-adds, about 1 ms of one core's GEMM (65 GMAC/s measured
+above): beyond it a region's fork/join is a small part of the op. Larger models keep torch's setting. The
+scope is restored on exit (exceptions included); traced steps (``torch.compile``) are left alone (Inductor's
+generated code has its own parallel loops).
 """
 
 from __future__ import annotations
