@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from coap_compile.runtime.threads import intra_op_threads
+from coap_lab.cli.floor import floor_threads, gemm_floor_fn
 from coap_lab.cli.optimizers import BASELINES, EXTERNAL, availability, build_optimizer
 from coap_lab.cli.timing import quantiles_ms, timed_samples
 
@@ -56,11 +57,10 @@ def build_case(case: str, device: str, seed: int = 0) -> tuple[nn.Module, dict[s
 
 class _Floor:
     """``step()`` = the two projection GEMMs of every matrix COAP projects in ``case`` (rank ratio 4 or the
-    case's rank): :func:`coap_lab.cli.stepbench.gemm_floor_fn` per matrix, the model's matmul floor."""
+    case's rank): :func:`coap_lab.cli.floor.gemm_floor_fn` per matrix, the model's matmul floor."""
 
     def __init__(self, case: str, device: str) -> None:
         from coap_lab.cli.optimizers import projected_linear_weights
-        from coap_lab.cli.stepbench import floor_threads, gemm_floor_fn
 
         model, ranks = build_case(case, device)
         shapes = dict(model.named_parameters())

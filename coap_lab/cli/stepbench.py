@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from coap_lab.cli.floor import gemm_floor_fn
 from coap_lab.cli.memory import measured_state_bytes
 from coap_lab.cli.optimizers import BASELINES, build_optimizer
 from coap_lab.cli.timing import quantiles_ms, time_cpu, time_cuda, timed_samples
@@ -51,8 +52,6 @@ from coap_lab.cli.timing import quantiles_ms, time_cpu, time_cuda, timed_samples
 __all__ = [
     "DEFAULT_SHAPES",
     "amortized_rows",
-    "floor_threads",
-    "gemm_floor_fn",
     "make_step",
     "parse_shapes",
     "quantiles_ms",
@@ -87,39 +86,6 @@ def make_step(
     opt = build_optimizer(optimizer, layer, rank=None if optimizer in BASELINES else rank, lr=1e-4)
     opt.step()
     return opt.step, opt
-
-
-def gemm_floor_fn(m: int, n: int, rank: int, device: str, seed: int = 0) -> Callable[[], None]:
-    """The two projection GEMMs of one COAP step on an ``m×n`` weight, as one zero-argument call: ``X̃ = X P``
-    (``M×N @ N×r``, canonical orientation ``M ≥ N``... as the optimizer does it: the larger side kept) and
-    ``W ← W + D Pᵀ`` (``addmm_``), in float32 with preallocated outputs: the step's matmul floor. On the CPU
-    it runs at the thread count COAP's step uses for such a matrix (:func:`floor_threads`)."""
-    from coap_compile.runtime.threads import intra_op_threads
-
-    big, small = max(m, n), min(m, n)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(big, small, generator=gen).to(device)
-    p = torch.randn(small, rank, generator=gen).to(device)
-    w = torch.randn(big, small, generator=gen).to(device)
-    x_proj = torch.empty(big, rank, device=device)
-
-    threads = floor_threads([(m, n, rank)]) if device == "cpu" else None
-
-    def fn() -> None:
-        with intra_op_threads(threads):
-            torch.mm(x, p, out=x_proj)
-            w.addmm_(x_proj, p.t(), alpha=1e-12)
-
-    return fn
-
-
-def floor_threads(shapes: Sequence[tuple[int, int, int]]) -> int | None:
-    """1 when a CPU model made of these ``(m, n, rank)`` matrices steps single-threaded in COAP (the rule of
-    ``coap_compile.runtime.threads``), else None (torch's thread count)."""
-    from coap_compile.runtime.threads import SMALL_GEMM_MACS, SMALL_PARAM_NUMEL
-
-    small = all(m * n <= SMALL_PARAM_NUMEL and m * n * r <= SMALL_GEMM_MACS for m, n, r in shapes)
-    return 1 if small else None
 
 
 def step_rows(
