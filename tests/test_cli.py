@@ -447,8 +447,15 @@ def test_bench_step_and_quality_smoke(tmp_path, corpus, capsys):
         == 0
     )
     step = json.loads((tmp_path / "step_cpu.json").read_text())
-    assert len(step["rows"]) == len(names.split(",")) and step["rows"][0]["median_ms"] > 0
+    rows = {r["optimizer"]: r for r in step["rows"]}
+    assert list(rows) == ["gemm-floor", *names.split(",")] and rows["gemm-floor"]["median_ms"] > 0
+    # the projection GEMMs' floor, timed in the same run: each row's median over it (issue 20)
+    floor = rows["gemm-floor"]["median_ms"]
+    assert rows["coap"]["vs_floor"] == pytest.approx(rows["coap"]["median_ms"] / floor)
     over = {r["optimizer"]: r for r in step["overhead_rows"]}
+    assert over["gemm-floor"]["vs_floor"] == 1.0
+    floor = over["gemm-floor"]["median_ms"]
+    assert over["coap"]["vs_floor"] == pytest.approx(over["coap"]["median_ms"] / floor)
     assert {"adamw", "adamw-foreach", "coap", "coap-per-matrix"} <= set(over)
     assert over["adamw"]["vs_adamw"] == 1.0 and over["coap"]["projected_matrices"] == 16
     assert over["coap"]["per_matrix_us"] == pytest.approx(1e3 * over["coap"]["median_ms"] / 16)

@@ -100,7 +100,7 @@ def test_run_step_writes_refresh_and_amortized_rows(tmp_path, capsys):
     )
     assert run_step(args) == 0
     data = json.loads((tmp_path / "step_cpu.json").read_text())
-    assert [r["optimizer"] for r in data["rows"]] == ["adamw", "coap"]
+    assert [r["optimizer"] for r in data["rows"]] == ["gemm-floor", "adamw", "coap"]
     assert [r["refresh"] for r in data["refresh_rows"]] == KINDS
     schedules = [r["schedule"] for r in data["amortized_rows"]]
     assert schedules == ["coap (paper)", "coap (normalized)", "coap (off: svd only)", "dct"]

@@ -19,6 +19,9 @@ recompiling:
    ``param_groups``): one updater per kind (:mod:`.update` matrices, :mod:`.grouped`, :mod:`.tucker`,
    :mod:`.fullrank`), then torch's own optimizer for the TORCH-kind parameters.
 
+Both phases of an eager step run with one intra-op thread when every matrix of the plan is small and on the
+CPU (:mod:`.threads`: OpenMP fork/join per small op collapses when another process takes a core).
+
 The runner holds what a step mutates besides the optimizer's ``state``: the scalar vectors, the matrix
 groups' buffers, the schedule's cache of state layouts found needing nothing (a parameter whose state
 tensors passed the checks and has no refresh due skips :func:`.schedule.due`'s checks), registered kernel
@@ -44,6 +47,7 @@ from .plan import RuntimePlan
 from .refresh import plan_refresh
 from .scalars import LiveScalars, base_hyperparams
 from .schedule import NOTHING_DUE, due
+from .threads import intra_op_threads, step_threads
 from .tucker import plan_tucker_refresh, tucker_update_
 from .update import projected_update_
 from .validate import check_gradients
@@ -71,6 +75,7 @@ class StepRunner:
         self.work_groups: list[tuple[Any, tuple]] = []
         self.agreed = False  # the collective settings checked across the shard groups (once per plan)
         self.full_checked: set[Tensor] = set()  # full-rank parameters whose state has this plan's layout
+        self.threads = step_threads(plan.layouts)  # intra-op threads of an eager CPU step (.threads)
         inner_groups, self.inner_index = [], {}
         for i, g in enumerate(opt.param_groups):
             full = [p for p in g["params"] if plan.layouts[p].kind is Kind.TORCH]
@@ -95,7 +100,12 @@ class StepRunner:
         """The eager phases after the settings check (module docstring): validate the gradients, schedule,
         refresh, build the work list. ``keys`` are the groups' :func:`.scalars.hyper_key`; ``compiling``:
         the update is being traced (full-rank parameters then need their captured programs and their state
-        created here); ``check_finite=False``: the caller gave ``found_inf`` (no second finiteness read)."""
+        created here); ``check_finite=False``: the caller gave ``found_inf`` (no second finiteness read).
+        A small CPU step runs single-threaded (:mod:`.threads`)."""
+        with intra_op_threads(self.threads):
+            self._prepare(opt, keys, compiling, check_finite)
+
+    def _prepare(self, opt: Any, keys: list[tuple], compiling: bool, check_finite: bool) -> None:
         self.counters.settle(traced=self.traced)  # a traced update's counters: accepted now
         if not self.agreed:
             self._agree(opt)
@@ -237,7 +247,15 @@ class StepRunner:
     def update(self, opt: Any, compiling: bool) -> None:
         """The traceable update of everything :meth:`prepare` listed (module docstring). The gradients
         are read before ``opt.state``: Dynamo then guards them as tensors of the work list, not through
-        the state dict's keys (weak references that a new gradient after ``zero_grad`` invalidates)."""
+        the state dict's keys (weak references that a new gradient after ``zero_grad`` invalidates).
+        Eagerly, a small CPU step runs single-threaded (:mod:`.threads`)."""
+        if compiling:
+            self._update(opt, compiling)
+            return
+        with intra_op_threads(self.threads):
+            self._update(opt, compiling)
+
+    def _update(self, opt: Any, compiling: bool) -> None:
         grads = [p.grad for p, _ in self.work]
         group_grads = [[p.grad for p in mg.members] for mg, _ in self.work_groups]
         for (p, lay), _g in zip(self.work, grads):

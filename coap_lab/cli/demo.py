@@ -30,9 +30,9 @@ __all__ = [
     "summary_rows",
 ]
 
-#: Default demo settings: ≈2 minutes for AdamW + COAP on 2 CPU cores (measured, see benchmarks/README.md).
+#: Default demo settings: 175 s for AdamW + COAP on one Intel Xeon core at load 3 (README, *Demo timing*).
 DEMO_DEFAULTS = {
-    "steps": 300,
+    "steps": 200,
     "batch_size": 8,
     "lr": 3e-3,
     "warmup": 30,

@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a small LLaMA with AdamW and COAP-AdamW and compare",
         description="Train a byte-level LLaMA (3.3 M parameters) with AdamW and with COAP-AdamW from the "
         "same initial weights on the same batches (default corpus: this Python's standard library), then "
-        "print state memory, step time and losses, and write demo.png and results.json. About 2 minutes on "
-        "2 CPU cores with the defaults.",
+        "print state memory, step time and losses, and write demo.png and results.json. About 3 minutes on "
+        "one CPU core with the defaults (measured: README, Demo timing).",
     )
     _common_train(demo, steps=DEMO_DEFAULTS["steps"], eval_every=DEMO_DEFAULTS["eval_every"])
     demo.add_argument(

@@ -15,7 +15,9 @@ optimizer takes ``warmup`` untimed then ``repeat`` timed steps (``time.perf_coun
 ``opt.step()``; CUDA: synchronized); the row is the median and 20/80 % quantiles of all timed samples.
 An optimizer's steps continue across rounds, so the samples include the occasional refresh (one step in
 ``update_interval``); the median is the steady step. ``vs_adamw`` and ``vs_galore_torch`` are ratios of
-medians measured in the same run.
+medians measured in the same run; ``gemm-floor`` is timed with them as one more "optimizer": the two
+projection GEMMs (``X P``, ``W += D Pᵀ``) of every projected matrix (:class:`_Floor`), and ``vs_floor`` is
+each row's median over that floor.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from coap_compile.runtime.threads import intra_op_threads
+from coap_lab.cli.floor import floor_threads, gemm_floor_fn
 from coap_lab.cli.optimizers import BASELINES, EXTERNAL, availability, build_optimizer
 from coap_lab.cli.timing import quantiles_ms, timed_samples
 
@@ -51,6 +55,26 @@ def build_case(case: str, device: str, seed: int = 0) -> tuple[nn.Module, dict[s
     return model, ranks
 
 
+class _Floor:
+    """``step()`` = the two projection GEMMs of every matrix COAP projects in ``case`` (rank ratio 4 or the
+    case's rank): :func:`coap_lab.cli.floor.gemm_floor_fn` per matrix, the model's matmul floor."""
+
+    def __init__(self, case: str, device: str) -> None:
+        from coap_lab.cli.optimizers import projected_linear_weights
+
+        model, ranks = build_case(case, device)
+        shapes = dict(model.named_parameters())
+        chosen = projected_linear_weights(model, ranks.get("rank"), ranks.get("rank_ratio"))
+        self.fns = [gemm_floor_fn(*shapes[n].shape, r, device) for n, r in chosen.items()]
+        dims = [(*shapes[n].shape, r) for n, r in chosen.items()]
+        self.threads = floor_threads(dims) if device == "cpu" else None
+
+    def step(self) -> None:
+        with intra_op_threads(self.threads):  # the model's thread count in COAP's step
+            for fn in self.fns:
+                fn()
+
+
 def overhead_rows(
     cases: Sequence[str] = OVERHEAD_CASES,
     optimizers: Sequence[str] = OVERHEAD_OPTIMIZERS,
@@ -65,7 +89,7 @@ def overhead_rows(
     names = [n for n in optimizers if avail[n] is None]
     rows: list[dict[str, object]] = []
     for case in cases:
-        opts, counts = {}, {}
+        opts, counts = {"gemm-floor": _Floor(case, device)}, {"gemm-floor": None}
         for name in names:
             model, ranks = build_case(case, device)
             opt = build_optimizer(name, model, lr=1e-4, **({} if name in BASELINES else ranks))
@@ -73,12 +97,12 @@ def overhead_rows(
             opts[name] = opt
             counts[name] = len(opt.projected_parameters()) if hasattr(opt, "projected_parameters") else None
         sync = torch.cuda.synchronize if device.startswith("cuda") else None
-        samples: dict[str, list[float]] = {n: [] for n in names}
+        samples: dict[str, list[float]] = {n: [] for n in opts}
         for _ in range(rounds):
-            for name in names:
+            for name in opts:
                 samples[name] += timed_samples(opts[name].step, warmup, repeat, sync)
         med = {n: quantiles_ms(s) for n, s in samples.items()}
-        for name in names:
+        for name in opts:
             m, p20, p80 = med[name]
             rows.append(
                 {
@@ -90,6 +114,7 @@ def overhead_rows(
                     "per_matrix_us": 1e3 * m / 16 if case == "64x64x16" else None,
                     "vs_adamw": m / med["adamw"][0] if "adamw" in med else None,
                     "vs_galore_torch": m / med["galore-torch"][0] if "galore-torch" in med else None,
+                    "vs_floor": m / med["gemm-floor"][0],
                     "projected_matrices": counts[name],
                     "device": device,
                     "threads": torch.get_num_threads(),

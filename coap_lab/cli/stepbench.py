@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from coap_lab.cli.floor import gemm_floor_fn
 from coap_lab.cli.memory import measured_state_bytes
 from coap_lab.cli.optimizers import BASELINES, build_optimizer
 from coap_lab.cli.timing import quantiles_ms, time_cpu, time_cuda, timed_samples
@@ -95,7 +96,8 @@ def step_rows(
     warmup: int = 3,
     repeat: int = 20,
 ) -> list[dict[str, object]]:
-    """One row per (shape, optimizer): step-time quantiles and exact optimizer-state bytes.
+    """One row per (shape, optimizer): step-time quantiles and exact optimizer-state bytes, and per shape a
+    ``gemm-floor`` row (:func:`gemm_floor_fn`, timed in the same run); ``vs_floor`` is a row's median over it.
 
     For CUDA, ``warmup``/``repeat`` are passed to ``do_bench`` as milliseconds budgets.
     """
@@ -103,11 +105,17 @@ def step_rows(
     rows: list[dict[str, object]] = []
     for m, n, rank in shapes:
         base_ms = None
+        floor_ms, f20, f80 = timer(gemm_floor_fn(m, n, rank, device), warmup, repeat)
+        shape_rows = [{
+            "shape": f"{m}x{n}", "rank": rank, "optimizer": "gemm-floor", "median_ms": floor_ms,
+            "p20_ms": f20, "p80_ms": f80, "vs_adamw": None, "vs_floor": 1.0, "state_bytes": 0,
+            "device": device, "threads": torch.get_num_threads(),
+        }]  # fmt: skip
         for name in optimizers:
             fn, opt = make_step(name, m, n, rank, device)
             med, p20, p80 = timer(fn, warmup, repeat)
             base_ms = med if name == "adamw" else base_ms
-            rows.append(
+            shape_rows.append(
                 {
                     "shape": f"{m}x{n}",
                     "rank": None if name in BASELINES else rank,
@@ -116,12 +124,16 @@ def step_rows(
                     "p20_ms": p20,
                     "p80_ms": p80,
                     "vs_adamw": med / base_ms if base_ms else None,
+                    "vs_floor": med / floor_ms,
                     "state_bytes": measured_state_bytes(opt),
                     "device": device,
                     "threads": torch.get_num_threads(),
                 }
             )
             del fn, opt
+        base_ms = next((r["median_ms"] for r in shape_rows if r["optimizer"] == "adamw"), None)
+        shape_rows[0]["vs_adamw"] = floor_ms / base_ms if base_ms else None
+        rows += shape_rows
     return rows
 
 
@@ -283,17 +295,19 @@ def run_step(args) -> int:
         args.repeat = 100 if cuda else 20
     meta = metadata(args.device, getattr(args, "argv", None))
     rows = step_rows(shapes, args.optimizers, device=args.device, warmup=args.warmup, repeat=args.repeat)
-    cols = ["shape", "rank", "optimizer", "median_ms", "p20_ms", "p80_ms", "vs_adamw", "state_bytes"]
+    cols = ["shape", "rank", "optimizer", "median_ms", "p20_ms", "p80_ms", "vs_adamw", "vs_floor"]
+    cols.append("state_bytes")
     print(format_table(rows, [(c, c) for c in cols]))
     refreshes: list[dict[str, object]] = []
     amortized: list[dict[str, object]] = []
     if any(name not in BASELINES for name in args.optimizers):
         adamw = {str(r["shape"]): float(r["median_ms"]) for r in rows if r["optimizer"] == "adamw"}
+        rows_timed = [r for r in rows if r["optimizer"] != "gemm-floor"]
         warm, rep = (args.warmup, args.repeat) if cuda else (1, max(3, args.repeat // 4))
         refreshes = refresh_rows(shapes, adamw, device=args.device, warmup=warm, repeat=rep)
         cols = ["shape", "rank", "refresh", "median_ms", "p20_ms", "p80_ms", "vs_adamw"]
         print(format_table(refreshes, [(c, c) for c in cols]))
-        amortized = amortized_rows(rows, refreshes)
+        amortized = amortized_rows(rows_timed, refreshes)
         cols = ["shape", "rank", "schedule", "amortized_ms", "vs_adamw", "steady_from"]
         print(format_table(amortized, [(c, c) for c in cols]))
         meta.update(refresh_warmup=warm, refresh_repeat=rep)
@@ -311,6 +325,7 @@ def run_step(args) -> int:
             "p80_ms",
             "per_matrix_us",
             "vs_adamw",
+            "vs_floor",
             "vs_galore_torch",
         ]
         print(format_table(overhead, [(c, c) for c in cols]))

@@ -1,0 +1,70 @@
+"""Intra-op threads of an eager CPU step: small steps run single-threaded (issue 20, contention).
+
+A CPU step of a small model is hundreds of small torch ops (per-member ``X P`` and ``D Pᵀ`` GEMMs,
+elementwise passes over ``M×r`` slices, the storage's load/store). With ``torch.get_num_threads() = T > 1``
+every op large enough for ATen's grain size (32 768 elements) or MKL's threading is one OpenMP fork/join.
+On idle cores that costs microseconds; when another process holds a core, the join waits until the
+descheduled worker gets a time slice back, and *every* region pays it.
+
+**Measured** (Intel Xeon, 2 cores, torch 2.13 CPU, MKL + OpenMP; the machine shared with five other
+engineers, load 12-14; medians):
+
+* one ``256×256 @ 256×64`` ``torch.mm``: 65 µs on 1 thread, 28 ms on 2 threads; an elementwise
+  ``addcmul`` over ``8×256×64``: 41 µs vs 28 ms (one time slice per parallel region);
+* the demo LM's whole ``opt.step()`` (29 projected matrices, :mod:`coap_lab.cli.overhead`, 8 interleaved
+  rounds): COAP fp32 4134 ms on 2 threads vs 138 ms on 1; bf16 states 11006 vs 520 ms; torch AdamW
+  4475 vs 62 ms.
+
+So a step whose every GEMM is small runs with **one intra-op thread** (:func:`step_threads`). The trade: on
+idle cores a second thread saves up to about 30 % of such a step (issue 20's quiet AMD figures for the demo
+model's whole COAP step: 17.3 ms on 2 threads, 24.6 ms on 1; not measurable on the shared Xeon, never idle),
+while with a core taken the single thread is 30× faster (above): a bounded loss against a collapse. The
+threshold :data:`SMALL_GEMM_MACS` (``M·N·r`` of the largest projection GEMM, and the size of the largest
+parameter for the full-rank ones) is 2^26 multiply-adds, about 1 ms of one core's GEMM (65 GMAC/s measured
+above): beyond it a region's fork/join is a small part of the op. Larger models keep torch's setting. The
+scope is restored on exit (exceptions included); traced steps (``torch.compile``) are left alone (Inductor's
+generated code has its own parallel loops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+__all__ = ["SMALL_GEMM_MACS", "SMALL_PARAM_NUMEL", "intra_op_threads", "step_threads"]
+
+#: Largest projection GEMM (``M·N·r`` multiply-adds) of a step that runs single-threaded on the CPU.
+SMALL_GEMM_MACS = 1 << 26
+#: Largest parameter (elements) of a step that runs single-threaded on the CPU (full-rank updates).
+SMALL_PARAM_NUMEL = 1 << 22
+
+
+def step_threads(layouts: Mapping[Any, Any]) -> int | None:
+    """1 when every parameter of ``layouts`` (a plan's ``param → ParamLayout``) is on the CPU and small
+    (module docstring), else None (keep torch's setting)."""
+    if not layouts:
+        return None
+    for p, lay in layouts.items():
+        if p.device.type != "cpu" or p.numel() > SMALL_PARAM_NUMEL:
+            return None
+        if lay.projected and p.numel() * max(1, int(lay.rank)) > SMALL_GEMM_MACS:
+            return None
+    return 1
+
+
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(min(n, current))`` (None, or already at most ``n``:
+    unchanged); the previous count is restored on exit."""
+    before = torch.get_num_threads()
+    if n is None or before <= n or torch.compiler.is_compiling():
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
