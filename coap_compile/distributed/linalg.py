@@ -85,7 +85,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..projection.linalg import OMEGA_SEED, align_signs, check_positive_int, draw_omega, work_dtype
+from ..projection.linalg import (  # the basis conventions live with the single-process linear algebra
+    OMEGA_SEED,
+    align_rotation,
+    align_signs,
+    check_positive_int,
+    draw_omega,
+    work_dtype,
+)
 from .comm import CommLog, all_gather, all_reduce, broadcast, group_rank, group_size
 from .correlation import correlation_loss_and_grad, correlation_step, normalized_correlation_step
 
@@ -192,22 +199,6 @@ def orthogonal_basis(
     if src is not None:
         broadcast(p, src, group, comm, "p")
     return p
-
-
-def align_rotation(p: Tensor, reference: Tensor) -> Tensor:
-    """The orthonormal basis of ``span(p)`` closest to ``reference`` in Frobenius norm (a new tensor).
-
-    ``p`` must have orthonormal columns (``N×r``). With ``U Σ Vᵀ = svd(pᵀ reference)`` the result is
-    ``p U Vᵀ`` (orthogonal Procrustes). It is unchanged when ``p`` is replaced by ``p Q`` for any
-    orthogonal ``Q`` (column signs, rotations inside repeated singular values), provided ``pᵀ reference``
-    is nonsingular (no direction of the new subspace orthogonal to the reference).
-    """
-    if p.shape != reference.shape:
-        raise ValueError(
-            f"p and reference must have the same shape, got {tuple(p.shape)} and {tuple(reference.shape)}"
-        )
-    u, _, vh = torch.linalg.svd(p.mT @ reference.to(p.dtype))
-    return (p @ (u @ vh)).contiguous()
 
 
 def assert_replicated(t: Tensor, *, group: dist.ProcessGroup | None = None, name: str = "tensor") -> None:
