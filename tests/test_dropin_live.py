@@ -162,8 +162,22 @@ def test_editing_a_hyperparameter_changes_the_projected_update_as_the_oracle(cls
     assert (compile_count(), capture_count()) == (compiles, captures), "a live edit must not re-compile"
 
 
+def test_editing_adafactor_d_below_one_is_refused_like_the_constructor():
+    """torch's Adafactor refuses ``d < 1`` as a keyword argument; an edited group is validated the same
+    way before anything is written (issue 21), so the live ``d`` edit of the test below is refused."""
+    w = randn(11, 16, 9, dtype=F64).requires_grad_()
+    opt = coap_compile.optimize([{"params": [w], "project": True}], torch.optim.Adafactor, lr=1e-2, rank=3)
+    w.grad = randn(12, 16, 9, dtype=F64)
+    opt.step()
+    before = w.detach().clone()
+    opt.param_groups[0]["d"] = 0.3
+    with pytest.raises(ValueError, match="d should be >= 1"):
+        opt.step()
+    assert torch.equal(w.detach(), before)
+
+
 @pytest.mark.parametrize(
-    ("key", "value"), [("beta2_decay", -0.5), ("d", 0.3), ("eps", (None, 3.0)), ("weight_decay", 0.3)]
+    ("key", "value"), [("beta2_decay", -0.5), ("eps", (None, 3.0)), ("weight_decay", 0.3)]
 )  # eps2 = 3 exceeds RMS(W) ≈ 1, so the relative step size changes
 def test_editing_adafactor_hyperparameters_matches_the_reference(key, value):
     """torch's Adafactor has no first moment: the reference keeps the correlation EMA too."""
