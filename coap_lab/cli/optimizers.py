@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from coap_compile.projection import resolve_rank  # the official rank rule (one copy)
+
 __all__ = [
     "EXTERNAL",
     "OPTIMIZER_NAMES",
@@ -98,16 +100,6 @@ class OptimizerSettings:
             raise ValueError(f"rank ratio must be >= 1, got {self.rank_ratio}")
         if self.lr <= 0:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
-
-
-def resolve_rank(shape: Sequence[int], rank: int | None, rank_ratio: float | None) -> int:
-    """The rank a ``shape = (m, n)`` matrix gets (the official rule, see :class:`OptimizerSettings`)."""
-    small = min(int(shape[0]), int(shape[1]))
-    if rank_ratio is not None:
-        return max(int(small // rank_ratio), 1)
-    if rank is None:
-        raise ValueError("one of rank or rank_ratio must be given")
-    return min(int(rank), small)
 
 
 def projected_linear_weights(
