@@ -44,7 +44,16 @@ from coap_compile.storage import triton_src
 from .templates import DOT, K1, K2, META, RNE
 from .variants import FP32, StateMode
 
-__all__ = ["CodegenError", "K1Source", "TritonPrinter", "code_map_log2", "k1_source", "k2_source"]
+__all__ = [
+    "K1_MEMBER",
+    "K2_MEMBER",
+    "CodegenError",
+    "K1Source",
+    "TritonPrinter",
+    "code_map_log2",
+    "k1_source",
+    "k2_source",
+]
 
 
 class CodegenError(ValueError):
@@ -290,16 +299,55 @@ def _traffic(modes: tuple[StateMode, ...]) -> str:
     return f"Traffic: reads M·N·bx + {b}·M·r{scales} (+ P, tables from L2), writes {b + 4}·M·r{scales} bytes."
 
 
-def k1_source(ep: Epilogue, modes: tuple[StateMode, ...] | None = None) -> K1Source:
+#: Columns of the grouped kernels' int64 member tables (element offsets from member 0's tensors, the
+#: member's ``N`` and its own strides); :mod:`.grouped` fills them in this order.
+K1_MEMBER = ("x_off", "p_off", "d_off", "s_off", "N", "stride_xm", "stride_xn", "stride_pn", "stride_pr")
+K2_MEMBER = ("w_off", "d_off", "p_off", "N", "stride_wm", "stride_wn", "stride_pn", "stride_pr")
+
+
+def _member_code(columns: tuple[str, ...], shifted: dict[str, str], tiles: str | None) -> str:
+    """Grouped kernels: member ``program_id(1)``'s row of the table, read before the tile mapping."""
+    lines = [
+        "# Group member (grid axis 1; Triton's grouped-GEMM pattern): offsets, N and strides from its row.",
+        "member = tl.program_id(1).to(tl.int64)",
+        f"row_ptr = meta_ptr + member * {len(columns)}",
+    ]
+    for i, col in enumerate(columns):
+        if col in shifted:
+            lines += [f"{ptr} += tl.load(row_ptr + {i})" for ptr in shifted[col].split(",") if ptr]
+        else:
+            lines.append(f"{col} = tl.load(row_ptr + {i})")
+    if tiles is not None:  # members differ in N: the grid covers the widest, the others stop early
+        lines += [f"if tl.program_id(0) >= {tiles}:", "    return"]
+    return "".join(f"    {line}\n" for line in lines) + "\n"
+
+
+def _nospec(names: tuple[str, ...]) -> str:
+    return ", ".join(f'"{n}"' for n in names)
+
+
+def k1_source(ep: Epilogue, modes: tuple[StateMode, ...] | None = None, grouped: bool = False) -> K1Source:
     """The K1 module for ``ep``: projection ``X @ P`` plus the printed state/update epilogue, its states
-    stored in ``modes`` (default: all fp32, which is exactly the plain kernel)."""
+    stored in ``modes`` (default: all fp32, which is exactly the plain kernel). ``grouped``: the grouped
+    kernel (fp32 states only): grid axis 1 runs the members of a table ``meta_ptr`` (:data:`K1_MEMBER`),
+    every tile computed exactly as the per-matrix kernel computes it."""
     k = len(ep.state_names)
     modes = tuple(modes) if modes is not None else (FP32,) * k
     if len(modes) != k:
         raise ValueError(f"{len(modes)} storage modes for the states {ep.state_names}")
     plain = all(m == FP32 for m in modes)
+    if grouped and not plain:
+        raise ValueError(f"grouped K1 supports fp32 states only, got modes {[m.kernel_tag for m in modes]}")
     loads, body, stores = _epilogue_lines(ep, modes)
     params = [p for i, (s, m) in enumerate(zip(ep.state_names, modes)) for p in _state_params(i, s, m)]
+    member, nospec = "", ("c_ptr",)
+    if grouped:
+        params.append(("meta_ptr", f"*int64 K×{len(K1_MEMBER)} member table: {', '.join(K1_MEMBER)}"))
+        states = ",".join(f"s{i}_ptr" for i in range(k))
+        member = _member_code(
+            K1_MEMBER, {"x_off": "x_ptr", "p_off": "p_ptr", "d_off": "d_ptr", "s_off": states}, None
+        )
+        nospec = ("c_ptr", "meta_ptr", "N", *K1_MEMBER[5:])
     doc_body = [_doc_text(f"{t} = {e}") for t, e in ep.body]
     doc_body.append(_doc_text(f"new states: {', '.join(map(str, ep.new_states))}; D = {ep.update}"))
     states = (
@@ -316,14 +364,31 @@ def k1_source(ep: Epilogue, modes: tuple[StateMode, ...] | None = None) -> K1Sou
         traffic=_traffic(modes),
         state_params="".join(f"    {p},  # {c}\n" for p, c in params),
         meta=META,
+        member=member,
+        nospec=_nospec(nospec),
         dot=DOT,
         rne=rne,
         epilogue="".join(f"    {line}\n" for line in head + loads + body + stores),
     )
     name = f"coap_k1_{_key_hash(ep)}" + ("" if plain else "__" + "__".join(m.kernel_tag for m in modes))
+    name += "__grouped" if grouped else ""
     return K1Source(name=name, source=src, state_params=tuple(p.split(":")[0] for p, _ in params))
 
 
-def k2_source() -> tuple[str, str]:
-    """``(name, source)`` of K2: ``W ← decay·W + scale·(D @ Pᵀ)`` (epilogue independent)."""
-    return "coap_k2", K2.substitute(meta=META, dot=DOT, rne=RNE)
+def k2_source(grouped: bool = False) -> tuple[str, str]:
+    """``(name, source)`` of K2: ``W ← decay·W + scale·(D @ Pᵀ)`` (epilogue independent); ``grouped``:
+    one launch over the members of a table ``meta_ptr`` (:data:`K2_MEMBER`), members of any ``N``."""
+    if not grouped:
+        return "coap_k2", K2.substitute(
+            meta=META, dot=DOT, rne=RNE, member="", member_params="", nospec=_nospec(("decay_ptr",))
+        )
+    member = _member_code(
+        K2_MEMBER,
+        {"w_off": "w_ptr", "d_off": "d_ptr", "p_off": "p_ptr"},
+        "tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)",
+    )
+    params = f"    meta_ptr,  # *int64 K×{len(K2_MEMBER)} member table: {', '.join(K2_MEMBER)}\n"
+    nospec = _nospec(("decay_ptr", "meta_ptr", "N", *K2_MEMBER[4:]))
+    return "coap_k2_grouped", K2.substitute(
+        meta=META, dot=DOT, rne=RNE, member=member, member_params=params, nospec=nospec
+    )

@@ -26,7 +26,7 @@ import triton.language as tl
 
 $rne
 
-@triton.jit(do_not_specialize=["c_ptr"])
+@triton.jit(do_not_specialize=[$nospec])
 def coap_k1(
     x_ptr,  # *X: M×N gradient view (fp32/bf16/fp16, any strides), read
     p_ptr,  # *P: N×r fp32 projection, read
@@ -41,7 +41,7 @@ $state_params    M, N, R,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 $meta
-    # Program id -> (pid_m, pid_r), GROUP_M row blocks at a time so X tiles stay in L2 (tutorial 03).
+$member    # Program id -> (pid_m, pid_r), GROUP_M row blocks at a time so X tiles stay in L2 (tutorial 03).
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_r = tl.cdiv(R, BLOCK_R)
@@ -88,14 +88,14 @@ import triton.language as tl
 
 $rne
 
-@triton.jit(do_not_specialize=["decay_ptr"])
+@triton.jit(do_not_specialize=[$nospec])
 def coap_k2(
     w_ptr,  # *W: M×N weight view (fp32/bf16/fp16, any strides), updated in place
     d_ptr,  # *D: M×r fp32, read
     p_ptr,  # *P: N×r fp32, read as Pᵀ through swapped strides
     decay_ptr,  # *decay: fp32 scalar, read if HAS_DECAY (never specialized)
     scale,  # fp32 constant multiplying D @ Pᵀ (float arguments are never specialized)
-    M, N, R,
+$member_params    M, N, R,
     stride_wm, stride_wn,
     stride_dm, stride_dr,
     stride_pn, stride_pr,
@@ -105,7 +105,7 @@ def coap_k2(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 $meta
-    # Program id -> (pid_m, pid_n), GROUP_M row blocks at a time (tutorial 03).
+$member    # Program id -> (pid_m, pid_n), GROUP_M row blocks at a time (tutorial 03).
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)

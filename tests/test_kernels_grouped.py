@@ -1,0 +1,120 @@
+"""Grouped K1/K2 (:mod:`coap_compile.kernels.grouped`): one launch each over a group's members,
+bit-identical to the per-matrix kernels on every member (weights, states, ``D``).
+
+Run by the Triton interpreter on CPU (``tests/conftest.py``); the skip is the same precisely identified
+one as ``tests/test_kernels.py`` (no Triton target: no CUDA and ``TRITON_INTERPRET`` unset).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from helpers import randn, seeds
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_epilogues import EPILOGUES, initial_states
+
+from coap_compile.ir import evaluate_scalars
+from coap_compile.kernels import launch
+from coap_compile.kernels.grouped import grouped_fused_update_
+from coap_compile.kernels.launch import fused_projected_update_
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(), reason="no Triton target")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Completed Triton launches (kernel, grid)."""
+    done: list[tuple[object, tuple]] = []
+    real = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda *a, **kw: (real(*a, **kw), done.append((a[0], a[1]))))
+    return done
+
+
+def _member(seed: int, m: int, n: int, r: int, dtype: torch.dtype, transposed: bool):
+    """(W, X, P) of one member; a transposed member's W and X are views of n×m tensors."""
+    w = randn(seed, n, m, dtype=dtype).t() if transposed else randn(seed, m, n, dtype=dtype)
+    x = randn(seed + 1, n, m, dtype=dtype).t() if transposed else randn(seed + 1, m, n, dtype=dtype)
+    p = torch.linalg.qr(randn(seed + 2, n, r, dtype=torch.float64))[0].float()
+    return w.to(DEVICE), x.to(DEVICE), p.to(DEVICE)
+
+
+def _group(seed: int, m: int, r: int, ns: list[int], tr: list[bool], dtype: torch.dtype, ep):
+    members = [_member(seed + 10 * k, m, n, r, dtype, t) for k, (n, t) in enumerate(zip(ns, tr))]
+    # the runtime's layout: state i of member k is the k-th slice of one K×M×r buffer
+    bufs = [
+        torch.stack([initial_states(ep, m, r, seed + 100 + k)[i] for k in range(len(ns))]).to(DEVICE)
+        for i in range(len(ep.state_names))
+    ]
+    states = [[b[k] for b in bufs] for k in range(len(ns))]
+    return members, states
+
+
+@given(
+    seed=seeds,
+    name=st.sampled_from(sorted(EPILOGUES)),
+    k=st.integers(1, 4),
+    m=st.integers(1, 40),
+    r=st.integers(1, 20),
+    ns=st.lists(st.integers(1, 40), min_size=4, max_size=4),
+    tr=st.lists(st.booleans(), min_size=4, max_size=4),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    blocks=st.sampled_from([16, 32]),
+)
+@settings(max_examples=8, deadline=None)
+def test_grouped_bit_identical_to_per_matrix(seed, name, k, m, r, ns, tr, dtype, blocks):
+    """Group sizes 1-4, ragged last tiles (M, N_k, r not multiples of the blocks), members of mixed N and
+    orientation, fp32/bf16 X and W: weights, states and D equal the per-matrix kernels' bit for bit over
+    two steps."""
+    ep = EPILOGUES[name]
+    ns = [max(n, r) for n in ns[:k]]  # r ≤ N
+    members, states = _group(seed, m, r, ns, tr[:k], dtype, ep)
+    ref_w = [w.clone() for w, _, _ in members]
+    ref_s = [[s.clone() for s in st_] for st_ in states]
+    blk = {"block_m": blocks, "block_r": 16, "block_n": blocks, "block_k": 16}
+    for t in (1, 2):
+        c = evaluate_scalars(ep, torch.tensor(float(t), device=DEVICE), torch.tensor(1e-2, device=DEVICE))
+        d = torch.full((k, m, r), float("nan"), device=DEVICE)
+        grouped_fused_update_(
+            [w for w, _, _ in members], [x for _, x, _ in members], [p for _, _, p in members], states, c, ep,
+            scratch=d, **blk,
+        )  # fmt: skip
+        for j, (_, x, p) in enumerate(members):
+            d_ref = torch.full((m, r), float("nan"), device=DEVICE)
+            fused_projected_update_(ref_w[j], x, p, ref_s[j], c, ep, scratch=d_ref, **blk)
+            where = f"{name} member {j}/{k} {m}x{ns[j]} r={r} tr={tr[j]} {dtype} step {t}"
+            assert torch.equal(d[j], d_ref), f"{where}: D"
+            assert torch.equal(members[j][0], ref_w[j]), f"{where}: W"
+            for sname, a, b in zip(ep.state_names, states[j], ref_s[j]):
+                assert torch.equal(a, b), f"{where}: state {sname}"
+
+
+def test_one_launch_each(launches):
+    """Three members of different N: exactly one K1 and one K2 launch, each with a member grid axis."""
+    ep = EPILOGUES["adamw"]
+    members, states = _group(7, 24, 5, [17, 33, 9], [False, True, False], torch.float32, ep)
+    c = evaluate_scalars(ep, torch.tensor(1.0, device=DEVICE), torch.tensor(1e-2, device=DEVICE))
+    grouped_fused_update_(
+        [w for w, _, _ in members], [x for _, x, _ in members], [p for _, _, p in members], states, c, ep,
+        block_m=16, block_n=16, block_k=16,
+    )  # fmt: skip
+    assert len(launches) == 2
+    assert [grid[1] for _, grid in launches] == [3, 3]
+
+
+def test_rejects_mismatched_members():
+    ep = EPILOGUES["adamw"]
+    members, states = _group(3, 24, 5, [17, 9], [False, False], torch.float32, ep)
+    other, other_states = _group(5, 20, 5, [17], [False], torch.float32, ep)
+    c = evaluate_scalars(ep, torch.tensor(1.0, device=DEVICE), torch.tensor(1e-2, device=DEVICE))
+    with pytest.raises(ValueError, match="member 1 has M×r = 20×5, member 0 has 24×5"):
+        grouped_fused_update_(
+            [members[0][0], other[0][0]], [members[0][1], other[0][1]], [members[0][2], other[0][2]],
+            [states[0], other_states[0]], c, ep,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="same K >= 1 members"):
+        grouped_fused_update_([], [], [], [], c, ep)
