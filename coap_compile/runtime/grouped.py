@@ -47,9 +47,9 @@ repetitions, ``thread_time``):
 
 **What falls back to the per-matrix path** (each member then runs :func:`~.update.projected_update_`):
 a group of one; the kernel path (CUDA with ``backend="auto"``, or ``backend="triton"``: K1 already
-fuses ``X P`` with the epilogue per matrix, and a grouped launch needs a grid axis over the group in
-``coap_compile.kernels``); bf16/int8 state storage (stochastic rounding keeps one stream per
-parameter); bases whose derived update has reductions or weight statistics (Adafactor: the captured
+fuses ``X P`` with the epilogue per matrix; the grouped kernels of :mod:`coap_compile.kernels.grouped`,
+one launch over a member axis, exist but are not dispatched here yet); bf16/int8 state storage
+(stochastic rounding keeps one stream per parameter); bases whose derived update has reductions or weight statistics (Adafactor: the captured
 graph's reductions name dimensions of one matrix, so they keep per-matrix semantics); Tucker-projected
 4-D weights; and, for one step, a group in which some member has no gradient or the members' step
 counts differ (e.g. a layer frozen for a while).
@@ -129,7 +129,7 @@ def per_matrix_reason(layout, grouped: bool) -> str | None:
     if layout.shard is not None:
         return "FSDP2-sharded: DTensor states, refreshes over the shard group"
     if layout.kernels is not None:
-        return "kernel path: K1/K2 per matrix (a grouped launch needs a grid axis over the group)"
+        return "kernel path: K1/K2 per matrix (kernels/grouped.py's grouped launch is not dispatched yet)"
     if not layout.states.all_fp32:
         return "bf16/int8 state storage: one rounding stream per parameter"
     program = layout.program.program

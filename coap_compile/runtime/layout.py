@@ -54,7 +54,6 @@ from .settings import EMA_KEY, CoapSettings
 
 __all__ = [
     "Kind", "ParamLayout", "StateSpec", "build_layout", "check_fsdp", "full_program", "kind_of",
-    "state_dtype",
 ]  # fmt: skip
 
 
@@ -147,10 +146,6 @@ class ParamLayout:
                     ("projection", getattr(self.policy, "name", None)),
                     ("correlation", s.correlation)]  # fmt: skip
         return tuple(out)
-
-
-def state_dtype(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def kind_of(p: Tensor, settings: CoapSettings) -> tuple[Kind, int, tuple[int, ...], bool, bool, str]:
