@@ -45,15 +45,14 @@ repetitions, ``thread_time``):
 * Refreshes stay per matrix (:mod:`.refresh`): they are rare (every ``T_u`` steps), and batched QR/SVD
   on CPU loops over LAPACK calls per matrix anyway.
 
-**What falls back to the per-matrix path** (each member then runs :func:`~.update.projected_update_`):
-a group of one; the kernel path (CUDA with ``backend="auto"``, or ``backend="triton"``: K1 already
-fuses ``X P`` with the epilogue per matrix; the grouped kernels of :mod:`coap_compile.kernels.grouped`,
-one launch over a member axis, exist but are not dispatched here yet); bf16/int8 state storage
-(stochastic rounding keeps one stream per parameter); bases whose derived update has reductions or weight statistics (Adafactor: the captured
-graph's reductions name dimensions of one matrix, so they keep per-matrix semantics); Tucker-projected
-4-D weights; and, for one step, a group in which some member has no gradient or the members' step
-counts differ (e.g. a layer frozen for a while).
-"""
+**What falls back to the per-matrix path** (each member then runs :func:`~.update.projected_update_`): a group
+of one; the kernel path (CUDA with ``backend="auto"``, or ``backend="triton"``: K1 already fuses ``X P`` with
+the epilogue per matrix; the grouped kernels of :mod:`coap_compile.kernels.grouped`, one launch over a member
+axis, exist but are not dispatched here yet); bf16/int8 state storage (stochastic rounding keeps one stream
+per parameter); bases whose derived update has reductions or weight statistics (Adafactor: the captured
+graph's reductions name dimensions of one matrix, so they keep per-matrix semantics); Tucker-projected 4-D
+weights; and, for one step, a group in which some member has no gradient or the members' step counts differ
+(e.g. a layer frozen for a while). """
 
 from __future__ import annotations
 
