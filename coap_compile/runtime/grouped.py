@@ -52,7 +52,8 @@ axis, exist but are not dispatched here yet); bf16/int8 state storage (stochasti
 per parameter); bases whose derived update has reductions or weight statistics (Adafactor: the captured
 graph's reductions name dimensions of one matrix, so they keep per-matrix semantics); Tucker-projected 4-D
 weights; and, for one step, a group in which some member has no gradient or the members' step counts differ
-(e.g. a layer frozen for a while). """
+(e.g. a layer frozen for a while).
+"""
 
 from __future__ import annotations
 
