@@ -144,7 +144,8 @@ class ParamLayout:
             out += [("rank", self.rank), ("ranks", self.ranks), ("side", side),
                     ("update_interval", s.update_interval), ("reproject_factor", s.reproject_factor),
                     ("projection", getattr(self.policy, "name", None)),
-                    ("correlation", s.correlation)]  # fmt: skip
+                    ("correlation", s.correlation),
+                    ("projection_sharding", s.projection_sharding)]  # fmt: skip
         return tuple(out)
 
 

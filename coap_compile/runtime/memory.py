@@ -12,7 +12,8 @@ A Tucker-projected ``C_out×C_in×kh×kw`` weight: ``(C_out·r0 + C_in·r1)·b``
 state at the core's shape (``r0×r1×kh×kw``) plus the step. Every other parameter keeps exactly the base
 optimizer's state (``base_bytes``). The side is the plan's (``projection_side="rows"`` and FSDP2 weights:
 ``M = m``, ``N = n``). For an FSDP2-sharded parameter every row counts this rank's bytes: ``M`` is its
-local row count (:mod:`coap_compile.distributed.fsdp`), ``P`` and ``step`` count in full, and
+local row count (:mod:`coap_compile.distributed.fsdp`), ``P`` its local rows of ``n`` (sharded, the
+default; in full when replicated), ``step`` in full, and
 ``base_bytes`` is the base optimizer's state of the local shard (full-rank states with a storage
 precision too: their row count is the local one). Tensors a policy shares
 between matrices (the DCT basis of each width ``N``: ``N²·b``) are one row each, counted once.
@@ -22,12 +23,15 @@ same closed form with ``M_k = len(torch.chunk(range(m), W)[k])`` (:func:`local_r
 row of every parameter, on the rows side, from the unsharded (e.g. meta-device) model: per projected
 weight and rank ``k``, Adam-type states::
 
-    bytes_k = n·r·b_P  +  K·M_k·r·b  +  4        (K moments; P replicated, so n·r·b_P on every rank)
-    torch AdamW: 2·M_k·n·b + 4                    (the base on the local shard)
+    bytes_k = n_k·r·b_P  +  K·M_k·r·b  +  4    (K moments; P sharded, n_k = len(torch.chunk(range(n), W)[k]))
+    transient: n·r·b_P                          (the gathered P of the weight being stepped)
+    torch AdamW: 2·M_k·n·b + 4                  (the base on the local shard)
 
-so COAP holds less than AdamW per rank only while ``W < K·m(n − r)/(n·r)`` (roughly): the replicated
-``P`` stops the saving from growing with ``W``. Exact against gloo runs at W = 2 and 4
-(``tests/test_fsdp2_memory.py``); the LLaMA-1B/7B table is in the README (``coap_lab.cli.fsdp_memory``).
+so every term but the step counter falls as ``1/W`` and the ratio to AdamW stays ``≈ (n+K·m)·r/(2·m·n)``
+at every ``W``. With ``projection_sharding="replicated"`` ``P`` counts ``n·r·b_P`` on every rank and
+COAP holds less than AdamW only while ``W < K·m(n − r)/(n·r)`` (roughly). Exact against gloo runs at
+W = 2 and 4 (``tests/test_fsdp2_memory.py``); the LLaMA-1B/7B table is in the README
+(``coap_lab.cli.fsdp_memory``).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class MemoryRow:
     state_bytes: int
     base_bytes: int
     detail: dict[str, int]
+    transient_bytes: int = 0  # the full P gathered for this weight's step (an FSDP2 sharded P), not held
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,11 @@ class MemoryPlan:
     @property
     def base_bytes(self) -> int:
         return sum(r.base_bytes for r in self.rows)
+
+    @property
+    def transient_bytes(self) -> int:
+        """The largest gathered ``P`` (one weight's full ``n×r``, held only during its step)."""
+        return max((r.transient_bytes for r in self.rows), default=0)
 
     @property
     def saved_fraction(self) -> float:
@@ -86,6 +96,9 @@ class MemoryPlan:
             f"{'total':<40} {'':>14} {'':>5} {self.base_bytes:>12,} {self.total_bytes:>12,}"
             f"   saved {100 * self.saved_fraction:.1f}%"
         )
+        if self.transient_bytes:
+            label = "+ transient (one gathered P)"
+            lines.append(f"{label:<40} {'':>14} {'':>5} {'':>12} {self.transient_bytes:>12,}")
         return "\n".join(lines)
 
 
@@ -154,7 +167,7 @@ def _here(p: torch.Tensor, lay, world_size: int | None, rank: int) -> int | None
     return local_rows(int(p.shape[0]), world_size, rank)
 
 
-def plan_memory(opt, *, world_size: int | None = None, rank: int = 0) -> MemoryPlan:
+def plan_memory(opt, *, world_size: int | None = None, rank: int = 0, strict: bool = True) -> MemoryPlan:
     """One row per parameter (and per shared tensor); each state is counted by its storage's exact closed
     form (:meth:`coap_compile.storage.StateStorage.nbytes`: fp32 4 B/element, bf16 2 B (+16 B of rounding
     stream), int8 1 B + a float32 scale per block (+16 B)), ``P`` at its precision.
@@ -164,14 +177,18 @@ def plan_memory(opt, *, world_size: int | None = None, rank: int = 0) -> MemoryP
     from shapes alone (meta models work): projected weights on the rows side (``P`` ``n×r`` in full,
     states ``M_k×r``), full-rank states at the local shard's shape, torch's own optimizer on the local
     shard as ``base_bytes``. What FSDP2 refuses (int8 states, Tucker, GaLore/DCT, non-elementwise bases)
-    raises the same ValueError the sharded optimizer would. Without ``world_size``, an FSDP2-sharded
+    raises the same ValueError the sharded optimizer would (``strict=False``: planned anyway by the same
+    closed form at the local shard's shape, e.g. int8 states while FSDP2 refuses them). A sharded ``P``
+    (``projection_sharding="sharded"``, the default) counts this rank's ``torch.chunk`` rows of ``n``;
+    the full ``n×r`` gathered for a weight's step is its row's ``transient_bytes`` (the plan's
+    ``transient_bytes``: the largest, one weight at a time). Without ``world_size``, an FSDP2-sharded
     optimizer's plan is this rank's bytes (its mesh, its rank)."""
     _check_world(world_size, rank)
     config = opt.config
     rows = []
     shared: dict[str, tuple[tuple[int, ...], torch.dtype, str]] = {}  # counted once per key and device
     for p, lay in opt.plan.layouts.items():
-        if world_size is not None and not fsdp.is_dtensor(p):
+        if world_size is not None and strict and not fsdp.is_dtensor(p):
             check_fsdp(lay, config.base)
         here = _here(p, lay, world_size, rank)
         hyper = base_hyperparams(opt.param_groups[lay.group])
@@ -184,11 +201,26 @@ def plan_memory(opt, *, world_size: int | None = None, rank: int = 0) -> MemoryP
             continue
         rows_side = lay.rows_side or here is not None
         detail, rank_ = _state_detail(p, lay, here, rows_side, shared)
-        rows.append(MemoryRow(name, shape, str(p.dtype), rank_, sum(detail.values()), base, detail))
+        transient = 0
+        if here is not None and lay.kind is Kind.MATRIX and lay.settings.projection_sharding == "sharded":
+            n = int(p.shape[1])
+            transient = detail["proj"]
+            detail["proj"] = transient * _basis_rows(lay, n, world_size, rank) // n
+        total = sum(detail.values())
+        rows.append(MemoryRow(name, shape, str(p.dtype), rank_, total, base, detail, transient))
     for key, (shape, sdt, _dev) in sorted(shared.items()):  # e.g. the DCT basis shared by same-width matrices
         b = _nbytes(shape, sdt)
         rows.append(MemoryRow(f"[shared] {key}", tuple(shape), str(sdt), 0, b, 0, {key: b}))
     return MemoryPlan(tuple(rows))
+
+
+def _basis_rows(lay, n: int, world_size: int | None, rank: int) -> int:
+    """This rank's rows of a sharded ``P`` (``n`` rows cut like ``torch.chunk``)."""
+    if world_size is None:
+        from ..distributed.basis import basis_spec
+
+        return basis_spec(lay.shard, n).local_rows
+    return local_rows(n, world_size, rank)
 
 
 def _state_detail(p, lay, here: int | None, rows_side: bool, shared: dict) -> tuple[dict[str, int], int]:

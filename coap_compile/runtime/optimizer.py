@@ -90,7 +90,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         base_optim: the ``torch.optim.Optimizer`` subclass whose update is compiled.
         rank, rank_ratio, update_interval, reproject_factor, scale, restore_state, first_moment_beta,
             correlation, state_precision, projection_precision, quant_block_size, conv_rank_ratio,
-            projection_side: COAP's settings, :class:`~.settings.CoapSettings` (defaults and rules there).
+            projection_side, projection_sharding: COAP's settings, :class:`~.settings.CoapSettings` (defaults and rules there).
         projection: a policy name, or a ProjectionPolicy instance (then every group uses it).
         conv_policy: a :class:`~coap_compile.projection.tucker.TuckerPolicy` instance for Tucker-projected
             weights (default: one with the group's ``update_interval``, ``reproject_factor``,
@@ -121,6 +121,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         quant_block_size: int = _D.quant_block_size,
         conv_rank_ratio: float | None = _D.conv_rank_ratio,
         projection_side: str = _D.projection_side,
+        projection_sharding: str = _D.projection_sharding,
         basis: str = _D.basis,
         conv_policy: Any = None,
         backend: str = _O.backend,
@@ -141,7 +142,7 @@ class CoapOptimizer(torch.optim.Optimizer):
             restore_state=restore_state, first_moment_beta=first_moment_beta, correlation=correlation,
             state_precision=state_precision, projection_precision=projection_precision,
             quant_block_size=quant_block_size, conv_rank_ratio=conv_rank_ratio,
-            projection_side=projection_side, basis=basis,
+            projection_side=projection_side, projection_sharding=projection_sharding, basis=basis,
         )  # fmt: skip
         options = OptimizerOptions(backend, check_finite, grouped, input_precision)
         probe = base_optim([torch.zeros(2, requires_grad=True)], **base_kwargs)  # base validates its own args
@@ -379,12 +380,13 @@ class CoapOptimizer(torch.optim.Optimizer):
             self._install(build_plan(self._config, self.param_groups))
 
     # -- reporting -------------------------------------------------------------------------------------
-    def memory_plan(self, *, world_size: int | None = None, rank: int = 0):
+    def memory_plan(self, *, world_size: int | None = None, rank: int = 0, strict: bool = True):
         """Exact optimizer-state bytes per parameter, planned from shapes (works on the meta device);
-        ``world_size=W``: rank ``rank``'s bytes under FSDP2 on ``W`` ranks (:func:`.memory.plan_memory`)."""
+        ``world_size=W``: rank ``rank``'s bytes under FSDP2 on ``W`` ranks (:func:`.memory.plan_memory`;
+        ``strict=False`` plans what FSDP2 refuses today by the same closed form)."""
         from .memory import plan_memory
 
-        return plan_memory(self, world_size=world_size, rank=rank)
+        return plan_memory(self, world_size=world_size, rank=rank, strict=strict)
 
     def explain(self) -> str:
         """What was captured, the roles, the derived low-rank update, the grouped update, the memory plan."""

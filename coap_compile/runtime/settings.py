@@ -35,6 +35,7 @@ __all__ = [
     "INPUT_PRECISIONS",
     "PROJECTION_KEYS",
     "PROJECTION_PRECISIONS",
+    "PROJECTION_SHARDINGS",
     "PROJECTION_SIDES",
     "STATE_PRECISIONS",
     "CoapSettings",
@@ -52,6 +53,9 @@ PROJECTION_PRECISIONS = ("auto", "fp32", "bf16")
 #: ``"auto"``: the canonical side (``X = G`` tall, ``Gᵀ`` wide; FSDP2 weights ``X = G``);
 #: ``"rows"``: ``X = G`` for every weight.
 PROJECTION_SIDES = ("auto", "rows")
+#: How an FSDP2 weight stores ``P``: ``"sharded"`` (its ``torch.chunk`` rows per rank, gathered for the
+#: step) or ``"replicated"`` (in full on every rank); :mod:`coap_compile.distributed.basis`.
+PROJECTION_SHARDINGS = ("sharded", "replicated")
 #: The low-rank EMA of ``X̃`` kept for the correlation step by bases without a first moment.
 EMA_KEY = "coap_exp_avg"
 
@@ -92,6 +96,8 @@ class CoapSettings:
         state_precision / projection_precision / quant_block_size: storage (:mod:`.precision`).
         conv_rank_ratio: Tucker-project large 4-D convolution weights (None: full rank).
         projection_side: ``"auto"`` or ``"rows"`` (:data:`PROJECTION_SIDES`).
+        projection_sharding: ``"sharded"`` or ``"replicated"`` (:data:`PROJECTION_SHARDINGS`): ``P`` of an
+            FSDP2 weight (no effect on plain tensors; the rule in :mod:`coap_compile.distributed.basis`).
         project: a group key only: ``True``/``False`` force the choice, ``None`` the size rule.
         basis: how a refreshed basis is oriented against the previous one, and whether null directions
             are dropped (``"signs"``, ``"rotation"``; ``"official"`` reproduces the official code exactly:
@@ -113,6 +119,7 @@ class CoapSettings:
     quant_block_size: int = DEFAULT_BLOCK_SIZE
     conv_rank_ratio: float | None = None
     projection_side: str = "auto"
+    projection_sharding: str = "sharded"
     project: bool | None = None
     basis: str = DEFAULT_BASIS
 
@@ -150,6 +157,7 @@ class CoapSettings:
         ):
             raise ValueError(f"conv_rank_ratio must be None or a positive number, got {ratio!r}")
         _one_of("projection_side", self.projection_side, PROJECTION_SIDES)
+        _one_of("projection_sharding", self.projection_sharding, PROJECTION_SHARDINGS)
         _one_of("basis", self.basis, BASES)
         if not (self.project is None or isinstance(self.project, bool)):
             raise ValueError(f"project must be None, True or False, got {self.project!r}")

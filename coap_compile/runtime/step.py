@@ -30,6 +30,7 @@ epilogues, and torch's inner optimizer for full-rank parameters. It is rebuilt w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterable
 from typing import Any
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from ..distributed import fsdp
 from ..distributed.agreement import check_settings_agree
+from ..distributed.basis import gathered_basis
 from ..lowering.kernels import KernelPlan, kernel_plan, stored_kernel_plan
 from .counters import StepCounters
 from .fullrank import ensure_full_state, full_update_, restored_full_state
@@ -171,10 +173,23 @@ class StepRunner:
             lay = self.plan.layouts[p]
             inputs = self.scalars.inputs(lay.group, opt.state[p])
             plan_fn = plan_tucker_refresh if lay.kind is Kind.TUCKER else plan_refresh
-            commit = plan_fn(lay, self.local(p), opt.state_io(p), d, inputs, lay.comm(opt.comm_log))
+            with self.basis(opt, p, lay):  # a sharded P gathered while the refresh computes
+                commit = plan_fn(lay, self.local(p), opt.state_io(p), d, inputs, lay.comm(opt.comm_log))
             if commit is not None:
-                commits.append(commit)
+                commits.append(functools.partial(self._commit, opt, p, lay, commit))
         for commit in commits:
+            commit()
+
+    def basis(self, opt: Any, p: Tensor, lay: Any):
+        """The context in which ``opt.state[p]["proj"]`` is the full ``P``: an FSDP2 weight's sharded ``P``
+        gathered, stored back as its slice afterwards (:mod:`coap_compile.distributed.basis`)."""
+        if lay.shard is None or lay.kind is not Kind.MATRIX:
+            return contextlib.nullcontext()
+        sharded = lay.settings.projection_sharding == "sharded"
+        return gathered_basis(opt.state[p], lay.shard, sharded, opt.comm_log)
+
+    def _commit(self, opt: Any, p: Tensor, lay: Any, commit: Any) -> None:
+        with self.basis(opt, p, lay):  # gathered again: no old P held while other refreshes compute
             commit()
 
     def _full_rank_conversions(self, opt: Any) -> list:
@@ -263,9 +278,10 @@ class StepRunner:
             inputs = self.scalars.inputs(lay.group, state)
             if lay.kind is Kind.MATRIX:
                 extra = None if self.scope is None else self.scope.get(p)
-                projected_update_(lay, self.local(p), opt.state_io(p), inputs,
-                                  kernel_plan=self.stored_plans.get(p) if lay.kernels else None,
-                                  x_extra=extra)  # fmt: skip
+                with self.basis(opt, p, lay):  # a sharded P: gathered for this update, freed after
+                    projected_update_(lay, self.local(p), opt.state_io(p), inputs,
+                                      kernel_plan=self.stored_plans.get(p) if lay.kernels else None,
+                                      x_extra=extra)  # fmt: skip
             elif lay.kind is Kind.TUCKER:
                 tucker_update_(lay, p, opt.state_io(p), inputs)
             elif lay.kind is Kind.DERIVED:  # a storage precision: the captured update, load/store

@@ -5,10 +5,14 @@ paper's optimizer (q/k/v/o/gate/up/down projected at the paper's rank, embedding
 the base AdamW) and reads :meth:`coap_compile.CoapOptimizer.memory_plan` ``(world_size=W, rank=0)``:
 the bytes of rank 0 (the largest ``torch.chunk`` shard) when every parameter is ``fully_shard``-ed on
 ``W`` ranks. torch AdamW's per-rank figure is the plan's ``base_bytes`` (torch's own states of the same
-local shards). ``P`` is replicated (every rank holds it in full), so there is no transient: nothing is
-gathered for the update. fp32: fp32 weights and states; bf16: bf16 weights, ``state_precision="auto"``
-(bf16 low-rank moments and ``P``; full-rank parameters on torch's bf16 AdamW). The per-rank plan is
-checked equal to real gloo runs at W = 2 and 4 in ``tests/test_fsdp2_memory.py``.
+local shards). ``P`` is sharded (``projection_sharding="sharded"``, the default: rank 0 holds its
+``torch.chunk`` rows of ``n``); the transient is the largest ``P`` gathered for one weight's step
+(``n×r``, held only during that step), reported separately. fp32: fp32 weights and states; bf16: bf16
+weights, ``state_precision="auto"`` (bf16 low-rank moments and ``P``; full-rank parameters on torch's
+bf16 AdamW); int8: fp32 weights, ``state_precision="int8"``, planned by the single-process closed form at
+the local shard's shape (``strict=False``: int8 under FSDP2 is refused on this branch; the table is to
+be rerun once it is enabled), against fp32 torch AdamW. The per-rank plan is checked equal to real gloo
+runs at W = 2 and 4 in ``tests/test_fsdp2_memory.py`` (fp32 and bf16).
 
 Writes ``fsdp_memory.{csv,json}`` (with machine, versions and commit) and prints the README table.
 """
@@ -30,31 +34,39 @@ __all__ = ["SIZES", "WORLDS", "fsdp_memory_rows", "main"]
 WORLDS = (1, 2, 4, 8, 16, 64)
 SIZES = ("1b", "7b")
 MIB = 1024**2
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: precision -> (weights dtype, optimize() keywords)
+_CONFIGS = {
+    "fp32": (torch.float32, {}),
+    "bf16": (torch.bfloat16, {}),
+    "int8": (torch.float32, {"state_precision": "int8"}),
+}
 
 
 def fsdp_memory_rows(sizes=SIZES, worlds=WORLDS) -> list[dict[str, object]]:
-    """One row per (model, weights precision, W): rank 0's COAP and torch AdamW state bytes."""
+    """One row per (model, precision, W): rank 0's COAP and torch AdamW state bytes, and the transient."""
     rows = []
     for size in sizes:
         rank = PAPER_RANKS[size]
-        for weights, dtype in _DTYPES.items():
+        for precision, (dtype, extra) in _CONFIGS.items():
             model = build_llama(size, device="meta").to(dtype)
-            opt = coap_compile.optimize(model, torch.optim.AdamW, rank, target_modules=PAPER_TARGETS, lr=1e-3)
+            opt = coap_compile.optimize(
+                model, torch.optim.AdamW, rank, target_modules=PAPER_TARGETS, lr=1e-3, **extra
+            )
             for world in worlds:
-                plan = opt.memory_plan(world_size=world, rank=0)
-                coap, adamw = plan.total_bytes, plan.base_bytes
+                plan = opt.memory_plan(world_size=world, rank=0, strict=precision != "int8")
+                coap, adamw, transient = plan.total_bytes, plan.base_bytes, plan.transient_bytes
                 rows.append({
-                    "model": f"llama-{size}", "rank": rank, "weights": weights, "world_size": world,
+                    "model": f"llama-{size}", "rank": rank, "weights": precision, "world_size": world,
                     "coap_bytes": coap, "adamw_bytes": adamw, "coap_mib": round(coap / MIB, 2),
                     "adamw_mib": round(adamw / MIB, 2), "coap_over_adamw": round(coap / adamw, 3),
-                    "transient_bytes": 0,
+                    "transient_bytes": transient, "transient_mib": round(transient / MIB, 2),
                 })  # fmt: skip
     return rows
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
-    """The README table: per model and precision, COAP / AdamW MiB per rank and their ratio per W."""
+    """The README table: per model and precision, COAP / AdamW MiB per rank, their ratio and the
+    transient (one gathered ``P``, MiB) per W."""
     worlds = sorted({r["world_size"] for r in rows})
     head = "| model, weights | " + " | ".join(f"W = {w}" for w in worlds) + " |"
     lines = [head, "|---|" + "---|" * len(worlds)]
@@ -63,7 +75,10 @@ def markdown(rows: list[dict[str, object]]) -> str:
         cells = []
         for w in worlds:
             r = next(x for x in rows if (x["model"], x["weights"], x["world_size"]) == (model, weights, w))
-            cells.append(f"{r['coap_mib']:,.1f} / {r['adamw_mib']:,.1f} ({r['coap_over_adamw']:.2f})")
+            cells.append(
+                f"{r['coap_mib']:,.1f} / {r['adamw_mib']:,.1f} ({r['coap_over_adamw']:.2f}) "
+                f"+{r['transient_mib']:,.0f}"
+            )
         name = model.replace("llama-", "LLaMA-").upper().replace("LLAMA", "LLaMA")
         lines.append(f"| {name} r={rank}, {weights} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -78,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.results_dir)
     write_csv(out / "fsdp_memory.csv", rows, meta)
     write_json(out / "fsdp_memory.json", {"meta": meta, "rows": rows})
-    cols = [(k, k) for k in ("model", "weights", "world_size", "coap_mib", "adamw_mib", "coap_over_adamw")]
+    keys = ("model", "weights", "world_size", "coap_mib", "adamw_mib", "coap_over_adamw", "transient_mib")
+    cols = [(k, k) for k in keys]
     print(format_table(rows, cols))
     print()
     print(markdown(rows))
