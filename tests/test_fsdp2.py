@@ -13,7 +13,8 @@ they stay shard-local; Adafactor's factored moment is not, and is refused).
 
 Checked: losses and weights against the reference; ``P`` bit-identical across ranks at every step
 (``assert_replicated`` in the workers) and changed exactly at the refreshes; state DTensors with the
-parameter's mesh and placements, ``P`` a plain tensor; per-rank state bytes = ``memory_plan()`` = the
+parameter's mesh and placements, ``P`` too (sharded by its rows, :mod:`coap_compile.distributed.basis`;
+compared here gathered); per-rank state bytes = ``memory_plan()`` = the
 closed form with ``torch.chunk`` row counts; the collectives of every refresh against the closed forms
 of :mod:`coap_compile.distributed.comm`; a DCP checkpoint saved on 2 ranks resumed on 2 ranks
 (bit-identical) and on 4 (resharded); bf16 states (DTensors, replicated rounding streams, bit-identical
@@ -115,7 +116,7 @@ def _train(model, opt, steps: range, rows: slice, check=None, scale: float = 1.0
                 (step, [(r.op, r.label, r.nbytes) for r in opt.comm_log.records], list(opt.comm_log.qr_paths))
             )
         losses.append(loss.item())
-        projs.append({n: opt.state[p]["proj"].clone() for n, p in _projected(model).items()})
+        projs.append({n: _full_p(opt.state[p]["proj"]) for n, p in _projected(model).items()})
         if check is not None:
             check(opt)
     return {"losses": losses, "projs": projs, "comm": comm}
@@ -148,9 +149,14 @@ def _rows(world_rows: int) -> slice:
     return slice(rank * per, (rank + 1) * per)
 
 
+def _full_p(v: torch.Tensor) -> torch.Tensor:
+    """``P`` in full: a sharded one (a DTensor, :mod:`coap_compile.distributed.basis`) gathered."""
+    return (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+
+
 def _assert_proj_replicated(opt) -> None:
     for p in opt.projected_parameters():
-        assert_replicated(opt.state[p]["proj"], name="proj")
+        assert_replicated(_full_p(opt.state[p]["proj"]), name="proj")
 
 
 def _full(model) -> dict[str, torch.Tensor]:
@@ -421,11 +427,13 @@ def test_states_are_dtensors_and_bytes_are_closed_form_per_shard(runs, world):
                 chunk = -(-m // world)
                 rows = max(0, min(m, (rank + 1) * chunk) - min(m, rank * chunk))  # torch.chunk's rows
                 assert info["local_rows"] == rows
-                assert info["kinds"]["proj"] == ("plain", None, None, (n, RANK))
+                # P sharded by its n rows (torch.chunk) on the weight's mesh: coap_compile.distributed.basis
+                assert info["kinds"]["proj"] == ("dtensor", (Shard(0),), True, (n, RANK))
+                p_rows = max(0, min(n, (rank + 1) * -(-n // world)) - min(n, rank * -(-n // world)))
                 assert info["kinds"]["step"][0] == "plain"
                 for s in names:
                     assert info["kinds"][s] == ("dtensor", (Shard(0),), True, (m, RANK)), (name, s)
-                closed = 4 * n * RANK + 4 * len(names) * rows * RANK + 4  # P + states + step
+                closed = 4 * p_rows * RANK + 4 * len(names) * rows * RANK + 4  # P slice + states + step
                 assert info["held"] == info["plan"] == closed, (base, name)
                 torch_bytes = 4 * len(names) * rows * n + (4 if base == "adamw" else 0)
                 assert info["base"] == torch_bytes, (base, name)  # torch's own optimizer on the shard
@@ -444,7 +452,9 @@ def test_bytes_per_refresh_equal_the_closed_forms(runs, world):
                 assert labels.count("finite_flag") == 1  # one int32 per step on a 1-D mesh
                 # the settings check: one 8-byte digest all-gather at the plan's first step (one shard group)
                 assert labels.count("settings_digest") == (1 if step == 0 else 0), (base, step)
-                quiet = ("finite_flag", "settings_digest")
+                # the sharded P's gathers (one per weight and update, two more per refresh with a P) are
+                # counted in tests/test_fsdp2_sharded_p.py
+                quiet = ("finite_flag", "settings_digest", "p_gather")
                 refresh = [(op, lab, b) for op, lab, b in records if lab not in quiet]
                 if kind is None:
                     assert refresh == [], (base, step)  # no communication between refreshes
@@ -495,7 +505,7 @@ def test_bf16_states_are_dtensors_and_resume_bit_identically(runs):
                 assert kinds[n + ".rng"][:3] == ("plain", None, torch.int64), (name, n)
             assert kinds["step"][0] == "plain"
             if name in PROJECTED:
-                assert kinds["proj"][:3] == ("plain", None, torch.float32), name  # P follows the weights
+                assert kinds["proj"][:3] == ("dtensor", (Shard(0),), torch.float32), name  # sharded P, fp32
         # the streams are replicated: every rank stored every state once per step
         for key, value in run["state"].items():
             if key.endswith(".rng") or key.endswith("/proj"):

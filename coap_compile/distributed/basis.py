@@ -63,8 +63,10 @@ def basis_spec(spec: ShardSpec, n: int) -> ShardSpec:
 
 def gather_basis(local_rows: Tensor, spec: ShardSpec, log: CommLog | None = None) -> Tensor:
     """The full ``P`` (``n×r``, a plain tensor) from every rank's slice: one all-gather of the slices
-    zero-padded to ``⌈n/W⌉`` rows (label ``"p_gather"``)."""
+    zero-padded to ``⌈n/W⌉`` rows (label ``"p_gather"``); on a one-rank group the stored slice itself."""
     world = group_size(spec.group)
+    if world == 1:
+        return local_rows  # the whole P already: no collective, no copy
     chunk = -(-spec.rows // world)
     padded = local_rows.new_zeros((chunk, *local_rows.shape[1:]))
     padded[: local_rows.shape[0]] = local_rows
@@ -104,7 +106,9 @@ def _store(state: dict, spec: ShardSpec, sharded: bool, stored, gathered) -> Non
     if stored is not None and is_dtensor(stored) and tuple(stored.shape) == tuple(full.shape) and (
         stored.dtype == full.dtype
     ):
-        stored.to_local().copy_(rows)  # the same DTensor object: cached layouts stay valid
+        target = stored.to_local()
+        if target.data_ptr() != rows.data_ptr():  # (one rank: the "gathered" P is the stored one)
+            target.copy_(rows)  # the same DTensor object: cached layouts stay valid
         state["proj"] = stored
         return
     state["proj"] = pspec.wrap(rows.clone())

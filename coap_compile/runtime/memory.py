@@ -204,8 +204,9 @@ def plan_memory(opt, *, world_size: int | None = None, rank: int = 0, strict: bo
         transient = 0
         if here is not None and lay.kind is Kind.MATRIX and lay.settings.projection_sharding == "sharded":
             n = int(p.shape[1])
-            transient = detail["proj"]
-            detail["proj"] = transient * _basis_rows(lay, n, world_size, rank) // n
+            p_rows = _basis_rows(lay, n, world_size, rank)
+            transient = detail["proj"] if p_rows < n else 0  # (one rank: nothing is gathered)
+            detail["proj"] = detail["proj"] * p_rows // n
         total = sum(detail.values())
         rows.append(MemoryRow(name, shape, str(p.dtype), rank_, total, base, detail, transient))
     for key, (shape, sdt, _dev) in sorted(shared.items()):  # e.g. the DCT basis shared by same-width matrices

@@ -90,7 +90,8 @@ class CoapOptimizer(torch.optim.Optimizer):
         base_optim: the ``torch.optim.Optimizer`` subclass whose update is compiled.
         rank, rank_ratio, update_interval, reproject_factor, scale, restore_state, first_moment_beta,
             correlation, state_precision, projection_precision, quant_block_size, conv_rank_ratio,
-            projection_side, projection_sharding: COAP's settings, :class:`~.settings.CoapSettings` (defaults and rules there).
+            projection_side, projection_sharding: COAP's settings, :class:`~.settings.CoapSettings`
+            (defaults and rules there).
         projection: a policy name, or a ProjectionPolicy instance (then every group uses it).
         conv_policy: a :class:`~coap_compile.projection.tucker.TuckerPolicy` instance for Tucker-projected
             weights (default: one with the group's ``update_interval``, ``reproject_factor``,
