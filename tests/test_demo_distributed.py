@@ -69,8 +69,9 @@ def test_ddp_demo_two_workers(tmp_path):
 def test_fsdp2_demo_two_workers(tmp_path):
     """``--strategy fsdp2``: each rank's optimizer-state bytes equal the closed form of its shard (every
     row count here is even, so each rank holds half the rows): AdamW ``2·4·numel/2 + 4`` per parameter;
-    COAP (rows side, r = min(m, n) // 4) ``4·n·r`` for the replicated P ``+ 2·4·(m/2)·r + 4``, and the
-    full-rank parameters as AdamW."""
+    COAP (rows side, r = min(m, n) // 4) ``4·(n/2)·r`` for its slice of the sharded P
+    ``+ 2·4·(m/2)·r + 4``, and the full-rank parameters as AdamW; the transient (one gathered P) is the
+    largest ``4·n·r``."""
     result = _launch(tmp_path, ["--strategy", "fsdp2", "--optimizers", "adamw,coap", "--layers", "2"])
     assert result["strategy"] == "fsdp2" and result["world_size"] == 2
     rows = {(r["optimizer"], r["rank"]): r for r in result["rows"]}
@@ -78,18 +79,22 @@ def test_fsdp2_demo_two_workers(tmp_path):
                                     max_seq_len=32), seed=0)  # fmt: skip
     coap = build_optimizer("coap", model, rank_ratio=4.0, lr=1e-3)
     projected = {id(p) for p in coap.projected_parameters()}
-    adamw = coap_bytes = 0
+    adamw = coap_bytes = transient = 0
     for p in model.parameters():
         assert p.shape[0] % 2 == 0
         adamw += 2 * 4 * p.numel() // 2 + 4
         if id(p) in projected:
             (m, n), r = p.shape, min(p.shape) // 4
-            coap_bytes += 4 * n * r + 2 * 4 * (m // 2) * r + 4
+            assert n % 2 == 0
+            coap_bytes += 4 * (n // 2) * r + 2 * 4 * (m // 2) * r + 4
+            transient = max(transient, 4 * n * r)
         else:
             coap_bytes += 2 * 4 * p.numel() // 2 + 4
     for rank in (0, 1):
         assert rows["adamw", rank]["state_bytes"] == adamw
         assert rows["coap", rank]["state_bytes"] == coap_bytes
+        assert rows["coap", rank]["transient_bytes"] == transient
+        assert rows["adamw", rank]["transient_bytes"] == 0
         assert rows["coap", rank]["equal_to_rank0"] is None  # shards, not replicas
     assert coap_bytes < adamw
 

@@ -22,9 +22,11 @@ loss and whether the parameters equal rank 0's bit for bit, evaluates the valida
 
 ``--strategy fsdp2``: every decoder layer and then the model go through ``fully_shard`` on a 1-D
 mesh of all ranks (``Shard(0)`` DTensor parameters); COAP optimizers then take the rows side and keep
-their row states sharded (:mod:`coap_compile.distributed.fsdp`), so the printed state bytes are each
-rank's shard. There are no replicas to compare (the column shows ``-``); ``--in-backward`` is refused
-(FSDP2 reduce-scatters the gradients after the parameter hooks would run).
+their row states sharded (:mod:`coap_compile.distributed.fsdp`) and ``P`` sharded by its rows
+(:mod:`coap_compile.distributed.basis`), so the printed state bytes are each rank's shard; the
+"gathered P" column is the transient of a COAP optimizer (the largest full ``P`` gathered for one
+weight's step, not held between steps). There are no replicas to compare (the column shows ``-``);
+``--in-backward`` is refused (FSDP2 reduce-scatters the gradients after the parameter hooks would run).
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ def _train(name: str, args, model_cfg, corpus, device, rank: int) -> dict:
     k = max(1, len(losses) // 10)
     return {
         "optimizer": name, "rank": rank, "in_backward": hooked, "state_bytes": _local_state_bytes(opt),
+        "transient_bytes": opt.memory_plan().transient_bytes if isinstance(opt, coap_compile.CoapOptimizer)
+        else 0,
         "train_loss": sum(losses[-k:]) / k, "val_loss": val if rank == 0 else None, "equal_to_rank0": equal,
         "wall_s": round(wall, 2),
     }  # fmt: skip
@@ -197,7 +201,8 @@ def worker(args: argparse.Namespace) -> int:
             rows.extend(gathered)
         if rank == 0:
             cols = [("optimizer", "optimizer"), ("rank", "rank"), ("in_backward", "in-backward"),
-                    ("state_bytes", "state bytes"), ("train_loss", "train loss"), ("val_loss", "val loss"),
+                    ("state_bytes", "state bytes"), ("transient_bytes", "gathered P"),
+                    ("train_loss", "train loss"), ("val_loss", "val loss"),
                     ("equal_to_rank0", "params == rank 0"), ("wall_s", "train s")]  # fmt: skip
             backend = "nccl" if cuda else "gloo"
             print(f"\n{args.strategy.upper()} on {world} processes ({backend}), {args.steps} steps × batch "
