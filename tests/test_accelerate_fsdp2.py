@@ -13,8 +13,9 @@ state (``P`` a sharded DTensor) equal the uninterrupted run's bit for bit.
 accelerator devices (``accelerate/state.py``: the ``fsdp_plugin`` branch lists MULTI_GPU, MULTI_XPU,
 MULTI_NPU, … but not MULTI_CPU): with ``Accelerator(cpu=True, fsdp_plugin=...)`` it silently keeps
 ``MULTI_CPU`` and wraps the model in ``DistributedDataParallel``. The test therefore sets the state's
-distributed type to FSDP after constructing the Accelerator (:func:`_fsdp_on_cpu`); everything after
-that is Accelerate's unmodified FSDP2 code (no mock). On GPUs the plugin alone suffices.
+distributed type to FSDP (and its ``fsdp_plugin``) after constructing the Accelerator
+(:func:`_fsdp_on_cpu`); everything after that is Accelerate's unmodified FSDP2 code (no mock). On GPUs
+the plugin alone suffices.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ class Tiny(nn.Module):
         return self.head(x + self.down(torch.tanh(self.up(x))))
 
 
-def _fsdp_on_cpu(acc) -> None:
+def _fsdp_on_cpu(acc, plugin) -> None:
     """Accelerate 1.16 ignores ``fsdp_plugin`` on MULTI_CPU (module docstring): select FSDP by hand."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
     acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
@@ -66,7 +68,7 @@ def _accelerated():
         state_dict_type="SHARDED_STATE_DICT", reshard_after_forward=True,
     )  # fmt: skip
     acc = Accelerator(cpu=True, fsdp_plugin=plugin)
-    _fsdp_on_cpu(acc)
+    _fsdp_on_cpu(acc, plugin)
     torch.manual_seed(0)
     model = Tiny()
     opt = coap_compile.optimize(
@@ -116,6 +118,7 @@ def _worker(path: str) -> dict:
     }
     first = _steps(acc, model, opt, range(SAVE_AT))
     acc.save_state(path)
+    kinds["saved"] = sorted(os.listdir(path))
     rest = _steps(acc, model, opt, range(SAVE_AT, STEPS))
     kinds["proj"] = type(inner.state[model.up.weight]["proj"]).__name__
     want = _snapshot(model, opt)
@@ -136,6 +139,7 @@ def test_accelerate_fsdp2_prepares_coap_on_dtensors(runs):
     for r in runs:
         k = r["kinds"]
         assert k["is_fsdp2"] and k["model"].startswith("FSDP") and k["weight"] == "DTensor", k
+        assert {"optimizer_0", "pytorch_model_fsdp_0"} <= set(k["saved"]), k  # Accelerate's FSDP (DCP) path
         assert k["coap"] == "CoapOptimizer" and k["projected"] == 3 and k["proj"] == "DTensor", k
     assert runs[0]["losses"][0] != runs[1]["losses"][0]  # different data per rank
 
