@@ -1,6 +1,7 @@
 """Record the golden trajectories of ``tests/test_golden.py`` (run on the *unmodified* library).
 
-Usage, from the repository root: ``python -m tests.golden.record`` (or ``python tests/golden/record.py``).
+Usage, from the repository root: ``python -m tests.golden.record`` (or ``python tests/golden/record.py``);
+``python -m tests.golden.record --fsdp2-only`` re-records ``fsdp2.pt`` alone.
 It writes, under ``tests/golden/data/`` (each loadable with ``torch.load(path, weights_only=True)``):
 
 * ``trajectories.pt``: ``{"meta", "refused", "runs": {name: {key: tensor}}}`` — for every configuration of
@@ -31,7 +32,8 @@ bit-identical on CPU, so the ungrouped entries cost nothing. The checkpoints' ow
   k = 8, 10, the Tucker factors); GaLore, Flora and DCT change ``P`` (or the DCT indices) at every even
   ``k > 0``. Edits (``policy`` None) are printed, not checked;
 * the continuation from each old-format checkpoint equals the uninterrupted run, bit for bit;
-* both FSDP2 ranks hold the same ``P`` (it is replicated) after the 12 steps.
+* the FSDP2 ranks hold ``torch.chunk`` row slices of ``P`` (sharded since issue 18; until then it was
+  replicated and both ranks held the same ``P``).
 
 **Refused combinations** (the construction raises; listed in ``trajectories.pt["refused"]`` and checked
 to be still refused by the test): RMSprop with momentum and ``state_precision="int8"`` (recorded for
@@ -167,7 +169,20 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
-def main() -> None:
+def _fsdp_result(fsdp_run) -> dict:
+    fsdp = fsdp_run.result()
+    for name, run in fsdp.items():
+        projs = [k.split("/", 1)[1] for k in run if k.startswith("rank0/") and k.endswith("/proj")]
+        assert projs, name
+        for k in projs:  # P is sharded by rows (torch.chunk of n over the 2 ranks)
+            a, b = run[f"rank0/{k}"], run[f"rank1/{k}"]
+            assert a.shape[1] == b.shape[1] and a.shape[0] - b.shape[0] in (0, 1), f"{name}: {k} not chunked"
+    return fsdp
+
+
+def main(argv: list[str] | None = None) -> None:
+    """All goldens; ``--fsdp2-only``: only ``fsdp2.pt`` (the other files untouched)."""
+    argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(1)
     DATA.mkdir(parents=True, exist_ok=True)
     meta = metadata()
@@ -175,6 +190,13 @@ def main() -> None:
         print("WARNING: coap_compile/ has uncommitted changes; goldens must come from the unmodified library")
     t0 = time.monotonic()
     fsdp_run = C.FsdpRun().start()  # in the background, while the single-process cases run
+    if argv == ["--fsdp2-only"]:
+        fsdp = _fsdp_result(fsdp_run)
+        path = DATA / "fsdp2.pt"
+        torch.save({"meta": meta, "runs": Dedup()(fsdp)}, path)
+        torch.load(path, weights_only=True)
+        print(f"{len(fsdp)} FSDP2 runs, {time.monotonic() - t0:.1f} s; {path.relative_to(ROOT)}")
+        return
     runs, refused = {}, {}
     cases = C.all_cases()
     for name, case in cases.items():
@@ -198,12 +220,7 @@ def main() -> None:
     print(f"{len(checkpoints)} checkpoints, resumed bit-identically")
 
     t1 = time.monotonic()
-    fsdp = fsdp_run.result()
-    for name, run in fsdp.items():
-        projs = [k.split("/", 1)[1] for k in run if k.startswith("rank0/") and k.endswith("/proj")]
-        assert projs, name
-        for k in projs:
-            assert torch.equal(run[f"rank0/{k}"], run[f"rank1/{k}"]), f"{name}: {k} differs across ranks"
+    fsdp = _fsdp_result(fsdp_run)
     print(f"{len(fsdp)} FSDP2 runs, {time.monotonic() - t1:.1f} s more")
 
     dedup = Dedup()
