@@ -28,14 +28,19 @@ transient is one gathered ``n×r`` at a time during the update; during a refresh
 every refreshing weight is held in full until the commit (the atomicity copy of
 :mod:`coap_compile.runtime.refresh`, which the replicated layout paid as well).
 
-**Replicated or sharded** (``projection_sharding``, a param-group key, agreed across ranks): measured on
-2 gloo ranks, 2 CPU cores (``benchmarks/results/fsdp_basis_timing.json``): see the README's Distributed
-section; sharded is the default at every ``W`` because a gather of ``⌈n/W⌉×r`` is small next to FSDP2's
-own collectives of the weight and the memory saving grows with ``W``; replicated saves that gather where
-``W`` is small and memory is not the limit. Overlapping the next weight's gather with the current
-update is not implemented: on gloo with 2 shared CPU cores it cannot be measured meaningfully (the
-collective and the compute compete for the same cores); the hook would be an async ``all_gather``
-issued for weight ``i+1`` before weight ``i``'s update, waited at weight ``i+1`` (transient: two
+**Replicated or sharded** (``projection_sharding``, a param-group key, agreed across ranks). Measured
+(``benchmarks/fsdp_basis.py`` → ``benchmarks/results/fsdp_basis_timing.json``: 4 × ``Linear(512, 512)``,
+``rank_ratio=4``, AdamW, gloo on a 2-core VM under load 11–14), sharded / replicated, medians of 38
+steps: ``opt.step()`` alone 25.0 / 21.2 ms at W = 2 and 81.8 / 33.4 ms at W = 4 (oversubscribed);
+forward + backward + step 93.9 / 99.6 and 421 / 430 ms (no measurable change); state per rank 0.75× and
+0.50× of replicated. Rule: sharded is the default at every ``W`` (the iteration time did not measurably
+change, the state shrinks as ``1/W``); replicated saves the gather and its transient where memory is not
+the limit, most usefully at small ``W`` where it costs only ``(1 − 1/W)·n·r`` more elements per weight.
+
+**Overlap** of the next weight's gather with the current update is not implemented: on gloo with 2
+shared CPU cores it cannot be measured meaningfully (the collective and the compute compete for the same
+cores); the hook would be an async ``all_gather`` issued for weight ``i+1`` before weight ``i``'s update
+(in :meth:`~coap_compile.runtime.step.StepRunner.basis`), waited at weight ``i+1`` (transient: two
 gathered ``P``).
 """
 
