@@ -30,6 +30,7 @@ CASES = {
     "state_precision": ({}, {"state_precision": "bf16"}),
     "projection": ({}, {"projection": "flora"}),
     "rank": ({}, {"rank": 3}),
+    "projection_sharding": ({}, {"projection_sharding": "replicated"}),
 }
 
 
@@ -102,6 +103,7 @@ def test_settings_mismatch_raises_on_every_rank_naming_the_setting(ranks):
         "state_precision": ("'fp32'", "'bf16'"),
         "projection": ("'coap'", "'flora'"),
         "rank": ("2", "3"),
+        "projection_sharding": ("'sharded'", "'replicated'"),
     }
     for case, (v0, v1) in values.items():
         messages = [r[case]["message"] for r in ranks]

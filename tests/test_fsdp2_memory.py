@@ -3,7 +3,8 @@
 ``opt.memory_plan(world_size=W, rank=k)`` plans, from shapes alone, the state bytes rank ``k`` holds
 when every parameter is ``fully_shard``-ed on ``W`` ranks. Checked exactly against real gloo runs at
 W = 2 and 4 (every rank, every state of every parameter, after steps that crossed the init refresh): the
-plan of a *meta-device* unsharded model equals the bytes each rank holds, for fp32 and bf16 states
+plan of a *meta-device* unsharded model equals the bytes each rank holds, for fp32 and bf16 states and
+with replicated ``P`` (fp32; sharded ``P`` is the default, its transient is the largest gathered ``P``)
 (bf16: full-rank parameters run the derived update with bf16 DTensor states), and its ``base_bytes``
 equal what torch's own AdamW holds on that rank. Uneven shards: ``gate`` has 6 rows (4 ranks: 2, 2, 2,
 0), the 40-row head and embedding split 20/20 and 10/10/10/10.
@@ -28,7 +29,11 @@ from coap_lab.launch import run_distributed
 TIMEOUT = 150.0
 VOCAB, DIM, HIDDEN, NARROW = 40, 16, 32, 6
 COAP = {"rank": 4, "update_interval": 2, "reproject_factor": 2, "lr": 1e-2}
-CONFIGS = {"fp32": {}, "bf16": {"state_precision": "bf16"}}
+CONFIGS = {
+    "fp32": {},
+    "bf16": {"state_precision": "bf16"},
+    "replicated": {"projection_sharding": "replicated"},
+}
 
 
 class Tiny(nn.Module):
@@ -82,7 +87,8 @@ def _worker() -> dict:
         opt = coap_compile.optimize(model, torch.optim.AdamW, **COAP, **extra)
         _train(model, opt, 3)
         plan = opt.memory_plan()
-        out[name] = {"held": _held(opt), "plan": plan.total_bytes, "base": plan.base_bytes}
+        out[name] = {"held": _held(opt), "plan": plan.total_bytes, "base": plan.base_bytes,
+                     "transient": plan.transient_bytes}  # fmt: skip
     model = _sharded(mesh)
     torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     _train(model, torch_opt, 1)
@@ -104,8 +110,13 @@ def test_meta_plan_equals_the_bytes_every_rank_holds(runs, world, config):
         plan = opt.memory_plan(world_size=world, rank=k)
         assert plan.total_bytes == r[config]["held"] == r[config]["plan"], (k, plan.total_bytes, r[config])
         assert plan.base_bytes == r["torch"] == r[config]["base"], (k, plan.base_bytes, r["torch"])
+        # one gathered P at a time: the largest n×r (down.weight's 32×4 fp32 P; bf16 states keep an fp32 P)
+        assert plan.transient_bytes == r[config]["transient"] == (0 if config == "replicated" else 4 * 32 * 4)
     if world == 4:  # uneven shards (gate: 2, 2, 2, 0 rows): the ranks' figures differ
         assert len({r["fp32"]["held"] for r in runs[world]}) > 1
+    r0 = runs[world][0]  # sharded P: rank 0 holds (n - ⌈n/W⌉)·r fewer P elements per weight than replicated
+    saved = sum(4 * (n - -(-n // world)) * 4 for n in (16, 32, 16, 16))  # up, down, gate, head: n, r = 4
+    assert r0["replicated"]["held"] - r0["fp32"]["held"] == saved
 
 
 def test_world_size_one_is_the_rows_side_plan():

@@ -5,6 +5,7 @@
   :func:`assert_replicated`.
 * :mod:`.correlation`: the correlation step with hand-derived gradients (all-reduced ``N×r`` + scalars).
 * :mod:`.agreement`: the settings that decide collectives checked equal across each shard group.
+* :mod:`.basis`: an FSDP2 weight's ``P`` stored as its ``torch.chunk`` row slice, gathered per step.
 * :mod:`.comm`: counted collectives (:class:`CommLog`) and the closed-form bytes per refresh.
 
 The local test launcher (``run_distributed``: ``world_size`` gloo processes) is :mod:`coap_lab.launch`.

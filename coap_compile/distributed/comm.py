@@ -23,7 +23,9 @@ correlation, columns    [S_e, a, ‖M̂_j‖², ‖X_j‖²] then ∇P       ``s
 naive port              all-gather of X (then local refresh)   ``s·M_local·N`` sent, ``s·M·N`` held
 ======================  =====================================  ==================================
 
-The projected update between refreshes needs no communication in the row-sharded layout.
+The projected update between refreshes needs no communication in the row-sharded layout, except the
+all-gather of a sharded ``P`` (label ``"p_gather"``, ``s·⌈N/W⌉·r`` per rank and weight:
+:mod:`coap_compile.distributed.basis`).
 """
 
 from __future__ import annotations

@@ -37,14 +37,14 @@ reduce-scatter. COAP keeps such a weight's update local on every shard:
   naming the parameter and the policy.
 * **States** of a sharded weight are DTensors with the weight's mesh and placements (global shape
   ``m×r``, local rows = the weight's local rows), as torch's AdamW states are under FSDP2, so
-  ``torch.distributed.checkpoint`` saves, loads and reshards them. ``P`` (and ``step``, Flora's
-  ``seed``, a bf16 state's 16-byte rounding stream ``<name>.rng``) is a plain tensor, replicated: DCP
-  treats a plain tensor as replicated (written once after de-duplication, read whole by every rank), as
-  it does torch's ``step``; a ``Replicate()`` DTensor would add nothing for DCP and would have to be
-  unwrapped by every policy. The runtime sees a sharded weight through :func:`local_param` (its local
-  rows, with the local gradient) and :class:`ShardedState` (the state with DTensors shown as their
-  local tensors; new row states are wrapped on assignment), so the update and the refreshes are the
-  single-process code on local tensors.
+  ``torch.distributed.checkpoint`` saves, loads and reshards them. ``P`` is a DTensor too, sharded by
+  its own ``n`` rows and gathered for the step that needs it (:mod:`.basis`; ``projection_sharding=
+  "replicated"`` keeps it a plain tensor). ``step``, Flora's ``seed`` and a bf16 state's 16-byte
+  rounding stream ``<name>.rng`` are plain tensors, replicated: DCP treats a plain tensor as replicated
+  (written once after de-duplication, read whole by every rank), as it does torch's ``step``. The
+  runtime sees a sharded weight through :func:`local_param` (its local rows, with the local gradient)
+  and :class:`ShardedState` (the state with DTensors shown as their local tensors; new row states are
+  wrapped on assignment), so the update and the refreshes are the single-process code on local tensors.
 * **HSDP** (2-D mesh, placements ``(Replicate(), Shard(0))``) falls out: the refresh collectives run
   over the shard dim's group; every replica group sees the same (all-reduced) gradient bits, so ``P``
   is identical across replicas too. Other placements (``Shard(1)``, ``Partial``, tensor-parallel
@@ -85,11 +85,10 @@ records every collective.
 Memory per rank (``memory_plan()``; ``memory_plan(world_size=W, rank=k)`` plans any ``W`` from shapes,
 e.g. on a meta-device model: :mod:`coap_compile.runtime.memory`): the closed form of the single-process
 plan with ``M`` replaced by the local rows ``M_k = len(torch.chunk(range(m), W)[k])`` (``⌈m/W⌉`` for the
-first ranks, the rest on the last non-empty ranks, 0 after them) and ``P`` counted in full on every rank.
-Since ``P`` is replicated, COAP saves memory per rank only while ``W < 2m(n − r)/(n r)``
-(:mod:`.linalg`). LLaMA-1B projected weights at ``r = 512``, fp32 AdamW states per decoder layer per
-rank, COAP vs torch AdamW: W=1 117.3 vs 384.0 MiB, W=2 76.0 vs 192.0, W=4 55.3 vs 96.0, W=8 45.0 vs 48.0,
-W=16 39.8 vs 24.0.
+first ranks, the rest on the last non-empty ranks, 0 after them) and ``P``'s ``n`` rows likewise (one
+gathered ``n×r`` is the transient). LLaMA-1B whole model, fp32: COAP / torch AdamW 0.374 per rank at every
+``W`` (README table). With a replicated ``P`` COAP saves memory per rank only while
+``W < 2m(n − r)/(n r)`` (:mod:`.linalg`; per decoder layer at ``r = 512``: 45.0 vs 48.0 MiB at W=8).
 
 Bytes per refresh (:func:`~coap_compile.distributed.refresh_bytes`, fp32, per rank and weight):
 init/SVD ``4(2r² + rN)``, correlation ``4(2 + rN)``; between refreshes nothing. LLaMA-1B, r=512,

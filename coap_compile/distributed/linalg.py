@@ -67,7 +67,7 @@ step's cosine runs along dim 1 of the original weight, i.e. along the rows of ``
 * In both cases ``P`` is replicated: per-rank state is ``4·(n r + 2⌈m/W⌉ r)`` against torch AdamW's
   ``4·2⌈m/W⌉ n``, so COAP saves memory only while ``W < 2m(n − r)/(n r) ≈ 2m/r`` (14 for a
   4096×4096 weight at r=512). Beyond that, ``P`` itself must be sharded and all-gathered at use (an
-  ``N×r`` all-gather per step, FSDP-style); not implemented here.
+  ``N×r`` all-gather per step, FSDP-style): :mod:`coap_compile.distributed.basis`, the default.
 
 The canonical side of a wide weight instead contracts over the sharded dimension (``X = Gᵀ``, ``n×m``,
 sharded by columns ``m``, ``P`` row-sharded with ``X``'s columns): ``Y = Σ_k X_{:,k} P_k`` is a sum over
