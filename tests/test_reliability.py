@@ -116,6 +116,7 @@ BAD_SETTINGS = [
     ("restore_state", "False", TypeError, "restore_state must be a bool"),
     ("correlation", "fast", ValueError, "correlation must be one of"),
     ("projection_side", "cols", ValueError, "projection_side must be one of"),
+    ("projection_sharding", "rows", ValueError, r"projection_sharding must be one of \('sharded', 're"),
     ("rank_ratio", -1.0, ValueError, "rank_ratio must be a positive number"),
     ("betas", (NAN, 0.999), ValueError, "Invalid beta parameter at index 0"),
     ("lr", -1.0, ValueError, "Invalid learning rate"),
