@@ -26,16 +26,20 @@ weight (1/8 to 1/12 at LLaMA-1B's ``r/m = 1/4``). A refresh step gathers once mo
 again before committing, so no old ``P`` is held while the other weights' refreshes compute). The
 transient is one gathered ``n×r`` at a time during the update; during a refresh step the new ``P`` of
 every refreshing weight is held in full until the commit (the atomicity copy of
-:mod:`coap_compile.runtime.refresh`, which the replicated layout paid as well).
+:mod:`coap_compile.runtime.refresh`, which the replicated layout paid as well). Not done: refreshes that
+produce only the slice (a reduce-scatter of the correlation gradient, a column-sharded SVD of ``B``)
+would save, on refresh steps only, the all-reduce's second half and the commit's re-gather, and would no
+longer be bit-identical to the replicated layout.
 
 **Replicated or sharded** (``projection_sharding``, a param-group key, agreed across ranks). Measured
 (``benchmarks/fsdp_basis.py`` → ``benchmarks/results/fsdp_basis_timing.json``: 4 × ``Linear(512, 512)``,
-``rank_ratio=4``, AdamW, gloo on a 2-core VM under load 11–14), sharded / replicated, medians of 38
-steps: ``opt.step()`` alone 25.0 / 21.2 ms at W = 2 and 81.8 / 33.4 ms at W = 4 (oversubscribed);
-forward + backward + step 93.9 / 99.6 and 421 / 430 ms (no measurable change); state per rank 0.75× and
-0.50× of replicated. Rule: sharded is the default at every ``W`` (the iteration time did not measurably
-change, the state shrinks as ``1/W``); replicated saves the gather and its transient where memory is not
-the limit, most usefully at small ``W`` where it costs only ``(1 − 1/W)·n·r`` more elements per weight.
+``rank_ratio=4``, AdamW, gloo on a 2-core VM under load 12–13), sharded / replicated, medians of 38
+steps: ``opt.step()`` alone 29.9 / 15.5 ms at W = 2 and 85.2 / 30.2 ms at W = 4 (oversubscribed);
+forward + backward + step 121.5 / 114.0 and 416 / 356 ms (an earlier run: 0.94× and 0.98×, so between
+noise and +17 %); state per rank 0.75× and 0.50× of replicated. Rule: sharded is the default at every
+``W`` (the per-rank memory is what COAP is for, and only this layout keeps it below AdamW as ``W`` grows);
+replicated saves the gather and its transient where step time matters more than memory, most usefully
+at small ``W`` where it costs only ``(1 − 1/W)·n·r`` more elements per weight.
 
 **Overlap** of the next weight's gather with the current update is not implemented: on gloo with 2
 shared CPU cores it cannot be measured meaningfully (the collective and the compute compete for the same
