@@ -1,0 +1,122 @@
+"""Kernel groups (:mod:`coap_compile.runtime.grouped_kernels`): on the kernel path, matrices with equal
+``M×r`` states step in one grouped K1 and one grouped K2 launch, bit-identical to the per-matrix kernel
+path (``grouped=False``, same backend) on weights and every state tensor, across refreshes.
+
+``backend="triton"`` runs the kernels under the Triton interpreter on CPU (``tests/conftest.py``); on a
+CUDA machine without the interpreter the tests are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import os
+import unittest.mock
+
+import pytest
+import torch
+from helpers import randn, seeds
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import coap_compile
+from coap_compile.kernels import launch
+from coap_compile.runtime import precision as precision_mod
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not INTERPRET, reason="backend='triton' on CPU needs TRITON_INTERPRET=1")
+
+#: four share M = 24 (two 24×16, a transposed 16×24, one of width 12), one (30×16) is alone.
+SHAPES = [(24, 16), (16, 24), (24, 12), (24, 16), (30, 16)]
+BASES = {
+    "adamw": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.05}),
+    "adam-l2": (torch.optim.Adam, {"lr": 1e-2, "weight_decay": 0.1}),  # prologue X = G + λW
+    "sgd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
+}
+
+
+CASES = [("adamw", "fp32"), ("adam-l2", "fp32"), ("sgd", "fp32"), ("adamw", "bf16"), ("adamw", "int8"),
+         ("sgd", "int8")]  # fmt: skip
+
+
+def _build(seed, grouped, base="adamw", **kw):
+    params = [randn(seed + i, *s, scale=0.3).requires_grad_() for i, s in enumerate(SHAPES)]
+    cls, base_kw = BASES[base]
+    opt = coap_compile.optimize(
+        [{"params": params, "project": True}], cls, rank=5, backend="triton", grouped=grouped,
+        **{"update_interval": 2, "reproject_factor": 2, **base_kw, **kw},
+    )  # fmt: skip
+    return params, opt
+
+
+def _grads(params, seed, step, skip=()):
+    for i, p in enumerate(params):
+        p.grad = None if i in skip else randn(seed * 1000 + 17 * step + i, *p.shape, scale=1e-2)
+
+
+def _assert_same(pa, oa, pb, ob, where):
+    for i, (a, b) in enumerate(zip(pa, pb)):
+        assert torch.equal(a.detach(), b.detach()), f"{where}: weight {i}"
+        sa, sb = oa.state[a], ob.state[b]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{where}: weight {i} state {k}"
+
+
+@settings(deadline=None, max_examples=4)
+@given(
+    seed=seeds,
+    case=st.sampled_from(CASES),
+)
+def test_kernel_groups_bit_identical_to_per_matrix_kernels(seed, case):
+    """6 steps (init, correlation steps at k = 2, 4, SVDs at 4 …), member 2 without a gradient at step 3
+    (its run breaks, it steps alone and its count falls behind): weights, states (values, codes, scales,
+    rng counters, steps) equal the per-matrix kernels' bit for bit; the group ran as grouped launches."""
+    base, precision = case
+    kw = {} if precision == "fp32" else {"state_precision": precision}
+    with unittest.mock.patch.object(precision_mod, "INT8_MIN_NUMEL", 0):  # quantize the 24×5 states
+        pa, oa = _build(seed, True, base, **kw)
+        pb, ob = _build(seed, False, base, **kw)
+    assert [len(g.members) for g in oa.plan.matrix_groups] == [4] and ob.plan.matrix_groups == ()
+    for step in range(6):
+        skip = (2,) if step == 3 else ()
+        _grads(pa, seed, step, skip)
+        _grads(pb, seed, step, skip)
+        oa.step()
+        ob.step()
+        _assert_same(pa, oa, pb, ob, f"{base}/{precision} step {step}")
+    assert oa.grouped_runs and oa.grouped_runs[0][0].kernels == ("triton", "auto")
+    keys = set(oa.state[pa[0]])
+    assert {"fp32": "exp_avg", "bf16": "exp_avg.rng", "int8": "exp_avg.q8"}[precision] in keys, keys
+
+
+def test_two_launches_per_group_and_explain():
+    """A steady step of the group: one grouped K1 and one grouped K2 (grid axis 1 = 4 members), plus the
+    lone matrix's two; explain() names the kernel group and why the other matrix runs alone."""
+    pa, oa = _build(0, True, update_interval=100)
+    for step in range(2):
+        _grads(pa, 0, step)
+        oa.step()
+    grids = []
+    real = launch._launch
+    launch._launch = lambda *a, **k: (real(*a, **k), grids.append(a[1]))
+    try:
+        _grads(pa, 0, 2)
+        oa.step()
+    finally:
+        launch._launch = real
+    assert sorted(g[1] if len(g) > 1 else 1 for g in grids) == [1, 1, 4, 4]
+    text = oa.explain()
+    assert "kernel path (backend='triton'" in text and "one grouped K1 + one grouped K2" in text
+    assert "no other matrix with its state shape" in text
+
+
+def test_kernel_path_reasons():
+    """Kernel-path matrices whose update K1 cannot take stay per matrix, with the reason in explain()."""
+    params = [randn(i, 24, 16).requires_grad_() for i in range(3)]
+    opt = coap_compile.optimize([{"params": params, "project": True}], torch.optim.RMSprop, rank=4,
+                                backend="triton", lr=1e-3)  # fmt: skip
+    assert opt.plan.matrix_groups == ()
+    assert "kernel path keeping coap_exp_avg" in opt.explain()
+    opt = coap_compile.optimize([{"params": params, "project": True}], torch.optim.Adafactor, rank=4,
+                                backend="triton", lr=1e-2)  # fmt: skip
+    assert opt.plan.matrix_groups == ()
+    assert "kernel path with reductions" in opt.explain()
