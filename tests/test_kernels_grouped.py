@@ -18,7 +18,7 @@ from kernel_epilogues import EPILOGUES, initial_states
 
 from coap_compile.compiler import compile_base
 from coap_compile.ir import evaluate_scalars
-from coap_compile.kernels import launch
+from coap_compile.kernels import grouped, launch, ops
 from coap_compile.kernels.grouped import grouped_fused_update_
 from coap_compile.kernels.launch import fused_projected_update_
 from coap_compile.kernels.variants import KernelVariant, mode_of
@@ -214,3 +214,66 @@ def test_storage_one_launch_each_and_own_streams(launches):
     rngs = [flat[1] for flat in states]  # exp_avg.rng of each member: [seed, counter]
     assert [int(g[1]) for g in rngs] == [1, 1, 1] and len({int(g[0]) for g in rngs}) == 3
     assert not torch.equal(states[0][0], states[1][0])  # same fp32 values, different rounding streams
+
+
+# -- the op: opcheck, torch.compile, fallback --------------------------------------------------------------
+
+grouped_op = torch.ops.coap_compile.grouped_fused_projected_update
+
+
+def _op_problem(seed: int = 5, transposed=(False, True, False)):
+    """Op arguments for three members (weights/gradients as the runtime passes them: a transposed member's
+    are n×m tensors), each member's states allocated on their own."""
+    ep = EPILOGUES["adamw"]
+    members, states = _group(seed, 24, 5, [17, 33, 9], list(transposed), torch.float32, ep)
+    ws = [w.t() if t else w for (w, _, _), t in zip(members, transposed)]
+    gs = [x.t() if t else x for (_, x, _), t in zip(members, transposed)]
+    flat = [s.clone() for st_ in states for s in st_]
+    c = evaluate_scalars(ep, torch.tensor(2.0, device=DEVICE), torch.tensor(1e-2, device=DEVICE))
+    return ws, gs, [p for _, _, p in members], flat, c, ops.register_epilogue(ep), list(transposed)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_opcheck_grouped(backend):
+    ws, gs, ps, flat, c, eid, tr = _op_problem()
+    torch.library.opcheck(grouped_op.default, (ws, gs, ps, flat, c, eid, tr, backend, "ieee"))
+
+
+@pytest.mark.parametrize("op_backend", ["auto", "triton"])
+def test_grouped_op_under_torch_compile(op_backend, launches):
+    """fullgraph tracing (aot_eager) of the grouped op: the compiled call leaves exactly what the
+    uncompiled op leaves (the kernels really ran for "triton": two launches per call)."""
+    ws, gs, ps, flat, c, eid, tr = _op_problem()
+    ref_w, ref_s = [w.clone() for w in ws], [s.clone() for s in flat]
+    grouped_op(ref_w, gs, ps, ref_s, c, eid, tr, op_backend, "ieee")
+    launches.clear()
+
+    def step(ws, gs, ps, flat, c):
+        grouped_op(ws, [g * 1.0 for g in gs], ps, flat, c, eid, tr, op_backend, "ieee")
+
+    torch._dynamo.reset()
+    torch.compile(step, backend="aot_eager", fullgraph=True)(ws, gs, ps, flat, c)
+    assert all(torch.equal(a, b) for a, b in zip(ws, ref_w)) and all(map(torch.equal, flat, ref_s))
+    assert len(launches) == (2 if op_backend == "triton" else 0)
+
+
+def test_grouped_k2_failure_falls_back_and_stays_identical(monkeypatch):
+    """A failing grouped K2 (compile error, missing driver) warns once and finishes every member with the
+    eager K2 from the grouped K1's D: the result equals the per-member eager K2 on the same D."""
+    ops.reset_fallback_warnings()
+    ws, gs, ps, flat, c, eid, tr = _op_problem(9)
+    ref_w, ref_s = [w.clone() for w in ws], [s.clone() for s in flat]
+    grouped_op(ref_w, gs, ps, ref_s, c, eid, tr, "triton", "ieee")
+
+    def broken(*a, **k):
+        raise RuntimeError("no K2 today")
+
+    monkeypatch.setattr(grouped, "grouped_project_back_", broken)
+    with pytest.warns(RuntimeWarning, match="no K2 today"):
+        grouped_op(ws, gs, ps, flat, c, eid, tr, "triton", "ieee")
+    ops.reset_fallback_warnings()
+    assert all(map(torch.equal, flat, ref_s))  # K1 ran as a kernel
+    # eager K2 (torch mm) vs the kernel's tl.dot may differ in summation order; observed: bit-equal on
+    # this and 5 other seeds of this problem (0 difference); 1e-6 leaves room for another BLAS
+    for a, b in zip(ws, ref_w):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
