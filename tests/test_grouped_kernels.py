@@ -3,7 +3,8 @@
 path (``grouped=False``, same backend) on weights and every state tensor, across refreshes.
 
 ``backend="triton"`` runs the kernels under the Triton interpreter on CPU (``tests/conftest.py``); on a
-CUDA machine without the interpreter the tests are skipped with that reason.
+CUDA machine (no interpreter) those tests skip, and the ``cuda``-marked one runs the compiled kernels
+(``backend="auto"``: CUDA tensors), part of ``make gpu-check``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from coap_compile.kernels import launch
 from coap_compile.runtime import precision as precision_mod
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not INTERPRET, reason="backend='triton' on CPU needs TRITON_INTERPRET=1")
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="backend='triton' on CPU: TRITON_INTERPRET=1")
 
 #: four share M = 24 (two 24×16, a transposed 16×24, one of width 12), one (30×16) is alone.
 SHAPES = [(24, 16), (16, 24), (24, 12), (24, 16), (30, 16)]
@@ -37,11 +38,12 @@ CASES = [("adamw", "fp32"), ("adam-l2", "fp32"), ("sgd", "fp32"), ("adamw", "bf1
          ("sgd", "int8")]  # fmt: skip
 
 
-def _build(seed, grouped, base="adamw", **kw):
-    params = [randn(seed + i, *s, scale=0.3).requires_grad_() for i, s in enumerate(SHAPES)]
+def _build(seed, grouped, base="adamw", device="cpu", **kw):
+    params = [randn(seed + i, *s, scale=0.3).to(device).requires_grad_() for i, s in enumerate(SHAPES)]
     cls, base_kw = BASES[base]
     opt = coap_compile.optimize(
-        [{"params": params, "project": True}], cls, rank=5, backend="triton", grouped=grouped,
+        [{"params": params, "project": True}], cls, rank=5, grouped=grouped,
+        backend="triton" if device == "cpu" else "auto",
         **{"update_interval": 2, "reproject_factor": 2, **base_kw, **kw},
     )  # fmt: skip
     return params, opt
@@ -49,7 +51,8 @@ def _build(seed, grouped, base="adamw", **kw):
 
 def _grads(params, seed, step, skip=()):
     for i, p in enumerate(params):
-        p.grad = None if i in skip else randn(seed * 1000 + 17 * step + i, *p.shape, scale=1e-2)
+        g = randn(seed * 1000 + 17 * step + i, *p.shape, scale=1e-2).to(p.device)
+        p.grad = None if i in skip else g
 
 
 def _assert_same(pa, oa, pb, ob, where):
@@ -61,6 +64,7 @@ def _assert_same(pa, oa, pb, ob, where):
             assert torch.equal(sa[k], sb[k]), f"{where}: weight {i} state {k}"
 
 
+@needs_interpreter
 @settings(deadline=None, max_examples=4)
 @given(
     seed=seeds,
@@ -89,6 +93,7 @@ def test_kernel_groups_bit_identical_to_per_matrix_kernels(seed, case):
     assert any(k.endswith(suffix) for k in keys), keys
 
 
+@needs_interpreter
 def test_two_launches_per_group_and_explain():
     """A steady step of the group: one grouped K1 and one grouped K2 (grid axis 1 = 4 members), plus the
     lone matrix's two; explain() names the kernel group and why the other matrix runs alone."""
@@ -110,6 +115,7 @@ def test_two_launches_per_group_and_explain():
     assert "no other matrix with its state shape" in text
 
 
+@needs_interpreter
 def test_kernel_path_reasons():
     """Kernel-path matrices whose update K1 cannot take stay per matrix, with the reason in explain()."""
     params = [randn(i, 24, 16).requires_grad_() for i in range(3)]
@@ -121,3 +127,28 @@ def test_kernel_path_reasons():
                                 backend="triton", lr=1e-2)  # fmt: skip
     assert opt.plan.matrix_groups == ()
     assert "kernel path with reductions" in opt.explain()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_cuda_kernel_groups_bit_identical_and_two_launches(precision):
+    """The compiled kernels (CUDA, ``backend="auto"``): grouped launches equal the per-matrix kernels bit
+    for bit over 6 steps with refreshes, and a steady step launches 2 kernels for the group + 2 alone."""
+    from coap_compile.kernels import count_launches
+
+    kw = {} if precision == "fp32" else {"state_precision": precision}
+    with unittest.mock.patch.object(precision_mod, "INT8_MIN_NUMEL", 0):
+        pa, oa = _build(0, True, device="cuda", **kw)
+        pb, ob = _build(0, False, device="cuda", **kw)
+        pc, oc = _build(0, True, device="cuda", update_interval=100, **kw)  # nothing due at k = 2
+    for step in range(6):
+        _grads(pa, 0, step)
+        _grads(pb, 0, step)
+        oa.step()
+        ob.step()
+        _assert_same(pa, oa, pb, ob, f"cuda {precision} step {step}")
+    for step in range(3):
+        _grads(pc, 0, step)
+        with count_launches() as counts:
+            oc.step()
+    assert sum(counts.values()) == 4 and sum(v for k, v in counts.items() if k.endswith("grouped")) == 2
