@@ -20,6 +20,12 @@ The states are not packed (unlike the eager groups' ``K×M×r`` buffers): each m
 tensors, which the kernels reach through per-member offsets, so checkpoints, ``state_dict()`` and the
 storages are exactly the per-matrix path's. Refreshes stay per matrix (:mod:`.refresh`).
 
+**Transient memory** (not in the memory plan, which counts persistent state): ``D`` is one ``K×M×r`` fp32
+scratch per launch instead of ``M×r`` per matrix. LLaMA-1B at r = 512: the 72 FFN matrices (M = 5461)
+take 72·5461·512·4 B = 768 MiB during their launch pair (per matrix: 10.7 MiB), the 96 attention
+matrices 384 MiB; the caching allocator reuses the block every step. Not yet measured on a GPU; a
+member cap per launch (two launches per ⌈K/cap⌉ members) is the knob if that peak matters.
+
 A member runs per matrix (:func:`kernel_group_reason`, shown by ``explain()``) when its update has
 reductions or weight statistics (Adafactor: eager middle + K2), keeps ``coap_exp_avg`` (K1 does not
 update it), or has a state storage no K1 reads; and for one step (:func:`kernel_runs`) when it has no
