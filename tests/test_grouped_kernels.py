@@ -9,6 +9,7 @@ CUDA machine (no interpreter) those tests skip, and the ``cuda``-marked one runs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import unittest.mock
 
@@ -36,6 +37,18 @@ BASES = {
 
 CASES = [("adamw", "fp32"), ("adam-l2", "fp32"), ("sgd", "fp32"), ("adamw", "bf16"), ("adamw", "int8"),
          ("sgd", "int8")]  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quantized_small_states():
+    """int8 storage quantizes the 24×5 states while the optimizers are built (the layouts keep their
+    storages); the storage cache is cleared on both sides so no other test sees this one."""
+    precision_mod._storage.cache_clear()
+    try:
+        with unittest.mock.patch.object(precision_mod, "INT8_MIN_NUMEL", 0):
+            yield
+    finally:
+        precision_mod._storage.cache_clear()
 
 
 def _build(seed, grouped, base="adamw", device="cpu", **kw):
@@ -76,7 +89,7 @@ def test_kernel_groups_bit_identical_to_per_matrix_kernels(seed, case):
     rng counters, steps) equal the per-matrix kernels' bit for bit; the group ran as grouped launches."""
     base, precision = case
     kw = {} if precision == "fp32" else {"state_precision": precision}
-    with unittest.mock.patch.object(precision_mod, "INT8_MIN_NUMEL", 0):  # quantize the 24×5 states
+    with _quantized_small_states():
         pa, oa = _build(seed, True, base, **kw)
         pb, ob = _build(seed, False, base, **kw)
     assert [len(g.members) for g in oa.plan.matrix_groups] == [4] and ob.plan.matrix_groups == ()
@@ -137,7 +150,7 @@ def test_cuda_kernel_groups_bit_identical_and_two_launches(precision):
     from coap_compile.kernels import count_launches
 
     kw = {} if precision == "fp32" else {"state_precision": precision}
-    with unittest.mock.patch.object(precision_mod, "INT8_MIN_NUMEL", 0):
+    with _quantized_small_states():
         pa, oa = _build(0, True, device="cuda", **kw)
         pb, ob = _build(0, False, device="cuda", **kw)
         pc, oc = _build(0, True, device="cuda", update_interval=100, **kw)  # nothing due at k = 2
