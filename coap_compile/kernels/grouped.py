@@ -119,12 +119,14 @@ def grouped_lowrank_(
     xs: Sequence[Tensor], ps: Sequence[Tensor], states: Sequence[Sequence[Tensor]], c: Tensor,
     kern: Kernel, *, out: Tensor | None = None, input_precision: str = "ieee", block_m: int = 64,
     block_r: int | None = None, block_k: int = 32, num_warps: int = 4, num_stages: int = 3,
+    checked: bool = False,
 ) -> Tensor:  # fmt: skip
     """Grouped K1: every member's states updated in place, returns the ``K×M×r`` fp32 ``D`` (written into
     ``out`` when given). ``states[k]``: member ``k``'s op tensors (fp32 states, or a storage variant's flat
-    list). Each member as :func:`~.launch.projected_lowrank_` on it, bit for bit."""
+    list). Each member as :func:`~.launch.projected_lowrank_` on it, bit for bit. ``checked``: the caller
+    ran :func:`check_members` on these arguments (host work per member is the cost a group saves)."""
     kern = _plain(kern)
-    m, r = check_members(None, xs, ps, states, c, kern)
+    m, r = (xs[0].shape[0], ps[0].shape[1]) if checked else check_members(None, xs, ps, states, c, kern)
     kk, dev = len(xs), xs[0].device
     d = torch.empty((kk, m, r), dtype=torch.float32, device=dev) if out is None else out
     if tuple(d.shape) != (kk, m, r) or d.dtype != torch.float32 or d.device != dev:
@@ -171,14 +173,14 @@ def grouped_lowrank_(
 def grouped_project_back_(
     ws: Sequence[Tensor], d: Tensor, ps: Sequence[Tensor], decay: Tensor | int | float | None, scale: float,
     *, c: Tensor | None = None, input_precision: str = "ieee", block_m: int = 64, block_n: int = 64,
-    block_k: int = 32, num_warps: int = 4, num_stages: int = 3,
+    block_k: int = 32, num_warps: int = 4, num_stages: int = 3, checked: bool = False,
 ) -> None:  # fmt: skip
     """Grouped K2: ``W_k ← decay·W_k + scale·D_k P_kᵀ`` for every member ``k`` (``d``: ``K×M×r`` fp32),
-    each as :func:`~.launch.project_back_update_` on it."""
+    each as :func:`~.launch.project_back_update_` on it (``checked``: as :func:`grouped_lowrank_`)."""
     if not ws or len(ws) != len(ps) or d.ndim != 3 or d.shape[0] != len(ws):
         raise ValueError(f"ws, ps and d must list the same K >= 1 members, got {len(ws)}, {len(ps)}, "
                          f"{tuple(d.shape)}")  # fmt: skip
-    for k, (w, p) in enumerate(zip(ws, ps)):
+    for k, (w, p) in enumerate(zip(ws, ps) if not checked else ()):
         launch._check_back(w, d[k], p)
         _same("w", k, w, ws[0], False)
     kk, m, r = d.shape
@@ -225,11 +227,11 @@ def grouped_fused_update_(
     ip1, ip2 = (input_precision, input_precision) if isinstance(input_precision, str) else input_precision
     d = grouped_lowrank_(
         xs, ps, states, c, epilogue, out=scratch, input_precision=ip1, block_m=block_m, block_r=block_r,
-        block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+        block_k=block_k, num_warps=num_warps, num_stages=num_stages, checked=True,
     )  # fmt: skip
     ep = launch._epilogue(epilogue)
     grouped_project_back_(
         ws, d, ps, launch.epilogue_decay(ep), ep.scale, c=c, input_precision=ip2, block_m=block_m,
-        block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+        block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, checked=True,
     )  # fmt: skip
 

@@ -272,13 +272,13 @@ def _grouped_op(
     if not _triton_usable(ws[0].device, backend, input_precision):
         return eager()
     d = torch.empty((kk, m, r), dtype=torch.float32, device=xs[0].device)
-    kwargs = {"out": d, "input_precision": input_precision}
+    kwargs = {"out": d, "input_precision": input_precision, "checked": True}  # check_members ran above
     if not _try_triton(f"grouped K1[{epilogue_id}, {xs[0].dtype}]", grouped.grouped_lowrank_, xs, ps, sts, c,
                        kern, **kwargs):  # fmt: skip
         return eager()
     decay = launch.epilogue_decay(ep)
     if not _try_triton(f"grouped K2[{ws[0].dtype}]", grouped.grouped_project_back_, w_views, d, ps, decay,
-                       ep.scale, c=c, input_precision=input_precision):  # fmt: skip
+                       ep.scale, c=c, input_precision=input_precision, checked=True):  # fmt: skip
         for k in range(kk):
             launch.eager_project_back_update_(w_views[k], d[k], ps[k], decay, ep.scale, c=c)
 
