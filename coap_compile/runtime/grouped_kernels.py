@@ -20,6 +20,12 @@ The states are not packed (unlike the eager groups' ``K×M×r`` buffers): each m
 tensors, which the kernels reach through per-member offsets, so checkpoints, ``state_dict()`` and the
 storages are exactly the per-matrix path's. Refreshes stay per matrix (:mod:`.refresh`).
 
+**Host time** (a GPU step's launches are asynchronous, so the host's Python work is what a steady step
+costs beyond the kernels): 126 µs per matrix and step grouped against 438 µs per matrix (``grouped=False``),
+56 matrices, launches stubbed out, 2-core EPYC under load (``benchmarks/kernel_host_overhead.py``,
+``benchmarks/results/kernel_host_overhead.json``): one ``c``, one op dispatch and one validation pass per
+run instead of per matrix.
+
 **Transient memory** (not in the memory plan, which counts persistent state): ``D`` is one ``K×M×r`` fp32
 scratch per launch instead of ``M×r`` per matrix. LLaMA-1B at r = 512: the 72 FFN matrices (M = 5461)
 take 72·5461·512·4 B = 768 MiB during their launch pair (per matrix: 10.7 MiB), the 96 attention
