@@ -17,7 +17,8 @@ kernels       110 ``coap-compile bench kernels`` on LLaMA-1B's FFN shape (bf16, 
 model         110 one ``optimizer.step()`` of LLaMA-350M-shaped bf16 weights (random gradients): torch's
                   fused AdamW against COAP (rank 256, ``backend="auto"``: the generated kernels), each
                   with its floor (bytes at the measured copy bandwidth + the projection GEMMs at the
-                  measured bf16 matmul rate)
+                  measured bf16 matmul rate), and the Triton launches of COAP's steady step
+                  (``coap_launches_per_step``: one grouped K1 + K2 per distinct state shape)
 ========== ====== ========================================================================================
 
 Everything goes under ``<out>/<UTC timestamp>/``: ``summary.json`` (versions, each part's status,
@@ -145,6 +146,13 @@ def run_model(out: Path) -> dict:
             opt = coap_compile.optimize(params, torch.optim.AdamW, rank=MODEL_RANK, lr=1e-3,
                                         update_interval=10**6, check_finite=False)  # fmt: skip
         opt.step()  # initialize (P from the first gradient)
+        if name == "coap":  # Triton launches of a steady step: 2 per distinct state shape when grouped
+            from coap_compile.kernels import count_launches
+
+            with count_launches() as launches:
+                opt.step()
+            result["coap_launches_per_step"] = sum(launches.values())
+            result["coap_matrix_groups"] = len(opt.plan.matrix_groups)
         torch.cuda.synchronize()
         ms = float(triton.testing.do_bench(opt.step, warmup=5, rep=50, return_mode="median"))
         result[f"{name}_ms"] = ms

@@ -236,7 +236,6 @@ def test_nonfinite_gradient_modifies_nothing_with_groups():
     ("kw", "reason"),
     [
         ({"state_precision": "bf16"}, "storage"),
-        ({"backend": "triton"}, "kernel"),
         ({"grouped": False}, "grouped=False"),
     ],
 )

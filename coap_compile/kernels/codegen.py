@@ -51,6 +51,7 @@ __all__ = [
     "K1Source",
     "TritonPrinter",
     "code_map_log2",
+    "k1_member_columns",
     "k1_source",
     "k2_source",
 ]
@@ -300,9 +301,29 @@ def _traffic(modes: tuple[StateMode, ...]) -> str:
 
 
 #: Columns of the grouped kernels' int64 member tables (element offsets from member 0's tensors, the
-#: member's ``N`` and its own strides); :mod:`.grouped` fills them in this order.
-K1_MEMBER = ("x_off", "p_off", "d_off", "s_off", "N", "stride_xm", "stride_xn", "stride_pn", "stride_pr")
+#: member's ``N`` and its own strides); :mod:`.grouped` fills them in this order. K1's table has one
+#: offset column per state tensor between ``d_off`` and ``N`` (:func:`k1_member_columns`).
+K1_MEMBER = ("x_off", "p_off", "d_off", "N", "stride_xm", "stride_xn", "stride_pn", "stride_pr")
 K2_MEMBER = ("w_off", "d_off", "p_off", "N", "stride_wm", "stride_wn", "stride_pn", "stride_pr")
+
+
+def _member_pointers(i: int, mode: StateMode) -> list[str]:
+    """The per-member pointer parameters of state ``i`` (its op tensors, in op order: values [+ rng] or
+    codes, absmax [+ rng]); the code tables, grid sizes and block shapes are shared by the members."""
+    if mode.precision == "fp32":
+        return [f"s{i}_ptr"]
+    rng = [f"s{i}_rng_ptr"] if mode.stochastic else []
+    if mode.precision == "bf16":
+        return [f"s{i}_ptr", *rng]
+    return [f"s{i}_q_ptr", f"s{i}_a_ptr", *rng]
+
+
+def k1_member_columns(modes: tuple[StateMode, ...]) -> tuple[str, ...]:
+    """The grouped K1's member-table columns for states stored in ``modes``: ``x_off, p_off, d_off``, one
+    ``<pointer>_off`` per state tensor (every member's tensors are separate allocations: its own values,
+    scales and ``[seed, counter]``), then ``N`` and the X/P strides."""
+    ptrs = [f"{q}_off" for i, m in enumerate(modes) for q in _member_pointers(i, m)]
+    return (*K1_MEMBER[:3], *ptrs, *K1_MEMBER[3:])
 
 
 def _member_code(columns: tuple[str, ...], shifted: dict[str, str], tiles: str | None) -> str:
@@ -329,25 +350,23 @@ def _nospec(names: tuple[str, ...]) -> str:
 def k1_source(ep: Epilogue, modes: tuple[StateMode, ...] | None = None, grouped: bool = False) -> K1Source:
     """The K1 module for ``ep``: projection ``X @ P`` plus the printed state/update epilogue, its states
     stored in ``modes`` (default: all fp32, which is exactly the plain kernel). ``grouped``: the grouped
-    kernel (fp32 states only): grid axis 1 runs the members of a table ``meta_ptr`` (:data:`K1_MEMBER`),
-    every tile computed exactly as the per-matrix kernel computes it."""
+    kernel (any storage): grid axis 1 runs the members of a table ``meta_ptr``
+    (:func:`k1_member_columns`), every tile computed exactly as the per-matrix kernel computes it."""
     k = len(ep.state_names)
     modes = tuple(modes) if modes is not None else (FP32,) * k
     if len(modes) != k:
         raise ValueError(f"{len(modes)} storage modes for the states {ep.state_names}")
     plain = all(m == FP32 for m in modes)
-    if grouped and not plain:
-        raise ValueError(f"grouped K1 supports fp32 states only, got modes {[m.kernel_tag for m in modes]}")
     loads, body, stores = _epilogue_lines(ep, modes)
     params = [p for i, (s, m) in enumerate(zip(ep.state_names, modes)) for p in _state_params(i, s, m)]
     member, nospec = "", ("c_ptr",)
     if grouped:
-        params.append(("meta_ptr", f"*int64 K×{len(K1_MEMBER)} member table: {', '.join(K1_MEMBER)}"))
-        states = ",".join(f"s{i}_ptr" for i in range(k))
-        member = _member_code(
-            K1_MEMBER, {"x_off": "x_ptr", "p_off": "p_ptr", "d_off": "d_ptr", "s_off": states}, None
-        )
-        nospec = ("c_ptr", "meta_ptr", "N", *K1_MEMBER[5:])
+        columns = k1_member_columns(modes)
+        params.append(("meta_ptr", f"*int64 K×{len(columns)} member table: {', '.join(columns)}"))
+        shifted = {"x_off": "x_ptr", "p_off": "p_ptr", "d_off": "d_ptr"}
+        shifted.update({f"{q}_off": q for i, m in enumerate(modes) for q in _member_pointers(i, m)})
+        member = _member_code(columns, shifted, None)
+        nospec = ("c_ptr", "meta_ptr", *K1_MEMBER[3:])
     doc_body = [_doc_text(f"{t} = {e}") for t, e in ep.body]
     doc_body.append(_doc_text(f"new states: {', '.join(map(str, ep.new_states))}; D = {ep.update}"))
     states = (

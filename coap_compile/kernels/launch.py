@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 
 from coap_compile.ir import Epilogue, evaluate_epilogue
-from coap_compile.kernels import cache, codegen, stored
+from coap_compile.kernels import cache, codegen, counts, stored
 from coap_compile.kernels.variants import KernelVariant
 
 __all__ = [
@@ -143,7 +143,7 @@ def _k2_cached(interpreting: bool) -> Any:
 
 
 def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
-    """The single launch point (tests wrap it to inspect arguments)."""
+    """The single launch point (tests wrap it to inspect arguments; :func:`.counts.count_launches` counts)."""
     interp = type(kernel).__name__ == "InterpretedFunction"
     guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if interp:  # masked-off lanes may divide by zero in numpy; they are never stored
@@ -154,6 +154,8 @@ def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None
         guard = torch.cuda.device(args[0].device)
     with guard:
         kernel[grid](*args, INTERPRET=interp, **meta)
+    if counts.ACTIVE:
+        counts.record(kernel)
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:

@@ -5,6 +5,11 @@
   ``W ← decay·W + scale·D Pᵀ`` in place (see :mod:`coap_compile.kernels.launch`). Mutates ``w``, ``states``.
 * ``coap_compile::project_back_update(w, d, p, decay, scale, transposed, backend, input_precision)``:
   ``W ← decay·W + scale·D Pᵀ`` (K2 alone). Mutates ``w``.
+* ``coap_compile::grouped_fused_projected_update(ws, gs, ps, states, c, epilogue_id, transposed, backend,
+  input_precision)``: the first op for ``K`` members with equal ``M×r`` states and one ``c``
+  (``transposed``: one flag per member; ``states``: the members' op tensors one after the other) in one
+  grouped K1 and one grouped K2 launch (:mod:`coap_compile.kernels.grouped`), each member bit-identical
+  to the first op on it. Mutates ``ws``, ``states``.
 
 An op cannot take an :class:`~coap_compile.ir.Epilogue`, so epilogues live in a process-level registry:
 :func:`register_epilogue` returns a stable id (a hash of ``Epilogue.key()``) that is passed as a string.
@@ -35,7 +40,7 @@ import torch
 from torch import Tensor
 
 from coap_compile.ir import Epilogue
-from coap_compile.kernels import cache, env, launch
+from coap_compile.kernels import cache, env, grouped, launch
 from coap_compile.kernels.variants import KernelVariant, StateMode
 
 __all__ = [
@@ -43,6 +48,7 @@ __all__ = [
     "fused_projected_update",
     "get_epilogue",
     "get_kernel",
+    "grouped_fused_projected_update",
     "project_back_update",
     "register_epilogue",
     "register_variant",
@@ -231,6 +237,81 @@ def _back_op(
 @_back_op.register_fake
 def _back_fake(w, d, p, decay, scale, transposed=False, backend="auto", input_precision="ieee"):
     return None
+
+
+@torch.library.custom_op("coap_compile::grouped_fused_projected_update", mutates_args=("ws", "states"))
+def _grouped_op(
+    ws: list[Tensor],
+    gs: list[Tensor],
+    ps: list[Tensor],
+    states: list[Tensor],
+    c: Tensor,
+    epilogue_id: str,
+    transposed: list[bool],
+    backend: str = "auto",
+    input_precision: str = "ieee",
+) -> None:
+    kern = get_kernel(epilogue_id)
+    ep = kern.epilogue if isinstance(kern, KernelVariant) else kern
+    kk = len(ws)
+    if not kk or len(transposed) != kk or len(states) % kk:
+        raise ValueError(
+            f"{kk} weights, {len(transposed)} transposed flags and {len(states)} state tensors: need K >= 1 "
+            "members, one flag each and the same number of state tensors each"
+        )
+    n = len(states) // kk
+    sts = [states[k * n : (k + 1) * n] for k in range(kk)]
+    w_views = [w.t() if t else w for w, t in zip(ws, transposed)]
+    xs = [g.t() if t else g for g, t in zip(gs, transposed)]
+    m, r = grouped.check_members(w_views, xs, ps, sts, c, kern)
+
+    def eager() -> None:
+        for k in range(kk):
+            launch.eager_projected_update_(w_views[k], xs[k], ps[k], sts[k], c, kern)
+
+    if not _triton_usable(ws[0].device, backend, input_precision):
+        return eager()
+    d = torch.empty((kk, m, r), dtype=torch.float32, device=xs[0].device)
+    kwargs = {"out": d, "input_precision": input_precision, "checked": True}  # check_members ran above
+    if not _try_triton(f"grouped K1[{epilogue_id}, {xs[0].dtype}]", grouped.grouped_lowrank_, xs, ps, sts, c,
+                       kern, **kwargs):  # fmt: skip
+        return eager()
+    decay = launch.epilogue_decay(ep)
+    if not _try_triton(f"grouped K2[{ws[0].dtype}]", grouped.grouped_project_back_, w_views, d, ps, decay,
+                       ep.scale, c=c, input_precision=input_precision, checked=True):  # fmt: skip
+        for k in range(kk):
+            launch.eager_project_back_update_(w_views[k], d[k], ps[k], decay, ep.scale, c=c)
+
+
+@_grouped_op.register_fake
+def _grouped_fake(ws, gs, ps, states, c, epilogue_id, transposed, backend="auto", input_precision="ieee"):
+    return None
+
+
+def grouped_fused_projected_update(
+    ws: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    ps: Sequence[Tensor],
+    states: Sequence[Sequence[Tensor]],
+    c: Tensor,
+    epilogue: Union[Epilogue, KernelVariant, str],  # noqa: UP007
+    *,
+    transposed: Sequence[bool],
+    backend: str = "auto",
+    input_precision: str = "ieee",
+) -> None:
+    """Call ``torch.ops.coap_compile.grouped_fused_projected_update`` (``states[k]``: member ``k``'s op
+    tensors; ``epilogue`` as :func:`fused_projected_update`)."""
+    if isinstance(epilogue, str):
+        eid = epilogue
+    elif isinstance(epilogue, KernelVariant):
+        eid = register_variant(epilogue)
+    else:
+        eid = register_epilogue(epilogue)
+    flat = [t for s in states for t in s]
+    torch.ops.coap_compile.grouped_fused_projected_update(
+        list(ws), list(gs), list(ps), flat, c, eid, [bool(t) for t in transposed], backend, input_precision
+    )
 
 
 def fused_projected_update(

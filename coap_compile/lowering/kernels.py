@@ -52,6 +52,7 @@ __all__ = [
     "StoredKernelPlan",
     "fused_update_",
     "fused_update_stored_",
+    "grouped_update_stored_",
     "kernel_plan",
     "reproject_update_",
     "storage_modes",
@@ -200,6 +201,39 @@ def fused_update_stored_(
         g,
         proj,
         [state[k] for k in splan.keys],
+        c,
+        splan.kernel_id,
+        transposed=transposed,
+        backend=backend,
+        input_precision=input_precision,
+    )
+
+
+def grouped_update_stored_(
+    splan: StoredKernelPlan,
+    ws: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    projs: Sequence[Tensor],
+    states: Sequence[Mapping[str, Tensor]],
+    t: Tensor,
+    lr: Tensor,
+    hypers: list[Tensor],
+    *,
+    transposed: Sequence[bool],
+    backend: str,
+    input_precision: str,
+) -> None:
+    """:func:`fused_update_stored_` for ``K`` weights with equal ``M×r`` states and equal step ``t``: one
+    ``c``, one grouped K1 and one grouped K2 launch (``coap_compile::grouped_fused_projected_update``);
+    every member ends bit-identical to :func:`fused_update_stored_` on it."""
+    from ..kernels.ops import grouped_fused_projected_update
+
+    c = splan.plan.scalars(t, lr, *hypers).to(ws[0].device, non_blocking=True)
+    grouped_fused_projected_update(
+        ws,
+        gs,
+        projs,
+        [[st[k] for k in splan.keys] for st in states],
         c,
         splan.kernel_id,
         transposed=transposed,

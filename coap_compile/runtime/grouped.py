@@ -46,13 +46,13 @@ repetitions, ``thread_time``):
   on CPU loops over LAPACK calls per matrix anyway.
 
 **What falls back to the per-matrix path** (each member then runs :func:`~.update.projected_update_`): a group
-of one; the kernel path (CUDA with ``backend="auto"``, or ``backend="triton"``: K1 already fuses ``X P`` with
-the epilogue per matrix; the grouped kernels of :mod:`coap_compile.kernels.grouped`, one launch over a member
-axis, exist but are not dispatched here yet); bf16/int8 state storage (stochastic rounding keeps one stream
-per parameter); bases whose derived update has reductions or weight statistics (Adafactor: the captured
-graph's reductions name dimensions of one matrix, so they keep per-matrix semantics); Tucker-projected 4-D
-weights; and, for one step, a group in which some member has no gradient or the members' step counts differ
-(e.g. a layer frozen for a while).
+of one; on the kernel path (CUDA with ``backend="auto"``, or ``backend="triton"``), only what
+:func:`.grouped_kernels.kernel_group_reason` names (its groups, ``MatrixGroup.kernels`` set, run one grouped
+K1 and one grouped K2 launch per run instead, fp32/bf16/int8 states alike: :mod:`.grouped_kernels`);
+off it, bf16/int8 state storage (stochastic rounding keeps one stream per parameter); bases whose derived
+update has reductions or weight statistics (Adafactor: the captured graph's reductions name dimensions of
+one matrix, so they keep per-matrix semantics); Tucker-projected 4-D weights; and, for one step, a group in
+which some member has no gradient or the members' step counts differ (e.g. a layer frozen for a while).
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 
 from ..lowering.eager import apply_reprojection_, run_lowrank
+from .grouped_kernels import describe, kernel_group_reason
 from .selection import canonical_dims
 from .settings import EMA_KEY
 
@@ -103,6 +104,7 @@ class MatrixGroup:
     scale: float
     ema_beta: float
     key: tuple = ()
+    kernels: tuple[str, str] | None = None
 
 
 @dataclass(eq=False)
@@ -129,7 +131,7 @@ def per_matrix_reason(layout, grouped: bool) -> str | None:
     if layout.shard is not None:
         return "FSDP2-sharded: DTensor states, refreshes over the shard group"
     if layout.kernels is not None:
-        return "kernel path: K1/K2 per matrix (kernels/grouped.py's grouped launch is not dispatched yet)"
+        return kernel_group_reason(layout)  # any storage: grouped K1/K2 launches (.grouped_kernels)
     if not layout.states.all_fp32:
         return "bf16/int8 state storage: one rounding stream per parameter"
     program = layout.program.program
@@ -146,7 +148,7 @@ def build_groups(layouts: dict[Tensor, Any], grouped: bool) -> tuple[MatrixGroup
         if per_matrix_reason(lay, grouped) is None:
             names = tuple(lay.states.storages)
             rows = canonical_dims(p.shape, lay.transposed)[0]  # M (projection_side="rows": m)
-            key = (lay.group, rows, lay.rank, lay.work_dtype, p.dtype, p.device, names)
+            key = (lay.group, rows, lay.rank, lay.work_dtype, p.dtype, p.device, names, lay.kernels)
             by_key.setdefault(key, []).append(p)
     out = []
     for key, members in by_key.items():
@@ -156,7 +158,7 @@ def build_groups(layouts: dict[Tensor, Any], grouped: bool) -> tuple[MatrixGroup
         transposed = tuple(layouts[p].transposed for p in members)
         out.append(MatrixGroup(
             key[0], tuple(members), transposed, key[1], key[2], key[6], key[3], first.program, first.policy,
-            float(first.settings.scale), float(first.settings.first_moment_beta), key,
+            float(first.settings.scale), float(first.settings.first_moment_beta), key, first.kernels,
         ))  # fmt: skip
     return tuple(out)
 
@@ -167,6 +169,9 @@ def explain_groups(groups: Sequence[MatrixGroup], alone: dict[str, int], grouped
     n = len(groups)
     lines = [f"grouped update: {n} group{'s' if n != 1 else ''} (grouped={grouped}; runtime/grouped.py)"]
     for mg in groups:
+        if mg.kernels is not None:
+            lines.append(describe(mg))
+            continue
         device = mg.members[0].device
         chunk = chunk_members(mg, torch.empty((), dtype=mg.dtype).element_size(), device, False)
         lines.append(

@@ -13,7 +13,8 @@ recompiling:
      live scalars (:mod:`.scalars`);
    * **refresh**: every due refresh computed, then all committed (:mod:`.refresh`, :mod:`.tucker`): a
      step that raises for bad input writes nothing;
-   * **work list**: matrix groups that step as one (:mod:`.grouped`), then the remaining parameters.
+   * **work list**: matrix groups that step as one (:mod:`.grouped`; on the kernel path
+     :mod:`.grouped_kernels`: two grouped launches per group), then the remaining parameters.
 
 2. :meth:`StepRunner.update` (traceable: no host reads, no branches on the step, never reads
    ``param_groups``): one updater per kind (:mod:`.update` matrices, :mod:`.grouped`, :mod:`.tucker`,
@@ -44,6 +45,7 @@ from ..lowering.kernels import KernelPlan, kernel_plan, stored_kernel_plan
 from .counters import StepCounters
 from .fullrank import ensure_full_state, full_update_, restored_full_state
 from .grouped import GroupBuffers, grouped_update_, ready
+from .grouped_kernels import kernel_group_update_, kernel_runs
 from .layout import Kind, full_program
 from .plan import RuntimePlan
 from .refresh import plan_refresh
@@ -117,9 +119,9 @@ class StepRunner:
         if self.inner is not None:  # hyperparameters (lr schedules) reach the full-rank base optimizer
             for i, j in self.inner_index.items():
                 self.inner.param_groups[j].update(base_hyperparams(opt.param_groups[i]))
-        self._work_list(opt, compiling)
         for p, _ in due_now:  # kernel epilogues registered outside any compiled region
             self._register_kernels(opt, p)
+        self._work_list(opt, compiling)  # (kernel groups read this step's stored plans)
 
     def _agree(self, opt: Any) -> None:
         """The collective settings of the DTensor parameters (those left to torch's own optimizer too: a
@@ -220,7 +222,10 @@ class StepRunner:
         counters = self.counters
         for mg in self.plan.matrix_groups if self.scope is None else ():
             states = [opt.state[p] for p in mg.members]
-            runs = ready(mg, self.buffers[id(mg)], states, counters)
+            if mg.kernels is not None:  # the kernel path: grouped K1/K2 launches (.grouped_kernels)
+                runs = kernel_runs(mg, states, counters, self.stored_plans)
+            else:
+                runs = ready(mg, self.buffers[id(mg)], states, counters)
             if runs:
                 self.work_groups.append((mg, tuple(runs)))
                 grouped.update(mg.members[k] for s, e in runs for k in range(s, e))
@@ -246,8 +251,12 @@ class StepRunner:
                 ensure_full_state(state, program, p)
 
     def _register_kernels(self, opt: Any, p: Tensor) -> None:
+        """``p``'s stored kernel plan, once per plan: it depends only on the layout (epilogue, scale,
+        storages), which the plan fixes. (Re-deriving it every step cost ≈ 1 ms of host time per matrix and
+        step: ``Epilogue.key()`` prints sympy; 1,481 vs 438 µs per matrix per step with the launches stubbed
+        out, ``benchmarks/results/kernel_host_overhead.json``.)"""
         lay = self.plan.layouts[p]
-        if lay.kernels is None or lay.kind is not Kind.MATRIX:
+        if p in self.stored_plans or lay.kernels is None or lay.kind is not Kind.MATRIX:
             return
         ep = lay.program.program.epilogue
         kp = None
@@ -290,6 +299,10 @@ class StepRunner:
             else:  # compiling: torch's layout, the captured update (fullrank module docstring)
                 full_update_(p, state, self.full_programs[(lay.group, p.dtype, p.ndim)], inputs)
         for (mg, runs), g in zip(self.work_groups, group_grads):
+            if mg.kernels is not None:
+                states = [opt.state[p] for p in mg.members]
+                kernel_group_update_(mg, runs, g, states, self.stored_plans, self.scalars)
+                continue
             grouped_update_(
                 mg, self.buffers[id(mg)], runs, g, [opt.state[p] for p in mg.members],
                 self.scalars.group_inputs(mg.index), compiling=compiling,
