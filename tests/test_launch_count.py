@@ -67,3 +67,25 @@ def test_steady_step_launches_two_kernels_per_state_shape(grouped, state_precisi
         assert sorted(counts.values()) == [2, 2] and all(k.endswith("grouped") for k in counts), counts
     else:  # the per-matrix path: two launches per matrix, far above the bound
         assert n == 2 * len(proj) > 2 * 2, counts
+
+
+def test_scratch_cap_cuts_runs_into_chunks_bit_identically(monkeypatch):
+    """A run whose K×M×r fp32 ``D`` scratch would exceed ``SCRATCH_BYTES`` is cut into chunks of whole
+    members (two launches each), and the chunked step equals the uncut one bit for bit."""
+    from coap_compile.runtime import grouped_kernels
+
+    results = []
+    for cap in (grouped_kernels.SCRATCH_BYTES, 4 * 64 * 8 * 4):  # the default; 4 members of the 64×8 shape
+        monkeypatch.setattr(grouped_kernels, "SCRATCH_BYTES", cap)
+        model, proj, opt = _model_and_optimizer(True, "fp32")
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            _step(model, opt, gen)
+        with count_launches() as counts:
+            _step(model, opt, gen)
+        results.append((sum(counts.values()), [p.detach().clone() for p in proj]))
+    (n_default, w_default), (n_cut, w_cut) = results
+    assert n_default == 4
+    # 64×8 states: 9 members in chunks of 4 → 3 pairs; 32×8 states: 12 members, 8 per chunk → 2 pairs
+    assert n_cut == 2 * (3 + 2), n_cut
+    assert all(torch.equal(a, b) for a, b in zip(w_default, w_cut))
