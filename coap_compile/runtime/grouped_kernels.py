@@ -11,10 +11,11 @@ fp32, bf16 or int8 storage alike) steps each run of ready members as::
     step_k ← step_k + 1                               (one _foreach_add_)
 
 through ``coap_compile::grouped_fused_projected_update`` (:mod:`coap_compile.kernels.grouped`), so a
-steady step launches two Triton kernels per distinct state shape instead of two per matrix (LLaMA-1B:
-6 instead of 336; ``tests/test_launch_count.py`` counts them). Every member is bit-identical to the
-per-matrix kernel path (``grouped=False``; ``tests/test_grouped_kernels.py``): the same tile code on the
-same operands, the same ``c`` and, for stochastic rounding, each member's own ``[seed, counter]``.
+steady step launches two Triton kernels per distinct state shape and scratch chunk instead of two per
+matrix (LLaMA-1B: 10 instead of 336 with the scratch cap below; ``tests/test_launch_count.py`` counts
+them). Every member is bit-identical to the per-matrix kernel path (``grouped=False``;
+``tests/test_grouped_kernels.py``): the same tile code on the same operands, the same ``c`` and, for
+stochastic rounding, each member's own ``[seed, counter]``.
 
 The states are not packed (unlike the eager groups' ``K×M×r`` buffers): each member keeps its own
 tensors, which the kernels reach through per-member offsets, so checkpoints, ``state_dict()`` and the
