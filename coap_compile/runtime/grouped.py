@@ -64,7 +64,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..lowering.eager import apply_reprojection_, run_lowrank
+from ..lowering.eager import apply_reprojection_
+from ..lowering.inductor import elementwise, uses_param
+from ..lowering.stacked import StackedSpec, stacked_spec
 from .selection import canonical_dims
 from .settings import EMA_KEY
 
@@ -103,6 +105,19 @@ class MatrixGroup:
     scale: float
     ema_beta: float
     key: tuple = ()
+    specs: tuple[StackedSpec, ...] = ()
+    fused: bool = False
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The packed physical keys of every state (``exp_avg``, ``exp_avg.q8``, ``exp_avg.rng``, …)."""
+        return tuple(k for spec in self.specs for k in spec.keys)
+
+    @property
+    def ema(self) -> tuple[StackedSpec, float] | None:
+        """The stacked ``coap_exp_avg`` and its coefficient, if the policy keeps one."""
+        spec = next((s for s in self.specs if s.name == EMA_KEY), None)
+        return None if spec is None else (spec, self.ema_beta)
 
 
 @dataclass(eq=False)
@@ -130,8 +145,6 @@ def per_matrix_reason(layout, grouped: bool) -> str | None:
         return "FSDP2-sharded: DTensor states, refreshes over the shard group"
     if layout.kernels is not None:
         return "kernel path: K1/K2 per matrix (kernels/grouped.py's grouped launch is not dispatched yet)"
-    if not layout.states.all_fp32:
-        return "bf16/int8 state storage: one rounding stream per parameter"
     program = layout.program.program
     if program.epilogue is None or program.decomposition.param_stats:
         return "reductions or weight statistics in the derived update: per-matrix semantics"
@@ -146,7 +159,8 @@ def build_groups(layouts: dict[Tensor, Any], grouped: bool) -> tuple[MatrixGroup
         if per_matrix_reason(lay, grouped) is None:
             names = tuple(lay.states.storages)
             rows = canonical_dims(p.shape, lay.transposed)[0]  # M (projection_side="rows": m)
-            key = (lay.group, rows, lay.rank, lay.work_dtype, p.dtype, p.device, names)
+            stores = tuple((n, repr(s), lay.states.kinds.get(n, "other")) for n, s in lay.states.storages.items())
+            key = (lay.group, rows, lay.rank, lay.work_dtype, p.dtype, p.device, names, stores, lay.lowering)
             by_key.setdefault(key, []).append(p)
     out = []
     for key, members in by_key.items():
@@ -154,9 +168,12 @@ def build_groups(layouts: dict[Tensor, Any], grouped: bool) -> tuple[MatrixGroup
             continue  # a group of one is the per-matrix path
         first = layouts[members[0]]
         transposed = tuple(layouts[p].transposed for p in members)
+        sp = first.states
+        specs = tuple(stacked_spec(n, sp.storages[n], sp.kinds.get(n, "other"), sp.shapes[n]) for n in key[6])
+        fused = first.lowering == "inductor" and not uses_param(first.program.program)
         out.append(MatrixGroup(
             key[0], tuple(members), transposed, key[1], key[2], key[6], key[3], first.program, first.policy,
-            float(first.settings.scale), float(first.settings.first_moment_beta), key,
+            float(first.settings.scale), float(first.settings.first_moment_beta), key, specs, fused,
         ))  # fmt: skip
     return tuple(out)
 
@@ -211,9 +228,11 @@ def _repack(group: GroupBuffers, name: str, current: list[Tensor], states: Seque
 def pack_(layout: MatrixGroup, group: GroupBuffers, states: Sequence[dict]) -> bool:
     """Make every member's packed entries views of the group's buffers (copying entries that are not);
     False if some member lacks one (its first step has not happened yet), leaving everything as is."""
-    names = (*layout.names, "step")
+    names = (*layout.keys, "step")
     if any(n not in st for st in states for n in names):
         return False
+    if any(not spec.matches(st) for st in states for spec in layout.specs):
+        return False  # e.g. a checkpoint written with another quant_block_size: per matrix
     for name in names:
         current = [st[name] for st in states]
         views = group.views.get(name)
@@ -297,16 +316,17 @@ def _chunk_update_(layout, group, s, e, grads, states, inputs, compiling):
         x_proj = torch.empty((e - s, layout.rows, layout.rank), dtype=dtype, device=xs[0].device)
         for k, (x, proj) in enumerate(zip(xs, projs)):
             torch.mm(x, proj, out=x_proj[k])
-    olds = [bufs[n][s:e] for n in program.state_names]
-    decay, delta, new_states, new_step = run_lowrank(program, members[s], x_proj, olds, k_t, lr_t, hypers)
+    parts = {key: bufs[key][s:e] for key in layout.keys}
+    by_name = {spec.name: spec for spec in layout.specs}
+    specs = tuple(by_name[n] for n in program.state_names)
+    decay, delta, new_step, new_parts = elementwise(
+        layout.fused and not compiling, program, specs, layout.ema,
+        None if layout.fused else members[s], x_proj, parts, (k_t, lr_t, hypers),
+    )  # fmt: skip
     if not compiling and isinstance(decay, Tensor):
         decay = float(decay)  # one host read per chunk (apply_reprojection_ would read it per member)
     for k, (p, tr) in enumerate(zip(members[s:e], layout.transposed[s:e])):
         apply_reprojection_(p.t() if tr else p, decay, delta[k], projs[k], layout.scale)
-    for old, value in zip(olds, new_states):
-        if value is not old:
-            old.copy_(value)
+    for key, value in new_parts.items():  # states only after every weight (update.py's contract)
+        parts[key].copy_(value)
     group.steps[s:e].copy_(new_step)
-    if EMA_KEY in bufs:
-        ema = bufs[EMA_KEY][s:e]
-        ema.copy_(torch.lerp(ema, x_proj, 1.0 - layout.ema_beta))
