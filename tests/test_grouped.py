@@ -235,7 +235,6 @@ def test_nonfinite_gradient_modifies_nothing_with_groups():
 @pytest.mark.parametrize(
     ("kw", "reason"),
     [
-        ({"state_precision": "bf16"}, "storage"),
         ({"backend": "triton"}, "kernel"),
         ({"grouped": False}, "grouped=False"),
     ],

@@ -31,6 +31,7 @@ them with the derived update into one loop (:mod:`.inductor`). ``tests/test_grou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,6 +62,11 @@ class StackedSpec:
     signed: bool = True
     style: str = ""
     storage: StateStorage | None = None
+    #: int8: the block layout, the code map and its tables on the group's device (resolved here, outside
+    #: any traced function: Dynamo would trace through their caches)
+    layout: Any = None
+    codemap: Any = None
+    tables: Any = None
 
     def matches(self, tensors: dict[str, Tensor]) -> bool:
         """Whether a member's entries have exactly this layout (keys, shapes, dtypes)."""
@@ -71,8 +77,10 @@ class StackedSpec:
         return True
 
 
-def stacked_spec(name: str, storage: StateStorage, kind: str, shape: tuple[int, ...]) -> StackedSpec:
-    """The :class:`StackedSpec` of state ``name`` of per-member ``shape`` under ``storage``."""
+def stacked_spec(
+    name: str, storage: StateStorage, kind: str, shape: tuple[int, ...], device: torch.device | str = "cpu"
+) -> StackedSpec:
+    """The :class:`StackedSpec` of state ``name`` of per-member ``shape`` under ``storage`` (on ``device``)."""
     meta = storage.zeros(name, shape, "meta", kind)
     keys = tuple(meta)
     shapes = tuple(tuple(t.shape) for t in meta.values())
@@ -80,19 +88,13 @@ def stacked_spec(name: str, storage: StateStorage, kind: str, shape: tuple[int, 
     precision = "fp32" if keys == (name,) and meta[name].is_floating_point() and meta[name].dtype in (
         torch.float32, torch.float64) else storage.name  # fmt: skip
     stochastic = any(k.endswith(".rng") for k in keys)
-    block, signed, style = 0, True, ""
+    block, signed, style, lay, cm, tables = 0, True, "", None, None, None
     if precision == "int8":
         block, style = storage.quant_block_size, storage.style
-        signed = storage.code_map_for(kind).signed
+        cm = storage.code_map_for(kind)
+        signed, lay, tables = cm.signed, block_layout(shape, block), cm.tables(device)
     return StackedSpec(name, precision, keys, shapes, dtypes, tuple(shape), stochastic, block, signed, style,
-                       storage)  # fmt: skip
-
-
-def _int8_parts(spec: StackedSpec):
-    from ..storage.codemap import code_map
-
-    lay = block_layout(spec.shape, spec.block)
-    return lay, code_map(spec.signed, spec.style)
+                       storage, lay, cm, tables)  # fmt: skip
 
 
 def load_stacked(spec: StackedSpec, parts: dict[str, Tensor]) -> Tensor:
@@ -101,10 +103,10 @@ def load_stacked(spec: StackedSpec, parts: dict[str, Tensor]) -> Tensor:
         return parts[spec.name]
     if spec.precision == "bf16":
         return parts[spec.name].float()
-    lay, cm = _int8_parts(spec)
+    lay, cm = spec.layout, spec.codemap
     codes, absmax = parts[spec.name + ".q8"], parts[spec.name + ".absmax"]
     k = codes.shape[0]
-    vals = cm.tables(codes.device).values
+    vals = spec.tables.values
     rows_b = torch.arange(lay.rows, device=codes.device) // lay.bh
     cols_b = torch.arange(lay.cols, device=codes.device) // lay.bw
     a = absmax[:, rows_b[:, None], cols_b[None, :]]
@@ -142,19 +144,21 @@ def stored_stacked(spec: StackedSpec, parts: dict[str, Tensor], value: Tensor) -
         flat = value.reshape(k, -1).float().contiguous()
         q = round_bf16_stochastic(flat, _bits(rng, flat.shape[1]))
         return {spec.name: q.view(value.shape), spec.name + ".rng": _advance(rng)}
-    lay, cm = _int8_parts(spec)
+    lay, cm = spec.layout, spec.codemap
     rng = parts.get(spec.name + ".rng") if spec.stochastic else None
     x = value.reshape(k, lay.rows, lay.cols).float()
     bits = None if rng is None else _bits(rng, lay.rows * lay.cols).view(k, lay.rows, lay.cols)
-    codes, absmax = _quantize(x, lay.bh, lay.bw, cm, not cm.signed, bits)
+    codes, absmax = _quantize(x, lay.bh, lay.bw, cm, spec.tables, bits)
     out = {spec.name + ".q8": codes.to(cm.code_dtype).view(value.shape), spec.name + ".absmax": absmax}
     if rng is not None:
         out[spec.name + ".rng"] = _advance(rng)
     return out
 
 
-def _quantize(x: Tensor, bh: int, bw: int, cm, floor: bool, bits: Tensor | None) -> tuple[Tensor, Tensor]:
-    """:func:`coap_compile.storage.int8._quantize_slab` over a leading member axis (``x``: ``K×R×C``)."""
+def _quantize(x: Tensor, bh: int, bw: int, cm, tabs, bits: Tensor | None) -> tuple[Tensor, Tensor]:
+    """:func:`coap_compile.storage.int8._quantize_slab` over a leading member axis (``x``: ``K×R×C``), with
+    the positive floor for the unsigned map (as ``Int8Storage.store_``)."""
+    floor = not cm.signed
     k, rows, cols = x.shape
     nr, nc = -(-rows // bh), -(-cols // bw)
     if not cm.signed:
@@ -166,7 +170,6 @@ def _quantize(x: Tensor, bh: int, bw: int, cm, floor: bool, bits: Tensor | None)
     ax = x5.abs()
     a = ax.amax(dim=(2, 4))
     a5 = a.view(k, nr, 1, nc, 1)
-    tabs = cm.tables(x.device)
     j = torch.zeros(ax.shape, dtype=torch.int64, device=x.device)
     if bits is None:  # nearest: count the thresholds below |x|
         for s in range(cm.log2_size - 1, -1, -1):

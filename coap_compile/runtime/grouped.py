@@ -169,7 +169,9 @@ def build_groups(layouts: dict[Tensor, Any], grouped: bool) -> tuple[MatrixGroup
         first = layouts[members[0]]
         transposed = tuple(layouts[p].transposed for p in members)
         sp = first.states
-        specs = tuple(stacked_spec(n, sp.storages[n], sp.kinds.get(n, "other"), sp.shapes[n]) for n in key[6])
+        specs = tuple(
+            stacked_spec(n, sp.storages[n], sp.kinds.get(n, "other"), sp.shapes[n], key[5]) for n in key[6]
+        )
         fused = first.lowering == "inductor" and not uses_param(first.program.program)
         out.append(MatrixGroup(
             key[0], tuple(members), transposed, key[1], key[2], key[6], key[3], first.program, first.policy,
