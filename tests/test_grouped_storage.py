@@ -64,8 +64,13 @@ SHAPES = [(523, 11), (523, 9), (13, 523), (523, 11), (11, 523), (200, 9)]
 RANK = 8
 
 
+#: full-rank parameters (a second param group, project=False): DERIVED kind under a state precision; two
+#: 70×70 (4900 elements: int8 quantizes them) and three vectors of 37 form two full-rank groups.
+FULL = [(70, 70), (37,), (70, 70), (37,), (37,)]
+
+
 def _params(seed):
-    return [randn(seed + i, *s, scale=0.3).requires_grad_() for i, s in enumerate(SHAPES)]
+    return [randn(seed + i, *s, scale=0.3).requires_grad_() for i, s in enumerate(SHAPES + FULL)]
 
 
 def _build(params, grouped, precision, base="adamw"):
@@ -73,8 +78,9 @@ def _build(params, grouped, precision, base="adamw"):
         "adamw": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.05}),
         "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3}),  # COAP keeps coap_exp_avg (stored in precision)
     }[base]
+    n = len(SHAPES)
     return coap_compile.optimize(
-        [{"params": params, "project": True}], cls, rank=RANK, update_interval=3, reproject_factor=2,
+        [{"params": params[:n], "project": True}, {"params": params[n:], "project": False}], cls, rank=RANK, update_interval=3, reproject_factor=2,
         grouped=grouped, state_precision=precision, **kw,
     )  # fmt: skip
 
@@ -88,6 +94,7 @@ def test_grouped_low_precision_states_are_bit_identical_to_per_matrix(precision,
     pa, pb = _params(5), _params(5)
     oa, ob = _build(pa, True, precision, base), _build(pb, False, precision, base)
     assert [len(g.members) for g in oa.plan.matrix_groups] == [5] and ob.plan.matrix_groups == ()
+    assert sorted(len(g.members) for g in oa.plan.full_groups) == [2, 3] and ob.plan.full_groups == ()
     seen = []
     for step in range(8):
         for opt in (oa, ob):
@@ -98,6 +105,7 @@ def test_grouped_low_precision_states_are_bit_identical_to_per_matrix(precision,
         oa.step()
         ob.step()
         seen.append([runs for _, runs in oa.grouped_runs])
+        assert len(oa._runner.work_full) == 2
     assert seen[4] == [((0, 5),)] and len(seen[6][0]) > 1  # whole group, then split by the step counts
     for a, b in zip(pa, pb):
         assert torch.equal(a.detach(), b.detach())

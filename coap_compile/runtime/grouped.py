@@ -45,14 +45,27 @@ repetitions, ``thread_time``):
 * Refreshes stay per matrix (:mod:`.refresh`): they are rare (every ``T_u`` steps), and batched QR/SVD
   on CPU loops over LAPACK calls per matrix anyway.
 
+**Storage precisions** (issue 20). bf16/int8 states join groups like fp32 ones: every *physical* key
+is stacked (``exp_avg.q8``/``.absmax``/``.rng`` for int8, ``exp_avg``/``exp_avg.rng`` for bf16) and the
+elementwise pass loads and stores them through :mod:`coap_compile.lowering.stacked`, where each member
+keeps its own rounding stream (its ``[seed, counter]`` row) and its own int8 blocks, so every member's
+codes, scales, bits and counters equal the per-matrix path's (``tests/test_grouped_storage.py``:
+``torch.equal``). Members must share the storage configuration (part of the group key).
+With ``backend="inductor"`` the pass (load → derived update → store) runs as one compiled loop over
+the whole run of members (:mod:`coap_compile.lowering.inductor`; no chunking: the fused loop has no
+multi-pass cache effect, and one signature per group keeps compiles few).
+
 **What falls back to the per-matrix path** (each member then runs :func:`~.update.projected_update_`): a group
 of one; the kernel path (CUDA with ``backend="auto"``, or ``backend="triton"``: K1 already fuses ``X P`` with
 the epilogue per matrix; the grouped kernels of :mod:`coap_compile.kernels.grouped`, one launch over a member
-axis, exist but are not dispatched here yet); bf16/int8 state storage (stochastic rounding keeps one stream
-per parameter); bases whose derived update has reductions or weight statistics (Adafactor: the captured
-graph's reductions name dimensions of one matrix, so they keep per-matrix semantics); Tucker-projected 4-D
-weights; and, for one step, a group in which some member has no gradient or the members' step counts differ
-(e.g. a layer frozen for a while).
+axis, exist but are not dispatched here yet); bases whose derived update has reductions or weight statistics
+(Adafactor: the captured graph's reductions name dimensions of one matrix, so they keep per-matrix
+semantics); Tucker-projected 4-D weights (their projection is a pair of mode products per member, not the
+``X P`` / ``D Pᵀ`` GEMM pair this module batches around, and convolution weights of one shape are few per
+model: the per-member contraction dominates, the elementwise pass on a ``r₀×r₁×kh×kw`` core is small);
+members whose stored layout differs from the group's (a checkpoint written with another
+``quant_block_size``); and, for one step, a group in which some member has no gradient or the members'
+step counts differ (e.g. a layer frozen for a while).
 """
 
 from __future__ import annotations
@@ -188,10 +201,15 @@ def explain_groups(groups: Sequence[MatrixGroup], alone: dict[str, int], grouped
     for mg in groups:
         device = mg.members[0].device
         chunk = chunk_members(mg, torch.empty((), dtype=mg.dtype).element_size(), device, False)
+        precisions = "/".join(dict.fromkeys(spec.precision for spec in mg.specs))
+        passes = (
+            "one fused Inductor loop per run of members" if mg.fused
+            else f"one elementwise pass per {min(chunk, len(mg.members))} members"
+        )  # fmt: skip
         lines.append(
-            f"  param group {mg.index}: {len(mg.members)} matrices, states {mg.rows}x{mg.rank} {mg.dtype} "
-            f"on {device}: X P and D P^T per member (torch.mm / addmm_, on CUDA too), one elementwise "
-            f"pass per {min(chunk, len(mg.members))} members"
+            f"  param group {mg.index}: {len(mg.members)} matrices, states {mg.rows}x{mg.rank} {precisions} "
+            f"({mg.dtype} compute) on {device}: X P and D P^T per member (torch.mm / addmm_, on CUDA too), "
+            f"{passes}"
         )
     lines += [f"  per matrix: {c} ({reason})" for reason, c in sorted(alone.items())]
     return "\n".join(lines)
@@ -291,8 +309,9 @@ def grouped_update_(
     the group's ``(lr, h)``; ``grads`` were read before the states (the compiled-region contract). Each
     chunk of members is computed completely before its first write (weights, then states and steps)."""
     lr_t, hypers = scalars
-    chunk = chunk_members(
-        layout, torch.empty((), dtype=layout.dtype).element_size(), layout.members[0].device, compiling
+    chunk = chunk_members(  # fused: one compiled loop over the run (no multi-pass cache effect to chunk for)
+        layout, torch.empty((), dtype=layout.dtype).element_size(), layout.members[0].device,
+        compiling or layout.fused,
     )
     for first, end in runs:
         k_t = group.steps[first].to(torch.float64)
