@@ -155,6 +155,18 @@ def stored_stacked(spec: StackedSpec, parts: dict[str, Tensor], value: Tensor) -
     return out
 
 
+def _count(table: Tensor, a: Tensor, ax: Tensor, right: bool) -> Tensor:
+    """Per element of ``ax`` (``K×nr×bh×nc×bw``), how many of its block's ``fl(table_k·a)`` are ``< |x|``
+    (``right``: ``≤``): a binary search per block (``torch.searchsorted`` over the block's scaled table;
+    ``fl(t·a)`` is non-decreasing in ``t``), the count :func:`coap_compile.storage.int8._quantize_slab`
+    reaches with its chain of ``where`` steps — which Inductor would inline level into level."""
+    k, nr, bh, nc, bw = ax.shape
+    seq = table * a.unsqueeze(-1)  # K×nr×nc×n, sorted along the last dimension
+    vals = ax.permute(0, 1, 3, 2, 4).reshape(k, nr, nc, bh * bw)
+    j = torch.searchsorted(seq, vals, right=right)
+    return j.view(k, nr, nc, bh, bw).permute(0, 1, 3, 2, 4)
+
+
 def _quantize(x: Tensor, bh: int, bw: int, cm, tabs, bits: Tensor | None) -> tuple[Tensor, Tensor]:
     """:func:`coap_compile.storage.int8._quantize_slab` over a leading member axis (``x``: ``K×R×C``), with
     the positive floor for the unsigned map (as ``Int8Storage.store_``)."""
@@ -170,16 +182,12 @@ def _quantize(x: Tensor, bh: int, bw: int, cm, tabs, bits: Tensor | None) -> tup
     ax = x5.abs()
     a = ax.amax(dim=(2, 4))
     a5 = a.view(k, nr, 1, nc, 1)
-    j = torch.zeros(ax.shape, dtype=torch.int64, device=x.device)
-    if bits is None:  # nearest: count the thresholds below |x|
-        for s in range(cm.log2_size - 1, -1, -1):
-            step = 1 << s
-            j = torch.where(tabs.thresholds[j + step] * a5 < ax, j + step, j)
-    else:  # stochastic: the bracket [lo, hi], then up with probability (|x| - lo)/(hi - lo)
+    n = (1 << cm.log2_size) - 1
+    if bits is None:  # nearest: q = #{k ≥ 1 : fl(θ_k·a) < |x|}
+        j = _count(tabs.thresholds[1 : n + 1], a, ax, right=False)
+    else:  # stochastic: the bracket j = #{k ≥ 1 : fl(m_k·a) ≤ |x|}, then up w.p. (|x| - lo)/(hi - lo)
         lv = tabs.levels
-        for s in range(cm.log2_size - 1, -1, -1):
-            step = 1 << s
-            j = torch.where(lv[j + step] * a5 <= ax, j + step, j)
+        j = _count(lv[1 : n + 1], a, ax, right=True)
         if padded:
             bits = torch.nn.functional.pad(bits, (0, nc * bw - cols, 0, nr * bh - rows))
         u = bits.view(ax.shape).float() * (1.0 / 65536.0)
