@@ -36,7 +36,8 @@ name = {"fp32": "coap-inductor", "bf16": "coap-bf16-inductor", "int8": "coap-int
 opt = build_optimizer(name, model, lr=1e-4, **ranks)
 t0 = time.perf_counter(); opt.step(); t1 = time.perf_counter(); opt.step(); t2 = time.perf_counter()
 print(json.dumps({"signatures": inductor.STATS["compiles"], "compile_s": inductor.STATS["compile_s"],
-                  "first_step_s": t1 - t0, "second_step_s": t2 - t1, "fallbacks": inductor.STATS["fallbacks"]}))
+                  "first_step_s": t1 - t0, "second_step_s": t2 - t1,
+                  "fallbacks": inductor.STATS["fallbacks"]}))
 """
 
 
@@ -61,8 +62,9 @@ def main() -> None:
             for phase in ("cold", "warm"):
                 t0 = time.perf_counter()
                 r = _child(precision, cache)
-                rows.append({"precision": precision, "cache": phase, **r,
-                             "process_s": time.perf_counter() - t0, "loadavg_1m": os.getloadavg()[0]})  # fmt: skip
+                wall = time.perf_counter() - t0
+                row = {"precision": precision, "cache": phase, **r, "process_s": wall}
+                rows.append({**row, "loadavg_1m": os.getloadavg()[0]})
                 print(rows[-1], flush=True)
     print(format_table(rows, [(c, c) for c in rows[0]]))
     path = write_json(Path(args.results_dir) / "inductor_compile.json", {"meta": meta, "rows": rows})

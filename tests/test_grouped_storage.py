@@ -79,8 +79,9 @@ def _build(params, grouped, precision, base="adamw"):
         "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3}),  # COAP keeps coap_exp_avg (stored in precision)
     }[base]
     n = len(SHAPES)
+    groups = [{"params": params[:n], "project": True}, {"params": params[n:], "project": False}]
     return coap_compile.optimize(
-        [{"params": params[:n], "project": True}, {"params": params[n:], "project": False}], cls, rank=RANK, update_interval=3, reproject_factor=2,
+        groups, cls, rank=RANK, update_interval=3, reproject_factor=2,
         grouped=grouped, state_precision=precision, **kw,
     )  # fmt: skip
 

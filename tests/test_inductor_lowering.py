@@ -165,6 +165,7 @@ def test_optimizer_backend_inductor_matches_eager():
     """A bf16 group of three (one transposed) under ``backend="inductor"`` vs ``"eager"``, lr edited every
     step, 7 steps with refreshes: one compiled signature; weights within 4 ulp-relative per step of
     float32 noise (observed max 3e-7 relative: the last-bit differences of D), rounding streams equal."""
+
     def build(backend):
         ps = [randn(70 + i, *s, scale=0.3).requires_grad_() for i, s in enumerate([(M, 11), (13, M), (M, 9)])]
         opt = coap_compile.optimize([{"params": ps, "project": True}], torch.optim.AdamW, rank=R, lr=1e-2,

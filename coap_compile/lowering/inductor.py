@@ -162,7 +162,7 @@ def elementwise(
     t0 = time.perf_counter()
     try:
         out = entry[1](x_proj, parts, k, lr, list(hypers))
-    except Exception as exc:  # noqa: BLE001 - any compiler failure: eager, once warned
+    except Exception as exc:
         _unavailable(exc)
         STATS["fallbacks"] += 1
         return lowrank_stored(program, specs, ema, param, x_proj, parts, k, lr, hypers)

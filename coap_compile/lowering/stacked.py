@@ -16,7 +16,8 @@ precision  stacked keys
 the same per-element arithmetic, so every member gets exactly the bits of its per-matrix store:
 
 * bf16 stochastic rounding: member ``k``'s bits are ``fmix32((i·φ) ^ key_k) >> 16`` with ``i`` the
-  row-major index *within the member* and ``key_k`` its own ``[seed, counter]`` (:mod:`coap_compile.storage.rng`);
+  row-major index *within the member* and ``key_k`` its own ``[seed, counter]``
+  (:mod:`coap_compile.storage.rng`);
   every member's counter advances by one per store;
 * int8: each member's blocks are its own ``bh×bw`` blocks (padding per member, never across members), the
   scale is their absmax, the code search, stochastic bracket test and positive floor are the same ``where``
@@ -80,7 +81,7 @@ class StackedSpec:
 def stacked_spec(
     name: str, storage: StateStorage, kind: str, shape: tuple[int, ...], device: torch.device | str = "cpu"
 ) -> StackedSpec:
-    """The :class:`StackedSpec` of state ``name`` of per-member ``shape`` under ``storage`` (on ``device``)."""
+    """The :class:`StackedSpec` of state ``name`` of per-member ``shape`` under ``storage`` on ``device``."""
     meta = storage.zeros(name, shape, "meta", kind)
     keys = tuple(meta)
     shapes = tuple(tuple(t.shape) for t in meta.values())

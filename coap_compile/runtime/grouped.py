@@ -172,7 +172,9 @@ def build_groups(layouts: dict[Tensor, Any], grouped: bool) -> tuple[MatrixGroup
         if per_matrix_reason(lay, grouped) is None:
             names = tuple(lay.states.storages)
             rows = canonical_dims(p.shape, lay.transposed)[0]  # M (projection_side="rows": m)
-            stores = tuple((n, repr(s), lay.states.kinds.get(n, "other")) for n, s in lay.states.storages.items())
+            stores = tuple(
+                (n, repr(s), lay.states.kinds.get(n, "other")) for n, s in lay.states.storages.items()
+            )
             key = (lay.group, rows, lay.rank, lay.work_dtype, p.dtype, p.device, names, stores, lay.lowering)
             by_key.setdefault(key, []).append(p)
     out = []
@@ -310,7 +312,9 @@ def grouped_update_(
     chunk of members is computed completely before its first write (weights, then states and steps)."""
     lr_t, hypers = scalars
     chunk = chunk_members(  # fused: one compiled loop over the run (no multi-pass cache effect to chunk for)
-        layout, torch.empty((), dtype=layout.dtype).element_size(), layout.members[0].device,
+        layout,
+        torch.empty((), dtype=layout.dtype).element_size(),
+        layout.members[0].device,
         compiling or layout.fused,
     )
     for first, end in runs:

@@ -119,7 +119,8 @@ def _fused_specs(layout: ParamLayout, state: dict, device) -> tuple[StackedSpec,
     if specs is None:
         st = layout.states
         specs = tuple(
-            stacked_spec(n, st.storages[n], st.kinds.get(n, "other"), st.shapes[n], device) for n in st.storages
+            stacked_spec(n, st.storages[n], st.kinds.get(n, "other"), st.shapes[n], device)
+            for n in st.storages
         )
         _SPECS[layout] = specs
     return specs if all(spec.matches(state) for spec in specs) else None
