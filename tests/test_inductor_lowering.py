@@ -77,7 +77,7 @@ def _run(fused, program, specs, ema, x, parts, ins):
     lr=st.floats(1e-5, 1e-1),
     b1=st.floats(0.5, 0.99),
     b2=st.floats(0.9, 0.9999),
-    wd=st.sampled_from([0.0, 0.1]),
+    wd=st.sampled_from([0.01, 0.1]),  # 0 would be a structural edit (another program)
     grad_scale=st.sampled_from([1e-6, 1e-3, 1.0]),
 )
 def test_fused_equals_eager_within_the_float64_bound(setup, seed, k, lr, b1, b2, wd, grad_scale):
@@ -123,11 +123,11 @@ def test_new_hyperparameters_do_not_recompile(setup):
 
     program, specs, ema, inputs = setup
     parts, x = _parts(3, specs, ema), randn(4, K, M, R, scale=1e-3)
-    _run(True, program, specs, ema, x, parts, inputs(1, 1e-3, 0.9, 0.999, 1e-8, 0.0))
+    _run(True, program, specs, ema, x, parts, inputs(1, 1e-3, 0.9, 0.999, 1e-8, 0.01))
     graphs, compiles = counters["stats"]["unique_graphs"], inductor.STATS["compiles"]
     for i in range(4):
         _run(True, program, specs, ema, x, parts, inputs(7 + i, 1e-2 / (i + 1), 0.8 + 0.01 * i,
-                                                         0.99, 1e-6 * (i + 1), 0.1 * i))  # fmt: skip
+                                                         0.99, 1e-6 * (i + 1), 0.01 + 0.1 * i))  # fmt: skip
     assert counters["stats"]["unique_graphs"] == graphs and inductor.STATS["compiles"] == compiles == 1
 
 
@@ -145,7 +145,7 @@ def test_unavailable_compiler_runs_eagerly_with_one_warning(setup, monkeypatch):
     monkeypatch.setattr(inductor, "_CACHE", {})
     monkeypatch.setitem(inductor.STATS, "disabled", None)
     parts, x = _parts(5, specs, ema), randn(6, K, M, R, scale=1e-3)
-    ins = inputs(3, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+    ins = inputs(3, 1e-3, 0.9, 0.999, 1e-8, 0.01)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = [_run(True, program, specs, ema, x, parts, ins) for _ in range(3)]
