@@ -104,12 +104,10 @@ def test_fused_equals_eager_within_the_float64_bound(setup, seed, k, lr, b1, b2,
     assert new_e.keys() == new_f.keys()
     for key in new_e:
         a, b = new_e[key], new_f[key]
-        if key.endswith(".rng") or a.dtype == torch.float32:
-            if key.endswith(".rng"):
-                assert torch.equal(a, b), key
-            else:  # fp32 EMA lerp(e, X̃, 0.1) in Inductor's order: observed ≤ 2 ulp of |e| + |X̃|
-                size = parts[key].abs() + x.abs()
-                assert bool(((a - b).abs() <= 2**-21 * size).all()), key
+        if key.endswith(".rng"):
+            assert torch.equal(a, b), key
+        elif key == "coap_exp_avg":  # fp32 EMA lerp(e, X̃, 0.1) in Inductor's order: ≤ 2 ulp of |e| + |X̃|
+            assert bool(((a - b).abs() <= 2**-21 * (parts[key].abs() + x.abs())).all()), key
         elif a.dtype == torch.bfloat16:  # one bf16 step where the float32 input moved by an ulp
             diff = (a.float() - b.float()).abs()
             assert bool((diff <= 2**-7 * a.float().abs().clamp_min(1e-30)).all()), key
