@@ -33,11 +33,14 @@ stays within ``8·2⁻²⁴`` relative (plus a 1e-30 absolute floor) of float64 
 i.e. both lowerings are float32-accurate versions of the same update; measured states differ from eager
 by at most 1 ulp, stored bf16/int8 codes then differ only where that ulp crosses a rounding threshold.
 
-**Decision: ``backend="auto"`` keeps the eager lowering on CPU.** Measured (``benchmarks/results/
-fused_lowering_probe.json`` and ``inductor_compile.json``, 2-core Xeon, 1 thread): per ``256×64`` matrix
-the fused loop saves nothing for fp32 (0.097 vs 0.091 ms), 2.1 ms for bf16 and 7.9 ms for int8, against a
-cold compile of 14 / 22 / 33 s per signature: a short run (the test suite, a 100-step smoke test, a
-notebook) loses, a long bf16/int8 run wins. ``backend="inductor"`` selects it explicitly.
+**Decision: ``backend="auto"`` keeps the eager lowering on CPU.** Measured on this project's 2-core Xeon VM
+(shared, load 8–15; ``benchmarks/results/inductor_compile.json``, ``fused_step/step_overhead_cpu.csv``):
+the demo LM with int8 states has 2 signatures whose **cold** compile took 514 s in all (first step 518 s;
+14–33 s per state pair on a quiet machine, ``fused_lowering_probe.json``) and **warm** (Inductor's on-disk
+cache) 14 s; the fused step saves about 0.5 s (bf16) and 0.9 s (int8) per step there against the eager
+lowering, nothing for fp32. A short run (the test suite, a smoke test, a notebook) loses; a long bf16/int8
+run wins after some hundreds of steps. So ``backend="inductor"`` is opt-in, and tests compile two tiny
+signatures only (``tests/test_inductor_lowering.py``).
 """
 
 from __future__ import annotations

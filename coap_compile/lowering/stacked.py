@@ -157,23 +157,32 @@ def stored_stacked(spec: StackedSpec, parts: dict[str, Tensor], value: Tensor) -
 
 
 def _count(table: Tensor, a: Tensor, ax: Tensor, right: bool) -> Tensor:
-    """Per element of ``ax`` (``K×nr×bh×nc×bw``, block scales ``a``: ``K×nr×nc``), how many of the
-    ``n = 2^L − 1`` values ``fl(table_k·a)`` are ``< |x|`` (``right``: ``≤``): the binary search of
-    :func:`coap_compile.storage.int8._quantize_slab` (``fl(t·a)`` is non-decreasing in ``t``), written
-    ``j += step·[fl(table[j + step − 1]·a) < |x|]`` so that each level reads ``j`` twice, not three times
-    (Inductor inlines the levels into one expression: 2^L terms instead of 3^L; measured, the ``where``
-    form took minutes to lower and ``torch.searchsorted`` over the blocks ran as a slow ATen fallback,
-    30 ms per demo group)."""
+    """Per element of ``ax`` (``K×nr×bh×nc×bw``, block scales ``a``: ``K×nr×nc``), ``q``, how many of the
+    ``n`` values ``fl(table_k·a)`` are ``< |x|`` (``right``: ``≤``): the count the binary search of
+    :func:`coap_compile.storage.int8._quantize_slab` reaches (``fl(t·a)`` is non-decreasing in ``t``).
+
+    Computed as ``q₀ = bucketize(fl(|x|/a), table)`` and one exact correction each way: ``fl(|x|/a)`` and
+    ``fl(t·a)`` are within 2⁻²⁴ relative of the exact values, and adjacent levels/thresholds of a code map
+    are ≥ 1 % apart, so at most one ``table_k`` compares differently and ``|q₀ − q| ≤ 1``; the corrections
+    compare ``fl(table_k·a)`` with ``|x|`` exactly as the storage does, so ``q`` is bit-identical (tested;
+    it assumes ``fl(table_1·a)`` is a normal float, i.e. block absmax ≳ 1e-31). ``a = 0`` gives the
+    search's answer: 0 for ``<``, ``n`` for ``≤``. Why not the search itself: Inductor inlines its levels
+    into one expression (a ``where`` chain took minutes to lower and ran slower than eager; a
+    ``searchsorted`` over the blocks ran as an ATen fallback, 30 ms per demo group)."""
     k, nr, bh, nc, bw = ax.shape
     a5 = a.view(k, nr, 1, nc, 1)
     n = table.shape[0]
-    j = torch.zeros(ax.shape, dtype=torch.int64, device=ax.device)
-    step = (n + 1) // 2
-    while step >= 1:
-        t = table[j + (step - 1)] * a5
-        j = j + step * (t <= ax if right else t < ax).to(torch.int64)
-        step //= 2
-    return j
+    pos = a5 > 0
+    u = torch.where(pos, ax / torch.where(pos, a5, 1.0), 0.0)
+    j0 = torch.bucketize(u, table, right=right)
+
+    def below(t: Tensor) -> Tensor:
+        return t <= ax if right else t < ax
+
+    up = (j0 < n) & below(table[j0.clamp(max=n - 1)] * a5)
+    down = (j0 > 0) & ~below(table[(j0 - 1).clamp(min=0)] * a5)
+    j = j0 + up.to(torch.int64) - down.to(torch.int64)
+    return torch.where(pos, j, n if right else 0)
 
 
 def _quantize(x: Tensor, bh: int, bw: int, cm, tabs, bits: Tensor | None) -> tuple[Tensor, Tensor]:
