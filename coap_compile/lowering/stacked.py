@@ -188,7 +188,7 @@ def _count(table: Tensor, inv: Tensor, a: Tensor, ax: Tensor, right: bool) -> Te
     into one expression (a ``where`` chain took minutes to lower and ran slower than eager;
     ``searchsorted`` over the blocks and ``bucketize`` ran as ATen fallbacks, 26–30 ms per demo group),
     while a table lookup is one fused load."""
-    k, nr, bh, nc, bw = ax.shape
+    k, nr, _, nc, _ = ax.shape
     a5 = a.view(k, nr, 1, nc, 1)
     n = table.shape[0]
     pos = a5 > 0
