@@ -96,7 +96,9 @@ def stacked_spec(
         cm = storage.code_map_for(kind)
         signed, lay, tables = cm.signed, block_layout(shape, block), cm.tables(device)
         n = (1 << cm.log2_size) - 1
-        inverse = (_inverse(tables.thresholds[1 : n + 1], False), _inverse(tables.levels[1 : n + 1], True))
+        host = cm.tables("cpu")  # (a meta-device group has meta tables: no data to search)
+        pairs = ((host.thresholds, False), (host.levels, True))
+        inverse = tuple(_inverse(t[1 : n + 1], right).to(device) for t, right in pairs)
     return StackedSpec(name, precision, keys, shapes, dtypes, tuple(shape), stochastic, block, signed, style,
                        storage, lay, cm, tables, inverse)  # fmt: skip
 
@@ -169,7 +171,7 @@ def _inverse(table: Tensor, right: bool) -> Tensor:
     """``inv[c]`` = how many entries of ``table`` are ``≤`` (``right``) / ``<`` the float32 whose bits are
     ``c << 14``: the estimate ``q₀`` of :func:`_count` (built once per spec, outside any trace)."""
     starts = (torch.arange(_CELLS, dtype=torch.int32) << _CELL_SHIFT).view(torch.float32)
-    return torch.searchsorted(table.cpu(), starts, right=right).to(torch.int16).to(table.device)
+    return torch.searchsorted(table, starts, right=right).to(torch.int16)
 
 
 def _count(table: Tensor, inv: Tensor, a: Tensor, ax: Tensor, right: bool) -> Tensor:
