@@ -1,4 +1,6 @@
-"""Lowerings of a projected program: eager torch (CPU, and the oracle) and generated Triton kernels."""
+"""Lowerings of a projected program: eager torch (CPU, and the oracle), generated Triton kernels, and the
+fused CPU lowering compiled by Inductor (:mod:`.inductor`, over the stacked storage functions of
+:mod:`.stacked`)."""
 
 from .eager import apply_reprojection_, run_lowrank
 

@@ -45,14 +45,27 @@ repetitions, ``thread_time``):
 * Refreshes stay per matrix (:mod:`.refresh`): they are rare (every ``T_u`` steps), and batched QR/SVD
   on CPU loops over LAPACK calls per matrix anyway.
 
+**Storage precisions** (issue 20). bf16/int8 states join groups like fp32 ones: every *physical* key
+is stacked (``exp_avg.q8``/``.absmax``/``.rng`` for int8, ``exp_avg``/``exp_avg.rng`` for bf16) and the
+elementwise pass loads and stores them through :mod:`coap_compile.lowering.stacked`, where each member
+keeps its own rounding stream (its ``[seed, counter]`` row) and its own int8 blocks, so every member's
+codes, scales, bits and counters equal the per-matrix path's (``tests/test_grouped_storage.py``:
+``torch.equal``). Members must share the storage configuration (part of the group key).
+With ``backend="inductor"`` the pass (load → derived update → store) runs as one compiled loop over
+the whole run of members (:mod:`coap_compile.lowering.inductor`; no chunking: the fused loop has no
+multi-pass cache effect, and one signature per group keeps compiles few).
+
 **What falls back to the per-matrix path** (each member then runs :func:`~.update.projected_update_`): a group
 of one; on the kernel path (CUDA with ``backend="auto"``, or ``backend="triton"``), only what
 :func:`.grouped_kernels.kernel_group_reason` names (its groups, ``MatrixGroup.kernels`` set, run one grouped
 K1 and one grouped K2 launch per run instead, fp32/bf16/int8 states alike: :mod:`.grouped_kernels`);
-off it, bf16/int8 state storage (stochastic rounding keeps one stream per parameter); bases whose derived
-update has reductions or weight statistics (Adafactor: the captured graph's reductions name dimensions of
-one matrix, so they keep per-matrix semantics); Tucker-projected 4-D weights; and, for one step, a group in
-which some member has no gradient or the members' step counts differ (e.g. a layer frozen for a while).
+bases whose derived update has reductions or weight statistics (Adafactor: the captured graph's reductions
+name dimensions of one matrix, so they keep per-matrix semantics); Tucker-projected 4-D weights (their
+projection is a pair of mode products per member, not the ``X P`` / ``D Pᵀ`` GEMM pair this module batches
+around, and convolution weights of one shape are few per model: the per-member contraction dominates, the
+elementwise pass on a ``r₀×r₁×kh×kw`` core is small); members whose stored layout differs from the group's
+(a checkpoint written with another ``quant_block_size``); and, for one step, a group in which some member
+has no gradient or the members' step counts differ (e.g. a layer frozen for a while).
 """
 
 from __future__ import annotations
@@ -64,7 +77,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..lowering.eager import apply_reprojection_, run_lowrank
+from ..lowering.eager import apply_reprojection_
+from ..lowering.inductor import elementwise, uses_param
+from ..lowering.stacked import StackedSpec, stacked_spec
 from .grouped_kernels import describe, kernel_group_reason
 from .selection import canonical_dims
 from .settings import EMA_KEY
@@ -105,6 +120,19 @@ class MatrixGroup:
     ema_beta: float
     key: tuple = ()
     kernels: tuple[str, str] | None = None
+    specs: tuple[StackedSpec, ...] = ()
+    fused: bool = False
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The packed physical keys of every state (``exp_avg``, ``exp_avg.q8``, ``exp_avg.rng``, …)."""
+        return tuple(k for spec in self.specs for k in spec.keys)
+
+    @property
+    def ema(self) -> tuple[StackedSpec, float] | None:
+        """The stacked ``coap_exp_avg`` and its coefficient, if the policy keeps one."""
+        spec = next((s for s in self.specs if s.name == EMA_KEY), None)
+        return None if spec is None else (spec, self.ema_beta)
 
 
 @dataclass(eq=False)
@@ -132,8 +160,6 @@ def per_matrix_reason(layout, grouped: bool) -> str | None:
         return "FSDP2-sharded: DTensor states, refreshes over the shard group"
     if layout.kernels is not None:
         return kernel_group_reason(layout)  # any storage: grouped K1/K2 launches (.grouped_kernels)
-    if not layout.states.all_fp32:
-        return "bf16/int8 state storage: one rounding stream per parameter"
     program = layout.program.program
     if program.epilogue is None or program.decomposition.param_stats:
         return "reductions or weight statistics in the derived update: per-matrix semantics"
@@ -148,7 +174,10 @@ def build_groups(layouts: dict[Tensor, Any], grouped: bool) -> tuple[MatrixGroup
         if per_matrix_reason(lay, grouped) is None:
             names = tuple(lay.states.storages)
             rows = canonical_dims(p.shape, lay.transposed)[0]  # M (projection_side="rows": m)
-            key = (lay.group, rows, lay.rank, lay.work_dtype, p.dtype, p.device, names, lay.kernels)
+            stores = tuple(
+                (n, repr(s), lay.states.kinds.get(n, "other")) for n, s in lay.states.storages.items()
+            )
+            key = (lay.group, rows, lay.rank, lay.work_dtype, p.dtype, p.device, names, stores, lay.lowering, lay.kernels)
             by_key.setdefault(key, []).append(p)
     out = []
     for key, members in by_key.items():
@@ -156,9 +185,14 @@ def build_groups(layouts: dict[Tensor, Any], grouped: bool) -> tuple[MatrixGroup
             continue  # a group of one is the per-matrix path
         first = layouts[members[0]]
         transposed = tuple(layouts[p].transposed for p in members)
+        sp = first.states
+        specs = tuple(
+            stacked_spec(n, sp.storages[n], sp.kinds.get(n, "other"), sp.shapes[n], key[5]) for n in key[6]
+        )
+        fused = first.lowering == "inductor" and not uses_param(first.program.program)
         out.append(MatrixGroup(
             key[0], tuple(members), transposed, key[1], key[2], key[6], key[3], first.program, first.policy,
-            float(first.settings.scale), float(first.settings.first_moment_beta), key, first.kernels,
+            float(first.settings.scale), float(first.settings.first_moment_beta), key, first.kernels, specs, fused,
         ))  # fmt: skip
     return tuple(out)
 
@@ -174,10 +208,15 @@ def explain_groups(groups: Sequence[MatrixGroup], alone: dict[str, int], grouped
             continue
         device = mg.members[0].device
         chunk = chunk_members(mg, torch.empty((), dtype=mg.dtype).element_size(), device, False)
+        precisions = "/".join(dict.fromkeys(spec.precision for spec in mg.specs))
+        passes = (
+            "one fused Inductor loop per run of members" if mg.fused
+            else f"one elementwise pass per {min(chunk, len(mg.members))} members"
+        )  # fmt: skip
         lines.append(
-            f"  param group {mg.index}: {len(mg.members)} matrices, states {mg.rows}x{mg.rank} {mg.dtype} "
-            f"on {device}: X P and D P^T per member (torch.mm / addmm_, on CUDA too), one elementwise "
-            f"pass per {min(chunk, len(mg.members))} members"
+            f"  param group {mg.index}: {len(mg.members)} matrices, states {mg.rows}x{mg.rank} {precisions} "
+            f"({mg.dtype} compute) on {device}: X P and D P^T per member (torch.mm / addmm_, on CUDA too), "
+            f"{passes}"
         )
     lines += [f"  per matrix: {c} ({reason})" for reason, c in sorted(alone.items())]
     return "\n".join(lines)
@@ -216,9 +255,11 @@ def _repack(group: GroupBuffers, name: str, current: list[Tensor], states: Seque
 def pack_(layout: MatrixGroup, group: GroupBuffers, states: Sequence[dict]) -> bool:
     """Make every member's packed entries views of the group's buffers (copying entries that are not);
     False if some member lacks one (its first step has not happened yet), leaving everything as is."""
-    names = (*layout.names, "step")
+    names = (*layout.keys, "step")
     if any(n not in st for st in states for n in names):
         return False
+    if any(not spec.matches(st) for st in states for spec in layout.specs):
+        return False  # e.g. a checkpoint written with another quant_block_size: per matrix
     for name in names:
         current = [st[name] for st in states]
         views = group.views.get(name)
@@ -275,8 +316,11 @@ def grouped_update_(
     the group's ``(lr, h)``; ``grads`` were read before the states (the compiled-region contract). Each
     chunk of members is computed completely before its first write (weights, then states and steps)."""
     lr_t, hypers = scalars
-    chunk = chunk_members(
-        layout, torch.empty((), dtype=layout.dtype).element_size(), layout.members[0].device, compiling
+    chunk = chunk_members(  # fused: one compiled loop over the run (no multi-pass cache effect to chunk for)
+        layout,
+        torch.empty((), dtype=layout.dtype).element_size(),
+        layout.members[0].device,
+        compiling or layout.fused,
     )
     for first, end in runs:
         k_t = group.steps[first].to(torch.float64)
@@ -302,16 +346,17 @@ def _chunk_update_(layout, group, s, e, grads, states, inputs, compiling):
         x_proj = torch.empty((e - s, layout.rows, layout.rank), dtype=dtype, device=xs[0].device)
         for k, (x, proj) in enumerate(zip(xs, projs)):
             torch.mm(x, proj, out=x_proj[k])
-    olds = [bufs[n][s:e] for n in program.state_names]
-    decay, delta, new_states, new_step = run_lowrank(program, members[s], x_proj, olds, k_t, lr_t, hypers)
+    parts = {key: bufs[key][s:e] for key in layout.keys}
+    by_name = {spec.name: spec for spec in layout.specs}
+    specs = tuple(by_name[n] for n in program.state_names)
+    decay, delta, new_step, new_parts = elementwise(
+        layout.fused and not compiling, program, specs, layout.ema,
+        None if layout.fused else members[s], x_proj, parts, (k_t, lr_t, hypers),
+    )  # fmt: skip
     if not compiling and isinstance(decay, Tensor):
         decay = float(decay)  # one host read per chunk (apply_reprojection_ would read it per member)
     for k, (p, tr) in enumerate(zip(members[s:e], layout.transposed[s:e])):
         apply_reprojection_(p.t() if tr else p, decay, delta[k], projs[k], layout.scale)
-    for old, value in zip(olds, new_states):
-        if value is not old:
-            old.copy_(value)
+    for key, value in new_parts.items():  # states only after every weight (update.py's contract)
+        parts[key].copy_(value)
     group.steps[s:e].copy_(new_step)
-    if EMA_KEY in bufs:
-        ema = bufs[EMA_KEY][s:e]
-        ema.copy_(torch.lerp(ema, x_proj, 1.0 - layout.ema_beta))

@@ -30,6 +30,7 @@ stochastic-rounding stream of its states.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -107,6 +108,7 @@ class ParamLayout:
     states: StateSpec | None = None
     shard: fsdp.ShardSpec | None = None
     kernels: tuple[str, str] | None = None
+    lowering: str = "eager"  # "inductor": the fused CPU lowering of the elementwise part (lowering.inductor)
     seed: int = 0
     ndim: int = 2  # of the program's states: 2 for matrices, 4 for Tucker cores, the weight's for full rank
     reason: str = ""
@@ -280,10 +282,13 @@ def build_layout(
         )
     kernels = None
     if p.dtype in (torch.float32, torch.bfloat16) and (
-        backend == "triton" or (backend == "auto" and p.is_cuda)
+        backend == "triton" or (backend in ("auto", "inductor") and p.is_cuda)
     ):
-        kernels = (backend, input_precision)
-    return _matrix(ctx, rank, transposed, rows_side, policy, kernels, program)
+        kernels = ("auto" if backend == "inductor" else backend, input_precision)
+    lay = _matrix(ctx, rank, transposed, rows_side, policy, kernels, program)
+    if backend == "inductor" and kernels is None and p.device.type == "cpu":
+        return dataclasses.replace(lay, lowering="inductor")
+    return lay
 
 
 def _compile(ctx: _Context, ndim: int, shape) -> CompiledBase:

@@ -27,6 +27,7 @@ from torch import Tensor
 from ..capture import CapturedUpdate
 from ..compiler import CompiledBase, compile_base
 from ..projection import ProjectionPolicy
+from .fullgroup import FullGroup, build_full_groups
 from .grouped import MatrixGroup, build_groups, per_matrix_reason
 from .hyper import check_base_hyperparams
 from .layout import Kind, ParamLayout, build_layout, full_program
@@ -63,6 +64,7 @@ class RuntimePlan:
     settings: tuple[CoapSettings, ...]
     keys: tuple[tuple, ...]
     hyper_keys: tuple[tuple, ...]
+    full_groups: tuple[FullGroup, ...] = ()  # full-rank DERIVED parameters stepped together (.fullgroup)
 
     def stale(self, param_groups: list[dict]) -> list[int]:
         """Indices of the groups whose COAP keys or parameters changed since (all of them when the
@@ -114,6 +116,7 @@ def build_plan(config: OptimizerConfig, param_groups: list[dict]) -> RuntimePlan
     return RuntimePlan(
         layouts, groups, group_of, settings, tuple(raw_key(g) for g in param_groups),
         tuple(hyper_key(base_hyperparams(g)) for g in param_groups),
+        build_full_groups(layouts, config.options.grouped),
     )  # fmt: skip
 
 

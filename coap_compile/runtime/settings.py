@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 CORRELATIONS = ("paper", "normalized", "off")
-BACKENDS = ("auto", "eager", "triton")
+BACKENDS = ("auto", "eager", "triton", "inductor")
 #: ``"auto"``: torch's float32 matmul precision, read at each launch
 #: (:func:`coap_compile.kernels.launch.resolve_input_precision`).
 INPUT_PRECISIONS = ("auto", "ieee", "tf32x3", "tf32", "bf16")
@@ -243,7 +243,10 @@ class OptimizerOptions:
     """Settings of the whole optimizer (not of a group).
 
     Attributes:
-        backend: ``"auto"`` (Triton kernels for CUDA tensors when available), ``"eager"`` or ``"triton"``.
+        backend: ``"auto"`` (Triton kernels for CUDA tensors when available, the eager lowering on CPU),
+            ``"eager"``, ``"triton"`` or ``"inductor"`` (CPU parameters: the fused Inductor lowering of
+            the elementwise update with its state load/store, :mod:`coap_compile.lowering.inductor`, which
+            says why ``"auto"`` does not pick it on CPU; CUDA parameters as with ``"auto"``).
         check_finite: refuse (raise) a step whose gradients contain inf/NaN, before modifying anything.
         grouped: update projected matrices with equal low-rank state shapes together (:mod:`.grouped`).
         input_precision: ``tl.dot`` precision of the kernels' matmuls: ``"auto"`` (torch's global float32

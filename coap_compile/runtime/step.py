@@ -14,7 +14,8 @@ recompiling:
    * **refresh**: every due refresh computed, then all committed (:mod:`.refresh`, :mod:`.tucker`): a
      step that raises for bad input writes nothing;
    * **work list**: matrix groups that step as one (:mod:`.grouped`; on the kernel path
-     :mod:`.grouped_kernels`: two grouped launches per group), then the remaining parameters.
+     :mod:`.grouped_kernels`: two grouped launches per group and scratch chunk), full-rank groups
+     (:mod:`.fullgroup`), then the remaining parameters.
 
 2. :meth:`StepRunner.update` (traceable: no host reads, no branches on the step, never reads
    ``param_groups``): one updater per kind (:mod:`.update` matrices, :mod:`.grouped`, :mod:`.tucker`,
@@ -43,6 +44,7 @@ from ..distributed.agreement import check_settings_agree
 from ..distributed.basis import gathered_basis
 from ..lowering.kernels import KernelPlan, kernel_plan, stored_kernel_plan
 from .counters import StepCounters
+from .fullgroup import full_group_update_
 from .fullrank import ensure_full_state, full_update_, restored_full_state
 from .grouped import GroupBuffers, grouped_update_, ready
 from .grouped_kernels import kernel_group_update_, kernel_runs
@@ -66,7 +68,7 @@ class StepRunner:
         config = opt.config
         self.plan = plan
         self.scalars = LiveScalars(config.base, len(opt.param_groups))
-        self.buffers = {id(mg): GroupBuffers() for mg in plan.matrix_groups}
+        self.buffers = {id(mg): GroupBuffers() for mg in (*plan.matrix_groups, *plan.full_groups)}
         self.checked: dict[Tensor, tuple] = {}
         self.counters = StepCounters()
         self.traced = False  # the last update ran inside a compiled region
@@ -77,6 +79,7 @@ class StepRunner:
         self.locals: dict[Tensor, Tensor] = {}
         self.work: list[tuple[Tensor, Any]] = []
         self.work_groups: list[tuple[Any, tuple]] = []
+        self.work_full: list[tuple[Any, tuple]] = []  # full-rank groups (.fullgroup) ready as one
         self.agreed = False  # the collective settings checked across the shard groups (once per plan)
         self.full_checked: set[Tensor] = set()  # full-rank parameters whose state has this plan's layout
         self.threads = step_threads(plan.layouts)  # intra-op threads of an eager CPU step (.threads)
@@ -229,6 +232,16 @@ class StepRunner:
             if runs:
                 self.work_groups.append((mg, tuple(runs)))
                 grouped.update(mg.members[k] for s, e in runs for k in range(s, e))
+        self.work_full = []
+        for fg in self.plan.full_groups if self.scope is None and not compiling else ():
+            for p in fg.members:
+                if p.grad is not None:
+                    io = opt.state_io(p)
+                    ensure_full_state(io.state, fg.program, p, io)
+            runs = ready(fg, self.buffers[id(fg)], [opt.state[p] for p in fg.members], counters)
+            if runs:
+                self.work_full.append((fg, tuple(runs)))
+                grouped.update(fg.members[k] for s, e in runs for k in range(s, e))
         for p in grouped:
             counters.expect(p, opt.state[p], counters.count(p, opt.state[p]))
         for p, lay in self.plan.layouts.items():
@@ -282,6 +295,7 @@ class StepRunner:
     def _update(self, opt: Any, compiling: bool) -> None:
         grads = [p.grad for p, _ in self.work]
         group_grads = [[p.grad for p in mg.members] for mg, _ in self.work_groups]
+        full_grads = [[p.grad for p in fg.members] for fg, _ in self.work_full]
         for (p, lay), _g in zip(self.work, grads):
             state = opt.state[p]
             inputs = self.scalars.inputs(lay.group, state)
@@ -307,6 +321,8 @@ class StepRunner:
                 mg, self.buffers[id(mg)], runs, g, [opt.state[p] for p in mg.members],
                 self.scalars.group_inputs(mg.index), compiling=compiling,
             )  # fmt: skip
+        for (fg, runs), g in zip(self.work_full, full_grads):
+            full_group_update_(fg, self.buffers[id(fg)], runs, g, self.scalars.group_inputs(fg.index))
         self.locals = {}  # drop the FSDP2 local views (and their gradient references)
         self.traced = compiling
         if not compiling:

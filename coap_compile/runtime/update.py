@@ -18,17 +18,23 @@ low-rank middle eagerly and K2 as a kernel.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
 from ..lowering.eager import apply_reprojection_, run_lowrank
+from ..lowering.inductor import elementwise, uses_param
 from ..lowering.kernels import StoredKernelPlan, fused_update_stored_, reproject_update_
+from ..lowering.stacked import StackedSpec, stacked_spec
 from .layout import ParamLayout
 from .precision import StateIO
 from .refresh import canonical_input
 from .settings import EMA_KEY
 
 __all__ = ["projected_update_"]
+
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def projected_update_(
@@ -71,6 +77,21 @@ def projected_update_(
     x_proj = x.to(proj.dtype) @ proj
     if x_extra is not None:
         x_proj = x_proj + x_extra
+    specs = _fused_specs(layout, state, p.device) if layout.lowering == "inductor" else None
+    if specs is not None and not torch.compiler.is_compiling():
+        # the fused CPU lowering (lowering.inductor): this matrix as a group of one
+        parts = {key: state[key].unsqueeze(0) for spec in specs for key in spec.keys}
+        by_name = {spec.name: spec for spec in specs}
+        ema = (by_name[EMA_KEY], ema_beta) if EMA_KEY in by_name else None
+        decay, delta, new_step, new = elementwise(
+            True, program, tuple(by_name[n] for n in program.state_names), ema, None, x_proj.unsqueeze(0),
+            parts, inputs,
+        )  # fmt: skip
+        apply_reprojection_(w, float(decay) if isinstance(decay, Tensor) else decay, delta[0], proj, scale)
+        for key, value in new.items():  # states only after the weight
+            parts[key].copy_(value)
+        state["step"].copy_(new_step.reshape(()))
+        return
     stat_param = p if not program.decomposition.param_stats else p.to(dtype)
     decay, delta, new_states, new_step = run_lowrank(
         program, stat_param, x_proj, [io.load(n) for n in program.state_names], k_t, lr_t, hypers
@@ -87,3 +108,19 @@ def projected_update_(
     state["step"].copy_(new_step)
     if EMA_KEY in io.storages:
         io.store_(EMA_KEY, torch.lerp(io.load(EMA_KEY), x_proj, 1.0 - ema_beta))
+
+
+def _fused_specs(layout: ParamLayout, state: dict, device) -> tuple[StackedSpec, ...] | None:
+    """The stacked specs of ``layout``'s states when its update can run fused (None: eagerly), checked
+    against the state's tensors (a checkpoint written with another int8 block size runs eagerly)."""
+    if layout.shard is not None or uses_param(layout.program.program):
+        return None
+    specs = _SPECS.get(layout)
+    if specs is None:
+        st = layout.states
+        specs = tuple(
+            stacked_spec(n, st.storages[n], st.kinds.get(n, "other"), st.shapes[n], device)
+            for n in st.storages
+        )
+        _SPECS[layout] = specs
+    return specs if all(spec.matches(state) for spec in specs) else None

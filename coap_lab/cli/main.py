@@ -186,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="demo,64x64x16",
         help="whole-step overhead cases, comma-separated, or '' for none (default %(default)s)",
     )
+    s.add_argument(
+        "--overhead-optimizers",
+        type=_names,
+        default=None,
+        help="optimizers of the overhead cases (default adamw,adamw-foreach,coap,coap-per-matrix and the "
+        "installed peers; e.g. coap-bf16,coap-int8-inductor for the storage precisions and lowerings)",
+    )
     s.add_argument("--results-dir", default=RESULTS_DIR, help=RESULTS_HELP)
 
     k = bench.add_parser(

@@ -53,6 +53,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "coap-bf16": {"projection": "coap", "state_precision": "bf16"},
     "coap-int8": {"projection": "coap", "state_precision": "int8"},
     "coap-per-matrix": {"projection": "coap", "grouped": False},  # the ungrouped update (runtime/grouped.py)
+    # backend="inductor": the fused CPU lowering of load -> update -> store (coap_compile.lowering.inductor)
+    "coap-inductor": {"projection": "coap", "backend": "inductor"},
+    "coap-bf16-inductor": {"projection": "coap", "state_precision": "bf16", "backend": "inductor"},
+    "coap-int8-inductor": {"projection": "coap", "state_precision": "int8", "backend": "inductor"},
     # basis="official": LAPACK's signs at every refresh, null directions kept (the official code, issue 19)
     "coap-official": {"projection": "coap", "basis": "official"},
     "coap-rotation": {"projection": "coap", "basis": "rotation"},

@@ -316,7 +316,9 @@ def run_step(args) -> int:
     if cases:
         from coap_lab.cli.overhead import overhead_rows
 
-        overhead = overhead_rows(cases, device=args.device, warmup=args.warmup if not cuda else 3)
+        names = getattr(args, "overhead_optimizers", None)
+        extra = {"optimizers": names} if names else {}
+        overhead = overhead_rows(cases, device=args.device, warmup=args.warmup if not cuda else 3, **extra)
         cols = [
             "case",
             "optimizer",

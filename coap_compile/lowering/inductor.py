@@ -1,0 +1,177 @@
+"""The fused CPU lowering: a group's load → derived update → store as one Inductor-generated C++ loop.
+
+For a chunk of ``K`` members of a matrix group (or one matrix, ``K = 1``) with stacked states
+(:mod:`.stacked`), the elementwise part of a step is the pure function :func:`lowrank_stored`::
+
+    s = load(parts)                                    (float32; bf16 upcast, int8 value[code]·a)
+    (decay, D, s', k') = lowrank(X̃, s, k, lr, h)      (the compiled program's derived update, K×M×r)
+    parts' = store(s'),  ema' = store(lerp(ema, X̃, 1 − β))   (bf16 stochastic rounding, int8 codes/scales)
+
+Eagerly that is dozens of torch ops per state (a counter hash of ~15 int64 ops per element for bf16, a
+7–8 level code search for int8); :func:`elementwise` runs it instead as ``torch.compile(fn,
+dynamic=False, fullgraph=True)`` of that same Python function (Inductor's C++/OpenMP backend on CPU),
+which fuses the loads, the update and the stores into a few loops over the stacked states. The GEMMs
+(``X P``, ``D Pᵀ``) stay outside (the BLAS is already at its floor there).
+
+**Runtime inputs.** ``k``, ``lr`` and every hyperparameter are 0-d float64 tensor inputs of the compiled
+function, so schedulers and edited betas never recompile (``tests/test_inductor_lowering.py`` counts
+Dynamo's compiled graphs). **Cache.** One compiled function per *signature* — the program, the states'
+stacked specs (storage, precision, shapes, dtypes), the EMA coefficient, and the shapes/dtypes of ``X̃``
+and of every stacked tensor — held in-process in :data:`_CACHE`; each signature gets its own code object
+(:func:`_bound`), so Dynamo's per-code recompile limit never drops a signature to its slow path.
+Inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``) makes a second process's compile "warm".
+**Unavailable** (no C++ compiler, an Inductor error): the first failure emits one ``RuntimeWarning``
+naming the error, and every later call of this process runs :func:`lowrank_stored` eagerly (the same
+results bit for bit as ``backend="eager"``).
+
+**Exactness.** Loads, the integer hash, the bf16 rounding, the int8 code search and the dequantization
+are exact operations, so Inductor reproduces them bit for bit given the same float32 inputs. The derived
+update's arithmetic may differ in the last bit: Inductor evaluates ``lerp`` as ``a + w·(b − a)`` where
+torch's CPU kernel switches formula at ``w ≥ 0.5``, may contract ``a·b + c`` and computes ``x ** k``
+scalars in its own order. The bound checked (hypothesis, float64 oracle) is that every state and ``D``
+stays within ``8·2⁻²⁴`` relative (plus a 1e-30 absolute floor) of float64 where the eager lowering is —
+i.e. both lowerings are float32-accurate versions of the same update; measured states differ from eager
+by at most 1 ulp, stored bf16/int8 codes then differ only where that ulp crosses a rounding threshold.
+
+**Decision: ``backend="auto"`` keeps the eager lowering on CPU.** Measured on this project's 2-core Xeon VM
+(shared, load 8–15; ``benchmarks/results/inductor_compile.json``, ``fused_step/step_overhead_cpu.csv``):
+the demo LM with int8 states has 2 signatures whose **cold** compile took 286 s in all at load 9.7
+(14–33 s per state pair on a quiet machine, ``fused_lowering_probe.json``) and **warm** (Inductor's on-disk
+cache) 18 s; the fused step saves about 80–160 ms (bf16) and 190–410 ms (int8) per step there against
+the eager grouped lowering, about nothing for fp32. A short run (the test suite, a smoke test, a notebook) loses; a long bf16/int8
+run wins after some hundreds of steps. So ``backend="inductor"`` is opt-in, and tests compile two tiny
+signatures only (``tests/test_inductor_lowering.py``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import types
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .eager import run_lowrank
+from .stacked import StackedSpec, load_stacked, stored_stacked
+
+__all__ = ["STATS", "elementwise", "lowrank_stored", "reset", "uses_param"]
+
+#: compiled signatures: signature → compiled function (or None after a failure of that signature).
+_CACHE: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+#: counters for tests and benchmarks: ``compiles`` (signatures compiled), ``compile_s`` (seconds spent in
+#: first calls), ``fallbacks`` (calls that ran eagerly because compilation is unavailable).
+STATS = {"compiles": 0, "compile_s": 0.0, "fallbacks": 0, "disabled": None}
+
+
+def reset() -> None:
+    """Forget every compiled signature and the unavailability flag (tests)."""
+    with _LOCK:
+        _CACHE.clear()
+        STATS.update(compiles=0, compile_s=0.0, fallbacks=0, disabled=None)
+
+
+def uses_param(program) -> bool:
+    """Whether the derived update reads the weight itself (then it cannot run on stacked members)."""
+    return any(n.op == "placeholder" and n.name == "param" and n.users for n in program.lowrank.graph.nodes)
+
+
+def lowrank_stored(
+    program,
+    specs: Sequence[StackedSpec],
+    ema: tuple[StackedSpec, float] | None,
+    param: Tensor | None,
+    x_proj: Tensor,
+    parts: dict[str, Tensor],
+    k: Tensor,
+    lr: Tensor,
+    hypers: Sequence[Tensor],
+) -> tuple[Tensor | float, Tensor, Tensor, dict[str, Tensor]]:
+    """``(decay, D, k', new parts)`` of the stacked chunk (module docstring); writes nothing. A state
+    stored fp32 that the program returns unchanged is left out of ``new parts``."""
+    olds = [load_stacked(spec, parts) for spec in specs]
+    decay, delta, new_states, new_step = run_lowrank(program, param, x_proj, olds, k, lr, hypers)
+    out: dict[str, Tensor] = {}
+    for spec, old, value in zip(specs, olds, new_states):
+        if spec.precision == "fp32" and value is old:
+            continue
+        out.update(stored_stacked(spec, parts, value))
+    if ema is not None:
+        spec, beta = ema
+        out.update(stored_stacked(spec, parts, torch.lerp(load_stacked(spec, parts), x_proj, 1.0 - beta)))
+    return decay, delta, new_step, out
+
+
+def _bound(program, specs, ema):
+    """:func:`lowrank_stored` of one program and stacked layout, with its own code object (Dynamo keeps
+    compiled entries per code object: a shared one would hit its recompile limit across signatures)."""
+
+    def fused(x_proj, parts, k, lr, hypers):
+        return lowrank_stored(program, specs, ema, None, x_proj, parts, k, lr, hypers)
+
+    return types.FunctionType(
+        fused.__code__.replace(), fused.__globals__, fused.__name__, fused.__defaults__, fused.__closure__
+    )
+
+
+def _torch_compile(fn):
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def _signature(program, specs, ema, x_proj, parts) -> tuple:
+    return (
+        id(program), tuple(specs), ema, tuple(x_proj.shape), x_proj.dtype, x_proj.device.type,
+        tuple((key, tuple(t.shape), t.dtype) for key, t in sorted(parts.items())),
+    )  # fmt: skip
+
+
+def _unavailable(exc: BaseException) -> None:
+    STATS["disabled"] = f"{type(exc).__name__}: {exc}"[:400]
+    warnings.warn(
+        "coap_compile: backend='inductor' could not compile the fused CPU lowering "
+        f"({STATS['disabled']}); the eager lowering runs instead for the rest of this process "
+        "(same results as backend='eager', slower for bf16/int8 states)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def elementwise(
+    fused: bool,
+    program,
+    specs: Sequence[StackedSpec],
+    ema: tuple[StackedSpec, float] | None,
+    param: Tensor | None,
+    x_proj: Tensor,
+    parts: dict[str, Tensor],
+    inputs: tuple[Tensor, Tensor, Sequence[Tensor]],
+) -> tuple[Tensor | float, Tensor, Tensor, dict[str, Tensor]]:
+    """:func:`lowrank_stored`, compiled when ``fused`` (module docstring), else eager. ``param`` must be
+    None when fused (the caller checks :func:`uses_param`)."""
+    k, lr, hypers = inputs
+    if not fused or STATS["disabled"] is not None:
+        if fused:
+            STATS["fallbacks"] += 1
+        return lowrank_stored(program, specs, ema, param, x_proj, parts, k, lr, hypers)
+    sig = _signature(program, specs, ema, x_proj, parts)
+    entry = _CACHE.get(sig)
+    first = entry is None
+    if first:
+        entry = (program, _torch_compile(_bound(program, tuple(specs), ema)))
+    t0 = time.perf_counter()
+    try:
+        out = entry[1](x_proj, parts, k, lr, list(hypers))
+    except Exception as exc:
+        _unavailable(exc)
+        STATS["fallbacks"] += 1
+        return lowrank_stored(program, specs, ema, param, x_proj, parts, k, lr, hypers)
+    if first:
+        with _LOCK:
+            _CACHE[sig] = entry
+            STATS["compiles"] += 1
+            STATS["compile_s"] += time.perf_counter() - t0
+    return out
