@@ -38,9 +38,9 @@ by at most 1 ulp, stored bf16/int8 codes then differ only where that ulp crosses
 the demo LM with int8 states has 2 signatures whose **cold** compile took 286 s in all at load 9.7
 (14–33 s per state pair on a quiet machine, ``fused_lowering_probe.json``) and **warm** (Inductor's on-disk
 cache) 18 s; the fused step saves about 80–160 ms (bf16) and 190–410 ms (int8) per step there against
-the eager grouped lowering, about nothing for fp32. A short run (the test suite, a smoke test, a notebook) loses; a long bf16/int8
-run wins after some hundreds of steps. So ``backend="inductor"`` is opt-in, and tests compile two tiny
-signatures only (``tests/test_inductor_lowering.py``).
+the eager grouped lowering, about nothing for fp32. A short run (the test suite, a smoke test, a
+notebook) loses; a long bf16/int8 run wins after some hundreds of steps. So ``backend="inductor"`` is
+opt-in, and tests compile two tiny signatures only (``tests/test_inductor_lowering.py``).
 """
 
 from __future__ import annotations

@@ -177,7 +177,10 @@ def build_groups(layouts: dict[Tensor, Any], grouped: bool) -> tuple[MatrixGroup
             stores = tuple(
                 (n, repr(s), lay.states.kinds.get(n, "other")) for n, s in lay.states.storages.items()
             )
-            key = (lay.group, rows, lay.rank, lay.work_dtype, p.dtype, p.device, names, stores, lay.lowering, lay.kernels)
+            key = (
+                lay.group, rows, lay.rank, lay.work_dtype, p.dtype, p.device, names, stores, lay.lowering,
+                lay.kernels,
+            )  # fmt: skip
             by_key.setdefault(key, []).append(p)
     out = []
     for key, members in by_key.items():
@@ -192,7 +195,8 @@ def build_groups(layouts: dict[Tensor, Any], grouped: bool) -> tuple[MatrixGroup
         fused = first.lowering == "inductor" and not uses_param(first.program.program)
         out.append(MatrixGroup(
             key[0], tuple(members), transposed, key[1], key[2], key[6], key[3], first.program, first.policy,
-            float(first.settings.scale), float(first.settings.first_moment_beta), key, first.kernels, specs, fused,
+            float(first.settings.scale), float(first.settings.first_moment_beta), key, first.kernels, specs,
+            fused,
         ))  # fmt: skip
     return tuple(out)
 
