@@ -17,15 +17,19 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TypeVar
 
 from coap_lab.cli.demo import model_config_from_args
 from coap_lab.cli.optimizers import EXTERNAL, UnknownOptimizerError, availability
 from coap_lab.cli.report import format_table, metadata, pyplot, save_figure, write_csv, write_json
 from coap_lab.cli.train import RunResult, TrainConfig, load_training_corpus, train_run
 
-__all__ = ["at_edge", "plot_quality", "quality_rows", "run_quality", "tune_lr"]
+__all__ = ["at_edge", "plot_quality", "quality_rows", "run_quality", "tune_grid", "tune_lr"]
+
+R = TypeVar("R")
 
 MIB = 1024**2
 
@@ -119,9 +123,18 @@ def plot_quality(runs: dict[str, list[RunResult]], title: str):
 
 
 def tune_lr(names, model_cfg, corpus, base: TrainConfig, lrs, seed: int, quiet: bool, extend: int = 0):
-    """The learning-rate grid of every optimizer at one seed: ``(grid, best, runs)`` with
-    ``grid[name][lr]`` the final validation loss, ``best[name]`` the lr of the lowest one (ties: the
-    smaller lr) and ``runs[name]`` that run (reused as the first seed of the tuned table).
+    """The learning-rate grid of every optimizer at one seed (:func:`tune_grid` over :func:`train_run`)."""
+
+    def one(n: str, lr: float) -> RunResult:
+        return train_run(n, model_cfg, corpus, replace(base, seed=seed, lr=lr), progress=not quiet)
+
+    return tune_grid(names, one, lrs, extend)
+
+
+def tune_grid(names, run_one: Callable[[str, float], R], lrs, extend: int = 0):
+    """``(grid, best, runs)``: ``grid[name][lr]`` the final validation loss of ``run_one(name, lr)``,
+    ``best[name]`` the lr of the lowest one (ties: the smaller lr) and ``runs[name]`` that run (reused as
+    the first seed of the tuned table).
 
     A run whose loss turns non-finite (:class:`FloatingPointError`) scores ``inf`` (the lr is too large).
     ``extend``: while an optimizer's best lr is the smallest or the largest of its grid, up to ``extend``
@@ -131,11 +144,11 @@ def tune_lr(names, model_cfg, corpus, base: TrainConfig, lrs, seed: int, quiet: 
     lrs = sorted(lrs)
     ratio = lrs[1] / lrs[0] if len(lrs) > 1 else 2.0
     grid: dict[str, dict[float, float]] = {n: {} for n in names}
-    kept: dict[str, dict[float, RunResult]] = {n: {} for n in names}
+    kept: dict[str, dict[float, R]] = {n: {} for n in names}
 
     def run(n: str, lr: float) -> None:
         try:
-            r = train_run(n, model_cfg, corpus, replace(base, seed=seed, lr=lr), progress=not quiet)
+            r = run_one(n, lr)
         except FloatingPointError as exc:
             print(f"note: {n} at lr {lr:g} diverged: {exc}", file=sys.stderr)
             grid[n][lr] = math.inf
