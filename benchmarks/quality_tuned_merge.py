@@ -54,7 +54,11 @@ def merge(folder: Path) -> list[dict[str, object]]:
         name, p = row["optimizer"], payloads[row["optimizer"]]
         grid = {float(k): v for k, v in (p["lr_grid"] or {}).get(name, {}).items()}
         first = FIRST_PASS.get(name, {})
-        grid = {**first, **grid}  # a rerun point (same code and seed) replaces the logged value
+        earlier = folder / f"{name}-pass1" / "quality.json"  # a grid continued past its edge (run8bit.sh)
+        if earlier.exists():
+            first = {**first, **{float(k): v for k, v in
+                                 (json.loads(earlier.read_text())["lr_grid"] or {}).get(name, {}).items()}}
+        grid = {**first, **grid}  # a rerun point (same code and seed) replaces the earlier value
         lr = p["summary"][0].get("lr", p["train_config"]["lr"])
         row["lr"] = lr
         row["tuned"] = name not in NOT_TUNED
