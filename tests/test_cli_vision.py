@@ -174,3 +174,22 @@ def test_defaults_are_documented_values():
     assert Path(VisionConfig().images[0]).name == "grace_hopper.jpg"
     args = parse_demo_argv(["demo", "--task", "vision"], build_parser().__class__)
     assert (args.steps, args.threads, args.model, args.optimizers) == (150, 1, "demo", None)
+
+
+def test_vision_bench_tune_lr_keeps_each_optimizers_best_lr(tmp_path):
+    """``bench vision --tune-lr``: the grid at the first seed, every seed at the chosen lr; coap-official
+    (the official refresh) is on offer and builds with the Tucker convs."""
+    res = tmp_path / "results"
+    argv = ["bench", "vision", *SMOKE, "--steps", "2", "--eval-every", "2", "--seeds", "0,1", "--tune-lr",
+            "--lr-grid", "1e-3,1e-2", "--lr-extend", "0", "--optimizers", "adamw,coap-official",
+            "--results-dir", str(res)]  # fmt: skip
+    assert main(argv) == 0
+    payload = json.loads((res / "vision.json").read_text())
+    rows = _rows(payload["summary"])
+    for name, row in rows.items():
+        losses = payload["lr_grid"][name]
+        assert set(losses) == {"0.001", "0.01"} and row["seeds"] == 2
+        assert row["lr"] == float(min(losses, key=losses.get))
+        seed1 = [r for r in payload["runs"] if r["optimizer"] == name and r["seed"] == 1]
+        assert len(seed1) == 1
+    assert rows["coap-official"]["projected"] == 7 + 6  # Linear weights + Tucker convs, as coap

@@ -14,15 +14,19 @@ Closed forms (:func:`refresh_bytes`), per rank and per refresh of one parameter 
 ======================  =====================================  ==================================
 refresh                 collectives                            bytes per rank
 ======================  =====================================  ==================================
-init / svd (CholQR2)    Gram r×r twice, B = QᵀX r×N            ``s·(2r² + rN)``
-  TSQR after pass 1     Gram r×r, all-gather R r×r, B          ``s·(2r² + rN)``
-  TSQR after pass 2     Gram r×r twice, all-gather R, B        ``s·(3r² + rN)``
+init / svd (CholQR2)    max [|X|, M_k], Gram r×r twice, B r×N  ``s·(2 + 2r² + rN)``
+  TSQR after pass 1     max, Gram r×r, all-gather R r×r, B     ``s·(2 + 2r² + rN)``
+  TSQR after pass 2     max, Gram r×r twice, all-gather R, B   ``s·(2 + 3r² + rN)``
   ``src`` given         + broadcast of P' N×r                  ``+ s·rN``
-correlation, rows       [S_e, Σcos] then ∇P N×r                ``s·(2 + rN)``
-correlation, columns    [S_e, a, ‖M̂_j‖², ‖X_j‖²] then ∇P       ``s·(1 + 3N + rN)``
+correlation, rows       max [|X|, |Mo|], [S_e, Σcos], ∇P N×r   ``s·(4 + rN)``
+correlation, columns    max, [S_e, a, ‖M̂_j‖², ‖X_j‖²], ∇P      ``s·(3 + 3N + rN)``
 naive port              all-gather of X (then local refresh)   ``s·M_local·N`` sent, ``s·M·N`` held
 ======================  =====================================  ==================================
 
+The first collective of every refresh (the correlation *steps*; ``correlation_loss_and_grad`` alone
+skips it), a 2-element all-reduce with ``MAX``, gives every rank the same
+power-of-two rescaling of ``X`` (and ``Mo``) against overflow (issue 19,
+:func:`~coap_compile.distributed.correlation.sharded_overflow_scales`).
 The projected update between refreshes needs no communication in the row-sharded layout, except the
 all-gather of a sharded ``P`` (label ``"p_gather"``, ``s·⌈N/W⌉·r`` per rank and weight:
 :mod:`coap_compile.distributed.basis`).
@@ -50,6 +54,8 @@ __all__ = [
 
 REFRESH_KINDS = ("init", "svd", "correlation")
 FALLBACKS = (None, "tsqr-pass1", "tsqr-pass2")
+#: Elements of the overflow-scale ``MAX`` all-reduce that opens every refresh.
+SCALE_ELEMENTS = 2
 
 
 @dataclass(frozen=True)
@@ -108,13 +114,18 @@ def _record(comm: CommLog | None, op: str, label: str, t: Tensor) -> None:
         comm.records.append(CommRecord(op, label, tuple(t.shape), t.dtype, t.numel() * t.element_size()))
 
 
-def all_reduce(t: Tensor, group: dist.ProcessGroup | None, comm: CommLog | None, label: str) -> Tensor:
-    """Sum ``t`` over ``group`` in place (``t`` must be contiguous) and return it."""
+def all_reduce(
+    t: Tensor, group: dist.ProcessGroup | None, comm: CommLog | None, label: str, *, op: str = "sum"
+) -> Tensor:
+    """Sum (``op="max"``: the elementwise maximum of) ``t`` over ``group`` in place (``t`` must be
+    contiguous) and return it."""
     if not t.is_contiguous():
         raise ValueError(f"all_reduce needs a contiguous tensor, got strides {t.stride()} for {label!r}")
+    if op not in ("sum", "max"):
+        raise ValueError(f"op must be 'sum' or 'max', got op={op!r}")
     if _active(group):
-        _record(comm, "all_reduce", label, t)
-        dist.all_reduce(t, group=group)
+        _record(comm, "all_reduce" if op == "sum" else "all_reduce_max", label, t)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
     return t
 
 
@@ -174,9 +185,9 @@ def refresh_bytes(
                 f"fallback applies to init/svd refreshes, got fallback={fallback!r} for correlation"
             )
         vectors = 1 + 3 * n if transposed else 2
-        return itemsize * (vectors + n * rank + extra)
+        return itemsize * (SCALE_ELEMENTS + vectors + n * rank + extra)
     grams = {None: 2, "tsqr-pass1": 2, "tsqr-pass2": 3}[fallback]
-    return itemsize * (grams * rank * rank + rank * n + extra)
+    return itemsize * (SCALE_ELEMENTS + grams * rank * rank + rank * n + extra)
 
 
 def naive_gather_bytes(m_local: int, m: int, n: int, *, itemsize: int = 4) -> tuple[int, int]:

@@ -47,10 +47,62 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..projection.correlation import CORRELATION_LR, CORRELATION_MAX_NORM, COSINE_EPS, DEFAULT_ANGLE
-from .comm import CommLog, all_reduce, broadcast
+from ..projection.correlation import (
+    CORRELATION_LR,
+    CORRELATION_MAX_NORM,
+    COSINE_EPS,
+    DEFAULT_ANGLE,
+    NORMALIZED_LIMIT,
+)
+from ..projection.linalg import overflow_scale_of
+from .comm import CommLog, all_reduce, broadcast, group_size
 
-__all__ = ["correlation_loss_and_grad", "correlation_step", "normalized_correlation_step"]
+__all__ = [
+    "correlation_loss_and_grad",
+    "correlation_step",
+    "normalized_correlation_step",
+    "sharded_basis_scale",
+    "sharded_overflow_scales",
+]
+
+
+def _amax(t: Tensor) -> float:
+    return float(t.detach().abs().amax()) if t.numel() else 0.0
+
+
+def sharded_overflow_scales(
+    x: Tensor,
+    first_moment: Tensor,
+    *,
+    global_rows: int,
+    dtype: torch.dtype,
+    limit: float | None = None,
+    group: dist.ProcessGroup | None = None,
+    comm: CommLog | None = None,
+) -> tuple[float, float]:
+    """``(s_X, s_Mo)``: the single-process :func:`~coap_compile.projection.linalg.overflow_scale` of the
+    whole ``X`` (``limit``) and ``Mo`` (bound ``NORMALIZED_LIMIT``, as the single-process
+    ``_safe_inputs``) from one 2-element ``MAX`` all-reduce of the shards' ``max|·|``: powers of two,
+    identical on every rank (1 for training-scale inputs, which then run unchanged). Issue 19: a finite
+    1e18 gradient made the sharded ``X P`` and Gram products overflow to inf/NaN."""
+    t = torch.tensor([_amax(x), _amax(first_moment)], dtype=dtype, device=x.device)
+    ax, af = all_reduce(t, group, comm, "scale", op="max").tolist()
+    r = first_moment.shape[1]
+    return (
+        overflow_scale_of(ax, global_rows * x.shape[1], dtype, limit),
+        overflow_scale_of(af, global_rows * r, dtype, NORMALIZED_LIMIT),
+    )
+
+
+def sharded_basis_scale(
+    x: Tensor, dtype: torch.dtype, group: dist.ProcessGroup | None = None, comm: CommLog | None = None
+) -> float:
+    """The power of two ``X`` is divided by before the sharded low-cost SVD: one 2-element ``MAX``
+    all-reduce of ``[max|X_k|, M_k]``; ``M ≤ W·max M_k`` bounds the global size (a larger bound only
+    picks a larger power of two, which changes no mantissa)."""
+    t = torch.tensor([_amax(x), float(x.shape[0])], dtype=dtype, device=x.device)
+    ax, rows = all_reduce(t, group, comm, "scale", op="max").tolist()
+    return overflow_scale_of(ax, int(group_size(group) * rows) * x.shape[1], dtype)
 
 
 def _check(p: Tensor, x: Tensor, mo: Tensor, global_rows: int) -> None:
@@ -69,6 +121,10 @@ def _check(p: Tensor, x: Tensor, mo: Tensor, global_rows: int) -> None:
         raise ValueError(
             f"global_rows must be an int >= the local row count {x.shape[0]} (and >= 1), got {global_rows!r}"
         )
+
+
+def _rescaled(t: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    return t if scale == 1.0 else t.detach().to(dtype) / scale
 
 
 def _inverse_norm_weights(a: Tensor, n1: Tensor, n2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -154,13 +210,22 @@ def correlation_step(
 
     Arguments as :func:`correlation_loss_and_grad`; ``src``: broadcast the result from that group rank.
     """
+    _check(p, x, first_moment, global_rows)
+    sx, sf = sharded_overflow_scales(
+        x, first_moment, global_rows=global_rows, dtype=p.dtype, group=group, comm=comm
+    )
+    x, first_moment = _rescaled(x, sx, p.dtype), _rescaled(first_moment, sf, p.dtype)
     _, grad = correlation_loss_and_grad(
         p, x, first_moment, global_rows=global_rows, transposed=transposed, group=group, comm=comm
     )
-    coef = max_norm / (float(grad.norm()) + 1e-6)
-    if coef < 1.0:
-        grad = grad * coef
-    new_p = (p.detach() - lr * grad).contiguous()
+    if sx != 1.0:  # ∇L(X) = s²·∇L(X / s): clip the true gradient, in float64 scalars (single-process rule)
+        true_norm = sx * sx * float(grad.double().norm())
+        new_p = (p.detach() - (lr * sx * sx * min(1.0, max_norm / (true_norm + 1e-6))) * grad).contiguous()
+    else:
+        coef = max_norm / (float(grad.norm()) + 1e-6)
+        if coef < 1.0:
+            grad = grad * coef
+        new_p = (p.detach() - lr * grad).contiguous()
     if src is not None:
         broadcast(new_p, src, group, comm, "p")
     return new_p
@@ -189,6 +254,12 @@ def normalized_correlation_step(
     p = p.detach()
     if p.shape[1] >= p.shape[0]:
         return p.clone()
+    _check(p, x, first_moment, global_rows)
+    scales = sharded_overflow_scales(
+        x, first_moment, global_rows=global_rows, dtype=p.dtype, limit=NORMALIZED_LIMIT, group=group,
+        comm=comm,
+    )  # the step is invariant to the scale of ∇L: nothing to undo
+    x, first_moment = (_rescaled(t, sc, p.dtype) for t, sc in zip((x, first_moment), scales))
     _, grad = correlation_loss_and_grad(
         p, x, first_moment, global_rows=global_rows, transposed=transposed, group=group, comm=comm
     )

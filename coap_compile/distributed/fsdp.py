@@ -91,7 +91,8 @@ gathered ``n×r`` is the transient). LLaMA-1B whole model, fp32: COAP / torch Ad
 ``W < 2m(n − r)/(n r)`` (:mod:`.linalg`; per decoder layer at ``r = 512``: 45.0 vs 48.0 MiB at W=8).
 
 Bytes per refresh (:func:`~coap_compile.distributed.refresh_bytes`, fp32, per rank and weight):
-init/SVD ``4(2r² + rN)``, correlation ``4(2 + rN)``; between refreshes nothing. LLaMA-1B, r=512,
+init/SVD ``4(2 + 2r² + rN)``, correlation ``4(4 + rN)`` (2 elements of each: the overflow scale's ``MAX``
+all-reduce); between refreshes nothing. LLaMA-1B, r=512,
 W=8: a 2048×2048 weight 6.0 / 4.0 MiB (the naive port all-gathers ``X``: 2.0 MiB sent, 14.0 MiB
 received, a 16.0 MiB ``M×N`` copy held), the wide 2048×5461 down-projection 12.7 / 10.7 MiB (naive:
 5.3 sent, 37.3 received, 42.7 held). At ``r/m = 1/4`` the volume is of the naive port's order; what
@@ -114,7 +115,7 @@ from ..projection.linalg import OMEGA_SEED, draw_omega
 from ..storage import is_replicated_key
 from .comm import CommLog, all_reduce
 from .correlation import correlation_step, normalized_correlation_step
-from .linalg import orthogonal_basis
+from .linalg import orthogonal_basis_sv
 
 __all__ = [
     "ShardComm",
@@ -335,9 +336,17 @@ class ShardComm(Comm):
         self.spec, self.log = spec, log
 
     def basis(self, x: Tensor, rank: int, *, omega: Tensor | None = None, seed: int = OMEGA_SEED) -> Tensor:
+        return self.basis_sv(x, rank, omega=omega, seed=seed)[0]
+
+    def basis_sv(
+        self, x: Tensor, rank: int, *, omega: Tensor | None = None, seed: int = OMEGA_SEED
+    ) -> tuple[Tensor, Tensor]:
         if omega is None:
             omega = draw_omega(x.shape[1], rank, seed, x.device)
-        return orthogonal_basis(x, rank, omega=omega, group=self.spec.group, comm=self.log)
+        return orthogonal_basis_sv(x, rank, omega=omega, group=self.spec.group, comm=self.log)
+
+    def global_shape(self, x: Tensor) -> tuple[int, int]:
+        return self.spec.rows, int(x.shape[1])
 
     def correlation_step(
         self, p: Tensor, x: Tensor, m: Tensor, *, transposed: bool, angle: float | None

@@ -94,7 +94,12 @@ from ..projection.linalg import (  # the basis conventions live with the single-
     work_dtype,
 )
 from .comm import CommLog, all_gather, all_reduce, broadcast, group_rank, group_size
-from .correlation import correlation_loss_and_grad, correlation_step, normalized_correlation_step
+from .correlation import (
+    correlation_loss_and_grad,
+    correlation_step,
+    normalized_correlation_step,
+    sharded_basis_scale,
+)
 
 __all__ = [
     "ORTHOGONALITY_TOLERANCE",
@@ -107,6 +112,7 @@ __all__ = [
     "draw_omega",
     "normalized_correlation_step",
     "orthogonal_basis",
+    "orthogonal_basis_sv",
 ]
 
 #: Largest ``‖Q₁ᵀQ₁ − I‖_F`` after CholeskyQR's first pass for which the second pass is trusted.
@@ -179,8 +185,27 @@ def orthogonal_basis(
         comm: records the collectives (bytes) and the QR path taken.
         src: if given, the group rank whose ``P'`` is broadcast to all (see the module docstring).
 
-    Same dtype rule as the single-process version: float64 for float64 ``x``, else float32.
+    Same dtype rule as the single-process version: float64 for float64 ``x``, else float32. An ``X``
+    whose products could overflow is divided by a power of two first (:func:`sharded_basis_scale`, the
+    first collective; ``P'`` is invariant to it).
     """
+    return orthogonal_basis_sv(x, rank, omega, seed, group=group, comm=comm, src=src, broadcast_sv=False)[0]
+
+
+def orthogonal_basis_sv(
+    x: Tensor,
+    rank: int,
+    omega: Tensor | None = None,
+    seed: int = OMEGA_SEED,
+    *,
+    group: dist.ProcessGroup | None = None,
+    comm: CommLog | None = None,
+    src: int | None = None,
+    broadcast_sv: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """:func:`orthogonal_basis` and the singular values of ``B`` (descending, ``P'``'s column order, scaled
+    back; replicated as ``B`` is): they decide the null directions
+    (:func:`~coap_compile.projection.linalg.null_columns`). With ``src`` they are broadcast with ``P'``."""
     rank = check_positive_int("rank", rank)
     if x.ndim != 2:
         raise ValueError(f"x must be a 2-D M_local×N matrix, got shape {tuple(x.shape)}")
@@ -188,17 +213,23 @@ def orthogonal_basis(
     if rank > n:
         raise ValueError(f"rank must be in [1, {n}] for a matrix with N={n} columns, got rank={rank}")
     dtype = work_dtype(x)
-    a = x.to(dtype)
     if omega is None:
         omega = draw_omega(n, rank, seed, x.device)
     if tuple(omega.shape) != (n, rank):
         raise ValueError(f"omega must have shape {(n, rank)}, got {tuple(omega.shape)}")
+    a = x.to(dtype)
+    s = sharded_basis_scale(a, dtype, group, comm)
+    if s != 1.0:
+        a = a / s
     q = cholesky_qr(a @ omega.to(dtype), group=group, comm=comm)
     b = all_reduce((q.mT @ a).contiguous(), group, comm, "b")
-    p = torch.linalg.svd(b, full_matrices=False).Vh.mT.contiguous()
+    _, sv, vh = torch.linalg.svd(b, full_matrices=False)
+    p = vh.mT.contiguous()
     if src is not None:
         broadcast(p, src, group, comm, "p")
-    return p
+        if broadcast_sv:
+            broadcast(sv, src, group, comm, "sv")
+    return p, sv * s
 
 
 def assert_replicated(t: Tensor, *, group: dist.ProcessGroup | None = None, name: str = "tensor") -> None:

@@ -98,13 +98,14 @@ class Comm:
     def basis_sv(
         self, x: Tensor, rank: int, *, omega: Tensor | None = None, seed: int = OMEGA_SEED
     ) -> tuple[Tensor, Tensor | None]:
-        """:meth:`basis` and its singular values (for the null directions,
-        :func:`~.linalg.null_columns`), or None where they are not computed: the rows side (FSDP2's
-        sharded range finder and its single-process reference :data:`ROWS`, kept equal) does not drop
-        null directions yet."""
-        if self.sharded or self.aligned:
-            return self.basis(x, rank, omega=omega, seed=seed), None
+        """:meth:`basis` and its singular values (for the null directions, :func:`~.linalg.null_columns`,
+        judged against :meth:`global_shape`). A sharded subclass overrides both (FSDP2's
+        :class:`~coap_compile.distributed.fsdp.ShardComm`: the same values from its sharded ``B``)."""
         return orthogonal_basis_sv(x, rank, omega=omega, seed=seed)
+
+    def global_shape(self, x: Tensor) -> tuple[int, int]:
+        """The ``M×N`` of the whole ``X`` whose rows ``x`` holds (here: all of them)."""
+        return int(x.shape[0]), int(x.shape[1])
 
     def correlation_step(
         self, p: Tensor, x: Tensor, m: Tensor, *, transposed: bool, angle: float | None

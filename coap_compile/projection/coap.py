@@ -81,8 +81,9 @@ training quality on the demo LM (``bench quality --tune-lr`` with ``coap``, ``co
 ``coap-official``; the demo LM ran at 7.6 s/step on the shared 2-core CPU where this was decided).
 
 **Null directions** (:func:`~.linalg.drop_null`): at the init and every SVD refresh, columns whose singular
-value is ``≤ ε·σ₁·max(M, N)`` are zeroed (not with ``"official"``, nor on the rows side, whose sharded range
-finder returns no singular values); correlation steps move the live columns only, so the null ones stay
+value is ``≤ ε·σ₁·max(M, N)`` are zeroed (not with ``"official"``), on every side: the rows side and FSDP2's
+row shard judge the singular values of their (sharded) ``B`` against the whole ``X``'s ``M×N``
+(:meth:`~.base.Comm.global_shape`); correlation steps move the live columns only, so the null ones stay
 zero until the next SVD refresh recomputes them from the gradient.
 """
 
@@ -206,7 +207,7 @@ class CoapPolicy(ProjectionPolicy):
         p, sv = comm.basis_sv(x, rank, seed=self.seed)
         if self.basis_rule != "official" or comm.aligned:
             p = align_signs(p, draw_omega(x.shape[1], rank, self.seed, x.device)).contiguous()
-        return {"proj": self._drop_null(p, sv, x.shape)}
+        return {"proj": self._drop_null(p, sv, comm.global_shape(x))}
 
     def _drop_null(self, p: Tensor, sv: Tensor | None, shape) -> Tensor:
         return p if self.basis_rule == "official" else drop_null(p, sv, shape)
@@ -247,7 +248,7 @@ class CoapPolicy(ProjectionPolicy):
             p.copy_(self.init_state(x, p.shape[1], comm)["proj"])
         elif kind == "svd":
             new, sv = comm.basis_sv(x, p.shape[1], omega=p)
-            p.copy_(orient(self._drop_null(new, sv, x.shape), p, self.orientation(comm)))
+            p.copy_(orient(self._drop_null(new, sv, comm.global_shape(x)), p, self.orientation(comm)))
         else:
             if first_moment is None:
                 raise ValueError(

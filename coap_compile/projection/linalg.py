@@ -24,6 +24,7 @@ __all__ = [
     "orient",
     "orthogonal_basis_sv",
     "overflow_scale",
+    "overflow_scale_of",
     "top_right_singular_vectors_sv",
     "check_positive_int",
     "draw_omega",
@@ -166,9 +167,15 @@ def overflow_scale(x: Tensor, limit: float | None = None) -> float:
     """
     if x.numel() == 0:
         return 1.0
+    return overflow_scale_of(float(x.detach().abs().amax()), x.numel(), work_dtype(x), limit)
+
+
+def overflow_scale_of(amax: float, numel: int, dtype: torch.dtype, limit: float | None = None) -> float:
+    """:func:`overflow_scale` from ``max|X|`` and the element count (a row-sharded ``X``'s all-reduced
+    maximum and its global size, :mod:`coap_compile.distributed.correlation`); ``dtype`` the working dtype."""
     if limit is None:
-        limit = math.sqrt(torch.finfo(work_dtype(x)).max) / 2.0**8
-    amax = float(x.detach().abs().amax()) * math.sqrt(x.numel())
+        limit = math.sqrt(torch.finfo(dtype).max) / 2.0**8
+    amax = amax * math.sqrt(numel)
     if not math.isfinite(amax) or amax <= limit:
         return 1.0
     return 2.0 ** math.ceil(math.log2(amax / limit))

@@ -21,12 +21,23 @@ __all__ = [
     "_ratio",
     "_seed",
     "_lr_grid",
+    "_non_negative_int",
     "_seeds",
     "name_list",
 ]
 
 DEVICES = "cpu, cuda, cuda:N"
 _positive_int = positive_int
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
 
 
 def _ratio(text: str) -> float:

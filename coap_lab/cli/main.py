@@ -25,6 +25,7 @@ from coap_lab.cli.argtypes import (
     _device,
     _lr_grid,
     _names,
+    _non_negative_int,
     _overhead_cases,
     _positive_float,
     _positive_int,
@@ -167,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--lr-grid", type=_lr_grid, default=[1e-3, 3e-3, 1e-2], help="with --tune-lr (default 1e-3,3e-3,1e-2)"
+    )
+    q.add_argument(
+        "--lr-extend",
+        type=_non_negative_int,
+        default=2,
+        help="with --tune-lr: while an optimizer's best lr is at an edge of its grid, run up to this many "
+        "more points beyond that edge, one grid step each (default %(default)s)",
     )
     q.add_argument("--results-dir", default=RESULTS_DIR, help=RESULTS_HELP)
 

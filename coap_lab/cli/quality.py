@@ -13,18 +13,23 @@ selection uses the same validation split the table reports (a small demo; say so
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TypeVar
 
 from coap_lab.cli.demo import model_config_from_args
 from coap_lab.cli.optimizers import EXTERNAL, UnknownOptimizerError, availability
 from coap_lab.cli.report import format_table, metadata, pyplot, save_figure, write_csv, write_json
 from coap_lab.cli.train import RunResult, TrainConfig, load_training_corpus, train_run
 
-__all__ = ["plot_quality", "quality_rows", "run_quality", "tune_lr"]
+__all__ = ["at_edge", "plot_quality", "quality_rows", "run_quality", "tune_grid", "tune_lr"]
+
+R = TypeVar("R")
 
 MIB = 1024**2
 
@@ -117,18 +122,65 @@ def plot_quality(runs: dict[str, list[RunResult]], title: str):
     return fig
 
 
-def tune_lr(names, model_cfg, corpus, base: TrainConfig, lrs, seed: int, quiet: bool):
-    """The learning-rate grid of every optimizer at one seed: ``(grid, best, runs)`` with
-    ``grid[name][lr]`` the final validation loss, ``best[name]`` the lr of the lowest one (ties: the
-    smaller lr) and ``runs[name]`` that run (reused as the first seed of the tuned table)."""
+def tune_lr(names, model_cfg, corpus, base: TrainConfig, lrs, seed: int, quiet: bool, extend: int = 0):
+    """The learning-rate grid of every optimizer at one seed (:func:`tune_grid` over :func:`train_run`)."""
+
+    def one(n: str, lr: float) -> RunResult:
+        return train_run(n, model_cfg, corpus, replace(base, seed=seed, lr=lr), progress=not quiet)
+
+    return tune_grid(names, one, lrs, extend)
+
+
+def tune_grid(names, run_one: Callable[[str, float], R], lrs, extend: int = 0):
+    """``(grid, best, runs)``: ``grid[name][lr]`` the final validation loss of ``run_one(name, lr)``,
+    ``best[name]`` the lr of the lowest one (ties: the smaller lr) and ``runs[name]`` that run (reused as
+    the first seed of the tuned table).
+
+    A run whose loss turns non-finite (:class:`FloatingPointError`) scores ``inf`` (the lr is too large).
+    ``extend``: while an optimizer's best lr is the smallest or the largest of its grid, up to ``extend``
+    more points are run beyond that edge, one grid step (the ratio of the two smallest grid lrs) at a
+    time, so the chosen lr is bracketed by worse ones (a best still at an edge after that is reported as
+    such by :func:`at_edge`)."""
+    lrs = sorted(lrs)
+    ratio = lrs[1] / lrs[0] if len(lrs) > 1 else 2.0
     grid: dict[str, dict[float, float]] = {n: {} for n in names}
-    kept: dict[str, dict[float, RunResult]] = {n: {} for n in names}
+    kept: dict[str, dict[float, R]] = {n: {} for n in names}
+
+    def run(n: str, lr: float) -> None:
+        try:
+            r = run_one(n, lr)
+        except FloatingPointError as exc:
+            print(f"note: {n} at lr {lr:g} diverged: {exc}", file=sys.stderr)
+            grid[n][lr] = math.inf
+            return
+        grid[n][lr], kept[n][lr] = r.final_val_loss, r
+
+    def best_of(n: str) -> float:
+        return min(grid[n], key=lambda lr: (grid[n][lr], lr))
+
     for n in names:
         for lr in lrs:
-            r = train_run(n, model_cfg, corpus, replace(base, seed=seed, lr=lr), progress=not quiet)
-            grid[n][lr], kept[n][lr] = r.final_val_loss, r
-    best = {n: min(grid[n], key=lambda lr, n=n: (grid[n][lr], lr)) for n in names}
+            run(n, lr)
+        for _ in range(extend):
+            b, points = best_of(n), sorted(grid[n])
+            if not math.isfinite(grid[n][b]):
+                break
+            if b == points[0]:
+                run(n, b / ratio)
+            elif b == points[-1]:
+                run(n, b * ratio)
+            else:
+                break
+        grid[n] = dict(sorted(grid[n].items()))
+        if not math.isfinite(grid[n][best_of(n)]):
+            raise FloatingPointError(f"{n}: every lr of the grid {sorted(grid[n])} diverged")
+    best = {n: best_of(n) for n in names}
     return grid, best, {n: kept[n][best[n]] for n in names}
+
+
+def at_edge(losses: dict[float, float], lr: float) -> bool:
+    """Whether ``lr`` is the smallest or the largest point of its grid (the optimum is not bracketed)."""
+    return lr in (min(losses), max(losses))
 
 
 def run_quality(args: argparse.Namespace) -> int:
@@ -164,7 +216,9 @@ def run_quality(args: argparse.Namespace) -> int:
     runs: dict[str, list[RunResult]] = {n: [] for n in names}
     if getattr(args, "tune_lr", False):
         lrs, seed0 = args.lr_grid, args.seeds[0]
-        grid, best_lr, first = tune_lr(names, model_cfg, corpus, base, lrs, seed0, args.quiet)
+        grid, best_lr, first = tune_lr(
+            names, model_cfg, corpus, base, lrs, seed0, args.quiet, extend=getattr(args, "lr_extend", 0)
+        )
         for n in names:
             runs[n].append(first[n])
     for seed in args.seeds[1:] if grid else args.seeds:
@@ -177,6 +231,7 @@ def run_quality(args: argparse.Namespace) -> int:
         for row in rows:
             row["lr"] = best_lr[row["optimizer"]]
             row["grid"] = " ".join(f"{lr:g}:{v:.4f}" for lr, v in grid[row["optimizer"]].items())
+            row["lr_at_edge"] = at_edge(grid[row["optimizer"]], row["lr"])
     print(format_table(rows, [(k, k) for k in rows[0]]))
     meta["finished_utc"] = metadata(base.device)["timestamp_utc"]
     out = Path(args.results_dir)

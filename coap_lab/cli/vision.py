@@ -35,6 +35,7 @@ from coap_lab.cli.checks import RESULTS_DIR, RESULTS_HELP, check_device, check_f
 from coap_lab.cli.report import format_table, metadata, pyplot, save_figure, write_csv, write_json
 from coap_lab.cli.vision_train import (
     MODEL_CONFIGS,
+    VISION_DEFAULT,
     VISION_OPTIMIZERS,
     VisionConfig,
     VisionRun,
@@ -118,7 +119,8 @@ def add_vision_args(p: argparse.ArgumentParser, *, bench: bool) -> None:
     p.add_argument("--images", type=_images, default=SAMPLE_IMAGES, help="comma-separated sample-data files")
     p.add_argument("--image-root", help="folder to read --images from (default: matplotlib's sample data)")
     p.add_argument("--optimizers", type=argtypes.name_list(VISION_OPTIMIZERS), default=None,
-                   help=f"comma-separated from {','.join(VISION_OPTIMIZERS)} (default: all available"
+                   help=f"comma-separated from {','.join(VISION_OPTIMIZERS)} "
+                   f"(default: {','.join(VISION_DEFAULT)}"
                    f"{'' if bench else '; demo: adamw,coap'})")  # fmt: skip
     p.add_argument(
         "--device", type=argtypes._device, default="cpu", help="cpu, cuda or cuda:N (default %(default)s)"
@@ -132,6 +134,13 @@ def add_vision_args(p: argparse.ArgumentParser, *, bench: bool) -> None:
             "--seeds", type=argtypes._seeds, default=[0, 1, 2], help="comma-separated (default 0,1,2)"
         )
         p.add_argument("--results-dir", default=RESULTS_DIR, help=RESULTS_HELP)
+        p.add_argument("--tune-lr", action="store_true",
+                       help="per optimizer: run --lr-grid at the first seed, keep the lr of the lowest final "
+                       "validation loss, run every seed at it (as bench quality --tune-lr)")  # fmt: skip
+        p.add_argument("--lr-grid", type=argtypes._lr_grid, default=[1e-3, 3e-3, 1e-2],
+                       help="with --tune-lr (default 1e-3,3e-3,1e-2)")  # fmt: skip
+        p.add_argument("--lr-extend", type=argtypes._non_negative_int, default=2,
+                       help="with --tune-lr: grid points added beyond an edge holding the best (default 2)")
     else:
         p.add_argument("--seed", type=argtypes._seed, default=0, help="model init and data order (default 0)")
         p.add_argument("--out", default="out/demo-vision", help="output folder (default %(default)s)")
@@ -193,7 +202,7 @@ def validate_args(args: argparse.Namespace, fail) -> None:
         args.optimizers_default = True
         demo = ["adamw", "coap" if avail["coap"] is None else "coap-adafactor"]
         args.optimizers = (
-            [n for n in VISION_OPTIMIZERS if avail[n] is None] if args.command == "bench" else demo
+            [n for n in VISION_DEFAULT if avail[n] is None] if args.command == "bench" else demo
         )
     for n in args.optimizers:
         if avail[n] is not None:
@@ -353,12 +362,30 @@ def run_bench(args: argparse.Namespace) -> int:
     data = load_vision_data(cfg)
     print(_header(cfg, data, args.optimizers) + f"; seeds {list(args.seeds)}", file=sys.stderr)
     runs: dict[str, list[VisionRun]] = {n: [] for n in args.optimizers}
-    for seed in args.seeds:
+    grid: dict[str, dict[float, float]] = {}
+    best_lr = {n: cfg.lr for n in args.optimizers}
+    if args.tune_lr:
+        from coap_lab.cli.quality import at_edge, tune_grid
+
+        def one(n: str, lr: float) -> VisionRun:
+            c = replace(cfg, seed=args.seeds[0], lr=lr)
+            return train_vision_run(n, data, c, progress=not args.quiet)
+
+        grid, best_lr, first = tune_grid(args.optimizers, one, args.lr_grid, args.lr_extend)
         for n in args.optimizers:
-            runs[n].append(train_vision_run(n, data, replace(cfg, seed=seed), progress=not args.quiet))
+            runs[n].append(first[n])
+    for seed in args.seeds[1:] if grid else args.seeds:
+        for n in args.optimizers:
+            c = replace(cfg, seed=seed, lr=best_lr[n])
+            runs[n].append(train_vision_run(n, data, c, progress=not args.quiet))
     wall = time.perf_counter() - t0
     rows = summary_rows(runs)
-    print(format_table(rows, COLUMNS))
+    for row in rows if grid else ():
+        g = grid[row["optimizer"]]
+        row["lr"] = best_lr[row["optimizer"]]
+        row["grid"] = " ".join(f"{lr:g}:{v:.5f}" for lr, v in g.items())
+        row["lr_at_edge"] = at_edge(g, row["lr"])
+    print(format_table(rows, COLUMNS + ([("lr", "lr"), ("lr_at_edge", "at edge")] if grid else [])))
     note = _mismatch_note(rows)
     if note:
         print(note)
@@ -366,6 +393,8 @@ def run_bench(args: argparse.Namespace) -> int:
     title = f"vision: UNet '{cfg.model}', {cfg.steps} steps, seeds {list(args.seeds)}"
     save_figure(plot_vision(runs, title), out / "vision.png")
     write_csv(out / "vision.csv", rows, meta)
-    write_json(out / "vision.json", _payload(meta, cfg, data, rows, runs, wall))
+    payload = _payload(meta, cfg, data, rows, runs, wall)
+    payload["lr_grid"] = {n: {f"{lr:g}": v for lr, v in g.items()} for n, g in grid.items()} or None
+    write_json(out / "vision.json", payload)
     print(f"wrote {out / 'vision.csv'}, {out / 'vision.json'}, {out / 'vision.png'} ({wall:.0f} s)")
     return 0

@@ -7,7 +7,7 @@ the same weights (``build_unet(cfg, seed=seed)``) and sees the same batches, tim
 schedule; validation uses fixed ``t`` and noise per patch (generator seed 12345), so every optimizer
 and every evaluation sees the same validation problem. Only the optimizer differs.
 
-Optimizers (:data:`VISION_OPTIMIZERS`), one shared ``lr`` (not tuned per optimizer):
+Optimizers (:data:`VISION_OPTIMIZERS`), one shared ``lr`` (``bench vision --tune-lr``: each its own):
 
 * ``adamw``: ``torch.optim.AdamW``;
 * ``coap``: COAP-AdamW, ``optimize(model, AdamW, rank_ratio=ρ, conv_rank_ratio=ρ_c)``: the Linear
@@ -17,7 +17,9 @@ Optimizers (:data:`VISION_OPTIMIZERS`), one shared ``lr`` (not tuned per optimiz
   which has no first moment, so COAP keeps ``coap_exp_avg`` and saves nothing on the factored states),
   with ``conv_rank_ratio`` when this build's ``optimize`` has it;
 * ``galore``: the GaLore policy over AdamW (SVD refresh every ``update_interval``), matrices only;
-* ``adafactor``: the full-rank base of ``coap-adafactor``.
+* ``adafactor``: the full-rank base of ``coap-adafactor``;
+* ``coap-official``: ``coap`` with ``basis="official"`` (LAPACK's signs at every refresh, null directions
+  kept: the official code's refresh, issue 19), on request only (not in :data:`VISION_DEFAULT`).
 
 ``scale_parameter=False`` makes Adafactor's step size ``lr`` itself (its update RMS is clipped to
 ``clip_threshold = 1``), comparable with AdamW's at the shared ``lr``.
@@ -54,6 +56,7 @@ from coap_lab.models import (
 
 __all__ = [
     "MODEL_CONFIGS",
+    "VISION_DEFAULT",
     "VISION_OPTIMIZERS",
     "VisionConfig",
     "VisionRun",
@@ -66,7 +69,9 @@ __all__ = [
     "vision_availability",
 ]
 
-VISION_OPTIMIZERS = ("adamw", "coap", "coap-adafactor", "galore", "adafactor")
+VISION_OPTIMIZERS = ("adamw", "coap", "coap-adafactor", "galore", "adafactor", "coap-official")
+#: ``bench vision`` without ``--optimizers``.
+VISION_DEFAULT = VISION_OPTIMIZERS[:5]
 MODEL_CONFIGS = {"smoke": smoke_unet_config, "demo": demo_unet_config, "default": UNetConfig}
 _VAL_SEED = 12345
 
@@ -135,8 +140,9 @@ def build_vision_optimizer(name: str, model: nn.Module, cfg: VisionConfig) -> to
     conv = {"conv_rank_ratio": cfg.conv_rank_ratio}
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), **adamw)
-    if name == "coap":
-        return coap_compile.optimize(model, torch.optim.AdamW, **low_rank, **conv, **adamw)
+    if name in ("coap", "coap-official"):
+        basis = {"basis": "official"} if name == "coap-official" else {}
+        return coap_compile.optimize(model, torch.optim.AdamW, **low_rank, **conv, **basis, **adamw)
     if name == "galore":
         return coap_compile.optimize(model, torch.optim.AdamW, projection="galore", **low_rank, **adamw)
     cls, kw, _ = adafactor_base(cfg.lr)
