@@ -31,8 +31,9 @@ stochastic-rounding stream of its states.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -75,9 +76,14 @@ class StateSpec:
     kinds: Mapping[str, str]
     shapes: Mapping[str, tuple[int, ...]]
     seed: int
+    #: the states laid out by the weight's rows (row-sharded under FSDP2; the others are replicated,
+    #: e.g. Adafactor's column factor) and, when sharded, the global row-major index of each one's first
+    #: local element (its stochastic-rounding index, :class:`~.precision.StateIO`).
+    row_names: tuple[str, ...] = ()
+    offsets: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     def io(self, state: Any) -> StateIO:
-        return StateIO(state, self.storages, self.kinds, self.seed, self.shapes)
+        return StateIO(state, self.storages, self.kinds, self.seed, self.shapes, self.offsets)
 
     @property
     def all_fp32(self) -> bool:
@@ -203,12 +209,32 @@ def full_program(base: type, hyper: dict, dtype: torch.dtype, ndim: int) -> Comp
         return capture(base, hyper, dtype=dtype, ndim=ndim)
 
 
-def _spec(prec: Precision, names, kinds: dict, shapes: dict, seed: int, where: str) -> StateSpec:
-    storages = {n: state_storage(prec, n, shapes[n], kinds.get(n, "other"), where) for n in names}
+def _spec(
+    prec: Precision, names, kinds: dict, shapes: dict, seed: int, where: str,
+    row_names=(), shard: fsdp.ShardSpec | None = None,
+) -> StateSpec:  # fmt: skip
+    """The states' storages; a row state of a sharded weight is sized (int8's small-state rule) by its
+    global shape and rounds with its global element indices (``shard``'s row offset)."""
+    row_names = tuple(n for n in names if n in row_names)
+    glob, offsets = {}, {}
+    for n in names:
+        shape = tuple(shapes[n])
+        glob[n] = shape
+        if shard is not None and n in row_names:
+            glob[n] = (shard.rows, *shape[1:])
+            offsets[n] = shard.row_offset * math.prod(shape[1:])
+    storages = {n: state_storage(prec, n, shapes[n], kinds.get(n, "other"), where, glob[n]) for n in names}
     return StateSpec(
         MappingProxyType(storages), MappingProxyType(dict(kinds)),
-        MappingProxyType({n: tuple(shapes[n]) for n in names}), seed,
+        MappingProxyType({n: tuple(shapes[n]) for n in names}), seed, row_names,
+        MappingProxyType({n: o for n, o in offsets.items() if o}),
     )  # fmt: skip
+
+
+def _row_states(shapes: dict, other: dict) -> tuple[str, ...]:
+    """The states whose leading dim follows the weight's rows: those whose shape changes when the rows
+    do (``other``: the same program's states at one row more), not a guess from sizes."""
+    return tuple(n for n, s in shapes.items() if s and tuple(other.get(n, s))[:1] != tuple(s)[:1])
 
 
 def check_fsdp(lay: ParamLayout, base: type) -> None:
@@ -331,7 +357,9 @@ def _matrix(
     inits = program.init_lowrank_states(rows, rank, prec.work_dtype, "meta")
     shapes = {n: tuple(t.shape) for n, t in inits.items()}
     shapes[EMA_KEY] = (rows, rank)
-    states = _spec(prec, names, kinds, shapes, ctx.common["seed"], ctx.where)
+    more = program.init_lowrank_states(rows + 1, rank, prec.work_dtype, "meta")
+    row_names = (*_row_states(shapes, {n: tuple(t.shape) for n, t in more.items()}), EMA_KEY)
+    states = _spec(prec, names, kinds, shapes, ctx.common["seed"], ctx.where, row_names, shard)
     return ParamLayout(
         **ctx.common, kind=Kind.MATRIX, rank=rank, transposed=transposed, rows_side=rows_side, policy=policy,
         program=program, states=states, shard=shard, kernels=kernels, ndim=2,
@@ -352,13 +380,16 @@ def _full_rank(ctx: _Context, reason: str, stateless: CompiledBase | None = None
     kinds = dict(program.program.state_kinds) if isinstance(program, CompiledBase) else {}
     like = torch.empty(p.shape, dtype=captured.dtype, device="meta")
     shapes = {n: tuple(t.shape) for n, t in init_states(captured, like).items()}
+    more = torch.empty((p.shape[0] + 1, *p.shape[1:]) if p.ndim else (), dtype=captured.dtype, device="meta")
+    row_names = _row_states(shapes, {n: tuple(t.shape) for n, t in init_states(captured, more).items()})
     shard = None
     if fsdp.is_dtensor(p):  # its own update on the local shard: only if elementwise
         prog = program.program if isinstance(program, CompiledBase) else None
         fsdp.check_sharded(ctx.where, policy=None, tucker=False, states=prec.states,
                            shard_local=_shard_local(prog), base=ctx.base.__name__)  # fmt: skip
         shard = fsdp.shard_spec(p, ctx.where, matrix=False)
-    states = _spec(prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where)
+    states = _spec(  # (a full-rank spec's shapes are the global ones)
+        prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where, row_names, shard)
     return ParamLayout(
         **ctx.common, kind=Kind.DERIVED, program=program, ndim=p.ndim, states=states, shard=shard,
         reason=reason,

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from ..storage import FP32Storage, StateStorage, get_storage, stored_precision
 from ..storage.base import numel
+from ..storage.int8 import DEFAULT_BLOCKS
 
 __all__ = [
     "PRECISION_KEYS",
@@ -55,7 +56,7 @@ __all__ = [
     "state_storage",
 ]
 
-PRECISION_KEYS = ("state_precision", "projection_precision", "quant_block_size")
+PRECISION_KEYS = ("state_precision", "projection_precision", "quant_block_size", "quant_blocks")
 #: int8 keeps smaller tensors in float32 (their scales would cost as much as they save).
 INT8_MIN_NUMEL = 4096
 
@@ -68,6 +69,7 @@ class Precision:
     proj_dtype: torch.dtype
     block: int
     work_dtype: torch.dtype  # float64 for float64 weights, float32 otherwise
+    blocks: str = DEFAULT_BLOCKS  # int8 block shape (``quant_blocks``)
 
 
 def resolve_precision(settings, p: Tensor) -> Precision:
@@ -80,40 +82,55 @@ def resolve_precision(settings, p: Tensor) -> Precision:
     if proj == "auto":
         proj = "bf16" if p.dtype in (torch.bfloat16, torch.float16) else "fp32"
     proj_dtype = work if proj == "fp32" else torch.bfloat16
-    return Precision(states, proj_dtype, settings.quant_block_size, work)
+    return Precision(states, proj_dtype, settings.quant_block_size, work, settings.quant_blocks)
+
+
+#: ``min_numel`` of an int8 storage that keeps every state float32 (a small state by its global shape).
+_KEEP_FP32 = 1 << 62
 
 
 @functools.cache
-def _storage(name: str, block: int, dtype: torch.dtype) -> StateStorage:
+def _storage(
+    name: str, block: int, dtype: torch.dtype, blocks: str = DEFAULT_BLOCKS, small: bool = False
+) -> StateStorage:
     if name == "fp32":
         return FP32Storage(dtype)
-    if name == "int8":
-        return get_storage("int8", quant_block_size=block, min_numel=INT8_MIN_NUMEL)
+    if name == "int8":  # the size rule is decided by state_storage on the global shape
+        keep = _KEEP_FP32 if small else 0
+        return get_storage("int8", quant_block_size=block, min_numel=keep, blocks=blocks)
     return get_storage(name)
 
 
-def state_storage(prec: Precision, name: str, shape, kind: str, where: str) -> StateStorage:
-    """The storage of one state (module docstring rules); ``where`` names it in errors."""
+def state_storage(
+    prec: Precision, name: str, shape, kind: str, where: str, global_shape=None
+) -> StateStorage:
+    """The storage of one state (module docstring rules); ``where`` names it in errors. ``global_shape``:
+    the whole state's shape when ``shape`` is a row shard's (FSDP2): int8's "small states stay float32"
+    is decided on it, so a state's precision never depends on the mesh (torchao issue #4912's trap)."""
+    full = tuple(shape if global_shape is None else global_shape)
+    small = numel(full) < INT8_MIN_NUMEL
     if prec.states == "int8" and kind == "other":
-        if numel(shape) >= INT8_MIN_NUMEL:
+        if not small:
             raise ValueError(
                 f"state_precision='int8' quantizes moment-like EMA states only; {where} has state {name!r} "
-                f"of shape {tuple(shape)} that the compiler classifies as 'other' (not s' = a·s + b·x or "
+                f"of shape {full} that the compiler classifies as 'other' (not s' = a·s + b·x or "
                 "a·s + b·x²), so it cannot share a block scale safely: use state_precision='bf16' (or 'fp32')"
             )
         return _storage("fp32", prec.block, prec.work_dtype)
-    return _storage(prec.states, prec.block, prec.work_dtype)
+    return _storage(prec.states, prec.block, prec.work_dtype, prec.blocks, small and prec.states == "int8")
 
 
 class StateIO:
     """A parameter's states seen as float32 (``load``) and written back rounded (``store_``).
 
     ``storages`` maps every logical state name to its storage, ``shapes`` to its logical shape; ``seed``
-    seeds stochastic rounding. For ``fp32`` storage ``load`` returns the stored tensor itself, so the
-    fp32 path is unchanged.
+    seeds stochastic rounding; ``offsets``: the global row-major index of the first local element of each
+    row state of an FSDP2 shard (its rounding index: a shard rounds with the bits of the whole state, so
+    its bf16/int8 codes equal the single-process rows run's). For ``fp32`` storage ``load`` returns the
+    stored tensor itself, so the fp32 path is unchanged.
     """
 
-    __slots__ = ("kinds", "seed", "shapes", "state", "storages")
+    __slots__ = ("kinds", "offsets", "seed", "shapes", "state", "storages")
 
     def __init__(
         self,
@@ -122,18 +139,27 @@ class StateIO:
         kinds: dict[str, str],
         seed: int,
         shapes: dict[str, tuple[int, ...]],
+        offsets: dict[str, int] | None = None,
     ):
         self.state, self.storages, self.kinds, self.seed, self.shapes = state, storages, kinds, seed, shapes
+        self.offsets = offsets or {}
 
     def load(self, name: str) -> Tensor:
         return self.storages[name].load(self.state, name)
 
     def store_(self, name: str, value: Tensor) -> None:
-        self.storages[name].store_(self.state, name, value)
+        start = self.offsets.get(name, 0)
+        if start:
+            self.storages[name].store_(self.state, name, value, start=start)
+        else:
+            self.storages[name].store_(self.state, name, value)
 
     def fresh(self, name: str, value: Tensor) -> dict[str, Tensor]:
         """The stored form of ``value`` for state ``name`` (new tensors, not yet in the state)."""
-        return self.storages[name].from_value(name, value, self.kinds.get(name, "other"), seed=self.seed)
+        kind, start = self.kinds.get(name, "other"), self.offsets.get(name, 0)
+        if start:
+            return self.storages[name].from_value(name, value, kind, seed=self.seed, start=start)
+        return self.storages[name].from_value(name, value, kind, seed=self.seed)
 
     def keys_of(self, name: str) -> list[str]:
         """The physical keys state ``name`` occupies in the state dict now."""
