@@ -290,8 +290,9 @@ def shard_value(spec: ShardSpec, value: Tensor) -> Tensor:
 
 
 def check_sharded(
-    where: str, *, policy: Any, tucker: bool, states: str, shard_local: bool, base: str
-) -> None:
+    where: str, *, policy: Any, tucker: bool, states: str, shard_local: bool, base: str,
+    blocks: str = "rows",
+) -> None:  # fmt: skip
     """Refuse what cannot run on a row-sharded weight (module docstring), naming it (``where``: e.g.
     ``"parameter 'w' (param group 1)"``) and the remedy."""
     where = f"{where} is FSDP2-sharded;"
@@ -308,10 +309,11 @@ def check_sharded(
             "FSDP2 use projection='coap' or 'flora' (GaLore needs an exact SVD of the whole gradient, DCT "
             "column scores over all rows)"
         )
-    if states == "int8":
+    if states == "int8" and blocks != "rows":
         raise ValueError(
-            f"{where} state_precision='int8' is not supported under FSDP2: a quantization block would "
-            "straddle shard boundaries (codes and scales would depend on the mesh size); use 'bf16' or 'fp32'"
+            f"{where} state_precision='int8' with quant_blocks={blocks!r} is not supported under FSDP2: a "
+            "bh×bw tile would straddle shard boundaries (codes and scales would depend on the mesh size); "
+            "use quant_blocks='rows' (1×bw blocks inside a row: the same codes on every mesh)"
         )
     if not shard_local:
         raise ValueError(

@@ -49,7 +49,7 @@ from ..projection import LOCAL, ROWS, Comm, ProjectionPolicy, resolve_rank
 from ..projection.tucker import core_shape, is_tucker_candidate, tucker_ranks
 from ..storage import StateStorage
 from .inits import tucker_inits
-from .precision import Precision, StateIO, resolve_precision, state_storage
+from .precision import Precision, StateIO, physical_precision, resolve_precision, state_storage
 from .selection import canonical_dims
 from .settings import EMA_KEY, CoapSettings
 
@@ -224,11 +224,26 @@ def _spec(
             glob[n] = (shard.rows, *shape[1:])
             offsets[n] = shard.row_offset * math.prod(shape[1:])
     storages = {n: state_storage(prec, n, shapes[n], kinds.get(n, "other"), where, glob[n]) for n in names}
-    return StateSpec(
+    spec = StateSpec(
         MappingProxyType(storages), MappingProxyType(dict(kinds)),
         MappingProxyType({n: tuple(shapes[n]) for n in names}), seed, row_names,
         MappingProxyType({n: o for n, o in offsets.items() if o}),
     )  # fmt: skip
+    if shard is not None:
+        _check_sharded_vectors(where, spec)
+    return spec
+
+
+def _check_sharded_vectors(where: str, spec: StateSpec) -> None:
+    """Refuse an int8-quantized 1-D row state under FSDP2 (its contiguous blocks would straddle shards)."""
+    for n in spec.row_names:
+        stg, shape = spec.storages[n], spec.shapes[n]
+        if len(shape) == 1 and physical_precision(stg, shape) == "int8":
+            raise ValueError(
+                f"{where} is FSDP2-sharded; its state {n!r} is a vector, which int8 quantizes in "
+                "contiguous blocks that would straddle shard boundaries (row blocks need a 2-D state): "
+                "keep it full rank with state_precision='auto' or 'bf16' in its param group"
+            )
 
 
 def _row_states(shapes: dict, other: dict) -> tuple[str, ...]:
@@ -245,7 +260,10 @@ def check_fsdp(lay: ParamLayout, base: type) -> None:
     program = lay.program.program if isinstance(lay.program, CompiledBase) else None
     fsdp.check_sharded(lay.where, policy=lay.policy if lay.kind is Kind.MATRIX else None,
                        tucker=lay.kind is Kind.TUCKER, states=lay.precision.states,
-                       shard_local=_shard_local(program), base=base.__name__)  # fmt: skip
+                       shard_local=_shard_local(program), base=base.__name__,
+                       blocks=lay.precision.blocks)  # fmt: skip
+    if lay.states is not None:
+        _check_sharded_vectors(lay.where, lay.states)
 
 
 def _shard_local(program: Any) -> bool:
@@ -346,7 +364,8 @@ def _matrix(
     shard = None
     if fsdp.is_dtensor(p):
         fsdp.check_sharded(ctx.where, policy=policy, tucker=False, states=prec.states,
-                           shard_local=_shard_local(program.program), base=ctx.base.__name__)  # fmt: skip
+                           shard_local=_shard_local(program.program), base=ctx.base.__name__,
+                           blocks=prec.blocks)  # fmt: skip
         shard = fsdp.shard_spec(p, ctx.where)
     kinds = dict(program.program.state_kinds)
     names = list(program.program.state_names)
@@ -360,6 +379,8 @@ def _matrix(
     more = program.init_lowrank_states(rows + 1, rank, prec.work_dtype, "meta")
     row_names = (*_row_states(shapes, {n: tuple(t.shape) for n, t in more.items()}), EMA_KEY)
     states = _spec(prec, names, kinds, shapes, ctx.common["seed"], ctx.where, row_names, shard)
+    if shard is not None and not states.all_fp32:
+        kernels = None  # K1 draws rounding bits by local index: a shard's bf16/int8 stores run eagerly
     return ParamLayout(
         **ctx.common, kind=Kind.MATRIX, rank=rank, transposed=transposed, rows_side=rows_side, policy=policy,
         program=program, states=states, shard=shard, kernels=kernels, ndim=2,
@@ -386,7 +407,8 @@ def _full_rank(ctx: _Context, reason: str, stateless: CompiledBase | None = None
     if fsdp.is_dtensor(p):  # its own update on the local shard: only if elementwise
         prog = program.program if isinstance(program, CompiledBase) else None
         fsdp.check_sharded(ctx.where, policy=None, tucker=False, states=prec.states,
-                           shard_local=_shard_local(prog), base=ctx.base.__name__)  # fmt: skip
+                           shard_local=_shard_local(prog), base=ctx.base.__name__,
+                           blocks=prec.blocks)  # fmt: skip
         shard = fsdp.shard_spec(p, ctx.where, matrix=False)
     states = _spec(  # (a full-rank spec's shapes are the global ones)
         prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where, row_names, shard)

@@ -195,7 +195,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         if lay.shard is not None:
             from ..distributed import fsdp
 
-            state = fsdp.ShardedState(state, lay.shard, tuple(lay.states.storages))
+            state = fsdp.ShardedState(state, lay.shard, lay.states.row_names)
         return lay.states.io(state)
 
     def step_count(self, p: Tensor) -> int:
