@@ -221,8 +221,8 @@ def _check_tensors(opt, p: Tensor, i: int, st: dict[str, Tensor]) -> None:
         if not io.keys_of(name):
             continue
         try:
-            if lay.shard is not None:  # row-sharded (DTensor) values: their finiteness only
-                value = load_any(st, name)
+            if lay.shard is not None:  # row-sharded (DTensor) values: their finiteness only, locally
+                value = load_any({k: fsdp.local(v) for k, v in st.items()}, name)
             elif io.matches(name):
                 storage.validate(st, name, spec.shapes[name], spec.kinds.get(name, "other"))
                 continue
