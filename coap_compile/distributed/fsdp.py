@@ -33,8 +33,20 @@ reduce-scatter. COAP keeps such a weight's update local on every shard:
   ``correlation="off"`` only skips the correlation steps (measured: 2 ranks equal the single-process
   rows reference to 1.5e-7 in the loss, 5.6e-7 in the weights after 9 steps).
   Flora (a seeded Gaussian ``P``, no data) needs no collective at all. GaLore (an exact SVD of ``X``),
-  DCT (column scores over all rows) and Tucker (mode products over the sharded ``C_out``) are refused,
-  naming the parameter and the policy.
+  DCT (column scores over all rows) and Tucker (below) are refused, naming the parameter and the policy.
+* **Tucker conv weights are refused** (issue 18: decided, not implemented). A ``C_out×C_in×kh×kw``
+  weight is sharded on ``C_out``; Tucker's refreshes need that whole mode: ``U0`` (``C_out×r0``) is
+  the top-``r0`` left singular vectors of the mode-0 unfolding ``G₍₀₎`` (``C_out × C_in·kh·kw``), the
+  HOOI sweep's mode-1 step contracts ``G ×₀ U0ᵀ`` over ``C_out``, and the core states ``r0×r1×kh×kw``
+  mix every row. What implementing it would take: ``U0`` row-sharded like a rows-side ``P`` (the same
+  randomized range finder over ``G₍₀₎``: :func:`~coap_compile.distributed.linalg.orthogonal_basis` with
+  its two ``r0×r0`` Gram all-reduces), the mode-1 and core products as local partial sums
+  all-reduced (``r0×C_in·kh·kw`` and ``r0×r1×kh×kw`` floats per step, i.e. one all-reduce of the
+  core-sized projected gradient every step, not only at refreshes), the core states replicated, the
+  correlation step's sums over ``C_out`` all-reduced, and a test against the single-process HOOI.
+  The every-step all-reduce of the projected gradient is what separates it from the matrix case
+  (whose ``X P`` contracts over the unsharded dim); conv weights large enough for Tucker are rare in
+  the FSDP2 models this targets, so they stay full rank (``conv_rank_ratio=None``) under FSDP2.
 * **States** of a sharded weight are DTensors with the weight's mesh and placements (global shape
   ``m×r``, local rows = the weight's local rows), as torch's AdamW states are under FSDP2, so
   ``torch.distributed.checkpoint`` saves, loads and reshards them. ``P`` (and ``step``, Flora's
@@ -300,8 +312,13 @@ def check_sharded(
         base = f"{base} (full rank, state_precision={states!r})"
     if tucker:
         raise ValueError(
-            f"{where} Tucker projection of 4-D weights (conv_rank_ratio) is not supported under FSDP2 (its "
-            "mode products contract over the sharded C_out): set conv_rank_ratio=None or project=False"
+            f"{where} Tucker projection of 4-D weights (conv_rank_ratio, projection policy 'tucker', "
+            "TuckerPolicy) is not supported under FSDP2: its mode products contract over the sharded "
+            "C_out (the projection G ×₀ U0ᵀ at every step would need an all-reduce of the core-sized "
+            "projected gradient, and the HOOI refresh of U0 the whole mode-0 unfolding), and its core "
+            "moments r0×r1×kh×kw are not laid out by C_out rows (what implementing it would take: "
+            "coap_compile.distributed.fsdp's docstring); set conv_rank_ratio=None (full rank) or "
+            "project=False for this parameter"
         )
     if policy is not None and not policy.supports_sharding:
         raise ValueError(

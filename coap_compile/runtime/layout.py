@@ -44,6 +44,7 @@ from ..capture import CapturedUpdate, capture, init_states
 from ..capture.trace import adapter_for
 from ..compiler import CompiledBase, compile_base
 from ..distributed import fsdp
+from ..distributed.reductions import RowReductionError, RowReductions, plan_row_reductions
 from ..errors import UnsupportedOptimizerError
 from ..projection import LOCAL, ROWS, Comm, ProjectionPolicy, resolve_rank
 from ..projection.tucker import core_shape, is_tucker_candidate, tucker_ranks
@@ -113,6 +114,9 @@ class ParamLayout:
     states: StateSpec | None = None
     shard: fsdp.ShardSpec | None = None
     kernels: tuple[str, str] | None = None
+    #: an FSDP2 weight whose derived update reduces over its rows (Adafactor): those reductions, all-reduced
+    #: over the shard group (:mod:`coap_compile.distributed.reductions`); None when the update is local.
+    row_reductions: Any = None
     seed: int = 0
     ndim: int = 2  # of the program's states: 2 for matrices, 4 for Tucker cores, the weight's for full rank
     reason: str = ""
@@ -258,12 +262,36 @@ def check_fsdp(lay: ParamLayout, base: type) -> None:
     if lay.kind is Kind.TORCH:
         return
     program = lay.program.program if isinstance(lay.program, CompiledBase) else None
+    local = _shard_local(program)
+    if lay.kind is Kind.MATRIX and not local:  # reductions over the rows are all-reduced, if that is all
+        local = _row_plan(lay.program, lay.rank, 3, lay.work_dtype, lay.where) is not None
     fsdp.check_sharded(lay.where, policy=lay.policy if lay.kind is Kind.MATRIX else None,
                        tucker=lay.kind is Kind.TUCKER, states=lay.precision.states,
-                       shard_local=_shard_local(program), base=base.__name__,
+                       shard_local=local, base=base.__name__,
                        blocks=lay.precision.blocks)  # fmt: skip
     if lay.states is not None:
         _check_sharded_vectors(lay.where, lay.states)
+
+
+def _row_plan(program: CompiledBase, rank: int, n: int, dtype: torch.dtype, where: str) -> tuple | None:
+    """The reductions over the rows of a projected program on a row shard (empty: elementwise, nothing to
+    all-reduce); None when the update cannot run on a row shard (an op that mixes rows otherwise)."""
+    prog = program.program
+    if _shard_local(prog):
+        return ()
+
+    def inputs(rows: int) -> list[Tensor]:
+        states = program.init_lowrank_states(rows, rank, dtype, "meta")
+        names = [nd.name for nd in prog.lowrank.graph.nodes if nd.op == "placeholder"]
+        scalars = [torch.empty((), dtype=torch.float64, device="meta") for _ in names[2 + len(states):]]
+        x = torch.empty((rows, rank), dtype=dtype, device="meta")
+        w = torch.empty((rows, n), dtype=dtype, device="meta")
+        return [w, x, *(states[s] for s in prog.state_names), *scalars]
+
+    try:
+        return plan_row_reductions(prog.lowrank, (), inputs)
+    except RowReductionError:
+        return None
 
 
 def _shard_local(program: Any) -> bool:
@@ -361,12 +389,15 @@ def _matrix(
     """A projected matrix: ``M×r`` states (``coap_exp_avg`` too for a first-moment-less base under a policy
     that reads one); an FSDP2 weight gets its shard spec after the sharding checks."""
     p, prec = ctx.p, ctx.prec
-    shard = None
+    shard = reductions = None
     if fsdp.is_dtensor(p):
+        plan = _row_plan(program, rank, p.shape[1], prec.work_dtype, ctx.where)
         fsdp.check_sharded(ctx.where, policy=policy, tucker=False, states=prec.states,
-                           shard_local=_shard_local(program.program), base=ctx.base.__name__,
+                           shard_local=plan is not None, base=ctx.base.__name__,
                            blocks=prec.blocks)  # fmt: skip
         shard = fsdp.shard_spec(p, ctx.where)
+        if plan:
+            reductions = RowReductions(plan, shard.rows, shard.group)
     kinds = dict(program.program.state_kinds)
     names = list(program.program.state_names)
     if program.program.first_moment is None and policy.needs_first_moment:
@@ -383,7 +414,7 @@ def _matrix(
         kernels = None  # K1 draws rounding bits by local index: a shard's bf16/int8 stores run eagerly
     return ParamLayout(
         **ctx.common, kind=Kind.MATRIX, rank=rank, transposed=transposed, rows_side=rows_side, policy=policy,
-        program=program, states=states, shard=shard, kernels=kernels, ndim=2,
+        program=program, states=states, shard=shard, kernels=kernels, ndim=2, row_reductions=reductions,
     )  # fmt: skip
 
 

@@ -195,14 +195,10 @@ def _state_detail(p, lay, here: int | None, rows_side: bool, shared: dict) -> tu
     """Bytes per state key of one COAP-updated parameter (``here``: its rows on this rank, module
     docstring), and its rank (0: full rank)."""
     spec, shape = lay.states, tuple(p.shape)
-    if lay.kind is Kind.MATRIX:
-        full_rows = canonical_dims(fsdp.local(p).shape, lay.transposed)[0]  # the rows of the spec's shapes
-    else:
-        full_rows = shape[0] if shape else None  # a full-rank spec has the parameter's (global) shape
     detail = {}
     for n, stg in spec.storages.items():
         s_ = spec.shapes[n]
-        if here is not None and s_ and s_[0] == full_rows:  # a row state: this rank's rows
+        if here is not None and n in spec.row_names:  # a row state: this rank's rows (not Adafactor's col)
             s_ = (here, *s_[1:])
         detail[n] = stg.nbytes(s_, spec.kinds.get(n, "other"))
     detail["step"] = 4

@@ -72,9 +72,13 @@ def projected_update_(
     if x_extra is not None:
         x_proj = x_proj + x_extra
     stat_param = p if not program.decomposition.param_stats else p.to(dtype)
-    decay, delta, new_states, new_step = run_lowrank(
-        program, stat_param, x_proj, [io.load(n) for n in program.state_names], k_t, lr_t, hypers
-    )
+    olds = [io.load(n) for n in program.state_names]
+    if layout.row_reductions:  # FSDP2: the reductions over the rows are all-reduced (distributed.reductions)
+        decay, delta, *rest = layout.row_reductions.run(program.lowrank, stat_param, x_proj, *olds, k_t, lr_t,
+                                                        *hypers)  # fmt: skip
+        new_states, new_step = list(rest[:-1]), rest[-1]
+    else:
+        decay, delta, new_states, new_step = run_lowrank(program, stat_param, x_proj, olds, k_t, lr_t, hypers)
     if kernels:  # low-rank middle ran eagerly (reductions); the reprojection is the K2 kernel
         reproject_update_(
             p, delta, proj, decay, scale,
