@@ -61,20 +61,30 @@ reduce-scatter. COAP keeps such a weight's update local on every shard:
   over the shard dim's group; every replica group sees the same (all-reduced) gradient bits, so ``P``
   is identical across replicas too. Other placements (``Shard(1)``, ``Partial``, tensor-parallel
   ``_StridedShard``, a 1-D ``Replicate()``) are refused with the placements named.
-* **Precision.** int8 states are refused: a quantization block (``quant_block_size`` elements, 2-D
-  16×16 tiles at 256) would straddle shard boundaries, so the sharded codes/scales would differ from
-  the single-process ones and from those of another mesh size. bf16 states are supported: the stream
-  ``[seed, counter]`` is replicated (every rank stores each state once per step), the random bits of
-  element ``i`` are those of its *local* row-major index, so a rank's rounding is deterministic and a
-  resume on the same mesh is bit-identical; it equals the single-process bits on rank 0's rows only
-  (the other shards use the same unbiased rounding with other bits).
+* **Precision** (issue 18). The rounding stream ``[seed, counter]`` of a bf16/int8 state is replicated
+  (every rank stores each state once per step) and a shard rounds element ``i`` with the bits of its
+  *global* row-major index (the layout's ``offsets``, :class:`~coap_compile.runtime.precision.StateIO`),
+  so the same values give the same bf16 bits and int8 codes as the single-process rows run, on every
+  mesh; a resume on any mesh continues the same stream. int8 needs ``quant_blocks="rows"``
+  (:mod:`coap_compile.storage.int8`: ``1×bw`` blocks inside a row, so a block never straddles a shard
+  and the scales ``<name>.absmax`` (``M×⌈r/bw⌉``) are row-sharded DTensors like the codes: DCP reshards
+  2 → 4 exactly); ``"tiles"`` (``bh×bw``) is refused, naming the parameter. "Small states stay
+  float32" (< 4096 elements) is decided on the *global* shape, never the shard's (torchao issue #4912:
+  precision that depends on the mesh), and an empty shard keeps the int8 keys. An int8-quantized 1-D
+  row state (a full-rank vector of ≥ 4096 elements with an explicit ``state_precision``) is refused:
+  its contiguous blocks would straddle shards. Sharded weights with bf16/int8 states run the eager
+  storage path (K1 draws rounding bits by local index).
 * **Settings agree across ranks**: the settings that decide the collectives are checked equal across
   each shard group at a plan's first step (one 8-byte digest all-gather: :mod:`.agreement`).
 * **check_finite** agrees across ranks: the local verdict is all-reduced (MIN of one int32 per mesh
   dim) before anything is modified, so either every rank steps or every rank raises.
-* **Bases.** The low-rank update must be shard-local: elementwise derived programs (AdamW, Adam,
-  SGD with momentum, RMSprop, Adagrad, …). Bases whose update has reductions over the weight or its
-  rows/columns (Adafactor's factored second moment, transformers Adafactor's RMS clipping) are refused.
+* **Bases.** Elementwise derived programs (AdamW, Adam, SGD with momentum, RMSprop, Adagrad, …) are
+  shard-local as they are. Bases whose low-rank update reduces over the rows or the weight (torch's
+  Adafactor, transformers' Adafactor: column statistics, the row factor's mean, the update RMS, RMS(W))
+  run with exactly those reductions all-reduced over the shard group
+  (:mod:`coap_compile.distributed.reductions`: ``4·(r + 3)`` bytes per weight and step; the column
+  factor stays a replicated plain tensor). A program that mixes rows otherwise is refused, naming the
+  op; a full-rank parameter with an explicit ``state_precision`` still needs an elementwise base.
 
 **Agreement with one process** is that of any reordering of the same arithmetic: on the test's tiny
 LM (well separated singular values) 2 and 4 ranks equal the rows reference to ≤ 7e-7 in the weights;
@@ -334,10 +344,11 @@ def check_sharded(
         )
     if not shard_local:
         raise ValueError(
-            f"{where} the low-rank update of {base} has reductions over the weight (e.g. a factored "
-            "second moment or RMS clipping), which are not local to a row shard; under FSDP2 use an "
-            "elementwise base (AdamW, Adam, SGD with momentum, RMSprop), or for a full-rank parameter "
-            "state_precision='auto' (torch's own optimizer)"
+            f"{where} the update of {base} mixes the sharded rows in a way FSDP2 cannot run locally "
+            "(a full-rank update with reductions over the weight, or an op other than a pointwise op or "
+            "a mean/sum/amax reduction over the rows of a projected weight); under FSDP2 use a base whose "
+            "update is elementwise or factored (AdamW, Adam, SGD with momentum, RMSprop, Adafactor), or "
+            "for a full-rank parameter state_precision='auto' (torch's own optimizer)"
         )
 
 

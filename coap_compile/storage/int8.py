@@ -11,9 +11,19 @@ map), and ``<name>.absmax``: float32 ``(⌈R/bh⌉, ⌈C/bw⌉)``, row-major. So
 
     nbytes = |S| + 4·⌈R/bh⌉·⌈C/bw⌉        (e.g. M×r, r ≥ 16, B = 256: M·r + 4·⌈M/16⌉·⌈r/16⌉ ≈ 1.016·M·r)
 
-The block size is not stored: ``(S, absmax.shape)`` determines the partition (:func:`infer_layout`), so
-any ``Int8Storage`` loads and updates a state written with another ``quant_block_size`` in its own layout
-(``convert_state`` re-blocks it).
+**Row blocks** (``blocks="rows"``, the ``quant_blocks`` setting; issue 18): a state of ``ndim ≥ 2`` is cut
+into ``1×bw`` blocks inside each row of the same ``R×C`` view, ``bw = min(B, next_pow2(C), 128)`` (128:
+K1's largest ``BLOCK_R``), so ``absmax`` is ``(R, ⌈C/bw⌉)`` and ``nbytes = |S| + 4·R·⌈C/bw⌉`` (M×r,
+r = 32: ``1.125·M·r``; r ≥ 128: ``≈ 1.03·M·r``). No block spans two rows, so a row shard (FSDP2's
+``torch.chunk`` of the rows) holds whole blocks and its scales are its own rows of ``absmax``: the
+codes and scales of a shard are those of the whole state on every mesh (with the global rounding
+index, ``quantize_``'s ``start``) and DCP reshards them exactly. Vectors and scalars keep the tiles
+layout (contiguous blocks of ``B``). ``bh = 1`` divides every ``BLOCK_M`` and ``bw | BLOCK_R``, so K1's
+tiles own whole blocks in this layout too (``tests/test_kernels_storage.py``).
+
+The block size and shape are not stored: ``(S, absmax.shape)`` determines the partition
+(:func:`infer_layout`), so any ``Int8Storage`` loads and updates a state written with another
+``quant_block_size`` or block shape in its own layout (``convert_state`` re-blocks it).
 
 Vectors get contiguous 1-D blocks of ``B`` (``bw = 1``). **Kernel tiles own whole blocks:** K1's tile is
 ``BLOCK_M × BLOCK_R`` of the row-major M×r state with ``BLOCK_R = min(max(next_pow2(r), 16), 128)`` and
