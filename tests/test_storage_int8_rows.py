@@ -3,6 +3,8 @@ row shards with global rounding indices equal to the whole state, and loading ac
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given
@@ -110,3 +112,48 @@ def test_tiles_and_rows_load_each_other(seed, m, r):
     new = convert_state(old, "s", rows, "first_moment")
     assert tuple(new["s.absmax"].shape) == block_layout((m, r), 256, "rows").grid
     assert torch.equal(new["s.q8"], rows.from_value("s", tiles.load(old, "s"), "first_moment")["s.q8"])
+
+
+def test_validate_accepts_a_state_written_with_tiles():
+    """A 16×16-tiles state (an old checkpoint) validates under a rows storage (its own layout); a grid that
+    fits no layout is still refused."""
+    x = _moment("second_moment", (64, 32), 0)
+    old = Int8Storage(min_numel=0, blocks="tiles").from_value("v", x, "second_moment")
+    rows = Int8Storage(min_numel=0, blocks="rows")
+    rows.validate(old, "v", (64, 32), "second_moment")
+    with pytest.raises(ValueError, match="absmax"):
+        rows.validate({**old, "v.absmax": torch.zeros(3, 3)}, "v", (64, 32), "second_moment")
+
+
+@pytest.mark.parametrize(("saved", "loading"), [("tiles", "tiles"), ("tiles", "rows"), ("rows", "tiles")])
+def test_optimizer_resumes_a_checkpoint_with_the_other_block_shape(saved, loading):
+    """An optimizer with one block shape loads a checkpoint written with the other and continues exactly
+    like the writer (the state keeps the layout it was written in)."""
+    import coap_compile
+
+    def build(blocks):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(64, 128)  # 128×64 at rank 32: 4096-element moments, quantized
+        kw = dict(rank=32, state_precision="int8", quant_blocks=blocks, update_interval=2, lr=1e-2)
+        return lin, coap_compile.optimize([lin.weight], torch.optim.AdamW, **kw)
+
+    def step(lin, opt, k):
+        opt.zero_grad()
+        lin(torch.randn(8, 64, generator=torch.Generator().manual_seed(k))).square().mean().backward()
+        opt.step()
+
+    lin, opt = build(saved)
+    for k in range(3):
+        step(lin, opt, k)
+    sd, w = copy.deepcopy(opt.state_dict()), lin.weight.detach().clone()  # (state_dict holds references)
+    for k in range(3, 5):
+        step(lin, opt, k)
+    lin2, opt2 = build(loading)
+    with torch.no_grad():
+        lin2.weight.copy_(w)
+    opt2.load_state_dict(sd)
+    for k in range(3, 5):
+        step(lin2, opt2, k)
+    assert torch.equal(lin2.weight, lin.weight)
+    for key, v in opt.state[lin.weight].items():
+        assert torch.equal(opt2.state[lin2.weight][key], v), key

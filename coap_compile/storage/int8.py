@@ -399,8 +399,24 @@ class Int8Storage(StateStorage):
 
     def validate(self, stored, name, shape, kind="other"):
         """The base rules (codes, scales and rounding stream present with their dtypes and shapes), and
-        scales ``≥ 0`` (an absmax), a rounding counter ``≥ 0``."""
-        super().validate(stored, name, shape, kind)
+        scales ``≥ 0`` (an absmax), a rounding counter ``≥ 0``. Scales written with another block size or
+        shape (a 16×16-tiles checkpoint loaded with row blocks) are accepted in the layout they were
+        written with (:func:`infer_layout`): ``load``/``store_`` keep using it."""
+        key = name + self.scale_suffix
+        scales, codes = stored.get(key), stored.get(name + self.value_suffix)
+        if isinstance(scales, Tensor) and isinstance(codes, Tensor) and tuple(codes.shape) == tuple(shape):
+            grid = self.layout(tuple(shape)).grid
+            theirs = tuple(scales.shape)
+            if theirs != grid and infer_layout(tuple(shape), theirs, self.blocks) is not None:
+                if scales.dtype != torch.float32 or not bool(torch.isfinite(scales).all()):
+                    raise ValueError(f"{key!r} must be finite float32 block scales, got {scales.dtype}")
+                stored = {**stored, key: torch.zeros(grid, dtype=torch.float32, device=scales.device)}
+                super().validate(stored, name, shape, kind)
+                stored = {**stored, key: scales}
+            else:
+                super().validate(stored, name, shape, kind)
+        else:
+            super().validate(stored, name, shape, kind)
         scales = stored.get(name + self.scale_suffix)
         if scales is not None and bool((scales < 0).any()):
             raise ValueError(f"{name + self.scale_suffix!r} holds negative block scales (an absmax is >= 0)")
