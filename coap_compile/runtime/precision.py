@@ -20,7 +20,10 @@ parameter's states).
   moments, unsigned for second moments (Adam-direction error 1.95 % vs 2.52 % signed, measured). Only
   moment-like EMAs can be quantized: a state the compiler classifies as ``other`` (RMSprop's momentum
   buffer ``b ← μb + g/a``, Adamax's running max) with ≥ 4096 elements is refused, naming it; smaller
-  states (Adafactor's row/column factors, norms, biases) stay fp32 (torchao's threshold too).
+  states (Adafactor's row/column factors, norms, biases) stay fp32 (torchao's threshold too). The size
+  is the state's *global* shape (an FSDP2 row shard's state has the precision of the whole state, on
+  every mesh: :func:`state_storage`'s ``global_shape``). ``quant_blocks`` picks the block shape
+  (``"tiles"``: bh×bw; ``"rows"``: 1×bw inside a row, the FSDP2 layout).
 * ``projection_precision="auto"``: ``P`` follows the *weight* dtype, as the official code keeps it
   (spec §2): bf16 for bfloat16/float16 weights, the working dtype (float32, float64) otherwise, whatever the
   state precision. A bf16 ``P`` is rounded to nearest (it is recomputed, never accumulated) and every
