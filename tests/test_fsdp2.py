@@ -219,10 +219,11 @@ def _errors(mesh) -> dict[str, str]:
         except (ValueError, TypeError) as exc:
             out[key] = f"{type(exc).__name__}: {exc}"
 
-    catch("int8", lambda: _optimizer(_sharded(mesh), "adamw", state_precision="int8"))  # emb.weight first
+    tiles = {"state_precision": "int8", "quant_blocks": "tiles"}  # rows blocks: tests/test_fsdp2_int8.py
+    catch("int8", lambda: _optimizer(_sharded(mesh), "adamw", **tiles))  # emb.weight first
     model = _sharded(mesh)
     up = [model.up.weight]
-    catch("int8_projected", lambda: coap_compile.optimize(up, rank=RANK, state_precision="int8"))
+    catch("int8_projected", lambda: coap_compile.optimize(up, rank=RANK, **tiles))
     catch("galore", lambda: _optimizer(_sharded(mesh), "adamw", projection="galore"))
     catch("dct", lambda: _optimizer(_sharded(mesh), "adamw", projection="dct"))
     catch("adafactor", lambda: coap_compile.optimize(_sharded(mesh), torch.optim.Adafactor, rank=RANK))

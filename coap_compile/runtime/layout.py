@@ -147,7 +147,7 @@ class ParamLayout:
         (:mod:`~coap_compile.distributed.agreement`)."""
         s, prec = self.settings, self.precision
         out = [("state_precision", prec.states), ("projection_precision", str(prec.proj_dtype)),
-               ("quant_block_size", prec.block), ("kind", self.kind.name),
+               ("quant_block_size", prec.block), ("quant_blocks", prec.blocks), ("kind", self.kind.name),
                ("rows", self.shard.rows if self.shard is not None else None)]  # fmt: skip
         if self.projected:
             side = "rows" if self.rows_side else ("columns" if self.transposed else "canonical")

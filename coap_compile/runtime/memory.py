@@ -163,7 +163,7 @@ def plan_memory(opt, *, world_size: int | None = None, rank: int = 0) -> MemoryP
     ranks (``fully_shard``: dim 0 cut by ``torch.chunk``; for HSDP, ``W`` is the shard dim's size),
     from shapes alone (meta models work): projected weights on the rows side (``P`` ``n×r`` in full,
     states ``M_k×r``), full-rank states at the local shard's shape, torch's own optimizer on the local
-    shard as ``base_bytes``. What FSDP2 refuses (int8 states, Tucker, GaLore/DCT, non-elementwise bases)
+    shard as ``base_bytes``. What FSDP2 refuses (int8 tiles, Tucker, GaLore/DCT, bases mixing rows)
     raises the same ValueError the sharded optimizer would. Without ``world_size``, an FSDP2-sharded
     optimizer's plan is this rank's bytes (its mesh, its rank)."""
     _check_world(world_size, rank)
