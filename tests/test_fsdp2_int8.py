@@ -140,6 +140,25 @@ def _probe_codes(model, opt) -> dict:
     return {"rng": rng, "q8": _full(st["exp_avg.q8"]), "absmax": _full(st["exp_avg.absmax"])}
 
 
+def _from_single_process_tiles(mesh, rows) -> dict:
+    """A single-process checkpoint written with 16×16 tiles, loaded into the FSDP2 row-blocks optimizer:
+    re-blocked before it is cut (one quantization), then trained on."""
+    torch.manual_seed(0)
+    ref = Model()
+    tiles = {**COAP, "quant_blocks": "tiles"}
+    ref_opt = coap_compile.optimize([ref.up.weight], torch.optim.AdamW, **tiles)
+    _train(ref, ref_opt, range(2), slice(None))
+    model = _sharded(mesh)
+    opt = coap_compile.optimize([model.up.weight], torch.optim.AdamW, **COAP)
+    with torch.no_grad():
+        spec = opt.layout(model.up.weight).shard
+        model.up.weight.to_local().copy_(ref.up.weight[spec.row_offset : spec.row_offset + spec.local_rows])
+    opt.load_state_dict(ref_opt.state_dict())
+    loaded = {k: _full(v) for k, v in opt.state[model.up.weight].items()}
+    _train(model, opt, range(2, 4), rows)
+    return {"saved": {k: v.clone() for k, v in ref_opt.state[ref.up.weight].items()}, "loaded": loaded}
+
+
 def _worker(path: str) -> dict:
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
     world = dist.get_world_size()
@@ -159,6 +178,7 @@ def _worker(path: str) -> dict:
         out["layout"] = _layout(model, opt)
         out["held"], out["plan"] = _held(opt), opt.memory_plan().total_bytes
         out["probe"] = _probe_codes(model, opt)
+        out["from_tiles"] = _from_single_process_tiles(mesh, rows)
         try:
             coap_compile.optimize(_sharded(mesh), torch.optim.AdamW, **{**COAP, "quant_blocks": "tiles"})
             out["tiles"] = "no error"
@@ -260,3 +280,20 @@ def test_dcp_checkpoint_reshards_two_to_four_exactly(runs):
 def test_tiles_are_refused_by_name(runs):
     msg = runs[2][0]["tiles"]
     assert "quant_blocks='tiles'" in msg and "'emb.weight'" in msg and "quant_blocks='rows'" in msg, msg
+
+
+def test_single_process_tiles_checkpoint_is_reblocked_into_rows(runs):
+    """Tiles codes cannot be cut by rows: the whole state is re-blocked (one quantization of its values,
+    the saved rounding stream kept), so the shards hold exactly the rows re-quantization."""
+    from coap_compile.storage import block_layout, convert_state, get_storage
+
+    got = runs[2][0]["from_tiles"]
+    saved, loaded = got["saved"], got["loaded"]
+    rows = get_storage("int8", min_numel=0, blocks="rows")
+    for name, kind in (("exp_avg", "first_moment"), ("exp_avg_sq", "second_moment")):
+        assert tuple(saved[f"{name}.absmax"].shape) == block_layout((HIDDEN, RANK), 256, "tiles").grid
+        assert tuple(loaded[f"{name}.absmax"].shape) == block_layout((HIDDEN, RANK), 256, "rows").grid
+        part = {k: v for k, v in saved.items() if k.startswith(name + ".")}
+        want = convert_state(part, name, rows, kind, seed=0)  # seed: the loading optimizer's only parameter
+        assert torch.equal(loaded[f"{name}.q8"], want[f"{name}.q8"]), name
+        assert torch.equal(loaded[f"{name}.rng"], saved[f"{name}.rng"]), name
