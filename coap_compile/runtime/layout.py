@@ -31,10 +31,7 @@ stochastic-rounding stream of its states.
 from __future__ import annotations
 
 import enum
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,9 +45,8 @@ from ..distributed.reductions import RowReductionError, RowReductions, plan_row_
 from ..errors import UnsupportedOptimizerError
 from ..projection import LOCAL, ROWS, Comm, ProjectionPolicy, resolve_rank
 from ..projection.tucker import core_shape, is_tucker_candidate, tucker_ranks
-from ..storage import StateStorage
 from .inits import tucker_inits
-from .precision import Precision, StateIO, physical_precision, resolve_precision, state_storage
+from .precision import Precision, StateSpec, check_sharded_vectors, resolve_precision, row_states, state_spec
 from .selection import canonical_dims
 from .settings import EMA_KEY, CoapSettings
 
@@ -66,30 +62,6 @@ class Kind(enum.Enum):
     TUCKER = "Tucker-projected 4-D weight"
     TORCH = "full rank, torch's own optimizer"
     DERIVED = "full rank, the derived update with a storage precision"
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """The states a parameter's update reads and writes: their storages, compiler kinds and logical
-    shapes, and the rounding seed (a :class:`~.precision.StateIO` over a state dict via :meth:`io`)."""
-
-    storages: Mapping[str, StateStorage]
-    kinds: Mapping[str, str]
-    shapes: Mapping[str, tuple[int, ...]]
-    seed: int
-    #: the states laid out by the weight's rows (row-sharded under FSDP2; the others are replicated,
-    #: e.g. Adafactor's column factor) and, when sharded, the global row-major index of each one's first
-    #: local element (its stochastic-rounding index, :class:`~.precision.StateIO`).
-    row_names: tuple[str, ...] = ()
-    offsets: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
-
-    def io(self, state: Any) -> StateIO:
-        return StateIO(state, self.storages, self.kinds, self.seed, self.shapes, self.offsets)
-
-    @property
-    def all_fp32(self) -> bool:
-        """Every state stored fp32 (what the fused K1 kernel and the grouped update read)."""
-        return all(stg.name == "fp32" for stg in self.storages.values())
 
 
 @dataclass(frozen=True, eq=False)
@@ -213,49 +185,6 @@ def full_program(base: type, hyper: dict, dtype: torch.dtype, ndim: int) -> Comp
         return capture(base, hyper, dtype=dtype, ndim=ndim)
 
 
-def _spec(
-    prec: Precision, names, kinds: dict, shapes: dict, seed: int, where: str,
-    row_names=(), shard: fsdp.ShardSpec | None = None,
-) -> StateSpec:  # fmt: skip
-    """The states' storages; a row state of a sharded weight is sized (int8's small-state rule) by its
-    global shape and rounds with its global element indices (``shard``'s row offset)."""
-    row_names = tuple(n for n in names if n in row_names)
-    glob, offsets = {}, {}
-    for n in names:
-        shape = tuple(shapes[n])
-        glob[n] = shape
-        if shard is not None and n in row_names:
-            glob[n] = (shard.rows, *shape[1:])
-            offsets[n] = shard.row_offset * math.prod(shape[1:])
-    storages = {n: state_storage(prec, n, shapes[n], kinds.get(n, "other"), where, glob[n]) for n in names}
-    spec = StateSpec(
-        MappingProxyType(storages), MappingProxyType(dict(kinds)),
-        MappingProxyType({n: tuple(shapes[n]) for n in names}), seed, row_names,
-        MappingProxyType({n: o for n, o in offsets.items() if o}),
-    )  # fmt: skip
-    if shard is not None:
-        _check_sharded_vectors(where, spec)
-    return spec
-
-
-def _check_sharded_vectors(where: str, spec: StateSpec) -> None:
-    """Refuse an int8-quantized 1-D row state under FSDP2 (its contiguous blocks would straddle shards)."""
-    for n in spec.row_names:
-        stg, shape = spec.storages[n], spec.shapes[n]
-        if len(shape) == 1 and physical_precision(stg, shape) == "int8":
-            raise ValueError(
-                f"{where} is FSDP2-sharded; its state {n!r} is a vector, which int8 quantizes in "
-                "contiguous blocks that would straddle shard boundaries (row blocks need a 2-D state): "
-                "keep it full rank with state_precision='auto' or 'bf16' in its param group"
-            )
-
-
-def _row_states(shapes: dict, other: dict) -> tuple[str, ...]:
-    """The states whose leading dim follows the weight's rows: those whose shape changes when the rows
-    do (``other``: the same program's states at one row more), not a guess from sizes."""
-    return tuple(n for n, s in shapes.items() if s and tuple(other.get(n, s))[:1] != tuple(s)[:1])
-
-
 def check_fsdp(lay: ParamLayout, base: type) -> None:
     """Refuse (ValueError naming the parameter) a layout that could not run FSDP2-sharded: the checks
     :func:`build_layout` runs on a DTensor, for a plain parameter's layout (the per-rank memory plan)."""
@@ -270,7 +199,7 @@ def check_fsdp(lay: ParamLayout, base: type) -> None:
                        shard_local=local, base=base.__name__,
                        blocks=lay.precision.blocks)  # fmt: skip
     if lay.states is not None:
-        _check_sharded_vectors(lay.where, lay.states)
+        check_sharded_vectors(lay.where, lay.states)
 
 
 def _row_plan(program: CompiledBase, rank: int, n: int, dtype: torch.dtype, where: str) -> tuple | None:
@@ -378,7 +307,7 @@ def _tucker(ctx: _Context, ranks: tuple[int, ...], policy: Any, program: Compile
     kinds.setdefault(EMA_KEY, "first_moment")
     inits = tucker_inits(program, policy, core_shape(p.shape, ranks), prec.work_dtype, "meta")
     shapes = {n: tuple(t.shape) for n, t in inits.items()}
-    states = _spec(prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where)
+    states = state_spec(prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where)
     return ParamLayout(**ctx.common, kind=Kind.TUCKER, ranks=ranks, policy=policy, program=program,
                        states=states, ndim=4)  # fmt: skip
 
@@ -408,8 +337,8 @@ def _matrix(
     shapes = {n: tuple(t.shape) for n, t in inits.items()}
     shapes[EMA_KEY] = (rows, rank)
     more = program.init_lowrank_states(rows + 1, rank, prec.work_dtype, "meta")
-    row_names = (*_row_states(shapes, {n: tuple(t.shape) for n, t in more.items()}), EMA_KEY)
-    states = _spec(prec, names, kinds, shapes, ctx.common["seed"], ctx.where, row_names, shard)
+    row_names = (*row_states(shapes, {n: tuple(t.shape) for n, t in more.items()}), EMA_KEY)
+    states = state_spec(prec, names, kinds, shapes, ctx.common["seed"], ctx.where, row_names, shard)
     if shard is not None and not states.all_fp32:
         kernels = None  # K1 draws rounding bits by local index: a shard's bf16/int8 stores run eagerly
     return ParamLayout(
@@ -433,7 +362,7 @@ def _full_rank(ctx: _Context, reason: str, stateless: CompiledBase | None = None
     like = torch.empty(p.shape, dtype=captured.dtype, device="meta")
     shapes = {n: tuple(t.shape) for n, t in init_states(captured, like).items()}
     more = torch.empty((p.shape[0] + 1, *p.shape[1:]) if p.ndim else (), dtype=captured.dtype, device="meta")
-    row_names = _row_states(shapes, {n: tuple(t.shape) for n, t in init_states(captured, more).items()})
+    row_names = row_states(shapes, {n: tuple(t.shape) for n, t in init_states(captured, more).items()})
     shard = None
     if fsdp.is_dtensor(p):  # its own update on the local shard: only if elementwise
         prog = program.program if isinstance(program, CompiledBase) else None
@@ -441,7 +370,7 @@ def _full_rank(ctx: _Context, reason: str, stateless: CompiledBase | None = None
                            shard_local=_shard_local(prog), base=ctx.base.__name__,
                            blocks=prec.blocks)  # fmt: skip
         shard = fsdp.shard_spec(p, ctx.where, matrix=False)
-    states = _spec(  # (a full-rank spec's shapes are the global ones)
+    states = state_spec(  # (a full-rank spec's shapes are the global ones)
         prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where, row_names, shard)
     return ParamLayout(
         **ctx.common, kind=Kind.DERIVED, program=program, ndim=p.ndim, states=states, shard=shard,

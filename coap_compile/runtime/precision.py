@@ -41,7 +41,11 @@ their captured update with the same load/store view (:mod:`.fullrank`).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,6 +58,10 @@ __all__ = [
     "PRECISION_KEYS",
     "Precision",
     "StateIO",
+    "StateSpec",
+    "check_sharded_vectors",
+    "row_states",
+    "state_spec",
     "physical_precision",
     "resolve_precision",
     "state_storage",
@@ -182,3 +190,70 @@ def physical_precision(storage: StateStorage, shape) -> str:
     if storage.name == "int8" and not storage.quantized(shape):
         return "fp32"
     return storage.name
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """The states a parameter's update reads and writes: their storages, compiler kinds and logical
+    shapes, and the rounding seed (a :class:`~.precision.StateIO` over a state dict via :meth:`io`)."""
+
+    storages: Mapping[str, StateStorage]
+    kinds: Mapping[str, str]
+    shapes: Mapping[str, tuple[int, ...]]
+    seed: int
+    #: the states laid out by the weight's rows (row-sharded under FSDP2; the others are replicated,
+    #: e.g. Adafactor's column factor) and, when sharded, the global row-major index of each one's first
+    #: local element (its stochastic-rounding index, :class:`~.precision.StateIO`).
+    row_names: tuple[str, ...] = ()
+    offsets: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    def io(self, state: Any) -> StateIO:
+        return StateIO(state, self.storages, self.kinds, self.seed, self.shapes, self.offsets)
+
+    @property
+    def all_fp32(self) -> bool:
+        """Every state stored fp32 (what the fused K1 kernel and the grouped update read)."""
+        return all(stg.name == "fp32" for stg in self.storages.values())
+
+
+def state_spec(
+    prec: Precision, names, kinds: dict, shapes: dict, seed: int, where: str,
+    row_names=(), shard: Any = None,
+) -> StateSpec:  # fmt: skip
+    """The states' storages; a row state of a sharded weight is sized (int8's small-state rule) by its
+    global shape and rounds with its global element indices (``shard``'s row offset)."""
+    row_names = tuple(n for n in names if n in row_names)
+    glob, offsets = {}, {}
+    for n in names:
+        shape = tuple(shapes[n])
+        glob[n] = shape
+        if shard is not None and n in row_names:
+            glob[n] = (shard.rows, *shape[1:])
+            offsets[n] = shard.row_offset * math.prod(shape[1:])
+    storages = {n: state_storage(prec, n, shapes[n], kinds.get(n, "other"), where, glob[n]) for n in names}
+    spec = StateSpec(
+        MappingProxyType(storages), MappingProxyType(dict(kinds)),
+        MappingProxyType({n: tuple(shapes[n]) for n in names}), seed, row_names,
+        MappingProxyType({n: o for n, o in offsets.items() if o}),
+    )  # fmt: skip
+    if shard is not None:
+        check_sharded_vectors(where, spec)
+    return spec
+
+
+def check_sharded_vectors(where: str, spec: StateSpec) -> None:
+    """Refuse an int8-quantized 1-D row state under FSDP2 (its contiguous blocks would straddle shards)."""
+    for n in spec.row_names:
+        stg, shape = spec.storages[n], spec.shapes[n]
+        if len(shape) == 1 and physical_precision(stg, shape) == "int8":
+            raise ValueError(
+                f"{where} is FSDP2-sharded; its state {n!r} is a vector, which int8 quantizes in "
+                "contiguous blocks that would straddle shard boundaries (row blocks need a 2-D state): "
+                "keep it full rank with state_precision='auto' or 'bf16' in its param group"
+            )
+
+
+def row_states(shapes: dict, other: dict) -> tuple[str, ...]:
+    """The states whose leading dim follows the weight's rows: those whose shape changes when the rows
+    do (``other``: the same program's states at one row more), not a guess from sizes."""
+    return tuple(n for n, s in shapes.items() if s and tuple(other.get(n, s))[:1] != tuple(s)[:1])

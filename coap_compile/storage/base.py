@@ -283,7 +283,8 @@ def get_storage(precision: str | StateStorage, **options: Any) -> StateStorage:
 
     Options: ``fp32``: ``dtype`` (float32 or float64); ``bf16``: ``rounding`` (``"nearest"`` or
     ``"stochastic"``, the default); ``int8``: ``quant_block_size`` (256), ``second_moment_map``
-    (``"unsigned"``), ``rounding`` (``"stochastic"``), ``min_numel`` (4096), ``style`` (``"decade"``).
+    (``"unsigned"``), ``rounding`` (``"stochastic"``), ``min_numel`` (4096), ``style`` (``"decade"``),
+    ``blocks`` (``"tiles"`` or ``"rows"``).
     An instance is returned as is (``options`` must then be empty).
     """
     if isinstance(precision, StateStorage):

@@ -69,6 +69,14 @@ Decisions (``benchmarks/storage_study.py``; 2-core CPU VM, torch 2.13):
   The 2-D blocks cost nothing against flat row-major 256-element blocks (1.95 % both).
 * Code map style ``"decade"`` (:data:`.codemap.DEFAULT_STYLE`; ``"log"``: 3.24 %).
 * Tensors with fewer than ``min_numel = 4096`` elements (norms, biases) stay float32 (< 16 KiB each).
+* **Block shape (issue 18): ``"tiles"`` stays the default, ``"rows"`` is opt-in and required under FSDP2.**
+  Measured (``storage_study.py int8``, ``benchmarks/results/precision/storage_blocks.json``; the tiny
+  LLaMA's 21 moment pairs after 200 fp32 COAP steps, r = 32): Adam-direction error 1.49 % with row blocks
+  (1×32 on the projected moments, 1×128 on the full-rank ones: 8.7 % scale bytes per element) against
+  2.16 % with 16×16 tiles (1.6 %) and 1.67 % with 8×8 tiles at B = 64 (6.3 %); heavy-tailed synthetic
+  moments 0.61 vs 0.74. Rows are more accurate per byte of scales, but for small ranks they cost more
+  bytes (r = 32: 1.125 B per element against 1.016), and the end-to-end comparison on ``bench quality``
+  (``coap-int8-rows`` vs ``coap-int8-tiles``) QUALITY_DECISION
 """
 
 from __future__ import annotations
