@@ -73,9 +73,9 @@ def projected_update_(
         x_proj = x_proj + x_extra
     stat_param = p if not program.decomposition.param_stats else p.to(dtype)
     olds = [io.load(n) for n in program.state_names]
-    if layout.row_reductions:  # FSDP2: the reductions over the rows are all-reduced (distributed.reductions)
-        decay, delta, *rest = layout.row_reductions.run(program.lowrank, stat_param, x_proj, *olds, k_t, lr_t,
-                                                        *hypers)  # fmt: skip
+    reductions = getattr(layout, "row_reductions", None)  # (a layout-like record may not have one)
+    if reductions:  # FSDP2: the reductions over the rows are all-reduced (distributed.reductions)
+        decay, delta, *rest = reductions.run(program.lowrank, stat_param, x_proj, *olds, k_t, lr_t, *hypers)
         new_states, new_step = list(rest[:-1]), rest[-1]
     else:
         decay, delta, new_states, new_step = run_lowrank(program, stat_param, x_proj, olds, k_t, lr_t, hypers)
