@@ -194,8 +194,16 @@ def llama(variants: list[str], steps: int = 500, seed: int = 0, moments: Path | 
 
 
 # ----------------------------------------------------------------------------------------- int8 choices
-def _q(x: torch.Tensor, signed: bool, style: str, floor: bool, flat: bool, block: int = 256) -> torch.Tensor:
-    lay = block_layout((x.numel(),) if flat else tuple(x.shape), block)
+def _q(
+    x: torch.Tensor,
+    signed: bool,
+    style: str,
+    floor: bool,
+    flat: bool,
+    block: int = 256,
+    blocks: str = "tiles",
+) -> torch.Tensor:
+    lay = block_layout((x.numel(),) if flat else tuple(x.shape), block, blocks)
     cm = code_map(signed, style)
     codes = torch.zeros(x.shape, dtype=cm.code_dtype)
     absmax = torch.zeros(lay.grid)
@@ -276,6 +284,24 @@ def _int8_table(pairs: list, t: int, dataset: str) -> dict:
             "scale_bytes_per_element": 4 / block,
         }
         print(f"{dataset:<12} block {block:<5} rel_l2_direction={math.sqrt(num / den):.4g}", flush=True)
+    for block in (64, 256):  # issue 18: 1×bw row blocks (FSDP2's layout) against the 16×16 tiles
+        num = den = 0.0
+        scales = elems = 0
+        for m, v, _ in pairs:
+            u = _direction(m, v, t)
+            uq = _direction(
+                _q(m, True, "decade", False, False, block, "rows"),
+                _q(v, False, "decade", True, False, block, "rows"), t,
+            )  # fmt: skip
+            num += (uq - u).pow(2).sum().item()
+            den += u.pow(2).sum().item()
+            scales += math.prod(block_layout(tuple(m.shape), block, "rows").grid)
+            elems += m.numel()
+        out[f"rows {block}"] = {
+            "rel_l2_direction": math.sqrt(num / den),
+            "scale_bytes_per_element": 4 * scales / elems,
+        }
+        print(f"{dataset:<12} rows {block:<5} rel_l2_direction={math.sqrt(num / den):.4g}", flush=True)
     bf = {"num": 0.0, "den": 0.0}
     for m, v, _ in pairs:
         u = _direction(m, v, t)

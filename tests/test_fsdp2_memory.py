@@ -141,7 +141,8 @@ def test_bad_world_size_and_refused_configurations_are_named():
         opt.memory_plan(world_size=0)
     with pytest.raises(ValueError, match=r"rank must be an int in \[0, world_size=4\), got 4"):
         opt.memory_plan(world_size=4, rank=4)
-    int8 = coap_compile.optimize(meta, torch.optim.AdamW, **COAP, state_precision="int8")
-    with pytest.raises(ValueError, match="'emb.weight'.*state_precision='int8' is not supported under FSDP2"):
-        int8.memory_plan(world_size=2)
+    tiles = {"state_precision": "int8", "quant_blocks": "tiles"}
+    int8 = coap_compile.optimize(meta, torch.optim.AdamW, **COAP, **tiles)
+    with pytest.raises(ValueError, match="'emb.weight'.*quant_blocks='tiles' is not supported under FSDP2"):
+        int8.memory_plan(world_size=2)  # tiles straddle shards; rows blocks: tests/test_fsdp2_int8.py
     assert int8.memory_plan().total_bytes > 0  # one process: int8 is fine

@@ -81,6 +81,7 @@ CONFIGS = {
     "bf16_rn": lambda kind: Bf16Storage("nearest"),
     "int8_sr": lambda kind: Int8Storage(min_numel=0),  # signed m, unsigned v
     "int8_rn": lambda kind: Int8Storage(rounding="nearest", min_numel=0),
+    "int8_rows_sr": lambda kind: Int8Storage(min_numel=0, blocks="rows"),  # 1×bw blocks (FSDP2's layout)
     "int8_signed_sr": lambda kind: Int8Storage(second_moment_map="signed", min_numel=0),
     "int8_signed_rn": lambda kind: Int8Storage(second_moment_map="signed", rounding="nearest", min_numel=0),
     "mixed_fp32_int8": lambda kind: FP32Storage() if kind == "first_moment" else Int8Storage(min_numel=0),
@@ -258,17 +259,22 @@ def test_variant_names_sources_and_ids():
     assert ops.register_variant(KernelVariant(ep, modes[0])) == ops.register_variant(ep, modes[0])
 
 
-def test_tiles_own_whole_blocks():
-    """BLOCK_R = min(max(next_pow2(r), 16), 128) and BLOCK_M = kernel_block_m are block multiples (all r)."""
+@pytest.mark.parametrize("blocks", ["tiles", "rows"])
+def test_tiles_own_whole_blocks(blocks):
+    """BLOCK_R = min(max(next_pow2(r), 16), 128) and BLOCK_M = kernel_block_m are block multiples (all r),
+    for bh×bw tiles and for 1×bw row blocks."""
     b = 16
     while b <= 4096:
         for r in range(1, 301):
-            lay = block_layout((7, r), b)
+            lay = block_layout((7, r), b, blocks)
             block_r = launch._pow2(r, 16, 128)
             for block_m in (16, 64):
-                bm = kernel_block_m(r, b, default=block_m)
+                bm = kernel_block_m(r, b, default=block_m, blocks=blocks)
                 assert bm % lay.bh == 0 and block_r % lay.bw == 0 and bm & (bm - 1) == 0, (b, r, block_m)
-            assert lay.bw * lay.bh == b and lay.bw <= 16
+            if blocks == "tiles":
+                assert lay.bw * lay.bh == b and lay.bw <= 16
+            else:
+                assert lay.bh == 1 and lay.bw == min(b, 1 << (r - 1).bit_length(), 128)
         b *= 2
 
 

@@ -120,15 +120,16 @@ CASES = [  # (M, r, quant_block_size): r below, at and above 16, not a power of 
 @pytest.mark.parametrize(("m", "r", "block"), CASES)
 @pytest.mark.parametrize("kind", ["first_moment", "second_moment"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_q8_kernel_matches_eager(mod, m, r, block, kind, rounding):
-    stg = Int8Storage(quant_block_size=block, rounding=rounding, min_numel=0)
+@pytest.mark.parametrize("blocks", ["tiles", "rows"])
+def test_q8_kernel_matches_eager(mod, m, r, block, kind, rounding, blocks):
+    stg = Int8Storage(quant_block_size=block, rounding=rounding, min_numel=0, blocks=blocks)
     gen = torch.Generator().manual_seed(m * 1000 + r)
     eager = stg.zeros("s", (m, r), "cpu", kind, seed=3)
     kern = {k: v.to(DEVICE, copy=True) for k, v in eager.items()}  # never aliases eager
-    lay = block_layout((m, r), block)
+    lay = block_layout((m, r), block, blocks)
     cm = stg.code_map_for(kind)
     tabs = cm.tables(DEVICE)
-    bm, br = kernel_block_m(r, block), _block_r(r)
+    bm, br = kernel_block_m(r, block, blocks=blocks), _block_r(r)
     square = kind == "second_moment"
     b, c = torch.tensor(0.9), torch.tensor(0.1)  # fp32 scalars, as the kernel receives them
     for step in range(4):  # the codes evolve; every step must agree

@@ -33,8 +33,20 @@ reduce-scatter. COAP keeps such a weight's update local on every shard:
   ``correlation="off"`` only skips the correlation steps (measured: 2 ranks equal the single-process
   rows reference to 1.5e-7 in the loss, 5.6e-7 in the weights after 9 steps).
   Flora (a seeded Gaussian ``P``, no data) needs no collective at all. GaLore (an exact SVD of ``X``),
-  DCT (column scores over all rows) and Tucker (mode products over the sharded ``C_out``) are refused,
-  naming the parameter and the policy.
+  DCT (column scores over all rows) and Tucker (below) are refused, naming the parameter and the policy.
+* **Tucker conv weights are refused** (issue 18: decided, not implemented). A ``C_out×C_in×kh×kw``
+  weight is sharded on ``C_out``; Tucker's refreshes need that whole mode: ``U0`` (``C_out×r0``) is
+  the top-``r0`` left singular vectors of the mode-0 unfolding ``G₍₀₎`` (``C_out × C_in·kh·kw``), the
+  HOOI sweep's mode-1 step contracts ``G ×₀ U0ᵀ`` over ``C_out``, and the core states ``r0×r1×kh×kw``
+  mix every row. What implementing it would take: ``U0`` row-sharded like a rows-side ``P`` (the same
+  randomized range finder over ``G₍₀₎``: :func:`~coap_compile.distributed.linalg.orthogonal_basis` with
+  its two ``r0×r0`` Gram all-reduces), the mode-1 and core products as local partial sums
+  all-reduced (``r0×C_in·kh·kw`` and ``r0×r1×kh×kw`` floats per step, i.e. one all-reduce of the
+  core-sized projected gradient every step, not only at refreshes), the core states replicated, the
+  correlation step's sums over ``C_out`` all-reduced, and a test against the single-process HOOI.
+  The every-step all-reduce of the projected gradient is what separates it from the matrix case
+  (whose ``X P`` contracts over the unsharded dim); conv weights large enough for Tucker are rare in
+  the FSDP2 models this targets, so they stay full rank (``conv_rank_ratio=None``) under FSDP2.
 * **States** of a sharded weight are DTensors with the weight's mesh and placements (global shape
   ``m×r``, local rows = the weight's local rows), as torch's AdamW states are under FSDP2, so
   ``torch.distributed.checkpoint`` saves, loads and reshards them. ``P`` is a DTensor too, sharded by
@@ -49,20 +61,30 @@ reduce-scatter. COAP keeps such a weight's update local on every shard:
   over the shard dim's group; every replica group sees the same (all-reduced) gradient bits, so ``P``
   is identical across replicas too. Other placements (``Shard(1)``, ``Partial``, tensor-parallel
   ``_StridedShard``, a 1-D ``Replicate()``) are refused with the placements named.
-* **Precision.** int8 states are refused: a quantization block (``quant_block_size`` elements, 2-D
-  16×16 tiles at 256) would straddle shard boundaries, so the sharded codes/scales would differ from
-  the single-process ones and from those of another mesh size. bf16 states are supported: the stream
-  ``[seed, counter]`` is replicated (every rank stores each state once per step), the random bits of
-  element ``i`` are those of its *local* row-major index, so a rank's rounding is deterministic and a
-  resume on the same mesh is bit-identical; it equals the single-process bits on rank 0's rows only
-  (the other shards use the same unbiased rounding with other bits).
+* **Precision** (issue 18). The rounding stream ``[seed, counter]`` of a bf16/int8 state is replicated
+  (every rank stores each state once per step) and a shard rounds element ``i`` with the bits of its
+  *global* row-major index (the layout's ``offsets``, :class:`~coap_compile.runtime.precision.StateIO`),
+  so the same values give the same bf16 bits and int8 codes as the single-process rows run, on every
+  mesh; a resume on any mesh continues the same stream. int8 needs ``quant_blocks="rows"``
+  (:mod:`coap_compile.storage.int8`: ``1×bw`` blocks inside a row, so a block never straddles a shard
+  and the scales ``<name>.absmax`` (``M×⌈r/bw⌉``) are row-sharded DTensors like the codes: DCP reshards
+  2 → 4 exactly); ``"tiles"`` (``bh×bw``) is refused, naming the parameter. "Small states stay
+  float32" (< 4096 elements) is decided on the *global* shape, never the shard's (torchao issue #4912:
+  precision that depends on the mesh), and an empty shard keeps the int8 keys. An int8-quantized 1-D
+  row state (a full-rank vector of ≥ 4096 elements with an explicit ``state_precision``) is refused:
+  its contiguous blocks would straddle shards. Sharded weights with bf16/int8 states run the eager
+  storage path (K1 draws rounding bits by local index).
 * **Settings agree across ranks**: the settings that decide the collectives are checked equal across
   each shard group at a plan's first step (one 8-byte digest all-gather: :mod:`.agreement`).
 * **check_finite** agrees across ranks: the local verdict is all-reduced (MIN of one int32 per mesh
   dim) before anything is modified, so either every rank steps or every rank raises.
-* **Bases.** The low-rank update must be shard-local: elementwise derived programs (AdamW, Adam,
-  SGD with momentum, RMSprop, Adagrad, …). Bases whose update has reductions over the weight or its
-  rows/columns (Adafactor's factored second moment, transformers Adafactor's RMS clipping) are refused.
+* **Bases.** Elementwise derived programs (AdamW, Adam, SGD with momentum, RMSprop, Adagrad, …) are
+  shard-local as they are. Bases whose low-rank update reduces over the rows or the weight (torch's
+  Adafactor, transformers' Adafactor: column statistics, the row factor's mean, the update RMS, RMS(W))
+  run with exactly those reductions all-reduced over the shard group
+  (:mod:`coap_compile.distributed.reductions`: ``4·(r + 3)`` bytes per weight and step; the column
+  factor stays a replicated plain tensor). A program that mixes rows otherwise is refused, naming the
+  op; a full-rank parameter with an explicit ``state_precision`` still needs an elementwise base.
 
 **Agreement with one process** is that of any reordering of the same arithmetic: on the test's tiny
 LM (well separated singular values) 2 and 4 ranks equal the rows reference to ≤ 7e-7 in the weights;
@@ -290,8 +312,9 @@ def shard_value(spec: ShardSpec, value: Tensor) -> Tensor:
 
 
 def check_sharded(
-    where: str, *, policy: Any, tucker: bool, states: str, shard_local: bool, base: str
-) -> None:
+    where: str, *, policy: Any, tucker: bool, states: str, shard_local: bool, base: str,
+    blocks: str = "rows",
+) -> None:  # fmt: skip
     """Refuse what cannot run on a row-sharded weight (module docstring), naming it (``where``: e.g.
     ``"parameter 'w' (param group 1)"``) and the remedy."""
     where = f"{where} is FSDP2-sharded;"
@@ -299,8 +322,13 @@ def check_sharded(
         base = f"{base} (full rank, state_precision={states!r})"
     if tucker:
         raise ValueError(
-            f"{where} Tucker projection of 4-D weights (conv_rank_ratio) is not supported under FSDP2 (its "
-            "mode products contract over the sharded C_out): set conv_rank_ratio=None or project=False"
+            f"{where} Tucker projection of 4-D weights (conv_rank_ratio, projection policy 'tucker', "
+            "TuckerPolicy) is not supported under FSDP2: its mode products contract over the sharded "
+            "C_out (the projection G ×₀ U0ᵀ at every step would need an all-reduce of the core-sized "
+            "projected gradient, and the HOOI refresh of U0 the whole mode-0 unfolding), and its core "
+            "moments r0×r1×kh×kw are not laid out by C_out rows (what implementing it would take: "
+            "coap_compile.distributed.fsdp's docstring); set conv_rank_ratio=None (full rank) or "
+            "project=False for this parameter"
         )
     if policy is not None and not policy.supports_sharding:
         raise ValueError(
@@ -308,17 +336,19 @@ def check_sharded(
             "FSDP2 use projection='coap' or 'flora' (GaLore needs an exact SVD of the whole gradient, DCT "
             "column scores over all rows)"
         )
-    if states == "int8":
+    if states == "int8" and blocks != "rows":
         raise ValueError(
-            f"{where} state_precision='int8' is not supported under FSDP2: a quantization block would "
-            "straddle shard boundaries (codes and scales would depend on the mesh size); use 'bf16' or 'fp32'"
+            f"{where} state_precision='int8' with quant_blocks={blocks!r} is not supported under FSDP2: a "
+            "bh×bw tile would straddle shard boundaries (codes and scales would depend on the mesh size); "
+            "use quant_blocks='rows' (1×bw blocks inside a row: the same codes on every mesh)"
         )
     if not shard_local:
         raise ValueError(
-            f"{where} the low-rank update of {base} has reductions over the weight (e.g. a factored "
-            "second moment or RMS clipping), which are not local to a row shard; under FSDP2 use an "
-            "elementwise base (AdamW, Adam, SGD with momentum, RMSprop), or for a full-rank parameter "
-            "state_precision='auto' (torch's own optimizer)"
+            f"{where} the update of {base} mixes the sharded rows in a way FSDP2 cannot run locally "
+            "(a full-rank update with reductions over the weight, or an op other than a pointwise op or "
+            "a mean/sum/amax reduction over the rows of a projected weight); under FSDP2 use a base whose "
+            "update is elementwise or factored (AdamW, Adam, SGD with momentum, RMSprop, Adafactor), or "
+            "for a full-rank parameter state_precision='auto' (torch's own optimizer)"
         )
 
 

@@ -33,7 +33,7 @@ What is read from ``TrainingArguments`` (the fields transformers' GaLore/APOLLO 
   :func:`coap_compile.runtime.selection.shortfall`, the check ``optimize()`` warns with.
 * ``optim_args``: ``"key=value,..."`` with the keys of :data:`OPTIM_ARGS` (``rank``, ``rank_ratio``,
   ``update_interval``, ``reproject_factor``, ``scale``, ``projection``, ``state_precision``,
-  ``projection_precision``, ``quant_block_size``), parsed strictly: an unknown
+  ``projection_precision``, ``quant_block_size``, ``quant_blocks``), parsed strictly: an unknown
   or repeated key, an entry without ``=`` or a bad value raises ``ValueError`` naming it (GaLore's
   ``update_proj_gap`` is refused with the COAP name to use). Defaults are :func:`coap_compile.optimize`'s.
 
@@ -109,6 +109,7 @@ OPTIM_ARGS: dict[str, type] = {
     "state_precision": str,
     "projection_precision": str,
     "quant_block_size": int,
+    "quant_blocks": str,
 }
 _RESERVED = {"layerwise": bool}
 _GALORE_NAMES = {"update_proj_gap": "update_interval", "proj_type": None, "scale_type": None, "proj": None}

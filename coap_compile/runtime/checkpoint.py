@@ -221,8 +221,8 @@ def _check_tensors(opt, p: Tensor, i: int, st: dict[str, Tensor]) -> None:
         if not io.keys_of(name):
             continue
         try:
-            if lay.shard is not None:  # row-sharded (DTensor) values: their finiteness only
-                value = load_any(st, name)
+            if lay.shard is not None:  # row-sharded (DTensor) values: their finiteness only, locally
+                value = load_any({k: fsdp.local(v) for k, v in st.items()}, name)
             elif io.matches(name):
                 storage.validate(st, name, spec.shapes[name], spec.kinds.get(name, "other"))
                 continue
@@ -325,6 +325,7 @@ def _restore(opt, p: Tensor, saved: dict[str, Tensor]) -> dict[str, Tensor]:
         return spec is not None and logical_name(k) in names and not is_replicated_key(k)
 
     if spec is not None:  # its local rows (a full plain tensor, e.g. a single-process checkpoint, is cut)
+        saved = _reblocked(saved, io, spec)
         saved = {k: fsdp.local(fsdp.shard_value(spec, v)) if row(k) else v for k, v in saved.items()}
     for name in names & set(logical_layout(saved)):
         probe = StateIO(saved, io.storages, io.kinds, io.seed, io.shapes)
@@ -337,6 +338,28 @@ def _restore(opt, p: Tensor, saved: dict[str, Tensor]) -> dict[str, Tensor]:
             out.update({k: v.to(p.device) for k, v in converted.items()})
     if spec is not None:
         out = {k: spec.wrap(v) if row(k) else v for k, v in out.items()}
+    return out
+
+
+def _reblocked(saved: dict[str, Tensor], io: StateIO, spec) -> dict[str, Tensor]:
+    """A whole (single-process) int8 state saved in a block layout a row shard cannot cut (16×16 tiles)
+    re-blocked into this optimizer's row blocks before it is cut (one quantization of its values, as
+    ``convert_state``; the rounding stream continues from the saved counter)."""
+    out = dict(saved)
+    for name, stg in io.storages.items():
+        if stg.name != "int8":
+            continue
+        codes, scales = saved.get(name + stg.value_suffix), saved.get(name + stg.scale_suffix)
+        if codes is None or scales is None or fsdp.is_dtensor(codes) or codes.ndim < 2:
+            continue
+        if codes.shape[0] != spec.rows or tuple(scales.shape) == stg.layout(codes.shape).grid:
+            continue
+        part = {k: v for k, v in saved.items() if logical_name(k) == name}
+        fresh = convert_state(part, name, stg, io.kinds.get(name, "other"), seed=io.seed)
+        rng = name + stg.rng_suffix
+        if rng in saved and rng in fresh:
+            fresh[rng] = saved[rng].clone()
+        out.update(fresh)
     return out
 
 

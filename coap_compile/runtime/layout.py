@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -44,12 +42,12 @@ from ..capture import CapturedUpdate, capture, init_states
 from ..capture.trace import adapter_for
 from ..compiler import CompiledBase, compile_base
 from ..distributed import fsdp
+from ..distributed.reductions import RowReductionError, RowReductions, plan_row_reductions
 from ..errors import UnsupportedOptimizerError
 from ..projection import LOCAL, ROWS, Comm, ProjectionPolicy, resolve_rank
 from ..projection.tucker import core_shape, is_tucker_candidate, tucker_ranks
-from ..storage import StateStorage
 from .inits import tucker_inits
-from .precision import Precision, StateIO, resolve_precision, state_storage
+from .precision import Precision, StateSpec, check_sharded_vectors, resolve_precision, row_states, state_spec
 from .selection import canonical_dims
 from .settings import EMA_KEY, CoapSettings
 
@@ -65,25 +63,6 @@ class Kind(enum.Enum):
     TUCKER = "Tucker-projected 4-D weight"
     TORCH = "full rank, torch's own optimizer"
     DERIVED = "full rank, the derived update with a storage precision"
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """The states a parameter's update reads and writes: their storages, compiler kinds and logical
-    shapes, and the rounding seed (a :class:`~.precision.StateIO` over a state dict via :meth:`io`)."""
-
-    storages: Mapping[str, StateStorage]
-    kinds: Mapping[str, str]
-    shapes: Mapping[str, tuple[int, ...]]
-    seed: int
-
-    def io(self, state: Any) -> StateIO:
-        return StateIO(state, self.storages, self.kinds, self.seed, self.shapes)
-
-    @property
-    def all_fp32(self) -> bool:
-        """Every state stored fp32 (what the fused K1 kernel and the grouped update read)."""
-        return all(stg.name == "fp32" for stg in self.storages.values())
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +88,9 @@ class ParamLayout:
     shard: fsdp.ShardSpec | None = None
     kernels: tuple[str, str] | None = None
     lowering: str = "eager"  # "inductor": the fused CPU lowering of the elementwise part (lowering.inductor)
+    #: an FSDP2 weight whose derived update reduces over its rows (Adafactor): those reductions, all-reduced
+    #: over the shard group (:mod:`coap_compile.distributed.reductions`); None when the update is local.
+    row_reductions: Any = None
     seed: int = 0
     ndim: int = 2  # of the program's states: 2 for matrices, 4 for Tucker cores, the weight's for full rank
     reason: str = ""
@@ -139,7 +121,7 @@ class ParamLayout:
         (:mod:`~coap_compile.distributed.agreement`)."""
         s, prec = self.settings, self.precision
         out = [("state_precision", prec.states), ("projection_precision", str(prec.proj_dtype)),
-               ("quant_block_size", prec.block), ("kind", self.kind.name),
+               ("quant_block_size", prec.block), ("quant_blocks", prec.blocks), ("kind", self.kind.name),
                ("rows", self.shard.rows if self.shard is not None else None)]  # fmt: skip
         if self.projected:
             side = "rows" if self.rows_side else ("columns" if self.transposed else "canonical")
@@ -206,23 +188,42 @@ def full_program(base: type, hyper: dict, dtype: torch.dtype, ndim: int) -> Comp
         return capture(base, hyper, dtype=dtype, ndim=ndim)
 
 
-def _spec(prec: Precision, names, kinds: dict, shapes: dict, seed: int, where: str) -> StateSpec:
-    storages = {n: state_storage(prec, n, shapes[n], kinds.get(n, "other"), where) for n in names}
-    return StateSpec(
-        MappingProxyType(storages), MappingProxyType(dict(kinds)),
-        MappingProxyType({n: tuple(shapes[n]) for n in names}), seed,
-    )  # fmt: skip
-
-
 def check_fsdp(lay: ParamLayout, base: type) -> None:
     """Refuse (ValueError naming the parameter) a layout that could not run FSDP2-sharded: the checks
     :func:`build_layout` runs on a DTensor, for a plain parameter's layout (the per-rank memory plan)."""
     if lay.kind is Kind.TORCH:
         return
     program = lay.program.program if isinstance(lay.program, CompiledBase) else None
+    local = _shard_local(program)
+    if lay.kind is Kind.MATRIX and not local:  # reductions over the rows are all-reduced, if that is all
+        local = _row_plan(lay.program, lay.rank, 3, lay.work_dtype, lay.where) is not None
     fsdp.check_sharded(lay.where, policy=lay.policy if lay.kind is Kind.MATRIX else None,
                        tucker=lay.kind is Kind.TUCKER, states=lay.precision.states,
-                       shard_local=_shard_local(program), base=base.__name__)  # fmt: skip
+                       shard_local=local, base=base.__name__,
+                       blocks=lay.precision.blocks)  # fmt: skip
+    if lay.states is not None:
+        check_sharded_vectors(lay.where, lay.states)
+
+
+def _row_plan(program: CompiledBase, rank: int, n: int, dtype: torch.dtype, where: str) -> tuple | None:
+    """The reductions over the rows of a projected program on a row shard (empty: elementwise, nothing to
+    all-reduce); None when the update cannot run on a row shard (an op that mixes rows otherwise)."""
+    prog = program.program
+    if _shard_local(prog):
+        return ()
+
+    def inputs(rows: int) -> list[Tensor]:
+        states = program.init_lowrank_states(rows, rank, dtype, "meta")
+        names = [nd.name for nd in prog.lowrank.graph.nodes if nd.op == "placeholder"]
+        scalars = [torch.empty((), dtype=torch.float64, device="meta") for _ in names[2 + len(states):]]
+        x = torch.empty((rows, rank), dtype=dtype, device="meta")
+        w = torch.empty((rows, n), dtype=dtype, device="meta")
+        return [w, x, *(states[s] for s in prog.state_names), *scalars]
+
+    try:
+        return plan_row_reductions(prog.lowrank, (), inputs)
+    except RowReductionError:
+        return None
 
 
 def _shard_local(program: Any) -> bool:
@@ -312,7 +313,7 @@ def _tucker(ctx: _Context, ranks: tuple[int, ...], policy: Any, program: Compile
     kinds.setdefault(EMA_KEY, "first_moment")
     inits = tucker_inits(program, policy, core_shape(p.shape, ranks), prec.work_dtype, "meta")
     shapes = {n: tuple(t.shape) for n, t in inits.items()}
-    states = _spec(prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where)
+    states = state_spec(prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where)
     return ParamLayout(**ctx.common, kind=Kind.TUCKER, ranks=ranks, policy=policy, program=program,
                        states=states, ndim=4)  # fmt: skip
 
@@ -323,11 +324,15 @@ def _matrix(
     """A projected matrix: ``M×r`` states (``coap_exp_avg`` too for a first-moment-less base under a policy
     that reads one); an FSDP2 weight gets its shard spec after the sharding checks."""
     p, prec = ctx.p, ctx.prec
-    shard = None
+    shard = reductions = None
     if fsdp.is_dtensor(p):
+        plan = _row_plan(program, rank, p.shape[1], prec.work_dtype, ctx.where)
         fsdp.check_sharded(ctx.where, policy=policy, tucker=False, states=prec.states,
-                           shard_local=_shard_local(program.program), base=ctx.base.__name__)  # fmt: skip
+                           shard_local=plan is not None, base=ctx.base.__name__,
+                           blocks=prec.blocks)  # fmt: skip
         shard = fsdp.shard_spec(p, ctx.where)
+        if plan:
+            reductions = RowReductions(plan, shard.rows, shard.group)
     kinds = dict(program.program.state_kinds)
     names = list(program.program.state_names)
     if program.program.first_moment is None and policy.needs_first_moment:
@@ -337,10 +342,14 @@ def _matrix(
     inits = program.init_lowrank_states(rows, rank, prec.work_dtype, "meta")
     shapes = {n: tuple(t.shape) for n, t in inits.items()}
     shapes[EMA_KEY] = (rows, rank)
-    states = _spec(prec, names, kinds, shapes, ctx.common["seed"], ctx.where)
+    more = program.init_lowrank_states(rows + 1, rank, prec.work_dtype, "meta")
+    row_names = (*row_states(shapes, {n: tuple(t.shape) for n, t in more.items()}), EMA_KEY)
+    states = state_spec(prec, names, kinds, shapes, ctx.common["seed"], ctx.where, row_names, shard)
+    if shard is not None and not states.all_fp32:
+        kernels = None  # K1 draws rounding bits by local index: a shard's bf16/int8 stores run eagerly
     return ParamLayout(
         **ctx.common, kind=Kind.MATRIX, rank=rank, transposed=transposed, rows_side=rows_side, policy=policy,
-        program=program, states=states, shard=shard, kernels=kernels, ndim=2,
+        program=program, states=states, shard=shard, kernels=kernels, ndim=2, row_reductions=reductions,
     )  # fmt: skip
 
 
@@ -358,13 +367,17 @@ def _full_rank(ctx: _Context, reason: str, stateless: CompiledBase | None = None
     kinds = dict(program.program.state_kinds) if isinstance(program, CompiledBase) else {}
     like = torch.empty(p.shape, dtype=captured.dtype, device="meta")
     shapes = {n: tuple(t.shape) for n, t in init_states(captured, like).items()}
+    more = torch.empty((p.shape[0] + 1, *p.shape[1:]) if p.ndim else (), dtype=captured.dtype, device="meta")
+    row_names = row_states(shapes, {n: tuple(t.shape) for n, t in init_states(captured, more).items()})
     shard = None
     if fsdp.is_dtensor(p):  # its own update on the local shard: only if elementwise
         prog = program.program if isinstance(program, CompiledBase) else None
         fsdp.check_sharded(ctx.where, policy=None, tucker=False, states=prec.states,
-                           shard_local=_shard_local(prog), base=ctx.base.__name__)  # fmt: skip
+                           shard_local=_shard_local(prog), base=ctx.base.__name__,
+                           blocks=prec.blocks)  # fmt: skip
         shard = fsdp.shard_spec(p, ctx.where, matrix=False)
-    states = _spec(prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where)
+    states = state_spec(  # (a full-rank spec's shapes are the global ones)
+        prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where, row_names, shard)
     return ParamLayout(
         **ctx.common, kind=Kind.DERIVED, program=program, ndim=p.ndim, states=states, shard=shard,
         reason=reason,

@@ -176,9 +176,9 @@ def plan_memory(opt, *, world_size: int | None = None, rank: int = 0, strict: bo
     ranks (``fully_shard``: dim 0 cut by ``torch.chunk``; for HSDP, ``W`` is the shard dim's size),
     from shapes alone (meta models work): projected weights on the rows side (``P`` ``n×r`` in full,
     states ``M_k×r``), full-rank states at the local shard's shape, torch's own optimizer on the local
-    shard as ``base_bytes``. What FSDP2 refuses (int8 states, Tucker, GaLore/DCT, non-elementwise bases)
+    shard as ``base_bytes``. What FSDP2 refuses (int8 tiles, Tucker, GaLore/DCT, bases mixing rows)
     raises the same ValueError the sharded optimizer would (``strict=False``: planned anyway by the same
-    closed form at the local shard's shape, e.g. int8 states while FSDP2 refuses them). A sharded ``P``
+    closed form at the local shard's shape). A sharded ``P``
     (``projection_sharding="sharded"``, the default) counts this rank's ``torch.chunk`` rows of ``n``;
     the full ``n×r`` gathered for a weight's step is its row's ``transient_bytes`` (the plan's
     ``transient_bytes``: the largest, one weight at a time). Without ``world_size``, an FSDP2-sharded
@@ -228,14 +228,10 @@ def _state_detail(p, lay, here: int | None, rows_side: bool, shared: dict) -> tu
     """Bytes per state key of one COAP-updated parameter (``here``: its rows on this rank, module
     docstring), and its rank (0: full rank)."""
     spec, shape = lay.states, tuple(p.shape)
-    if lay.kind is Kind.MATRIX:
-        full_rows = canonical_dims(fsdp.local(p).shape, lay.transposed)[0]  # the rows of the spec's shapes
-    else:
-        full_rows = shape[0] if shape else None  # a full-rank spec has the parameter's (global) shape
     detail = {}
     for n, stg in spec.storages.items():
         s_ = spec.shapes[n]
-        if here is not None and s_ and s_[0] == full_rows:  # a row state: this rank's rows
+        if here is not None and n in spec.row_names:  # a row state: this rank's rows (not Adafactor's col)
             s_ = (here, *s_[1:])
         detail[n] = stg.nbytes(s_, spec.kinds.get(n, "other"))
     detail["step"] = 4

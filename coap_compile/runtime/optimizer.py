@@ -89,9 +89,9 @@ class CoapOptimizer(torch.optim.Optimizer):
             of :class:`~.settings.CoapSettings`, validated like the keyword arguments).
         base_optim: the ``torch.optim.Optimizer`` subclass whose update is compiled.
         rank, rank_ratio, update_interval, reproject_factor, scale, restore_state, first_moment_beta,
-            correlation, state_precision, projection_precision, quant_block_size, conv_rank_ratio,
-            projection_side, projection_sharding: COAP's settings, :class:`~.settings.CoapSettings`
-            (defaults and rules there).
+            correlation, state_precision, projection_precision, quant_block_size, quant_blocks,
+            conv_rank_ratio, projection_side, projection_sharding: COAP's settings,
+            :class:`~.settings.CoapSettings` (defaults and rules there).
         projection: a policy name, or a ProjectionPolicy instance (then every group uses it).
         conv_policy: a :class:`~coap_compile.projection.tucker.TuckerPolicy` instance for Tucker-projected
             weights (default: one with the group's ``update_interval``, ``reproject_factor``,
@@ -120,6 +120,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         state_precision: str = _D.state_precision,
         projection_precision: str = _D.projection_precision,
         quant_block_size: int = _D.quant_block_size,
+        quant_blocks: str = _D.quant_blocks,
         conv_rank_ratio: float | None = _D.conv_rank_ratio,
         projection_side: str = _D.projection_side,
         projection_sharding: str = _D.projection_sharding,
@@ -142,7 +143,7 @@ class CoapOptimizer(torch.optim.Optimizer):
             update_interval=update_interval, reproject_factor=reproject_factor, scale=scale,
             restore_state=restore_state, first_moment_beta=first_moment_beta, correlation=correlation,
             state_precision=state_precision, projection_precision=projection_precision,
-            quant_block_size=quant_block_size, conv_rank_ratio=conv_rank_ratio,
+            quant_block_size=quant_block_size, quant_blocks=quant_blocks, conv_rank_ratio=conv_rank_ratio,
             projection_side=projection_side, projection_sharding=projection_sharding, basis=basis,
         )  # fmt: skip
         options = OptimizerOptions(backend, check_finite, grouped, input_precision)
@@ -195,7 +196,7 @@ class CoapOptimizer(torch.optim.Optimizer):
         if lay.shard is not None:
             from ..distributed import fsdp
 
-            state = fsdp.ShardedState(state, lay.shard, tuple(lay.states.storages))
+            state = fsdp.ShardedState(state, lay.shard, lay.states.row_names)
         return lay.states.io(state)
 
     def step_count(self, p: Tensor) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 from ..projection import POLICIES, ProjectionPolicy, get_policy
 from ..projection.coap import DEFAULT_BASIS, REPROJECT_FACTOR, UPDATE_INTERVAL
 from ..projection.linalg import BASES
-from ..storage.int8 import DEFAULT_BLOCK_SIZE, check_block_size
+from ..storage.int8 import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCKS, check_block_size, check_blocks
 
 __all__ = [
     "BACKENDS",
@@ -93,7 +93,8 @@ class CoapSettings:
         restore_state: map the moments into the new basis when ``P`` changes.
         first_moment_beta: EMA rate of ``coap_exp_avg`` (bases without a first moment).
         correlation: ``"paper"``, ``"normalized"`` or ``"off"`` (:mod:`coap_compile.projection.correlation`).
-        state_precision / projection_precision / quant_block_size: storage (:mod:`.precision`).
+        state_precision / projection_precision / quant_block_size / quant_blocks: storage
+            (:mod:`.precision`; ``quant_blocks``: int8 block shape, ``"rows"`` or ``"tiles"``).
         conv_rank_ratio: Tucker-project large 4-D convolution weights (None: full rank).
         projection_side: ``"auto"`` or ``"rows"`` (:data:`PROJECTION_SIDES`).
         projection_sharding: ``"sharded"`` or ``"replicated"`` (:data:`PROJECTION_SHARDINGS`): ``P`` of an
@@ -117,6 +118,7 @@ class CoapSettings:
     state_precision: str = "auto"
     projection_precision: str = "auto"
     quant_block_size: int = DEFAULT_BLOCK_SIZE
+    quant_blocks: str = DEFAULT_BLOCKS
     conv_rank_ratio: float | None = None
     projection_side: str = "auto"
     projection_sharding: str = "sharded"
@@ -151,6 +153,7 @@ class CoapSettings:
         _one_of("state_precision", self.state_precision, STATE_PRECISIONS)
         _one_of("projection_precision", self.projection_precision, PROJECTION_PRECISIONS)
         check_block_size(self.quant_block_size)  # "quant_block_size must be a power of two in [16, 4096] …"
+        check_blocks(self.quant_blocks)  # "quant_blocks must be one of ('rows', 'tiles'), got …"
         ratio = self.conv_rank_ratio
         if ratio is not None and (
             isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio > 0

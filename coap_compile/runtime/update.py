@@ -93,9 +93,13 @@ def projected_update_(
         state["step"].copy_(new_step.reshape(()))
         return
     stat_param = p if not program.decomposition.param_stats else p.to(dtype)
-    decay, delta, new_states, new_step = run_lowrank(
-        program, stat_param, x_proj, [io.load(n) for n in program.state_names], k_t, lr_t, hypers
-    )
+    olds = [io.load(n) for n in program.state_names]
+    reductions = getattr(layout, "row_reductions", None)  # (a layout-like record may not have one)
+    if reductions:  # FSDP2: the reductions over the rows are all-reduced (distributed.reductions)
+        decay, delta, *rest = reductions.run(program.lowrank, stat_param, x_proj, *olds, k_t, lr_t, *hypers)
+        new_states, new_step = list(rest[:-1]), rest[-1]
+    else:
+        decay, delta, new_states, new_step = run_lowrank(program, stat_param, x_proj, olds, k_t, lr_t, hypers)
     if kernels:  # low-rank middle ran eagerly (reductions); the reprojection is the K2 kernel
         reproject_update_(
             p, delta, proj, decay, scale,

@@ -28,7 +28,15 @@ from .base import (
 )
 from .bf16 import Bf16Storage
 from .codemap import CodeMap, code_map
-from .int8 import BlockLayout, Int8Storage, block_layout, check_block_size, kernel_block_m
+from .int8 import (
+    BLOCK_SHAPES,
+    BlockLayout,
+    Int8Storage,
+    block_layout,
+    check_block_size,
+    check_blocks,
+    kernel_block_m,
+)
 
 __all__ = [
     "KINDS",
@@ -38,7 +46,9 @@ __all__ = [
     "FP32Storage",
     "Int8Storage",
     "StateStorage",
+    "BLOCK_SHAPES",
     "block_layout",
+    "check_blocks",
     "check_block_size",
     "check_kind",
     "code_map",

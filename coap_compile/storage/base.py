@@ -170,8 +170,10 @@ class StateStorage(ABC):
         """The float32 value of state ``name``."""
 
     @abstractmethod
-    def store_(self, stored: dict[str, Tensor], name: str, value: Tensor) -> None:
-        """Write ``value`` into the existing tensors of state ``name`` (rounded/quantized)."""
+    def store_(self, stored: dict[str, Tensor], name: str, value: Tensor, *, start: int = 0) -> None:
+        """Write ``value`` into the existing tensors of state ``name`` (rounded/quantized). ``start``:
+        the stochastic-rounding index of ``value``'s first element (its global row-major index when
+        ``value`` is a row shard of a larger state, so a shard draws the whole state's bits; 0 otherwise)."""
 
     @abstractmethod
     def nbytes(self, shape: Sequence[int], kind: str = "other") -> int:
@@ -209,11 +211,15 @@ class StateStorage(ABC):
                 raise ValueError(f"{key!r} holds inf/NaN")
 
     def from_value(
-        self, name: str, value: Tensor, kind: str = "other", *, seed: int = 0
+        self, name: str, value: Tensor, kind: str = "other", *, seed: int = 0, start: int = 0
     ) -> dict[str, Tensor]:
-        """A new state holding ``value`` (``zeros`` + ``store_``): one rounding/quantization of ``value``."""
+        """A new state holding ``value`` (``zeros`` + ``store_``): one rounding/quantization of ``value``
+        (``start``: as for :meth:`store_`)."""
         stored = self.zeros(name, tuple(value.shape), value.device, kind, seed=seed)
-        self.store_(stored, name, value)
+        if start:
+            self.store_(stored, name, value, start=start)
+        else:
+            self.store_(stored, name, value)
         return stored
 
     def __repr__(self) -> str:
@@ -277,7 +283,8 @@ def get_storage(precision: str | StateStorage, **options: Any) -> StateStorage:
 
     Options: ``fp32``: ``dtype`` (float32 or float64); ``bf16``: ``rounding`` (``"nearest"`` or
     ``"stochastic"``, the default); ``int8``: ``quant_block_size`` (256), ``second_moment_map``
-    (``"unsigned"``), ``rounding`` (``"stochastic"``), ``min_numel`` (4096), ``style`` (``"decade"``).
+    (``"unsigned"``), ``rounding`` (``"stochastic"``), ``min_numel`` (4096), ``style`` (``"decade"``),
+    ``blocks`` (``"tiles"`` or ``"rows"``).
     An instance is returned as is (``options`` must then be empty).
     """
     if isinstance(precision, StateStorage):
@@ -410,7 +417,7 @@ class FP32Storage(StateStorage):
             raise ValueError(f"fp32 state {name!r} has dtype {t.dtype}, this storage holds {self.dtype}")
         return t
 
-    def store_(self, stored, name, value):
+    def store_(self, stored, name, value, *, start=0):
         t = _get(stored, name, "fp32")
         _check_value(name, value, t)
         if value is not t:

@@ -107,7 +107,7 @@ class Bf16Storage(StateStorage):
             raise ValueError(f"bf16 state {name!r} has dtype {t.dtype}")
         return t.float()
 
-    def store_(self, stored, name, value):
+    def store_(self, stored, name, value, *, start=0):
         t = _get(stored, name, "bf16")
         _check_value(name, value, t)
         if not self.stochastic:
@@ -119,7 +119,7 @@ class Bf16Storage(StateStorage):
         n = flat.numel()
         for lo in range(0, n, CHUNK):
             hi = min(n, lo + CHUNK)
-            bits = random_bits(key, hi - lo, t.device, start=lo)
+            bits = random_bits(key, hi - lo, t.device, start=start + lo)
             flat[lo:hi] = round_bf16_stochastic(src[lo:hi].contiguous(), bits)
         rng[1].add_(1)
 

@@ -11,9 +11,19 @@ map), and ``<name>.absmax``: float32 ``(⌈R/bh⌉, ⌈C/bw⌉)``, row-major. So
 
     nbytes = |S| + 4·⌈R/bh⌉·⌈C/bw⌉        (e.g. M×r, r ≥ 16, B = 256: M·r + 4·⌈M/16⌉·⌈r/16⌉ ≈ 1.016·M·r)
 
-The block size is not stored: ``(S, absmax.shape)`` determines the partition (:func:`infer_layout`), so
-any ``Int8Storage`` loads and updates a state written with another ``quant_block_size`` in its own layout
-(``convert_state`` re-blocks it).
+**Row blocks** (``blocks="rows"``, the ``quant_blocks`` setting; issue 18): a state of ``ndim ≥ 2`` is cut
+into ``1×bw`` blocks inside each row of the same ``R×C`` view, ``bw = min(B, next_pow2(C), 128)`` (128:
+K1's largest ``BLOCK_R``), so ``absmax`` is ``(R, ⌈C/bw⌉)`` and ``nbytes = |S| + 4·R·⌈C/bw⌉`` (M×r,
+r = 32: ``1.125·M·r``; r ≥ 128: ``≈ 1.03·M·r``). No block spans two rows, so a row shard (FSDP2's
+``torch.chunk`` of the rows) holds whole blocks and its scales are its own rows of ``absmax``: the
+codes and scales of a shard are those of the whole state on every mesh (with the global rounding
+index, ``quantize_``'s ``start``) and DCP reshards them exactly. Vectors and scalars keep the tiles
+layout (contiguous blocks of ``B``). ``bh = 1`` divides every ``BLOCK_M`` and ``bw | BLOCK_R``, so K1's
+tiles own whole blocks in this layout too (``tests/test_kernels_storage.py``).
+
+The block size and shape are not stored: ``(S, absmax.shape)`` determines the partition
+(:func:`infer_layout`), so any ``Int8Storage`` loads and updates a state written with another
+``quant_block_size`` or block shape in its own layout (``convert_state`` re-blocks it).
 
 Vectors get contiguous 1-D blocks of ``B`` (``bw = 1``). **Kernel tiles own whole blocks:** K1's tile is
 ``BLOCK_M × BLOCK_R`` of the row-major M×r state with ``BLOCK_R = min(max(next_pow2(r), 16), 128)`` and
@@ -59,6 +69,20 @@ Decisions (``benchmarks/storage_study.py``; 2-core CPU VM, torch 2.13):
   The 2-D blocks cost nothing against flat row-major 256-element blocks (1.95 % both).
 * Code map style ``"decade"`` (:data:`.codemap.DEFAULT_STYLE`; ``"log"``: 3.24 %).
 * Tensors with fewer than ``min_numel = 4096`` elements (norms, biases) stay float32 (< 16 KiB each).
+* **Block shape (issue 18): ``"tiles"`` stays the default, ``"rows"`` is opt-in and required under FSDP2.**
+  Measured (``storage_study.py int8``, ``benchmarks/results/precision/storage_blocks.json``; the tiny
+  LLaMA's 21 moment pairs after 200 fp32 COAP steps, r = 32): Adam-direction error 1.49 % with row blocks
+  (1×32 on the projected moments, 1×128 on the full-rank ones: 8.7 % scale bytes per element) against
+  2.16 % with 16×16 tiles (1.6 %) and 1.67 % with 8×8 tiles at B = 64 (6.3 %); heavy-tailed synthetic
+  moments 0.61 vs 0.74. Rows are more accurate per byte of scales, but for small ranks they cost more
+  bytes (r = 32: 1.125 B per element against 1.016), and the end-to-end comparison on ``bench quality``
+  (``benchmarks/results/precision/quality_blocks.json``: ``--dim 128 --layers 2 --seq-len 64 --steps 200
+  --seeds 0,1``, final validation loss) puts them level: fp32 COAP 2.2565 ± 0.0275, int8 rows 2.2498 ±
+  0.0310, int8 tiles 2.2537 ± 0.0264 (per seed rows 2.2278 / 2.2717, tiles 2.2350 / 2.2723), states
+  0.676 vs 0.639 MiB. Rows are as good (better per seed, within the seed spread) for 6 % more state bytes
+  at r = 32, so rows are the better default; the switch is not made in this change because it
+  re-records every single-process int8 golden (24 entries) and the tiles-based oracle tests, which did
+  not fit the session. Rows are what FSDP2 requires.
 """
 
 from __future__ import annotations
@@ -75,12 +99,15 @@ from .codemap import DEFAULT_STYLE, STYLES, CodeMap, code_map
 from .rng import RNG_SUFFIX, mix_seed, random_bits, stream_key_tensor
 
 __all__ = [
+    "BLOCK_SHAPES",
     "CHUNK",
+    "DEFAULT_BLOCKS",
     "DEFAULT_BLOCK_SIZE",
     "BlockLayout",
     "Int8Storage",
     "block_layout",
     "check_block_size",
+    "check_blocks",
     "dequantize",
     "infer_layout",
     "kernel_block_m",
@@ -90,6 +117,11 @@ __all__ = [
 DEFAULT_BLOCK_SIZE = 256
 MAX_BLOCK_SIZE = 4096
 MAX_BLOCK_W = 16
+#: ``"rows"``: 1×bw blocks inside one row of the R×C view; ``"tiles"``: bh×bw tiles, bw ≤ 16 (docstring).
+BLOCK_SHAPES = ("rows", "tiles")
+DEFAULT_BLOCKS = "tiles"
+#: the widest row block: K1's largest ``BLOCK_R`` (a tile must own whole blocks).
+MAX_ROW_BW = 128
 #: elements per slab of the eager quantizer (bounds its temporaries).
 CHUNK = 1 << 22
 SECOND_MOMENT_MAPS = ("unsigned", "signed")
@@ -111,6 +143,13 @@ def check_block_size(quant_block_size: object) -> int:
             f"sub-tiles of the kernel's power-of-two tiles), got {b!r}"
         )
     return b
+
+
+def check_blocks(blocks: object) -> str:
+    """``blocks`` if it is one of :data:`BLOCK_SHAPES`, else a ValueError naming it."""
+    if not isinstance(blocks, str) or blocks not in BLOCK_SHAPES:
+        raise ValueError(f"quant_blocks must be one of {BLOCK_SHAPES}, got {blocks!r}")
+    return blocks
 
 
 def _next_pow2(n: int) -> int:
@@ -137,35 +176,49 @@ class BlockLayout:
         return self.rows * self.cols + 4 * g[0] * g[1]
 
 
-def block_layout(shape: Sequence[int], quant_block_size: int = DEFAULT_BLOCK_SIZE) -> BlockLayout:
-    """The :class:`BlockLayout` of a state of ``shape`` (module docstring)."""
+def block_layout(
+    shape: Sequence[int], quant_block_size: int = DEFAULT_BLOCK_SIZE, blocks: str = DEFAULT_BLOCKS
+) -> BlockLayout:
+    """The :class:`BlockLayout` of a state of ``shape`` (module docstring): ``blocks="rows"`` gives a
+    ≥ 2-D state ``1×min(B, next_pow2(C), 128)`` blocks; vectors and scalars are laid out as with tiles."""
     b = check_block_size(quant_block_size)
     dims = _check_shape(shape)
     if len(dims) >= 2:
         cols = dims[-1]
         rows = math.prod(dims[:-1])
+        if check_blocks(blocks) == "rows":
+            return BlockLayout(rows, cols, 1, min(b, _next_pow2(cols), MAX_ROW_BW))
     else:
         rows, cols = (dims[0], 1) if dims else (1, 1)
     bw = min(MAX_BLOCK_W, _next_pow2(cols))
     return BlockLayout(rows, cols, b // bw, bw)
 
 
-def infer_layout(shape: Sequence[int], grid: tuple[int, ...]) -> BlockLayout | None:
+def infer_layout(
+    shape: Sequence[int], grid: tuple[int, ...], prefer: str = DEFAULT_BLOCKS
+) -> BlockLayout | None:
     """The layout a stored state was written with, from its code shape and ``absmax`` grid (None if no
-    block size fits). Unique: the partition is fixed by ``bw`` (from the shape) and ``⌈R/bh⌉``, and two
-    powers of two ``bh`` give the same ``⌈R/bh⌉`` only when both are ≥ R, i.e. the same single block row."""
-    b = 16
-    while b <= MAX_BLOCK_SIZE:
-        lay = block_layout(shape, b)
-        if lay.grid == tuple(grid):
-            return lay
-        b *= 2
+    block shape and size fits; ``prefer``'s shape is tried first). Unique: within one shape the partition
+    is fixed by the grid (tiles: ``bw`` from the shape and ``⌈R/bh⌉``, two powers of two ``bh`` giving
+    the same ``⌈R/bh⌉`` only when both are ≥ R, i.e. one block row; rows: ``bh = 1`` and ``⌈C/bw⌉``,
+    distinct for the powers of two ``bw ≤ next_pow2(C)``). Across shapes a rows grid ``(R, ·)`` equals a
+    tiles grid ``(⌈R/bh⌉, ·)`` for ``R > 1`` only when ``bh = 1`` (tiles of 1×16 at B = 16), and then
+    both are 1×16 blocks: one grid, one partition."""
+    for style in (prefer, *(x for x in BLOCK_SHAPES if x != prefer)):
+        b = 16
+        while b <= MAX_BLOCK_SIZE:
+            lay = block_layout(shape, b, style)
+            if lay.grid == tuple(grid):
+                return lay
+            b *= 2
     return None
 
 
-def kernel_block_m(r: int, quant_block_size: int = DEFAULT_BLOCK_SIZE, default: int = 64) -> int:
+def kernel_block_m(
+    r: int, quant_block_size: int = DEFAULT_BLOCK_SIZE, default: int = 64, blocks: str = DEFAULT_BLOCKS
+) -> int:
     """The K1 ``BLOCK_M`` for an M×r int8 state: ``max(default, bh)`` (a tile must own whole blocks)."""
-    return max(default, block_layout((2, r), quant_block_size).bh)
+    return max(default, block_layout((2, r), quant_block_size, blocks).bh)
 
 
 def _slab_rows(lay: BlockLayout) -> int:
@@ -220,11 +273,12 @@ def _quantize_slab(
 
 def quantize_(
     x: Tensor, codes: Tensor, absmax: Tensor, lay: BlockLayout, cm: CodeMap, *, floor: bool = False,
-    key: Tensor | int | None = None,
+    key: Tensor | int | None = None, start: int = 0,
 ) -> None:  # fmt: skip
     """Quantize float32 ``x`` into the existing ``codes`` (``x``'s shape) and ``absmax`` (``lay.grid``);
     ``key`` (:func:`.rng.stream_key_tensor` of the state's ``[seed, counter]``) selects stochastic
-    rounding."""
+    rounding; ``start``: the rounding index of ``x``'s first element (its global row-major index when
+    ``x`` is a row shard, so a shard draws the bits the whole state would)."""
     x2 = x.reshape(lay.rows, lay.cols).float()
     c2 = codes.view(lay.rows, lay.cols)
     step = _slab_rows(lay)
@@ -232,7 +286,7 @@ def quantize_(
         xs = x2[r0 : r0 + step]
         bits = None
         if key is not None:
-            bits = random_bits(key, xs.numel(), x.device, start=r0 * lay.cols).view(xs.shape)
+            bits = random_bits(key, xs.numel(), x.device, start=start + r0 * lay.cols).view(xs.shape)
         q, a = _quantize_slab(xs, lay.bh, lay.bw, cm, floor, bits)
         c2[r0 : r0 + step] = q.to(codes.dtype)
         absmax[r0 // lay.bh : r0 // lay.bh + a.shape[0]] = a
@@ -263,6 +317,8 @@ class Int8Storage(StateStorage):
         rounding: ``"stochastic"`` (default; adds ``<name>.rng``, int64 ``[seed, counter]``) or ``"nearest"``.
         min_numel: tensors with fewer elements are stored float32 (default 4096; 0 quantizes everything).
         style: code map construction, ``"decade"`` or ``"log"`` (:mod:`.codemap`).
+        blocks: block shape, ``"rows"`` (1×bw inside a row: shard-local, any mesh) or ``"tiles"``
+            (bh×bw, bw ≤ 16); a state written with the other shape loads and updates in its own layout.
     """
 
     name = "int8"
@@ -293,8 +349,10 @@ class Int8Storage(StateStorage):
         rounding: str = DEFAULT_ROUNDING,
         min_numel: int = 4096,
         style: str = DEFAULT_STYLE,
+        blocks: str = DEFAULT_BLOCKS,
     ):
         self.quant_block_size = check_block_size(quant_block_size)
+        self.blocks = check_blocks(blocks)
         if second_moment_map not in SECOND_MOMENT_MAPS:
             raise ValueError(
                 f"second_moment_map must be one of {SECOND_MOMENT_MAPS}, got {second_moment_map!r}"
@@ -329,11 +387,13 @@ class Int8Storage(StateStorage):
         return code_map(not unsigned, self.style)
 
     def layout(self, shape: Sequence[int]) -> BlockLayout:
-        return block_layout(shape, self.quant_block_size)
+        return block_layout(shape, self.quant_block_size, self.blocks)
 
     def quantized(self, shape: Sequence[int]) -> bool:
-        """Whether a state of ``shape`` is 8-bit (``numel ≥ min_numel``) rather than float32."""
-        return numel(_check_shape(shape)) >= max(1, self.min_numel)
+        """Whether a state of ``shape`` is 8-bit (``numel ≥ min_numel``) rather than float32. With
+        ``min_numel = 0`` every state is, empty ones too (an empty FSDP2 shard keeps the int8 keys of
+        the other ranks: the layout does not depend on the mesh)."""
+        return numel(_check_shape(shape)) >= self.min_numel
 
     def zeros(self, name, shape, device=None, kind="other", *, seed=0):
         self._kind(name, kind)
@@ -353,8 +413,24 @@ class Int8Storage(StateStorage):
 
     def validate(self, stored, name, shape, kind="other"):
         """The base rules (codes, scales and rounding stream present with their dtypes and shapes), and
-        scales ``≥ 0`` (an absmax), a rounding counter ``≥ 0``."""
-        super().validate(stored, name, shape, kind)
+        scales ``≥ 0`` (an absmax), a rounding counter ``≥ 0``. Scales written with another block size or
+        shape (a 16×16-tiles checkpoint loaded with row blocks) are accepted in the layout they were
+        written with (:func:`infer_layout`): ``load``/``store_`` keep using it."""
+        key = name + self.scale_suffix
+        scales, codes = stored.get(key), stored.get(name + self.value_suffix)
+        if isinstance(scales, Tensor) and isinstance(codes, Tensor) and tuple(codes.shape) == tuple(shape):
+            grid = self.layout(tuple(shape)).grid
+            theirs = tuple(scales.shape)
+            if theirs != grid and infer_layout(tuple(shape), theirs, self.blocks) is not None:
+                if scales.dtype != torch.float32 or not bool(torch.isfinite(scales).all()):
+                    raise ValueError(f"{key!r} must be finite float32 block scales, got {scales.dtype}")
+                stored = {**stored, key: torch.zeros(grid, dtype=torch.float32, device=scales.device)}
+                super().validate(stored, name, shape, kind)
+                stored = {**stored, key: scales}
+            else:
+                super().validate(stored, name, shape, kind)
+        else:
+            super().validate(stored, name, shape, kind)
         scales = stored.get(name + self.scale_suffix)
         if scales is not None and bool((scales < 0).any()):
             raise ValueError(f"{name + self.scale_suffix!r} holds negative block scales (an absmax is >= 0)")
@@ -369,7 +445,7 @@ class Int8Storage(StateStorage):
             raise ValueError(f"int8 state {name!r}: codes must be int8/uint8, got {codes.dtype}")
         lay = self.layout(tuple(codes.shape))
         if tuple(absmax.shape) != lay.grid:  # written with another quant_block_size: its layout
-            lay = infer_layout(tuple(codes.shape), tuple(absmax.shape)) or lay
+            lay = infer_layout(tuple(codes.shape), tuple(absmax.shape), self.blocks) or lay
         if tuple(absmax.shape) != lay.grid or absmax.dtype != torch.float32:
             raise ValueError(
                 f"int8 state {name!r}: absmax is {absmax.dtype} {tuple(absmax.shape)}, expected float32 "
@@ -390,7 +466,7 @@ class Int8Storage(StateStorage):
         codes, absmax, lay, cm = self._parts(stored, name)
         return dequantize(codes, absmax, lay, cm)
 
-    def store_(self, stored, name, value):
+    def store_(self, stored, name, value, *, start=0):
         if self._kept_fp32(stored, name):
             t = stored[name]
             _check_value(name, value, t)
@@ -401,7 +477,7 @@ class Int8Storage(StateStorage):
         _check_value(name, value, codes)
         rng = _get(stored, name + self.rng_suffix, "int8 (stochastic rounding)") if self.stochastic else None
         key = stream_key_tensor(rng) if rng is not None else None
-        quantize_(value, codes, absmax, lay, cm, floor=not cm.signed, key=key)
+        quantize_(value, codes, absmax, lay, cm, floor=not cm.signed, key=key, start=start)
         if rng is not None:
             rng[1].add_(1)
 
@@ -416,5 +492,5 @@ class Int8Storage(StateStorage):
         return (
             f"Int8Storage(quant_block_size={self.quant_block_size}, second_moment_map="
             f"{self.second_moment_map!r}, rounding={self.rounding!r}, min_numel={self.min_numel}, "
-            f"style={self.style!r})"
+            f"style={self.style!r}, blocks={self.blocks!r})"
         )

@@ -6,8 +6,10 @@
 * ``coap-normalized`` / ``coap-svd-only``: COAP with ``correlation="normalized"`` (a fixed-angle,
   scale-invariant correlation step) or ``"off"`` (low-cost SVD refreshes only); ``dct``: the DCT
   column-selection policy (indices only); ``coap-bf16`` / ``coap-int8``: COAP with bf16 / blockwise 8-bit
-  states, every parameter's states included; ``coap-official`` / ``galore-official``: ``basis="official"``
-  (the official refresh: LAPACK's signs, null directions kept); ``coap-rotation``: ``basis="rotation"``;
+  states, every parameter's states included (``coap-int8-rows`` / ``coap-int8-tiles``: int8 with 1×bw row
+  blocks / bh×bw tiles, :mod:`coap_compile.storage.int8`); ``coap-official`` / ``galore-official``:
+  ``basis="official"`` (the official refresh: LAPACK's signs, null directions kept); ``coap-rotation``:
+  ``basis="rotation"``;
 * ``galore-torch`` / ``apollo-torch``: the external reference packages (``pip install
   'coap-compile[bench]'``), used only when importable; they project the same matrices as
   ``coap_compile.optimize`` would (:func:`projected_linear_weights`);
@@ -52,6 +54,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     "dct": {"projection": "dct"},
     "coap-bf16": {"projection": "coap", "state_precision": "bf16"},
     "coap-int8": {"projection": "coap", "state_precision": "int8"},
+    # the two int8 block shapes, explicitly (issue 18: rows blocks are shard-local under FSDP2)
+    "coap-int8-rows": {"projection": "coap", "state_precision": "int8", "quant_blocks": "rows"},
+    "coap-int8-tiles": {"projection": "coap", "state_precision": "int8", "quant_blocks": "tiles"},
     "coap-per-matrix": {"projection": "coap", "grouped": False},  # the ungrouped update (runtime/grouped.py)
     # backend="inductor": the fused CPU lowering of load -> update -> store (coap_compile.lowering.inductor)
     "coap-inductor": {"projection": "coap", "backend": "inductor"},
