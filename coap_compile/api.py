@@ -44,8 +44,8 @@ def optimize(
         **kwargs: COAP's settings (``rank_ratio``, ``projection``, ``update_interval``,
             ``reproject_factor``, ``scale``, ``restore_state``, ``first_moment_beta``, ``correlation``,
             ``state_precision``, ``projection_precision``, ``quant_block_size``, ``quant_blocks``,
-            ``conv_rank_ratio``, ``projection_side``, ``projection_sharding``, ``basis``; defaults and rules in
-            :class:`~coap_compile.runtime.settings.CoapSettings`),
+            ``conv_rank_ratio``, ``projection_side``, ``projection_sharding``, ``basis``; defaults and rules
+            in :class:`~coap_compile.runtime.settings.CoapSettings`),
             the options ``backend``, ``check_finite``, ``grouped``, ``input_precision``, ``conv_policy``
             (:class:`~coap_compile.CoapOptimizer`), and the base optimizer's own arguments (``lr``,
             ``betas``, ``weight_decay`` …).
