@@ -111,7 +111,8 @@ def _worker() -> dict:
         for p in model.projected():
             st = opt.state[p]
             assert_replicated(st[COLUMNS[base]], name=COLUMNS[base])  # the same column factor everywhere
-            assert_replicated(st["proj"], name="proj")
+            proj = st["proj"]  # P sharded by rows like the weight (projection_sharding="sharded")
+            assert isinstance(proj, DTensor) and tuple(proj.placements) == (Shard(0),), proj
             kinds.update({k: (type(v).__name__, tuple(getattr(v, "placements", ()))) for k, v in st.items()})
         out[base] = {
             "losses": losses,
@@ -151,6 +152,7 @@ def test_matches_the_single_process_rows_run(runs, base, world):
 def test_row_states_sharded_column_factor_replicated(runs, base):
     kinds = runs[2][0][base]["kinds"]
     assert kinds[COLUMNS[base]] == ("Tensor", ())
+    assert kinds["proj"] == ("DTensor", (Shard(0),))
     for name in ROWS[base]:
         assert kinds[name] == ("DTensor", (Shard(0),)), name
 

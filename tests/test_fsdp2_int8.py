@@ -257,7 +257,7 @@ def test_states_are_row_sharded_int8_on_every_rank(runs, world):
         assert lay[f"{name}/exp_avg.rng"] == ("plain", None, torch.int64)
     for name in ("down.weight", "head.weight", "up.bias"):  # small: float32 on every mesh
         assert lay[f"{name}/exp_avg"] == ("dtensor", (Shard(0),), torch.float32)
-    assert lay["up.weight/proj"] == ("plain", None, torch.float32)
+    assert lay["up.weight/proj"] == ("dtensor", (Shard(0),), torch.float32)  # P sharded (the default)
 
 
 @pytest.mark.parametrize("world", [2, 4])

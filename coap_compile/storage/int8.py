@@ -22,8 +22,11 @@ layout (contiguous blocks of ``B``). ``bh = 1`` divides every ``BLOCK_M`` and ``
 tiles own whole blocks in this layout too (``tests/test_kernels_storage.py``).
 
 The block size and shape are not stored: ``(S, absmax.shape)`` determines the partition
-(:func:`infer_layout`), so any ``Int8Storage`` loads and updates a state written with another
-``quant_block_size`` or block shape in its own layout (``convert_state`` re-blocks it).
+(:func:`infer_layout`), so ``load``/``store_`` work on a state written with another block size or
+shape, in its own layout. The checkpoint gate (``validate``) is narrower: it accepts the other block
+*shape* at its own ``quant_block_size`` (a tiles checkpoint under row blocks), not another size (the
+size is a setting the checkpoint's groups carry, and inferring it would accept a truncated scale
+tensor). ``convert_state`` re-blocks explicitly.
 
 Vectors get contiguous 1-D blocks of ``B`` (``bw = 1``). **Kernel tiles own whole blocks:** K1's tile is
 ``BLOCK_M × BLOCK_R`` of the row-major M×r state with ``BLOCK_R = min(max(next_pow2(r), 16), 128)`` and
@@ -414,14 +417,17 @@ class Int8Storage(StateStorage):
     def validate(self, stored, name, shape, kind="other"):
         """The base rules (codes, scales and rounding stream present with their dtypes and shapes), and
         scales ``≥ 0`` (an absmax), a rounding counter ``≥ 0``. Scales written with another block size or
-        shape (a 16×16-tiles checkpoint loaded with row blocks) are accepted in the layout they were
-        written with (:func:`infer_layout`): ``load``/``store_`` keep using it."""
+        shape at this block size (a 16×16-tiles checkpoint loaded with row blocks) are accepted in the
+        layout they were written with: ``load``/``store_`` keep using it. Only the other block *shape* is
+        accepted, not another block size: the size is a setting the checkpoint's ``param_groups`` carry,
+        and a truncated scale tensor (``absmax[:1]`` of a 256×16 state) fits a 256-row tile at size 256,
+        so inferring sizes would load a corrupt checkpoint silently with wrong scales."""
         key = name + self.scale_suffix
         scales, codes = stored.get(key), stored.get(name + self.value_suffix)
         if isinstance(scales, Tensor) and isinstance(codes, Tensor) and tuple(codes.shape) == tuple(shape):
             grid = self.layout(tuple(shape)).grid
             theirs = tuple(scales.shape)
-            if theirs != grid and infer_layout(tuple(shape), theirs, self.blocks) is not None:
+            if theirs != grid and self._written_layout(tuple(shape), theirs) is not None:
                 if scales.dtype != torch.float32 or not bool(torch.isfinite(scales).all()):
                     raise ValueError(f"{key!r} must be finite float32 block scales, got {scales.dtype}")
                 stored = {**stored, key: torch.zeros(grid, dtype=torch.float32, device=scales.device)}
@@ -438,13 +444,21 @@ class Int8Storage(StateStorage):
         if rng is not None and int(rng[1]) < 0:
             raise ValueError(f"{name + self.rng_suffix!r} has a negative counter {int(rng[1])}")
 
+    def _written_layout(self, shape: tuple[int, ...], grid: tuple[int, ...]) -> BlockLayout | None:
+        """The layout at this block size, either block shape, whose scale grid is ``grid`` (None if none)."""
+        for style in (self.blocks, *(x for x in BLOCK_SHAPES if x != self.blocks)):
+            lay = block_layout(shape, self.quant_block_size, style)
+            if lay.grid == tuple(grid):
+                return lay
+        return None
+
     def _parts(self, stored: dict[str, Tensor], name: str) -> tuple[Tensor, Tensor, BlockLayout, CodeMap]:
         codes = _get(stored, name + self.value_suffix, "int8")
         absmax = _get(stored, name + self.scale_suffix, "int8")
         if codes.dtype not in (torch.int8, torch.uint8):
             raise ValueError(f"int8 state {name!r}: codes must be int8/uint8, got {codes.dtype}")
         lay = self.layout(tuple(codes.shape))
-        if tuple(absmax.shape) != lay.grid:  # written with another quant_block_size: its layout
+        if tuple(absmax.shape) != lay.grid:  # written with another block size or shape: its layout
             lay = infer_layout(tuple(codes.shape), tuple(absmax.shape), self.blocks) or lay
         if tuple(absmax.shape) != lay.grid or absmax.dtype != torch.float32:
             raise ValueError(
