@@ -119,8 +119,14 @@ def test_moment_closed_forms_equal_the_stored_tensors(rows, cols, vector, block,
 
 
 def test_int8_rules_by_hand():
-    acc = mem.COAP_INT8
+    acc = mem.COAP_INT8  # quant_blocks="rows" (the default): 1×min(B, next_pow2(C), 128) blocks in a row
     assert mem.moment_bytes((4095,), "int8", acc) == 4 * 4095  # below the threshold: float32, no stream
+    assert mem.moment_bytes((4096,), "int8", acc) == 4096 + 4 * 16 + 16  # 1-D blocks of 256
+    assert mem.moment_bytes((700, 6), "int8", acc) == 4200 + 4 * 700 + 16  # 1×8: one block per row
+    assert mem.moment_bytes((512, 8), "int8", acc) == 4096 + 4 * 512 + 16  # 1×8
+    assert mem.moment_bytes((8, 512), "int8", acc) == 4096 + 4 * 32 + 16  # 1×128: 4 blocks per row
+    assert mem.moment_bytes((3, 40, 50), "int8", acc) == 6000 + 4 * 120 + 16  # R = 120, 1×64
+    acc = dataclasses.replace(mem.COAP_INT8, blocks="tiles")
     assert mem.moment_bytes((4096,), "int8", acc) == 4096 + 4 * 16 + 16  # 1-D blocks of 256
     assert mem.moment_bytes((700, 6), "int8", acc) == 4200 + 4 * 22 + 16  # bw 8, bh 32: ⌈700/32⌉ = 22
     assert mem.moment_bytes((512, 8), "int8", acc) == 4096 + 4 * 16 + 16  # 16×1 blocks of 32×8
@@ -133,6 +139,8 @@ def test_int8_rules_by_hand():
         mem.Accounting("x", 1, 1, 0, storage="fp8")
     with pytest.raises(ValueError, match="Accounting.block"):
         mem.Accounting("x", 1, 1, 0, block=100)
+    with pytest.raises(ValueError, match="Accounting.blocks"):
+        mem.Accounting("x", 1, 1, 0, blocks="cols")
 
 
 def test_bench_rows_cover_every_precision_and_match():
@@ -165,11 +173,12 @@ def test_official_comparisons_explain_every_byte():
     explicit = rows[("llama-1b", "coap-bf16")]  # + one stream per full-rank moment (51 parameters)
     assert explicit["difference_bytes"] == 6252 + 51 * 2 * 16
     int8 = rows[("llama-7b", "coap-int8")]
-    # 7B: every dimension is a multiple of 16 and every moment has ≥ 4096 elements (norms: exactly 4096),
-    # so there is one scale per 256 codes, two streams per parameter and nothing kept float32.
-    codes = 3_762_823_168
+    # 7B: every moment has ≥ 4096 elements (norms: exactly 4096) and every matrix moment's last dimension
+    # is a multiple of 128, so row blocks (the default) give one scale per 128 codes of the 2-D moments,
+    # the 65 norms' vectors (2 × 65 × 4096 codes) one per 256; two streams per parameter, nothing float32.
+    codes, vec = 3_762_823_168, 2 * 65 * 4096
     assert int8["official_bytes"] == codes + 939_524_096 * 2 and int8["explained"]
-    assert int8["difference_bytes"] == 4 * codes // 256 + 291 * 2 * 16 + 291 * 4
+    assert int8["difference_bytes"] == 4 * ((codes - vec) // 128 + vec // 256) + 291 * 2 * 16 + 291 * 4
     assert int8["counts"]["fp32_small_tensors"] == 0
     assert int8["reaches_81pct_vs_adamw_fp32"] and not int8["reaches_81pct_vs_adamw_bf16"]
     r81 = int8["max_rank_for_81pct_vs_adamw_bf16"]

@@ -67,12 +67,12 @@ def test_int8_quantizes_large_moments_and_keeps_small_ones():
     assert (
         st["exp_avg.q8"].dtype == torch.int8 and st["exp_avg_sq.q8"].dtype == torch.uint8
     )  # signed / unsigned
-    assert st["exp_avg.absmax"].shape == (256 // 16, 32 // 16)  # 16×16 blocks of 256 elements
+    assert st["exp_avg.absmax"].shape == (256, 1)  # 1×32 row blocks (quant_blocks="rows", the default)
     assert "exp_avg" not in st and opt.state[b]["exp_avg"].dtype == torch.float32
     assert _real_bytes(opt) == opt.memory_plan().total_bytes
-    # closed form: codes 1 B + one float32 scale per 256 elements + 16 B rng, per moment; P float32 (it
-    # follows the float32 weight, issue 19); step 4 B
-    per_moment = 256 * 32 + 4 * (256 * 32 // 256) + 16
+    # closed form: codes 1 B + one float32 scale per row of 32 (1×32 blocks) + 16 B rng, per moment;
+    # P float32 (it follows the float32 weight, issue 19); step 4 B
+    per_moment = 256 * 32 + 4 * 256 + 16
     assert opt.memory_plan().rows[0].state_bytes == 2 * per_moment + 64 * 32 * 4 + 4
 
 

@@ -41,13 +41,20 @@ def oracle_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
     return (shape[0], 1) if shape else (1, 1)
 
 
-def oracle_quantize(x: torch.Tensor, block: int, signed: bool, floor: bool):
-    """Nearest-level codes in float64, block by block: (codes, absmax float64, ambiguous mask)."""
+def oracle_quantize(x: torch.Tensor, block: int, signed: bool, floor: bool, blocks: str = "rows"):
+    """Nearest-level codes in float64, block by block: (codes, absmax float64, ambiguous mask). ``blocks``:
+    ``"rows"`` (the default: 1×min(B, next_pow2(C), 128) inside a row for ≥ 2-D states) or ``"tiles"``
+    (bh×bw, bw = min(16, next_pow2(C))); vectors are B×1 columns either way."""
     rows, cols = oracle_matrix(tuple(x.shape))
     bw = 1
-    while bw < min(cols, 16):
-        bw *= 2
-    bh = block // bw
+    if blocks == "rows" and x.ndim >= 2:
+        while bw < min(cols, block, 128):
+            bw *= 2
+        bh = 1
+    else:
+        while bw < min(cols, 16):
+            bw *= 2
+        bh = block // bw
     lv = oracle_levels(signed)
     xs = x.double().numpy().reshape(rows, cols)
     if not signed:
@@ -131,13 +138,13 @@ def test_code_map_construction():
             assert rho[inside].max().item() == pytest.approx((0.9 / c) / (0.2 + 0.9 / c), rel=1e-5)
 
 
-@given(seed=SEEDS, shape=SHAPES, kind=KINDS, block=BLOCKS)
-def test_nearest_codes_match_float64_oracle(seed, shape, kind, block):
+@given(seed=SEEDS, shape=SHAPES, kind=KINDS, block=BLOCKS, blocks=st.sampled_from(["rows", "tiles"]))
+def test_nearest_codes_match_float64_oracle(seed, shape, kind, block, blocks):
     x = make_tensor(seed, shape, kind)
-    stg = Int8Storage(quant_block_size=block, rounding="nearest", min_numel=0)
+    stg = Int8Storage(quant_block_size=block, rounding="nearest", min_numel=0, blocks=blocks)
     stored = stg.from_value("s", x, kind)
     codes, absmax, amb = oracle_quantize(
-        x, block, signed=kind == "first_moment", floor=kind == "second_moment"
+        x, block, signed=kind == "first_moment", floor=kind == "second_moment", blocks=blocks
     )
     got = stored["s.q8"].long().numpy()
     np.testing.assert_array_equal(stored["s.absmax"].double().numpy(), absmax)  # max is exact
@@ -149,7 +156,7 @@ def test_nearest_codes_match_float64_oracle(seed, shape, kind, block):
     # dequantization is the correctly rounded fp32 product level[code]·a
     lv = oracle_levels(kind == "first_moment")
     rows, cols = oracle_matrix(tuple(x.shape))
-    lay = block_layout(tuple(x.shape), block)
+    lay = block_layout(tuple(x.shape), block, blocks)
     a_el = np.repeat(np.repeat(absmax, lay.bh, 0)[:rows], lay.bw, 1)[:, :cols].reshape(x.shape)
     want = (np.sign(got) * lv[np.abs(got)] * a_el).astype(np.float32)
     np.testing.assert_array_equal(stg.load(stored, "s").numpy(), want)
@@ -272,31 +279,37 @@ def test_layout_inferred_from_the_stored_grid():
     assert infer_layout((300, 40), (7, 2)) is None
 
 
-def test_layout_tiles_own_whole_blocks():
+@pytest.mark.parametrize("blocks", ["rows", "tiles"])
+def test_layout_tiles_own_whole_blocks(blocks):
     for block in (16, 64, 256, 1024, 4096):
         for r in [*range(1, 40), 48, 64, 100, 127, 128, 129, 200, 256, 300, 512, 1000]:
-            lay = block_layout((1000, r), block)
-            assert lay.bh * lay.bw == block
-            bm = kernel_block_m(r, block)
+            lay = block_layout((1000, r), block, blocks)
+            if blocks == "tiles":
+                assert lay.bh * lay.bw == block
+            else:  # 1×min(B, next_pow2(r), 128)
+                assert (lay.bh, lay.bw) == (1, min(block, 1 << max(0, (r - 1).bit_length()), 128))
+            bm = kernel_block_m(r, block, blocks=blocks)
             br = min(max(16, 1 << (r - 1).bit_length()), 128)
             assert bm % lay.bh == 0 and br % lay.bw == 0 and bm >= 64
     # brute force on a small case: every block's elements lie in one (BLOCK_M × BLOCK_R) tile
     for m, r, block in ((100, 5, 256), (70, 48, 256), (200, 130, 64), (40, 3, 16)):
-        lay = block_layout((m, r), block)
-        bm, br = kernel_block_m(r, block), min(max(16, 1 << (r - 1).bit_length()), 128)
+        lay = block_layout((m, r), block, blocks)
+        bm = kernel_block_m(r, block, blocks=blocks)
+        br = min(max(16, 1 << (r - 1).bit_length()), 128)
         rows, cols = torch.meshgrid(torch.arange(m), torch.arange(r), indexing="ij")
         blk = (rows // lay.bh) * lay.grid[1] + cols // lay.bw
         tile = (rows // bm) * 10_000 + cols // br
         for b in blk.unique():
             assert tile[blk == b].unique().numel() == 1
-    assert block_layout((1000,), 256) == block_layout((1000, 1), 256)  # vectors: contiguous 1-D blocks
+    assert block_layout((1000,), 256, blocks) == block_layout((1000, 1), 256, "tiles")  # vectors: 1-D blocks
     assert (block_layout((1000,), 256).bh, block_layout((1000,), 256).bw) == (256, 1)
     assert (block_layout((7, 9, 33), 256).rows, block_layout((7, 9, 33), 256).cols) == (63, 33)
 
 
+@pytest.mark.parametrize("blocks", ["rows", "tiles"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_nbytes_closed_form(rounding):
-    stg = Int8Storage(rounding=rounding)
+def test_nbytes_closed_form(rounding, blocks):
+    stg = Int8Storage(rounding=rounding, blocks=blocks)
     for shape in [
         (4096, 512),
         (11008, 1024),
@@ -311,8 +324,11 @@ def test_nbytes_closed_form(rounding):
         for kind in ("first_moment", "second_moment"):
             n = math.prod(shape)
             rows, cols = oracle_matrix(shape)
-            bw = min(16, 1 << max(0, (cols - 1).bit_length()))
-            bh = 256 // bw
+            if blocks == "rows" and len(shape) >= 2:  # 1×min(B, next_pow2(C), 128)
+                bh, bw = 1, min(128, 1 << max(0, (cols - 1).bit_length()))
+            else:
+                bw = min(16, 1 << max(0, (cols - 1).bit_length()))
+                bh = 256 // bw
             want = (
                 4 * n
                 if n < 4096
@@ -321,9 +337,8 @@ def test_nbytes_closed_form(rounding):
             assert stg.nbytes(shape, kind) == want
             z = stg.zeros("s", shape, "meta", kind)
             assert sum(t.numel() * t.element_size() for t in z.values()) == want
-    assert stg.nbytes((4096, 512), "first_moment") == 4096 * 512 + 4 * 256 * 32 + 16 * (
-        rounding == "stochastic"
-    )
+    grid = 4096 * 4 if blocks == "rows" else 256 * 32  # 4096 rows × 4 blocks of 128, or 16×16 tiles
+    assert stg.nbytes((4096, 512), "first_moment") == 4096 * 512 + 4 * grid + 16 * (rounding == "stochastic")
 
 
 def test_small_tensors_stay_float32():
@@ -364,7 +379,7 @@ def test_bad_arguments():
     stg.store_(s, "m", torch.randn(64, 64))
     other = Int8Storage(quant_block_size=64, min_numel=0)  # a checkpoint with another block size loads
     assert torch.equal(other.load(s, "m"), stg.load(s, "m"))
-    with pytest.raises(ValueError, match=r"absmax is torch.float32 \(5, 4\), expected float32 \(4, 4\)"):
+    with pytest.raises(ValueError, match=r"absmax is torch.float32 \(5, 4\), expected float32 \(64, 1\)"):
         stg.load({"m.q8": s["m.q8"], "m.absmax": torch.zeros(5, 4)}, "m")
     with pytest.raises(KeyError, match=r"int8 state 'm' needs key 'm.q8'.*stored as bf16"):
         stg.load(get_storage("bf16").zeros("m", (64, 64)), "m")

@@ -122,7 +122,7 @@ MAX_BLOCK_SIZE = 4096
 MAX_BLOCK_W = 16
 #: ``"rows"``: 1×bw blocks inside one row of the R×C view; ``"tiles"``: bh×bw tiles, bw ≤ 16 (docstring).
 BLOCK_SHAPES = ("rows", "tiles")
-DEFAULT_BLOCKS = "tiles"
+DEFAULT_BLOCKS = "rows"
 #: the widest row block: K1's largest ``BLOCK_R`` (a tile must own whole blocks).
 MAX_ROW_BW = 128
 #: elements per slab of the eager quantizer (bounds its temporaries).

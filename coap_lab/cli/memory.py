@@ -19,8 +19,10 @@ One moment of ``n`` elements, by **storage**:
            ``[seed, counter]``)
 ``int8``   ``n ≥ 4096``: ``n + 4·⌈R/bh⌉·⌈C/bw⌉ + 16``: one-byte codes, one float32 absmax per block and the
            rounding stream. The moment is viewed as ``R×C`` (``C`` = last dimension, a vector of ``n`` is
-           ``n×1``), blocks are ``bh×bw`` with ``bw = min(16, next_pow2(C))``, ``bh = B/bw``,
-           ``B = quant_block_size`` (256). ``n < 4096``: ``4·n`` (kept float32, no stream)
+           ``n×1``); ``B = quant_block_size`` (256). Blocks (:attr:`Accounting.blocks`, the library's
+           ``quant_blocks``): ``"rows"`` (the default) ``1×bw`` with ``bw = min(B, next_pow2(C), 128)``
+           for ``≥ 2``-D moments; ``"tiles"`` ``bh×bw`` with ``bw = min(16, next_pow2(C))``,
+           ``bh = B/bw``; vectors ``B×1`` either way. ``n < 4096``: ``4·n`` (kept float32, no stream)
 =========  ===============================================================================================
 
 Accountings (:class:`Accounting`; ``storage`` for projected moments, ``full_storage`` for the others):
@@ -81,8 +83,11 @@ STORAGES = ("plain", "bf16", "int8")
 RNG_BYTES = 16
 #: int8 keeps moments with fewer elements than this in float32.
 INT8_MIN_NUMEL = 4096
-#: widest int8 block (columns); blocks are ``bh×bw`` with ``bw = min(16, next_pow2(C))``.
+#: widest int8 tile (columns); tiles are ``bh×bw`` with ``bw = min(16, next_pow2(C))``.
 INT8_MAX_BLOCK_W = 16
+#: widest int8 row block: row blocks are ``1×min(B, next_pow2(C), 128)``.
+INT8_MAX_ROW_W = 128
+INT8_BLOCKS = ("rows", "tiles")
 DEFAULT_QUANT_BLOCK = 256
 
 #: Policy-specific per-matrix state beyond ``P`` in this library (bytes): Flora keeps its int64 seed.
@@ -96,7 +101,7 @@ class Accounting:
     ``state``: bytes per element of a ``plain`` moment; ``proj``: bytes per element of ``P``; ``step``: bytes
     per step counter; ``extras``: whether policy extras (:data:`POLICY_EXTRA_BYTES`) are counted;
     ``storage``: storage of projected moments; ``full_storage``: of every other parameter's moments (None:
-    the same as ``storage``); ``block``: int8 ``quant_block_size``.
+    the same as ``storage``); ``block``: int8 ``quant_block_size``; ``blocks``: int8 block shape.
     """
 
     name: str
@@ -107,8 +112,11 @@ class Accounting:
     storage: str = "plain"
     full_storage: str | None = None
     block: int = DEFAULT_QUANT_BLOCK
+    blocks: str = "rows"
 
     def __post_init__(self) -> None:
+        if self.blocks not in INT8_BLOCKS:
+            raise ValueError(f"Accounting.blocks must be one of {INT8_BLOCKS}, got {self.blocks!r}")
         for field, value in (("storage", self.storage), ("full_storage", self.full_storage)):
             if value is not None and value not in STORAGES:
                 raise ValueError(f"Accounting.{field} must be one of {STORAGES}, got {value!r}")
@@ -135,10 +143,12 @@ def _next_pow2(n: int) -> int:
     return p
 
 
-def _int8_scales(shape: tuple[int, ...], block: int) -> int:
+def _int8_scales(shape: tuple[int, ...], block: int, blocks: str = "rows") -> int:
     """Number of float32 absmax scales of an int8 moment of ``shape`` (``R×C`` view, ``bh×bw`` blocks)."""
     if len(shape) >= 2:
         rows, cols = math.prod(shape[:-1]), shape[-1]
+        if blocks == "rows":
+            return rows * -(-cols // min(block, _next_pow2(cols), INT8_MAX_ROW_W))
     else:
         rows, cols = (shape[0] if shape else 1), 1
     bw = min(INT8_MAX_BLOCK_W, _next_pow2(cols))
@@ -155,7 +165,7 @@ def _moment_parts(shape: tuple[int, ...], storage: str, acc: Accounting) -> dict
         return {"elements": 2 * n, "rng": RNG_BYTES}
     if n < INT8_MIN_NUMEL:
         return {"elements": n, "fp32_small": 3 * n}
-    return {"elements": n, "absmax": 4 * _int8_scales(shape, acc.block), "rng": RNG_BYTES}
+    return {"elements": n, "absmax": 4 * _int8_scales(shape, acc.block, acc.blocks), "rng": RNG_BYTES}
 
 
 def moment_bytes(shape: Sequence[int], storage: str, acc: Accounting = OURS) -> int:
