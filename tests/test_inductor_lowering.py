@@ -189,3 +189,42 @@ def test_optimizer_backend_inductor_matches_eager():
         assert bool(((a - b).abs() <= 1e-6 * a.abs().max()).all())
         assert torch.equal(oa.state[a]["exp_avg.rng"], ob.state[b]["exp_avg.rng"])
         assert torch.equal(oa.state[a]["step"], ob.state[b]["step"])
+
+
+def test_full_rank_int8_group_inductor_matches_eager():
+    """Full-rank int8 parameters (issue 20 follow-up: the demo LM's embedding ran its int8 store eagerly)
+    under ``backend="inductor"``: two ``67×63`` weights (blocks padded: 67, 63 divide nothing) form one
+    fused full-rank group — one compiled signature — a lone one would form a fused group of one, a
+    ``300`` vector (fp32 state below ``min_numel``) stays eager; 5 steps with lr edited every step against
+    ``"eager"``: weights within 1e-6 of their scale (observed ≤ 1 ulp: the last-bit differences of D, see
+    :mod:`coap_compile.lowering.inductor`), step counts and rounding streams equal, codes within one level."""
+
+    def build(backend):
+        ps = [randn(40 + i, 67, 63, scale=0.3).requires_grad_() for i in range(2)]
+        lone, vec = randn(43, 67, 71, scale=0.3).requires_grad_(), randn(44, 300).requires_grad_()
+        groups = [{"params": [*ps, vec], "project": False}, {"params": [lone], "project": False}]
+        opt = coap_compile.optimize(groups, torch.optim.AdamW, lr=1e-2, state_precision="int8",
+                                    backend=backend)
+        return ps, lone, opt
+
+    (pa, _, oa), (pb, lb, ob) = build("eager"), build("inductor")
+    fused = {fg.members[0].shape: (len(fg.members), fg.fused) for fg in ob.plan.full_groups}
+    assert fused == {(67, 63): (2, True), (67, 71): (1, True)}
+    assert not any(fg.fused for fg in oa.plan.full_groups)
+    lb.grad = None  # the lone parameter is not stepped (its compile would be one more signature)
+    before, fallbacks = inductor.STATS["compiles"], inductor.STATS["fallbacks"]
+    for step in range(5):
+        for opt in (oa, ob):
+            opt.param_groups[0]["lr"] = 1e-2 * (1 + 0.1 * step)
+        for ps in (pa, pb):
+            for i, p in enumerate(ps):
+                p.grad = randn(700 + 10 * step + i, *p.shape, scale=1e-2)
+        oa.step()
+        ob.step()
+    assert inductor.STATS["compiles"] - before == 1 and inductor.STATS["fallbacks"] == fallbacks
+    for a, b in zip(pa, pb):
+        assert bool(((a - b).abs() <= 1e-6 * a.abs().max()).all())
+        sa, sb = oa.state[a], ob.state[b]
+        assert torch.equal(sa["step"], sb["step"]) and torch.equal(sa["exp_avg.rng"], sb["exp_avg.rng"])
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert int((sa[name + ".q8"].int() - sb[name + ".q8"].int()).abs().max()) <= 1

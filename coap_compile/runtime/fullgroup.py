@@ -19,6 +19,15 @@ Adafactor's factored second moment, would change meaning when stacked), so stack
 operation on any element; the stacked storage functions reproduce each member's stream and blocks.
 The weights are written before the states, as everywhere. FSDP2-sharded parameters, captured programs
 (a base the compiler cannot rewrite) and restricted (in-backward) steps stay per parameter.
+
+**Fused** (``backend="inductor"`` on the CPU, a bf16/int8 state, a program that does not read the weight):
+the load → derived update → store runs as one Inductor-compiled loop
+(:func:`coap_compile.lowering.inductor.elementwise`, the matrix groups' function with ``X̃`` the stacked
+gradients), and such a group may have a single member: the demo LM's 256×256 int8 embedding was the one
+full-rank parameter of that model, and its eager int8 store (a gather per code, a ``where`` chain)
+cost about 20 of the 96 ms of a profiled int8 step (issue 20 follow-up, ``torch.profiler``, 2-core Xeon,
+load ~2). Results equal the eager lowering within the bound of :mod:`coap_compile.lowering.inductor`
+(``tests/test_inductor_lowering.py``). fp32-only groups stay eager (nothing to fuse but a compile).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..compiler import CompiledBase
+from ..lowering.inductor import elementwise, uses_param
 from ..lowering.stacked import StackedSpec, load_stacked, stacked_spec, stored_stacked
 
 __all__ = ["FullGroup", "build_full_groups", "full_group_update_"]
@@ -45,6 +55,7 @@ class FullGroup:
     program: Any
     specs: tuple[StackedSpec, ...]
     key: tuple = ()
+    fused: bool = False  # the Inductor-compiled load → update → store (module docstring)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -62,23 +73,25 @@ def _eligible(lay, grouped: bool) -> bool:
 
 
 def build_full_groups(layouts: dict[Tensor, Any], grouped: bool) -> tuple[FullGroup, ...]:
-    """Full-rank groups (≥ 2 members, in parameter order) from the layouts."""
+    """Full-rank groups (≥ 2 members, or 1 when fused; in parameter order) from the layouts."""
     by_key: dict[tuple, list[Tensor]] = {}
     for p, lay in layouts.items():
         if _eligible(lay, grouped):
             st = lay.states
             stores = tuple((n, repr(s), st.kinds.get(n, "other")) for n, s in st.storages.items())
-            key = (lay.group, tuple(p.shape), p.dtype, p.device, id(lay.program), stores)
+            key = (lay.group, tuple(p.shape), p.dtype, p.device, id(lay.program), stores, lay.lowering)
             by_key.setdefault(key, []).append(p)
     out = []
     for key, members in by_key.items():
-        if len(members) < 2:
-            continue
         lay = layouts[members[0]]
         st, names = lay.states, lay.program.captured.state_names
         specs = tuple(stacked_spec(n, st.storages[n], st.kinds.get(n, "other"), st.shapes[n], key[3])
                       for n in names)  # fmt: skip
-        out.append(FullGroup(key[0], tuple(members), lay.program, specs, key))
+        fused = lay.lowering == "inductor" and not uses_param(lay.program.program) and any(
+            spec.precision != "fp32" for spec in specs)  # fmt: skip
+        if len(members) < 2 and not fused:
+            continue
+        out.append(FullGroup(key[0], tuple(members), lay.program, specs, key, fused))
     return tuple(out)
 
 
@@ -99,14 +112,18 @@ def full_group_update_(
         gw = torch.stack([g.to(work) for g in grads[s:e]])
         x = gw if prog.prologue is None else prog.prologue(pw, gw, k_t, lr_t, *hypers)
         parts = {key: group.buffers[key][s:e] for key in fg.keys}
-        olds = [load_stacked(spec, parts) for spec in fg.specs]
-        decay, delta, *rest = prog.lowrank(pw, x, *olds, k_t, lr_t, *hypers)
+        if fg.fused:
+            decay, delta, new_step, new = elementwise(True, prog, fg.specs, None, None, x, parts,
+                                                      (k_t, lr_t, hypers))  # fmt: skip
+        else:
+            olds = [load_stacked(spec, parts) for spec in fg.specs]
+            decay, delta, *rest = prog.lowrank(pw, x, *olds, k_t, lr_t, *hypers)
+            new_step, new = rest[-1], {}
+            for spec, value in zip(fg.specs, rest[:-1]):
+                new.update(stored_stacked(spec, parts, value))
         new_p = pw * decay + delta
-        new = {}
-        for spec, value in zip(fg.specs, rest[:-1]):
-            new.update(stored_stacked(spec, parts, value))
         for p, v in zip(fg.members[s:e], new_p):  # the weights first, then the states
             p.detach().copy_(v)
         for key, value in new.items():
             parts[key].copy_(value)
-        group.steps[s:e].copy_(rest[-1])
+        group.steps[s:e].copy_(new_step)

@@ -269,7 +269,11 @@ def build_layout(
     common = {"name": name, "group": index, "settings": settings, "precision": prec, "seed": seed}
     ctx = _Context(p, settings, base, hyper, prec, where, common)
     if kind is Kind.TORCH:
-        return _full_rank(ctx, reason)
+        lay = _full_rank(ctx, reason)
+        fusable = lay.kind is Kind.DERIVED and lay.shard is None and p.device.type == "cpu"
+        if backend == "inductor" and fusable:  # full-rank groups fuse too (.fullgroup)
+            return dataclasses.replace(lay, lowering="inductor")
+        return lay
     program = _compile(ctx, 4 if kind is Kind.TUCKER else 2, p.shape)
     if not program.program.state_names:  # no per-parameter state: nothing to project (module docstring)
         return _full_rank(ctx, _stateless_reason(base, hyper), program)

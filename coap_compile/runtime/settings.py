@@ -249,7 +249,8 @@ class OptimizerOptions:
         backend: ``"auto"`` (Triton kernels for CUDA tensors when available, the eager lowering on CPU),
             ``"eager"``, ``"triton"`` or ``"inductor"`` (CPU parameters: the fused Inductor lowering of
             the elementwise update with its state load/store, :mod:`coap_compile.lowering.inductor`, which
-            says why ``"auto"`` does not pick it on CPU; CUDA parameters as with ``"auto"``).
+            says why ``"auto"`` does not pick it on CPU; for matrix groups and for full-rank parameters
+            with bf16/int8 states, :mod:`.fullgroup`; CUDA parameters as with ``"auto"``).
         check_finite: refuse (raise) a step whose gradients contain inf/NaN, before modifying anything.
         grouped: update projected matrices with equal low-rank state shapes together (:mod:`.grouped`).
         input_precision: ``tl.dot`` precision of the kernels' matmuls: ``"auto"`` (torch's global float32
