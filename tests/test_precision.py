@@ -7,6 +7,7 @@ and that checkpoints resume bit-identically and convert between precisions."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 
 import pytest
@@ -74,6 +75,33 @@ def test_int8_quantizes_large_moments_and_keeps_small_ones():
     # P float32 (it follows the float32 weight, issue 19); step 4 B
     per_moment = 256 * 32 + 4 * 256 + 16
     assert opt.memory_plan().rows[0].state_bytes == 2 * per_moment + 64 * 32 * 4 + 4
+
+
+@pytest.mark.parametrize("blocks", ["rows", "tiles"])
+def test_int8_vectors_stay_fp32_with_row_blocks(blocks):
+    """A 4096-element vector (above the size threshold): row blocks keep its states fp32 (no row to block
+    along; contiguous blocks would straddle FSDP2 shards), tiles quantize it in 1-D blocks of 256. The
+    plan, the bench closed form and the held bytes agree; under FSDP2's plan the vector is accepted."""
+    from coap_lab.cli import memory as mem
+
+    gain = randn(0, 4096).requires_grad_()
+    opt = coap_compile.optimize(
+        [gain], torch.optim.AdamW, lr=1e-2, state_precision="int8", quant_blocks=blocks
+    )
+    gain.grad = randn(1, 4096)
+    opt.step()
+    st = opt.state[gain]
+    if blocks == "rows":
+        assert st["exp_avg"].dtype == torch.float32 and "exp_avg.q8" not in st
+    else:
+        assert st["exp_avg.q8"].dtype == torch.int8 and st["exp_avg.absmax"].shape == (16, 1)
+    acc = dataclasses.replace(mem.COAP_INT8, blocks=blocks)
+    assert _real_bytes(opt) == opt.memory_plan().total_bytes == 2 * mem.moment_bytes((4096,), "int8", acc) + 4
+    if blocks == "rows":
+        assert opt.memory_plan(world_size=4).total_bytes == 2 * 4 * 1024 + 4  # a quarter each, fp32
+    else:
+        with pytest.raises(ValueError, match="straddle shard boundaries"):
+            opt.memory_plan(world_size=4)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])

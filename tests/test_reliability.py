@@ -207,7 +207,8 @@ PRECISIONS = ["fp32", "bf16", "int8", "auto"]
 
 class _Mixed(torch.nn.Module):
     """One group: a projected 256×64 weight, a small full-rank bias (int8 keeps it fp32) and a full-rank
-    vector of 4096 elements (int8 quantizes its states)."""
+    vector of 4096 elements (int8 quantizes its states with ``quant_blocks="tiles"``, as :func:`_mixed`
+    builds it; row blocks keep vectors fp32)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -225,6 +226,7 @@ def _mixed(precision: str):
     opt = coap_compile.CoapOptimizer(
         [{"params": list(model.parameters())}], torch.optim.AdamW, rank=16, lr=1e-2,
         state_precision=precision, param_names={id(p): n for n, p in model.named_parameters()},
+        quant_blocks="tiles",  # so the 4096-element vector's states are int8 (every kind converts)
     )  # fmt: skip
     return model, opt
 

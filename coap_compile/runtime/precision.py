@@ -23,7 +23,10 @@ parameter's states).
   states (Adafactor's row/column factors, norms, biases) stay fp32 (torchao's threshold too). The size
   is the state's *global* shape (an FSDP2 row shard's state has the precision of the whole state, on
   every mesh: :func:`state_storage`'s ``global_shape``). ``quant_blocks`` picks the block shape
-  (``"tiles"``: bh×bw; ``"rows"``: 1×bw inside a row, the FSDP2 layout).
+  (``"rows"``, the default: 1×bw inside a row, the layout FSDP2 needs; ``"tiles"``: bh×bw). With row
+  blocks, 1-D states (norms, biases, Adafactor's factors) stay fp32 at any size: a vector has no row,
+  its contiguous blocks would straddle an FSDP2 shard boundary, and keeping them fp32 on one process
+  too keeps one layout for every mesh (≤ 3 bytes per element of vectors: 3 MiB for LLaMA-7B's norms).
 * ``projection_precision="auto"``: ``P`` follows the *weight* dtype, as the official code keeps it
   (spec §2): bf16 for bfloat16/float16 weights, the working dtype (float32, float64) otherwise, whatever the
   state precision. A bf16 ``P`` is rounded to nearest (it is recomputed, never accumulated) and every
@@ -119,7 +122,9 @@ def state_storage(
     the whole state's shape when ``shape`` is a row shard's (FSDP2): int8's "small states stay float32"
     is decided on it, so a state's precision never depends on the mesh (torchao issue #4912's trap)."""
     full = tuple(shape if global_shape is None else global_shape)
-    small = numel(full) < INT8_MIN_NUMEL
+    # 1-D states stay float32 with row blocks: a vector has no row to block along, and its contiguous
+    # blocks would straddle an FSDP2 shard boundary; "tiles" quantizes them in 1-D blocks of B (below)
+    small = numel(full) < INT8_MIN_NUMEL or (prec.blocks == "rows" and len(full) < 2)
     if prec.states == "int8" and kind == "other":
         if not small:
             raise ValueError(

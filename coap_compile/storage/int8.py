@@ -71,8 +71,11 @@ Decisions (``benchmarks/storage_study.py``; 2-core CPU VM, torch 2.13):
   2.54 % at B = 64 / 256 / 1024 / 4096 for 6.3 % / 1.6 % / 0.4 % / 0.1 % of scale bytes per element.
   The 2-D blocks cost nothing against flat row-major 256-element blocks (1.95 % both).
 * Code map style ``"decade"`` (:data:`.codemap.DEFAULT_STYLE`; ``"log"``: 3.24 %).
-* Tensors with fewer than ``min_numel = 4096`` elements (norms, biases) stay float32 (< 16 KiB each).
-* **Block shape (issue 18): ``"tiles"`` stays the default, ``"rows"`` is opt-in and required under FSDP2.**
+* Tensors with fewer than ``min_numel = 4096`` elements (norms, biases) stay float32 (< 16 KiB each); the
+  runtime also keeps 1-D states float32 under row blocks
+  (:func:`coap_compile.runtime.precision.state_storage`).
+* **Block shape (issue 18): ``"rows"`` is the default** (``"tiles"`` selectable on one process; FSDP2
+  needs rows).
   Measured (``storage_study.py int8``, ``benchmarks/results/precision/storage_blocks.json``; the tiny
   LLaMA's 21 moment pairs after 200 fp32 COAP steps, r = 32): Adam-direction error 1.49 % with row blocks
   (1×32 on the projected moments, 1×128 on the full-rank ones: 8.7 % scale bytes per element) against
@@ -83,9 +86,8 @@ Decisions (``benchmarks/storage_study.py``; 2-core CPU VM, torch 2.13):
   --seeds 0,1``, final validation loss) puts them level: fp32 COAP 2.2565 ± 0.0275, int8 rows 2.2498 ±
   0.0310, int8 tiles 2.2537 ± 0.0264 (per seed rows 2.2278 / 2.2717, tiles 2.2350 / 2.2723), states
   0.676 vs 0.639 MiB. Rows are as good (better per seed, within the seed spread) for 6 % more state bytes
-  at r = 32, so rows are the better default; the switch is not made in this change because it
-  re-records every single-process int8 golden (24 entries) and the tiles-based oracle tests, which did
-  not fit the session. Rows are what FSDP2 requires.
+  at r = 32, so rows are the better default (the int8 goldens were re-recorded for the switch), and one
+  layout then serves one process and every mesh. Rows are what FSDP2 requires.
 """
 
 from __future__ import annotations

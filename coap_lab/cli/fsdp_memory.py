@@ -9,10 +9,10 @@ local shards). ``P`` is sharded (``projection_sharding="sharded"``, the default:
 ``torch.chunk`` rows of ``n``); the transient is the largest ``P`` gathered for one weight's step
 (``n×r``, held only during that step), reported separately. fp32: fp32 weights and states; bf16: bf16
 weights, ``state_precision="auto"`` (bf16 low-rank moments and ``P``; full-rank parameters on torch's
-bf16 AdamW); int8: fp32 weights, ``state_precision="int8"``, planned by the single-process closed form at
-the local shard's shape (``strict=False``: int8 under FSDP2 is refused on this branch; the table is to
-be rerun once it is enabled), against fp32 torch AdamW. The per-rank plan is checked equal to real gloo
-runs at W = 2 and 4 in ``tests/test_fsdp2_memory.py`` (fp32 and bf16).
+bf16 AdamW); int8: fp32 weights, ``state_precision="int8"`` (row blocks, the default ``quant_blocks``),
+against fp32 torch AdamW; int8 + bf16 P: the same with ``projection_precision="bf16"`` (``P`` is then
+the largest term left). The per-rank plan is checked equal to real gloo runs at W = 2 and 4 in
+``tests/test_fsdp2_memory.py`` (fp32, bf16) and ``tests/test_fsdp2_int8.py`` (int8).
 
 Writes ``fsdp_memory.{csv,json}`` (with machine, versions and commit) and prints the README table.
 """
@@ -39,6 +39,7 @@ _CONFIGS = {
     "fp32": (torch.float32, {}),
     "bf16": (torch.bfloat16, {}),
     "int8": (torch.float32, {"state_precision": "int8"}),
+    "int8, bf16 P": (torch.float32, {"state_precision": "int8", "projection_precision": "bf16"}),
 }
 
 
@@ -53,7 +54,7 @@ def fsdp_memory_rows(sizes=SIZES, worlds=WORLDS) -> list[dict[str, object]]:
                 model, torch.optim.AdamW, rank, target_modules=PAPER_TARGETS, lr=1e-3, **extra
             )
             for world in worlds:
-                plan = opt.memory_plan(world_size=world, rank=0, strict=precision != "int8")
+                plan = opt.memory_plan(world_size=world, rank=0)
                 coap, adamw, transient = plan.total_bytes, plan.base_bytes, plan.transient_bytes
                 rows.append({
                     "model": f"llama-{size}", "rank": rank, "weights": precision, "world_size": world,

@@ -22,7 +22,8 @@ One moment of ``n`` elements, by **storage**:
            ``n×1``); ``B = quant_block_size`` (256). Blocks (:attr:`Accounting.blocks`, the library's
            ``quant_blocks``): ``"rows"`` (the default) ``1×bw`` with ``bw = min(B, next_pow2(C), 128)``
            for ``≥ 2``-D moments; ``"tiles"`` ``bh×bw`` with ``bw = min(16, next_pow2(C))``,
-           ``bh = B/bw``; vectors ``B×1`` either way. ``n < 4096``: ``4·n`` (kept float32, no stream)
+           ``bh = B/bw``; vectors ``B×1`` with tiles, float32 with rows. ``n < 4096``: ``4·n`` (kept
+           float32, no stream)
 =========  ===============================================================================================
 
 Accountings (:class:`Accounting`; ``storage`` for projected moments, ``full_storage`` for the others):
@@ -163,7 +164,7 @@ def _moment_parts(shape: tuple[int, ...], storage: str, acc: Accounting) -> dict
         return {"elements": n * acc.state}
     if storage == "bf16":
         return {"elements": 2 * n, "rng": RNG_BYTES}
-    if n < INT8_MIN_NUMEL:
+    if n < INT8_MIN_NUMEL or (acc.blocks == "rows" and len(shape) < 2):  # vectors: fp32 with row blocks
         return {"elements": n, "fp32_small": 3 * n}
     return {"elements": n, "absmax": 4 * _int8_scales(shape, acc.block, acc.blocks), "rng": RNG_BYTES}
 
