@@ -128,8 +128,9 @@ def test_rejects_mismatched_members():
 STORAGES = {  # name -> storage of a state of compiler kind `kind` (int8: quantized at every size)
     "bf16_sr": lambda kind: Bf16Storage("stochastic"),
     "bf16_rn": lambda kind: Bf16Storage("nearest"),
-    "int8_sr": lambda kind: Int8Storage(min_numel=0),
+    "int8_sr": lambda kind: Int8Storage(min_numel=0),  # row blocks (the default; BLOCK_R raised to bw)
     "int8_rn": lambda kind: Int8Storage(rounding="nearest", min_numel=0),
+    "int8_tiles_sr": lambda kind: Int8Storage(min_numel=0, blocks="tiles"),
     "mixed_bf16_int8": lambda kind: Bf16Storage() if kind == "first_moment" else Int8Storage(min_numel=0),
 }
 STORED_BASES = {"adamw": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.05}),

@@ -76,17 +76,24 @@ BASES = {  # torch optimizer, hyperparameters, live hyperparameter values (Epilo
     "sgd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}, {"momentum": 0.9, "dampening": 0.0}),
 }
 #: storage configurations: name -> {kind: storage}; "mixed" puts different modes into one kernel.
-CONFIGS = {
+CONFIGS = {  # int8 configs name their block shape: the kernels own whole blocks of either
     "bf16_sr": lambda kind: Bf16Storage("stochastic"),
     "bf16_rn": lambda kind: Bf16Storage("nearest"),
-    "int8_sr": lambda kind: Int8Storage(min_numel=0),  # signed m, unsigned v
-    "int8_rn": lambda kind: Int8Storage(rounding="nearest", min_numel=0),
-    "int8_rows_sr": lambda kind: Int8Storage(min_numel=0, blocks="rows"),  # 1×bw blocks (FSDP2's layout)
-    "int8_signed_sr": lambda kind: Int8Storage(second_moment_map="signed", min_numel=0),
-    "int8_signed_rn": lambda kind: Int8Storage(second_moment_map="signed", rounding="nearest", min_numel=0),
-    "mixed_fp32_int8": lambda kind: FP32Storage() if kind == "first_moment" else Int8Storage(min_numel=0),
+    "int8_sr": lambda kind: Int8Storage(min_numel=0, blocks="tiles"),  # signed m, unsigned v
+    "int8_rn": lambda kind: Int8Storage(rounding="nearest", min_numel=0, blocks="tiles"),
+    "int8_rows_sr": lambda kind: Int8Storage(min_numel=0, blocks="rows"),  # 1×bw blocks (the default)
+    "int8_rows_rn": lambda kind: Int8Storage(rounding="nearest", min_numel=0, blocks="rows"),
+    "int8_signed_sr": lambda kind: Int8Storage(second_moment_map="signed", min_numel=0, blocks="tiles"),
+    "int8_signed_rn": lambda kind: Int8Storage(
+        second_moment_map="signed", rounding="nearest", min_numel=0, blocks="tiles"
+    ),
+    "mixed_fp32_int8": lambda kind: (
+        FP32Storage() if kind == "first_moment" else Int8Storage(min_numel=0, blocks="tiles")
+    ),
     "mixed_bf16_int8": lambda kind: (
-        Bf16Storage() if kind == "first_moment" else Int8Storage(rounding="nearest", min_numel=0)
+        Bf16Storage()
+        if kind == "first_moment"
+        else Int8Storage(rounding="nearest", min_numel=0, blocks="tiles")
     ),
 }
 #: (base, config) pairs: SGD has one (first-moment) state, so the second-moment/mixed variants are Adam's.
@@ -195,8 +202,12 @@ def _compare(kern: dict, eager: dict, where: str, *, fresh: bool, chain: int = 1
         elif key.endswith(".absmax"):
             # A block max differs by the ulps of X P (observed ≤ 4.8e-7 relative after 3 chained steps);
             # chained, a differing code of the block's largest element may move it by a level gap (≤ 1.4 %).
+            # Row blocks at r = 1 are 1×1: the "max" is one element of X P, a sum of n products with
+            # cancellation whose relative rounding is larger (observed, rows, r = 1, seed 0: 1.97e-6 for m,
+            # 4.10e-6 for v, the square doubling it): 1e-5 for blocks of one column, 1e-6 otherwise.
             rel = ((a - b).abs() / b.abs().clamp_min(1e-30)).max().item()
-            assert rel <= (1e-6 if fresh else 0.04), f"{where}: {key} relative difference {rel:.2e}"
+            tol = 1e-5 if kern[key[: -len(".absmax")] + ".q8"].shape[-1] == 1 else 1e-6
+            assert rel <= (tol if fresh else 0.04), f"{where}: {key} relative difference {rel:.2e}"
         else:  # an fp32 state inside a variant: the fp32 kernel's agreement
             assert_rel_close(a, b, 2e-5, f"{where}: {key}")
     return counts
@@ -324,6 +335,26 @@ def test_block_m_raised_to_the_block_height(m, n, r, block_m, cfg, launches):
     assert len(launches) == 6
     k1_block_m = {kw["BLOCK_M"] for kernel, kw in launches if "BLOCK_R" in kw}
     assert k1_block_m == {lay.bh}, k1_block_m
+
+
+@needs_interpreter
+def test_block_r_raised_to_the_row_block_width(launches):
+    """Row blocks wider than ``block_r`` (r = 40: 1×64 blocks, block_r = 16): K1 raises BLOCK_R to the
+    block width (a tile owns whole blocks) and equals the eager store."""
+    m, n, r = 24, 12, 40
+    splan, state, hypers, lr, _ = _setup("adamw", "int8_rows_sr", m, r, seed=4)
+    variant = ops.get_kernel(splan.kernel_id)
+    lay = variant.modes[0].layout([state[k] for k in splan.keys[:2]])
+    assert (lay.bh, lay.bw) == (1, 64)
+    p, w, xs = _data(m, n, r, seed=9, exact=True)
+    sk, se, wk, we = _clone(state), _clone(state), w.clone(), w.clone()
+    for t, x in enumerate(xs, start=1):
+        c = splan.plan.scalars(torch.tensor(float(t), dtype=F64), lr, *hypers)
+        launch.fused_projected_update_(wk, x, p, [sk[k] for k in splan.keys], c, variant, block_r=16)
+        launch.eager_projected_update_(we, x, p, [se[k] for k in splan.keys], c, variant)
+        for key in se:
+            assert torch.equal(sk[key], se[key]), f"step {t}: {key}"
+    assert {kw["BLOCK_R"] for kernel, kw in launches if "BLOCK_R" in kw} == {64}
 
 
 @needs_interpreter

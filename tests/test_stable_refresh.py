@@ -202,9 +202,10 @@ OFFICIAL = Path(__file__).resolve().parent / "golden" / "data" / "official.pt"
      "adamw/galore/fp32/grouped"],
 )  # fmt: skip
 def test_official_basis_reproduces_the_pre_issue_19_goldens(name):
-    """``basis="official"`` (and ``projection_precision="bf16"`` where the old default made ``P`` bf16)
-    replays the golden trajectories recorded before this change (commit in the file's ``meta``; a subset
-    of the old ``trajectories.pt``) bit for bit: the option is the old behaviour, exactly."""
+    """``basis="official"`` (and ``projection_precision="bf16"`` where the old default made ``P`` bf16,
+    ``quant_blocks="tiles"`` for int8) replays the golden trajectories recorded before this change
+    (commit in the file's ``meta``; a subset of the old ``trajectories.pt``) bit for bit: the option is the
+    old behaviour, exactly."""
     from golden import configs as C
     from test_golden import assert_matches
 
@@ -218,6 +219,8 @@ def test_official_basis_reproduces_the_pre_issue_19_goldens(name):
             group["basis"] = "official"
             if group["state_precision"] in ("bf16", "int8"):
                 group["projection_precision"] = "bf16"
+            if group["state_precision"] == "int8":
+                group["quant_blocks"] = "tiles"  # the int8 layout before issue 18 made rows the default
         C.train(case, model, opt, 0, C.STEPS)
         got = C.snapshot(model, opt)
     finally:

@@ -142,13 +142,13 @@ def grouped_lowrank_(
     args: list[Any] = list(states[0])
     s_base = states[0][0] if states[0] else d[0]
     if groups is not None:
-        args, bh = stored.state_args(variant, groups[0], dev)
+        args, (bh, bw) = stored.state_args(variant, groups[0], dev)
         sizes = [a for a in args if not isinstance(a, Tensor)]
         for k in range(1, kk):  # int8 block layouts (grid sizes, block shape) shared
             other = stored.state_args(variant, groups[k], dev)[0]
             if [a for a in other if not isinstance(a, Tensor)] != sizes:
                 raise ValueError(f"member {k}'s int8 block layout differs from member 0's")
-        bm = max(bm, bh)
+        bm, br = max(bm, bh), max(br, bw)  # tiles own whole blocks (all powers of two)
     rows = [
         [_offset("x", k, x, xs[0]), _offset("p", k, p, ps[0]), _offset("D", k, d[k], d[0]),
          *(_offset(f"state tensor {i}", k, t, states[0][i]) for i, t in enumerate(s)),

@@ -293,8 +293,8 @@ def projected_lowrank_(
     args, s0 = list(states), states[0] if states else d
     if variant is not None:
         groups = variant.split(states)
-        args, bh = stored.state_args(variant, groups, x.device)
-        bm = max(bm, bh)  # tiles own whole blocks (bh and bm are powers of two)
+        args, (bh, bw) = stored.state_args(variant, groups, x.device)
+        bm, br = max(bm, bh), max(br, bw)  # tiles own whole blocks (all powers of two)
     grid = (_cdiv(m, bm) * _cdiv(r, br),)
     _launch(
         _k1_kernel(epilogue), grid, x, p, d, c if c.numel() else d, *args, m, n, r,

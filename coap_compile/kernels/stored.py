@@ -49,11 +49,12 @@ def check_states(
 
 def state_args(
     variant: KernelVariant, groups: Sequence[tuple[Tensor, ...]], device: torch.device
-) -> tuple[list[Any], int]:
+) -> tuple[list[Any], tuple[int, int]]:
     """K1's state arguments in the order of ``codegen._state_params``, and the largest int8 block height
-    (``BLOCK_M`` must be a multiple of it; 1 without int8 states)."""
+    and width (``BLOCK_M`` and ``BLOCK_R`` must be multiples of them; 1 without int8 states). Row blocks
+    are up to 128 wide, so a ``BLOCK_R`` chosen below the block width is raised to it."""
     args: list[Any] = []
-    bh = 1
+    bh = bw = 1
     for mode, grp, tabs in zip(variant.modes, groups, variant.tables(device)):
         if mode.precision != "int8":
             args.extend(grp)  # values (+ rng)
@@ -62,8 +63,8 @@ def state_args(
         nr, nc = lay.grid
         assert tabs is not None
         args.extend([*grp, *tabs, nr, nc, lay.bh, lay.bw])  # codes, absmax (+ rng), tab, values, …
-        bh = max(bh, lay.bh)
-    return args, bh
+        bh, bw = max(bh, lay.bh), max(bw, lay.bw)
+    return args, (bh, bw)
 
 
 def advance_rng_(variant: KernelVariant, groups: Sequence[tuple[Tensor, ...]]) -> None:

@@ -94,7 +94,7 @@ def stacked_spec(
     if precision == "int8":
         block, style = storage.quant_block_size, storage.style
         cm = storage.code_map_for(kind)
-        signed, lay, tables = cm.signed, block_layout(shape, block), cm.tables(device)
+        signed, lay, tables = cm.signed, block_layout(shape, block, storage.blocks), cm.tables(device)
         n = (1 << cm.log2_size) - 1
         host = cm.tables("cpu")  # (a meta-device group has meta tables: no data to search)
         pairs = ((host.thresholds, False), (host.levels, True))
