@@ -16,9 +16,13 @@ engineers, load 12-14; medians):
   4475 vs 62 ms.
 
 So a step whose every GEMM is small runs with **one intra-op thread** (:func:`step_threads`). The trade: on
-idle cores a second thread saves up to about 30 % of such a step (issue 20's quiet AMD figures for the demo
-model's whole COAP step: 17.3 ms on 2 threads, 24.6 ms on 1; not measurable on the shared Xeon, never idle),
-while with a core taken the single thread is 30× faster (above): a bounded loss against a collapse. The
+idle cores a second thread saves about a third of such a step (issue 20's quiet AMD figures for the demo
+model's whole COAP step: 17.3 ms on 2 threads, 24.6 ms on 1; on the Xeon when it was idle, load 0.9-1.1,
+the same optimizer's runner switched between 1 and 2 threads, 12 interleaved rounds of 20 steps: 27.4 ms on
+1 thread, 17.7 ms on 2, torch AdamW 7.0 ms; two shorter runs gave 29.5/27.6 and 27.8/19.0 ms), while with a
+core taken the single thread is 30× faster (above): a bounded loss (≤ 1.6×) against a collapse. A rule
+that read the machine's load would pick per run, but the thread count changes MKL's summation order, so the
+same run would give other bits on a busier machine; the rule stays a function of the model's shapes. The
 threshold :data:`SMALL_GEMM_MACS` (``M·N·r`` of the largest projection GEMM, and the size of the largest
 parameter for the full-rank ones) is 2^26 multiply-adds, about 1 ms of one core's GEMM (65 GMAC/s measured
 above): beyond it a region's fork/join is a small part of the op. Larger models keep torch's setting. The
