@@ -143,3 +143,17 @@ class VirtualLowRank:
         upd = (self.z.detach() - z_old) @ self.p.t()
         self.w = decay * self.w + (upd if not self.wide else upd.t())
         return self.w
+
+
+def local_state_bytes(states) -> int:
+    """Bytes of the tensors of ``states`` (an optimizer's ``state``: parameter → state dict) that this
+    process holds: a DTensor counts its local shard only (what a rank really allocates)."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for st_ in states.values():
+        for v in st_.values():
+            if isinstance(v, torch.Tensor):
+                v = v.to_local() if isinstance(v, DTensor) else v
+                total += v.numel() * v.element_size()
+    return total

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import rel_err
+from helpers import local_state_bytes, rel_err
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -83,15 +83,6 @@ def _train(model, opt, rows: slice) -> list[float]:
     return losses
 
 
-def _held(opt) -> int:
-    total = 0
-    for st in opt.state.values():
-        for v in st.values():
-            v = v.to_local() if isinstance(v, DTensor) else v
-            total += v.numel() * v.element_size()
-    return total
-
-
 def _worker() -> dict:
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
     world = dist.get_world_size()
@@ -118,7 +109,7 @@ def _worker() -> dict:
             "losses": losses,
             "params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
             "kinds": kinds,
-            "held": _held(opt),
+            "held": local_state_bytes(opt.state),
             "plan": opt.memory_plan().total_bytes,
         }
     return out

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from helpers import rel_err
+from helpers import local_state_bytes, rel_err
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -107,15 +107,6 @@ def _layout(model, opt) -> dict:
     return out
 
 
-def _held(opt) -> int:
-    total = 0
-    for st in opt.state.values():
-        for v in st.values():
-            v = v.to_local() if isinstance(v, DTensor) else v
-            total += v.numel() * v.element_size()
-    return total
-
-
 def _sharded(mesh) -> Model:
     torch.manual_seed(0)
     model = Model()
@@ -176,7 +167,7 @@ def _worker(path: str) -> dict:
         out["params"] = {n: _full(p) for n, p in model.named_parameters()}
         out["final"] = _states(model, opt)
         out["layout"] = _layout(model, opt)
-        out["held"], out["plan"] = _held(opt), opt.memory_plan().total_bytes
+        out["held"], out["plan"] = local_state_bytes(opt.state), opt.memory_plan().total_bytes
         out["probe"] = _probe_codes(model, opt)
         out["from_tiles"] = _from_single_process_tiles(mesh, rows)
         try:
@@ -194,7 +185,7 @@ def _worker(path: str) -> dict:
         out["loaded"] = _states(model, opt)
         out["losses"] = _train(model, opt, range(SAVE_AT, STEPS), rows)
         out["layout"] = _layout(model, opt)
-        out["held"], out["plan"] = _held(opt), opt.memory_plan().total_bytes
+        out["held"], out["plan"] = local_state_bytes(opt.state), opt.memory_plan().total_bytes
     return out
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import local_state_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 import coap_compile
 from coap_compile.runtime.memory import local_rows
@@ -51,16 +51,6 @@ class Tiny(nn.Module):
         return self.head(h)
 
 
-def _held(opt) -> int:
-    total = 0
-    for st_ in opt.state.values():
-        for v in st_.values():
-            if isinstance(v, torch.Tensor):
-                v = v.to_local() if isinstance(v, DTensor) else v
-                total += v.numel() * v.element_size()
-    return total
-
-
 def _train(model, opt, steps: int) -> None:
     for step in range(steps):
         idx = torch.randint(
@@ -87,12 +77,12 @@ def _worker() -> dict:
         opt = coap_compile.optimize(model, torch.optim.AdamW, **COAP, **extra)
         _train(model, opt, 3)
         plan = opt.memory_plan()
-        out[name] = {"held": _held(opt), "plan": plan.total_bytes, "base": plan.base_bytes,
+        out[name] = {"held": local_state_bytes(opt.state), "plan": plan.total_bytes, "base": plan.base_bytes,
                      "transient": plan.transient_bytes}  # fmt: skip
     model = _sharded(mesh)
     torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     _train(model, torch_opt, 1)
-    out["torch"] = _held(torch_opt)
+    out["torch"] = local_state_bytes(torch_opt.state)
     return out
 
 

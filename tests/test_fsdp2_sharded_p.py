@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from helpers import rel_err
+from helpers import local_state_bytes, rel_err
 from test_fsdp2 import (
     BASES,
     LOSS_SCALE,
@@ -84,10 +84,7 @@ def _held(model, opt) -> dict:
     out = {}
     plan = {row.name: row for row in opt.memory_plan().rows}
     for n, p in _projected(model).items():
-        held = sum(
-            (v.to_local() if isinstance(v, DTensor) else v).numel() * v.element_size()
-            for v in opt.state[p].values()
-        )
+        held = local_state_bytes({p: opt.state[p]})
         out[n] = (held, plan[n].state_bytes, plan[n].transient_bytes)
     return out
 
