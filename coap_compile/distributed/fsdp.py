@@ -70,9 +70,10 @@ reduce-scatter. COAP keeps such a weight's update local on every shard:
   and the scales ``<name>.absmax`` (``M×⌈r/bw⌉``) are row-sharded DTensors like the codes: DCP reshards
   2 → 4 exactly); ``"tiles"`` (``bh×bw``) is refused, naming the parameter. "Small states stay
   float32" (< 4096 elements) is decided on the *global* shape, never the shard's (torchao issue #4912:
-  precision that depends on the mesh), and an empty shard keeps the int8 keys. An int8-quantized 1-D
-  row state (a full-rank vector of ≥ 4096 elements with an explicit ``state_precision``) is refused:
-  its contiguous blocks would straddle shards. Sharded weights with bf16/int8 states run the eager
+  precision that depends on the mesh), and an empty shard keeps the int8 keys. With row blocks 1-D
+  states (norms, biases) stay float32 on every mesh and on one process
+  (:func:`~coap_compile.runtime.precision.state_storage`): a vector has no row to block along.
+  Sharded weights with bf16/int8 states run the eager
   storage path (K1 draws rounding bits by local index).
 * **Settings agree across ranks**: the settings that decide the collectives are checked equal across
   each shard group at a plan's first step (one 8-byte digest all-gather: :mod:`.agreement`).

@@ -47,7 +47,7 @@ from ..errors import UnsupportedOptimizerError
 from ..projection import LOCAL, ROWS, Comm, ProjectionPolicy, resolve_rank
 from ..projection.tucker import core_shape, is_tucker_candidate, tucker_ranks
 from .inits import tucker_inits
-from .precision import Precision, StateSpec, check_sharded_vectors, resolve_precision, row_states, state_spec
+from .precision import Precision, StateSpec, resolve_precision, row_states, state_spec
 from .selection import canonical_dims
 from .settings import EMA_KEY, CoapSettings
 
@@ -201,8 +201,6 @@ def check_fsdp(lay: ParamLayout, base: type) -> None:
                        tucker=lay.kind is Kind.TUCKER, states=lay.precision.states,
                        shard_local=local, base=base.__name__,
                        blocks=lay.precision.blocks)  # fmt: skip
-    if lay.states is not None:
-        check_sharded_vectors(lay.where, lay.states)
 
 
 def _row_plan(program: CompiledBase, rank: int, n: int, dtype: torch.dtype, where: str) -> tuple | None:

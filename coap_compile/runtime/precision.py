@@ -62,7 +62,6 @@ __all__ = [
     "Precision",
     "StateIO",
     "StateSpec",
-    "check_sharded_vectors",
     "row_states",
     "state_spec",
     "physical_precision",
@@ -236,26 +235,11 @@ def state_spec(
             glob[n] = (shard.rows, *shape[1:])
             offsets[n] = shard.row_offset * math.prod(shape[1:])
     storages = {n: state_storage(prec, n, shapes[n], kinds.get(n, "other"), where, glob[n]) for n in names}
-    spec = StateSpec(
+    return StateSpec(
         MappingProxyType(storages), MappingProxyType(dict(kinds)),
         MappingProxyType({n: tuple(shapes[n]) for n in names}), seed, row_names,
         MappingProxyType({n: o for n, o in offsets.items() if o}),
     )  # fmt: skip
-    if shard is not None:
-        check_sharded_vectors(where, spec)
-    return spec
-
-
-def check_sharded_vectors(where: str, spec: StateSpec) -> None:
-    """Refuse an int8-quantized 1-D row state under FSDP2 (its contiguous blocks would straddle shards)."""
-    for n in spec.row_names:
-        stg, shape = spec.storages[n], spec.shapes[n]
-        if len(shape) == 1 and physical_precision(stg, shape) == "int8":
-            raise ValueError(
-                f"{where} is FSDP2-sharded; its state {n!r} is a vector, which int8 quantizes in "
-                "contiguous blocks that would straddle shard boundaries (row blocks need a 2-D state): "
-                "keep it full rank with state_precision='auto' or 'bf16' in its param group"
-            )
 
 
 def row_states(shapes: dict, other: dict) -> tuple[str, ...]:
