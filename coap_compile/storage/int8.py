@@ -200,7 +200,7 @@ def block_layout(
 
 
 def infer_layout(
-    shape: Sequence[int], grid: tuple[int, ...], prefer: str = DEFAULT_BLOCKS
+    shape: Sequence[int], grid: tuple[int, ...], prefer: str = DEFAULT_BLOCKS, block: int | None = None
 ) -> BlockLayout | None:
     """The layout a stored state was written with, from its code shape and ``absmax`` grid (None if no
     block shape and size fits; ``prefer``'s shape is tried first). Unique: within one shape the partition
@@ -208,14 +208,13 @@ def infer_layout(
     the same ``⌈R/bh⌉`` only when both are ≥ R, i.e. one block row; rows: ``bh = 1`` and ``⌈C/bw⌉``,
     distinct for the powers of two ``bw ≤ next_pow2(C)``). Across shapes a rows grid ``(R, ·)`` equals a
     tiles grid ``(⌈R/bh⌉, ·)`` for ``R > 1`` only when ``bh = 1`` (tiles of 1×16 at B = 16), and then
-    both are 1×16 blocks: one grid, one partition."""
+    both are 1×16 blocks: one grid, one partition. ``block``: try that block size only."""
+    sizes = [block] if block is not None else [1 << k for k in range(4, MAX_BLOCK_SIZE.bit_length())]
     for style in (prefer, *(x for x in BLOCK_SHAPES if x != prefer)):
-        b = 16
-        while b <= MAX_BLOCK_SIZE:
+        for b in sizes:
             lay = block_layout(shape, b, style)
             if lay.grid == tuple(grid):
                 return lay
-            b *= 2
     return None
 
 
@@ -429,7 +428,7 @@ class Int8Storage(StateStorage):
         if isinstance(scales, Tensor) and isinstance(codes, Tensor) and tuple(codes.shape) == tuple(shape):
             grid = self.layout(tuple(shape)).grid
             theirs = tuple(scales.shape)
-            if theirs != grid and self._written_layout(tuple(shape), theirs) is not None:
+            if theirs != grid and infer_layout(shape, theirs, self.blocks, self.quant_block_size) is not None:
                 if scales.dtype != torch.float32 or not bool(torch.isfinite(scales).all()):
                     raise ValueError(f"{key!r} must be finite float32 block scales, got {scales.dtype}")
                 stored = {**stored, key: torch.zeros(grid, dtype=torch.float32, device=scales.device)}
@@ -445,14 +444,6 @@ class Int8Storage(StateStorage):
         rng = stored.get(name + self.rng_suffix)
         if rng is not None and int(rng[1]) < 0:
             raise ValueError(f"{name + self.rng_suffix!r} has a negative counter {int(rng[1])}")
-
-    def _written_layout(self, shape: tuple[int, ...], grid: tuple[int, ...]) -> BlockLayout | None:
-        """The layout at this block size, either block shape, whose scale grid is ``grid`` (None if none)."""
-        for style in (self.blocks, *(x for x in BLOCK_SHAPES if x != self.blocks)):
-            lay = block_layout(shape, self.quant_block_size, style)
-            if lay.grid == tuple(grid):
-                return lay
-        return None
 
     def _parts(self, stored: dict[str, Tensor], name: str) -> tuple[Tensor, Tensor, BlockLayout, CodeMap]:
         codes = _get(stored, name + self.value_suffix, "int8")
