@@ -94,7 +94,7 @@ def projected_update_(
         return
     stat_param = p if not program.decomposition.param_stats else p.to(dtype)
     olds = [io.load(n) for n in program.state_names]
-    reductions = getattr(layout, "row_reductions", None)  # (a layout-like record may not have one)
+    reductions = layout.row_reductions
     if reductions:  # FSDP2: the reductions over the rows are all-reduced (distributed.reductions)
         decay, delta, *rest = reductions.run(program.lowrank, stat_param, x_proj, *olds, k_t, lr_t, *hypers)
         new_states, new_step = list(rest[:-1]), rest[-1]
