@@ -136,7 +136,7 @@ def test_unavailable_compiler_runs_eagerly_with_one_warning(setup, monkeypatch):
     """No C++ compiler (simulated: compiling raises): one RuntimeWarning, then the eager results exactly."""
     program, specs, ema, inputs = setup
 
-    def broken(fn):
+    def broken(fn, *_):
         def call(*args):
             raise RuntimeError("simulated: no C++ compiler found")
 

@@ -41,6 +41,7 @@ from ..storage import StateStorage
 from ..storage.bf16 import round_bf16_stochastic
 from ..storage.int8 import block_layout
 from ..storage.rng import M32, PHI, _mul32, fmix32, stream_key_tensor
+from .codesearch import cell_tables, count
 
 __all__ = ["StackedSpec", "load_stacked", "stacked_spec", "stored_stacked"]
 
@@ -68,7 +69,7 @@ class StackedSpec:
     layout: Any = None
     codemap: Any = None
     tables: Any = None
-    inverse: Any = None  # int8: (nearest, stochastic) cell → count tables of :func:`_count`
+    cells: Any = None  # int8: the code search's cell tables (:mod:`.codesearch`), nearest or stochastic
 
     def matches(self, tensors: dict[str, Tensor]) -> bool:
         """Whether a member's entries have exactly this layout (keys, shapes, dtypes)."""
@@ -90,17 +91,14 @@ def stacked_spec(
     precision = "fp32" if keys == (name,) and meta[name].is_floating_point() and meta[name].dtype in (
         torch.float32, torch.float64) else storage.name  # fmt: skip
     stochastic = any(k.endswith(".rng") for k in keys)
-    block, signed, style, lay, cm, tables, inverse = 0, True, "", None, None, None, None
+    block, signed, style, lay, cm, tables, cells = 0, True, "", None, None, None, None
     if precision == "int8":
         block, style = storage.quant_block_size, storage.style
         cm = storage.code_map_for(kind)
         signed, lay, tables = cm.signed, block_layout(shape, block, storage.blocks), cm.tables(device)
-        n = (1 << cm.log2_size) - 1
-        host = cm.tables("cpu")  # (a meta-device group has meta tables: no data to search)
-        pairs = ((host.thresholds, False), (host.levels, True))
-        inverse = tuple(_inverse(t[1 : n + 1], right).to(device) for t, right in pairs)
+        cells = cell_tables(cm.signed, cm.style, stochastic, str(torch.device(device)))
     return StackedSpec(name, precision, keys, shapes, dtypes, tuple(shape), stochastic, block, signed, style,
-                       storage, lay, cm, tables, inverse)  # fmt: skip
+                       storage, lay, cm, tables, cells)  # fmt: skip
 
 
 def load_stacked(spec: StackedSpec, parts: dict[str, Tensor]) -> Tensor:
@@ -154,67 +152,17 @@ def stored_stacked(spec: StackedSpec, parts: dict[str, Tensor], value: Tensor) -
     rng = parts.get(spec.name + ".rng") if spec.stochastic else None
     x = value.reshape(k, lay.rows, lay.cols).float()
     bits = None if rng is None else _bits(rng, lay.rows * lay.cols).view(k, lay.rows, lay.cols)
-    codes, absmax = _quantize(x, lay.bh, lay.bw, cm, spec.tables, spec.inverse, bits)
+    codes, absmax = _quantize(x, lay.bh, lay.bw, cm, spec.tables, spec.cells, bits)
     out = {spec.name + ".q8": codes.to(cm.code_dtype).view(value.shape), spec.name + ".absmax": absmax}
     if rng is not None:
         out[spec.name + ".rng"] = _advance(rng)
     return out
 
 
-#: the inverse table's cells: float32 bit patterns >> 14 (9 mantissa bits: 0.2 % wide, below the
-#: smallest relative gap between a code map's levels, 0.7 %); cells up to that of 1.0.
-_CELL_SHIFT = 14
-_CELLS = (0x3F800000 >> _CELL_SHIFT) + 1
-
-
-def _inverse(table: Tensor, right: bool) -> Tensor:
-    """``inv[c]`` = how many entries of ``table`` are ``≤`` (``right``) / ``<`` the float32 whose bits are
-    ``c << 14``: the estimate ``q₀`` of :func:`_count` (built once per spec, outside any trace).
-
-    int32, not int16 (260 KB per table instead of 130 KB): Inductor's C++ vectorizer does not vectorize a
-    loop that gathers from an int16 table, so :func:`_count` ran as a scalar loop; with int32 the fused int8
-    update of a ``12×688×64`` chunk (3 int8 states, 1 thread) took a median 39 ms against 49 ms
-    (min 34 vs 41 ms; 60 interleaved calls, load 3–5, 2-core Xeon; the stored codes bit-identical)."""
-    starts = (torch.arange(_CELLS, dtype=torch.int32) << _CELL_SHIFT).view(torch.float32)
-    return torch.searchsorted(table, starts, right=right).to(torch.int32)
-
-
-def _count(table: Tensor, inv: Tensor, a: Tensor, ax: Tensor, right: bool) -> Tensor:
-    """Per element of ``ax`` (``K×nr×bh×nc×bw``, block scales ``a``: ``K×nr×nc``), ``q``, how many of the
-    ``n`` values ``fl(table_k·a)`` are ``< |x|`` (``right``: ``≤``): the count the binary search of
-    :func:`coap_compile.storage.int8._quantize_slab` reaches (``fl(t·a)`` is non-decreasing in ``t``).
-
-    Computed as ``q₀`` = the count at the start of the 0.2 %-wide cell holding ``fl(|x|/a)`` (a table
-    lookup on its float bits, :func:`_inverse`) and one exact correction each way: ``fl(|x|/a)`` and
-    ``fl(t·a)`` are within 2⁻²⁴ relative of the exact values, and adjacent levels/thresholds of a code map
-    are ≥ 0.7 % apart, so at most one ``table_k`` lies in the cell or compares differently and
-    ``|q₀ − q| ≤ 1``; the corrections
-    compare ``fl(table_k·a)`` with ``|x|`` exactly as the storage does, so ``q`` is bit-identical (tested;
-    it assumes ``fl(table_1·a)`` is a normal float, i.e. block absmax ≳ 1e-31). ``a = 0`` gives the
-    search's answer: 0 for ``<``, ``n`` for ``≤``. Why not the search itself: Inductor inlines its levels
-    into one expression (a ``where`` chain took minutes to lower and ran slower than eager;
-    ``searchsorted`` over the blocks and ``bucketize`` ran as ATen fallbacks, 26–30 ms per demo group),
-    while a table lookup is one fused load."""
-    k, nr, _, nc, _ = ax.shape
-    a5 = a.view(k, nr, 1, nc, 1)
-    n = table.shape[0]
-    pos = a5 > 0
-    u = torch.where(pos, ax / torch.where(pos, a5, 1.0), 0.0)
-    cell = (u.view(torch.int32) >> _CELL_SHIFT).clamp(0, _CELLS - 1)
-    j0 = inv[cell.long()].long()
-
-    def below(t: Tensor) -> Tensor:
-        return t <= ax if right else t < ax
-
-    up = (j0 < n) & below(table[j0.clamp(max=n - 1)] * a5)
-    down = (j0 > 0) & ~below(table[(j0 - 1).clamp(min=0)] * a5)
-    j = j0 + up.to(torch.int64) - down.to(torch.int64)
-    return torch.where(pos, j, n if right else 0)
-
-
-def _quantize(x: Tensor, bh: int, bw: int, cm, tabs, inv, bits: Tensor | None) -> tuple[Tensor, Tensor]:
+def _quantize(x: Tensor, bh: int, bw: int, cm, tabs, cells, bits: Tensor | None) -> tuple[Tensor, Tensor]:
     """:func:`coap_compile.storage.int8._quantize_slab` over a leading member axis (``x``: ``K×R×C``), with
-    the positive floor for the unsigned map (as ``Int8Storage.store_``)."""
+    the positive floor for the unsigned map (as ``Int8Storage.store_``); the search is a cell-table
+    lookup (:func:`.codesearch.count`, ``cells`` of the rounding mode: ``bits`` given or not)."""
     floor = not cm.signed
     k, rows, cols = x.shape
     nr, nc = -(-rows // bh), -(-cols // bw)
@@ -229,10 +177,10 @@ def _quantize(x: Tensor, bh: int, bw: int, cm, tabs, inv, bits: Tensor | None) -
     a5 = a.view(k, nr, 1, nc, 1)
     n = (1 << cm.log2_size) - 1
     if bits is None:  # nearest: q = #{k ≥ 1 : fl(θ_k·a) < |x|}
-        j = _count(tabs.thresholds[1 : n + 1], inv[0], a, ax, right=False)
+        j = count(cells, a5, ax, False, n)
     else:  # stochastic: the bracket j = #{k ≥ 1 : fl(m_k·a) ≤ |x|}, then up w.p. (|x| - lo)/(hi - lo)
         lv = tabs.levels
-        j = _count(lv[1 : n + 1], inv[1], a, ax, right=True)
+        j = count(cells, a5, ax, True, n)
         if padded:
             bits = torch.nn.functional.pad(bits, (0, nc * bw - cols, 0, nr * bh - rows))
         u = bits.view(ax.shape).float() * (1.0 / 65536.0)
