@@ -24,6 +24,8 @@ STORAGES = {
     "int8-sr": Int8Storage(min_numel=0),
     "int8-rn": Int8Storage(min_numel=0, rounding="nearest"),
     "int8-b64": Int8Storage(min_numel=0, quant_block_size=64),
+    "int8-tiles": Int8Storage(min_numel=0, blocks="tiles"),
+    "int8-tiles-b64-rn": Int8Storage(min_numel=0, blocks="tiles", quant_block_size=64, rounding="nearest"),
     "int8-small-kept-fp32": Int8Storage(),  # < 4096 elements: the fp32 layout
 }
 
@@ -57,6 +59,20 @@ def test_stacked_load_store_equal_the_per_member_storage(seed, storage, kind, k,
             stg.store_(m, "m", value[i])
             for key in spec.keys:
                 assert torch.equal(new[key][i], m[key]), key
+
+
+@pytest.mark.parametrize("storage", ["int8-sr", "int8-tiles", "int8-tiles-b64-rn"])
+@pytest.mark.parametrize(("rows", "cols"), [(64, 16), (48, 32), (50, 16), (64, 13)])
+def test_stacked_int8_load_on_whole_and_cut_blocks(storage, rows, cols):
+    """Both load paths: blocks that tile the state exactly (the scales broadcast as a view) and blocks cut by
+    an edge (the scales gathered per element), each member's ``load`` bit for bit."""
+    stg = STORAGES[storage]
+    members = [stg.from_value("m", randn(40 + i, rows, cols), "first_moment", seed=i) for i in range(3)]
+    spec = stacked_spec("m", stg, "first_moment", (rows, cols))
+    parts = {key: torch.stack([m[key] for m in members]) for key in spec.keys}
+    loaded = load_stacked(spec, parts)
+    for i, m in enumerate(members):
+        assert torch.equal(loaded[i], stg.load(m, "m"))
 
 
 # M = 523 (a prime: int8 blocks of 32 rows and bf16 streams cut at odd places), widths 9, 11 and 13 with

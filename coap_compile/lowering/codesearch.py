@@ -92,7 +92,7 @@ def count(cells: CellTables, a: Tensor, ax: Tensor, right: bool, n: int) -> Tens
     search's answer: 0 for ``<``, ``n`` for ``≤``."""
     pos = a > 0
     u = torch.where(pos, ax / torch.where(pos, a, 1.0), 0.0)
-    cell = (u.view(torch.int32) >> CELL_SHIFT).clamp(0, CELLS - 1).long()
+    cell = (u.view(torch.int32) >> CELL_SHIFT).clamp(0, CELLS - 1)
     c = cells.crit[cell] * a
     hit = c <= ax if right else c < ax
     q = cells.base[cell] + hit.to(torch.int32)

@@ -109,12 +109,18 @@ def load_stacked(spec: StackedSpec, parts: dict[str, Tensor]) -> Tensor:
         return parts[spec.name].float()
     lay, cm = spec.layout, spec.codemap
     codes, absmax = parts[spec.name + ".q8"], parts[spec.name + ".absmax"]
-    k = codes.shape[0]
-    vals = spec.tables.values
+    k, vals = codes.shape[0], spec.tables.values
+    nr, nc = -(-lay.rows // lay.bh), -(-lay.cols // lay.bw)
+    # int32 indices and, where the blocks tile the state exactly, the scales as a broadcast view: Inductor
+    # gathers element by element, and an int64 code index plus a gathered scale took 3.0 ns per element
+    # against 1.6 ns (12×688×64 row blocks, 1 thread; the same products, so the same bits)
+    if nr * lay.bh == lay.rows and nc * lay.bw == lay.cols:
+        idx = codes.view(k, nr, lay.bh, nc, lay.bw).to(torch.int32) + cm.offset
+        return (vals[idx] * absmax.view(k, nr, 1, nc, 1)).view(codes.shape)
     rows_b = torch.arange(lay.rows, device=codes.device) // lay.bh
     cols_b = torch.arange(lay.cols, device=codes.device) // lay.bw
     a = absmax[:, rows_b[:, None], cols_b[None, :]]
-    out = vals[codes.view(k, lay.rows, lay.cols).long() + cm.offset] * a
+    out = vals[codes.view(k, lay.rows, lay.cols).to(torch.int32) + cm.offset] * a
     return out.view(codes.shape)
 
 
