@@ -118,8 +118,8 @@ _OPTIONS = {"assert_indirect_indexing": False}
 #: different loops (the rounding bits are indexed per member, the rest per flat row); recomputed there,
 #: it ran three times per state. Demo LM, profiled fused-group time per step (1 thread, 10 steps, 2-core
 #: Xeon at load ≈ 1): int8 41 ms → 23–29 ms. Not for bf16/fp32: there it stores cheap intermediates
-#: (bf16 8.0 ms → 13.9 ms, two runs each) and fp32 did not change beyond noise. Storing a float32
-#: intermediate does not change its value (the results are the same bits,
+#: (bf16 8.0 / 7.7 ms → 13.9 / 12.7 ms in two runs each) and fp32 did not change beyond noise. Storing a
+#: float32 intermediate does not change its value (the results are the same bits,
 #: ``tests/test_inductor_lowering.py``).
 _INT8_OPTIONS = {**_OPTIONS, "realize_reads_threshold": 2}
 

@@ -28,7 +28,7 @@ How K1 uses them for a state ``s`` (tile ``offs_m × offs_r``, ``row0 = pid_m·B
     _st_q8_store(s_new, q_ptr + ..., a_ptr, row0, col0, NR, NC, mask, tab_ptr, rng_ptr,
                  offs_m[:, None] * R + offs_r[None, :], BLOCK_M, BLOCK_R, BH, BW, SIGNED, LOG2N, STOCHASTIC)
 
-with ``BH, BW`` from :func:`.int8.block_layout` ``((M, r), B)``, ``NR, NC`` its ``grid``, ``val_ptr`` and
+with ``BH, BW`` from :func:`.blocks.block_layout` ``((M, r), B)``, ``NR, NC`` its ``grid``, ``val_ptr`` and
 ``tab_ptr`` from ``CodeMap.tables(device)`` (``values``; ``levels`` or ``thresholds``), ``SIGNED =
 code_map.signed``, ``LOG2N = code_map.log2_size`` and ``BLOCK_M`` a multiple of ``BH``
 (:func:`.int8.kernel_block_m`). Every program reads and writes only its own blocks, so no
