@@ -3,8 +3,10 @@
 :func:`coap_compile.storage.int8._quantize_slab` finds an element's code by a binary search over the
 products ``fl(t_k·a)`` of a code map's sorted table ``t`` (thresholds for nearest rounding, levels for
 the stochastic bracket) with its block's scale ``a``. Fused by Inductor (:mod:`.inductor`), a search
-becomes a chain of ``where`` levels that takes minutes to lower; ``searchsorted``/``bucketize`` run as
-ATen fallbacks. So the stacked lowering (:mod:`.stacked`) reads the answer from a table instead:
+becomes a chain of ``where`` levels that took minutes to lower and ran slower than eager;
+``searchsorted`` over the blocks and ``bucketize`` ran as ATen fallbacks (26–30 ms per demo group). So the
+stacked lowering (:mod:`.stacked`) reads the answer from a table instead (``base`` is int32, not int16:
+Inductor's C++ vectorizer leaves a loop that gathers from an int16 table scalar):
 
 * **cells.** ``u = fl(|x|/a)`` lies in ``[0, 1]``; its float32 bits ``>> 14`` name a *cell*, a run of
   2¹⁴ consecutive floats (9 mantissa bits kept: at most 2⁻⁹ ≈ 0.2 % wide relative to its start), up

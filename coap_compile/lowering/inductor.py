@@ -34,13 +34,15 @@ i.e. both lowerings are float32-accurate versions of the same update; measured s
 by at most 1 ulp, stored bf16/int8 codes then differ only where that ulp crosses a rounding threshold.
 
 **Decision: ``backend="auto"`` keeps the eager lowering on CPU.** Measured on this project's 2-core Xeon VM
-(shared, load 8–15; ``benchmarks/results/inductor_compile.json``, ``fused_step/step_overhead_cpu.csv``):
-the demo LM with int8 states has 2 signatures whose **cold** compile took 286 s in all at load 9.7
-(14–33 s per state pair on a quiet machine, ``fused_lowering_probe.json``) and **warm** (Inductor's on-disk
-cache) 18 s; the fused step saves about 80–160 ms (bf16) and 190–410 ms (int8) per step there against
-the eager grouped lowering, about nothing for fp32. A short run (the test suite, a smoke test, a
-notebook) loses; a long bf16/int8 run wins after some hundreds of steps. So ``backend="inductor"`` is
-opt-in, and tests compile two tiny signatures only (``tests/test_inductor_lowering.py``).
+(``benchmarks/results/inductor_compile.json``, ``fused_step/step_overhead_cpu.csv``): the demo LM's
+**cold** compile (every signature of its first step) took 12 s for fp32 states (2 signatures), 95 s for
+bf16 (4) and 83 s for int8 (3) at load ≈ 1 (commit fcefd7b; an earlier int8 graph took 286 s at load
+9.7), and **warm** (Inductor's on-disk cache, a second process) 3–6 s. The fused step saves about 54 ms
+(bf16) and 133 ms (int8) per step against the eager grouped lowering on the quiet machine (78 → 24 ms and
+189 → 56 ms, ``fused_step/``, measured before the int8 changes of ``fused_step_int8/``; 80–160 and 190–410 ms
+under load), about nothing for fp32. A cold compile is paid back after about 1 800 bf16 or 600 int8 steps;
+a short run (the test suite, a smoke test, a notebook) loses. So ``backend="inductor"`` is opt-in, and
+tests compile two tiny signatures only (``tests/test_inductor_lowering.py``).
 """
 
 from __future__ import annotations
