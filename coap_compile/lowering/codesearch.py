@@ -26,7 +26,8 @@ are ≥ 0.7 % apart (:func:`coap_compile.storage.codemap.relative_gaps`), so eac
 ``q`` is the search's count bit for bit (``tests/test_codesearch.py`` against the broadcast count, and
 ``tests/test_grouped_storage.py`` against the per-matrix storage).
 
-**Measured** (Inductor C++, 1 thread, a ``12×688×64`` stacked int8 store with row blocks, 2-core Xeon):
+**Measured** (Inductor C++, 1 thread, a ``12×688×64`` stacked int8 store with row blocks and its rounding
+bits given, bounds asserts off in both, 2-core Xeon):
 the earlier form — an inverse table ``q₀`` plus one exact correction each way, three dependent gathers —
 took 6.1–6.7 ns per element for nearest rounding and 8.5–8.8 ns for stochastic; this one 3.4–3.8 and
 5.7–6.6 ns, with bit-identical codes. Inductor gathers element by element, so a gather saved is most of
