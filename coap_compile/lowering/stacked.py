@@ -110,7 +110,7 @@ def load_stacked(spec: StackedSpec, parts: dict[str, Tensor]) -> Tensor:
     lay, cm = spec.layout, spec.codemap
     codes, absmax = parts[spec.name + ".q8"], parts[spec.name + ".absmax"]
     k, vals = codes.shape[0], spec.tables.values
-    nr, nc = -(-lay.rows // lay.bh), -(-lay.cols // lay.bw)
+    nr, nc = lay.grid
     # int32 indices and, where the blocks tile the state exactly, the scales as a broadcast view: Inductor
     # gathers element by element, and an int64 code index plus a gathered scale took 3.0 ns per element
     # against 1.6 ns (12×688×64 row blocks, 1 thread; the same products, so the same bits)
