@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import coap_compile
 from coap_compile import NonFiniteGradientError
 from coap_compile.runtime import grouped as grouped_mod
+from coap_compile.runtime import threads as threads_mod
 from coap_lab.cli.memory import measured_state_bytes
 
 #: (m, n) of the projected matrices: six share M = 24 (three 24×16, two transposed 16×24, one of width
@@ -302,11 +303,11 @@ def test_compiled_train_step_with_groups_does_not_recompile():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_a_failing_chunk_leaves_it_and_later_members_unchanged(monkeypatch):
-    """Each chunk is computed before its first write: an exception inside the second chunk's update
-    leaves the first chunk updated (as torch's optimizers leave earlier parameters) and the failing
-    chunk and every later member untouched, states and step counters included."""
+def _fail_second_chunk(monkeypatch, threads_: int):
+    """Chunks of two members; the second call of the low-rank pass raises. Returns the members, and
+    for each whether its weight and whether its states changed."""
     monkeypatch.setattr(grouped_mod, "CHUNK_BYTES", 2 * 24 * RANK * 4)  # chunks of two members
+    monkeypatch.setattr(threads_mod, "MAX_MEMBER_THREADS", threads_)
     pa, oa, _, _ = _pair(41)
     for step in range(2):
         _grads(pa, 41, step)
@@ -328,12 +329,38 @@ def test_a_failing_chunk_leaves_it_and_later_members_unchanged(monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         oa.step()
     members = oa.plan.matrix_groups[0].members
-    for k, p in enumerate(members):
+    out = []
+    for p in members:
         changed = not torch.equal(p.detach(), before[_idx(pa, p)])
-        assert changed == (k < 2), k
         same_state = all(torch.equal(v, states[id(p)][n]) for n, v in oa.state[p].items())
-        assert same_state == (k >= 2), k
+        out.append((changed, not same_state))
     assert torch.equal(pa[-1].detach(), before[-1])  # the full-rank bias runs after the groups
+    return out
+
+
+def test_a_failing_chunk_leaves_it_and_later_members_unchanged(monkeypatch):
+    """Each chunk is computed before its first write: run in order (no member pool), an exception inside
+    the second chunk's update leaves the first chunk updated (as torch's optimizers leave earlier
+    parameters) and the failing chunk and every later member untouched, states and step counters
+    included."""
+    changed = _fail_second_chunk(monkeypatch, 1)
+    assert changed == [(k < 2, k < 2) for k in range(len(changed))]
+
+
+def test_a_failing_chunk_on_the_member_pool_is_all_or_nothing(monkeypatch):
+    """On the member pool (2 threads) the chunks in flight finish and no chunk starts after the error:
+    every chunk is updated completely (weights and states) or not at all, the failing one is not, and at
+    most the two chunks that ran beside it (one before, one in flight) are."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        changed = _fail_second_chunk(monkeypatch, 8)
+    finally:
+        torch.set_num_threads(before)
+    chunks = [changed[i : i + 2] for i in range(0, len(changed), 2)]
+    assert all(c[0] == c[1] and len(set(c[0])) == 1 for c in chunks)  # all or nothing per chunk
+    updated = sum(c[0][0] for c in chunks)
+    assert 1 <= updated <= 2 and len(chunks) >= 3
 
 
 def _idx(params, p):

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 
 import coap_compile
 from coap_compile import NonFiniteGradientError
+from coap_compile.runtime import grouped as grouped_mod
 from coap_compile.runtime import step as step_mod
 from coap_compile.runtime import threads
 
@@ -43,16 +44,17 @@ def two_threads():
 
 
 def _record_threads(monkeypatch) -> list[int]:
-    """Thread counts seen inside the grouped and the per-matrix updaters."""
+    """Thread counts seen inside the grouped chunks (on whichever thread runs them) and the per-matrix
+    updater."""
     seen: list[int] = []
-    for name in ("grouped_update_", "projected_update_"):
-        real = getattr(step_mod, name)
+    for mod, name in ((grouped_mod, "_chunk_update_"), (step_mod, "projected_update_")):
+        real = getattr(mod, name)
 
         def spy(*a, _real=real, **k):
             seen.append(torch.get_num_threads())
             return _real(*a, **k)
 
-        monkeypatch.setattr(step_mod, name, spy)
+        monkeypatch.setattr(mod, name, spy)
     return seen
 
 

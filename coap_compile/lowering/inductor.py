@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 
 from .eager import run_lowrank
+from .scalarsplit import split_scalars
 from .stacked import StackedSpec, load_stacked, stored_stacked
 
 __all__ = ["STATS", "elementwise", "lowrank_stored", "reset", "uses_param"]
@@ -92,11 +93,18 @@ def lowrank_stored(
     k: Tensor,
     lr: Tensor,
     hypers: Sequence[Tensor],
+    hoisted: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor | float, Tensor, Tensor, dict[str, Tensor]]:
     """``(decay, D, k', new parts)`` of the stacked chunk (module docstring); writes nothing. A state
-    stored fp32 that the program returns unchanged is left out of ``new parts``."""
+    stored fp32 that the program returns unchanged is left out of ``new parts``. ``hoisted``: the
+    program's per-step scalars, computed by the caller (:mod:`.scalarsplit`; the compiled loop)."""
     olds = [load_stacked(spec, parts) for spec in specs]
-    decay, delta, new_states, new_step = run_lowrank(program, param, x_proj, olds, k, lr, hypers)
+    if hoisted is None:
+        decay, delta, new_states, new_step = run_lowrank(program, param, x_proj, olds, k, lr, hypers)
+    else:
+        body = split_scalars(program.lowrank, len(olds)).body
+        decay, delta, *rest = body(param, x_proj, *olds, k, lr, *hypers, *hoisted)
+        new_states, new_step = list(rest[:-1]), rest[-1]
     out: dict[str, Tensor] = {}
     for spec, old, value in zip(specs, olds, new_states):
         if spec.precision == "fp32" and value is old:
@@ -130,8 +138,8 @@ def _bound(program, specs, ema):
     """:func:`lowrank_stored` of one program and stacked layout, with its own code object (Dynamo keeps
     compiled entries per code object: a shared one would hit its recompile limit across signatures)."""
 
-    def fused(x_proj, parts, k, lr, hypers):
-        return lowrank_stored(program, specs, ema, None, x_proj, parts, k, lr, hypers)
+    def fused(x_proj, parts, k, lr, hypers, hoisted):
+        return lowrank_stored(program, specs, ema, None, x_proj, parts, k, lr, hypers, hoisted)
 
     return types.FunctionType(
         fused.__code__.replace(), fused.__globals__, fused.__name__, fused.__defaults__, fused.__closure__
@@ -185,7 +193,8 @@ def elementwise(
         entry = (program, _torch_compile(_bound(program, tuple(specs), ema), specs, ema))
     t0 = time.perf_counter()
     try:
-        out = entry[1](x_proj, parts, k, lr, list(hypers))
+        hoisted = list(split_scalars(program.lowrank, len(specs)).scalars(k, lr, *hypers))
+        out = entry[1](x_proj, parts, k, lr, list(hypers), hoisted)
     except Exception as exc:
         _unavailable(exc)
         STATS["fallbacks"] += 1

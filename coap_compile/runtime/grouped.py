@@ -70,8 +70,9 @@ has no gradient or the members' step counts differ (e.g. a layer frozen for a wh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -83,6 +84,7 @@ from ..lowering.stacked import StackedSpec, stacked_spec
 from .grouped_kernels import describe, kernel_group_reason
 from .selection import canonical_dims
 from .settings import EMA_KEY
+from .threads import run_members
 
 __all__ = [
     "CHUNK_BYTES",
@@ -91,6 +93,7 @@ __all__ = [
     "build_groups",
     "chunk_members",
     "explain_groups",
+    "grouped_tasks",
     "grouped_update_",
     "pack_",
     "per_matrix_reason",
@@ -316,9 +319,30 @@ def grouped_update_(
     *,
     compiling: bool,
 ) -> None:
-    """One step of the members in ``runs`` (:func:`ready`; module docstring), in place. ``scalars`` are
-    the group's ``(lr, h)``; ``grads`` were read before the states (the compiled-region contract). Each
-    chunk of members is computed completely before its first write (weights, then states and steps)."""
+    """One step of the members in ``runs`` (:func:`ready`; module docstring), in place: the tasks of
+    :func:`grouped_tasks`, spread over the member pool (:func:`~.threads.run_members`)."""
+    tasks = grouped_tasks(layout, group, runs, grads, states, scalars, compiling=compiling)
+    if compiling:
+        for task in tasks:
+            task()
+    else:
+        run_members(tasks)
+
+
+def grouped_tasks(
+    layout: MatrixGroup,
+    group: GroupBuffers,
+    runs: Sequence[tuple[int, int]],
+    grads: Sequence[Tensor | None],
+    states: Sequence[dict],
+    scalars: tuple[Tensor, list[Tensor]],
+    *,
+    compiling: bool,
+) -> list[Callable[[], None]]:
+    """This step's chunks of the members in ``runs`` as independent tasks (disjoint members, weights,
+    state slices and step counters), each computed completely before its first write (weights, then
+    states and steps). ``scalars`` are the group's ``(lr, h)``; ``grads`` were read before the states
+    (the compiled-region contract)."""
     lr_t, hypers = scalars
     chunk = chunk_members(  # fused: one compiled loop over the run (no multi-pass cache effect to chunk for)
         layout,
@@ -326,30 +350,36 @@ def grouped_update_(
         layout.members[0].device,
         compiling or layout.fused,
     )
+    tasks = []
     for first, end in runs:
         k_t = group.steps[first].to(torch.float64)
-        for s in range(first, end, chunk):
-            _chunk_update_(
-                layout, group, s, min(s + chunk, end), grads, states, (k_t, lr_t, hypers), compiling
-            )
+        tasks += [
+            partial(_chunk_update_, layout, group, s, min(s + chunk, end), grads, states, (k_t, lr_t, hypers),
+                    compiling)
+            for s in range(first, end, chunk)
+        ]  # fmt: skip
+    return tasks
 
 
 def _chunk_update_(layout, group, s, e, grads, states, inputs, compiling):
     k_t, lr_t, hypers = inputs
     program, policy, dtype = layout.program.program, layout.policy, layout.dtype
     members, bufs = layout.members, group.buffers
-    projs, xs = [], []
-    for p, g, st, tr in zip(members[s:e], grads[s:e], states[s:e], layout.transposed[s:e]):
+    projs = []
+    for st in states[s:e]:
         proj = policy.basis(st)
         projs.append(proj if proj.dtype == dtype else proj.to(dtype))
+
+    def x_of(k: int) -> Tensor:
+        p, g = members[s + k], grads[s + k]
         x = g if program.prologue is None else program.prologue(p.to(dtype), g.to(dtype), k_t, lr_t, *hypers)
-        xs.append((x.t() if tr else x).to(dtype))
+        return (x.t() if layout.transposed[s + k] else x).to(dtype)
+
     if compiling:  # traced: a stack of products (Inductor writes them in place)
-        x_proj = torch.stack([x @ proj for x, proj in zip(xs, projs)])
-    else:
-        x_proj = torch.empty((e - s, layout.rows, layout.rank), dtype=dtype, device=xs[0].device)
-        for k, (x, proj) in enumerate(zip(xs, projs)):
-            torch.mm(x, proj, out=x_proj[k])
+        x_proj = torch.stack([x_of(k) @ proj for k, proj in enumerate(projs)])
+    else:  # per member: X P into its slice (member tasks: in parallel when this chunk runs alone, .threads)
+        x_proj = torch.empty((e - s, layout.rows, layout.rank), dtype=dtype, device=grads[s].device)
+        run_members([partial(_project, x_of, k, projs[k], x_proj[k]) for k in range(e - s)])
     parts = {key: bufs[key][s:e] for key in layout.keys}
     by_name = {spec.name: spec for spec in layout.specs}
     specs = tuple(by_name[n] for n in program.state_names)
@@ -359,8 +389,14 @@ def _chunk_update_(layout, group, s, e, grads, states, inputs, compiling):
     )  # fmt: skip
     if not compiling and isinstance(decay, Tensor):
         decay = float(decay)  # one host read per chunk (apply_reprojection_ would read it per member)
-    for k, (p, tr) in enumerate(zip(members[s:e], layout.transposed[s:e])):
-        apply_reprojection_(p.t() if tr else p, decay, delta[k], projs[k], layout.scale)
+    run_members([  # every weight of the chunk before any state (update.py's contract)
+        partial(apply_reprojection_, p.t() if tr else p, decay, delta[k], projs[k], layout.scale)
+        for k, (p, tr) in enumerate(zip(members[s:e], layout.transposed[s:e]))
+    ])
     for key, value in new_parts.items():  # states only after every weight (update.py's contract)
         parts[key].copy_(value)
     group.steps[s:e].copy_(new_step)
+
+
+def _project(x_of: Callable[[int], Tensor], k: int, proj: Tensor, out: Tensor) -> None:
+    torch.mm(x_of(k), proj, out=out)

@@ -46,14 +46,14 @@ from ..lowering.kernels import KernelPlan, kernel_plan, stored_kernel_plan
 from .counters import StepCounters
 from .fullgroup import full_group_update_
 from .fullrank import ensure_full_state, full_update_, restored_full_state
-from .grouped import GroupBuffers, grouped_update_, ready
+from .grouped import GroupBuffers, grouped_tasks, ready
 from .grouped_kernels import kernel_group_update_, kernel_runs
 from .layout import Kind, full_program
 from .plan import RuntimePlan
 from .refresh import plan_refresh
 from .scalars import LiveScalars, base_hyperparams
 from .schedule import NOTHING_DUE, due
-from .threads import intra_op_threads, step_threads
+from .threads import intra_op_threads, run_members, step_threads
 from .tucker import plan_tucker_refresh, tucker_update_
 from .update import projected_update_
 from .validate import check_gradients
@@ -312,15 +312,21 @@ class StepRunner:
                 full_update_(self.local(p), io.state, lay.program, inputs, io)
             else:  # compiling: torch's layout, the captured update (fullrank module docstring)
                 full_update_(p, state, self.full_programs[(lay.group, p.dtype, p.ndim)], inputs)
+        tasks = []  # the eager groups' chunks: independent, one batch for the member pool (.threads)
         for (mg, runs), g in zip(self.work_groups, group_grads):
             if mg.kernels is not None:
                 states = [opt.state[p] for p in mg.members]
                 kernel_group_update_(mg, runs, g, states, self.stored_plans, self.scalars)
                 continue
-            grouped_update_(
+            tasks += grouped_tasks(
                 mg, self.buffers[id(mg)], runs, g, [opt.state[p] for p in mg.members],
                 self.scalars.group_inputs(mg.index), compiling=compiling,
             )  # fmt: skip
+        if compiling:
+            for task in tasks:
+                task()
+        else:
+            run_members(tasks)
         for (fg, runs), g in zip(self.work_full, full_grads):
             full_group_update_(fg, self.buffers[id(fg)], runs, g, self.scalars.group_inputs(fg.index))
         self.locals = {}  # drop the FSDP2 local views (and their gradient references)

@@ -39,13 +39,23 @@ GEMMs per step cost more than the second core gave back.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-__all__ = ["SMALL_GEMM_MACS", "SMALL_PARAM_NUMEL", "intra_op_threads", "step_threads"]
+__all__ = [
+    "MAX_MEMBER_THREADS",
+    "SMALL_GEMM_MACS",
+    "SMALL_PARAM_NUMEL",
+    "intra_op_threads",
+    "member_threads",
+    "run_members",
+    "step_threads",
+]
 
 #: Largest projection GEMM (``M·N·r`` multiply-adds) of a step that runs single-threaded on the CPU.
 SMALL_GEMM_MACS = 1 << 26
@@ -69,13 +79,158 @@ def step_threads(layouts: Mapping[Any, Any]) -> int | None:
 @contextmanager
 def intra_op_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``torch.set_num_threads(min(n, current))`` (None, or already at most ``n``:
-    unchanged); the previous count is restored on exit."""
+    unchanged); the previous count is restored on exit. While the count is lowered, :func:`run_members`
+    on this thread spreads independent per-member work over the caller's former thread count."""
     before = torch.get_num_threads()
     if n is None or before <= n or torch.compiler.is_compiling():
         yield
         return
     torch.set_num_threads(n)
+    width = getattr(_SCOPE, "width", 1)
+    _SCOPE.width = before
     try:
         yield
     finally:
+        _SCOPE.width = width
         torch.set_num_threads(before)
+
+
+# -- the member pool ---------------------------------------------------------------------------------
+
+#: Most threads (the caller's included) :func:`run_members` uses, whatever torch's thread count was.
+MAX_MEMBER_THREADS = 8
+
+_SCOPE = threading.local()  # .width: the caller's thread count while intra_op_threads lowered it
+_POOLS: dict[int, _Pool] = {}  # one per process (os.getpid(): a forked child builds its own)
+_POOLS_LOCK = threading.Lock()
+
+
+def member_threads() -> int:
+    """Threads :func:`run_members` would use on this thread now (1: it runs the tasks in order here)."""
+    return max(1, min(getattr(_SCOPE, "width", 1), MAX_MEMBER_THREADS))
+
+
+def run_members(tasks: Sequence[Callable[[], None]]) -> None:
+    """Run every task once and return when all have finished; the first exception is re-raised after
+    the tasks already started have finished (no further task starts once one has raised).
+
+    Inside :func:`intra_op_threads` that lowered the caller's count ``T`` to 1, the tasks are spread over
+    this thread and ``T − 1`` daemon workers (each running torch with one intra-op thread), handed out
+    one at a time in order (module docstring: a thread that loses its core delays the batch by at most
+    the task it holds). Tasks must be independent (disjoint outputs); each runs on one thread exactly as
+    it would here, so results are bit-identical to running them in order. Anywhere else (no lowered
+    scope, one task, or the pool busy with another caller's batch) they run here, in order.
+    """
+    width = member_threads()
+    if width <= 1 or len(tasks) <= 1 or _modes_active():
+        for task in tasks:
+            task()
+        return
+    pool = _pool(width - 1)
+    if not pool.busy.acquire(blocking=False):  # another thread's step is using it: run here
+        for task in tasks:
+            task()
+        return
+    try:
+        pool.run(tasks)
+    finally:
+        pool.busy.release()
+
+
+def _modes_active() -> bool:
+    """A torch function or dispatch mode (a FLOP counter, a tracer) is on this thread's stack: such modes
+    are thread-local, so the tasks run here where the mode sees them."""
+    return bool(torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack())
+
+
+def _pool(workers: int) -> _Pool:
+    pid = os.getpid()
+    with _POOLS_LOCK:
+        pool = _POOLS.get(pid)
+        if pool is None or pool.workers < workers:
+            if pool is not None:
+                pool.close()
+            pool = _POOLS[pid] = _Pool(workers)
+        return pool
+
+
+class _Batch:
+    """One call's tasks: handed out in order under a lock; ``running`` counts those started, not finished."""
+
+    def __init__(self, tasks: Sequence[Callable[[], None]]) -> None:
+        self.tasks, self.next, self.running = tasks, 0, 0
+        self.grad = torch.is_grad_enabled()  # thread-local: the workers take the caller's (no_grad in a step)
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+
+    def work(self) -> None:
+        while True:
+            with self.cond:
+                if self.next >= len(self.tasks) or self.error is not None:
+                    return
+                task = self.tasks[self.next]
+                self.next += 1
+                self.running += 1
+            try:
+                task()
+            except BaseException as e:  # re-raised in the caller's thread (run)
+                with self.cond:
+                    self.error = self.error or e
+            finally:
+                with self.cond:
+                    self.running -= 1
+                    if self.running == 0:
+                        self.cond.notify_all()
+
+    def stop_and_wait(self) -> None:
+        with self.cond:
+            self.next = len(self.tasks)  # nothing further starts (an interrupted caller included)
+            while self.running:
+                self.cond.wait()
+
+
+class _Pool:
+    """``workers`` daemon threads that join the caller's current :class:`_Batch` when it is posted."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers, self.busy = workers, threading.Lock()
+        self.cond = threading.Condition()
+        self.batch: _Batch | None = None
+        self.generation, self.closed = 0, False
+        for i in range(workers):
+            threading.Thread(target=self._serve, name=f"coap-member-{i}", daemon=True).start()
+
+    def _serve(self) -> None:
+        # Started inside a lowered scope (the process-wide count is already 1): one intra-op thread here.
+        torch.set_num_threads(1)
+        seen = 0
+        while True:
+            with self.cond:
+                while self.generation == seen and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                seen, batch = self.generation, self.batch
+            if batch is not None:
+                with torch.set_grad_enabled(batch.grad):
+                    batch.work()
+
+    def run(self, tasks: Sequence[Callable[[], None]]) -> None:
+        batch = _Batch(tasks)
+        with self.cond:
+            self.batch = batch
+            self.generation += 1
+            self.cond.notify_all()
+        try:
+            batch.work()
+        finally:
+            batch.stop_and_wait()
+            with self.cond:
+                self.batch = None
+        if batch.error is not None:
+            raise batch.error
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()

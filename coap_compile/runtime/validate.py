@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from ..distributed import fsdp
 from ..errors import NonFiniteGradientError
+from .threads import run_members
 
 __all__ = ["all_finite", "check_gradients"]
 
@@ -65,10 +67,17 @@ def all_finite(tensors: list[Tensor]) -> bool:
 
     Measured on the demo model's 39 gradients (CPU, 1 thread, median of 50): 0.52 ms, against 0.89 ms
     for a host read per gradient and 13.0 ms for ``torch._foreach_norm(·, inf)`` (CPU's foreach norm
-    is not vectorized); ``abs().amax()`` also allocates a copy (0.86 ms).
+    is not vectorized); ``abs().amax()`` also allocates a copy (0.86 ms). In a small CPU step the
+    reductions are spread over the member pool (:func:`~.threads.run_members`).
     """
+    tensors = [t for t in tensors if t.numel()]
+    found: list[tuple[Tensor, Tensor] | None] = [None] * len(tensors)
+
+    def reduce(i: int) -> None:
+        found[i] = torch.aminmax(tensors[i])
+
+    run_members([partial(reduce, i) for i in range(len(tensors))])  # over the member pool in a small step
     by_device: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        if t.numel():
-            by_device.setdefault(t.device, []).extend(torch.aminmax(t))
+    for t, pair in zip(tensors, found):
+        by_device.setdefault(t.device, []).extend(pair)
     return all(bool(torch.stack(v).isfinite().all()) for v in by_device.values())

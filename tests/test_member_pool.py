@@ -1,0 +1,177 @@
+"""The member pool of a small CPU step (issue 20, :func:`coap_compile.runtime.threads.run_members`).
+
+A small step runs with one intra-op thread; its independent chunks (and member GEMMs) are spread over
+the caller's former thread count. Checked here: every task runs exactly once, on the pool only inside a
+lowered scope; the first error is re-raised and nothing starts after it; grad mode and torch modes are
+respected; a busy pool runs a second caller's batch in that caller's thread; and whole trajectories
+(fp32/bf16/int8 states, prologue and EMA bases) are bit-identical with the pool and without it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from helpers import randn, seeds
+from hypothesis import given, settings
+from torch.utils.flop_counter import FlopCounterMode
+
+import coap_compile
+from coap_compile.runtime import grouped as grouped_mod
+from coap_compile.runtime import threads
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _names(n: int, *, sleep: float = 0.0, fail_at: int | None = None):
+    """``n`` tasks recording (index, thread name); task ``fail_at`` raises."""
+    seen: list[tuple[int, str]] = []
+    lock = threading.Lock()
+
+    def task(i: int) -> None:
+        if sleep:
+            time.sleep(sleep)
+        with lock:
+            seen.append((i, threading.current_thread().name))
+        if i == fail_at:
+            raise KeyError(f"task {i}")
+
+    return [lambda i=i: task(i) for i in range(n)], seen
+
+
+def test_tasks_run_once_on_the_pool_inside_a_lowered_scope(two_threads):
+    tasks, seen = _names(12, sleep=0.002)
+    with threads.intra_op_threads(1):
+        assert threads.member_threads() == 2
+        threads.run_members(tasks)
+    assert sorted(i for i, _ in seen) == list(range(12))
+    names = {name for _, name in seen}
+    assert threading.current_thread().name in names and any(n.startswith("coap-member-") for n in names)
+
+
+def test_outside_a_lowered_scope_tasks_run_here_in_order(two_threads):
+    tasks, seen = _names(6)
+    threads.run_members(tasks)
+    assert threads.member_threads() == 1
+    assert seen == [(i, threading.current_thread().name) for i in range(6)]
+
+
+def test_first_error_is_raised_after_started_tasks_and_nothing_starts_after_it(two_threads):
+    tasks, seen = _names(40, sleep=0.001, fail_at=3)
+    with threads.intra_op_threads(1), pytest.raises(KeyError, match="task 3"):
+        threads.run_members(tasks)
+    done = sorted(i for i, _ in seen)
+    assert 3 in done and len(done) < 40  # stopped early: at most the tasks already handed out ran
+    assert done == list(range(len(done)))  # handed out in order, none skipped
+    time.sleep(0.05)
+    assert len(seen) == len(done)  # no task of the failed batch runs afterwards
+
+
+def test_workers_take_the_callers_grad_mode_and_one_thread(two_threads):
+    w = torch.zeros(8, requires_grad=True)
+    found = []
+
+    def task() -> None:
+        w.add_(1.0)  # in place on a leaf: raises unless grad mode is off in this thread
+        found.append((torch.is_grad_enabled(), torch.get_num_threads()))
+
+    with torch.no_grad(), threads.intra_op_threads(1):
+        threads.run_members([task] * 8)
+    assert torch.equal(w.detach(), torch.full((8,), 8.0))
+    assert found and all(f == (False, 1) for f in found)
+
+
+def test_a_torch_mode_keeps_the_tasks_in_its_thread(two_threads):
+    a, b = torch.randn(32, 32), torch.randn(32, 32)
+    with threads.intra_op_threads(1), FlopCounterMode(display=False) as counter:
+        threads.run_members([lambda: torch.mm(a, b)] * 4)
+    assert counter.get_total_flops() == 4 * 2 * 32**3  # the mode saw every product
+
+
+def test_a_busy_pool_runs_another_callers_batch_in_its_own_thread(two_threads):
+    started, release = threading.Event(), threading.Event()
+    other: list[str] = []
+
+    def hold() -> None:
+        started.set()
+        release.wait(5)
+
+    def first_caller() -> None:
+        with threads.intra_op_threads(1):
+            threads.run_members([hold, hold])
+
+    t = threading.Thread(target=first_caller)
+    t.start()
+    try:
+        assert started.wait(5)
+        with threads.intra_op_threads(1):
+            threads.run_members([lambda: other.append(threading.current_thread().name)] * 3)
+        assert other == [threading.current_thread().name] * 3
+    finally:
+        release.set()
+        t.join(10)
+    assert not t.is_alive()
+
+
+# -- whole steps: bit-identical with and without the pool -------------------------------------------
+
+_CASES = {
+    "adamw fp32": (torch.optim.AdamW, {}),
+    "adamw bf16": (torch.optim.AdamW, {"state_precision": "bf16"}),
+    "adamw int8": (torch.optim.AdamW, {"state_precision": "int8"}),
+    "adam L2 (prologue)": (torch.optim.Adam, {"weight_decay": 0.1}),
+    "rmsprop (coap_exp_avg)": (torch.optim.RMSprop, {}),
+}
+
+
+def _trajectory(seed: int, base, kw: dict, pool: bool) -> list[torch.Tensor]:
+    shapes = [(40, 24)] * 5 + [(24, 40)] * 3 + [(56, 24)] * 2  # 40×r groups of 8, 56×r of 2; r ∤ 24
+    ws = [randn(seed + i, *s, scale=0.3).requires_grad_() for i, s in enumerate(shapes)]
+    opt = coap_compile.optimize(
+        [{"params": ws, "project": True}], base, rank=7, update_interval=3, lr=1e-2, **kw
+    )
+    where: set[str] = set()
+    real = grouped_mod._chunk_update_
+
+    def spy(*a, **k):
+        where.add(threading.current_thread().name)
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(threads, "MAX_MEMBER_THREADS", 8 if pool else 1)
+        mp.setattr(grouped_mod, "_chunk_update_", spy)
+        for k in range(7):
+            for i, w in enumerate(ws):
+                w.grad = randn(seed * 1000 + 31 * k + i, *w.shape, scale=1e-2)
+            opt.step()
+    on_workers = any(n.startswith("coap-member-") for n in where)
+    assert on_workers == pool  # the pool really ran chunks (and the serial run did not)
+    state = opt.state_dict()["state"]
+    return [w.detach().clone() for w in ws] + [
+        t for s in state.values() for t in s.values() if isinstance(t, torch.Tensor)
+    ]
+
+
+@pytest.mark.parametrize("case", sorted(_CASES))
+@settings(max_examples=2, deadline=None)
+@given(seed=seeds)
+def test_pool_steps_equal_serial_steps(case, seed):
+    base, kw = _CASES[case]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with_pool = _trajectory(seed, base, kw, pool=True)
+        serial = _trajectory(seed, base, kw, pool=False)
+    finally:
+        torch.set_num_threads(before)
+    assert len(with_pool) == len(serial)
+    for a, b in zip(with_pool, serial):
+        assert a.dtype == b.dtype and torch.equal(a, b)
