@@ -5,8 +5,11 @@ Usage: ``python benchmarks/contention.py [--threads 2] [--rounds 6] [--phases 2]
 Optimizers (built as ``bench step --overhead``'s demo case: :func:`coap_lab.cli.overhead.build_case`, every
 parameter with a fixed seeded gradient): ``adamw`` (torch, single-tensor), ``adamw-1thread`` (the same under
 ``torch.set_num_threads(1)``: the baseline at COAP's thread count), ``coap`` (fp32 states, the default: a
-small CPU step runs single-threaded, ``coap_compile.runtime.threads``), ``coap-torch-threads`` (the same
-with the step left at torch's thread count: the behaviour before issue 20), ``coap-bf16``, ``coap-int8``.
+small CPU step runs single-threaded, its group chunks spread over the member pool,
+``coap_compile.runtime.threads``), ``coap-serial`` (the same with the member pool off,
+``MAX_MEMBER_THREADS = 1``: every task in the stepping thread, the behaviour before the pool),
+``coap-torch-threads`` (the step left at torch's thread count, no pool: the behaviour before issue 20),
+``coap-bf16``, ``coap-int8``.
 Phases alternate quiet / contended (``--phases`` of each); in a contended phase one extra process spins
 (``while True: pass``) for its whole duration. In each phase every optimizer takes one step per round, in
 turn (``--rounds`` rounds, after one untimed warm-up round). Rows: the median per (phase kind, optimizer)
@@ -36,7 +39,7 @@ from coap_lab.cli.optimizers import build_optimizer
 from coap_lab.cli.overhead import build_case
 from coap_lab.cli.report import format_table, metadata, write_csv, write_json
 
-NAMES = ("adamw", "adamw-1thread", "coap", "coap-torch-threads", "coap-bf16", "coap-int8")
+NAMES = ("adamw", "adamw-1thread", "coap", "coap-serial", "coap-torch-threads", "coap-bf16", "coap-int8")
 
 
 def build(name: str):
@@ -44,6 +47,8 @@ def build(name: str):
     if name.startswith("adamw"):
         opt = build_optimizer("adamw", model, lr=1e-4)
         return opt if name == "adamw" else OneThread(opt)
+    if name == "coap-serial":
+        return NoPool(build("coap"))
     saved = threads.SMALL_GEMM_MACS
     if name == "coap-torch-threads":  # every matrix "large": the plan keeps torch's thread count
         threads.SMALL_GEMM_MACS = 0
@@ -68,6 +73,21 @@ class OneThread:
             self.opt.step()
         finally:
             torch.set_num_threads(before)
+
+
+class NoPool:
+    """``step()`` of an optimizer with the member pool off (``threads.MAX_MEMBER_THREADS = 1``)."""
+
+    def __init__(self, opt) -> None:
+        self.opt = opt
+
+    def step(self) -> None:
+        saved = threads.MAX_MEMBER_THREADS
+        threads.MAX_MEMBER_THREADS = 1
+        try:
+            self.opt.step()
+        finally:
+            threads.MAX_MEMBER_THREADS = saved
 
 
 def phase(opts: dict, rounds: int) -> dict[str, list[float]]:

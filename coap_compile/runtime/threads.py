@@ -1,4 +1,6 @@
-"""Intra-op threads of an eager CPU step: small steps run single-threaded (issue 20, contention).
+"""Threads of an eager CPU step: small steps run single-threaded, their independent tasks on a member pool.
+
+(Issue 20, contention and step time.)
 
 A CPU step of a small model is hundreds of small torch ops (per-member ``X P`` and ``D Pᵀ`` GEMMs,
 elementwise passes over ``M×r`` slices, the storage's load/store). With ``torch.get_num_threads() = T > 1``
@@ -29,12 +31,29 @@ above): beyond it a region's fork/join is a small part of the op. Larger models 
 scope is restored on exit (exceptions included); traced steps (``torch.compile``) are left alone (Inductor's
 generated code has its own parallel loops).
 
-**Tried and not kept: a member pool.** Spreading a group's independent per-member GEMMs (``X P`` into its
-slice, ``W += D Pᵀ`` on its weight) over a 2-worker thread pool whose workers run single-threaded would keep
-the bits (each GEMM still on one thread) and avoid OpenMP's barrier under contention. Measured on the demo
-LM (2-core Xeon, load ≈ 1.2, processes alternated with the commit before): the fp32 step took 36.6 and 41.0
-ms with the pool against 26.7 and 27.8 ms without; the futures and the GIL hand-offs around ~60 small
-GEMMs per step cost more than the second core gave back.
+**The member pool: the second core back, without OpenMP's barrier.** Inside the lowered scope,
+:func:`run_members` spreads *independent* tasks over the caller's thread and ``T − 1`` daemon workers
+(``coap-member-<i>``, started on first use, one intra-op thread each). Tasks are handed out one at a time
+in order from a shared index (dynamic scheduling), so a thread that loses its core delays the batch by at
+most the task it holds, where an OpenMP region's static split waits for the descheduled thread's whole
+share, in every region. The step submits one batch: every eager group chunk of every matrix group
+(:func:`~.grouped.grouped_tasks`: disjoint members, weights, state slices and step counters); a chunk
+that runs alone (a fused run) spreads its per-member ``X P`` and ``D Pᵀ`` GEMMs instead, and the
+finiteness check its per-gradient reductions (a nested call, or one while the pool serves another
+caller's batch, runs in its caller's thread). Each task runs on one thread with one intra-op thread, as
+in the single-threaded step, so the results are the same bits (``tests/test_member_pool.py``:
+trajectories with and without the pool, fp32/bf16/int8 states, prologue and EMA bases). Workers take
+the caller's grad mode; a torch function or dispatch mode on the caller's stack (thread-local) keeps
+every task in the caller's thread. On an error no further task starts, the started ones finish, and the
+first error is re-raised: each chunk is still updated completely or not at all. Inductor's generated
+CPU kernels keep the GIL while they run, so fused loops overlap with GEMMs but not with each other.
+
+Measured, demo LM ``opt.step()`` (2-core Xeon, 2 threads, ``benchmarks/contention.py``, 8 rounds × 2
+phases, one process; ``benchmarks/results/member_pool/``): quiet 25.8 ms with the pool against 40.0 ms
+without it (``coap-serial``), torch AdamW 12.3 ms; with one competing busy process 38.7 against 35.2 ms,
+AdamW 63.6 ms (its OpenMP regions collapse). A first attempt (before this design) submitted a future per
+GEMM and waited per group phase; it measured slower than serial (36.6/41.0 against 26.7/27.8 ms): per-task
+futures and one wait per phase cost more than the second core gave back.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ optimizer takes ``warmup`` untimed then ``repeat`` timed steps (``time.perf_coun
 An optimizer's steps continue across rounds, so the samples include the occasional refresh (one step in
 ``update_interval``); the median is the steady step. ``vs_adamw`` and ``vs_galore_torch`` are ratios of
 medians measured in the same run; ``gemm-floor`` is timed with them as one more "optimizer": the two
-projection GEMMs (``X P``, ``W += D Pᵀ``) of every projected matrix (:class:`_Floor`), and ``vs_floor`` is
+projection GEMMs (``X P``, ``W += D Pᵀ``) of every projected matrix, spread over the member pool as COAP's
+small CPU step spreads them (:class:`_Floor`, ``coap_compile.runtime.threads``), and ``vs_floor`` is
 each row's median over that floor.
 """
 
@@ -27,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from coap_compile.runtime.threads import intra_op_threads
+from coap_compile.runtime.threads import intra_op_threads, run_members
 from coap_lab.cli.floor import floor_threads, gemm_floor_fn
 from coap_lab.cli.optimizers import BASELINES, EXTERNAL, availability, build_optimizer
 from coap_lab.cli.timing import quantiles_ms, timed_samples
@@ -71,8 +72,7 @@ class _Floor:
 
     def step(self) -> None:
         with intra_op_threads(self.threads):  # the model's thread count in COAP's step
-            for fn in self.fns:
-                fn()
+            run_members(self.fns)  # and its member pool (one task per matrix), as COAP's step runs them
 
 
 def overhead_rows(
