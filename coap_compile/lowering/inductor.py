@@ -24,6 +24,21 @@ Inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``) makes a second process's 
 naming the error, and every later call of this process runs :func:`lowrank_stored` eagerly (the same
 results bit for bit as ``backend="eager"``).
 
+**Per-step scalars outside the loop** (:mod:`.scalarsplit`). The program's step/lr/hyperparameter-only
+nodes (bias corrections) run eagerly before the call and enter it as 0-d inputs; compiled inline, they
+cost two ``std::pow`` and a ``std::sqrt`` per 16-lane vector. Demo LM fp32 groups, the whole call per
+step with warm caches, 1 thread (2-core Xeon, two alternating runs each): 17×256×64 0.84-1.00 → 0.55-0.62
+ms, 12×688×64 1.69-2.86 → 1.07-1.45 ms (the compiled kernel alone: 0.57 ms, 1.1 ns per element; the rest
+is the call's fixed cost, ~0.25 ms: Dynamo's guards, the wrapper, the eager scalars).
+
+**On the member pool** (:mod:`coap_compile.runtime.threads`) a fused run is one call in the stepping
+thread, and its per-member GEMMs spread over the pool. Tried and not kept (demo LM, 2 threads, two
+alternating runs each): splitting each run into two tasks on the pool (int8 33.7 against 35.7 ms per step;
+Inductor's CPU kernels keep the GIL, so two loops cannot overlap, and a 17-member group would compile two
+signatures); compiling the loops with ``cpp.threads = 2`` (OpenMP inside the loop: int8 / fp32 COAP
+1.71-1.93× against 2.04-2.06×, bf16 1.26-1.46× against 1.07-1.32×, and it brings back the parallel regions
+that collapse under contention).
+
 **Exactness.** Loads, the integer hash, the bf16 rounding, the int8 code search and the dequantization
 are exact operations, so Inductor reproduces them bit for bit given the same float32 inputs. The derived
 update's arithmetic may differ in the last bit: Inductor evaluates ``lerp`` as ``a + w·(b − a)`` where

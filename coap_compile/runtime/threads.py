@@ -48,10 +48,13 @@ every task in the caller's thread. On an error no further task starts, the start
 first error is re-raised: each chunk is still updated completely or not at all. Inductor's generated
 CPU kernels keep the GIL while they run, so fused loops overlap with GEMMs but not with each other.
 
-Measured, demo LM ``opt.step()`` (2-core Xeon, 2 threads, ``benchmarks/contention.py``, 8 rounds × 2
-phases, one process; ``benchmarks/results/member_pool/``): quiet 25.8 ms with the pool against 40.0 ms
-without it (``coap-serial``), torch AdamW 12.3 ms; with one competing busy process 38.7 against 35.2 ms,
-AdamW 63.6 ms (its OpenMP regions collapse). A first attempt (before this design) submitted a future per
+Measured, demo LM ``opt.step()`` (2-core Xeon, 2 threads, ``benchmarks/contention.py --rounds 8 --phases
+2``, one process, ``benchmarks/results/member_pool/contention_cpu.csv``): quiet 22.7 ms with the pool
+against 29.6 ms without it (``coap-serial``), torch AdamW 10.7 ms; with one competing busy process 31.2
+against 30.1 ms, AdamW 84.7 ms (its OpenMP regions collapse), so COAP's contended/quiet ratio against the
+single-threaded AdamW is 1.26. An earlier run of the same script (uncommitted tree, same code) gave 25.8
+against 40.0 ms quiet and 38.7 against 35.2 ms contended: the pool gains 1.3-1.55× on idle cores and loses
+up to 10 % when a core is taken. A first attempt (before this design) submitted a future per
 GEMM and waited per group phase; it measured slower than serial (36.6/41.0 against 26.7/27.8 ms): per-task
 futures and one wait per phase cost more than the second core gave back.
 """
