@@ -129,6 +129,8 @@ _CASES = {
     "adamw int8": (torch.optim.AdamW, {"state_precision": "int8"}),
     "adam L2 (prologue)": (torch.optim.Adam, {"weight_decay": 0.1}),
     "rmsprop (coap_exp_avg)": (torch.optim.RMSprop, {}),
+    # fused loops (cpp_wrapper: the GIL is released inside them) of two groups run at the same time
+    "adamw fp32 inductor": (torch.optim.AdamW, {"backend": "inductor"}),
 }
 
 

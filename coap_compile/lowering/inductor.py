@@ -136,7 +136,7 @@ def lowrank_stored(
 #: ``n + 2`` levels, block indices from ``arange``), and the per-vector bounds check cost about a fifth
 #: of a fused int8 store (12×688×64, 1 thread, 2-core Xeon: 7.6 → 5.8 ms stochastic, 3.9 → 3.4 ms
 #: nearest).
-_OPTIONS = {"assert_indirect_indexing": False}
+_OPTIONS = {"assert_indirect_indexing": False, "cpp_wrapper": True}
 #: Added when a state is int8: ``realize_reads_threshold = 2`` (default 4), so an intermediate read by
 #: two loops is stored once instead of recomputed in each. The code search (a bit cast, two table
 #: gathers) feeds the stochastic bracket, the rounding test and the sign pass, which Inductor puts in

@@ -312,23 +312,21 @@ class StepRunner:
                 full_update_(self.local(p), io.state, lay.program, inputs, io)
             else:  # compiling: torch's layout, the captured update (fullrank module docstring)
                 full_update_(p, state, self.full_programs[(lay.group, p.dtype, p.ndim)], inputs)
-        tasks, alone = [], []  # eager chunks: one batch for the member pool; fused runs: one at a time
+        tasks = []  # every group's chunks (fused runs too): independent, one batch for the member pool
         for (mg, runs), g in zip(self.work_groups, group_grads):
             if mg.kernels is not None:
                 states = [opt.state[p] for p in mg.members]
                 kernel_group_update_(mg, runs, g, states, self.stored_plans, self.scalars)
                 continue
-            (alone if mg.fused else tasks).extend(grouped_tasks(
+            tasks += grouped_tasks(
                 mg, self.buffers[id(mg)], runs, g, [opt.state[p] for p in mg.members],
                 self.scalars.group_inputs(mg.index), compiling=compiling,
-            ))  # fmt: skip
+            )  # fmt: skip
         if compiling:
-            for task in tasks + alone:
+            for task in tasks:
                 task()
         else:
-            run_members(tasks)
-            for task in alone:  # spreads its member GEMMs over the pool (the compiled loop keeps the GIL)
-                task()
+            run_members(tasks)  # (.threads; a task alone in the batch spreads its member GEMMs instead)
         for (fg, runs), g in zip(self.work_full, full_grads):
             full_group_update_(fg, self.buffers[id(fg)], runs, g, self.scalars.group_inputs(fg.index))
         self.locals = {}  # drop the FSDP2 local views (and their gradient references)
