@@ -31,13 +31,18 @@ step with warm caches, 1 thread (2-core Xeon, two alternating runs each): 17×25
 ms, 12×688×64 1.69-2.86 → 1.07-1.45 ms (the compiled kernel alone: 0.57 ms, 1.1 ns per element; the rest
 is the call's fixed cost, ~0.25 ms: Dynamo's guards, the wrapper, the eager scalars).
 
-**On the member pool** (:mod:`coap_compile.runtime.threads`) a fused run is one call in the stepping
-thread, and its per-member GEMMs spread over the pool. Tried and not kept (demo LM, 2 threads, two
-alternating runs each): splitting each run into two tasks on the pool (int8 33.7 against 35.7 ms per step;
-Inductor's CPU kernels keep the GIL, so two loops cannot overlap, and a 17-member group would compile two
-signatures); compiling the loops with ``cpp.threads = 2`` (OpenMP inside the loop: int8 / fp32 COAP
-1.71-1.93× against 2.04-2.06×, bf16 1.26-1.46× against 1.07-1.32×, and it brings back the parallel regions
-that collapse under contention).
+**On the member pool** (:mod:`coap_compile.runtime.threads`) each fused run is one task of the step's
+batch, beside the other groups' chunks. The loops are compiled with ``cpp_wrapper`` (Inductor's C++
+wrapper, which releases the GIL for the whole compiled call; its default Python wrapper calls kernels that
+keep it), so two fused runs, or a fused run and another task's torch ops, overlap. Demo LM, 2 threads, two
+runs each, int8 / fp32 COAP: 1.56-1.61× with ``cpp_wrapper`` and fused runs in the batch, 2.24× with the
+Python wrapper and each fused run alone in the stepping thread (its member GEMMs on the pool), bf16 0.95-1.06×
+against 1.07-1.32×; the fused fp32 step 1.87-2.03× AdamW against 1.92-2.27×. Compile cost with it, cold /
+warm (``benchmarks/inductor_compile.py``, commit ae47d96): fp32 14.5 / 3.3 s, bf16 82.1 / 4.7 s, int8 71.0
+/ 6.3 s. Tried and not kept: splitting each fused run into two tasks (int8 / fp32 1.51-1.62×, within the
+noise of the above, and a 17-member group would compile two signatures); ``cpp.threads = 2`` (OpenMP inside
+the loop, Python wrapper: int8 / fp32 1.71-1.93×; it brings back the parallel regions that collapse under
+contention).
 
 **Exactness.** Loads, the integer hash, the bf16 rounding, the int8 code search and the dequantization
 are exact operations, so Inductor reproduces them bit for bit given the same float32 inputs. The derived
@@ -52,7 +57,8 @@ by at most 1 ulp, stored bf16/int8 codes then differ only where that ulp crosses
 (``benchmarks/results/inductor_compile.json``, ``fused_step/step_overhead_cpu.csv``): the demo LM's
 **cold** compile (every signature of its first step) took 12 s for fp32 states (2 signatures), 95 s for
 bf16 (4) and 83 s for int8 (3) at load ≈ 1 (commit fcefd7b; an earlier int8 graph took 286 s at load
-9.7), and **warm** (Inductor's on-disk cache, a second process) 3–6 s. The fused step saves about 54 ms
+9.7; 14.5, 82 and 71 s with ``cpp_wrapper`` at ae47d96), and **warm** (Inductor's on-disk cache, a second
+process) 3–6 s. The fused step saves about 54 ms
 (bf16) and 133 ms (int8) per step against the eager grouped lowering on the quiet machine (78 → 24 ms and
 189 → 56 ms, ``fused_step/``, measured before the int8 changes of ``fused_step_int8/``; 80–160 and 190–410 ms
 under load), about nothing for fp32. A cold compile is paid back after about 1 800 bf16 or 600 int8 steps;
@@ -135,7 +141,7 @@ def lowrank_stored(
 #: :mod:`.stacked` is in range by construction (codes + offset < 256, clamped cells, ``j ≤ n`` into the
 #: ``n + 2`` levels, block indices from ``arange``), and the per-vector bounds check cost about a fifth
 #: of a fused int8 store (12×688×64, 1 thread, 2-core Xeon: 7.6 → 5.8 ms stochastic, 3.9 → 3.4 ms
-#: nearest).
+#: nearest). ``cpp_wrapper``: the compiled call runs without the GIL (module docstring, member pool).
 _OPTIONS = {"assert_indirect_indexing": False, "cpp_wrapper": True}
 #: Added when a state is int8: ``realize_reads_threshold = 2`` (default 4), so an intermediate read by
 #: two loops is stored once instead of recomputed in each. The code search (a bit cast, two table
