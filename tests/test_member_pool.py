@@ -177,3 +177,20 @@ def test_pool_steps_equal_serial_steps(case, seed):
     assert len(with_pool) == len(serial)
     for a, b in zip(with_pool, serial):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_threads_started_after_a_pooled_step_get_the_callers_count(two_threads):
+    """The workers set one intra-op thread for themselves; torch's process-wide record of the count (what a
+    thread started later begins with) is the caller's again after the step."""
+    params = [randn(7 + i, 40, 24, scale=0.3).requires_grad_() for i in range(6)]
+    opt = coap_compile.optimize([{"params": params, "project": True}], torch.optim.AdamW, rank=5, lr=1e-2)
+    for k in range(3):
+        for i, p in enumerate(params):
+            p.grad = randn(100 * k + i, *p.shape, scale=1e-2)
+        opt.step()
+    assert any(t.name.startswith("coap-member-") for t in threading.enumerate())
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join(10)
+    assert seen == [2] and torch.get_num_threads() == 2

@@ -220,12 +220,18 @@ class _Pool:
         self.cond = threading.Condition()
         self.batch: _Batch | None = None
         self.generation, self.closed = 0, False
-        for i in range(workers):
-            threading.Thread(target=self._serve, name=f"coap-member-{i}", daemon=True).start()
+        ready = [threading.Event() for _ in range(workers)]
+        for i, event in enumerate(ready):
+            threading.Thread(target=self._serve, args=(event,), name=f"coap-member-{i}", daemon=True).start()
+        for event in ready:  # set while the caller's scope holds torch's process-wide count at 1 too
+            event.wait(10.0)
 
-    def _serve(self) -> None:
-        # Started inside a lowered scope (the process-wide count is already 1): one intra-op thread here.
+    def _serve(self, ready: threading.Event) -> None:
+        # One intra-op thread here (OpenMP's and MKL's counts are per thread). torch also records the count
+        # process-wide for threads it starts later; the constructor waits for this line, so that record
+        # is written while the caller's lowered scope already holds it at 1 (and restores it on exit).
         torch.set_num_threads(1)
+        ready.set()
         seen = 0
         while True:
             with self.cond:
