@@ -54,3 +54,12 @@ def pytest_collection_modifyitems(config, items):
 def _deterministic_threads():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     yield
+
+
+@pytest.fixture
+def two_threads():
+    """torch's intra-op thread count at 2 for one test (the caller's count a small step lowers to 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

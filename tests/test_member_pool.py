@@ -23,14 +23,6 @@ from coap_compile.runtime import grouped as grouped_mod
 from coap_compile.runtime import threads
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _names(n: int, *, sleep: float = 0.0, fail_at: int | None = None):
     """``n`` tasks recording (index, thread name); task ``fail_at`` raises."""
     seen: list[tuple[int, str]] = []

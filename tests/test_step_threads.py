@@ -35,14 +35,6 @@ def _grads(params, seed: int, step: int):
         p.grad = randn(seed * 1000 + 17 * step + i, *p.shape, scale=1e-2)
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _record_threads(monkeypatch) -> list[int]:
     """Thread counts seen inside the grouped chunks (on whichever thread runs them) and the per-matrix
     updater."""

@@ -99,7 +99,6 @@ __all__ = [
     "chunk_members",
     "explain_groups",
     "grouped_tasks",
-    "grouped_update_",
     "pack_",
     "per_matrix_reason",
     "ready",
@@ -312,26 +311,6 @@ def chunk_members(layout: MatrixGroup, itemsize: int, device: torch.device, comp
     if compiling or device.type != "cpu":
         return len(layout.members)
     return max(1, CHUNK_BYTES // (layout.rows * layout.rank * itemsize))
-
-
-def grouped_update_(
-    layout: MatrixGroup,
-    group: GroupBuffers,
-    runs: Sequence[tuple[int, int]],
-    grads: Sequence[Tensor | None],
-    states: Sequence[dict],
-    scalars: tuple[Tensor, list[Tensor]],
-    *,
-    compiling: bool,
-) -> None:
-    """One step of the members in ``runs`` (:func:`ready`; module docstring), in place: the tasks of
-    :func:`grouped_tasks`, spread over the member pool (:func:`~.threads.run_members`)."""
-    tasks = grouped_tasks(layout, group, runs, grads, states, scalars, compiling=compiling)
-    if compiling:
-        for task in tasks:
-            task()
-    else:
-        run_members(tasks)
 
 
 def grouped_tasks(
