@@ -61,23 +61,36 @@ def check_gradients(
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every element of every tensor is finite: one ``aminmax`` pass per tensor (min and max are
-    finite iff every element is; NaN propagates), then one stack, one ``isfinite``, one ``all`` and
-    one host read per device for the whole list.
+    """Whether every element of every tensor is finite.
 
-    Measured on the demo model's 39 gradients (CPU, 1 thread, median of 50): 0.52 ms, against 0.89 ms
-    for a host read per gradient and 13.0 ms for ``torch._foreach_norm(·, inf)`` (CPU's foreach norm
-    is not vectorized); ``abs().amax()`` also allocates a copy (0.86 ms). In a small CPU step the
-    reductions are spread over the member pool (:func:`~.threads.run_members`).
+    First one ``sum`` per tensor, then one stack, one ``isfinite``, one ``all`` and one host read per
+    device for the whole list. A sum is finite only if every element is (IEEE: ``±inf + x`` is ``±inf`` or
+    NaN for every ``x``, NaN absorbs, in any summation order), so a finite verdict is exact. A non-finite
+    sum is either a non-finite element or finite elements whose sum overflowed; the exact check then
+    decides: one ``aminmax`` per tensor (min and max are finite iff every element is; NaN propagates).
+
+    Measured (2-core Xeon, 1 thread, a 688×256 float32 gradient, median of 200): ``sum`` 9.1 µs,
+    ``aminmax`` 41.9 µs, ``amax`` 15.5 µs (it alone misses ``-inf``), ``isfinite().all()`` 376 µs (a bool
+    copy), ``vector_norm(·, inf)`` 559 µs; before, on the demo model's 39 gradients (AMD EPYC), the
+    ``aminmax`` pass took 0.52 ms against 0.89 ms for a host read per gradient and 13.0 ms for
+    ``torch._foreach_norm(·, inf)``. In a small CPU step the reductions are spread over the member pool
+    (:func:`~.threads.run_members`).
     """
     tensors = [t for t in tensors if t.numel()]
-    found: list[tuple[Tensor, Tensor] | None] = [None] * len(tensors)
+    if _finite(tensors, torch.sum):
+        return True
+    return _finite(tensors, torch.aminmax)  # a non-finite sum: an inf/NaN element, or an overflow
 
-    def reduce(i: int) -> None:
-        found[i] = torch.aminmax(tensors[i])
 
-    run_members([partial(reduce, i) for i in range(len(tensors))])  # over the member pool in a small step
+def _finite(tensors: list[Tensor], reduce) -> bool:
+    found: list = [None] * len(tensors)
+
+    def one(i: int) -> None:
+        out = reduce(tensors[i])
+        found[i] = out if isinstance(out, tuple) else (out,)
+
+    run_members([partial(one, i) for i in range(len(tensors))])  # over the member pool in a small step
     by_device: dict[torch.device, list[Tensor]] = {}
-    for t, pair in zip(tensors, found):
-        by_device.setdefault(t.device, []).extend(pair)
+    for t, values in zip(tensors, found):
+        by_device.setdefault(t.device, []).extend(values)
     return all(bool(torch.stack(v).isfinite().all()) for v in by_device.values())
