@@ -317,7 +317,7 @@ def _fail_second_chunk(monkeypatch, threads_: int):
     states = {id(p): {k: v.clone() for k, v in oa.state[p].items()} for p in pa}
     from coap_compile.lowering import inductor as lowering_mod  # the group's pass: lowering.inductor
 
-    real, calls = lowering_mod.run_lowrank, []
+    real, calls = lowering_mod.lowrank_stored, []
 
     def flaky(*a, **k):
         calls.append(1)
@@ -325,7 +325,7 @@ def _fail_second_chunk(monkeypatch, threads_: int):
             raise RuntimeError("injected")
         return real(*a, **k)
 
-    monkeypatch.setattr(lowering_mod, "run_lowrank", flaky)
+    monkeypatch.setattr(lowering_mod, "lowrank_stored", flaky)
     with pytest.raises(RuntimeError, match="injected"):
         oa.step()
     members = oa.plan.matrix_groups[0].members

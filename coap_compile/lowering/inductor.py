@@ -199,14 +199,16 @@ def elementwise(
     x_proj: Tensor,
     parts: dict[str, Tensor],
     inputs: tuple[Tensor, Tensor, Sequence[Tensor]],
+    hoisted: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor | float, Tensor, Tensor, dict[str, Tensor]]:
     """:func:`lowrank_stored`, compiled when ``fused`` (module docstring), else eager. ``param`` must be
-    None when fused (the caller checks :func:`uses_param`)."""
+    None when fused (the caller checks :func:`uses_param`). ``hoisted``: the program's per-step scalars
+    for ``inputs`` (:mod:`.scalarsplit`), when the caller computed them once for several chunks."""
     k, lr, hypers = inputs
     if not fused or STATS["disabled"] is not None:
         if fused:
             STATS["fallbacks"] += 1
-        return lowrank_stored(program, specs, ema, param, x_proj, parts, k, lr, hypers)
+        return lowrank_stored(program, specs, ema, param, x_proj, parts, k, lr, hypers, hoisted)
     sig = _signature(program, specs, ema, x_proj, parts)
     entry = _CACHE.get(sig)
     first = entry is None
@@ -214,12 +216,13 @@ def elementwise(
         entry = (program, _torch_compile(_bound(program, tuple(specs), ema), specs, ema))
     t0 = time.perf_counter()
     try:
-        hoisted = list(split_scalars(program.lowrank, len(specs)).scalars(k, lr, *hypers))
-        out = entry[1](x_proj, parts, k, lr, list(hypers), hoisted)
+        if hoisted is None:
+            hoisted = split_scalars(program.lowrank, len(specs)).scalars(k, lr, *hypers)
+        out = entry[1](x_proj, parts, k, lr, list(hypers), list(hoisted))
     except Exception as exc:
         _unavailable(exc)
         STATS["fallbacks"] += 1
-        return lowrank_stored(program, specs, ema, param, x_proj, parts, k, lr, hypers)
+        return lowrank_stored(program, specs, ema, param, x_proj, parts, k, lr, hypers, hoisted)
     if first:
         with _LOCK:
             _CACHE[sig] = entry

@@ -85,6 +85,7 @@ from torch import Tensor
 
 from ..lowering.eager import apply_reprojection_
 from ..lowering.inductor import elementwise, uses_param
+from ..lowering.scalarsplit import split_scalars
 from ..lowering.stacked import StackedSpec, stacked_spec
 from .grouped_kernels import describe, kernel_group_reason
 from .selection import canonical_dims
@@ -334,18 +335,23 @@ def grouped_tasks(
         layout.members[0].device,
         compiling or layout.fused,
     )
+    program = layout.program.program
     tasks = []
     for first, end in runs:
         k_t = group.steps[first].to(torch.float64)
+        hoisted = (  # the run's per-step scalars, once for all its chunks (lowering.scalarsplit)
+            None if compiling else split_scalars(program.lowrank, len(program.state_names)).scalars(
+                k_t, lr_t, *hypers)
+        )  # fmt: skip
         tasks += [
             partial(_chunk_update_, layout, group, s, min(s + chunk, end), grads, states, (k_t, lr_t, hypers),
-                    compiling)
+                    compiling, hoisted)
             for s in range(first, end, chunk)
         ]  # fmt: skip
     return tasks
 
 
-def _chunk_update_(layout, group, s, e, grads, states, inputs, compiling):
+def _chunk_update_(layout, group, s, e, grads, states, inputs, compiling, hoisted=None):
     k_t, lr_t, hypers = inputs
     program, policy, dtype = layout.program.program, layout.policy, layout.dtype
     members, bufs = layout.members, group.buffers
@@ -369,7 +375,7 @@ def _chunk_update_(layout, group, s, e, grads, states, inputs, compiling):
     specs = tuple(by_name[n] for n in program.state_names)
     decay, delta, new_step, new_parts = elementwise(
         layout.fused and not compiling, program, specs, layout.ema,
-        None if layout.fused else members[s], x_proj, parts, (k_t, lr_t, hypers),
+        None if layout.fused else members[s], x_proj, parts, (k_t, lr_t, hypers), hoisted,
     )  # fmt: skip
     if not compiling and isinstance(decay, Tensor):
         decay = float(decay)  # one host read per chunk (apply_reprojection_ would read it per member)
