@@ -45,8 +45,8 @@ repetitions, ``thread_time``):
 * **Chunks as tasks.** :func:`grouped_tasks` returns each chunk as an independent task; the step runs
   every group's chunks (fused runs included) as one batch on the member pool of a small CPU step
   (:mod:`.threads`: dynamic hand-out, each chunk on one thread, the same bits); a chunk alone in its
-  batch spreads its per-member GEMMs there instead. Demo LM, 2-core Xeon: 22.7 ms per step against
-  29.6 ms without the pool (``benchmarks/results/member_pool/``).
+  batch spreads its per-member GEMMs there instead. Demo LM, 2-core Xeon: 20.8 ms per step against
+  27.7 ms without the pool (``benchmarks/results/member_pool/``).
 * Refreshes stay per matrix (:mod:`.refresh`): they are rare (every ``T_u`` steps), and batched QR/SVD
   on CPU loops over LAPACK calls per matrix anyway.
 

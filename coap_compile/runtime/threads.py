@@ -50,14 +50,15 @@ loops (compiled with Inductor's C++ wrapper, :mod:`coap_compile.lowering.inducto
 the threads overlap everywhere but in Python.
 
 Measured, demo LM ``opt.step()`` (2-core Xeon, 2 threads, ``benchmarks/contention.py --rounds 8 --phases
-2``, one process, ``benchmarks/results/member_pool/contention_cpu.csv``): quiet 22.7 ms with the pool
-against 29.6 ms without it (``coap-serial``), torch AdamW 10.7 ms; with one competing busy process 31.2
-against 30.1 ms, AdamW 84.7 ms (its OpenMP regions collapse), so COAP's contended/quiet ratio against the
-single-threaded AdamW is 1.26. An earlier run of the same script (uncommitted tree, same code) gave 25.8
-against 40.0 ms quiet and 38.7 against 35.2 ms contended: the pool gains 1.3-1.55× on idle cores and loses
-up to 10 % when a core is taken. A first attempt (before this design) submitted a future per
-GEMM and waited per group phase; it measured slower than serial (36.6/41.0 against 26.7/27.8 ms): per-task
-futures and one wait per phase cost more than the second core gave back.
+2``, one process, ``benchmarks/results/member_pool/contention_cpu.csv``, commit e1153bd): quiet 20.8 ms with
+the pool against 27.7 ms without it (``coap-serial``), torch AdamW 8.6 ms; with one competing busy process
+29.4 against 26.4 ms, AdamW 60.5 ms (its OpenMP regions collapse), so COAP's contended/quiet ratio against
+the single-threaded AdamW is 1.41 (0.95 without the pool). Two earlier runs of the pool gave 22.7 against
+29.6 and 25.8 against 40.0 ms quiet, 31.2 against 30.1 and 38.7 against 35.2 ms contended: the pool gains
+1.3-1.55× on idle cores and loses 4-11 % when a core is taken (the descheduled worker's last task).
+A first attempt (before this design) submitted a future per GEMM and waited per group phase; it measured
+slower than serial (36.6/41.0 against 26.7/27.8 ms): per-task futures and one wait per phase cost more
+than the second core gave back.
 """
 
 from __future__ import annotations
