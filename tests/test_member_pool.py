@@ -23,12 +23,16 @@ from coap_compile.runtime import grouped as grouped_mod
 from coap_compile.runtime import threads
 
 
-def _names(n: int, *, sleep: float = 0.0, fail_at: int | None = None):
-    """``n`` tasks recording (index, thread name); task ``fail_at`` raises."""
+def _names(n: int, *, sleep: float = 0.0, fail_at: int | None = None, meet: bool = False):
+    """``n`` tasks recording (index, thread name); task ``fail_at`` raises. ``meet``: tasks 0 and 1 wait
+    for each other (so two threads must run them, however late a worker wakes on a loaded machine)."""
     seen: list[tuple[int, str]] = []
     lock = threading.Lock()
+    barrier = threading.Barrier(2, timeout=20)
 
     def task(i: int) -> None:
+        if meet and i < 2:
+            barrier.wait()
         if sleep:
             time.sleep(sleep)
         with lock:
@@ -40,7 +44,7 @@ def _names(n: int, *, sleep: float = 0.0, fail_at: int | None = None):
 
 
 def test_tasks_run_once_on_the_pool_inside_a_lowered_scope(two_threads):
-    tasks, seen = _names(12, sleep=0.002)
+    tasks, seen = _names(12, sleep=0.002, meet=True)
     with threads.intra_op_threads(1):
         assert threads.member_threads() == 2
         threads.run_members(tasks)
@@ -68,17 +72,20 @@ def test_first_error_is_raised_after_started_tasks_and_nothing_starts_after_it(t
 
 
 def test_workers_take_the_callers_grad_mode_and_one_thread(two_threads):
-    w = torch.zeros(8, requires_grad=True)
-    found = []
+    ws = [torch.zeros(4, requires_grad=True) for _ in range(8)]
+    found, barrier = [], threading.Barrier(2, timeout=20)
 
-    def task() -> None:
+    def task(w: torch.Tensor) -> None:
+        if w is ws[0] or w is ws[1]:
+            barrier.wait()  # two threads (a worker among them), however late it wakes
         w.add_(1.0)  # in place on a leaf: raises unless grad mode is off in this thread
-        found.append((torch.is_grad_enabled(), torch.get_num_threads()))
+        found.append((torch.is_grad_enabled(), torch.get_num_threads(), threading.current_thread().name))
 
     with torch.no_grad(), threads.intra_op_threads(1):
-        threads.run_members([task] * 8)
-    assert torch.equal(w.detach(), torch.full((8,), 8.0))
-    assert found and all(f == (False, 1) for f in found)
+        threads.run_members([lambda w=w: task(w) for w in ws])
+    assert all(torch.equal(w.detach(), torch.ones(4)) for w in ws)
+    assert len(found) == 8 and all(f[:2] == (False, 1) for f in found)
+    assert any(f[2].startswith("coap-member-") for f in found)
 
 
 def test_a_torch_mode_keeps_the_tasks_in_its_thread(two_threads):
@@ -135,8 +142,13 @@ def _trajectory(seed: int, base, kw: dict, pool: bool) -> list[torch.Tensor]:
     where: set[str] = set()
     real = grouped_mod._chunk_update_
 
+    barrier, calls = threading.Barrier(2, timeout=20), []
+
     def spy(*a, **k):
         where.add(threading.current_thread().name)
+        calls.append(1)
+        if pool and len(calls) <= 2:  # the first two chunks (one step's two groups) run side by side
+            barrier.wait()
         return real(*a, **k)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -186,3 +198,19 @@ def test_threads_started_after_a_pooled_step_get_the_callers_count(two_threads):
     t.start()
     t.join(10)
     assert seen == [2] and torch.get_num_threads() == 2
+
+
+def test_a_pool_built_for_more_threads_uses_only_the_callers_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        with threads.intra_op_threads(1):
+            threads.run_members(_names(8, sleep=0.002)[0])  # builds (or keeps) a pool of ≥ 3 workers
+        torch.set_num_threads(2)
+        tasks, seen = _names(24, sleep=0.002, meet=True)
+        with threads.intra_op_threads(1):
+            threads.run_members(tasks)
+        assert sorted(i for i, _ in seen) == list(range(24))
+        assert len({name for _, name in seen}) == 2  # the caller and one worker, not the whole pool
+    finally:
+        torch.set_num_threads(before)

@@ -156,7 +156,7 @@ def run_members(tasks: Sequence[Callable[[], None]]) -> None:
             task()
         return
     try:
-        pool.run(tasks)
+        pool.run(tasks, width - 1)
     finally:
         pool.busy.release()
 
@@ -181,8 +181,9 @@ def _pool(workers: int) -> _Pool:
 class _Batch:
     """One call's tasks: handed out in order under a lock; ``running`` counts those started, not finished."""
 
-    def __init__(self, tasks: Sequence[Callable[[], None]]) -> None:
+    def __init__(self, tasks: Sequence[Callable[[], None]], helpers: int) -> None:
         self.tasks, self.next, self.running = tasks, 0, 0
+        self.seats = helpers  # workers that may join (a pool built for a larger count keeps the rest idle)
         self.grad = torch.is_grad_enabled()  # thread-local: the workers take the caller's (no_grad in a step)
         self.error: BaseException | None = None
         self.cond = threading.Condition()
@@ -205,6 +206,13 @@ class _Batch:
                     self.running -= 1
                     if self.running == 0:
                         self.cond.notify_all()
+
+    def join(self) -> bool:
+        with self.cond:
+            if self.seats <= 0:
+                return False
+            self.seats -= 1
+            return True
 
     def stop_and_wait(self) -> None:
         with self.cond:
@@ -241,12 +249,12 @@ class _Pool:
                 if self.closed:
                     return
                 seen, batch = self.generation, self.batch
-            if batch is not None:
+            if batch is not None and batch.join():
                 with torch.set_grad_enabled(batch.grad):
                     batch.work()
 
-    def run(self, tasks: Sequence[Callable[[], None]]) -> None:
-        batch = _Batch(tasks)
+    def run(self, tasks: Sequence[Callable[[], None]], helpers: int) -> None:
+        batch = _Batch(tasks, helpers)
         with self.cond:
             self.batch = batch
             self.generation += 1
