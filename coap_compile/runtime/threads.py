@@ -163,8 +163,13 @@ def run_members(tasks: Sequence[Callable[[], None]]) -> None:
 
 def _modes_active() -> bool:
     """A torch function or dispatch mode (a FLOP counter, a tracer) is on this thread's stack: such modes
-    are thread-local, so the tasks run here where the mode sees them."""
-    return bool(torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack())
+    are thread-local, so the tasks run here where the mode sees them. (torch has no public query for
+    the stacks; without these counters every batch runs here.)"""
+    dispatch = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    function = getattr(torch._C, "_len_torch_function_stack", None)
+    if dispatch is None or function is None:
+        return True
+    return bool(dispatch() or function())
 
 
 def _pool(workers: int) -> _Pool:
