@@ -214,39 +214,3 @@ def test_a_pool_built_for_more_threads_uses_only_the_callers_count():
         assert len({name for _, name in seen}) == 2  # the caller and one worker, not the whole pool
     finally:
         torch.set_num_threads(before)
-
-
-def test_a_nested_batch_gets_help_from_threads_out_of_work(two_threads):
-    """A task that opens its own batch (a chunk's member GEMMs) is helped by the threads that have run out
-    of work: the first two nested tasks meet at a barrier, which one thread alone cannot pass."""
-    barrier, where, lock = threading.Barrier(2, timeout=20), [], threading.Lock()
-
-    def inner(i: int) -> None:
-        if i < 2:
-            barrier.wait()
-        with lock:
-            where.append((i, threading.current_thread().name))
-
-    def opener() -> None:
-        threads.run_members([lambda i=i: inner(i) for i in range(6)])
-
-    with threads.intra_op_threads(1):
-        threads.run_members([opener, lambda: None])
-    assert sorted(i for i, _ in where) == list(range(6))
-    assert len({name for _, name in where}) == 2
-
-
-def test_an_error_in_a_nested_batch_reaches_the_caller(two_threads):
-    ran = []
-
-    def inner(i: int) -> None:
-        ran.append(i)
-        if i == 1:
-            raise ValueError("nested 1")
-
-    def opener() -> None:
-        threads.run_members([lambda i=i: inner(i) for i in range(4)])
-
-    with threads.intra_op_threads(1), pytest.raises(ValueError, match="nested 1"):
-        threads.run_members([opener, lambda: time.sleep(0.01)])
-    assert 1 in ran

@@ -141,22 +141,12 @@ def run_members(tasks: Sequence[Callable[[], None]]) -> None:
     Inside :func:`intra_op_threads` that lowered the caller's count ``T`` to 1, the tasks are spread over
     this thread and ``T − 1`` daemon workers (each running torch with one intra-op thread), handed out
     one at a time in order (module docstring: a thread that loses its core delays the batch by at most
-    the task it holds). A call from inside such a task (a chunk's member GEMMs) is a nested batch: its
-    tasks are open to every thread of the pool that has run out of work, while its caller works on them
-    too. Tasks must be independent (disjoint outputs); each runs on one thread exactly as it would here,
-    so results are bit-identical to running them in order. Anywhere else (no lowered scope, one task, a
-    torch mode on this thread, or the pool busy with another caller's batch) they run here, in order.
+    the task it holds). Tasks must be independent (disjoint outputs); each runs on one thread exactly as
+    it would here, so results are bit-identical to running them in order. Anywhere else (no lowered
+    scope, one task, or the pool busy with another caller's batch) they run here, in order.
     """
-    if len(tasks) <= 1 or _modes_active():
-        for task in tasks:
-            task()
-        return
-    active = getattr(_SCOPE, "pool", None)
-    if active is not None:  # inside a task of this thread's batch
-        active.nested(tasks)
-        return
     width = member_threads()
-    if width <= 1:
+    if width <= 1 or len(tasks) <= 1 or _modes_active():
         for task in tasks:
             task()
         return
@@ -194,52 +184,55 @@ def _pool(workers: int) -> _Pool:
 
 
 class _Batch:
-    """One call's tasks, handed out in order under the pool's condition; ``running`` counts those started
-    and not finished. Every field is read and written under ``cond``."""
+    """One call's tasks: handed out in order under a lock; ``running`` counts those started, not finished."""
 
-    def __init__(self, tasks: Sequence[Callable[[], None]], cond: threading.Condition, seats: int) -> None:
-        self.tasks, self.cond, self.next, self.running = tasks, cond, 0, 0
-        self.seats = seats  # workers that may join (a pool built for a larger count keeps the rest idle)
+    def __init__(self, tasks: Sequence[Callable[[], None]], helpers: int) -> None:
+        self.tasks, self.next, self.running = tasks, 0, 0
+        self.seats = helpers  # workers that may join (a pool built for a larger count keeps the rest idle)
         self.grad = torch.is_grad_enabled()  # thread-local: the workers take the caller's (no_grad in a step)
         self.error: BaseException | None = None
-
-    def open(self) -> bool:
-        return self.next < len(self.tasks) and self.error is None
+        self.cond = threading.Condition()
 
     def work(self) -> None:
-        """Run tasks until none is left to start (in the caller's grad mode)."""
-        with torch.set_grad_enabled(self.grad):
-            while True:
+        while True:
+            with self.cond:
+                if self.next >= len(self.tasks) or self.error is not None:
+                    return
+                task = self.tasks[self.next]
+                self.next += 1
+                self.running += 1
+            try:
+                task()
+            except BaseException as e:  # re-raised in the caller's thread (run)
                 with self.cond:
-                    if not self.open():
-                        return
-                    task = self.tasks[self.next]
-                    self.next += 1
-                    self.running += 1
-                try:
-                    task()
-                except BaseException as e:  # re-raised in the caller's thread (run, nested)
-                    with self.cond:
-                        self.error = self.error or e
-                finally:
-                    with self.cond:
-                        self.running -= 1
+                    self.error = self.error or e
+            finally:
+                with self.cond:
+                    self.running -= 1
+                    if self.running == 0:
                         self.cond.notify_all()
 
-    def close(self) -> None:
+    def join(self) -> bool:
+        with self.cond:
+            if self.seats <= 0:
+                return False
+            self.seats -= 1
+            return True
+
+    def stop_and_wait(self) -> None:
         with self.cond:
             self.next = len(self.tasks)  # nothing further starts (an interrupted caller included)
+            while self.running:
+                self.cond.wait()
 
 
 class _Pool:
-    """``workers`` daemon threads that join the caller's current batch when it is posted, and while it
-    runs help with the nested batches its tasks open (:meth:`nested`)."""
+    """``workers`` daemon threads that join the caller's current :class:`_Batch` when it is posted."""
 
     def __init__(self, workers: int) -> None:
         self.workers, self.busy = workers, threading.Lock()
         self.cond = threading.Condition()
         self.batch: _Batch | None = None
-        self.nested_open: list[_Batch] = []
         self.generation, self.closed = 0, False
         ready = [threading.Event() for _ in range(workers)]
         for i, event in enumerate(ready):
@@ -261,68 +254,24 @@ class _Pool:
                 if self.closed:
                     return
                 seen, batch = self.generation, self.batch
-                joined = batch is not None and batch.seats > 0
-                if joined:
-                    batch.seats -= 1
-            if joined:
-                _SCOPE.pool = self
-                try:
+            if batch is not None and batch.join():
+                with torch.set_grad_enabled(batch.grad):
                     batch.work()
-                    self._help_until(lambda b=batch: b.running == 0 and not b.open())
-                finally:
-                    _SCOPE.pool = None
-
-    def _help_until(self, done: Callable[[], bool]) -> None:
-        """Run tasks of open nested batches until ``done()`` (checked under ``cond``)."""
-        while True:
-            with self.cond:
-                while True:
-                    if done():
-                        return
-                    sub = next((b for b in self.nested_open if b.open()), None)
-                    if sub is not None:
-                        break
-                    self.cond.wait()
-            sub.work()
 
     def run(self, tasks: Sequence[Callable[[], None]], helpers: int) -> None:
-        batch = _Batch(tasks, self.cond, helpers)
+        batch = _Batch(tasks, helpers)
         with self.cond:
             self.batch = batch
             self.generation += 1
             self.cond.notify_all()
-        _SCOPE.pool = self
         try:
             batch.work()
         finally:
-            batch.close()
-            try:
-                self._help_until(lambda: batch.running == 0)
-            finally:
-                _SCOPE.pool = None
-                with self.cond:
-                    self.batch = None
+            batch.stop_and_wait()
+            with self.cond:
+                self.batch = None
         if batch.error is not None:
             raise batch.error
-
-    def nested(self, tasks: Sequence[Callable[[], None]]) -> None:
-        """A batch opened by a task of the running batch: this thread works on it, threads out of work
-        join; returns when all its tasks have finished (helping other nested batches meanwhile)."""
-        sub = _Batch(tasks, self.cond, 0)
-        with self.cond:
-            self.nested_open.append(sub)
-            self.cond.notify_all()
-        try:
-            sub.work()
-        finally:
-            sub.close()
-            try:
-                self._help_until(lambda: sub.running == 0)
-            finally:
-                with self.cond:
-                    self.nested_open.remove(sub)
-        if sub.error is not None:
-            raise sub.error
 
     def close(self) -> None:
         with self.cond:
