@@ -59,6 +59,14 @@ the single-threaded AdamW is 1.41 (0.95 without the pool). Two earlier runs of t
 A first attempt (before this design) submitted a future per GEMM and waited per group phase; it measured
 slower than serial (36.6/41.0 against 26.7/27.8 ms): per-task futures and one wait per phase cost more
 than the second core gave back.
+
+**Tried and not kept: nested batches.** In the demo LM's int8 step one thread idles 9-14 ms while the other
+finishes the 12×688×64 group's task (timelines of three steps). Opening a chunk's member GEMMs to threads
+that had run out of tasks (a nested batch with helpers) was measured interleaved in one process, 12 rounds,
+two runs: applied to every chunk, the eager fp32 step got 6 and 11 % slower (22.96 vs 20.60, 20.94 vs 19.68
+ms) and int8 4-5 % faster (34.98 vs 36.48, 29.36 vs 30.76 ms); applied to fused runs only, int8 measured 10
+and 4 % slower (31.55 vs 28.68, 31.21 vs 30.04 ms). Nothing above this VM's noise, for 90 more lines of
+synchronization, so a task's inner calls run in its own thread.
 """
 
 from __future__ import annotations
