@@ -63,7 +63,8 @@ process) 3–6 s. The fused step saves about 54 ms
 189 → 56 ms, ``fused_step/``, measured before the int8 changes of ``fused_step_int8/``; 80–160 and 190–410 ms
 under load), about nothing for fp32. A cold compile is paid back after about 1 800 bf16 or 600 int8 steps;
 a short run (the test suite, a smoke test, a notebook) loses. So ``backend="inductor"`` is opt-in, and
-tests compile two tiny signatures only (``tests/test_inductor_lowering.py``).
+tests compile a few tiny signatures only (``tests/test_inductor_lowering.py``, and two in
+``tests/test_member_pool.py``).
 """
 
 from __future__ import annotations
