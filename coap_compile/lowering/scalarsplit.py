@@ -29,6 +29,7 @@ import torch.fx
 
 __all__ = ["ScalarSplit", "split_scalars"]
 
+
 @dataclass(frozen=True)
 class ScalarSplit:
     """``scalars(k, lr, *h) -> tuple`` and ``body(param, x̃, *states, k, lr, *h, *scalars)`` (docstring)."""
@@ -60,9 +61,7 @@ def _split(lowrank: torch.fx.GraphModule, n_states: int) -> ScalarSplit:
         ):
             scalar.add(n)
     output = next(n for n in nodes if n.op == "output")
-    boundary = [
-        n for n in nodes if n in scalar and any(u not in scalar and u.op != "placeholder" for u in n.users)
-    ]
+    boundary = [n for n in nodes if n in scalar and any(u not in scalar for u in n.users)]
 
     sgraph, env = torch.fx.Graph(), {}
     for p in placeholders[2 + n_states :]:

@@ -351,7 +351,7 @@ def grouped_tasks(
     return tasks
 
 
-def _chunk_update_(layout, group, s, e, grads, states, inputs, compiling, hoisted=None):
+def _chunk_update_(layout, group, s, e, grads, states, inputs, compiling, hoisted):
     k_t, lr_t, hypers = inputs
     program, policy, dtype = layout.program.program, layout.policy, layout.dtype
     members, bufs = layout.members, group.buffers

@@ -322,11 +322,7 @@ class StepRunner:
                 mg, self.buffers[id(mg)], runs, g, [opt.state[p] for p in mg.members],
                 self.scalars.group_inputs(mg.index), compiling=compiling,
             )  # fmt: skip
-        if compiling:
-            for task in tasks:
-                task()
-        else:
-            run_members(tasks)  # (.threads; a task alone in the batch spreads its member GEMMs instead)
+        run_members(tasks)  # (.threads; traced: in order; a task alone spreads its member GEMMs instead)
         for (fg, runs), g in zip(self.work_full, full_grads):
             full_group_update_(fg, self.buffers[id(fg)], runs, g, self.scalars.group_inputs(fg.index))
         self.locals = {}  # drop the FSDP2 local views (and their gradient references)

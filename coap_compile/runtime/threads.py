@@ -151,10 +151,11 @@ def run_members(tasks: Sequence[Callable[[], None]]) -> None:
     one at a time in order (module docstring: a thread that loses its core delays the batch by at most
     the task it holds). Tasks must be independent (disjoint outputs); each runs on one thread exactly as
     it would here, so results are bit-identical to running them in order. Anywhere else (no lowered
-    scope, one task, or the pool busy with another caller's batch) they run here, in order.
+    scope, one task, a traced step, or the pool busy with another caller's batch) they run here, in
+    order.
     """
     width = member_threads()
-    if width <= 1 or len(tasks) <= 1 or _modes_active():
+    if width <= 1 or len(tasks) <= 1 or torch.compiler.is_compiling() or _modes_active():
         for task in tasks:
             task()
         return
