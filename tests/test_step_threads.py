@@ -39,7 +39,7 @@ def _record_threads(monkeypatch) -> list[int]:
     """Thread counts seen inside the grouped chunks (on whichever thread runs them) and the per-matrix
     updater."""
     seen: list[int] = []
-    for mod, name in ((grouped_mod, "_chunk_update_"), (step_mod, "projected_update_")):
+    for mod, name in ((grouped_mod._Chunk, "middle"), (step_mod, "projected_update_")):
         real = getattr(mod, name)
 
         def spy(*a, _real=real, **k):

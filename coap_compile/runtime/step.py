@@ -46,7 +46,7 @@ from ..lowering.kernels import KernelPlan, kernel_plan, stored_kernel_plan
 from .counters import StepCounters
 from .fullgroup import full_group_update_
 from .fullrank import ensure_full_state, full_update_, restored_full_state
-from .grouped import GroupBuffers, grouped_tasks, ready
+from .grouped import STAGES, GroupBuffers, grouped_tasks, ready
 from .grouped_kernels import kernel_group_update_, kernel_runs
 from .layout import Kind, full_program
 from .plan import RuntimePlan
@@ -312,17 +312,19 @@ class StepRunner:
                 full_update_(self.local(p), io.state, lay.program, inputs, io)
             else:  # compiling: torch's layout, the captured update (fullrank module docstring)
                 full_update_(p, state, self.full_programs[(lay.group, p.dtype, p.ndim)], inputs)
-        tasks = []  # every group's chunks (fused runs too): independent, one batch for the member pool
+        stages = [[] for _ in range(STAGES)]  # every group's chunks: independent, batches per stage
         for (mg, runs), g in zip(self.work_groups, group_grads):
             if mg.kernels is not None:
                 states = [opt.state[p] for p in mg.members]
                 kernel_group_update_(mg, runs, g, states, self.stored_plans, self.scalars)
                 continue
-            tasks += grouped_tasks(
+            for i, st in enumerate(grouped_tasks(
                 mg, self.buffers[id(mg)], runs, g, [opt.state[p] for p in mg.members],
                 self.scalars.group_inputs(mg.index), compiling=compiling,
-            )  # fmt: skip
-        run_members(tasks)  # (.threads; traced: in order; a task alone spreads its member GEMMs instead)
+            )):  # fmt: skip
+                stages[i] += st
+        for tasks in stages:
+            run_members(tasks)
         for (fg, runs), g in zip(self.work_full, full_grads):
             full_group_update_(fg, self.buffers[id(fg)], runs, g, self.scalars.group_inputs(fg.index))
         self.locals = {}  # drop the FSDP2 local views (and their gradient references)
