@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from torch.utils.flop_counter import FlopCounterMode
 
 import coap_compile
-from coap_compile.runtime import grouped as grouped_mod
+from coap_compile.runtime import chunks as chunks_mod
 from coap_compile.runtime import threads
 
 
@@ -140,7 +140,7 @@ def _trajectory(seed: int, base, kw: dict, pool: bool) -> list[torch.Tensor]:
         [{"params": ws, "project": True}], base, rank=7, update_interval=3, lr=1e-2, **kw
     )
     where: set[str] = set()
-    real = grouped_mod._Chunk.middle  # every chunk's elementwise pass (fused loops: a stage of their own)
+    real = chunks_mod.Chunk.middle  # every chunk's elementwise pass (fused loops: a stage of their own)
 
     barrier, calls = threading.Barrier(2, timeout=20), []
 
@@ -153,7 +153,7 @@ def _trajectory(seed: int, base, kw: dict, pool: bool) -> list[torch.Tensor]:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(threads, "MAX_MEMBER_THREADS", 8 if pool else 1)
-        mp.setattr(grouped_mod._Chunk, "middle", spy)
+        mp.setattr(chunks_mod.Chunk, "middle", spy)
         for k in range(7):
             for i, w in enumerate(ws):
                 w.grad = randn(seed * 1000 + 31 * k + i, *w.shape, scale=1e-2)

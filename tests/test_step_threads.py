@@ -15,7 +15,7 @@ from hypothesis import given, settings
 
 import coap_compile
 from coap_compile import NonFiniteGradientError
-from coap_compile.runtime import grouped as grouped_mod
+from coap_compile.runtime import chunks as chunks_mod
 from coap_compile.runtime import step as step_mod
 from coap_compile.runtime import threads
 
@@ -39,7 +39,7 @@ def _record_threads(monkeypatch) -> list[int]:
     """Thread counts seen inside the grouped chunks (on whichever thread runs them) and the per-matrix
     updater."""
     seen: list[int] = []
-    for mod, name in ((grouped_mod._Chunk, "middle"), (step_mod, "projected_update_")):
+    for mod, name in ((chunks_mod.Chunk, "middle"), (step_mod, "projected_update_")):
         real = getattr(mod, name)
 
         def spy(*a, _real=real, **k):

@@ -75,32 +75,26 @@ has no gradient or the members' step counts differ (e.g. a layer frozen for a wh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..lowering.eager import apply_reprojection_
-from ..lowering.inductor import elementwise, uses_param
-from ..lowering.scalarsplit import split_scalars
+from ..lowering.inductor import uses_param
 from ..lowering.stacked import StackedSpec, stacked_spec
 from .grouped_kernels import describe, kernel_group_reason
 from .selection import canonical_dims
 from .settings import EMA_KEY
-from .threads import member_threads, run_members
 
 __all__ = [
     "CHUNK_BYTES",
-    "STAGES",
     "GroupBuffers",
     "MatrixGroup",
     "build_groups",
     "chunk_members",
     "explain_groups",
-    "grouped_tasks",
     "pack_",
     "per_matrix_reason",
     "ready",
@@ -313,128 +307,3 @@ def chunk_members(layout: MatrixGroup, itemsize: int, device: torch.device, comp
     if compiling or device.type != "cpu":
         return len(layout.members)
     return max(1, CHUNK_BYTES // (layout.rows * layout.rank * itemsize))
-
-
-def grouped_tasks(
-    layout: MatrixGroup,
-    group: GroupBuffers,
-    runs: Sequence[tuple[int, int]],
-    grads: Sequence[Tensor | None],
-    states: Sequence[dict],
-    scalars: tuple[Tensor, list[Tensor]],
-    *,
-    compiling: bool,
-) -> list[list[Callable[[], None]]]:
-    """This step's chunks of the members in ``runs`` as independent tasks in :data:`STAGES` stages: the
-    step runs stage ``i`` of every group as one batch, after stage ``i − 1`` (module docstring, *Chunks
-    as tasks*). A chunk touches only its members, weights, state slices and step counters, and is
-    computed completely before its first write (weights, then states and steps). An eager chunk is one
-    task of stage 0; a fused run on the member pool is its ``X P`` per member (stage 0), its compiled
-    loop (1), its ``D Pᵀ`` per member (2) and its state copies (3). ``scalars`` are the group's
-    ``(lr, h)``; ``grads`` were read before the states (the compiled-region contract)."""
-    lr_t, hypers = scalars
-    fused = layout.fused and not compiling
-    itemsize = torch.empty((), dtype=layout.dtype).element_size()
-    # fused: one compiled loop over the run (no multi-pass cache effect to chunk for)
-    chunk = chunk_members(layout, itemsize, layout.members[0].device, compiling or fused)
-    staged = fused and member_threads() > 1  # serially a run's stages in a row keep one run's temporaries
-    program = layout.program.program
-    stages: list[list[Callable[[], None]]] = [[] for _ in range(STAGES)]
-    for first, end in runs:
-        k_t = group.steps[first].to(torch.float64)
-        hoisted = (  # the run's per-step scalars, once for all its chunks (lowering.scalarsplit)
-            None if compiling else split_scalars(program.lowrank, len(program.state_names)).scalars(
-                k_t, lr_t, *hypers)
-        )  # fmt: skip
-        for s in range(first, end, chunk):
-            c = _Chunk(layout, group, s, min(s + chunk, end), grads, states, (k_t, lr_t, hypers), hoisted)
-            if staged:
-                c.allocate()
-                members = range(c.end - c.start)
-                stages[0] += [partial(c.project, k) for k in members]
-                stages[1].append(c.middle)
-                stages[2] += [partial(c.weight, k) for k in members]
-                stages[3].append(c.commit)
-            else:
-                stages[0].append(partial(c.run, compiling))
-    return stages
-
-
-#: Stages of :func:`grouped_tasks` (project, elementwise pass, weights, states).
-STAGES = 4
-
-
-class _Chunk:
-    """Members ``[start, end)`` of a run: the parts of one chunk's update (:func:`grouped_tasks`), which
-    keep what they computed for the next."""
-
-    def __init__(self, layout, group, start, end, grads, states, inputs, hoisted):
-        self.layout, self.group, self.start, self.end = layout, group, start, end
-        self.grads, self.inputs, self.hoisted = grads, inputs, hoisted
-        dtype = layout.dtype
-        self.projs = [proj if proj.dtype == dtype else proj.to(dtype) for proj in map(layout.policy.basis,
-                      states[start:end])]  # fmt: skip
-        self.x_proj: Tensor | None = None
-        self.parts: dict[str, Tensor] = {}
-        self.decay = self.delta = self.new_step = None
-        self.new_parts: dict[str, Tensor] = {}
-
-    def x_of(self, k: int) -> Tensor:
-        """Member ``k``'s projected quantity ``X`` in canonical orientation (the prologue's, if any)."""
-        layout, i = self.layout, self.start + k
-        program, dtype = layout.program.program, layout.dtype
-        k_t, lr_t, hypers = self.inputs
-        p, g = layout.members[i], self.grads[i]
-        x = g if program.prologue is None else program.prologue(p.to(dtype), g.to(dtype), k_t, lr_t, *hypers)
-        return (x.t() if layout.transposed[i] else x).to(dtype)
-
-    def allocate(self) -> None:
-        """The chunk's ``K×M×r`` buffer of ``X̃`` (before its :meth:`project` tasks run)."""
-        shape = (self.end - self.start, self.layout.rows, self.layout.rank)
-        self.x_proj = torch.empty(shape, dtype=self.layout.dtype, device=self.grads[self.start].device)
-
-    def project(self, k: int) -> None:
-        """``X̃[k] = X_k P_k`` into the chunk's buffer."""
-        torch.mm(self.x_of(k), self.projs[k], out=self.x_proj[k])
-
-    def middle(self, compiling: bool = False) -> None:
-        """The elementwise pass: ``(decay, D, k', new parts)`` from ``X̃`` and the stacked states (fused
-        when the group is; traced, ``X̃`` is a stack of products, which Inductor writes in place)."""
-        layout = self.layout
-        program = layout.program.program
-        if compiling:
-            self.x_proj = torch.stack([self.x_of(k) @ proj for k, proj in enumerate(self.projs)])
-        self.parts = {key: self.group.buffers[key][self.start : self.end] for key in layout.keys}
-        by_name = {spec.name: spec for spec in layout.specs}
-        specs = tuple(by_name[n] for n in program.state_names)
-        decay, self.delta, self.new_step, self.new_parts = elementwise(
-            layout.fused and not compiling, program, specs, layout.ema,
-            None if layout.fused else layout.members[self.start], self.x_proj, self.parts, self.inputs,
-            self.hoisted,
-        )  # fmt: skip
-        if not compiling and isinstance(decay, Tensor):
-            decay = float(decay)  # one host read per chunk (apply_reprojection_ would read it per member)
-        self.decay = decay
-
-    def weight(self, k: int) -> None:
-        """``W_k ← decay · W_k + scale · D_k P_kᵀ`` (one ``addmm_``)."""
-        layout, i = self.layout, self.start + k
-        p = layout.members[i].t() if layout.transposed[i] else layout.members[i]
-        apply_reprojection_(p, self.decay, self.delta[k], self.projs[k], layout.scale)
-
-    def commit(self) -> None:
-        """The states and step counters, only after every weight of the chunk (update.py's contract)."""
-        for key, value in self.new_parts.items():
-            self.parts[key].copy_(value)
-        self.group.steps[self.start : self.end].copy_(self.new_step)
-
-    def run(self, compiling: bool) -> None:
-        """The whole chunk in one task; its member GEMMs in parallel when it is alone in its batch
-        (:func:`~.threads.run_members`)."""
-        members = range(self.end - self.start)
-        if not compiling:
-            self.allocate()
-            run_members([partial(self.project, k) for k in members])
-        self.middle(compiling)
-        run_members([partial(self.weight, k) for k in members])
-        self.commit()

@@ -43,10 +43,11 @@ from ..distributed import fsdp
 from ..distributed.agreement import check_settings_agree
 from ..distributed.basis import gathered_basis
 from ..lowering.kernels import KernelPlan, kernel_plan, stored_kernel_plan
+from .chunks import chunk_batch, grouped_chunks
 from .counters import StepCounters
 from .fullgroup import full_group_update_
 from .fullrank import ensure_full_state, full_update_, restored_full_state
-from .grouped import STAGES, GroupBuffers, grouped_tasks, ready
+from .grouped import GroupBuffers, ready
 from .grouped_kernels import kernel_group_update_, kernel_runs
 from .layout import Kind, full_program
 from .plan import RuntimePlan
@@ -312,19 +313,17 @@ class StepRunner:
                 full_update_(self.local(p), io.state, lay.program, inputs, io)
             else:  # compiling: torch's layout, the captured update (fullrank module docstring)
                 full_update_(p, state, self.full_programs[(lay.group, p.dtype, p.ndim)], inputs)
-        stages = [[] for _ in range(STAGES)]  # every group's chunks: independent, batches per stage
+        chunks = []  # every group's chunks: independent, one ordered batch for the member pool (.chunks)
         for (mg, runs), g in zip(self.work_groups, group_grads):
             if mg.kernels is not None:
                 states = [opt.state[p] for p in mg.members]
                 kernel_group_update_(mg, runs, g, states, self.stored_plans, self.scalars)
                 continue
-            for i, st in enumerate(grouped_tasks(
+            chunks += grouped_chunks(
                 mg, self.buffers[id(mg)], runs, g, [opt.state[p] for p in mg.members],
                 self.scalars.group_inputs(mg.index), compiling=compiling,
-            )):  # fmt: skip
-                stages[i] += st
-        for tasks in stages:
-            run_members(tasks)
+            )  # fmt: skip
+        run_members(chunk_batch(chunks))  # (.threads; traced: in order)
         for (fg, runs), g in zip(self.work_full, full_grads):
             full_group_update_(fg, self.buffers[id(fg)], runs, g, self.scalars.group_inputs(fg.index))
         self.locals = {}  # drop the FSDP2 local views (and their gradient references)

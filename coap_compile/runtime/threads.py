@@ -75,6 +75,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,6 +84,7 @@ __all__ = [
     "MAX_MEMBER_THREADS",
     "SMALL_GEMM_MACS",
     "SMALL_PARAM_NUMEL",
+    "Task",
     "intra_op_threads",
     "member_threads",
     "run_members",
@@ -142,32 +144,66 @@ def member_threads() -> int:
     return max(1, min(getattr(_SCOPE, "width", 1), MAX_MEMBER_THREADS))
 
 
-def run_members(tasks: Sequence[Callable[[], None]]) -> None:
+@dataclass(frozen=True)
+class Task:
+    """A task of an ordered batch for :func:`run_members`: ``run`` starts after every task whose index is
+    in ``after`` (earlier in the batch) has finished. ``unit`` names the all-or-nothing unit it belongs to
+    (a chunk: its weight and state writes) and ``opens``: starting it begins the unit's writes; after an
+    error, only the tasks of units already opened still start, so each unit is written completely or not
+    at all."""
+
+    run: Callable[[], None]
+    after: tuple[int, ...] = ()
+    unit: Any = None
+    opens: bool = False
+
+
+def run_members(tasks: Sequence[Callable[[], None] | Task]) -> None:
     """Run every task once and return when all have finished; the first exception is re-raised after
-    the tasks already started have finished (no further task starts once one has raised).
+    the tasks already started have finished (no further task starts once one has raised, except the
+    remaining tasks of a :class:`Task` unit already writing).
 
     Inside :func:`intra_op_threads` that lowered the caller's count ``T`` to 1, the tasks are spread over
     this thread and ``T − 1`` daemon workers (each running torch with one intra-op thread), handed out
-    one at a time in order (module docstring: a thread that loses its core delays the batch by at most
-    the task it holds). Tasks must be independent (disjoint outputs); each runs on one thread exactly as
-    it would here, so results are bit-identical to running them in order. Anywhere else (no lowered
-    scope, one task, a traced step, or the pool busy with another caller's batch) they run here, in
-    order.
+    one at a time, each thread taking the first task in order whose ``after`` tasks have finished
+    (module docstring: a thread that loses its core delays the batch by at most the task it holds).
+    Tasks without an order between them must be independent (disjoint outputs); each runs on one thread
+    exactly as it would here, so results are bit-identical to running them in order. Anywhere else (no
+    lowered scope, one task, a traced step, or the pool busy with another caller's batch) they run here,
+    in order.
     """
+    batch = [t if isinstance(t, Task) else Task(t) for t in tasks]
+    for i, t in enumerate(batch):
+        if any(not 0 <= j < i for j in t.after):
+            raise ValueError(f"task {i} comes after tasks {t.after}: only earlier tasks can be waited for")
     width = member_threads()
-    if width <= 1 or len(tasks) <= 1 or torch.compiler.is_compiling() or _modes_active():
-        for task in tasks:
-            task()
+    if width <= 1 or len(batch) <= 1 or torch.compiler.is_compiling() or _modes_active():
+        _in_order(batch)
         return
     pool = _pool(width - 1)
     if not pool.busy.acquire(blocking=False):  # another thread's step is using it: run here
-        for task in tasks:
-            task()
+        _in_order(batch)
         return
     try:
-        pool.run(tasks, width - 1)
+        pool.run(batch, width - 1)
     finally:
         pool.busy.release()
+
+
+def _in_order(batch: Sequence[Task]) -> None:
+    error: BaseException | None = None
+    opened: set = set()
+    for t in batch:
+        if error is not None and (t.unit is None or t.unit not in opened):
+            continue
+        if t.opens:
+            opened.add(t.unit)
+        try:
+            t.run()
+        except BaseException as e:
+            error = error or e
+    if error is not None:
+        raise error
 
 
 def _modes_active() -> bool:
@@ -193,33 +229,59 @@ def _pool(workers: int) -> _Pool:
 
 
 class _Batch:
-    """One call's tasks: handed out in order under a lock; ``running`` counts those started, not finished."""
+    """One call's tasks (:class:`Task`), handed out under a lock: each thread takes the first pending task
+    whose ``after`` tasks have finished; ``running`` counts those started, not finished."""
 
-    def __init__(self, tasks: Sequence[Callable[[], None]], helpers: int) -> None:
-        self.tasks, self.next, self.running = tasks, 0, 0
+    def __init__(self, tasks: Sequence[Task], helpers: int) -> None:
+        self.tasks, self.pending, self.running = tasks, list(range(len(tasks))), 0
+        self.done, self.dropped, self.opened = [False] * len(tasks), set(), set()
         self.seats = helpers  # workers that may join (a pool built for a larger count keeps the rest idle)
         self.grad = torch.is_grad_enabled()  # thread-local: the workers take the caller's (no_grad in a step)
         self.error: BaseException | None = None
+        self.stopped = False
         self.cond = threading.Condition()
+
+    def _take(self) -> int | None:
+        """The first pending task (under the lock) whose ``after`` tasks have finished; after an error
+        (or a stop) the tasks that may no longer start are dropped first."""
+        if self.error is not None or self.stopped:
+            keep = []
+            for i in self.pending:  # in order: a dropped task's dependents are dropped after it
+                t = self.tasks[i]
+                if t.unit is None or t.unit not in self.opened or self.dropped.intersection(t.after):
+                    self.dropped.add(i)
+                else:
+                    keep.append(i)
+            self.pending = keep
+        for j, i in enumerate(self.pending):
+            t = self.tasks[i]
+            if all(self.done[d] for d in t.after):
+                del self.pending[j]
+                if t.opens:
+                    self.opened.add(t.unit)
+                return i
+        return None
 
     def work(self) -> None:
         while True:
             with self.cond:
-                if self.next >= len(self.tasks) or self.error is not None:
-                    return
-                task = self.tasks[self.next]
-                self.next += 1
+                while (i := self._take()) is None:
+                    if not self.pending:
+                        return
+                    if not self.running:  # unreachable: a pending task's earlier tasks ran or run
+                        raise RuntimeError("member pool: no task can start and none is running")
+                    self.cond.wait()  # a task the next one waits for is running elsewhere
                 self.running += 1
             try:
-                task()
+                self.tasks[i].run()
             except BaseException as e:  # re-raised in the caller's thread (run)
                 with self.cond:
                     self.error = self.error or e
             finally:
                 with self.cond:
                     self.running -= 1
-                    if self.running == 0:
-                        self.cond.notify_all()
+                    self.done[i] = True
+                    self.cond.notify_all()
 
     def join(self) -> bool:
         with self.cond:
@@ -229,8 +291,12 @@ class _Batch:
             return True
 
     def stop_and_wait(self) -> None:
+        """No further task starts but those of opened units, which this thread finishes if need be (an
+        interrupted caller included); returns when nothing runs."""
         with self.cond:
-            self.next = len(self.tasks)  # nothing further starts (an interrupted caller included)
+            self.stopped = True
+        self.work()
+        with self.cond:
             while self.running:
                 self.cond.wait()
 
