@@ -3,12 +3,15 @@
 A small step runs with one intra-op thread; its independent chunks (and member GEMMs) are spread over
 the caller's former thread count. Checked here: every task runs exactly once, on the pool only inside a
 lowered scope; the first error is re-raised and nothing starts after it; grad mode and torch modes are
-respected; a busy pool runs a second caller's batch in that caller's thread; and whole trajectories
-(fp32/bf16/int8 states, prologue and EMA bases) are bit-identical with the pool and without it.
+respected; a busy pool runs a second caller's batch in that caller's thread; ordered batches (a task
+starts after those it waits for, blocked tasks are passed, units opened before an error finish and
+nothing else starts); and whole trajectories (fp32/bf16/int8 states, prologue and EMA bases, fused
+loops split into their parts) are bit-identical with the pool and without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -118,6 +121,73 @@ def test_a_busy_pool_runs_another_callers_batch_in_its_own_thread(two_threads):
         release.set()
         t.join(10)
     assert not t.is_alive()
+
+
+# -- ordered batches (Task): dependencies and all-or-nothing units ----------------------------------
+
+
+def test_a_task_starts_after_its_dependencies_and_later_tasks_pass_a_blocked_one(two_threads):
+    """Task 1 waits for task 0, which waits for task 3: the pool must hand out 2 and 3 past the blocked
+    task 1 (else task 0 times out), and task 1 must start only once task 0 has finished."""
+    finished, third, log = threading.Event(), threading.Event(), []
+
+    def first() -> None:
+        log.append(("0 saw 3", third.wait(20)))
+        finished.set()
+
+    tasks = [
+        threads.Task(first),
+        threads.Task(lambda: log.append(("1 after 0", finished.is_set())), after=(0,)),
+        threads.Task(lambda: log.append(("2", True))),
+        threads.Task(lambda: (third.set(), log.append(("3", True)))),
+    ]
+    with threads.intra_op_threads(1):
+        threads.run_members(tasks)
+    assert sorted(log) == [("0 saw 3", True), ("1 after 0", True), ("2", True), ("3", True)]
+
+
+def _units_batch(pool: bool):
+    """Unit A opens before task F raises: A's other tasks still run, unit B (not opened) and a free task
+    do not. On the pool A's opening task and F meet first (two threads), then A's waits for F's raise."""
+    ran, meet, raised = [], threading.Barrier(2, timeout=20), threading.Event()
+
+    def a_open() -> None:
+        if pool:
+            meet.wait()
+            raised.wait(20)
+            time.sleep(0.05)  # F's error is recorded before this task finishes
+        ran.append("A open")
+
+    def fail() -> None:
+        if pool:
+            meet.wait()
+        raised.set()
+        raise KeyError("F")
+
+    batch = [
+        threads.Task(a_open, unit="A", opens=True),
+        threads.Task(fail),
+        threads.Task(lambda: ran.append("A more"), unit="A", opens=True),
+        threads.Task(lambda: ran.append("B open"), unit="B", opens=True),
+        threads.Task(lambda: ran.append("free")),
+        threads.Task(lambda: ran.append("A commit"), after=(0, 2), unit="A"),
+    ]
+    return batch, ran
+
+
+@pytest.mark.parametrize("pool", [True, False], ids=["pool", "in order"])
+def test_after_an_error_opened_units_finish_and_nothing_else_starts(two_threads, pool):
+    batch, ran = _units_batch(pool)
+    scope = threads.intra_op_threads(1) if pool else contextlib.nullcontext()
+    with scope, pytest.raises(KeyError, match="F"):
+        threads.run_members(batch)
+    assert sorted(ran) == ["A commit", "A more", "A open"]
+    assert ran[-1] == "A commit"
+
+
+def test_a_task_cannot_wait_for_a_later_one():
+    with pytest.raises(ValueError, match="only earlier tasks"):
+        threads.run_members([threads.Task(lambda: None, after=(1,)), threads.Task(lambda: None)])
 
 
 # -- whole steps: bit-identical with and without the pool -------------------------------------------
