@@ -253,6 +253,50 @@ def test_pool_steps_equal_serial_steps(case, seed):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def test_a_failing_fused_loop_on_the_pool_leaves_each_run_all_or_nothing(two_threads):
+    """Fused runs on the pool are split into parts (no whole-run task); the second loop of a step raises:
+    each run is updated completely (weights and states) or not at all, and the failing one is not."""
+    shapes = [(40, 24)] * 5 + [(24, 40)] * 3 + [(56, 24)] * 2  # the trajectory's groups: 8 and 2 members
+    ws = [randn(5 + i, *s, scale=0.3).requires_grad_() for i, s in enumerate(shapes)]
+    opt = coap_compile.optimize(
+        [{"params": ws, "project": True}], torch.optim.AdamW, rank=7, update_interval=3, lr=1e-2,
+        backend="inductor",
+    )  # fmt: skip
+
+    def grads(k: int) -> None:
+        for i, w in enumerate(ws):
+            w.grad = randn(100 * k + i, *w.shape, scale=1e-2)
+
+    for k in range(2):  # the first step initializes per matrix, the second is grouped (compiles)
+        grads(k)
+        opt.step()
+    grads(2)
+    before = [w.detach().clone() for w in ws]
+    states = [{n: v.clone() for n, v in opt.state[w].items()} for w in ws]
+    real, calls, whole = chunks_mod.elementwise, [], []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chunks_mod, "elementwise", flaky)
+        mp.setattr(chunks_mod.Chunk, "run", lambda self: whole.append(self))
+        with pytest.raises(RuntimeError, match="injected"):
+            opt.step()
+    assert not whole and len(calls) == 2  # both runs split into parts; their loops were called
+    unchanged = 0
+    for mg in opt.plan.matrix_groups:
+        idx = [next(i for i, w in enumerate(ws) if w is p) for p in mg.members]
+        weights = {not torch.equal(ws[i].detach(), before[i]) for i in idx}
+        moved = {any(not torch.equal(v, states[i][n]) for n, v in opt.state[ws[i]].items()) for i in idx}
+        assert len(weights) == 1 and weights == moved  # all or nothing, weights and states together
+        unchanged += not weights.pop()
+    assert len(opt.plan.matrix_groups) == 2 and unchanged >= 1
+
+
 def test_threads_started_after_a_pooled_step_get_the_callers_count(two_threads):
     """The workers set one intra-op thread for themselves; torch's process-wide record of the count (what a
     thread started later begins with) is the caller's again after the step."""
