@@ -272,7 +272,7 @@ def test_a_failing_later_update_leaves_it_and_later_parameters_unchanged(monkeyp
 def test_a_failing_grouped_update_leaves_its_group_unchanged(monkeypatch):
     """The grouped path computes a chunk of members completely (``X P`` and the elementwise pass) before
     its first write, so a failure there (e.g. out of memory) leaves every member of the chunk unchanged."""
-    from coap_compile.runtime import grouped
+    from coap_compile.runtime import chunks
 
     model, opt = _build()
     assert len(opt.plan.matrix_groups) == 1 and set(opt.plan.matrix_groups[0].members) == set(
@@ -285,7 +285,7 @@ def test_a_failing_grouped_update_leaves_its_group_unchanged(monkeypatch):
     def failing(*a, **k):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(grouped, "elementwise", failing)  # the pass computed before any write
+    monkeypatch.setattr(chunks, "elementwise", failing)  # the pass computed before any write
     with pytest.raises(RuntimeError, match="injected"):
         opt.step()
     params, state, _ = snap

@@ -23,8 +23,25 @@ as one task, the smaller run's thread sat idle through the larger's GEMMs. A chu
 its unit: after an error, the opened chunks still finish (weights and states) and no other task
 starts, so every chunk is written completely or not at all.
 
-**Measured** (demo LM, 2-core Xeon, 2 threads, ``opt.step()`` medians, interleaved in one process): see
-:data:`MEASURED`.
+**Measured** (demo LM, ``backend="inductor"``, 2-core Xeon, 2 threads, ``opt.step()`` medians of 8
+interleaved rounds of 10 steps in one process, two runs; whole-run tasks against parts):
+
+* fp32 states: 13.66 → 12.43 ms and 13.55 → 12.16 ms;
+* bf16: 16.89 → 14.42 and 16.43 → 14.44 ms;
+* int8: 26.45 → 25.27 and 25.70 → 24.05 ms (the eager fp32 step beside them: 16.76 and 17.61 ms).
+
+Before this, the larger run's task held its member GEMMs in one thread: the fused fp32 step summed
+19.3 ms of chunk time over two threads but took 12.8 ms of batch wall time. A first version ran the
+parts in four barrier-separated batches (all projections, all loops, all ``D Pᵀ``, all commits): int8's
+two loops (≈ 6 and 11 ms) then left one thread idle for the difference. Also tried: halving every fused
+run of an even number of members (one more loop, the same signature), int8 23.05 / 24.76 and 22.89 /
+23.68 ms, fp32 unchanged: within this VM's noise, not kept.
+
+Serially (one thread, or the pool unavailable) a fused run stays one task, so only one run's
+temporaries (``X̃``, the new states, ``D``) are alive at a time; split on the pool, every fused run's
+buffer of ``X̃`` is allocated when the batch is built and its temporaries live until its commit (with
+whole-run tasks: at most one run per thread). Groups are few (one per distinct ``M×r``), and the pool
+runs only for small steps (:func:`~.threads.step_threads`).
 """
 
 from __future__ import annotations
@@ -42,9 +59,6 @@ from .grouped import GroupBuffers, MatrixGroup, chunk_members
 from .threads import Task, member_threads, run_members
 
 __all__ = ["Chunk", "chunk_batch", "grouped_chunks"]
-
-MEASURED = ""
-
 
 def grouped_chunks(
     layout: MatrixGroup,

@@ -42,11 +42,12 @@ repetitions, ``thread_time``):
   the latter adds two passes over every weight (17×256×256: 2.17 vs 2.52 ms; 4 transposed 1.27 vs
   2.27 ms) and is bit-identical to ``addmm_`` only when ``scale`` is a power of two (with
   ``scale = 0.3`` 84 % of the entries differ by an ulp: the BLAS applies ``alpha`` inside the GEMM).
-* **Chunks as tasks.** :func:`grouped_tasks` returns each chunk as an independent task; the step runs
-  every group's chunks (fused runs included) as one batch on the member pool of a small CPU step
-  (:mod:`.threads`: dynamic hand-out, each chunk on one thread, the same bits); a chunk alone in its
-  batch spreads its per-member GEMMs there instead. Demo LM, 2-core Xeon: 20.8 ms per step against
-  27.7 ms without the pool (``benchmarks/results/member_pool/``).
+* **Chunks as tasks** (:mod:`.chunks`). The step runs every group's chunks as one batch on the member
+  pool of a small CPU step (:mod:`.threads`: dynamic hand-out, each task on one thread, the same bits):
+  an eager chunk as one task, a fused run as its parts (per-member GEMMs, the loop, per-member
+  ``D Pᵀ``, the state copies, ordered by dependencies); a chunk alone in its batch spreads its
+  per-member GEMMs there instead. Demo LM, 2-core Xeon: 20.8 ms per step against 27.7 ms without the
+  pool (``benchmarks/results/member_pool/``).
 * Refreshes stay per matrix (:mod:`.refresh`): they are rare (every ``T_u`` steps), and batched QR/SVD
   on CPU loops over LAPACK calls per matrix anyway.
 

@@ -40,7 +40,7 @@ class sharing this optimizer's ``state`` dict). The state is tensors only.
     parameter (layout: kind, side, rank, policy, program, state storage, shard, matrix group)
          │                                                  │
          └── step(): validate ─► schedule (schedule.due) ─► refresh (refresh/tucker) ─► update per kind
-             (step.StepRunner: update.projected_update_, grouped.grouped_tasks, tucker.tucker_update_,
+             (step.StepRunner: update.projected_update_, chunks.grouped_chunks, tucker.tucker_update_,
              fullrank.full_update_, torch's own optimizer for the TORCH kind)
 
 Other modules read the structure through the public interface: :attr:`CoapOptimizer.plan`,

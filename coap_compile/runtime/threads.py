@@ -34,18 +34,21 @@ generated code has its own parallel loops).
 **The member pool: the second core back, without OpenMP's barrier.** Inside the lowered scope,
 :func:`run_members` spreads *independent* tasks over the caller's thread and ``T − 1`` daemon workers
 (``coap-member-<i>``, started on first use, one intra-op thread each). Tasks are handed out one at a time
-in order from a shared index (dynamic scheduling), so a thread that loses its core delays the batch by at
-most the task it holds, where an OpenMP region's static split waits for the descheduled thread's whole
-share, in every region. The step submits one batch: every group chunk of every matrix group, fused runs
-included (:func:`~.grouped.grouped_tasks`: disjoint members, weights, state slices and step counters); a
-chunk alone in its batch spreads its per-member ``X P`` and ``D Pᵀ`` GEMMs instead, and the finiteness
+in order (dynamic scheduling: each thread takes the first task whose :class:`Task` dependencies have
+finished), so a thread that loses its core delays the batch by at most the task it holds, where an
+OpenMP region's static split waits for the descheduled thread's whole share, in every region. The step
+submits one batch: every group chunk of every matrix group, a fused run as its parts
+(:mod:`.chunks`: disjoint members, weights, state slices and step counters; a chunk's writes form a
+unit that an error does not cut); a chunk alone in its batch spreads its per-member ``X P`` and
+``D Pᵀ`` GEMMs instead, and the finiteness
 check its per-gradient reductions (a nested call, or one while the pool serves another caller's batch,
 runs in its caller's thread). Each task runs on one thread with one intra-op thread, as
 in the single-threaded step, so the results are the same bits (``tests/test_member_pool.py``:
 trajectories with and without the pool, fp32/bf16/int8 states, prologue and EMA bases). Workers take
 the caller's grad mode; a torch function or dispatch mode on the caller's stack (thread-local) keeps
-every task in the caller's thread. On an error no further task starts, the started ones finish, and the
-first error is re-raised: each chunk is still updated completely or not at all. Torch ops and the fused
+every task in the caller's thread. On an error no further task starts but those of units already
+writing, the started ones finish, and the first error is re-raised: each chunk is still updated
+completely or not at all. Torch ops and the fused
 loops (compiled with Inductor's C++ wrapper, :mod:`coap_compile.lowering.inductor`) run without the GIL, so
 the threads overlap everywhere but in Python.
 
