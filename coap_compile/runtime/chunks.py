@@ -92,14 +92,14 @@ def grouped_chunks(
     return out
 
 
-def chunk_batch(chunks: Sequence[Chunk]) -> list[Task]:
+def chunk_batch(chunks: Sequence[Chunk]) -> list:
     """The ordered batch of ``chunks`` for :func:`~.threads.run_members` (module docstring): eager chunks
     as whole tasks first, then fused runs in parts when the member pool would run them (serially a run's
     parts in a row keep one run's temporaries alive, not every run's)."""
     split = member_threads() > 1
     whole = [c for c in chunks if not (split and c.fused)]
     parts = sorted((c for c in chunks if split and c.fused), key=lambda c: -c.size)
-    batch = [Task(c.run) for c in whole]
+    batch: list = [c.run for c in whole]  # plain callables: a batch of whole chunks runs unordered
     middles = []
     for c in parts:
         first = len(batch)

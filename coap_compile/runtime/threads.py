@@ -175,25 +175,31 @@ def run_members(tasks: Sequence[Callable[[], None] | Task]) -> None:
     lowered scope, one task, a traced step, or the pool busy with another caller's batch) they run here,
     in order.
     """
-    batch = [t if isinstance(t, Task) else Task(t) for t in tasks]
-    for i, t in enumerate(batch):
-        if any(not 0 <= j < i for j in t.after):
-            raise ValueError(f"task {i} comes after tasks {t.after}: only earlier tasks can be waited for")
+    ordered = any(isinstance(t, Task) for t in tasks)  # plain callables: the lighter paths (no Task objects)
+    if ordered:
+        tasks = [t if isinstance(t, Task) else Task(t) for t in tasks]
+        for i, t in enumerate(tasks):
+            if any(not 0 <= j < i for j in t.after):
+                raise ValueError(f"task {i} comes after {t.after}: only earlier tasks can be waited for")
     width = member_threads()
-    if width <= 1 or len(batch) <= 1 or torch.compiler.is_compiling() or _modes_active():
-        _in_order(batch)
+    if width <= 1 or len(tasks) <= 1 or torch.compiler.is_compiling() or _modes_active():
+        _in_order(tasks, ordered)
         return
     pool = _pool(width - 1)
     if not pool.busy.acquire(blocking=False):  # another thread's step is using it: run here
-        _in_order(batch)
+        _in_order(tasks, ordered)
         return
     try:
-        pool.run(batch, width - 1)
+        pool.run(tasks, width - 1, ordered)
     finally:
         pool.busy.release()
 
 
-def _in_order(batch: Sequence[Task]) -> None:
+def _in_order(batch: Sequence, ordered: bool) -> None:
+    if not ordered:
+        for task in batch:
+            task()
+        return
     error: BaseException | None = None
     opened: set = set()
     for t in batch:
@@ -232,11 +238,13 @@ def _pool(workers: int) -> _Pool:
 
 
 class _Batch:
-    """One call's tasks (:class:`Task`), handed out under a lock: each thread takes the first pending task
-    whose ``after`` tasks have finished; ``running`` counts those started, not finished."""
+    """One call's tasks, handed out under a lock: plain callables in order, :class:`Task` s (``ordered``)
+    as the first pending one whose ``after`` tasks have finished; ``running`` counts those started, not
+    finished."""
 
-    def __init__(self, tasks: Sequence[Task], helpers: int) -> None:
-        self.tasks, self.pending, self.running = tasks, list(range(len(tasks))), 0
+    def __init__(self, tasks: Sequence, helpers: int, ordered: bool) -> None:
+        self.tasks, self.ordered, self.next, self.running = tasks, ordered, 0, 0
+        self.pending = list(range(len(tasks))) if ordered else []
         self.done, self.dropped, self.opened = [False] * len(tasks), set(), set()
         self.seats = helpers  # workers that may join (a pool built for a larger count keeps the rest idle)
         self.grad = torch.is_grad_enabled()  # thread-local: the workers take the caller's (no_grad in a step)
@@ -245,9 +253,15 @@ class _Batch:
         self.cond = threading.Condition()
 
     def _take(self) -> int | None:
-        """The first pending task (under the lock) whose ``after`` tasks have finished; after an error
-        (or a stop) the tasks that may no longer start are dropped first."""
-        if self.error is not None or self.stopped:
+        """The next task to start (under the lock). Ordered: the first pending task whose ``after`` tasks
+        have finished; after an error (or a stop) the tasks that may no longer start are dropped first."""
+        halted = self.error is not None or self.stopped
+        if not self.ordered:
+            if halted or self.next >= len(self.tasks):
+                return None
+            self.next += 1
+            return self.next - 1
+        if halted:
             keep = []
             for i in self.pending:  # in order: a dropped task's dependents are dropped after it
                 t = self.tasks[i]
@@ -275,8 +289,9 @@ class _Batch:
                         raise RuntimeError("member pool: no task can start and none is running")
                     self.cond.wait()  # a task the next one waits for is running elsewhere
                 self.running += 1
+            task = self.tasks[i]
             try:
-                self.tasks[i].run()
+                task.run() if self.ordered else task()
             except BaseException as e:  # re-raised in the caller's thread (run)
                 with self.cond:
                     self.error = self.error or e
@@ -284,7 +299,8 @@ class _Batch:
                 with self.cond:
                     self.running -= 1
                     self.done[i] = True
-                    self.cond.notify_all()
+                    if self.ordered or not self.running:
+                        self.cond.notify_all()
 
     def join(self) -> bool:
         with self.cond:
@@ -336,8 +352,8 @@ class _Pool:
                 with torch.set_grad_enabled(batch.grad):
                     batch.work()
 
-    def run(self, tasks: Sequence[Callable[[], None]], helpers: int) -> None:
-        batch = _Batch(tasks, helpers)
+    def run(self, tasks: Sequence, helpers: int, ordered: bool) -> None:
+        batch = _Batch(tasks, helpers, ordered)
         with self.cond:
             self.batch = batch
             self.generation += 1
