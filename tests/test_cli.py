@@ -538,3 +538,32 @@ def test_bench_memory_writes_to_coap_results_in_the_current_directory(tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "memory", "--sizes", "60m", "--real", ""]) == 0
     assert (tmp_path / "coap_results" / "memory.json").is_file()
+
+
+def test_bench_step_demo_train_runs_a_training_pass_before_every_timed_step(monkeypatch):
+    """``demo-train``: each step (warm-up, timed, the initialising one) follows an untimed zero_grad +
+    forward/backward, for the floor too; the step-only ``demo`` case has none."""
+    from coap_lab.cli import overhead
+
+    real, calls = overhead.training_pass, []
+
+    def counted(case, model):
+        run = real(case, model)
+        if run is None:
+            return None
+        before = len(calls)
+        calls.append(0)
+
+        def counting():
+            calls[before] += 1
+            grads = [p.grad for p in model.parameters()]
+            run()
+            assert all(p.grad is not None and p.grad is not g for p, g in zip(model.parameters(), grads))
+
+        return counting
+
+    monkeypatch.setattr(overhead, "training_pass", counted)
+    assert overhead.training_pass("demo", torch.nn.Linear(2, 2)) is None
+    rows = overhead.overhead_rows(["demo-train"], ["adamw", "coap"], warmup=1, repeat=2, rounds=2)
+    assert [r["optimizer"] for r in rows] == ["gemm-floor", "adamw", "coap"]
+    assert calls == [2 * (1 + 2), 1 + 2 * (1 + 2), 1 + 2 * (1 + 2)]  # floor, then + the initialising step

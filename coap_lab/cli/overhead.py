@@ -5,6 +5,14 @@ Two cases, each timed for every optimizer in one run, interleaved:
 * ``demo``: the demo LM (:func:`~coap_lab.models.demo_config`, 3.3 M parameters, 29 projected
   weight matrices at ``rank_ratio=4``, the quality benchmark's setting), every parameter with a fixed
   seeded gradient;
+* ``demo-train``: the same model and optimizers, each timed ``opt.step()`` preceded (untimed) by
+  ``zero_grad`` and a forward/backward of the demo's loss on a fixed seeded batch (8 sequences of 129
+  bytes, the demo's batch): the step sees the caches and the allocator as a training loop leaves them.
+  Measured at f9e0ae3 (2-core Xeon): in the step-only loop COAP's fused int8 step took 606 minor page
+  faults per step and its eager fp32 step 959, in the training loop 120 and 1 (glibc returns the freed
+  top of its heap to the system after a step's temporaries are freed, unless larger allocations, such
+  as the activations, have raised its thresholds), and torch's in-place AdamW allocates nothing either
+  way; so ``demo`` alone overstates what a step costs in training;
 * ``64x64x16``: sixteen independent 64×64 weights at rank 16, where the fixed cost per matrix
   (Python, dispatch, small-kernel launches) dominates; ``per_matrix_us`` is the step over 16.
 
@@ -23,7 +31,7 @@ each row's median over that floor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -33,16 +41,16 @@ from coap_lab.cli.floor import floor_threads, gemm_floor_fn
 from coap_lab.cli.optimizers import BASELINES, EXTERNAL, availability, build_optimizer
 from coap_lab.cli.timing import quantiles_ms, timed_samples
 
-__all__ = ["OVERHEAD_CASES", "OVERHEAD_OPTIMIZERS", "build_case", "overhead_rows"]
+__all__ = ["OVERHEAD_CASES", "OVERHEAD_OPTIMIZERS", "build_case", "overhead_rows", "training_pass"]
 
-OVERHEAD_CASES = ("demo", "64x64x16")
+OVERHEAD_CASES = ("demo", "demo-train", "64x64x16")
 OVERHEAD_OPTIMIZERS = ("adamw", "adamw-foreach", "coap", "coap-per-matrix", "galore-torch", "apollo-torch")
 
 
 def build_case(case: str, device: str, seed: int = 0) -> tuple[nn.Module, dict[str, float]]:
     """The model of ``case`` with fixed seeded gradients, and its rank arguments."""
     gen = torch.Generator().manual_seed(seed)
-    if case == "demo":
+    if case in ("demo", "demo-train"):
         from coap_lab.models import build_llama, demo_config
 
         model, ranks = build_llama(demo_config(), seed=seed), {"rank_ratio": 4.0}
@@ -75,6 +83,22 @@ class _Floor:
             run_members(self.fns)  # and its member pool (one task per matrix), as COAP's step runs them
 
 
+def training_pass(case: str, model: nn.Module) -> Callable[[], None] | None:
+    """``demo-train``: ``zero_grad`` and a forward/backward of the demo's loss on a fixed seeded batch
+    (module docstring), else None."""
+    if case != "demo-train":
+        return None
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (8, model.config.max_seq_len + 1),
+                        generator=torch.Generator().manual_seed(1)).to(device)  # fmt: skip
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        model.loss(ids).backward()
+
+    return run
+
+
 def overhead_rows(
     cases: Sequence[str] = OVERHEAD_CASES,
     optimizers: Sequence[str] = OVERHEAD_OPTIMIZERS,
@@ -90,9 +114,13 @@ def overhead_rows(
     rows: list[dict[str, object]] = []
     for case in cases:
         opts, counts = {"gemm-floor": _Floor(case, device)}, {"gemm-floor": None}
+        passes = {"gemm-floor": training_pass(case, build_case(case, device)[0])}  # the same caches
         for name in names:
             model, ranks = build_case(case, device)
             opt = build_optimizer(name, model, lr=1e-4, **({} if name in BASELINES else ranks))
+            passes[name] = training_pass(case, model)
+            if passes[name] is not None:
+                passes[name]()
             opt.step()  # the initialising step (states, first P) is not timed
             opts[name] = opt
             counts[name] = len(opt.projected_parameters()) if hasattr(opt, "projected_parameters") else None
@@ -100,7 +128,7 @@ def overhead_rows(
         samples: dict[str, list[float]] = {n: [] for n in opts}
         for _ in range(rounds):
             for name in opts:
-                samples[name] += timed_samples(opts[name].step, warmup, repeat, sync)
+                samples[name] += timed_samples(opts[name].step, warmup, repeat, sync, passes[name])
         med = {n: quantiles_ms(s) for n, s in samples.items()}
         for name in opts:
             m, p20, p80 = med[name]

@@ -27,14 +27,23 @@ def quantiles_ms(samples_s: Sequence[float]) -> tuple[float, float, float]:
 
 
 def timed_samples(
-    fn: Callable[[], None], warmup: int, repeat: int, sync: Callable[[], None] | None = None
+    fn: Callable[[], None],
+    warmup: int,
+    repeat: int,
+    sync: Callable[[], None] | None = None,
+    before: Callable[[], None] | None = None,
 ) -> list[float]:
     """Seconds of ``repeat`` calls (``time.perf_counter``) after ``warmup`` untimed ones; ``sync`` (e.g.
-    ``torch.cuda.synchronize``) is called before and after each timed call."""
+    ``torch.cuda.synchronize``) is called before and after each timed call, ``before`` (untimed) before
+    every call."""
     for _ in range(warmup):
+        if before is not None:
+            before()
         fn()
     samples = []
     for _ in range(repeat):
+        if before is not None:
+            before()
         if sync is not None:
             sync()
         t0 = time.perf_counter()
