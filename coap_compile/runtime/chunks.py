@@ -60,6 +60,7 @@ from .threads import Task, member_threads, run_members
 
 __all__ = ["Chunk", "chunk_batch", "grouped_chunks"]
 
+
 def grouped_chunks(
     layout: MatrixGroup,
     group: GroupBuffers,
@@ -103,7 +104,7 @@ def chunk_batch(chunks: Sequence[Chunk]) -> list:
     middles = []
     for c in parts:
         first = len(batch)
-        c.allocate()
+        c.prepare()
         batch += [Task(partial(c.project, k)) for k in range(c.members)]
         batch.append(Task(c.middle, after=tuple(range(first, len(batch)))))
         middles.append(len(batch) - 1)
@@ -122,9 +123,8 @@ class Chunk:
     def __init__(self, layout, group, start, end, grads, states, inputs, hoisted, compiling) -> None:
         self.layout, self.group, self.start, self.end = layout, group, start, end
         self.grads, self.inputs, self.hoisted, self.compiling = grads, inputs, hoisted, compiling
-        dtype = layout.dtype
-        bases = map(layout.policy.basis, states[start:end])
-        self.projs = [p if p.dtype == dtype else p.to(dtype) for p in bases]
+        self.states = states
+        self.projs: list[Tensor] = []
         self.x_proj: Tensor | None = None
         self.parts: dict[str, Tensor] = {}
         self.decay: Tensor | float | None = None
@@ -154,10 +154,15 @@ class Chunk:
         x = g if program.prologue is None else program.prologue(p.to(dtype), g.to(dtype), k_t, lr_t, *hypers)
         return (x.t() if layout.transposed[i] else x).to(dtype)
 
-    def allocate(self) -> None:
-        """The chunk's ``K×M×r`` buffer of ``X̃`` (before its :meth:`project` tasks run)."""
-        shape = (self.members, self.layout.rows, self.layout.rank)
-        self.x_proj = torch.empty(shape, dtype=self.layout.dtype, device=self.grads[self.start].device)
+    def prepare(self, buffer: bool = True) -> None:
+        """The chunk's bases ``P`` in the work dtype and (``buffer``) its ``K×M×r`` buffer of ``X̃``, before
+        its first part runs (a whole chunk: in its task, so only running chunks hold them)."""
+        dtype = self.layout.dtype
+        bases = map(self.layout.policy.basis, self.states[self.start : self.end])
+        self.projs = [p if p.dtype == dtype else p.to(dtype) for p in bases]
+        if buffer:
+            shape = (self.members, self.layout.rows, self.layout.rank)
+            self.x_proj = torch.empty(shape, dtype=dtype, device=self.grads[self.start].device)
 
     def project(self, k: int) -> None:
         """``X̃[k] = X_k P_k`` into the chunk's buffer."""
@@ -197,8 +202,8 @@ class Chunk:
         """The whole chunk in one task; its member GEMMs in parallel when it is alone in its batch
         (:func:`~.threads.run_members`)."""
         members = range(self.members)
+        self.prepare(buffer=not self.compiling)
         if not self.compiling:
-            self.allocate()
             run_members([partial(self.project, k) for k in members])
         self.middle()
         run_members([partial(self.weight, k) for k in members])
