@@ -31,18 +31,18 @@ step with warm caches, 1 thread (2-core Xeon, two alternating runs each): 17×25
 ms, 12×688×64 1.69-2.86 → 1.07-1.45 ms (the compiled kernel alone: 0.57 ms, 1.1 ns per element; the rest
 is the call's fixed cost, ~0.25 ms: Dynamo's guards, the wrapper, the eager scalars).
 
-**On the member pool** (:mod:`coap_compile.runtime.threads`) each fused run is one task of the step's
-batch, beside the other groups' chunks. The loops are compiled with ``cpp_wrapper`` (Inductor's C++
-wrapper, which releases the GIL for the whole compiled call; its default Python wrapper calls kernels that
-keep it), so two fused runs, or a fused run and another task's torch ops, overlap. Demo LM, 2 threads, two
-runs each, int8 / fp32 COAP: 1.56-1.61× with ``cpp_wrapper`` and fused runs in the batch, 2.24× with the
-Python wrapper and each fused run alone in the stepping thread (its member GEMMs on the pool), bf16 0.95-1.06×
-against 1.07-1.32×; the fused fp32 step 1.87-2.03× AdamW against 1.92-2.27×. Compile cost with it, cold /
-warm (``benchmarks/inductor_compile.py``, commit ae47d96): fp32 14.5 / 3.3 s, bf16 82.1 / 4.7 s, int8 71.0
-/ 6.3 s. Tried and not kept: splitting each fused run into two tasks (int8 / fp32 1.51-1.62×, within the
-noise of the above, and a 17-member group would compile two signatures); ``cpp.threads = 2`` (OpenMP inside
-the loop, Python wrapper: int8 / fp32 1.71-1.93×; it brings back the parallel regions that collapse under
-contention).
+**On the member pool** (:mod:`coap_compile.runtime.threads`) each fused loop is one task of the step's batch,
+beside the other groups' chunks and its own run's member GEMMs (:mod:`coap_compile.runtime.chunks`). The loops
+are compiled with ``cpp_wrapper`` (Inductor's C++ wrapper, which releases the GIL for the whole compiled call;
+its default Python wrapper calls kernels that keep it), so two fused runs, or a fused run and another task's
+torch ops, overlap. Demo LM, 2 threads, two runs each, int8 / fp32 COAP: 1.56-1.61× with ``cpp_wrapper`` and
+fused runs in the batch, 2.24× with the Python wrapper and each fused run alone in the stepping thread (its
+member GEMMs on the pool), bf16 0.95-1.06× against 1.07-1.32×; the fused fp32 step 1.87-2.03× AdamW against
+1.92-2.27×. Compile cost with it, cold / warm (``benchmarks/inductor_compile.py``, commit ae47d96): fp32 14.5
+/ 3.3 s, bf16 82.1 / 4.7 s, int8 71.0 / 6.3 s. Tried and not kept: splitting each fused run into two tasks
+(int8 / fp32 1.51-1.62×, within the noise of the above, and a 17-member group would compile two signatures);
+``cpp.threads = 2`` (OpenMP inside the loop, Python wrapper: int8 / fp32 1.71-1.93×; it brings back the
+parallel regions that collapse under contention).
 
 **Exactness.** Loads, the integer hash, the bf16 rounding, the int8 code search and the dequantization
 are exact operations, so Inductor reproduces them bit for bit given the same float32 inputs. The derived
