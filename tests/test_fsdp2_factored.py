@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor, Shard
 from transformers.optimization import Adafactor as HFAdafactor
 
 import coap_compile
-from coap_compile.distributed import assert_replicated
+from coap_compile.distributed import CommLog, assert_replicated
 from coap_lab.launch import run_distributed
 
 VOCAB, DIM, HIDDEN, NARROW, SEQ, BATCH, RANK, STEPS = 40, 16, 32, 6, 7, 8, 4, 9
@@ -97,6 +97,7 @@ def _worker() -> dict:
             fully_shard(m, mesh=mesh)
         fully_shard(model, mesh=mesh)
         opt = _optimizer(model, base)
+        opt.comm_log = CommLog()
         losses = _train(model, opt, rows)
         kinds = {}
         for p in model.projected():
@@ -111,6 +112,7 @@ def _worker() -> dict:
             "kinds": kinds,
             "held": local_state_bytes(opt.state),
             "plan": opt.memory_plan().total_bytes,
+            "comm": [(r.op, r.label, r.nbytes) for r in opt.comm_log.records],
         }
     return out
 
@@ -146,6 +148,18 @@ def test_row_states_sharded_column_factor_replicated(runs, base):
     assert kinds["proj"] == ("DTensor", (Shard(0),))
     for name in ROWS[base]:
         assert kinds[name] == ("DTensor", (Shard(0),)), name
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("base", list(BASES))
+def test_row_reductions_are_recorded_in_the_comm_log(runs, base, world):
+    """The step's all-reduces over the rows (column statistics, RMS of the update) are in ``comm_log``
+    with the refreshes' collectives, the same sequence on every rank."""
+    logs = [r[base]["comm"] for r in runs[world]]
+    assert all(log == logs[0] for log in logs)
+    rows = [rec for rec in logs[0] if rec[1].startswith("row_")]
+    assert rows and all(op == "all_reduce" for op, _, _ in rows)
+    assert len(rows) % STEPS == 0  # as many every step (the projected weights' reductions)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -153,9 +153,7 @@ class RowReductions:
         keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
         if red.combine == "max":
             part = src.amax(dim=dims, keepdim=keep).contiguous()
-            if self.group is not None and dist.is_initialized():
-                dist.all_reduce(part, op=dist.ReduceOp.MAX, group=self.group)
-            return part
+            return all_reduce(part, self.group, comm, f"row_{node.name}", op="max")
         part = src.sum(dim=dims, keepdim=keep, dtype=src.dtype).contiguous()
         all_reduce(part, self.group, comm, f"row_{node.name}")
         if not red.mean:

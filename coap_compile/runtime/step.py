@@ -305,7 +305,7 @@ class StepRunner:
                 with self.basis(opt, p, lay):  # a sharded P: gathered for this update, freed after
                     projected_update_(lay, self.local(p), opt.state_io(p), inputs,
                                       kernel_plan=self.stored_plans.get(p) if lay.kernels else None,
-                                      x_extra=extra)  # fmt: skip
+                                      x_extra=extra, comm=opt.comm_log)  # fmt: skip
             elif lay.kind is Kind.TUCKER:
                 tucker_update_(lay, p, opt.state_io(p), inputs)
             elif lay.kind is Kind.DERIVED:  # a storage precision: the captured update, load/store

@@ -45,12 +45,15 @@ def projected_update_(
     *,
     kernel_plan: StoredKernelPlan | None = None,
     x_extra: Tensor | None = None,
+    comm=None,
 ) -> None:
     """One step of one projected weight (module docstring), in place: ``p`` (the local weight with its
     gradient), its states through ``io``, the live scalars ``(k, lr, h)``. ``kernel_plan`` is the
     registered K1 epilogue when the layout runs the kernels. ``x_extra`` (``M×r``, optional) is added to
     ``X P`` (gradient accumulation in projected form, :mod:`.inbackward`); the fused K1 path is then
-    skipped (it computes ``X P`` itself): the low-rank middle runs eagerly, K2 as usual."""
+    skipped (it computes ``X P`` itself): the low-rank middle runs eagerly, K2 as usual. ``comm``: the
+    optimizer's :class:`~coap_compile.distributed.CommLog` (or None), which records the all-reduces of an
+    FSDP2 weight's row reductions (:mod:`coap_compile.distributed.reductions`)."""
     compiled, policy, dtype = layout.program, layout.policy, layout.work_dtype
     transposed, scale = layout.transposed, float(layout.settings.scale)
     ema_beta = float(layout.settings.first_moment_beta)
@@ -96,7 +99,9 @@ def projected_update_(
     olds = [io.load(n) for n in program.state_names]
     reductions = layout.row_reductions
     if reductions:  # FSDP2: the reductions over the rows are all-reduced (distributed.reductions)
-        decay, delta, *rest = reductions.run(program.lowrank, stat_param, x_proj, *olds, k_t, lr_t, *hypers)
+        decay, delta, *rest = reductions.run(
+            program.lowrank, stat_param, x_proj, *olds, k_t, lr_t, *hypers, comm=comm
+        )
         new_states, new_step = list(rest[:-1]), rest[-1]
     else:
         decay, delta, new_states, new_step = run_lowrank(program, stat_param, x_proj, olds, k_t, lr_t, hypers)
