@@ -23,6 +23,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The offline GPU check (README "GPU checks"): the machine's own python and torch, no venv, no downloads.
 GPU_PY ?= python3

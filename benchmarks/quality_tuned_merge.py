@@ -56,8 +56,13 @@ def merge(folder: Path) -> list[dict[str, object]]:
         first = FIRST_PASS.get(name, {})
         earlier = folder / f"{name}-pass1" / "quality.json"  # a grid continued past its edge (run8bit.sh)
         if earlier.exists():
-            first = {**first, **{float(k): v for k, v in
-                                 (json.loads(earlier.read_text())["lr_grid"] or {}).get(name, {}).items()}}
+            first = {
+                **first,
+                **{
+                    float(k): v
+                    for k, v in (json.loads(earlier.read_text())["lr_grid"] or {}).get(name, {}).items()
+                },
+            }
         grid = {**first, **grid}  # a rerun point (same code and seed) replaces the earlier value
         lr = p["summary"][0].get("lr", p["train_config"]["lr"])
         row["lr"] = lr

@@ -151,4 +151,3 @@ def test_accelerate_save_and_load_state_resume_bit_identically(runs):
         assert any(k.endswith("/proj") for k in r["want"])
         for key, value in r["want"].items():
             assert torch.equal(r["got"][key], value), key
-

@@ -85,8 +85,7 @@ def test_coap_lab_uses_only_non_private_names_of_the_core():
         f"{path.relative_to(ROOT)}:{line}: {target} {names}"
         for module, path in _modules(LAB).items()
         for target, names, line in _imports(module, path)
-        if target.split(".")[0] == CORE
-        and any(part.startswith("_") for part in target.split(".") + names)
+        if target.split(".")[0] == CORE and any(part.startswith("_") for part in target.split(".") + names)
     ]
     assert not hits, hits
 

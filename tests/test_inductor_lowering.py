@@ -203,8 +203,9 @@ def test_full_rank_int8_group_inductor_matches_eager():
         ps = [randn(40 + i, 67, 63, scale=0.3).requires_grad_() for i in range(2)]
         lone, vec = randn(43, 67, 71, scale=0.3).requires_grad_(), randn(44, 300).requires_grad_()
         groups = [{"params": [*ps, vec], "project": False}, {"params": [lone], "project": False}]
-        opt = coap_compile.optimize(groups, torch.optim.AdamW, lr=1e-2, state_precision="int8",
-                                    backend=backend)
+        opt = coap_compile.optimize(
+            groups, torch.optim.AdamW, lr=1e-2, state_precision="int8", backend=backend
+        )
         return ps, lone, opt
 
     (pa, _, oa), (pb, lb, ob) = build("eager"), build("inductor")

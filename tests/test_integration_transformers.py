@@ -96,8 +96,9 @@ def inner(opt) -> torch.optim.Optimizer:
 # -- optim_args ----------------------------------------------------------------------------------------
 def test_parse_optim_args_types_and_whitespace():
     assert parse_optim_args(None) == {} and parse_optim_args("  ") == {}
-    got = parse_optim_args(" rank=8, rank_ratio=4 ,update_interval=16,reproject_factor=3,"
-                           "scale=0.25,projection=dct ")
+    got = parse_optim_args(
+        " rank=8, rank_ratio=4 ,update_interval=16,reproject_factor=3,scale=0.25,projection=dct "
+    )
     want = dict(rank=8, rank_ratio=4.0, update_interval=16, reproject_factor=3, scale=0.25, projection="dct")
     assert got == want
     assert type(got["rank"]) is int and type(got["rank_ratio"]) is float
@@ -158,6 +159,7 @@ def test_layerwise_trainer_is_bit_identical_and_resumes(tmp_path):
     """``layerwise=true`` in a real Trainer: the gradients are stepped and freed inside backward, and the
     run (8 steps, P refreshes at k = 2, 4, 6, cosine schedule) equals the same Trainer without
     ``layerwise`` bit for bit; resuming it from checkpoint-4 equals the uninterrupted layer-wise run."""
+
     def live_gradients(model) -> list[int]:  # sampled before the optimizer's hooks (registered later)
         seen: list[int] = []
         for p in model.parameters():
@@ -196,7 +198,8 @@ def test_layerwise_trainer_is_bit_identical_and_resumes(tmp_path):
 def test_base_optimizer_is_built_from_training_arguments(tmp_path):
     args = training_args(tmp_path, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7, weight_decay=0.05)
     assert base_optimizer_from_args(args) == (
-        torch.optim.AdamW, dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.05)
+        torch.optim.AdamW,
+        dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.05),
     )
     opt = create_coap_optimizer(tiny_model(), args)
     assert opt.config.base is torch.optim.AdamW
@@ -204,7 +207,8 @@ def test_base_optimizer_is_built_from_training_arguments(tmp_path):
         assert (g["lr"], g["betas"], g["eps"], g["fused"]) == (3e-3, (0.8, 0.95), 1e-7, None)
     ada = training_args(tmp_path, optim="adafactor")
     assert base_optimizer_from_args(ada) == (
-        Adafactor, dict(lr=3e-3, scale_parameter=False, relative_step=False, weight_decay=0.1)
+        Adafactor,
+        dict(lr=3e-3, scale_parameter=False, relative_step=False, weight_decay=0.1),
     )
     with pytest.raises(ValueError, match=r"optim='sgd' has no COAP form here; supported: adamw_torch"):
         base_optimizer_from_args(training_args(tmp_path, optim="sgd"))
@@ -228,8 +232,10 @@ def test_adafactor_is_transformers_adafactor_as_trainer_builds_it(tmp_path):
     full = {id(p) for p in model.parameters()} - {id(p) for p in opt.projected_parameters()}
     names = dict(ref.named_parameters())
     ref_groups = [
-        {"params": [names[n] for n, p in model.named_parameters() if id(p) in ids],
-         "weight_decay": g["weight_decay"]}
+        {
+            "params": [names[n] for n, p in model.named_parameters() if id(p) in ids],
+            "weight_decay": g["weight_decay"],
+        }
         for g in opt.param_groups
         if (ids := {id(p) for p in g["params"]} & full)
     ]

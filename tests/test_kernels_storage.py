@@ -436,8 +436,13 @@ def test_matches_runtime_eager_path(base, cfg, r, launches):
         we.grad = x.clone()
         with torch.no_grad():
             layout = SimpleNamespace(  # the fields projected_update_ reads of a ParamLayout
-                program=compiled, policy=policy, work_dtype=torch.float32, transposed=False, kernels=None,
-                lowering="eager", row_reductions=None,
+                program=compiled,
+                policy=policy,
+                work_dtype=torch.float32,
+                transposed=False,
+                kernels=None,
+                lowering="eager",
+                row_reductions=None,
                 settings=SimpleNamespace(scale=1.0, first_moment_beta=0.9),
             )
             projected_update_(

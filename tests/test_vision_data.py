@@ -52,7 +52,6 @@ def test_default_images_without_matplotlib_say_how_to_get_it(monkeypatch):
         pyplot()
 
 
-
 @pytest.mark.parametrize("name", SAMPLE_IMAGES)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_sample_image_loads(name, channels):

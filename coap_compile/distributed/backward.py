@@ -178,7 +178,9 @@ def _hook(state: DdpStepHook, bucket: dist.GradBucket) -> torch.futures.Future[T
 
 # DDP checks the hook's annotations as objects; ``from __future__ import annotations`` made them strings.
 _hook.__annotations__ = {
-    "state": DdpStepHook, "bucket": dist.GradBucket, "return": torch.futures.Future[Tensor]
+    "state": DdpStepHook,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[Tensor],
 }
 
 

@@ -60,6 +60,7 @@ from .fsdp import ShardSpec, is_dtensor
 
 __all__ = ["basis_spec", "gather_basis", "gathered_basis", "p_gather_bytes"]
 
+
 def basis_spec(spec: ShardSpec, n: int) -> ShardSpec:
     """The sharding of a weight's ``P`` (``n`` rows) on the weight's mesh: ``torch.chunk`` rows of ``n``."""
     mesh = spec.mesh
@@ -112,8 +113,11 @@ def _store(state: dict, spec: ShardSpec, sharded: bool, stored, gathered) -> Non
         return  # replicated: the plain full P stays (a DTensor one was gathered above)
     pspec = basis_spec(spec, int(full.shape[0]))
     rows = full[pspec.row_offset : pspec.row_offset + pspec.local_rows]
-    if stored is not None and is_dtensor(stored) and tuple(stored.shape) == tuple(full.shape) and (
-        stored.dtype == full.dtype
+    if (
+        stored is not None
+        and is_dtensor(stored)
+        and tuple(stored.shape) == tuple(full.shape)
+        and (stored.dtype == full.dtype)
     ):
         target = stored.to_local()
         if target.data_ptr() != rows.data_ptr():  # (one rank: the "gathered" P is the stored one)

@@ -256,7 +256,12 @@ def normalized_correlation_step(
         return p.clone()
     _check(p, x, first_moment, global_rows)
     scales = sharded_overflow_scales(
-        x, first_moment, global_rows=global_rows, dtype=p.dtype, limit=NORMALIZED_LIMIT, group=group,
+        x,
+        first_moment,
+        global_rows=global_rows,
+        dtype=p.dtype,
+        limit=NORMALIZED_LIMIT,
+        group=group,
         comm=comm,
     )  # the step is invariant to the scale of ∇L: nothing to undo
     x, first_moment = (_rescaled(t, sc, p.dtype) for t, sc in zip((x, first_moment), scales))

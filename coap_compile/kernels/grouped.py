@@ -234,4 +234,3 @@ def grouped_fused_update_(
         ws, d, ps, launch.epilogue_decay(ep), ep.scale, c=c, input_precision=ip2, block_m=block_m,
         block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, checked=True,
     )  # fmt: skip
-

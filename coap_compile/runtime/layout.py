@@ -213,7 +213,7 @@ def _row_plan(program: CompiledBase, rank: int, n: int, dtype: torch.dtype, wher
     def inputs(rows: int) -> list[Tensor]:
         states = program.init_lowrank_states(rows, rank, dtype, "meta")
         names = [nd.name for nd in prog.lowrank.graph.nodes if nd.op == "placeholder"]
-        scalars = [torch.empty((), dtype=torch.float64, device="meta") for _ in names[2 + len(states):]]
+        scalars = [torch.empty((), dtype=torch.float64, device="meta") for _ in names[2 + len(states) :]]
         x = torch.empty((rows, rank), dtype=dtype, device="meta")
         w = torch.empty((rows, n), dtype=dtype, device="meta")
         return [w, x, *(states[s] for s in prog.state_names), *scalars]
@@ -379,7 +379,8 @@ def _full_rank(ctx: _Context, reason: str, stateless: CompiledBase | None = None
                            blocks=prec.blocks)  # fmt: skip
         shard = fsdp.shard_spec(p, ctx.where, matrix=False)
     states = state_spec(  # (a full-rank spec's shapes are the global ones)
-        prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where, row_names, shard)
+        prec, list(shapes), kinds, shapes, ctx.common["seed"], ctx.where, row_names, shard
+    )
     return ParamLayout(
         **ctx.common, kind=Kind.DERIVED, program=program, ndim=p.ndim, states=states, shard=shard,
         reason=reason,

@@ -70,6 +70,7 @@ DEFAULT_BLOCKS = "rows"
 #: the widest row block: K1's largest ``BLOCK_R`` (a tile must own whole blocks).
 MAX_ROW_BW = 128
 
+
 def check_block_size(quant_block_size: object) -> int:
     """``quant_block_size`` if valid (int power of two in [16, 4096]), else a TypeError/ValueError."""
     if isinstance(quant_block_size, bool) or not isinstance(quant_block_size, int):

@@ -139,8 +139,12 @@ def add_vision_args(p: argparse.ArgumentParser, *, bench: bool) -> None:
                        "validation loss, run every seed at it (as bench quality --tune-lr)")  # fmt: skip
         p.add_argument("--lr-grid", type=argtypes._lr_grid, default=[1e-3, 3e-3, 1e-2],
                        help="with --tune-lr (default 1e-3,3e-3,1e-2)")  # fmt: skip
-        p.add_argument("--lr-extend", type=argtypes._non_negative_int, default=2,
-                       help="with --tune-lr: grid points added beyond an edge holding the best (default 2)")
+        p.add_argument(
+            "--lr-extend",
+            type=argtypes._non_negative_int,
+            default=2,
+            help="with --tune-lr: grid points added beyond an edge holding the best (default 2)",
+        )
     else:
         p.add_argument("--seed", type=argtypes._seed, default=0, help="model init and data order (default 0)")
         p.add_argument("--out", default="out/demo-vision", help="output folder (default %(default)s)")
@@ -201,9 +205,7 @@ def validate_args(args: argparse.Namespace, fail) -> None:
     if args.optimizers is None:
         args.optimizers_default = True
         demo = ["adamw", "coap" if avail["coap"] is None else "coap-adafactor"]
-        args.optimizers = (
-            [n for n in VISION_DEFAULT if avail[n] is None] if args.command == "bench" else demo
-        )
+        args.optimizers = [n for n in VISION_DEFAULT if avail[n] is None] if args.command == "bench" else demo
     for n in args.optimizers:
         if avail[n] is not None:
             fail(f"--optimizers: optimizer {n!r} is unavailable: {avail[n]}")
