@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--overhead",
         type=_overhead_cases,
         default="demo,64x64x16",
-        help="whole-step overhead cases, comma-separated, or '' for none (default %(default)s)",
+        help="whole-step overhead cases, comma-separated, or '' for none: demo (step-only), demo-train (each "
+        "step after an untimed forward/backward), 64x64x16 (default %(default)s)",
     )
     s.add_argument(
         "--overhead-optimizers",
