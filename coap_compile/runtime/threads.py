@@ -196,23 +196,16 @@ def run_members(tasks: Sequence[Callable[[], None] | Task]) -> None:
 
 
 def _in_order(batch: Sequence, ordered: bool) -> None:
+    """The tasks in this thread, in order: plain callables stop at the first error; ordered tasks go
+    through :class:`_Batch` alone (the same rule after an error as on the pool: opened units finish)."""
     if not ordered:
         for task in batch:
             task()
         return
-    error: BaseException | None = None
-    opened: set = set()
-    for t in batch:
-        if error is not None and (t.unit is None or t.unit not in opened):
-            continue
-        if t.opens:
-            opened.add(t.unit)
-        try:
-            t.run()
-        except BaseException as e:
-            error = error or e
-    if error is not None:
-        raise error
+    alone = _Batch(batch, 0, True)
+    alone.work()
+    if alone.error is not None:
+        raise alone.error
 
 
 def _modes_active() -> bool:
